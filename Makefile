@@ -1,0 +1,20 @@
+# Two commands on a fresh machine: `make demo` (the main job) and `make test`.
+# torch==2.13.0 (a local CPU wheel here) is installed first only where no torch is present, so a
+# bare `torch` requirement never pulls a multi-GB CUDA build by accident; GPU users bring their own.
+PY ?= python3
+PIP = $(PY) -m pip install --disable-pip-version-check -q
+
+.PHONY: setup test demo bench
+setup:
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
+	@$(PIP) -e ".[test]"
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	$(PY) scripts/demo.py $(ARGS)
+
+bench: setup
+	$(PY) benchmarks/generate.py
+	$(PY) benchmarks/train.py

@@ -1,0 +1,1 @@
+"""llama: a compact, faithful and fast PyTorch library for the LLaMA family."""

@@ -1,0 +1,373 @@
+"""The LLaMA transformer: math only.
+
+Parameter names are Meta's checkpoint keys, so `load_state_dict(strict=True)` needs no renaming.
+Nothing here knows about devices, process groups or checkpoints: tensor parallelism, FSDP,
+activation checkpointing, quantization and compile are transforms applied to a built model
+(see llama/parallel.py, llama/quantize.py, llama/train.py). Projections are reshaped with
+`view(B, T, -1, head_dim)` so that a tensor-parallel plan may shard heads across ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+_ALIASES = {"30B": "33B"}
+ATTENTION_BACKENDS = ("sdpa", "xformers", "math")
+
+
+@dataclass
+class ModelArgs:
+    """Architecture of a LLaMA model: the fields of Meta's params.json plus the Llama 2 extensions."""
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # grouped-query attention (Llama 2); None means n_heads
+    vocab_size: int = 32000  # params.json has -1: filled from the tokenizer
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None  # Llama 2
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0  # Llama 2 / Code Llama
+    max_seq_len: int = 2048  # length of the RoPE table; the context the model was trained for
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+    @classmethod
+    def from_dict(cls, d: dict, **overrides) -> "ModelArgs":
+        """From a params.json-like dict; unknown keys are an error, vocab_size -1 keeps the default."""
+        d = {**d, **overrides}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model field(s) {unknown}; valid fields are {sorted(known)}")
+        if d.get("vocab_size", 0) is None or d.get("vocab_size", 0) < 0:
+            d.pop("vocab_size")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, path: str | Path, **overrides) -> "ModelArgs":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no model config at {path}")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path} must hold a JSON object of model fields")
+        try:
+            return cls.from_dict(d, **overrides)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "ModelArgs":
+        """A preset from configs/models/ ("7B", "13B", "33B" or "30B", "65B", "tiny", ...),
+        or a path to a params.json / config JSON file."""
+        if str(name).endswith(".json") or Path(name).is_file():
+            return cls.from_json(name, **overrides)
+        key = _ALIASES.get(name, name)
+        path = CONFIG_DIR / f"{key}.json"
+        if not path.is_file():
+            raise ValueError(f"unknown model preset {name!r}; presets are {preset_names()} (or give a path to a params.json)")
+        return cls.from_json(path, **overrides)
+
+    def to_params_json(self) -> dict:
+        """The fields Meta's params.json holds (plus the Llama 2 ones when they are set)."""
+        d = {"dim": self.dim, "multiple_of": self.multiple_of, "n_heads": self.n_heads,
+             "n_layers": self.n_layers, "norm_eps": self.norm_eps, "vocab_size": self.vocab_size}
+        if self.n_kv_heads != self.n_heads:
+            d["n_kv_heads"] = self.n_kv_heads
+        if self.ffn_dim_multiplier is not None:
+            d["ffn_dim_multiplier"] = self.ffn_dim_multiplier
+        if self.rope_theta != 10000.0:
+            d["rope_theta"] = self.rope_theta
+        return d
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # statistics in float32, then back to the input dtype before the scale (as Meta does)
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+
+
+def precompute_freqs_cis(head_dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:
+    """cos and sin of pos * theta^(-2j/head_dim): (end, head_dim // 2, 2), float32."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32)[: head_dim // 2] / head_dim))
+    angles = torch.outer(torch.arange(end, dtype=torch.float32), freqs)  # (end, hd/2)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Meta's interleaved RoPE: (x[2j], x[2j+1]) is one complex number, rotated by freqs_cis[:, j].
+
+    x: (B, T, H, D); freqs_cis: (T, D/2, 2). Real arithmetic (compile-friendly), in float32.
+    """
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, H, D/2, 2)
+    fc = freqs_cis.view(1, xs.size(1), 1, xs.size(3), 2)
+    cos, sin = fc[..., 0], fc[..., 1]
+    re, im = xs[..., 0], xs[..., 1]
+    out = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1)  # (B, T, H, D/2, 2)
+    return out.flatten(3).type_as(x)
+
+
+class KVCache:
+    """Keys and values of every layer for up to `max_batch_size` rows of `max_seq_len` positions.
+
+    Allocated by whoever generates, on the device and dtype it needs; `n_kv_heads` is the number
+    of key/value heads this rank holds (all of them unless tensor parallel shards them).
+    """
+
+    def __init__(self, n_layers, max_batch_size, max_seq_len, n_kv_heads, head_dim, *, device=None, dtype=None):
+        shape = (n_layers, max_batch_size, max_seq_len, n_kv_heads, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    @classmethod
+    def for_model(cls, model: "Transformer", max_batch_size: int, max_seq_len: int | None = None,
+                  *, n_kv_heads: int | None = None, device=None, dtype=None) -> "KVCache":
+        a = model.args
+        p = next(model.parameters())
+        return cls(a.n_layers, max_batch_size, max_seq_len or a.max_seq_len, n_kv_heads or a.n_kv_heads,
+                   a.head_dim, device=device or p.device, dtype=dtype or p.dtype)
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.k.size(1)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k.size(2)
+
+    def update(self, layer: int, start_pos: int, xk: torch.Tensor, xv: torch.Tensor):
+        """Write (B, T, Hkv, D) keys/values at positions start_pos.. and return all keys/values so far."""
+        bsz, seqlen = xk.shape[:2]
+        end = start_pos + seqlen
+        self.k[layer, :bsz, start_pos:end] = xk
+        self.v[layer, :bsz, start_pos:end] = xv
+        return self.k[layer, :bsz, :end], self.v[layer, :bsz, :end]
+
+
+def causal_mask(seqlen: int, start_pos: int, device=None) -> torch.Tensor:
+    """Additive (T, start_pos + T) mask: new token i sees every cached position and new tokens <= i."""
+    mask = torch.full((seqlen, seqlen), float("-inf"), device=device).triu(1)
+    return torch.cat([torch.zeros(seqlen, start_pos, device=device), mask], dim=1)
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, S, Hkv, D) -> (B, S, Hkv * n_rep, D), each kv head serving n_rep query heads."""
+    if n_rep == 1:
+        return x
+    b, s, h, d = x.shape
+    return x[:, :, :, None, :].expand(b, s, h, n_rep, d).reshape(b, s, h * n_rep, d)
+
+
+def attention(q, k, v, start_pos: int, backend: str = "sdpa") -> torch.Tensor:
+    """Causal attention of T new queries over start_pos + T keys. q: (B, T, H, D), k/v: (B, S, Hkv, D)."""
+    seqlen, n_rep = q.size(1), q.size(2) // k.size(2)
+    if backend == "xformers":
+        return _xformers_attention(q, k, v, start_pos)
+    k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T|S, D)
+    if backend == "sdpa":
+        if seqlen == 1:
+            out = F.scaled_dot_product_attention(q, k, v)
+        elif start_pos == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            mask = causal_mask(seqlen, start_pos, q.device).to(q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    elif backend == "math":
+        scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T, S)
+        scores = scores + causal_mask(seqlen, start_pos, q.device)
+        out = (scores.softmax(dim=-1) @ v.float()).type_as(q)
+    else:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
+    return out.transpose(1, 2)  # (B, T, H, D)
+
+
+def _xformers_attention(q, k, v, start_pos):
+    from xformers.ops import fmha
+
+    b, t, h, d = q.shape
+    hkv = k.size(2)
+    if h != hkv:  # grouped-query: (B, S, G, H/G, D) with a broadcast view of k/v
+        q = q.view(b, t, hkv, h // hkv, d)
+        k = k[:, :, :, None, :].expand(b, k.size(1), hkv, h // hkv, d)
+        v = v[:, :, :, None, :].expand(b, v.size(1), hkv, h // hkv, d)
+    bias = None if t == 1 else fmha.attn_bias.LowerTriangularFromBottomRightMask()
+    out = fmha.memory_efficient_attention(q, k, v, attn_bias=bias)
+    return out.reshape(b, t, h, d)
+
+
+def check_attention_backend(backend: str, device: torch.device | str) -> None:
+    """Raise a clear error if `backend` cannot run on `device`."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
+    if backend == "xformers":
+        if torch.device(device).type != "cuda":
+            raise ValueError(f"attention backend 'xformers' needs a CUDA device (got {device}); use 'sdpa'")
+        try:
+            import xformers.ops  # noqa: F401
+        except ImportError:
+            raise ValueError("attention backend 'xformers' is not installed: pip install 'llama[gpu]', or use 'sdpa'") from None
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.head_dim = args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.backend = "sdpa"
+
+    def forward(self, x, freqs_cis, start_pos: int = 0, cache: KVCache | None = None):
+        bsz, seqlen, _ = x.shape
+        # -1: a tensor-parallel plan may have sharded the heads
+        xq = self.wq(x).view(bsz, seqlen, -1, self.head_dim)  # (B, T, H, D)
+        xk = self.wk(x).view(bsz, seqlen, -1, self.head_dim)  # (B, T, Hkv, D)
+        xv = self.wv(x).view(bsz, seqlen, -1, self.head_dim)  # (B, T, Hkv, D)
+        xq, xk = apply_rotary_emb(xq, freqs_cis), apply_rotary_emb(xk, freqs_cis)
+        if cache is not None:
+            xk, xv = cache.update(self.layer_id, start_pos, xk, xv)  # (B, start_pos + T, Hkv, D)
+        elif start_pos:
+            raise ValueError("start_pos > 0 needs a KV cache holding the earlier positions")
+        out = attention(xq, xk, xv, start_pos, self.backend)  # (B, T, H, D)
+        return self.wo(out.reshape(bsz, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args, layer_id)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x, freqs_cis, start_pos: int = 0, cache: KVCache | None = None):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos, cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Decoder-only LLaMA. `forward(tokens, start_pos, cache)` returns (B, T, vocab) logits.
+
+    Build on the meta device and load with `assign=True`, then call `init_buffers(device)`;
+    or build on a real device and call `init_weights()` for a fresh model.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # not in state_dict: Meta's checkpoints may carry `rope.freqs`, which loaders drop
+        self.register_buffer("freqs_cis", precompute_freqs_cis(args.head_dim, args.max_seq_len, args.rope_theta),
+                             persistent=False)
+        if self.freqs_cis.device.type != "meta":
+            self.init_weights()
+
+    def set_attention_backend(self, backend: str) -> "Transformer":
+        check_attention_backend(backend, self.freqs_cis.device if self.freqs_cis.device.type != "meta" else "cpu")
+        for layer in self.layers:
+            layer.attention.backend = backend
+        return self
+
+    @property
+    def attention_backend(self) -> str:
+        return self.layers[0].attention.backend if len(self.layers) else "sdpa"
+
+    def init_buffers(self, device=None) -> None:
+        """(Re)compute the RoPE table, e.g. after building on the meta device."""
+        a = self.args
+        device = device if device is not None else self.tok_embeddings.weight.device
+        self.freqs_cis = precompute_freqs_cis(a.head_dim, a.max_seq_len, a.rope_theta).to(device)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Fresh weights: N(0, std) for embeddings and projections, with the residual-branch outputs
+        (wo, w2) scaled by 1/sqrt(2 * n_layers) (GPT-2's rule); RMSNorm weights 1. No biases exist."""
+        self.init_buffers()
+        out_std = std / math.sqrt(2 * self.args.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=out_std)
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        bsz, seqlen = tokens.shape
+        if start_pos + seqlen > self.freqs_cis.size(0):
+            raise ValueError(f"positions up to {start_pos + seqlen} exceed the model's max_seq_len {self.freqs_cis.size(0)}")
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        freqs_cis = self.freqs_cis[start_pos:start_pos + seqlen]  # (T, D/2, 2)
+        for layer in self.layers:
+            h = layer(h, freqs_cis, start_pos, cache)
+        return self.output(self.norm(h))  # (B, T, vocab)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.tok_embeddings.weight.numel()
+        return n

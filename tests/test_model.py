@@ -1,0 +1,180 @@
+import math
+
+import pytest
+import torch
+
+from llama.model import KVCache, ModelArgs, Transformer, apply_rotary_emb, causal_mask, precompute_freqs_cis
+
+# Parameter counts of Meta's released models (REFERENCE.md).
+META_SIZES = {"7B": 6_738_415_616, "13B": 13_015_864_320, "33B": 32_528_943_616, "30B": 32_528_943_616,
+              "65B": 65_285_660_672}
+
+
+@pytest.mark.parametrize("name", list(META_SIZES))
+def test_preset_parameter_counts(name):
+    with torch.device("meta"):
+        model = Transformer(ModelArgs.from_name(name))
+    assert model.num_params() == META_SIZES[name]
+    assert model.args.head_dim == 128
+
+
+def test_ffn_hidden_dim_by_hand():
+    assert ModelArgs(dim=4096).ffn_hidden_dim == 11008
+    # Llama 2 70B: dim 8192, multiplier 1.3, multiple_of 4096 -> 28672
+    assert ModelArgs(dim=8192, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=4096).ffn_hidden_dim == 28672
+
+
+def test_bad_config_names_valid_options(tmp_path):
+    with pytest.raises(ValueError, match="presets are .*7B"):
+        ModelArgs.from_name("8B")
+    with pytest.raises(ValueError, match="unknown model field.*n_layer.*valid fields"):
+        ModelArgs.from_dict({"dim": 64, "n_layer": 2})
+    p = tmp_path / "params.json"
+    p.write_text('{"dim": 64, "n_heads": 4, "n_layers": 2, "multiple_of": 32, "norm_eps": 1e-5, "vocab_size": -1}')
+    args = ModelArgs.from_name(str(p), vocab_size=100)
+    assert (args.dim, args.vocab_size) == (64, 100)
+    assert ModelArgs.from_json(p).vocab_size == 32000  # -1 keeps the default until a tokenizer fills it
+    p.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        ModelArgs.from_json(p)
+
+
+def test_rope_matches_complex_multiplication():
+    # Meta's convention: adjacent pairs are complex numbers multiplied by exp(i * pos * theta^(-2j/D))
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, 8)
+    freqs = precompute_freqs_cis(8, 16)[:5]
+    angles = torch.outer(torch.arange(5.0), 1.0 / 10000 ** (torch.arange(0, 8, 2).float() / 8))
+    rot = torch.polar(torch.ones_like(angles), angles)  # (T, D/2)
+    xc = torch.view_as_complex(x.reshape(2, 5, 3, 4, 2))
+    expected = torch.view_as_real(xc * rot[None, :, None, :]).flatten(3)
+    torch.testing.assert_close(apply_rotary_emb(x, freqs), expected)
+
+
+def test_causal_mask_with_offset():
+    m = causal_mask(2, 3)
+    inf = float("-inf")
+    assert m.tolist() == [[0, 0, 0, 0, inf], [0, 0, 0, 0, 0]]
+
+
+def _naive_forward(model, tokens):
+    """Straight from the paper's equations, token loop for attention: an independent reference."""
+    a = model.args
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + a.norm_eps) * w
+
+    B, T = tokens.shape
+    h = sd["tok_embeddings.weight"][tokens]
+    D, H, Hkv = a.head_dim, a.n_heads, a.n_kv_heads
+    pos = torch.arange(T, dtype=torch.float64)
+    inv = 1.0 / a.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
+    ang = torch.outer(pos, inv)
+
+    def rope(x):  # x: (B, T, H, D)
+        re, im = x[..., 0::2], x[..., 1::2]
+        c, s = ang.cos()[None, :, None], ang.sin()[None, :, None]
+        out = torch.empty_like(x)
+        out[..., 0::2], out[..., 1::2] = re * c - im * s, re * s + im * c
+        return out
+
+    for i in range(a.n_layers):
+        p = f"layers.{i}."
+        x = rms(h, sd[p + "attention_norm.weight"])
+        q = rope((x @ sd[p + "attention.wq.weight"].T).view(B, T, H, D))
+        k = rope((x @ sd[p + "attention.wk.weight"].T).view(B, T, Hkv, D))
+        v = (x @ sd[p + "attention.wv.weight"].T).view(B, T, Hkv, D)
+        out = torch.zeros(B, T, H, D, dtype=torch.float64)
+        for t in range(T):
+            for hh in range(H):
+                kv = hh // (H // Hkv)
+                s = (k[:, : t + 1, kv] @ q[:, t, hh, :, None]).squeeze(-1) / math.sqrt(D)  # (B, t+1)
+                out[:, t, hh] = (s.softmax(-1)[:, :, None] * v[:, : t + 1, kv]).sum(1)
+        h = h + out.reshape(B, T, H * D) @ sd[p + "attention.wo.weight"].T
+        x = rms(h, sd[p + "ffn_norm.weight"])
+        g = x @ sd[p + "feed_forward.w1.weight"].T
+        h = h + ((g * torch.sigmoid(g)) * (x @ sd[p + "feed_forward.w3.weight"].T)) @ sd[p + "feed_forward.w2.weight"].T
+    return rms(h, sd["norm.weight"]) @ sd["output.weight"].T
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+def test_forward_matches_naive_reference(n_kv_heads):
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.from_name("tiny", n_kv_heads=n_kv_heads)).eval()
+    tokens = torch.randint(0, model.args.vocab_size, (2, 9))
+    with torch.no_grad():
+        logits = model(tokens)
+    assert logits.shape == (2, 9, model.args.vocab_size)
+    torch.testing.assert_close(logits.double(), _naive_forward(model, tokens), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+def test_kv_cache_decoding_equals_full_forward(backend, n_kv_heads):
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.from_name("tiny", n_kv_heads=n_kv_heads)).eval()
+    model.set_attention_backend(backend)
+    tokens = torch.randint(0, model.args.vocab_size, (3, 20))
+    with torch.no_grad():
+        full = model(tokens)
+        # prefill, then one token at a time
+        cache = KVCache.for_model(model, max_batch_size=4, max_seq_len=32)
+        steps = [model(tokens[:, :7], 0, cache)] + [model(tokens[:, t:t + 1], t, cache) for t in range(7, 20)]
+        torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-4)
+        # chunks that start at start_pos > 0
+        cache = KVCache.for_model(model, max_batch_size=3, max_seq_len=32)
+        chunks = [model(tokens[:, s:e], s, cache) for s, e in [(0, 4), (4, 11), (11, 12), (12, 20)]]
+        torch.testing.assert_close(torch.cat(chunks, 1), full, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_attention_backends_agree(dtype, tol):
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.from_name("tiny", n_kv_heads=2)).eval().to(dtype)
+    tokens = torch.randint(0, model.args.vocab_size, (2, 12))
+    outs = {}
+    with torch.no_grad():
+        for backend in ["math", "sdpa"]:
+            model.set_attention_backend(backend)
+            cache = KVCache.for_model(model, 2, 16)
+            outs[backend] = torch.cat([model(tokens[:, :5], 0, cache), model(tokens[:, 5:], 5, cache)], 1).float()
+    torch.testing.assert_close(outs["sdpa"], outs["math"], atol=tol, rtol=tol)
+
+
+def test_xformers_is_a_clear_error_where_it_cannot_run():
+    model = Transformer(ModelArgs.from_name("tiny"))
+    with pytest.raises(ValueError, match="xformers"):
+        model.set_attention_backend("xformers")
+    with pytest.raises(ValueError, match="choose one of"):
+        model.set_attention_backend("flash")
+
+
+def test_meta_device_build_then_load():
+    torch.manual_seed(0)
+    ref = Transformer(ModelArgs.from_name("tiny")).eval()
+    with torch.device("meta"):
+        model = Transformer(ModelArgs.from_name("tiny"))
+    model.load_state_dict(ref.state_dict(), strict=True, assign=True)
+    model.init_buffers()
+    tokens = torch.randint(0, 512, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), ref(tokens))
+
+
+def test_trainable_and_init():
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.from_name("tiny"))
+    assert model.layers[0].attention.wo.weight.std().item() == pytest.approx(0.02 / 2, rel=0.1)
+    tokens = torch.randint(0, 512, (2, 16))
+    logits = model(tokens[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+    assert loss.item() == pytest.approx(math.log(512), rel=0.05)  # near-uniform at init
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_too_long_is_a_clear_error():
+    model = Transformer(ModelArgs.from_name("tiny"))
+    with pytest.raises(ValueError, match="max_seq_len 256"):
+        model(torch.zeros(1, 257, dtype=torch.long))
