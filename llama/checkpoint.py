@@ -1,0 +1,353 @@
+"""Meta's checkpoint layout: read, write, reshard, and slice for tensor parallelism.
+
+A checkpoint directory holds `params.json` and one `consolidated.NN.pth` per model-parallel rank
+(a torch.save'd state dict; fp16 in Meta's releases), optionally `tokenizer.model`. Each sharded
+weight is split across the P files along the dimension `meta_split_dim(key)` gives; norms are
+replicated; `rope.freqs` (a buffer some releases carry) is dropped on load.
+
+Every shard is opened with `torch.load(weights_only=True, mmap=True)`: nothing runs from the
+pickle, and a tensor's bytes are only read when a slice of it is used. So loading one rank's
+tensor-parallel slice, or resharding P -> Q, holds about one slice / one output shard in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from llama.model import ModelArgs, Transformer
+from llama.parallel import tp_shard_dim
+
+PARAMS = "params.json"
+TOKENIZER = "tokenizer.model"
+DROPPED_KEYS = ("rope.freqs",)
+_SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
+
+
+def meta_split_dim(key: str) -> int | None:
+    """The dimension along which Meta's checkpoints split `key` across model-parallel shards
+    (None: replicated). Note tok_embeddings is split on dim 1 (features), unlike our TP plan."""
+    if key.endswith(("tok_embeddings.weight", "attention.wo.weight", "feed_forward.w2.weight")):
+        return 1
+    if key.endswith(("output.weight", "attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
+                     "feed_forward.w1.weight", "feed_forward.w3.weight")):
+        return 0
+    return None
+
+
+def shard_name(i: int) -> str:
+    return f"consolidated.{i:02d}.pth"
+
+
+def shard_paths(ckpt_dir: str | Path) -> list[Path]:
+    """The `consolidated.NN.pth` files of `ckpt_dir` in rank order; a gap in the numbering is an error."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {ckpt_dir} does not exist")
+    found = {int(m.group(1)): p for p in ckpt_dir.iterdir() if (m := _SHARD_RE.match(p.name))}
+    if not found:
+        raise FileNotFoundError(f"no consolidated.NN.pth shards in {ckpt_dir}")
+    n = max(found) + 1
+    missing = [shard_name(i) for i in range(n) if i not in found]
+    if missing:
+        raise FileNotFoundError(f"checkpoint {ckpt_dir} is missing shard(s) {missing} "
+                                f"(found {[found[i].name for i in sorted(found)]}); copy them in or re-download")
+    return [found[i] for i in range(n)]
+
+
+def _open_shard(path: Path) -> dict:
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated zip, not a torch file, unpickling refused, ...
+        raise ValueError(f"cannot read checkpoint shard {path}: it is truncated or corrupt "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); re-download or re-write it") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"checkpoint shard {path} does not hold a state dict of tensors")
+    for k in DROPPED_KEYS:
+        sd.pop(k, None)
+    return sd
+
+
+def _expected_shapes(args: ModelArgs) -> dict[str, torch.Size]:
+    with torch.device("meta"):
+        model = Transformer(args)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def check_state_dict(shapes: dict[str, tuple], args: ModelArgs, what: str = "checkpoint") -> None:
+    """Raise a ValueError naming missing and unexpected keys and mismatched shapes of `shapes`
+    (key -> full shape) against the model `args` describes."""
+    expected = _expected_shapes(args)
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected}")
+    bad = [f"{k}: {what} {list(shapes[k])} vs model {list(expected[k])}"
+           for k in expected if k in shapes and tuple(shapes[k]) != tuple(expected[k])]
+    if bad:
+        problems.append("shape mismatch " + "; ".join(bad))
+    if problems:
+        raise ValueError(f"{what} does not match the model ({args}): " + ". ".join(problems))
+
+
+class _Shards:
+    """The mmapped shards of a checkpoint and the full shape of every key, checked for agreement."""
+
+    def __init__(self, ckpt_dir: str | Path):
+        self.dir = Path(ckpt_dir)
+        self.paths = shard_paths(self.dir)
+        self.sds = [_open_shard(p) for p in self.paths]
+        first = self.sds[0]
+        for p, sd in zip(self.paths[1:], self.sds[1:]):
+            if set(sd) != set(first):
+                diff = sorted(set(sd) ^ set(first))
+                raise ValueError(f"shards disagree: {p.name} and {self.paths[0].name} hold different keys {diff[:8]}")
+        self.shapes: dict[str, torch.Size] = {}
+        for k, t0 in first.items():
+            d = meta_split_dim(k)
+            for p, sd in zip(self.paths[1:], self.sds[1:]):
+                t = sd[k]
+                same = [i for i in range(t0.dim()) if i != d]
+                if t.dim() != t0.dim() or [t.shape[i] for i in same] != [t0.shape[i] for i in same] or t.dtype != t0.dtype:
+                    raise ValueError(f"shards disagree on {k}: {p.name} has {list(t.shape)} {t.dtype}, "
+                                     f"{self.paths[0].name} has {list(t0.shape)} {t0.dtype}")
+                if d is None and t.numel() <= 1 << 20 and not torch.equal(t, t0):
+                    raise ValueError(f"shards disagree: replicated {k} differs between {p.name} and {self.paths[0].name}")
+            shape = list(t0.shape)
+            if d is not None:
+                shape[d] = sum(sd[k].shape[d] for sd in self.sds)
+            self.shapes[k] = torch.Size(shape)
+
+    def __len__(self):
+        return len(self.sds)
+
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.sds[0].values())).dtype
+
+    def slice(self, key: str, dim: int | None, rank: int, world: int) -> torch.Tensor:
+        """Rank `rank`'s chunk (of `world`) along `dim` of the full tensor `key`, built by narrowing
+        the shards: only the bytes of this chunk are read."""
+        m = meta_split_dim(key)
+        if dim is None:
+            if m is None:
+                return self.sds[0][key]
+            dim = m  # a key our plan replicates but Meta splits: gather it whole
+            rank, world = 0, 1
+        full = self.shapes[key][dim]
+        if full % world:
+            raise ValueError(f"{key} has size {full} on dim {dim}, not divisible by {world} ranks")
+        lo, hi = rank * full // world, (rank + 1) * full // world
+        if m is None:  # replicated in the checkpoint
+            return self.sds[0][key].narrow(dim, lo, hi - lo)
+        pieces, off = [], 0
+        for sd in self.sds:
+            t = sd[key]
+            if dim == m:  # overlap of [lo, hi) with this shard's [off, off + n)
+                n = t.shape[m]
+                a, b = max(lo, off), min(hi, off + n)
+                off += n
+                if a < b:
+                    pieces.append(t.narrow(m, a - (off - n), b - a))
+            else:
+                pieces.append(t.narrow(dim, lo, hi - lo))
+        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=m)
+        return out.contiguous()
+
+
+def _read_params(ckpt_dir: Path) -> dict:
+    path = ckpt_dir / PARAMS
+    if not path.is_file():
+        raise FileNotFoundError(f"no {PARAMS} in {ckpt_dir}; a Meta checkpoint directory holds params.json "
+                                f"and consolidated.NN.pth")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} must hold a JSON object of model fields")
+    return d
+
+
+def load_params(ckpt_dir: str | Path, vocab_size: int | None = None, **overrides) -> ModelArgs:
+    """ModelArgs from `ckpt_dir/params.json`. A vocab_size of -1 (as Meta ships it) is taken from
+    `vocab_size`, else from the shape of `output.weight` in the shards."""
+    ckpt_dir = Path(ckpt_dir)
+    d = _read_params(ckpt_dir)
+    if vocab_size is not None:
+        d["vocab_size"] = vocab_size
+    elif d.get("vocab_size") is None or d["vocab_size"] < 0:
+        d["vocab_size"] = _Shards(ckpt_dir).shapes.get("output.weight", [d.get("vocab_size")])[0]
+    try:
+        return ModelArgs.from_dict(d, **overrides)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{ckpt_dir / PARAMS}: {e}") from None
+
+
+def _checked(ckpt_dir, vocab_size=None, **overrides) -> tuple[_Shards, ModelArgs]:
+    shards = _Shards(ckpt_dir)
+    ckpt_dir = Path(ckpt_dir)
+    d = _read_params(ckpt_dir)
+    if vocab_size is None and (d.get("vocab_size") is None or d["vocab_size"] < 0) and "output.weight" in shards.shapes:
+        vocab_size = shards.shapes["output.weight"][0]
+    args = load_params(ckpt_dir, vocab_size=vocab_size, **overrides)
+    try:
+        check_state_dict(shards.shapes, args, what=f"checkpoint {ckpt_dir}")
+    except ValueError as e:
+        raise ValueError(f"{e}. Check {PARAMS} and that no shard is missing") from None
+    return shards, args
+
+
+def load_tp_slice(ckpt_dir: str | Path, rank: int, world_size: int,
+                  split_dim: Callable[[str], Optional[int]] = tp_shard_dim) -> dict[str, torch.Tensor]:
+    """This rank's slice of every tensor for a plan that splits `key` along `split_dim(key)` into
+    `world_size` equal chunks (replicated where None), from a checkpoint with any number of shards.
+    Tensors stay in the checkpoint's dtype on CPU; memory is about one slice."""
+    shards, _ = _checked(ckpt_dir)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    return {k: shards.slice(k, split_dim(k), rank, world_size) for k in shards.shapes}
+
+
+def load_consolidated(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The full state dict of a Meta checkpoint (shards concatenated, rope.freqs dropped), checked
+    against params.json. With one shard the tensors are memory-mapped views of the file."""
+    return load_tp_slice(ckpt_dir, 0, 1, split_dim=meta_split_dim)
+
+
+def load_model(ckpt_dir: str | Path, device=None, dtype: torch.dtype | None = None,
+               vocab_size: int | None = None, **overrides) -> Transformer:
+    """A `Transformer` loaded strictly from a Meta checkpoint directory, in `dtype` (default: the
+    checkpoint's) on `device` (default: cpu). `overrides` set ModelArgs fields (e.g. max_seq_len)."""
+    shards, args = _checked(ckpt_dir, vocab_size=vocab_size, **overrides)
+    device = torch.device(device if device is not None else "cpu")
+    sd = {}
+    for k in list(shards.shapes):
+        t = shards.slice(k, meta_split_dim(k), 0, 1)
+        sd[k] = t.to(device=device, dtype=dtype or t.dtype)
+    del shards
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.init_buffers(device)
+    return model
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _atomic_write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    # torch.save writes a view's whole storage: copy slices so each shard holds only its bytes
+    t = t.contiguous()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size() or t.storage_offset():
+        t = t.clone()
+    return t
+
+
+def _prepare_out_dir(out_dir: Path, num_shards: int, overwrite: bool) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    old = sorted(p for p in out_dir.iterdir() if _SHARD_RE.match(p.name))
+    if old and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds {[p.name for p in old]}; choose an empty directory "
+                              f"or pass overwrite=True")
+    for p in old:  # stale shards beyond the new count would be read as part of the checkpoint
+        if int(_SHARD_RE.match(p.name).group(1)) >= num_shards:
+            p.unlink()
+
+
+def _check_divisible(shapes: dict, num_shards: int) -> None:
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    bad = [f"{k} dim {meta_split_dim(k)} = {s[meta_split_dim(k)]}" for k, s in shapes.items()
+           if meta_split_dim(k) is not None and s[meta_split_dim(k)] % num_shards]
+    if bad:
+        raise ValueError(f"cannot split into {num_shards} shards: {bad[0]} (and {len(bad) - 1} more) is not "
+                         f"divisible by {num_shards}; choose a shard count that divides the heads and vocabulary")
+
+
+def _write_shards(get_slice: Callable[[str, int], torch.Tensor], keys: list[str], out_dir: Path,
+                  num_shards: int, dtype: torch.dtype | None, progress: bool, desc: str) -> None:
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=num_shards * len(keys), desc=desc, unit="tensor")
+    for q in range(num_shards):
+        shard = {}
+        for k in keys:  # one output shard in memory at a time
+            t = get_slice(k, q)
+            shard[k] = _own_storage(t.to(dtype) if dtype is not None else t)
+            if bar is not None:
+                bar.update()
+        _atomic_save(shard, out_dir / shard_name(q))
+        del shard
+    if bar is not None:
+        bar.close()
+
+
+def save_meta_checkpoint(state_dict: dict[str, torch.Tensor], args: ModelArgs, out_dir: str | Path,
+                         num_shards: int = 1, dtype: torch.dtype | None = torch.float16,
+                         tokenizer_path: str | Path | None = None, overwrite: bool = False,
+                         progress: bool = False) -> Path:
+    """Write `state_dict` (Meta's keys, full tensors) as a Meta checkpoint: params.json and
+    `num_shards` consolidated.NN.pth split per `meta_split_dim`, in `dtype` (None keeps each
+    tensor's); copies `tokenizer_path` to tokenizer.model. Each file is written atomically."""
+    out_dir = Path(out_dir)
+    sd = {k: v for k, v in state_dict.items() if k not in DROPPED_KEYS}
+    sd = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in sd.items()}  # DTensor
+    shapes = {k: v.shape for k, v in sd.items()}
+    check_state_dict(shapes, args, what="state dict")
+    _check_divisible(shapes, num_shards)
+    _prepare_out_dir(out_dir, num_shards, overwrite)
+
+    def get_slice(k, q):
+        d = meta_split_dim(k)
+        t = sd[k].detach().cpu()
+        return t if d is None else t.chunk(num_shards, dim=d)[q]
+
+    _write_shards(get_slice, list(sd), out_dir, num_shards, dtype, progress, "save")
+    _atomic_write_text(json.dumps(args.to_params_json(), indent=2) + "\n", out_dir / PARAMS)
+    if tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, out_dir / TOKENIZER)
+    return out_dir
+
+
+def reshard(in_dir: str | Path, out_dir: str | Path, num_shards: int, dtype: torch.dtype | None = None,
+            overwrite: bool = False, progress: bool = False) -> Path:
+    """Rewrite the Meta checkpoint `in_dir` (P shards) as `num_shards` shards in `out_dir`, streaming
+    key by key from the mmapped inputs (memory ~ one output shard). Copies params.json and
+    tokenizer.model; `dtype` converts (None keeps the checkpoint's)."""
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    if out_dir.exists() and in_dir.resolve() == out_dir.resolve():
+        raise ValueError(f"reshard writes a new directory: out_dir must differ from in_dir ({in_dir})")
+    shards, args = _checked(in_dir)
+    _check_divisible(shards.shapes, num_shards)
+    _prepare_out_dir(out_dir, num_shards, overwrite)
+    _write_shards(lambda k, q: shards.slice(k, meta_split_dim(k), q, num_shards), list(shards.shapes),
+                  out_dir, num_shards, dtype, progress, f"reshard {len(shards)} -> {num_shards}")
+    shutil.copyfile(in_dir / PARAMS, out_dir / PARAMS)
+    for src in (in_dir / TOKENIZER, in_dir.parent / TOKENIZER):
+        if src.is_file():
+            shutil.copyfile(src, out_dir / TOKENIZER)
+            break
+    return out_dir
