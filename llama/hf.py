@@ -1,0 +1,282 @@
+"""Conversion to and from transformers' LLaMA format (config.json + safetensors).
+
+transformers names the weights differently and applies RoPE to halves (j, j + head_dim/2) of each
+head instead of Meta's adjacent pairs (2j, 2j+1); its checkpoints therefore hold wq/wk with the
+rows of every head permuted. `to_hf` / `from_hf` rename and (un)permute; wk uses n_kv_heads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from llama.checkpoint import TOKENIZER, _atomic_write_text, _own_storage, check_state_dict, load_consolidated, \
+    load_params, save_meta_checkpoint
+from llama.model import ModelArgs
+
+CONFIG = "config.json"
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+# Meta key suffix -> transformers key suffix, inside layers.N.
+_LAYER_KEYS = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_TOP_KEYS = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+
+
+def hf_key(key: str) -> str:
+    if key in _TOP_KEYS:
+        return _TOP_KEYS[key]
+    _, n, rest = key.split(".", 2)  # layers.N.<rest>
+    return f"model.layers.{n}.{_LAYER_KEYS[rest]}"
+
+
+def _meta_keys(args: ModelArgs) -> list[str]:
+    return list(_TOP_KEYS) + [f"layers.{i}.{k}" for i in range(args.n_layers) for k in _LAYER_KEYS]
+
+
+def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of wq/wk from Meta's interleaved RoPE pairs to transformers' rotate-half order."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def permute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of `permute_to_hf`."""
+    rows, cols = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def to_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """Our (Meta's) state dict -> transformers' LlamaForCausalLM state dict."""
+    sd = {k: v for k, v in state_dict.items() if k != "rope.freqs"}
+    check_state_dict({k: v.shape for k, v in sd.items()}, args, what="state dict")
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("attention.wq.weight"):
+            v = permute_to_hf(v, args.n_heads)
+        elif k.endswith("attention.wk.weight"):
+            v = permute_to_hf(v, args.n_kv_heads)
+        out[hf_key(k)] = v
+    return out
+
+
+def from_hf(hf_state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """transformers' LlamaForCausalLM state dict -> ours (Meta's keys). Strict: extra or missing keys
+    are an error (rotary inv_freq buffers are ignored)."""
+    names = {hf_key(k): k for k in _meta_keys(args)}
+    hf = {k: v for k, v in hf_state_dict.items() if not k.endswith("rotary_emb.inv_freq")}
+    missing = [k for k in names if k not in hf]
+    unexpected = [k for k in hf if k not in names]
+    if missing or unexpected:
+        raise ValueError(f"transformers checkpoint does not match config.json: missing keys {missing}, "
+                         f"unexpected keys {unexpected}")
+    out = {}
+    for hk, k in names.items():
+        v = hf[hk]
+        if k.endswith("attention.wq.weight"):
+            v = permute_from_hf(v, args.n_heads)
+        elif k.endswith("attention.wk.weight"):
+            v = permute_from_hf(v, args.n_kv_heads)
+        out[k] = v
+    check_state_dict({k: v.shape for k, v in out.items()}, args, what="transformers checkpoint")
+    return out
+
+
+def hf_config(args: ModelArgs, dtype: torch.dtype = torch.float16) -> dict:
+    """The config.json of transformers' LlamaConfig for `args`."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": args.vocab_size,
+        "hidden_size": args.dim,
+        "intermediate_size": args.ffn_hidden_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": args.max_seq_len,
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,  # transformers 4.x reads this, 5.x rope_parameters
+        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+        "rope_scaling": None,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": None,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "torch_dtype": dtype_name,
+        "dtype": dtype_name,
+    }
+
+
+def _ffn_fields(dim: int, hidden: int) -> dict:
+    # ModelArgs derives the hidden width from dim: find multiple_of / ffn_dim_multiplier giving `hidden`
+    base = int(2 * 4 * dim / 3)
+    for multiple_of, mult in ((256, None), (hidden, None), (hidden, hidden / base)):
+        h = base if mult is None else int(mult * base)
+        if h > 0 and multiple_of * math.ceil(h / multiple_of) == hidden:
+            return {"multiple_of": multiple_of, "ffn_dim_multiplier": mult}
+    raise ValueError(f"intermediate_size {hidden} cannot be expressed with hidden_size {dim}")
+
+
+def args_from_hf_config(cfg: dict, **overrides) -> ModelArgs:
+    """ModelArgs from a transformers LlamaConfig dict; configs this architecture cannot represent
+    (tied embeddings, biases, RoPE scaling, another activation or model type) are refused."""
+    problems = []
+    if cfg.get("model_type", "llama") != "llama":
+        problems.append(f"model_type {cfg['model_type']!r} (only 'llama')")
+    if cfg.get("tie_word_embeddings", False):
+        problems.append("tie_word_embeddings=true (LLaMA's output is not tied to the embedding)")
+    for k in ("attention_bias", "mlp_bias"):
+        if cfg.get(k, False):
+            problems.append(f"{k}=true (LLaMA has no biases)")
+    if cfg.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act {cfg['hidden_act']!r} (only 'silu')")
+    rope = cfg.get("rope_parameters") or {}
+    if cfg.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+        problems.append(f"RoPE scaling {cfg.get('rope_scaling') or rope} (only plain RoPE)")
+    dim, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    if cfg.get("head_dim") not in (None, dim // heads) or dim % heads:
+        problems.append(f"head_dim {cfg.get('head_dim')} != hidden_size / num_attention_heads")
+    if problems:
+        raise ValueError("cannot represent this transformers config as a LLaMA model: " + "; ".join(problems))
+    fields = dict(
+        dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=heads,
+        n_kv_heads=cfg.get("num_key_value_heads") or heads, vocab_size=cfg["vocab_size"],
+        norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+        max_seq_len=cfg.get("max_position_embeddings", 2048),
+        **_ffn_fields(dim, cfg["intermediate_size"]),
+    )
+    args = ModelArgs(**{**fields, **overrides})
+    if args.ffn_hidden_dim != cfg["intermediate_size"]:
+        raise ValueError(f"intermediate_size {cfg['intermediate_size']} cannot be expressed with hidden_size {dim}")
+    return args
+
+
+def save_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs, out_dir: str | Path,
+            dtype: torch.dtype | None = None, tokenizer_path: str | Path | None = None,
+            max_shard_size: int | None = None) -> Path:
+    """Write our state dict as a transformers LLaMA checkpoint: config.json and model.safetensors
+    (or model-0000i-of-0000n.safetensors + index past `max_shard_size` bytes), and
+    tokenizer.model with a tokenizer_config.json when `tokenizer_path` is given."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf = to_hf(state_dict, args)
+    if dtype is None:
+        dtype = next(iter(hf.values())).dtype
+    groups, size = [[]], 0  # keys per file, in order
+    for k, v in hf.items():
+        n = v.numel() * dtype.itemsize
+        if max_shard_size and groups[-1] and size + n > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(k)
+        size += n
+    files = [SINGLE] if len(groups) == 1 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+                                               for i in range(len(groups))]
+    for name, keys in zip(files, groups):
+        tensors = {k: _own_storage(hf[k].detach().to(device="cpu", dtype=dtype)) for k in keys}
+        tmp = out_dir / f".{name}.tmp{os.getpid()}"
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, out_dir / name)
+    if len(files) > 1:
+        index = {"metadata": {"total_size": sum(v.numel() * dtype.itemsize for v in hf.values())},
+                 "weight_map": {k: name for name, keys in zip(files, groups) for k in keys}}
+        _atomic_write_text(json.dumps(index, indent=2) + "\n", out_dir / INDEX)
+    _atomic_write_text(json.dumps(hf_config(args, dtype), indent=2) + "\n", out_dir / CONFIG)
+    if tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, out_dir / TOKENIZER)
+        tok_cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                   "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
+                   "model_max_length": args.max_seq_len}
+        _atomic_write_text(json.dumps(tok_cfg, indent=2) + "\n", out_dir / "tokenizer_config.json")
+    return out_dir
+
+
+def read_hf_config(hf_dir: str | Path, **overrides) -> ModelArgs:
+    path = Path(hf_dir) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG} in {hf_dir}; a transformers checkpoint holds config.json and "
+                                f"model.safetensors")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    try:
+        return args_from_hf_config(cfg, **overrides)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def load_hf(hf_dir: str | Path, **overrides) -> tuple[dict[str, torch.Tensor], ModelArgs]:
+    """(state dict with our keys, ModelArgs) from a transformers LLaMA checkpoint directory
+    (model.safetensors, or shards listed in model.safetensors.index.json)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    hf_dir = Path(hf_dir)
+    args = read_hf_config(hf_dir, **overrides)
+    if (hf_dir / INDEX).is_file():
+        files = sorted(set(json.loads((hf_dir / INDEX).read_text())["weight_map"].values()))
+    elif (hf_dir / SINGLE).is_file():
+        files = [SINGLE]
+    else:
+        raise FileNotFoundError(f"no {SINGLE} or {INDEX} in {hf_dir} (only safetensors checkpoints are read)")
+    hf = {}
+    for name in files:
+        path = hf_dir / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{INDEX} lists {name}, which is missing from {hf_dir}")
+        try:
+            hf.update(load_file(path))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"cannot read {path}: it is truncated or corrupt ({e})") from None
+    return from_hf(hf, args), args
+
+
+def meta_to_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None,
+               tokenizer_path: str | Path | None = None, max_shard_size: int | None = None) -> Path:
+    """Convert a Meta checkpoint directory to transformers' format. The tokenizer defaults to
+    tokenizer.model in `ckpt_dir` or its parent (Meta's layout), when present."""
+    ckpt_dir = Path(ckpt_dir)
+    args = load_params(ckpt_dir)
+    sd = load_consolidated(ckpt_dir)
+    if tokenizer_path is None:
+        tokenizer_path = next((p for p in (ckpt_dir / TOKENIZER, ckpt_dir.parent / TOKENIZER) if p.is_file()), None)
+    return save_hf(sd, args, out_dir, dtype=dtype, tokenizer_path=tokenizer_path, max_shard_size=max_shard_size)
+
+
+def hf_to_meta(hf_dir: str | Path, out_dir: str | Path, num_shards: int = 1,
+               dtype: torch.dtype | None = torch.float16, tokenizer_path: str | Path | None = None,
+               overwrite: bool = False) -> Path:
+    """Convert a transformers LLaMA checkpoint to Meta's layout with `num_shards` shards. The
+    tokenizer defaults to `hf_dir/tokenizer.model` when present."""
+    sd, args = load_hf(hf_dir)
+    if tokenizer_path is None and (Path(hf_dir) / TOKENIZER).is_file():
+        tokenizer_path = Path(hf_dir) / TOKENIZER
+    return save_meta_checkpoint(sd, args, out_dir, num_shards=num_shards, dtype=dtype,
+                                tokenizer_path=tokenizer_path, overwrite=overwrite)

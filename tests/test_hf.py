@@ -1,0 +1,99 @@
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from llama.checkpoint import load_model  # noqa: E402
+from llama.hf import args_from_hf_config, hf_to_meta, load_hf, permute_from_hf, permute_to_hf, save_hf  # noqa: E402
+from llama.model import ModelArgs, Transformer  # noqa: E402
+
+
+def _random_model(**kw) -> Transformer:
+    args = ModelArgs(**{"dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 96, "multiple_of": 32,
+                        "norm_eps": 1e-5, "max_seq_len": 64, **kw})
+    model = Transformer(args)
+    with torch.no_grad():  # every weight random, norms included, so any misplaced tensor shows
+        for p in model.parameters():
+            p.normal_(0.0, 0.3 if p.dim() == 1 else 0.1).add_(1.0 if p.dim() == 1 else 0.0)
+    return model
+
+
+def _hf_logits(hf_dir, tokens):
+    hf = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        return hf(tokens).logits
+
+
+def test_permutation_by_hand():
+    # one head of head_dim 6: Meta's rows are pairs (0,1) (2,3) (4,5); transformers wants the
+    # first members of each pair, then the second members
+    w = torch.arange(12.0).view(12, 1)  # two heads
+    assert permute_to_hf(w, 2).flatten().tolist() == [0, 2, 4, 1, 3, 5, 6, 8, 10, 7, 9, 11]
+    assert torch.equal(permute_from_hf(permute_to_hf(w, 2), 2), w)
+
+
+@pytest.mark.parametrize("kw", [{}, {"n_kv_heads": 2, "rope_theta": 500000.0, "ffn_dim_multiplier": 1.3}],
+                         ids=["mha", "gqa"])
+def test_ours_to_transformers_same_logits(tmp_path, kw):
+    torch.manual_seed(0)
+    model = _random_model(**kw)
+    # small max_shard_size: sharded safetensors with an index
+    save_hf(model.state_dict(), model.args, tmp_path, dtype=torch.float32, max_shard_size=100_000)
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["num_key_value_heads"] == model.args.n_kv_heads
+    tokens = torch.randint(0, 96, (2, 17))
+    with torch.no_grad():
+        ours = model(tokens)
+    theirs = _hf_logits(tmp_path, tokens)
+    assert (ours - theirs).abs().max() <= 1e-4
+    assert ours.abs().max() > 1.0  # not trivially small logits
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+def test_transformers_to_ours_same_logits(tmp_path, n_kv_heads):
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=80, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=n_kv_heads, max_position_embeddings=64,
+                      rms_norm_eps=1e-5, rope_theta=20000.0)
+    hf = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            p.normal_(1.0, 0.3) if p.dim() == 1 else p.normal_(0.0, 0.1)
+    hf.save_pretrained(tmp_path / "hf")
+    tokens = torch.randint(0, 80, (2, 13))
+    with torch.no_grad():
+        theirs = hf(tokens).logits
+
+    sd, args = load_hf(tmp_path / "hf")
+    assert (args.n_kv_heads, args.rope_theta, args.ffn_hidden_dim, args.max_seq_len) == (n_kv_heads, 20000.0, 160, 64)
+    with torch.device("meta"):
+        ours = Transformer(args)
+    ours.load_state_dict(sd, strict=True, assign=True)
+    ours.init_buffers("cpu")
+    with torch.no_grad():
+        assert (ours(tokens) - theirs).abs().max() <= 1e-4
+
+    # through Meta's layout, two shards, fp32
+    hf_to_meta(tmp_path / "hf", tmp_path / "meta", num_shards=2, dtype=torch.float32)
+    with torch.no_grad():
+        assert (load_model(tmp_path / "meta")(tokens) - theirs).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"tie_word_embeddings": True}, "tie_word_embeddings"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "RoPE scaling"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, "RoPE scaling"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"model_type": "mistral"}, "model_type"),
+])
+def test_unrepresentable_configs_are_refused(change, words):
+    base = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "vocab_size": 32}
+    assert args_from_hf_config(base).ffn_hidden_dim == 172
+    with pytest.raises(ValueError, match=words):
+        args_from_hf_config({**base, **change})
