@@ -99,3 +99,29 @@ def tp_shard_dim(key: str) -> int | None:
     if key.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
         return 1
     return None
+
+
+def build_mesh(dp: int, tp: int, device_type: str | None = None):
+    """A 2-D (dp, tp) device mesh over the default process group, tp innermost (the ranks of one
+    tensor-parallel group are neighbours, so they share a node)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if dp * tp != world:
+        raise ValueError(f"dp {dp} x tp {tp} = {dp * tp} does not equal the world size {world}")
+    return init_device_mesh(device_type, (dp, tp), mesh_dim_names=("dp", "tp"))
+
+
+def apply_fsdp(model: nn.Module, dp_mesh, mp_policy=None, reshard_after_forward: bool = True) -> nn.Module:
+    """FSDP2: shard every block of `model.layers`, then the root (embeddings, norm, output), over the
+    1-D mesh `dp_mesh`. `mp_policy` is a `MixedPrecisionPolicy` (e.g. bf16 params, fp32 reduce)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp_policy = mp_policy or MixedPrecisionPolicy()
+    for block in model.layers:
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    # the root's parameters are needed again at the start of backward: keep them gathered
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=False)
+    return model
