@@ -1,0 +1,30 @@
+"""Train a SentencePiece BPE tokenizer with the LLaMA recipe (digits split, byte fallback, Meta's ids).
+
+    python scripts/train_tokenizer.py --inputs 'data/*.txt' --out tokenizer.model --vocab_size 32000
+"""
+
+import time
+
+import fire
+
+from llama.tokenizer import Tokenizer, train_tokenizer
+
+
+def main(inputs: str, out: str = "tokenizer.model", vocab_size: int = 32000,
+         input_sentence_size: int = 2_000_000, seed: int = 0, verbose: bool = False):
+    """inputs: a file, directory or glob (or a comma-separated list of them)."""
+    if isinstance(inputs, str):
+        inputs = [s for s in inputs.split(",") if s]
+    inputs = list(inputs)
+    print(f"training a {vocab_size}-piece BPE tokenizer on {inputs} "
+          f"(at most {input_sentence_size:,} lines, seed {seed}) ...", flush=True)
+    t0 = time.time()
+    path = train_tokenizer(inputs, out, vocab_size, input_sentence_size=input_sentence_size,
+                           seed=seed, verbose=verbose)
+    tok = Tokenizer(path)
+    print(f"wrote {path} ({tok.n_words} pieces, sha256 {tok.sha256[:12]}) "
+          f"in {time.time() - t0:.1f}s")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
