@@ -41,6 +41,21 @@ def meta_split_dim(key: str) -> int | None:
     return None
 
 
+_DTYPES = {"fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """torch.float16 / "fp16" / "bf16" / "fp32" / ... -> a torch dtype (None stays None)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).lower().removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
 def shard_name(i: int) -> str:
     return f"consolidated.{i:02d}.pth"
 
@@ -229,6 +244,7 @@ def load_model(ckpt_dir: str | Path, device=None, dtype: torch.dtype | None = No
     checkpoint's) on `device` (default: cpu). `overrides` set ModelArgs fields (e.g. max_seq_len)."""
     shards, args = _checked(ckpt_dir, vocab_size=vocab_size, **overrides)
     device = torch.device(device if device is not None else "cpu")
+    dtype = parse_dtype(dtype)
     sd = {}
     for k in list(shards.shapes):
         t = shards.slice(k, meta_split_dim(k), 0, 1)
@@ -288,6 +304,7 @@ def _check_divisible(shapes: dict, num_shards: int) -> None:
 
 def _write_shards(get_slice: Callable[[str, int], torch.Tensor], keys: list[str], out_dir: Path,
                   num_shards: int, dtype: torch.dtype | None, progress: bool, desc: str) -> None:
+    dtype = parse_dtype(dtype)
     bar = None
     if progress:
         from tqdm import tqdm

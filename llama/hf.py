@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from llama.checkpoint import TOKENIZER, _atomic_write_text, _own_storage, check_state_dict, load_consolidated, \
-    load_params, save_meta_checkpoint
+    load_params, parse_dtype, save_meta_checkpoint
 from llama.model import ModelArgs
 
 CONFIG = "config.json"
@@ -186,6 +186,7 @@ def save_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs, out_dir: str |
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf = to_hf(state_dict, args)
+    dtype = parse_dtype(dtype)
     if dtype is None:
         dtype = next(iter(hf.values())).dtype
     groups, size = [[]], 0  # keys per file, in order

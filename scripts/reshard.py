@@ -1,0 +1,18 @@
+"""Reshard a Meta checkpoint directory to another number of model-parallel shards.
+
+    python scripts/reshard.py --in_dir llama/13B --out_dir llama/13B-mp1 --num_shards 1
+    python scripts/reshard.py --in_dir llama/7B --out_dir llama/7B-mp2 --num_shards 2 --dtype bf16
+"""
+
+import fire
+
+from llama.checkpoint import reshard
+
+
+def main(in_dir: str, out_dir: str, num_shards: int, dtype: str = None, overwrite: bool = False):
+    out = reshard(in_dir, out_dir, num_shards, dtype=dtype, overwrite=overwrite, progress=True)
+    print(f"wrote {num_shards} shard(s) to {out}")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

@@ -1,0 +1,262 @@
+import json
+
+import pytest
+import torch
+
+from llama.checkpoint import (load_consolidated, load_model, load_params, load_tp_slice, reshard,
+                              save_meta_checkpoint, shard_paths)
+from llama.model import ModelArgs, Transformer
+from llama.parallel import tp_shard_dim
+
+# REFERENCE.md's table, written out independently of llama/checkpoint.py
+META_SPLIT = {"tok_embeddings.weight": 1, "output.weight": 0, "norm.weight": None,
+              "attention.wq.weight": 0, "attention.wk.weight": 0, "attention.wv.weight": 0,
+              "attention.wo.weight": 1, "feed_forward.w1.weight": 0, "feed_forward.w3.weight": 0,
+              "feed_forward.w2.weight": 1, "attention_norm.weight": None, "ffn_norm.weight": None}
+
+
+def _split_dim(key):
+    return META_SPLIT[key.split(".", 2)[2] if key.startswith("layers.") else key]
+
+
+def _args(**kw):
+    return ModelArgs(**{"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 4, "vocab_size": 128,
+                        "multiple_of": 32, "norm_eps": 1e-5, "max_seq_len": 64, **kw})
+
+
+def _random_model(**kw):
+    model = Transformer(_args(**kw))
+    with torch.no_grad():  # norms random too, so a misplaced tensor changes the logits
+        for p in model.parameters():
+            p.normal_(1.0, 0.3) if p.dim() == 1 else p.normal_(0.0, 0.1)
+    return model
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    torch.manual_seed(0)
+    model = _random_model(n_kv_heads=2)
+    (tmp_path / "tokenizer.model").write_bytes(b"not really a tokenizer")
+    save_meta_checkpoint(model.state_dict(), model.args, tmp_path / "mp1", num_shards=1, dtype=torch.float32,
+                         tokenizer_path=tmp_path / "tokenizer.model")
+    return model, tmp_path
+
+
+def test_reshard_round_trip_and_meta_split(ckpt):
+    model, tmp = ckpt
+    full = model.state_dict()
+    reshard(tmp / "mp1", tmp / "mp2", 2)
+    reshard(tmp / "mp2", tmp / "mp4", 4)
+    reshard(tmp / "mp4", tmp / "back", 1)
+    for d, n in (("mp1", 1), ("mp2", 2), ("mp4", 4), ("back", 1)):
+        assert [p.name for p in shard_paths(tmp / d)] == [f"consolidated.{i:02d}.pth" for i in range(n)]
+        assert (tmp / d / "tokenizer.model").read_bytes() == b"not really a tokenizer"
+    back = torch.load(tmp / "back" / "consolidated.00.pth", weights_only=True)
+    assert back.keys() == full.keys()
+    assert all(torch.equal(back[k], full[k]) for k in full)
+
+    # the 2-shard files hold Meta's halves, checked by hand on the keys that split differently
+    s0 = torch.load(tmp / "mp2" / "consolidated.00.pth", weights_only=True)
+    s1 = torch.load(tmp / "mp2" / "consolidated.01.pth", weights_only=True)
+    emb = full["tok_embeddings.weight"]  # (128, 64): split on the feature dim
+    assert s0["tok_embeddings.weight"].shape == (128, 32) and torch.equal(s1["tok_embeddings.weight"], emb[:, 32:])
+    assert torch.equal(s0["output.weight"], full["output.weight"][:64])
+    assert torch.equal(s1["layers.1.attention.wk.weight"], full["layers.1.attention.wk.weight"][16:])
+    assert torch.equal(s1["layers.0.attention.wo.weight"], full["layers.0.attention.wo.weight"][:, 32:])
+    assert torch.equal(s0["layers.0.feed_forward.w2.weight"], full["layers.0.feed_forward.w2.weight"][:, :96])
+    assert torch.equal(s1["norm.weight"], full["norm.weight"])
+    for k in full:  # every key per the table
+        d = _split_dim(k)
+        assert torch.equal(s1[k], full[k] if d is None else full[k].chunk(2, d)[1]), k
+
+    # a written checkpoint reloads strictly and computes the same logits
+    tokens = torch.randint(0, 128, (2, 11))
+    with torch.no_grad():
+        ref = model(tokens)
+        assert torch.equal(load_model(tmp / "mp4", max_seq_len=64)(tokens), ref)
+    assert load_params(tmp / "mp4") == ModelArgs(**{**vars(model.args), "max_seq_len": 2048})
+
+
+def test_save_dtypes_and_bf16_reshard(ckpt):
+    model, tmp = ckpt
+    save_meta_checkpoint(model.state_dict(), model.args, tmp / "h", num_shards=2)  # fp16 by default
+    assert torch.load(tmp / "h" / "consolidated.01.pth", weights_only=True)["norm.weight"].dtype == torch.float16
+    reshard(tmp / "h", tmp / "b", 1, dtype="bf16")
+    sd = load_consolidated(tmp / "b")
+    assert all(v.dtype == torch.bfloat16 for v in sd.values())
+    ref = model.state_dict()["layers.0.attention.wq.weight"].half().bfloat16()
+    assert torch.equal(sd["layers.0.attention.wq.weight"], ref)
+
+
+@pytest.mark.parametrize("src_shards", [1, 4])
+def test_tp_slice_equals_chunks_of_full_tensors(ckpt, src_shards):
+    model, tmp = ckpt
+    src = tmp / "mp1"
+    if src_shards != 1:
+        src = reshard(tmp / "mp1", tmp / f"mp{src_shards}", src_shards)
+    full = model.state_dict()
+    for rank in range(2):
+        local = load_tp_slice(src, rank, 2)
+        assert local.keys() == full.keys()
+        for k, v in full.items():
+            d = tp_shard_dim(k)
+            assert torch.equal(local[k], v if d is None else v.chunk(2, d)[rank]), k
+    # tok_embeddings: our plan splits vocab rows, Meta splits features
+    assert load_tp_slice(src, 1, 2)["tok_embeddings.weight"].shape == (64, 64)
+
+
+def test_truncated_shard_names_the_file(ckpt):
+    _, tmp = ckpt
+    reshard(tmp / "mp1", tmp / "mp2", 2)
+    path = tmp / "mp2" / "consolidated.01.pth"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"consolidated\.01\.pth.* truncated or corrupt"):
+        load_model(tmp / "mp2")
+
+
+def test_missing_shard_names_the_file(ckpt):
+    _, tmp = ckpt
+    reshard(tmp / "mp1", tmp / "mp4", 4)
+    (tmp / "mp4" / "consolidated.01.pth").unlink()
+    with pytest.raises(FileNotFoundError, match=r"missing shard\(s\) \['consolidated\.01\.pth'\]"):
+        load_consolidated(tmp / "mp4")
+    (tmp / "mp4" / "consolidated.03.pth").unlink()  # .00 .02 left
+    with pytest.raises(FileNotFoundError, match=r"consolidated\.01\.pth"):
+        load_tp_slice(tmp / "mp4", 0, 2)
+    (tmp / "mp4" / "consolidated.02.pth").unlink()  # only .00: a quarter of each split weight
+    with pytest.raises(ValueError, match=r"layers\.0\.attention\.wq\.weight: checkpoint .* \[16, 64\] vs model \[64, 64\]"):
+        load_model(tmp / "mp4")
+
+
+def test_wrong_or_invalid_params_json(ckpt):
+    _, tmp = ckpt
+    params = tmp / "mp1" / "params.json"
+    good = json.loads(params.read_text())
+    params.write_text(json.dumps({**good, "dim": 96, "n_heads": 4}))
+    with pytest.raises(ValueError, match=r"shape mismatch tok_embeddings\.weight: checkpoint .* \[128, 64\] vs model \[128, 96\]"):
+        load_model(tmp / "mp1")
+    params.write_text(json.dumps({**good, "n_layers": 3}))
+    with pytest.raises(ValueError, match=r"missing keys \['layers\.2\.attention\.wq\.weight"):
+        load_consolidated(tmp / "mp1")
+    params.write_text(json.dumps({**good, "n_head": 4}))
+    with pytest.raises(ValueError, match=r"params\.json: unknown model field\(s\) \['n_head'\]"):
+        load_model(tmp / "mp1")
+    params.write_text('{"dim": 64,')
+    with pytest.raises(ValueError, match=r"params\.json is not valid JSON"):
+        load_params(tmp / "mp1")
+    params.unlink()
+    with pytest.raises(FileNotFoundError, match=r"no params\.json in"):
+        load_model(tmp / "mp1")
+
+
+def test_shards_that_disagree(ckpt):
+    model, tmp = ckpt
+    reshard(tmp / "mp1", tmp / "mp2", 2)
+    path = tmp / "mp2" / "consolidated.01.pth"
+    sd = torch.load(path, weights_only=True)
+    sd["norm.weight"] = sd["norm.weight"] + 1
+    torch.save(sd, path)
+    with pytest.raises(ValueError, match=r"shards disagree: replicated norm\.weight differs"):
+        load_consolidated(tmp / "mp2")
+    sd["norm.weight"] = sd["norm.weight"] - 1
+    sd["layers.0.attention.wq.weight"] = sd["layers.0.attention.wq.weight"][:, :32]
+    torch.save(sd, path)
+    with pytest.raises(ValueError, match=r"shards disagree on layers\.0\.attention\.wq\.weight: consolidated\.01\.pth has \[32, 32\]"):
+        load_consolidated(tmp / "mp2")
+
+
+def test_strict_keys_and_divisibility(ckpt, tmp_path):
+    model, tmp = ckpt
+    sd = dict(model.state_dict())
+    sd["layers.0.attention.bias"] = torch.zeros(3)
+    del sd["norm.weight"]
+    with pytest.raises(ValueError, match=r"missing keys \['norm\.weight'\]\. unexpected keys \['layers\.0\.attention\.bias'\]"):
+        save_meta_checkpoint(sd, model.args, tmp_path / "x")
+    with pytest.raises(ValueError, match=r"not divisible by 3"):
+        reshard(tmp / "mp1", tmp / "mp3", 3)
+    reshard(tmp / "mp1", tmp / "mp1b", 2)
+    with pytest.raises(FileExistsError, match="already holds"):
+        reshard(tmp / "mp1", tmp / "mp1b", 2)
+
+
+def test_failed_write_leaves_no_partial_shard(ckpt, monkeypatch):
+    model, tmp = ckpt
+    real_save = torch.save
+
+    def failing_save(obj, f, *a, **kw):
+        real_save(obj, f, *a, **kw)
+        with open(f, "r+b") as fh:  # half written, then the disk fills up
+            fh.truncate(100)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="No space"):
+        reshard(tmp / "mp1", tmp / "out", 2)
+    assert [p.name for p in (tmp / "out").iterdir()] == []
+
+
+def test_load_tp_slice_memory_is_one_slice(ckpt):
+    # the slices of a 1-shard checkpoint narrow the mmapped file: no copy of the full tensor exists
+    model, tmp = ckpt
+    local = load_tp_slice(tmp / "mp1", 1, 2)
+    wq = local["layers.0.attention.wq.weight"]  # rows 32..64: contiguous in the file, a view of it
+    assert wq.untyped_storage().nbytes() == 64 * 64 * 4 and wq.storage_offset() == 32 * 64
+
+
+def _meta_checkpoint_by_hand(sd: dict, args: ModelArgs, out, mp: int):
+    """A Meta-layout checkpoint as an unrelated program writes it: plain torch.save, fp16, rope.freqs."""
+    out.mkdir()
+    params = {"dim": args.dim, "multiple_of": args.multiple_of, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
+              "n_layers": args.n_layers, "norm_eps": args.norm_eps, "vocab_size": -1}
+    (out / "params.json").write_text(json.dumps(params))
+    rope = 1.0 / 10000.0 ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim)
+    for r in range(mp):
+        shard = {k: (v if _split_dim(k) is None else v.chunk(mp, _split_dim(k))[r]).half().clone() for k, v in sd.items()}
+        shard["rope.freqs"] = rope.half()
+        torch.save(shard, out / f"consolidated.{r:02d}.pth")
+
+
+def test_done_means_hand_written_meta_checkpoint_matches_transformers(tmp_path):
+    """A random MP=2 fp16 Meta checkpoint with rope.freqs loads here and gives transformers' logits.
+
+    transformers 5.23 no longer ships convert_llama_weights_to_hf.py (neither wheel nor sdist), so
+    the reference uses the piece of transformers that still turns Meta-ordered (interleaved-RoPE)
+    q/k rows into its own order: LlamaTensorProcessor._reverse_permute_weights, which its GGUF loader
+    applies to llama.cpp files (those keep Meta's row order). Key renaming is done here by hand.
+    """
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    torch.manual_seed(3)
+    args = _args(n_kv_heads=2, vocab_size=96)
+    sd = {k: v.half() for k, v in _random_model(n_kv_heads=2, vocab_size=96).state_dict().items()}
+    _meta_checkpoint_by_hand(sd, args, tmp_path / "7B", mp=2)
+
+    ours = load_model(tmp_path / "7B", dtype=torch.float32)
+    assert ours.args.vocab_size == 96 and ours.args.n_kv_heads == 2
+
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=args.ffn_hidden_dim,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   rms_norm_eps=1e-5, max_position_embeddings=64)
+    proc = LlamaTensorProcessor(config={"num_attention_heads": 4, "num_key_value_heads": 2})
+    hf_sd = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"],
+             "lm_head.weight": sd["output.weight"]}
+    names = {"attention.wq": ("self_attn.q_proj", "attn_q"), "attention.wk": ("self_attn.k_proj", "attn_k"),
+             "attention.wv": ("self_attn.v_proj", None), "attention.wo": ("self_attn.o_proj", None),
+             "feed_forward.w1": ("mlp.gate_proj", None), "feed_forward.w3": ("mlp.up_proj", None),
+             "feed_forward.w2": ("mlp.down_proj", None), "attention_norm": ("input_layernorm", None),
+             "ffn_norm": ("post_attention_layernorm", None)}
+    for i in range(2):
+        for ours_name, (hf_name, gguf_name) in names.items():
+            w = sd[f"layers.{i}.{ours_name}.weight"]
+            if gguf_name is not None:
+                w = torch.from_numpy(proc.process(w.float().numpy(), f"blk.{i}.{gguf_name}.weight").weights.copy())
+            hf_sd[f"model.layers.{i}.{hf_name}.weight"] = w
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.load_state_dict({k: v.float() for k, v in hf_sd.items()}, strict=True)
+
+    tokens = torch.randint(0, 96, (2, 15))
+    with torch.no_grad():
+        theirs, mine = hf(tokens).logits, ours(tokens)
+    assert mine.abs().max() > 1.0
+    torch.testing.assert_close(mine, theirs, atol=2e-3, rtol=1e-3)
