@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,3 +98,32 @@ def test_unrepresentable_configs_are_refused(change, words):
     assert args_from_hf_config(base).ffn_hidden_dim == 172
     with pytest.raises(ValueError, match=words):
         args_from_hf_config({**base, **change})
+
+
+def test_scripts_round_trip_with_tokenizer(tmp_path, tiny_tokenizer):
+    import runpy
+
+    from llama.checkpoint import load_consolidated, save_meta_checkpoint
+
+    scripts = Path(__file__).resolve().parent.parent / "scripts"
+    convert = runpy.run_path(str(scripts / "convert_hf.py"))["main"]
+    reshard = runpy.run_path(str(scripts / "reshard.py"))["main"]
+    torch.manual_seed(2)
+    model = _random_model(vocab_size=tiny_tokenizer.n_words, n_layers=1, n_kv_heads=2)
+    # Meta's layout: tokenizer.model one level above the model folder
+    (tmp_path / "tokenizer.model").write_bytes(open(tiny_tokenizer.model_path, "rb").read())
+    save_meta_checkpoint(model.state_dict(), model.args, tmp_path / "tiny", num_shards=2, dtype=torch.float32)
+
+    convert(to="hf", src=str(tmp_path / "tiny"), dst=str(tmp_path / "hf"), dtype="fp32")
+    text = "The model returns 1234 tokens: def f(x): return x * 2"
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf_tok(text)["input_ids"] == tiny_tokenizer.encode(text, bos=True, eos=False)
+    tokens = torch.tensor([tiny_tokenizer.encode(text, bos=True, eos=False)])
+    with torch.no_grad():
+        assert (model(tokens) - _hf_logits(tmp_path / "hf", tokens)).abs().max() <= 1e-4
+
+    convert(to="meta", src=str(tmp_path / "hf"), dst=str(tmp_path / "back2"), num_shards=2, dtype="fp32")
+    reshard(in_dir=str(tmp_path / "back2"), out_dir=str(tmp_path / "back1"), num_shards=1)
+    back = load_consolidated(tmp_path / "back1")
+    assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
+    assert (tmp_path / "back1" / "tokenizer.model").read_bytes() == (tmp_path / "tokenizer.model").read_bytes()
