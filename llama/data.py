@@ -1,0 +1,512 @@
+"""Pretraining data: tokenize documents into memory-mapped token shards, and pack them into batches.
+
+On disk, a prepared dataset is a directory:
+    meta.json            written last: tokenizer sha256, dtype, per split n_tokens / n_docs / shards
+    train_00000.bin ...  the train token stream, raw uint16 (n_words <= 65536) or uint32
+    val_00000.bin ...    the held-out stream (documents picked by a seeded hash of their text)
+Each document is stored as [bos] + encode(text) + [eos], documents back to back.
+
+`PackedLoader` cuts a stream into windows of seq_len + 1 tokens (stride seq_len, so every token
+after the first is a target once per epoch), shuffles them per epoch with a keyed permutation, and
+mixes sources by weight. Sample g of the run (g = 0, 1, 2, ... over the global batch) is a pure
+function of (seed, g), so dp ranks get disjoint rows and a resumed loader continues exactly.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+META = "meta.json"
+FORMAT = "llama-tokens-v1"
+TEXT_SUFFIXES = (".jsonl", ".jsonl.gz")
+
+
+# --- reading documents -------------------------------------------------------------------------
+
+
+def list_files(inputs) -> list[Path]:
+    """Files named by a path, a directory (every non-hidden file below it) or a glob, or a list of
+    those; sorted within each entry, duplicates dropped. Raises FileNotFoundError for an entry that
+    names nothing."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_file():
+            found = [p]
+        elif p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.is_file()
+                           and not any(part.startswith(".") for part in q.relative_to(p).parts))
+        else:
+            found = sorted(Path(q) for q in glob.glob(str(item), recursive=True) if Path(q).is_file())
+        if not found:
+            raise FileNotFoundError(f"data input {item} matches no file")
+        files += [f for f in found if f not in files]
+    if not files:
+        raise FileNotFoundError("no data inputs given: pass files, directories or globs")
+    return files
+
+
+def _open_text(path: Path):
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def iter_documents(path: Path) -> Iterator[str]:
+    """Documents of one file: each line's "text" field for .jsonl(.gz), the whole file otherwise."""
+    path = Path(path)
+    try:
+        if path.name.endswith(TEXT_SUFFIXES):
+            with _open_text(path) as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{lineno} is not valid JSON ({e.msg}); each line "
+                                         'of a .jsonl file must be an object like {"text": "..."}') from None
+                    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                        raise ValueError(f'{path}:{lineno} has no "text" string field; each line of '
+                                         'a .jsonl file must be an object like {"text": "..."}')
+                    yield record["text"]
+        else:
+            with _open_text(path) as f:
+                yield f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def token_dtype(n_words: int):
+    """The smallest unsigned dtype holding ids 0 .. n_words - 1."""
+    return np.uint16 if n_words <= 1 << 16 else np.uint32
+
+
+def is_val(text: str, val_fraction: float, seed: int) -> bool:
+    """Whether a document goes to the validation split: a seeded hash of its text, so the choice is
+    stable across runs, worker counts and input order."""
+    if val_fraction <= 0:
+        return False
+    h = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8,
+                        key=seed.to_bytes(8, "little"))
+    return int.from_bytes(h.digest(), "little") < val_fraction * 2.0**64
+
+
+# --- preparing a dataset ------------------------------------------------------------------------
+
+_worker_tok = None
+
+
+def _init_worker(tokenizer_path: str):
+    global _worker_tok
+    from llama.tokenizer import Tokenizer
+
+    _worker_tok = Tokenizer(tokenizer_path)
+
+
+def _encode_chunk(args) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """[docs] -> (train tokens, val tokens, n_train_docs, n_val_docs), in document order."""
+    docs, dtype, val_fraction, seed = args
+    tok = _worker_tok
+    out = {False: [], True: []}
+    for text in docs:
+        out[is_val(text, val_fraction, seed)].append(tok.encode(text, bos=True, eos=True))
+    arrays = [np.fromiter((i for ids in out[v] for i in ids), dtype=dtype) for v in (False, True)]
+    return arrays[0], arrays[1], len(out[False]), len(out[True])
+
+
+class _ShardWriter:
+    """Appends tokens to <split>_00000.bin, <split>_00001.bin, ... of at most shard_tokens each."""
+
+    def __init__(self, root: Path, split: str, dtype, shard_tokens: int):
+        self.root, self.split, self.dtype, self.shard_tokens = root, split, np.dtype(dtype), shard_tokens
+        self.shards: list[dict] = []
+        self.f = None
+        self.n_docs = 0
+
+    def write(self, tokens: np.ndarray):
+        while len(tokens):
+            if self.f is None or self.shards[-1]["n_tokens"] == self.shard_tokens:
+                self._next_shard()
+            room = self.shard_tokens - self.shards[-1]["n_tokens"]
+            part, tokens = tokens[:room], tokens[room:]
+            self.f.write(part.astype(self.dtype, copy=False).tobytes())
+            self.shards[-1]["n_tokens"] += len(part)
+
+    def _next_shard(self):
+        if self.f is not None:
+            self.f.close()
+        name = f"{self.split}_{len(self.shards):05d}.bin"
+        self.f = open(self.root / name, "wb")
+        self.shards.append({"file": name, "n_tokens": 0})
+
+    def close(self) -> dict:
+        if self.f is not None:
+            self.f.close()
+        return {"n_tokens": sum(s["n_tokens"] for s in self.shards), "n_docs": self.n_docs,
+                "shards": self.shards}
+
+
+def _chunks(files: list[Path], docs_per_chunk: int, chars_per_chunk: int) -> Iterator[list[str]]:
+    chunk, chars = [], 0
+    for f in files:
+        for text in iter_documents(f):
+            if not text:
+                continue
+            chunk.append(text)
+            chars += len(text)
+            if len(chunk) >= docs_per_chunk or chars >= chars_per_chunk:
+                yield chunk
+                chunk, chars = [], 0
+    if chunk:
+        yield chunk
+
+
+def prepare_data(inputs, tokenizer_path: str | os.PathLike, out_dir: str | os.PathLike, *,
+                 val_fraction: float = 0.01, seed: int = 0, num_workers: int | None = None,
+                 shard_tokens: int = 1 << 30, overwrite: bool = False, progress: bool = True,
+                 docs_per_chunk: int = 256) -> dict:
+    """Tokenize text files / JSONL (a "text" field per line) / directories / globs into `out_dir`.
+
+    Output is identical for any `num_workers` (chunks are encoded in a pool, written in order).
+    Everything is written into a temporary directory next to `out_dir`, meta.json last, then
+    renamed into place, so an interrupted run never leaves a dataset that looks complete.
+    Returns the metadata dict.
+    """
+    from tqdm import tqdm
+
+    from llama.tokenizer import Tokenizer
+
+    tok = Tokenizer(tokenizer_path)
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if shard_tokens < 1:
+        raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
+    files = list_files(inputs)
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists: pass overwrite=True to replace it, or choose "
+                              "another out_dir")
+    dtype = token_dtype(tok.n_words)
+    num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    pool = None
+    try:
+        writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
+        jobs = ((docs, dtype, val_fraction, seed)
+                for docs in _chunks(files, docs_per_chunk, chars_per_chunk=4 << 20))
+        if num_workers > 1:
+            pool = multiprocessing.get_context().Pool(num_workers, _init_worker, (str(tok.model_path),))
+            results = pool.imap(_encode_chunk, jobs)  # ordered: output independent of workers
+        else:
+            _init_worker(str(tok.model_path))
+            results = map(_encode_chunk, jobs)
+        bar = tqdm(desc=f"tokenizing {out.name}", unit=" docs", disable=not progress)
+        for train_ids, val_ids, n_train, n_val in results:
+            writers["train"].write(train_ids)
+            writers["val"].write(val_ids)
+            writers["train"].n_docs += n_train
+            writers["val"].n_docs += n_val
+            bar.update(n_train + n_val)
+            bar.set_postfix(tokens=writers["train"].shards[-1]["n_tokens"] if writers["train"].shards else 0,
+                            refresh=False)
+        bar.close()
+        splits = {s: w.close() for s, w in writers.items()}
+        if splits["train"]["n_docs"] + splits["val"]["n_docs"] == 0:
+            raise ValueError(f"no documents found in {[str(f) for f in files]}: the inputs are empty")
+        meta = {
+            "format": FORMAT, "tokenizer_sha256": tok.sha256, "tokenizer_path": str(tok.model_path),
+            "n_words": tok.n_words, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+            "dtype": np.dtype(dtype).name, "val_fraction": val_fraction, "seed": seed,
+            "sources": [str(f) for f in files], "splits": splits,
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=1))
+        if out.exists():  # overwrite: move the old one aside only now that the new one is complete
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+        return meta
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+
+
+def load_mixture(data) -> dict[str, tuple[Path, float]]:
+    """{name: (dir, weight)} from a prepared dir, a mixture JSON file ({name: {"path", "weight"}})
+    or a dict {name: (dir, weight) | {"path", "weight"}}. Weights are normalised to sum to 1."""
+    if isinstance(data, (str, os.PathLike)) and str(data).endswith(".json") and Path(data).is_file():
+        try:
+            data = json.loads(Path(data).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"mixture file {data} is not valid JSON ({e})") from None
+    if isinstance(data, (str, os.PathLike)):
+        return {Path(data).name or "data": (Path(data), 1.0)}
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"data must be a prepared directory or a non-empty mixture "
+                         f"{{name: [dir, weight]}}, got {data!r}")
+    mix = {}
+    for name, src in data.items():
+        if isinstance(src, dict):
+            path, weight = src.get("path"), src.get("weight")
+        elif isinstance(src, (list, tuple)) and len(src) == 2:
+            path, weight = src
+        else:
+            path, weight = None, None
+        if not path or not isinstance(weight, (int, float)) or weight < 0:
+            raise ValueError(f"mixture source {name!r} must be [dir, weight >= 0] or "
+                             f'{{"path": dir, "weight": w}}, got {src!r}')
+        mix[name] = (Path(path), float(weight))
+    total = sum(w for _, w in mix.values())
+    if total <= 0:
+        raise ValueError(f"mixture weights sum to {total}; give at least one positive weight")
+    return {name: (p, w / total) for name, (p, w) in mix.items()}
+
+
+# --- reading a prepared dataset -----------------------------------------------------------------
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not (path / META).is_file():
+        raise FileNotFoundError(f"{path} is not a prepared dataset (no {META}): make it with "
+                                "scripts/prepare_data.py")
+    meta = json.loads((path / META).read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path / META} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+class TokenStream:
+    """One split of a prepared dataset as a single array-like of tokens over its memmapped shards."""
+
+    def __init__(self, path: str | os.PathLike, split: str = "train"):
+        self.path = Path(path)
+        self.meta = read_meta(self.path)
+        if split not in self.meta["splits"]:
+            raise ValueError(f"{self.path} has no split {split!r}; it has {list(self.meta['splits'])}")
+        info = self.meta["splits"][split]
+        dtype = np.dtype(self.meta["dtype"])
+        self.shards = []
+        for s in info["shards"]:
+            f = self.path / s["file"]
+            if not f.is_file() or f.stat().st_size != s["n_tokens"] * dtype.itemsize:
+                raise ValueError(f"shard {f} is missing or truncated (expected {s['n_tokens']} "
+                                 f"{dtype.name} tokens); prepare the dataset again")
+            if s["n_tokens"]:
+                self.shards.append(np.memmap(f, dtype=dtype, mode="r"))
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # shard i covers starts[i:i+2]
+        self.n_tokens = int(self.starts[-1])
+        self.n_docs = info["n_docs"]
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """tokens[start:start+length] as int64, across shard boundaries."""
+        i = int(np.searchsorted(self.starts, start, side="right")) - 1
+        parts, end = [], start + length
+        while start < end:
+            lo = start - self.starts[i]
+            take = min(end - start, len(self.shards[i]) - lo)
+            parts.append(self.shards[i][lo:lo + take])
+            start += take
+            i += 1
+        return np.concatenate(parts).astype(np.int64)
+
+
+# --- keyed hashing: the loader's randomness is a pure function of (seed, counters) -------------
+
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 arrays (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def _key(*parts: int) -> np.uint64:
+    k = np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        for p in parts:
+            k = _mix64(np.array([k ^ np.uint64(p & 0xFFFFFFFFFFFFFFFF)], dtype=np.uint64))[0]
+    return k
+
+
+def uniform(key: np.uint64, idx: np.ndarray) -> np.ndarray:
+    """A uniform float in [0, 1) for each index, keyed."""
+    with np.errstate(over="ignore"):
+        h = _mix64(idx.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ key)
+    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def permute(idx: np.ndarray, n: int, key: np.uint64) -> np.ndarray:
+    """A keyed bijection of [0, n) applied to idx: a 4-round Feistel network on the smallest even
+    number of bits covering n, cycle-walked back into range. O(1) memory for any n (a stored
+    permutation of 10^9 windows would not fit)."""
+    bits = max(2, (n - 1).bit_length())
+    bits += bits % 2
+    half = np.uint64(bits // 2)
+    mask = np.uint64((1 << (bits // 2)) - 1)
+    round_keys = [_key(int(key), r) for r in range(4)]
+
+    def feistel(x):
+        left, right = x >> half, x & mask
+        for k in round_keys:
+            with np.errstate(over="ignore"):
+                f = _mix64(right ^ k) & mask
+            left, right = right, left ^ f
+        return (left << half) | right
+
+    x = feistel(idx.astype(np.uint64))
+    out_of_range = x >= np.uint64(n)
+    while out_of_range.any():  # expected < 4 passes: 2^bits < 4n
+        x[out_of_range] = feistel(x[out_of_range])
+        out_of_range = x >= np.uint64(n)
+    return x.astype(np.int64)
+
+
+# --- the loader ---------------------------------------------------------------------------------
+
+
+class PackedLoader:
+    """Batches of (inputs, targets), int64 (batch_size, seq_len), from prepared data.
+
+    data: a prepared directory, a mixture JSON file, or {name: (dir, weight)}.
+    The global batch of a step is samples g = G .. G + batch_size * dp_size - 1 (G counts samples
+    of the whole run); rank r takes rows G + r * batch_size + j. Sample g picks a source by weight
+    from a hash of (seed, g); the c-th sample drawn from a source is window perm_epoch(c mod n) of
+    that source, epoch = c // n, the permutation reshuffled each epoch (split="val": not shuffled).
+    So the concatenation of the ranks' batches equals one rank's batch of batch_size * dp_size,
+    and `state_dict()` (G and the per-source counts) resumes exactly.
+    """
+
+    def __init__(self, data, seq_len: int, batch_size: int, dp_rank: int = 0, dp_size: int = 1,
+                 seed: int = 0, split: str = "train", tokenizer_sha256: str | None = None):
+        if seq_len < 1 or batch_size < 1:
+            raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} must be in [0, dp_size={dp_size})")
+        self.seq_len, self.batch_size = seq_len, batch_size
+        self.dp_rank, self.dp_size, self.seed, self.split = dp_rank, dp_size, seed, split
+        mix = load_mixture(data)
+        self.names = list(mix)
+        self.weights = np.array([w for _, w in mix.values()])
+        self.streams = [TokenStream(p, split) for p, _ in mix.values()]
+        hashes = {s.meta["tokenizer_sha256"] for s in self.streams}
+        if tokenizer_sha256 is not None:
+            for s in self.streams:
+                if s.meta["tokenizer_sha256"] != tokenizer_sha256:
+                    raise ValueError(
+                        f"{s.path} was tokenized with a different tokenizer (sha256 "
+                        f"{s.meta['tokenizer_sha256'][:12]}..., not {tokenizer_sha256[:12]}...): "
+                        "prepare it again with this tokenizer")
+        elif len(hashes) > 1:
+            raise ValueError(f"the mixture's sources were made with different tokenizers: "
+                             f"{ {n: s.meta['tokenizer_sha256'][:12] for n, s in zip(self.names, self.streams)} }")
+        # windows of seq_len + 1 tokens at stride seq_len
+        self.n_windows = [(s.n_tokens - 1) // seq_len if s.n_tokens else 0 for s in self.streams]
+        for name, s, n, w in zip(self.names, self.streams, self.n_windows, self.weights):
+            if n == 0 and w > 0:
+                raise ValueError(f"the {split} split of {s.path} ({name!r}) has {s.n_tokens} tokens: "
+                                 f"not one full window of seq_len + 1 = {seq_len + 1}; lower seq_len "
+                                 "or add data")
+        self.cum_weights = np.cumsum(self.weights)
+        self.cum_weights[-1] = 1.0 + 1e-12  # guard against rounding: u < 1 always lands
+        self.samples = 0  # G: samples of the global stream consumed
+        self.consumed = [0] * len(self.streams)  # samples drawn from each source so far
+
+    @property
+    def tokens_per_batch(self) -> int:
+        return self.batch_size * self.seq_len
+
+    def _sources(self, g: np.ndarray) -> np.ndarray:
+        if len(self.streams) == 1:
+            return np.zeros(len(g), dtype=np.int64)
+        u = uniform(_key(self.seed, 0x5EED), g)
+        return np.searchsorted(self.cum_weights, u, side="right")
+
+    def _window(self, src: int, c: int) -> np.ndarray:
+        n = self.n_windows[src]
+        epoch, i = divmod(c, n)
+        if self.split != "val":
+            i = int(permute(np.array([i]), n, _key(self.seed, src, epoch))[0])
+        return self.streams[src].read(i * self.seq_len, self.seq_len + 1)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        global_batch = self.batch_size * self.dp_size
+        g = np.arange(self.samples, self.samples + global_batch)
+        src = self._sources(g)
+        # c for each sample: the source's count so far + earlier draws of it in this global batch
+        counts = np.zeros(global_batch, dtype=np.int64)
+        for s in range(len(self.streams)):
+            mine = src == s
+            counts[mine] = self.consumed[s] + np.arange(mine.sum())
+            self.consumed[s] += int(mine.sum())
+        self.samples += global_batch
+        lo = self.dp_rank * self.batch_size
+        rows = np.stack([self._window(int(s), int(c)) for s, c in
+                         zip(src[lo:lo + self.batch_size], counts[lo:lo + self.batch_size])])
+        rows = torch.from_numpy(rows)  # (B, T + 1)
+        return rows[:, :-1], rows[:, 1:]
+
+    __next__ = next
+
+    def __iter__(self):
+        return self
+
+    def iter_eval(self, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every window of the split once, in order, source after source, in full global batches
+        (rank r takes rows r * batch_size ...); at most max_batches. Independent of the state."""
+        windows = [(s, i) for s, n in enumerate(self.n_windows) for i in range(n)]
+        global_batch = self.batch_size * self.dp_size
+        n_batches = len(windows) // global_batch
+        if n_batches == 0:
+            raise ValueError(f"the {self.split} split has {len(windows)} windows of {self.seq_len + 1} "
+                             f"tokens, fewer than one global batch ({global_batch}); lower seq_len "
+                             "or batch_size, or prepare more data")
+        if max_batches is not None:
+            n_batches = min(n_batches, max_batches)
+        for b in range(n_batches):
+            lo = b * global_batch + self.dp_rank * self.batch_size
+            rows = torch.from_numpy(np.stack([self.streams[s].read(i * self.seq_len, self.seq_len + 1)
+                                              for s, i in windows[lo:lo + self.batch_size]]))
+            yield rows[:, :-1], rows[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"samples": self.samples, "consumed": dict(zip(self.names, self.consumed)),
+                "seed": self.seed, "seq_len": self.seq_len, "split": self.split,
+                "n_windows": dict(zip(self.names, self.n_windows))}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at a saved position. The batch size and dp size may differ from the saving run's
+        (positions count samples of the global stream); seed, seq_len, split and data may not."""
+        mine = self.state_dict()
+        for k in ("seed", "seq_len", "split", "n_windows"):
+            if state.get(k) != mine[k]:
+                raise ValueError(f"loader state has {k}={state.get(k)!r} but this loader has "
+                                 f"{mine[k]!r}; resume with the same data, seed and seq_len")
+        self.samples = int(state["samples"])
+        self.consumed = [int(state["consumed"][n]) for n in self.names]
