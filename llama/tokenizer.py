@@ -154,8 +154,13 @@ def _iter_texts(inputs) -> Iterator[str]:
         if not paths:
             yield item
         for f in paths:
-            with open(f, encoding="utf-8", errors="replace") as fh:
-                yield fh.read()
+            if f.name.endswith((".jsonl", ".jsonl.gz")):  # one document per line, its "text"
+                from llama.data import iter_documents
+
+                yield from iter_documents(f)
+            else:
+                with open(f, encoding="utf-8", errors="replace") as fh:
+                    yield fh.read()
 
 
 def _expand(item) -> list[Path]:
@@ -178,7 +183,8 @@ def train_tokenizer(inputs, out_path: str | os.PathLike, vocab_size: int = 32000
                     max_sentence_length: int = 16384, verbose: bool = False) -> Path:
     """Train a SentencePiece BPE tokenizer with the LLaMA paper's recipe and Meta's ids.
 
-    inputs: a file, directory or glob, a list of them, or an iterable of strings (documents).
+    inputs: a file, directory or glob, a list of them, or an iterable of strings (documents);
+    .jsonl(.gz) files give each line's "text" field, any other file is one document.
     Documents are split into lines (sentencepiece's sentences; newlines themselves become byte
     pieces, as in Meta's model); at most `input_sentence_size` lines, sampled with `seed`, are
     used, so training is deterministic. Writes `out_path` atomically and returns it.

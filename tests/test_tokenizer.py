@@ -185,3 +185,12 @@ def test_train_script(tmp_path, capsys):
     mod.main(inputs=str(tmp_path / "c.txt"), out=str(tmp_path / "tok.model"), vocab_size=300)
     assert "wrote" in capsys.readouterr().out
     assert Tokenizer(tmp_path / "tok.model").n_words == 300
+
+
+def test_train_reads_jsonl_text_fields(tmp_path):
+    import json
+
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": s, "id": i}) + "\n" for i, s in enumerate(CORPUS)))
+    a = Tokenizer(train_tokenizer(str(tmp_path / "c.jsonl"), tmp_path / "a.model", 300))
+    b = Tokenizer(train_tokenizer(CORPUS, tmp_path / "b.model", 300))
+    assert a.sha256 == b.sha256  # the JSON syntax is not training text
