@@ -78,7 +78,12 @@ def shard_paths(ckpt_dir: str | Path) -> list[Path]:
 
 def _open_shard(path: Path) -> dict:
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap can only be used" not in str(e):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format: read whole
     except Exception as e:  # truncated zip, not a torch file, unpickling refused, ...
         raise ValueError(f"cannot read checkpoint shard {path}: it is truncated or corrupt "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); re-download or re-write it") from None

@@ -260,3 +260,11 @@ def test_done_means_hand_written_meta_checkpoint_matches_transformers(tmp_path):
         theirs, mine = hf(tokens).logits, ours(tokens)
     assert mine.abs().max() > 1.0
     torch.testing.assert_close(mine, theirs, atol=2e-3, rtol=1e-3)
+
+
+def test_legacy_non_zip_shard_still_loads(ckpt):
+    model, tmp = ckpt
+    path = tmp / "mp1" / "consolidated.00.pth"
+    torch.save(torch.load(path, weights_only=True), path, _use_new_zipfile_serialization=False)
+    sd = load_consolidated(tmp / "mp1")
+    assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
