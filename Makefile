@@ -4,15 +4,18 @@
 PY ?= python3
 PIP = $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: setup test demo bench
-setup:
+.PHONY: torch setup test demo bench
+torch:
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
+
+setup: torch
 	@$(PIP) -e ".[test]"
 
 test: setup
 	$(PY) -m pytest -q
 
-demo: setup
+demo: torch
+	@$(PIP) -e ".[demo]"
 	$(PY) scripts/demo.py $(ARGS)
 
 bench: setup
