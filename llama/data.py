@@ -124,7 +124,7 @@ def _encode_chunk(args) -> tuple[np.ndarray, np.ndarray, int, int]:
     out = {False: [], True: []}
     for text in docs:
         out[is_val(text, val_fraction, seed)].append(tok.encode(text, bos=True, eos=True))
-    arrays = [np.fromiter((i for ids in out[v] for i in ids), dtype=dtype) for v in (False, True)]
+    arrays = [np.array([i for ids in out[v] for i in ids], dtype=dtype) for v in (False, True)]
     return arrays[0], arrays[1], len(out[False]), len(out[True])
 
 
@@ -219,14 +219,15 @@ def prepare_data(inputs, tokenizer_path: str | os.PathLike, out_dir: str | os.Pa
             _init_worker(str(tok.model_path))
             results = map(_encode_chunk, jobs)
         bar = tqdm(desc=f"tokenizing {out.name}", unit=" docs", disable=not progress)
+        n_tokens = 0
         for train_ids, val_ids, n_train, n_val in results:
             writers["train"].write(train_ids)
             writers["val"].write(val_ids)
             writers["train"].n_docs += n_train
             writers["val"].n_docs += n_val
+            n_tokens += len(train_ids) + len(val_ids)
             bar.update(n_train + n_val)
-            bar.set_postfix(tokens=writers["train"].shards[-1]["n_tokens"] if writers["train"].shards else 0,
-                            refresh=False)
+            bar.set_postfix(tokens=f"{n_tokens:,}", refresh=False)
         bar.close()
         splits = {s: w.close() for s, w in writers.items()}
         if splits["train"]["n_docs"] + splits["val"]["n_docs"] == 0:
@@ -433,8 +434,10 @@ class PackedLoader:
                 raise ValueError(f"the {split} split of {s.path} ({name!r}) has {s.n_tokens} tokens: "
                                  f"not one full window of seq_len + 1 = {seq_len + 1}; lower seq_len "
                                  "or add data")
+        # u in [0, 1) picks the source whose cumulative-weight interval holds it; past the last
+        # source with weight > 0 the bound is > 1, so rounding never picks a zero-weight source
         self.cum_weights = np.cumsum(self.weights)
-        self.cum_weights[-1] = 1.0 + 1e-12  # guard against rounding: u < 1 always lands
+        self.cum_weights[int(np.flatnonzero(self.weights > 0)[-1]):] = 2.0
         self.samples = 0  # G: samples of the global stream consumed
         self.consumed = [0] * len(self.streams)  # samples drawn from each source so far
 

@@ -75,23 +75,27 @@ class Tokenizer:
     def _encode_text(self, s: str) -> list[int]:
         if SPACE_MARK not in s or not self.byte_fallback:
             return self.sp.encode(s)
-        # Swap U+2581 for a placeholder that is absent from the text and from every piece, so it
-        # falls back to its own 3 byte pieces, then swap those for the bytes of U+2581. A run of
-        # the placeholder's byte ids can only come from the placeholder (UTF-8 self-synchronises).
-        placeholder = next(c for c in map(chr, range(0xFDD0, 0xFDF0)) if c not in s
-                           and self.sp.piece_to_id(c) == self.sp.unk_id())
-        src = [self._byte_ids[b] for b in placeholder.encode("utf-8")]
+        # Swap U+2581 for a placeholder absent from the text and the vocabulary, so it falls back
+        # to its own 3 byte pieces, then swap those for the bytes of U+2581. A run of the
+        # placeholder's byte ids can only come from the placeholder (UTF-8 self-synchronises);
+        # the count check catches a placeholder that some piece contains.
         dst = [self._byte_ids[b] for b in SPACE_MARK.encode("utf-8")]
-        ids = self.sp.encode(s.replace(SPACE_MARK, placeholder))
-        out, i = [], 0
-        while i < len(ids):
-            if ids[i:i + 3] == src:
-                out += dst
-                i += 3
-            else:
-                out.append(ids[i])
-                i += 1
-        return out
+        for placeholder in map(chr, range(0xFDD0, 0xFDF0)):  # Unicode noncharacters
+            if placeholder in s:
+                continue
+            src = [self._byte_ids[b] for b in placeholder.encode("utf-8")]
+            ids = self.sp.encode(s.replace(SPACE_MARK, placeholder))
+            out, i, n = [], 0, 0
+            while i < len(ids):
+                if ids[i:i + 3] == src:
+                    out += dst
+                    i, n = i + 3, n + 1
+                else:
+                    out.append(ids[i])
+                    i += 1
+            if n == s.count(SPACE_MARK):
+                return out
+        return self.sp.encode(s)  # unreachable in practice: Meta's behaviour, U+2581 -> space
 
     def decode(self, ids: Iterable[int]) -> str:
         ids = [int(i) for i in ids]

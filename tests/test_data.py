@@ -324,3 +324,13 @@ def test_prepare_script(corpus, tiny_tokenizer, tmp_path, capsys):
     assert "one: wrote" in capsys.readouterr().out
     x, y = PackedLoader(mix, 8, 4, tokenizer_sha256=tiny_tokenizer.sha256).next()
     assert x.shape == (4, 8)
+
+
+def test_zero_weight_source_is_never_drawn(tmp_path):
+    big = write_stream(tmp_path / "big", np.arange(2000))
+    small = write_stream(tmp_path / "small", np.arange(5) + 60000)  # not one window of 9 tokens
+    with pytest.raises(ValueError, match="not one full window"):
+        PackedLoader({"big": (big, 1), "small": (small, 1)}, 8, 4)
+    loader = PackedLoader({"big": (big, 1), "small": (small, 0)}, 8, 64)
+    for _ in range(20):
+        assert loader.next()[0].max() < 2000

@@ -194,3 +194,19 @@ def test_train_reads_jsonl_text_fields(tmp_path):
     a = Tokenizer(train_tokenizer(str(tmp_path / "c.jsonl"), tmp_path / "a.model", 300))
     b = Tokenizer(train_tokenizer(CORPUS, tmp_path / "b.model", 300))
     assert a.sha256 == b.sha256  # the JSON syntax is not training text
+
+
+def test_train_samples_lines_with_a_seed(tmp_path):
+    lines = [f"{w} {i}" for i, w in enumerate(["alpha beta", "gamma delta", "epsilon zeta"] * 200)]
+    a, b, c = (Tokenizer(train_tokenizer(lines, tmp_path / f"{n}.model", 300, input_sentence_size=50, seed=s))
+               for n, s in [("a", 0), ("b", 0), ("c", 1)])
+    assert a.sha256 == b.sha256
+    assert a.sha256 != c.sha256  # another sample of 50 lines
+
+
+def test_incremental_decoder_does_not_stall_on_invalid_bytes(tiny_tokenizer):
+    t = tiny_tokenizer
+    ids = [3 + 0xE6] + t.encode("ok", False, False)  # a lone UTF-8 lead byte, then text
+    dec = IncrementalDecoder(t)
+    out = [dec.push(i) for i in ids] + [dec.flush()]
+    assert out[0] == "" and "".join(out) == t.decode(ids) and "".join(out).endswith("ok")
