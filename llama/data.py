@@ -21,6 +21,7 @@ import json
 import multiprocessing
 import os
 import shutil
+from collections import deque
 from pathlib import Path
 from typing import Iterator
 
@@ -160,6 +161,18 @@ class _ShardWriter:
                 "shards": self.shards}
 
 
+def _ordered_map(pool, fn, jobs, max_pending: int) -> Iterator:
+    """pool.imap with back-pressure: results in job order (so the output does not depend on the
+    worker count), at most max_pending chunks in flight (imap would read the whole corpus ahead)."""
+    pending = deque()
+    for job in jobs:
+        pending.append(pool.apply_async(fn, (job,)))
+        if len(pending) >= max_pending:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
 def _chunks(files: list[Path], docs_per_chunk: int, chars_per_chunk: int) -> Iterator[list[str]]:
     chunk, chars = [], 0
     for f in files:
@@ -214,7 +227,7 @@ def prepare_data(inputs, tokenizer_path: str | os.PathLike, out_dir: str | os.Pa
                 for docs in _chunks(files, docs_per_chunk, chars_per_chunk=4 << 20))
         if num_workers > 1:
             pool = multiprocessing.get_context().Pool(num_workers, _init_worker, (str(tok.model_path),))
-            results = pool.imap(_encode_chunk, jobs)  # ordered: output independent of workers
+            results = _ordered_map(pool, _encode_chunk, jobs, max_pending=4 * num_workers)
         else:
             _init_worker(str(tok.model_path))
             results = map(_encode_chunk, jobs)

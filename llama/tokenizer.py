@@ -162,9 +162,9 @@ def _iter_texts(inputs) -> Iterator[str]:
                 from llama.data import iter_documents
 
                 yield from iter_documents(f)
-            else:
+            else:  # line by line: a big file need not fit in memory (lines are the unit anyway)
                 with open(f, encoding="utf-8", errors="replace") as fh:
-                    yield fh.read()
+                    yield from fh
 
 
 def _expand(item) -> list[Path]:

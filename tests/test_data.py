@@ -334,3 +334,19 @@ def test_zero_weight_source_is_never_drawn(tmp_path):
     loader = PackedLoader({"big": (big, 1), "small": (small, 0)}, 8, 64)
     for _ in range(20):
         assert loader.next()[0].max() < 2000
+
+
+def test_pool_reads_ahead_a_bounded_number_of_chunks():
+    from multiprocessing.pool import ThreadPool
+
+    pulled = []
+
+    def jobs():
+        for i in range(100):
+            pulled.append(i)
+            yield i
+
+    with ThreadPool(2) as pool:
+        results = data_mod._ordered_map(pool, lambda x: x * x, jobs(), max_pending=4)
+        assert next(results) == 0 and len(pulled) <= 5  # not the whole input
+        assert list(results) == [i * i for i in range(1, 100)]
