@@ -200,12 +200,17 @@ def _read_params(ckpt_dir: Path) -> dict:
 def load_params(ckpt_dir: str | Path, vocab_size: int | None = None, **overrides) -> ModelArgs:
     """ModelArgs from `ckpt_dir/params.json`. A vocab_size of -1 (as Meta ships it) is taken from
     `vocab_size`, else from the shape of `output.weight` in the shards."""
-    ckpt_dir = Path(ckpt_dir)
+    return _params(Path(ckpt_dir), vocab_size, None, overrides)
+
+
+def _params(ckpt_dir: Path, vocab_size: int | None, shards: _Shards | None, overrides: dict) -> ModelArgs:
     d = _read_params(ckpt_dir)
     if vocab_size is not None:
         d["vocab_size"] = vocab_size
     elif d.get("vocab_size") is None or d["vocab_size"] < 0:
-        d["vocab_size"] = _Shards(ckpt_dir).shapes.get("output.weight", [d.get("vocab_size")])[0]
+        shards = shards or _Shards(ckpt_dir)
+        if "output.weight" in shards.shapes:  # (vocab, dim) once the shards are concatenated
+            d["vocab_size"] = shards.shapes["output.weight"][0]
     try:
         return ModelArgs.from_dict(d, **overrides)
     except (TypeError, ValueError) as e:
@@ -213,12 +218,10 @@ def load_params(ckpt_dir: str | Path, vocab_size: int | None = None, **overrides
 
 
 def _checked(ckpt_dir, vocab_size=None, **overrides) -> tuple[_Shards, ModelArgs]:
-    shards = _Shards(ckpt_dir)
+    """The opened shards and ModelArgs of a checkpoint whose keys and full shapes match params.json."""
     ckpt_dir = Path(ckpt_dir)
-    d = _read_params(ckpt_dir)
-    if vocab_size is None and (d.get("vocab_size") is None or d["vocab_size"] < 0) and "output.weight" in shards.shapes:
-        vocab_size = shards.shapes["output.weight"][0]
-    args = load_params(ckpt_dir, vocab_size=vocab_size, **overrides)
+    shards = _Shards(ckpt_dir)
+    args = _params(ckpt_dir, vocab_size, shards, overrides)
     try:
         check_state_dict(shards.shapes, args, what=f"checkpoint {ckpt_dir}")
     except ValueError as e:
@@ -231,9 +234,9 @@ def load_tp_slice(ckpt_dir: str | Path, rank: int, world_size: int,
     """This rank's slice of every tensor for a plan that splits `key` along `split_dim(key)` into
     `world_size` equal chunks (replicated where None), from a checkpoint with any number of shards.
     Tensors stay in the checkpoint's dtype on CPU; memory is about one slice."""
-    shards, _ = _checked(ckpt_dir)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    shards, _ = _checked(ckpt_dir)
     return {k: shards.slice(k, split_dim(k), rank, world_size) for k in shards.shapes}
 
 

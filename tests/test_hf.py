@@ -127,3 +127,17 @@ def test_scripts_round_trip_with_tokenizer(tmp_path, tiny_tokenizer):
     back = load_consolidated(tmp_path / "back1")
     assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
     assert (tmp_path / "back1" / "tokenizer.model").read_bytes() == (tmp_path / "tokenizer.model").read_bytes()
+
+
+def test_hf_directory_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json in"):
+        load_hf(tmp_path)
+    model = _random_model(n_layers=1)
+    save_hf(model.state_dict(), model.args, tmp_path, max_shard_size=100_000)
+    (tmp_path / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"lists model-00002-of-00003\.safetensors, which is missing"):
+        load_hf(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    with pytest.raises(ValueError, match=r"config\.json: cannot represent .* tie_word_embeddings"):
+        load_hf(tmp_path)
