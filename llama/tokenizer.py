@@ -7,6 +7,7 @@ Meta's tokenizer.model: BPE, digits split into single pieces, unknown UTF-8 fall
 from __future__ import annotations
 
 import glob
+import gzip
 import hashlib
 import io
 import os
@@ -124,7 +125,8 @@ class IncrementalDecoder:
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
-        # Decode from a few ids back so a word piece's leading space is judged in context.
+        # Decode from the last emitted id on: the new piece's leading space survives (only the
+        # first piece of a decode loses it, and that piece is in both texts).
         prefix_text = self.tok.decode(self.ids[self.prefix:self.read])
         text = self.tok.decode(self.ids[self.prefix:])
         if text.endswith("\ufffd") or len(text) <= len(prefix_text):
@@ -163,7 +165,8 @@ def _iter_texts(inputs) -> Iterator[str]:
 
                 yield from iter_documents(f)
             else:  # line by line: a big file need not fit in memory (lines are the unit anyway)
-                with open(f, encoding="utf-8", errors="replace") as fh:
+                opener = gzip.open if f.name.endswith(".gz") else open
+                with opener(f, "rt", encoding="utf-8", errors="replace") as fh:
                     yield from fh
 
 
@@ -175,7 +178,8 @@ def _expand(item) -> list[Path]:
     if p.is_file():
         return [p]
     if p.is_dir():
-        return sorted(q for q in p.rglob("*") if q.is_file())
+        return sorted(q for q in p.rglob("*") if q.is_file()
+                      and not any(part.startswith(".") for part in q.relative_to(p).parts))
     if any(c in str(item) for c in "*?["):
         return sorted(Path(q) for q in glob.glob(str(item), recursive=True) if Path(q).is_file())
     return []
@@ -237,6 +241,12 @@ def train_tokenizer(inputs, out_path: str | os.PathLike, vocab_size: int = 32000
             max_sentence_length=max_sentence_length,
             num_threads=num_threads or os.cpu_count() or 1, minloglevel=0 if verbose else 2)
     except RuntimeError as e:
+        if "required_chars" in str(e):
+            raise ValueError(
+                f"vocab_size {vocab_size} cannot hold the {N_SPECIAL + N_BYTES} special/byte pieces "
+                f"plus every character that character_coverage={character_coverage} keeps "
+                f"(sentencepiece: {str(e).split('] ')[-1]}); raise vocab_size or lower "
+                "character_coverage") from None
         raise ValueError(f"sentencepiece could not train a {vocab_size}-piece tokenizer on "
                          f"{len(lines)} lines: {e}. Use more (varied) text or a different "
                          "vocab_size (it must fit the characters kept by character_coverage "

@@ -1,3 +1,4 @@
+import gzip
 import shutil
 
 import pytest
@@ -167,6 +168,9 @@ def test_train_errors(tmp_path):
         train_tokenizer(["", "\n"], tmp_path / "t.model", 300)
     with pytest.raises(FileNotFoundError, match="missing"):
         train_tokenizer(str(tmp_path / "missing*.txt"), tmp_path / "t.model", 300)
+    letters = [" ".join(chr(c) for c in range(0x4E00 + i, 0x4E00 + i + 40)) for i in range(0, 400, 40)]
+    with pytest.raises(ValueError, match="vocab_size 300 cannot hold the 259 special/byte pieces"):
+        train_tokenizer(letters * 3, tmp_path / "t.model", 300, character_coverage=1.0)
     with pytest.raises(ValueError, match="could not train a 5000-piece"):
         train_tokenizer(CORPUS[:5], tmp_path / "t.model", 5000)
     assert not (tmp_path / "t.model").exists()
@@ -191,9 +195,12 @@ def test_train_reads_jsonl_text_fields(tmp_path):
     import json
 
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": s, "id": i}) + "\n" for i, s in enumerate(CORPUS)))
+    with gzip.open(tmp_path / "c.txt.gz", "wt") as f:
+        f.write("\n".join(CORPUS))
     a = Tokenizer(train_tokenizer(str(tmp_path / "c.jsonl"), tmp_path / "a.model", 300))
     b = Tokenizer(train_tokenizer(CORPUS, tmp_path / "b.model", 300))
-    assert a.sha256 == b.sha256  # the JSON syntax is not training text
+    c = Tokenizer(train_tokenizer(tmp_path / "c.txt.gz", tmp_path / "c.model", 300))
+    assert a.sha256 == b.sha256 == c.sha256  # the JSON syntax / gzip bytes are not training text
 
 
 def test_train_samples_lines_with_a_seed(tmp_path):
