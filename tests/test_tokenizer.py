@@ -87,6 +87,13 @@ def test_same_ids_as_transformers(tiny_tokenizer, tmp_path):
         assert ours == hf.encode(s, add_special_tokens=False, split_special_tokens=True), repr(s)
         assert hf.decode(ours) == s, repr(s)
     assert (hf.bos_token_id, hf.eos_token_id, hf.unk_token_id, len(hf)) == (1, 2, 0, 512)
+    # the rest (leading spaces) get exactly what a bare sentencepiece processor (Meta's code) gives
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_tokenizer.model_path))
+    for s in TRICKY:
+        if "\u2581" not in s:
+            assert tiny_tokenizer.encode(s, True, False) == [sp.bos_id()] + sp.encode(s), repr(s)
 
 
 def test_decode_rejects_out_of_range(tiny_tokenizer):
