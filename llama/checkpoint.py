@@ -150,9 +150,6 @@ class _Shards:
     def __len__(self):
         return len(self.sds)
 
-    def dtype(self) -> torch.dtype:
-        return next(iter(self.sds[0].values())).dtype
-
     def slice(self, key: str, dim: int | None, rank: int, world: int) -> torch.Tensor:
         """Rank `rank`'s chunk (of `world`) along `dim` of the full tensor `key`, built by narrowing
         the shards: only the bytes of this chunk are read."""
