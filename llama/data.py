@@ -148,15 +148,20 @@ class _ShardWriter:
             self.shards[-1]["n_tokens"] += len(part)
 
     def _next_shard(self):
-        if self.f is not None:
-            self.f.close()
+        self._close_file()
         name = f"{self.split}_{len(self.shards):05d}.bin"
         self.f = open(self.root / name, "wb")
         self.shards.append({"file": name, "n_tokens": 0})
 
-    def close(self) -> dict:
+    def _close_file(self):
         if self.f is not None:
+            self.f.flush()
+            os.fsync(self.f.fileno())  # on disk before meta.json says the dataset is complete
             self.f.close()
+            self.f = None
+
+    def close(self) -> dict:
+        self._close_file()
         return {"n_tokens": sum(s["n_tokens"] for s in self.shards), "n_docs": self.n_docs,
                 "shards": self.shards}
 
@@ -251,7 +256,10 @@ def prepare_data(inputs, tokenizer_path: str | os.PathLike, out_dir: str | os.Pa
             "dtype": np.dtype(dtype).name, "val_fraction": val_fraction, "seed": seed,
             "sources": [str(f) for f in files], "splits": splits,
         }
-        (tmp / META).write_text(json.dumps(meta, indent=1))
+        with open(tmp / META, "w") as f:
+            f.write(json.dumps(meta, indent=1))
+            f.flush()
+            os.fsync(f.fileno())
         if out.exists():  # overwrite: move the old one aside only now that the new one is complete
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)

@@ -350,3 +350,17 @@ def test_pool_reads_ahead_a_bounded_number_of_chunks():
         results = data_mod._ordered_map(pool, lambda x: x * x, jobs(), max_pending=4)
         assert next(results) == 0 and len(pulled) <= 5  # not the whole input
         assert list(results) == [i * i for i in range(1, 100)]
+
+
+def test_failure_halfway_keeps_the_old_dataset(tiny_tokenizer, tmp_path):
+    src = tmp_path / "src"
+    write_corpus(src, make_docs(30, 3))
+    tp = tiny_tokenizer.model_path
+    out = tmp_path / "out"
+    prepare_data(src, tp, out, progress=False, num_workers=1)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    (src / "zz_last.jsonl").write_text('{"text": "ok"}\n' * 5 + "not json\n")  # read after the rest
+    with pytest.raises(ValueError, match="zz_last.jsonl:6"):
+        prepare_data(src, tp, out, progress=False, num_workers=2, docs_per_chunk=2, overwrite=True)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
