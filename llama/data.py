@@ -466,6 +466,11 @@ class PackedLoader:
     def tokens_per_batch(self) -> int:
         return self.batch_size * self.seq_len
 
+    @property
+    def epochs(self) -> dict[str, float]:
+        """Epochs of each source consumed so far (by the whole run, all ranks)."""
+        return {name: c / n if n else 0.0 for name, c, n in zip(self.names, self.consumed, self.n_windows)}
+
     def _sources(self, g: np.ndarray) -> np.ndarray:
         if len(self.streams) == 1:
             return np.zeros(len(g), dtype=np.int64)

@@ -272,6 +272,8 @@ def test_mixture_proportions(tiny_tokenizer, tmp_path):
     assert abs(frac - 0.8) < 0.03, counts
     # the small source wrapped around several epochs
     assert counts["b"] > 3 * len(wins["b"])
+    n_wins = {k: len(windows_of(v, 8)) for k, v in streams.items()}
+    assert loader.epochs == pytest.approx({k: counts[k] / n_wins[k] for k in "ab"})
 
 
 def test_iter_eval_is_every_val_window_in_order(prepared):

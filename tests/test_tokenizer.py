@@ -224,3 +224,14 @@ def test_incremental_decoder_does_not_stall_on_invalid_bytes(tiny_tokenizer):
     dec = IncrementalDecoder(t)
     out = [dec.push(i) for i in ids] + [dec.flush()]
     assert out[0] == "" and "".join(out) == t.decode(ids) and "".join(out).endswith("ok")
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(alphabet=st.sampled_from(list(" \nab日本😀é\u2581\t1")) | st.characters(), max_size=30))
+def test_incremental_decoder_hypothesis(tiny_tokenizer, s):
+    ids = tiny_tokenizer.encode(s, True, False)
+    dec = IncrementalDecoder(tiny_tokenizer)
+    outs = [dec.push(i) for i in ids] + [dec.flush()]
+    assert "".join(outs) == s
+    if "\ufffd" not in s:
+        assert not any("\ufffd" in o for o in outs)
