@@ -35,6 +35,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -238,6 +239,14 @@ def read_checkpoint_meta(ckpt: str | Path) -> dict:
     return json.loads((ckpt / META).read_text())
 
 
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns on every single-process save/load that it assumes one process: that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -274,7 +283,8 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path, num_shards: int = 1
     model.to_empty(device="cpu")
     sd = model.state_dict()
     loaded = {"model": sd}
-    dcp.load(loaded, checkpoint_id=str(ckpt), no_dist=True)
+    with _quiet_single_process():
+        dcp.load(loaded, checkpoint_id=str(ckpt), no_dist=True)
     if isinstance(dtype, str):
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     tokenizer_path = tokenizer_path or meta["config"].get("tokenizer")
@@ -365,12 +375,14 @@ class Trainer:
             if diff:
                 raise ValueError(f"checkpoint {self.resume_from} is for another model ({'; '.join(diff)}); "
                                  f"use the same model settings, another out_dir, or resume=never")
-            if meta["layout"]["dp"] != dp:
-                raise ValueError(f"checkpoint {self.resume_from} was written with dp={meta['layout']['dp']} and "
-                                 f"this run has dp={dp}: the data-loader positions are per data-parallel rank, "
-                                 f"so resume with dp={meta['layout']['dp']} (tp may change)")
+            old_batch = meta["config"]["global_batch_tokens"] // meta["config"]["seq_len"]
+            if old_batch != cfg.global_batch_tokens // cfg.seq_len:
+                raise ValueError(f"checkpoint {self.resume_from} was trained with global batches of {old_batch} "
+                                 f"sequences and this run has {cfg.global_batch_tokens // cfg.seq_len}: the step "
+                                 f"count and data position would not match; keep global_batch_tokens and seq_len")
             self._resume_meta = meta
         self._built = False
+        self._val_loader = None
         self.history: list[dict] = []
 
     # -- checks and setup --------------------------------------------------------------------
@@ -405,6 +417,10 @@ class Trainer:
             raise FileNotFoundError(f"checkpoint to resume {path} does not exist (resume takes auto, never or a directory)")
         read_checkpoint_meta(path)
         return path
+
+    def _ensure_built(self):
+        if not self._built:
+            self._setup()
 
     def _setup(self):
         cfg, args = self.cfg, self.args
@@ -508,20 +524,29 @@ class Trainer:
         dist.all_reduce(t)
         return t.item() / self.world
 
-    def _grad_norm(self) -> torch.Tensor:
-        """Global L2 norm of all gradients, whatever mesh each one lives on."""
+    def _grads_by_mesh(self) -> list[list[torch.Tensor]]:
+        """Gradients grouped by the device mesh they live on (FSDP x TP mixes 1-D and 2-D meshes)."""
         by_mesh: dict[Any, list] = {}
         for p in self.model.parameters():
             if p.grad is not None:
-                key = p.grad.device_mesh if hasattr(p.grad, "device_mesh") else None
-                by_mesh.setdefault(key, []).append(p.grad)
-        total = torch.zeros((), dtype=torch.float32, device=self.device)
-        for grads in by_mesh.values():
+                by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p.grad)
+        return list(by_mesh.values())
+
+    def _clip_grads(self) -> float:
+        """Global L2 norm of all gradients; scales them down to `grad_clip` when it is above."""
+        groups = self._grads_by_mesh()
+        total = 0.0
+        for grads in groups:
             n = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
             if hasattr(n, "full_tensor"):
                 n = n.full_tensor()
-            total = total + n.float() ** 2
-        return total.sqrt()
+            total += n.double().item() ** 2
+        norm = math.sqrt(total)
+        coef = self.cfg.grad_clip / (norm + 1e-6)
+        if math.isfinite(norm) and coef < 1.0:
+            for grads in groups:
+                torch._foreach_mul_(grads, coef)
+        return norm
 
     def train_step(self) -> dict:
         """Forward and backward over grad_accum micro-batches, clip, step (or skip when not finite)."""
@@ -536,28 +561,29 @@ class Trainer:
             loss = self._loss(inputs, targets)
             (loss / self.grad_accum).backward()
             loss_sum += loss.item()
-        grad_norm = self._grad_norm()
-        finite = bool(torch.isfinite(grad_norm).item())  # same on every rank: the norm is global
+        grad_norm = self._clip_grads()
+        finite = math.isfinite(grad_norm)  # the same on every rank: the norm is global
         if finite:
-            torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), cfg.grad_clip, grad_norm, foreach=True)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += cfg.global_batch_tokens
         return {"step": self.step, "loss": self._all_mean(loss_sum / self.grad_accum), "lr": lr,
-                "grad_norm": grad_norm.item(), "skipped": not finite}
+                "grad_norm": grad_norm, "skipped": not finite}
 
     @torch.no_grad()
     def evaluate(self, n_batches: int | None = None) -> dict:
         """Mean loss and perplexity over the first `eval_batches` batches of the validation split
         (the same batches every time)."""
-        n_batches = n_batches or self.cfg.eval_batches
-        loader = self.make_loader(self.cfg, "val", self.dp_rank, self.dp, self.cfg.seed)
-        total = 0.0
-        for _ in range(n_batches):
-            inputs, targets = loader.next()
+        self._ensure_built()
+        n_batches = n_batches or self.cfg.eval_batches or 1
+        if self._val_loader is None:
+            self._val_loader = self.make_loader(self.cfg, "val", self.dp_rank, self.dp, self.cfg.seed)
+        total, n = 0.0, 0
+        for inputs, targets in self._val_loader.iter_eval(n_batches):
             total += self._loss(inputs.to(self.device), targets.to(self.device)).item()
-        val_loss = self._all_mean(total / n_batches)
+            n += 1
+        val_loss = self._all_mean(total / n)
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
     # -- the loop ----------------------------------------------------------------------------
@@ -565,8 +591,7 @@ class Trainer:
     def fit(self, callback: Callable[[dict], None] | None = None) -> dict:
         """Train to `config.steps`; returns {"step", "train_loss", "val_loss", "val_ppl", "history",
         "checkpoint", "export"}. `callback(record)` runs on every rank after each logged step."""
-        if not self._built:
-            self._setup()
+        self._ensure_built()
         cfg = self.cfg
         is_main = self.rank == 0
         out = Path(cfg.out_dir)
@@ -652,6 +677,7 @@ class Trainer:
         return SummaryWriter(str(Path(self.cfg.out_dir) / "tensorboard"))
 
     def model_size(self) -> int:
+        self._ensure_built()
         return sum(p.numel() for p in self.model.parameters())
 
     def resolved_config(self) -> dict:
@@ -693,7 +719,8 @@ class Trainer:
             tmp.mkdir(parents=True)
         self._barrier()
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        with _quiet_single_process():
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=self.mesh is None)
         rank_file = tmp / f"rank_{self.rank:05d}.pt"
         torch.save(self._rank_state(), rank_file)
         _fsync_path(rank_file)
@@ -722,16 +749,18 @@ class Trainer:
         meta = read_checkpoint_meta(ckpt)
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(ckpt))
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=str(ckpt), no_dist=self.mesh is None)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        # the loader position of this dp rank is in the file of (dp_rank, tp_rank 0) of the old layout
-        old_tp = meta["layout"]["tp"]
-        rank_file = ckpt / f"rank_{self.dp_rank * old_tp:05d}.pt"
+        # PackedLoader's position counts samples of the global stream: the same on every rank and
+        # valid for any dp, so any layout resumes from rank 0's file; RNG states need the same layout
+        same_layout = (meta["layout"]["dp"], meta["layout"]["tp"]) == (self.dp, self.tp)
+        rank_file = ckpt / f"rank_{self.rank if same_layout else 0:05d}.pt"
         if not rank_file.is_file():
             raise FileNotFoundError(f"{rank_file} is missing: checkpoint {ckpt} is incomplete")
         rs = torch.load(rank_file, weights_only=True)
         self.train_loader.load_state_dict(rs["loader"])
-        if old_tp == self.tp:  # RNG states belong to ranks; only restored on the same layout
+        if same_layout:
             torch.set_rng_state(rs["torch_rng"])
             random.setstate(_tuples(rs["python_rng"]))
             np.random.set_state(_numpy_rng_from(rs["numpy_rng"]))
@@ -745,8 +774,7 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         from llama.checkpoint import save_meta_checkpoint
 
-        if not self._built:
-            self._setup()
+        self._ensure_built()
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         sd = get_model_state_dict(self.model, options=opts)
         path = None

@@ -5,15 +5,15 @@ import torch
 
 
 class PatternLoader:
-    """Row i of the stream is a sequence with token[t + 1] = (a * token[t] + c) % vocab, its start
-    and (a, c) drawn from a generator seeded by (seed, split, i). Call k on dp rank r returns rows
-    k * batch * dp + r * batch + (0 .. batch - 1)."""
+    """Row i of the stream is a sequence with token[t + 1] = (a * token[t] + 1) % vocab, its start
+    and a (1..3) drawn from a generator seeded by (seed, split, i). Each call reads the next
+    batch * dp rows of the stream; dp rank r takes rows r * batch + (0 .. batch - 1) of them (as llama.data.PackedLoader)."""
 
     def __init__(self, vocab, seq_len, batch_size, dp_rank=0, dp_size=1, seed=0, split="train"):
         self.vocab, self.seq_len, self.batch = vocab, seq_len, batch_size
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self.offset = 0 if split == "train" else 10**6
-        self.calls = 0
+        self.samples = 0  # rows of the global stream consumed: the same on every rank, any dp
 
     def _row(self, i):
         g = torch.Generator().manual_seed(self.seed * 7919 + self.offset + i)
@@ -21,19 +21,26 @@ class PatternLoader:
         x = [int(torch.randint(0, self.vocab, (), generator=g))]
         for _ in range(self.seq_len):
             x.append((a * x[-1] + 1) % self.vocab)
-        return torch.tensor(x)
+        return x
 
     def next(self):
-        first = self.calls * self.batch * self.dp_size + self.dp_rank * self.batch
-        rows = torch.stack([self._row(first + j) for j in range(self.batch)])  # (B, T + 1)
-        self.calls += 1
+        first = self.samples + self.dp_rank * self.batch
+        rows = torch.tensor([self._row(first + j) for j in range(self.batch)])  # (B, T + 1)
+        self.samples += self.batch * self.dp_size
         return rows[:, :-1], rows[:, 1:]
 
+    def iter_eval(self, max_batches):
+        """The first max_batches batches of the stream, whatever the state."""
+        saved, self.samples = self.samples, 0
+        batches = [self.next() for _ in range(max_batches)]
+        self.samples = saved
+        return iter(batches)
+
     def state_dict(self):
-        return {"calls": self.calls}
+        return {"samples": self.samples}
 
     def load_state_dict(self, s):
-        self.calls = s["calls"]
+        self.samples = s["samples"]
 
 
 def make_pattern_loader(cfg, split, dp_rank, dp_size, seed):

@@ -1,0 +1,54 @@
+"""Run under `torchrun --nproc_per_node 2`: trains the tiny model on dp=2 and on tp=2, and a dp=2 run
+stopped at step 2 and resumed, writing every rank-0 loss history to the JSON file argv[2]."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from train_helpers import make_pattern_loader  # noqa: E402
+
+from llama.train import TrainConfig, Trainer  # noqa: E402
+
+
+class Stop(Exception):
+    pass
+
+
+def run(base, out, callback=None, **overrides):
+    cfg = TrainConfig.from_dict(base, out_dir=str(out), **overrides)
+    summary = Trainer(cfg, make_loader=make_pattern_loader).fit(callback)
+    return [r["loss"] for r in summary["history"]], summary
+
+
+def main(work, result_path):
+    torch.set_num_threads(1)
+    base = json.loads((Path(work) / "base.json").read_text())
+    work = Path(work)
+    results = {}
+    results["dp2"], _ = run(base, work / "dp2", dp=2, tp=1)
+    results["tp2"], s = run(base, work / "tp2", dp=1, tp=2)
+    results["tp2_val"] = s["val_loss"]
+    results["dp2_bf16"], _ = run(base, work / "dp2_bf16", dp=2, tp=1, dtype="bf16")
+    results["dp2_selective_ac"], _ = run(base, work / "dp2_ac", dp=2, tp=1, ac="selective")
+
+    def stop_at_2(rec):
+        if rec["step"] == 2:
+            raise Stop
+
+    try:
+        run(base, work / "dp2_resume", dp=2, tp=1, ckpt_every=2, callback=stop_at_2)
+    except Stop:
+        pass
+    results["dp2_resumed"], _ = run(base, work / "dp2_resume", dp=2, tp=1, ckpt_every=2)
+    if dist.get_rank() == 0:
+        Path(result_path).write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
