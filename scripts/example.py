@@ -1,0 +1,113 @@
+"""Complete text with a Meta-layout LLaMA checkpoint, on CPU or GPU, with any number of ranks.
+
+    python scripts/example.py --ckpt_dir 7B --tokenizer_path tokenizer.model
+    torchrun --nproc_per_node 2 scripts/example.py --ckpt_dir 13B --tokenizer_path tokenizer.model \
+        --prompts '["I believe the meaning of life is"]' --max_gen_len 64
+    python scripts/example.py --ckpt_dir 7B --tokenizer_path tokenizer.model --interactive
+
+Prompts come from --prompts (a string or a list), --prompt_file (one per line; blank lines skipped)
+or built-in defaults. Only rank 0 prints.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import fire
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+DEFAULT_PROMPTS = [
+    "I believe the meaning of life is",
+    "Simply put, the theory of relativity states that",
+    "Building a website can be done in 10 simple steps:\n",
+    "def fibonacci(n):\n",
+]
+
+
+def read_prompts(prompts=None, prompt_file: str | None = None) -> list[str]:
+    if prompts is not None and prompt_file is not None:
+        raise ValueError("give --prompts or --prompt_file, not both")
+    if prompt_file is not None:
+        path = Path(prompt_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file {path} does not exist")
+        return [line for line in path.read_text().splitlines() if line.strip()]
+    if prompts is None:
+        return list(DEFAULT_PROMPTS)
+    return [prompts] if isinstance(prompts, str) else [str(p) for p in prompts]
+
+
+def main(ckpt_dir: str, tokenizer_path: str, temperature: float = 0.8, top_p: float = 0.95, top_k: int | None = None,
+         max_seq_len: int = 512, max_batch_size: int = 32, max_gen_len: int = 64, prompts=None,
+         prompt_file: str | None = None, interactive: bool = False, dtype: str | None = None,
+         device: str | None = None, quantize: str | None = None, seed: int = 1, stop=None):
+    from llama.generation import Llama, check_sampling
+    from llama.quantize import quantize as apply_quantization
+
+    check_sampling(temperature, top_p, top_k)
+    if quantize not in (None, "none", "int8"):
+        raise ValueError(f"unknown --quantize {quantize!r}; supported: int8 (or leave it out)")
+    prompt_list = None if interactive else read_prompts(prompts, prompt_file)
+    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                        seed=seed, device=device, dtype=dtype)
+    if quantize == "int8" and llama.world_size > 1:
+        raise ValueError("--quantize int8 runs on one process; launch without torchrun")
+    apply_quantization(llama.model, quantize)
+    main_rank = llama.rank == 0
+    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, max_gen_len=max_gen_len, stop=stop)
+
+    if interactive:
+        _interactive(llama, main_rank, sampling)
+        return
+    results = llama.text_completion(prompt_list, **sampling)
+    if main_rank:
+        for prompt, result in zip(prompt_list, results):
+            print(f"> {prompt}")
+            print(result["generation"])
+            print("\n==================================\n")
+
+
+def _interactive(llama, main_rank: bool, sampling: dict) -> None:
+    """Read a prompt, stream its completion; an empty line or EOF ends. Rank 0 reads and shares the
+    prompt so every rank runs the same generation."""
+    import torch.distributed as dist
+
+    while True:
+        prompt = None
+        if main_rank:
+            try:
+                prompt = input("prompt> ")
+            except EOFError:
+                prompt = ""
+        if llama.world_size > 1:
+            box = [prompt]
+            dist.broadcast_object_list(box, src=0)
+            prompt = box[0]
+        if not prompt:
+            if main_rank:
+                print()
+            return
+        for piece in llama.stream(prompt, **sampling):
+            if main_rank:
+                print(piece, end="", flush=True)
+        if main_rank:
+            print()
+
+
+def cli():
+    import torch.distributed as dist
+
+    try:
+        fire.Fire(main)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    cli()

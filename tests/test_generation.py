@@ -1,0 +1,283 @@
+"""Text completion on one process: against transformers, batch vs one-by-one, sampling by hand,
+stop/eos/logprobs, streaming across split UTF-8 characters, errors, int8 quantization, example.py."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from generation_worker import GEN_LEN, PROMPTS, make_checkpoint, run_all, tiny_args
+from llama.generation import Llama, TextStream, cpu_has_native_bf16, default_dtype, resolve_dtype, sample
+from llama.model import Transformer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory, tiny_tokenizer):
+    """The same random tiny model as a 1-shard and a 2-shard Meta checkpoint."""
+    base = tmp_path_factory.mktemp("gen_ckpt")
+    model = make_checkpoint(base / "one", tiny_tokenizer.model_path, num_shards=1)
+    make_checkpoint(base / "two", tiny_tokenizer.model_path, num_shards=2)
+    return {"one": base / "one", "two": base / "two", "model": model, "tokenizer": str(tiny_tokenizer.model_path)}
+
+
+@pytest.fixture(scope="module")
+def llama(ckpts):
+    return Llama.build(str(ckpts["one"]), ckpts["tokenizer"], max_seq_len=64, max_batch_size=3, dtype="float32")
+
+
+def hf_greedy(model: Transformer, prompt_ids: list[list[int]], n: int, eos: int) -> list[list[int]]:
+    """transformers' greedy generate, one prompt at a time (no padding), on `model`'s weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llama.hf import hf_config, to_hf
+
+    cfg = LlamaConfig(**hf_config(model.args, torch.float32))
+    hf = LlamaForCausalLM(cfg).eval()
+    hf.load_state_dict(to_hf(model.state_dict(), model.args), strict=True)
+    out = []
+    for ids in prompt_ids:
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            y = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n,
+                            eos_token_id=eos, pad_token_id=eos)
+        gen = y[0, len(ids):].tolist()
+        out.append(gen[:gen.index(eos)] if eos in gen else gen)
+    return out
+
+
+def test_greedy_equals_transformers_and_one_by_one(llama, ckpts):
+    ids = [llama.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
+    assert len({len(i) for i in ids}) > 2  # ragged on purpose; 5 prompts > max_batch_size 3
+    batched, _ = llama.generate(ids, GEN_LEN, temperature=0)
+    alone = [llama.generate([i], GEN_LEN, temperature=0)[0][0] for i in ids]
+    assert batched == alone
+    assert batched == hf_greedy(ckpts["model"], ids, GEN_LEN, llama.tokenizer.eos_id)
+    assert any(len(set(b)) > 3 for b in batched)  # not a degenerate repetition of one token
+
+
+def test_two_shards_on_one_process_equal_one_shard(llama, ckpts):
+    two = Llama.build(str(ckpts["two"]), ckpts["tokenizer"], max_seq_len=64, max_batch_size=3, dtype="float32")
+    assert run_all(two) == run_all(llama)
+
+
+def test_sampling_by_hand():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
+    assert sample(logits, 0.0).tolist() == [0] * 4000
+    assert set(sample(logits, 1.0, top_k=1, generator=g).tolist()) == {0}
+    # top_p 0.5: the prefix {0} already has mass 0.5; 0.6 needs {0, 1}; renormalised 5/8, 3/8
+    assert set(sample(logits, 1.0, top_p=0.5, generator=g).tolist()) == {0}
+    s = sample(logits, 1.0, top_p=0.6, generator=g)
+    assert set(s.tolist()) == {0, 1}
+    assert abs((s == 0).float().mean().item() - 5 / 8) < 0.03
+    # top_k 3 then renormalise: 0.5/0.95, 0.3/0.95, 0.15/0.95
+    s = sample(logits, 1.0, top_k=3, generator=g)
+    freq = torch.bincount(s, minlength=4).float() / len(s)
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95, atol=0.03, rtol=0)
+    # temperature 2 flattens: p ~ sqrt(p) renormalised
+    s = sample(logits, 2.0, generator=g)
+    want = torch.tensor([0.5, 0.3, 0.15, 0.05]).sqrt()
+    torch.testing.assert_close(torch.bincount(s, minlength=4).float() / len(s), want / want.sum(), atol=0.03, rtol=0)
+
+
+def test_seeded_sampling_is_reproducible(llama):
+    llama.generator.manual_seed(5)
+    a = llama.text_completion(PROMPTS[:2], temperature=1.0, top_p=0.95, max_gen_len=8)
+    llama.generator.manual_seed(5)
+    b = llama.text_completion(PROMPTS[:2], temperature=1.0, top_p=0.95, max_gen_len=8)
+    assert a == b
+
+
+def test_logprobs_echo_and_full_forward(llama):
+    out = llama.text_completion(PROMPTS[:3], temperature=0, max_gen_len=6, logprobs=True, echo=True)
+    model = llama.model
+    for p, o in zip(PROMPTS[:3], out):
+        ids = llama.tokenizer.encode(p, bos=True, eos=False)
+        gen = llama.generate([ids], 6, temperature=0)[0][0]
+        full = torch.tensor([ids + gen])
+        with torch.no_grad():
+            ref = torch.log_softmax(model(full).float(), -1)[0, :-1].gather(-1, full[0, 1:, None])[:, 0]
+        assert len(o["logprobs"]) == len(ids) + len(gen) == len(o["tokens"])
+        assert o["logprobs"][0] == 0.0  # bos has no logprob
+        torch.testing.assert_close(torch.tensor(o["logprobs"][1:]), ref, atol=1e-4, rtol=0)
+        assert o["generation"] == llama.tokenizer.decode(ids + gen)
+    # without echo: only the generated tokens, and each logprob is the greedy maximum
+    o = llama.text_completion(PROMPTS[:1], temperature=0, max_gen_len=6, logprobs=True)[0]
+    assert len(o["logprobs"]) == 6 and all(lp < 0 for lp in o["logprobs"])
+
+
+class _EosAt:
+    """The tokenizer with eos redefined as a given id, to force an early end."""
+
+    def __init__(self, tok, eos_id):
+        self.tok, self.eos_id = tok, eos_id
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def test_eos_stop_strings_and_max_gen_len(llama):
+    tok = llama.tokenizer
+    ids = [tok.encode(p, bos=True, eos=False) for p in PROMPTS[:3]]
+    greedy = llama.generate(ids, GEN_LEN, temperature=0)[0]
+    # eos: the 4th greedy token of row 0 becomes "eos"; row 0 is cut there, the others go on
+    forced = Llama(llama.model, _EosAt(tok, greedy[0][3]), 64, 3)
+    cut = forced.generate(ids, GEN_LEN, temperature=0)[0]
+    assert cut[0] == greedy[0][:3]
+    for i in (1, 2):
+        g = greedy[i]
+        assert cut[i] == (g[:g.index(greedy[0][3])] if greedy[0][3] in g else g)
+    # stop string: a piece of row 1's greedy text; the generation ends right before it
+    text = tok.decode(greedy[1])
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    res = llama.text_completion(PROMPTS[1:2], temperature=0, max_gen_len=GEN_LEN, stop=[stop, "\x00never"])
+    assert res[0]["generation"] == text[:text.index(stop)]
+    assert "".join(llama.stream(PROMPTS[1], temperature=0, max_gen_len=GEN_LEN, stop=stop)) == text[:text.index(stop)]
+    # max_gen_len: exactly that many tokens (no eos in sight), and up to max_seq_len by default
+    assert [len(t) for t in llama.generate(ids, 4, temperature=0)[0]] == [4, 4, 4]
+    row = llama.generate(ids[:1], 1000, temperature=0)[0][0]
+    assert len(ids[0]) + len(row) == 64 or tok.eos_id in greedy[0]
+
+
+def test_stream_equals_completion(llama):
+    full = llama.text_completion(PROMPTS[2:3], temperature=0, max_gen_len=GEN_LEN)[0]["generation"]
+    pieces = list(llama.stream(PROMPTS[2], temperature=0, max_gen_len=GEN_LEN))
+    assert "".join(pieces) == full and len(pieces) > 1
+
+
+def test_stream_text_across_split_utf8(tiny_tokenizer):
+    text = "déjà vu: naïve café, 日本語 and ✓ emoji 🦙 end"
+    ids = tiny_tokenizer.encode(text, bos=False, eos=False)
+    n_byte = sum(tiny_tokenizer.sp.is_byte(i) for i in ids)
+    assert n_byte >= 8  # the characters fall back to byte pieces, split over several tokens
+    s = TextStream(tiny_tokenizer)
+    pieces = [s.push([i]) for i in ids] + [s.finish()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert sum(p == "" for p in pieces) >= 5  # held back while a character was incomplete
+    # a stop string is never shown, even when it arrives split over tokens
+    s = TextStream(tiny_tokenizer, stop=["日本"])
+    shown = "".join(s.push([i]) for i in ids) + s.finish()
+    assert shown == text[:text.index("日本")] and s.stopped
+
+
+def test_bad_inputs_are_clear_errors(llama, ckpts, tmp_path, tiny_tokenizer):
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        llama.text_completion(["a"], temperature=-0.1)
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+        llama.text_completion(["a"], top_p=0)
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+        llama.text_completion(["a"], top_p=1.5)
+    with pytest.raises(ValueError, match="top_k must be a positive integer"):
+        llama.text_completion(["a"], top_k=0)
+    with pytest.raises(ValueError, match="prompt 1 has .* tokens.*max_seq_len 64"):
+        llama.text_completion(["a", "the " * 80])
+    with pytest.raises(ValueError, match="list of strings"):
+        llama.text_completion("a")
+    with pytest.raises(FileNotFoundError, match="checkpoint directory .*nope does not exist"):
+        Llama.build(str(tmp_path / "nope"), ckpts["tokenizer"], 64, 1)
+    with pytest.raises(FileNotFoundError, match="tokenizer model .*nope.model does not exist"):
+        Llama.build(str(ckpts["one"]), str(tmp_path / "nope.model"), 64, 1)
+    with pytest.raises(ValueError, match="unknown dtype 'f32'; choose one of .*bf16"):
+        Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 64, 1, dtype="f32")
+    with pytest.raises(ValueError, match="model_parallel_size 2 != 1 process"):
+        Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 64, 1, model_parallel_size=2)
+    # a checkpoint whose vocabulary is not the tokenizer's
+    make_checkpoint(tmp_path / "v", ckpts["tokenizer"], vocab_size=256)
+    with pytest.raises(ValueError, match="has 512 tokens but the model .* has vocab_size 256"):
+        Llama.build(str(tmp_path / "v"), ckpts["tokenizer"], 64, 1)
+
+
+def test_default_device_and_dtype():
+    assert resolve_dtype("bf16", "cpu") is torch.bfloat16 and resolve_dtype("float32", "cpu") is torch.float32
+    assert resolve_dtype("fp16", "cpu") is torch.float16 and resolve_dtype(torch.float64, "cpu") is torch.float64
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    assert cpu_has_native_bf16() == native
+    assert default_dtype("cpu") == (torch.bfloat16 if native else torch.float32)
+
+
+# --- int8 weight-only quantization ------------------------------------------------------------
+
+
+def test_int8_halves_weight_bytes_and_stays_close():
+    from llama.quantize import Int8Embedding, Int8Linear, quantize_int8, weight_bytes
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_args(dim=128, n_layers=2, vocab_size=512)).to(torch.bfloat16).eval()
+    model.init_weights(std=0.08)
+    ref = Transformer(model.args).to(torch.bfloat16).eval()
+    ref.load_state_dict(model.state_dict())
+    bf16_bytes = weight_bytes(ref)
+    quantize_int8(model)
+    assert all(not isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert sum(isinstance(m, (Int8Linear, Int8Embedding)) for m in model.modules()) == 2 * 7 + 2
+    assert model.layers[0].attention.wq.weight.dtype == torch.int8
+    ratio = weight_bytes(model) / bf16_bytes
+    assert 0.5 <= ratio < 0.53, ratio  # int8 weights + one bf16 scale per output row, norms as they were
+    # dequantized weights are within half a quantization step of the originals
+    w, q = ref.layers[1].feed_forward.w2.weight.float(), model.layers[1].feed_forward.w2
+    err = (q.weight.float() * q.scales.float()[:, None] - w).abs()
+    assert (err <= q.scales.float()[:, None] * 0.5 + 1e-2 * w.abs()).all()
+    # next-token distributions on random prompts: small KL from the bf16 model
+    tokens = torch.randint(0, 512, (4, 32))
+    with torch.no_grad():
+        p = torch.log_softmax(ref(tokens).float(), -1)
+        q_ = torch.log_softmax(model(tokens).float(), -1)
+    kl = (p.exp() * (p - q_)).sum(-1)  # (B, T)
+    assert kl.mean() < 2e-3 and kl.max() < 2e-2, (kl.mean(), kl.max())
+    # and measurably different from no quantization at all, so the test can fail
+    assert kl.mean() > 0
+
+
+def test_int8_generation_through_build(ckpts):
+    from llama.quantize import quantize_int8
+
+    fp = Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 64, 3, dtype="bf16")
+    q = Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 64, 3, dtype="bf16")
+    quantize_int8(q.model)
+    ids = [fp.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS[:3]]
+    a, b = fp.generate(ids, 6, temperature=0)[0], q.generate(ids, 6, temperature=0)[0]
+    same = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+    assert same >= 0.6 * sum(map(len, a))  # greedy text mostly unchanged on a random model
+
+
+# --- scripts/example.py end to end ---------------------------------------------------------------
+
+
+def _example(*args, env=None, launcher=(sys.executable,)):
+    return subprocess.run([*launcher, str(ROOT / "scripts" / "example.py"), *args], capture_output=True, text=True,
+                          timeout=180, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def test_example_script_end_to_end(ckpts, tmp_path):
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("The\n\nthey were her one\n")
+    r = _example("--ckpt_dir", str(ckpts["two"]), "--tokenizer_path", ckpts["tokenizer"], "--prompt_file",
+                 str(prompt_file), "--temperature", "0", "--max_gen_len", "8", "--max_seq_len", "64",
+                 "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    ids = [[1] + Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 64, 2, dtype="float32").tokenizer.encode(p, False, False)
+           for p in ("The", "they were her one")]
+    ref = Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 64, 2, dtype="float32")
+    want = [ref.tokenizer.decode(t) for t in ref.generate(ids, 8, temperature=0)[0]]
+    for w in want:
+        assert w in r.stdout
+    assert r.stdout.count("> The") == 1 and r.stdout.count("> they were her one") == 1
+    # interactive: streams, then quits on EOF; int8 runs through the same path
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "example.py"), "--ckpt_dir", str(ckpts["one"]),
+                        "--tokenizer_path", ckpts["tokenizer"], "--interactive", "--temperature", "0",
+                        "--max_gen_len", "8", "--max_seq_len", "64", "--quantize", "int8"],
+                       input="The\n", capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    # bad path and bad option: one clear sentence, exit code 1, no traceback
+    r = _example("--ckpt_dir", str(tmp_path / "missing"), "--tokenizer_path", ckpts["tokenizer"])
+    assert r.returncode == 1 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    r = _example("--ckpt_dir", str(ckpts["one"]), "--tokenizer_path", ckpts["tokenizer"], "--quantize", "int4")
+    assert r.returncode == 1 and "int8" in r.stderr and "Traceback" not in r.stderr
