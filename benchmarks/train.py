@@ -1,0 +1,174 @@
+"""Training-step speed: ours (the trainer's real step) vs transformers' LlamaForCausalLM, one process.
+
+    python benchmarks/train.py                      # 60M preset, batch 4 x 512, bf16 autocast
+    python benchmarks/train.py --hf_compile=True    # also transformers under torch.compile
+
+A step is forward, backward, gradient clipping, AdamW step and zero_grad, for the same weights, batch
+and dtype policy (fp32 master weights, bf16 compute under torch.autocast, fp32 loss). Ours is
+`llama.train.Trainer.train_step` on synthetic tokens. Rows are timed in turns and each keeps its
+best of `repeats` steps (other processes share the cores); the bf16 peak is the best of square
+matmuls timed between the rows. MFU = (6 N + 12 L d T) * tokens/s / peak.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import fire
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from llama.hf import hf_config, to_hf  # noqa: E402
+from llama.speed import adamw_kwargs, compiled_cross_entropy, cross_entropy  # noqa: E402
+from llama.train import TrainConfig, Trainer, flops_per_token, param_groups  # noqa: E402
+
+
+class SyntheticLoader:
+    """The same (inputs, targets) batch every step, in the shape of `llama.data.PackedLoader`."""
+
+    def __init__(self, vocab_size: int, batch_size: int, seq_len: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=g)
+        self.inputs, self.targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+    def next(self):
+        return self.inputs, self.targets
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def matmul_flops(n: int = 4096, seconds: float = 0.5, dtype=torch.bfloat16) -> float:
+    """Best FLOP/s of an (n, n) @ (n, n) matmul over `seconds`."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
+    return best
+
+
+def build_ours(model: str, batch_size: int, seq_len: int, dtype: str, compile: bool, ac: str, tmp: Path,
+               fast_loss: bool, fused_adamw: bool) -> Trainer:
+    """The trainer, set up for one process on synthetic data. With `fast_loss` / `fused_adamw` its loss
+    and optimizer are swapped for llama.speed's (what the trainer should default to)."""
+    (tmp / "data").mkdir()
+    (tmp / "data" / "synthetic").write_text("tokens come from SyntheticLoader\n")
+    cfg = TrainConfig(model=model, data=str(tmp / "data"), out_dir=str(tmp / "run"), steps=10 ** 6,
+                      warmup_steps=10, seq_len=seq_len, micro_batch_size=batch_size,
+                      global_batch_tokens=batch_size * seq_len, dtype=dtype, ac=ac, compile=compile,
+                      device="cpu", peak_flops=1.0, eval_every=0, eval_batches=0, progress=False,
+                      tensorboard=False, resume="never")
+    vocab = cfg.model_args().vocab_size
+    trainer = Trainer(cfg, make_loader=lambda c, split, r, n, seed: SyntheticLoader(vocab, batch_size, seq_len))
+    trainer._setup()
+    if fast_loss:
+        def loss(inputs, targets):
+            with trainer._autocast():
+                logits = trainer.model(inputs)
+            return compiled_cross_entropy(logits, targets)
+        trainer._loss = loss
+    if fused_adamw:
+        trainer.optimizer = torch.optim.AdamW(param_groups(trainer.model, cfg.weight_decay), lr=cfg.lr,
+                                              betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **adamw_kwargs("cpu"))
+    return trainer
+
+
+def build_hf(ours: torch.nn.Module, args, trainer: Trainer, dtype: str, compile: bool, fused_adamw: bool):
+    """transformers' LlamaForCausalLM with our weights (its default sdpa attention) and a step with
+    the trainer's recipe: autocast, fp32 loss, clip 1.0, the same AdamW."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{k: v for k, v in hf_config(args, torch.float32).items() if k != "architectures"})
+    hf = LlamaForCausalLM(config)
+    hf.load_state_dict(to_hf(ours.state_dict(), args), strict=True)
+    cfg = trainer.cfg
+    impl = adamw_kwargs("cpu") if fused_adamw else {}
+    opt = torch.optim.AdamW(param_groups(hf, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                            eps=cfg.eps, **impl)
+    forward = torch.compile(hf) if compile else hf
+    loss_fn = compiled_cross_entropy if compile else cross_entropy
+    loader = trainer.train_loader
+    amp = torch.bfloat16 if dtype == "bf16" else torch.float32
+
+    def step():
+        inputs, targets = loader.next()
+        with torch.autocast("cpu", dtype=amp, enabled=amp != torch.float32):
+            logits = forward(input_ids=inputs).logits  # (B, T, vocab)
+        loss = loss_fn(logits, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), cfg.grad_clip, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return hf, step
+
+
+def main(model: str = "60M", batch_size: int = 4, seq_len: int = 512, dtype: str = "bf16", compile: bool = True,
+         ac: str = "none", fast_loss: bool = True, fused_adamw: bool = True, hf_compile: bool = False,
+         repeats: int = 4, threads: int = 0, json_out: str = ""):
+    """Time one training step of ours and of transformers; print a table of tokens/s, ratio and MFU."""
+    if threads:
+        torch.set_num_threads(threads)
+    from tqdm import tqdm
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    trainer = build_ours(model, batch_size, seq_len, dtype, compile, ac, tmp, fast_loss, fused_adamw)
+    args = trainer.args
+    tokens = batch_size * seq_len
+    flops_tok = flops_per_token(args, seq_len)
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    _, hf_step = build_hf(trainer.model, args, trainer, dtype, False, fused_adamw)
+    rows = {"ours": lambda: trainer.train_step()["loss"], "transformers": hf_step}
+    if hf_compile:
+        rows["transformers (compiled)"] = build_hf(trainer.model, args, trainer, dtype, True, fused_adamw)[1]
+
+    # warm up (compilation, allocator) and check that both compute the same loss
+    first = {}
+    for name, step in tqdm(rows.items(), desc="warm-up", leave=False):
+        first[name] = step()
+        step()
+    best = {name: float("inf") for name in rows}
+    peak = 0.0
+    for _ in tqdm(range(repeats), desc="timing", leave=False):
+        peak = max(peak, matmul_flops())
+        for name, step in rows.items():
+            t0 = time.perf_counter()
+            step()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    peak = max(peak, matmul_flops())
+
+    base = tokens / best["transformers"]
+    result = {"model": model, "params": n_params, "batch": [batch_size, seq_len], "dtype": dtype,
+              "compile": compile, "ac": ac, "fast_loss": fast_loss, "fused_adamw": fused_adamw,
+              "peak_tflops": peak / 1e12, "first_loss": first, "rows": {}}
+    print(f"\n{model}: {n_params / 1e6:.1f}M parameters, batch {batch_size} x {seq_len} = {tokens} tokens, "
+          f"{dtype} autocast over fp32 master weights, {torch.get_num_threads()} threads")
+    print(f"ours: compile={compile} ac={ac} compiled loss={fast_loss} fused AdamW={fused_adamw}; "
+          f"FLOPs/token {flops_tok / 1e6:.1f}M; bf16 matmul peak {peak / 1e9:.0f} GFLOP/s")
+    print(f"first losses: " + ", ".join(f"{k} {v:.4f}" for k, v in first.items()))
+    print("| row | step s | tokens/s | vs transformers | MFU |")
+    print("|---|---|---|---|---|")
+    for name, t in best.items():
+        tps = tokens / t
+        mfu = tps * flops_tok / peak
+        result["rows"][name] = {"step_s": t, "tokens_per_s": tps, "ratio": tps / base, "mfu": mfu}
+        print(f"| {name} | {t:.2f} | {tps:.0f} | {tps / base:.2f}x | {100 * mfu:.1f}% |")
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+    return None
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
