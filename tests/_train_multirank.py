@@ -1,7 +1,8 @@
 """Run under `torchrun --nproc_per_node 2`: trains the tiny model on dp=2 and on tp=2, and a dp=2 run
-stopped at step 2 and resumed, writing every rank-0 loss history to the JSON file argv[2]."""
+stopped at step 2 and resumed (on dp=2, and on tp=2), writing every rank-0 loss history to the JSON file argv[2]."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -30,9 +31,10 @@ def main(work, result_path):
     base = json.loads((Path(work) / "base.json").read_text())
     work = Path(work)
     results = {}
-    results["dp2"], _ = run(base, work / "dp2", dp=2, tp=1)
+    results["dp2"], s = run(base, work / "dp2", dp=2, tp=1, export_dir=str(work / "dp2_meta"))
+    results["dp2_ckpt"] = s["checkpoint"]
     results["tp2"], s = run(base, work / "tp2", dp=1, tp=2)
-    results["tp2_val"] = s["val_loss"]
+    results["tp2_val"], results["tp2_ckpt"] = s["val_loss"], s["checkpoint"]
     results["dp2_bf16"], _ = run(base, work / "dp2_bf16", dp=2, tp=1, dtype="bf16")
     results["dp2_selective_ac"], _ = run(base, work / "dp2_ac", dp=2, tp=1, ac="selective")
 
@@ -44,7 +46,12 @@ def main(work, result_path):
         run(base, work / "dp2_resume", dp=2, tp=1, ckpt_every=2, callback=stop_at_2)
     except Stop:
         pass
+    # a copy of the step-2 checkpoint resumes on another layout
+    if dist.get_rank() == 0:
+        shutil.copytree(work / "dp2_resume", work / "dp2_to_tp2")
+    dist.barrier()
     results["dp2_resumed"], _ = run(base, work / "dp2_resume", dp=2, tp=1, ckpt_every=2)
+    results["dp2_to_tp2"], _ = run(base, work / "dp2_to_tp2", dp=1, tp=2, ckpt_every=2)
     if dist.get_rank() == 0:
         Path(result_path).write_text(json.dumps(results))
     dist.destroy_process_group()
