@@ -380,7 +380,11 @@ class Trainer:
                 raise ValueError(f"checkpoint {self.resume_from} was trained with global batches of {old_batch} "
                                  f"sequences and this run has {cfg.global_batch_tokens // cfg.seq_len}: the step "
                                  f"count and data position would not match; keep global_batch_tokens and seq_len")
-            self._resume_meta = meta
+        # the mesh is (dp, tp) with tp innermost: this rank's coordinates, known before any process group
+        rank = int(os.environ.get("RANK", 0)) if world > 1 else 0
+        self.dp_rank, self.tp_rank = rank // cfg.tp, rank % cfg.tp
+        # opening the data checks its metadata, tokenizer and size before the model is built
+        self.train_loader = self.make_loader(cfg, "train", self.dp_rank, self.dp, cfg.seed)
         self._built = False
         self._val_loader = None
         self.history: list[dict] = []
@@ -446,12 +450,10 @@ class Trainer:
         self.compute_dtype = DTYPES[cfg.dtype]
 
         self.mesh = None
-        self.dp_rank, self.tp_rank = 0, 0
         if world > 1:
             from llama.parallel import build_mesh
             self.mesh = build_mesh(self.dp, self.tp, dev_type)
-            self.dp_rank = self.mesh["dp"].get_local_rank()
-            self.tp_rank = self.mesh["tp"].get_local_rank()
+            assert (self.dp_rank, self.tp_rank) == (self.mesh["dp"].get_local_rank(), self.mesh["tp"].get_local_rank())
 
         # every rank seeds alike, so a full init gives identical weights everywhere
         torch.manual_seed(cfg.seed)
@@ -461,7 +463,6 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=lr_at(0, cfg),
                                            betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                            foreach=dev_type == "cuda" or None)
-        self.train_loader = self.make_loader(cfg, "train", self.dp_rank, self.dp, cfg.seed)
         self.step = 0
         self.tokens_seen = 0
         self.flops_per_token = flops_per_token(args, cfg.seq_len)

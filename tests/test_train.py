@@ -124,6 +124,10 @@ def test_bad_input_stops_before_any_work(tmp_path, data_dir, monkeypatch):
     for kw, exc, msg in cases:
         with pytest.raises(exc, match=msg):
             Trainer(tiny_cfg(tmp_path, data_dir, **kw), make_loader=make_pattern_loader)
+    # with the real loader, a directory that scripts/prepare_data.py did not write
+    (empty / "notes.txt").write_text("hello")
+    with pytest.raises(FileNotFoundError, match="empty is not a prepared dataset"):
+        Trainer(tiny_cfg(tmp_path, empty))
     assert not built
 
 
