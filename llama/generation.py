@@ -9,6 +9,7 @@ generator is seeded identically everywhere and rank 0's choice is broadcast for 
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from llama.model import KVCache, Transformer
+from llama.model import KVCache, Transformer, apply_rotary_emb
 from llama.parallel import check_tp_degree, init_distributed, launched_with_torchrun
 
 DTYPES = {
@@ -161,6 +162,46 @@ def _find_stop(text: str, stop: Sequence[str], start: int = 0) -> Optional[int]:
 # building
 
 
+# ---------------------------------------------------------------------------------------------
+# a static-shape decode step (for torch.compile)
+
+
+def static_decode_step(model: Transformer, tokens: torch.Tensor, pos: torch.Tensor, cache_k: torch.Tensor,
+                       cache_v: torch.Tensor) -> torch.Tensor:
+    """One decoding step of `model` with fixed shapes: (B, 1) ids at position `pos` (a (1,) long
+    tensor) -> (B, vocab) float logits, writing keys/values into the (L, B_max, S, Hkv, D) cache.
+
+    The same math as `Transformer.forward(tokens, start_pos, cache)`, but attention runs over the
+    whole cache with positions > pos masked out, and the position is a tensor, so every step has
+    the same shapes and a compiled graph serves all of them (no recompiles, no slicing by Python
+    ints). Used by `Llama.compile()`; tested against the model's own forward.
+    """
+    bsz = tokens.size(0)
+    max_len = cache_k.size(2)
+    h = model.tok_embeddings(tokens)  # (B, 1, dim)
+    freqs_cis = model.freqs_cis.index_select(0, pos)  # (1, D/2, 2)
+    hidden = torch.arange(max_len, device=tokens.device) > pos  # (S,) not written yet
+    bias = torch.zeros(max_len, device=tokens.device).masked_fill(hidden, float("-inf"))  # (S,)
+    for i, layer in enumerate(model.layers):
+        attn = layer.attention
+        x = layer.attention_norm(h)
+        hd = attn.head_dim
+        xq = attn.wq(x).view(bsz, 1, -1, hd)  # (B, 1, H, D)
+        xk = attn.wk(x).view(bsz, 1, -1, hd)  # (B, 1, Hkv, D)
+        xv = attn.wv(x).view(bsz, 1, -1, hd)
+        xq, xk = apply_rotary_emb(xq, freqs_cis), apply_rotary_emb(xk, freqs_cis)
+        keys, values = cache_k[i, :bsz], cache_v[i, :bsz]  # (B, S, Hkv, D) views
+        keys.index_copy_(1, pos, xk)
+        values.index_copy_(1, pos, xv)
+        n_kv = keys.size(2)
+        q = xq.view(bsz, n_kv, -1, hd).float()  # (B, Hkv, rep, D): rep query heads per kv head
+        scores = torch.einsum("bgrd,bsgd->bgrs", q, keys.float()) / math.sqrt(hd) + bias  # (B, Hkv, rep, S)
+        out = torch.einsum("bgrs,bsgd->bgrd", scores.softmax(dim=-1), values.float())  # (B, Hkv, rep, D)
+        h = h + attn.wo(out.reshape(bsz, 1, -1).type_as(h))
+        h = h + layer.feed_forward(layer.ffn_norm(h))
+    return model.output(model.norm(h))[:, 0].float()  # (B, vocab)
+
+
 def _check_paths(ckpt_dir, tokenizer_path) -> None:
     if not Path(ckpt_dir).is_dir():
         raise FileNotFoundError(f"checkpoint directory {ckpt_dir} does not exist; pass --ckpt_dir pointing "
@@ -281,11 +322,27 @@ class Llama:
                                             n_kv_heads=n_kv_local, device=self.device, dtype=self.dtype)
         return self._cache
 
+    def compile(self, static: bool = True, compile: bool = True, **compile_options) -> "Llama":
+        """Decode with `static_decode_step` (fixed shapes), compiled by torch.compile unless
+        compile=False. Prefill stays eager. Call it again with static=False to undo."""
+        if not static:
+            self._decode_step = None
+            return self
+        step = static_decode_step
+        if compile:
+            if self.world_size > 1:
+                raise ValueError("Llama.compile() runs on one process; tensor-parallel decoding stays eager")
+            step = torch.compile(step, fullgraph=True, dynamic=False, **compile_options)
+        self._decode_step = step
+        return self
+
     def _forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         """(B, T) ids at positions start_pos.. -> (B, T, vocab) float logits, filling the cache."""
+        cache = self.kv_cache()
         if self._decode_step is not None and tokens.size(1) == 1:
-            return self._decode_step(tokens, start_pos)
-        return self.model(tokens, start_pos, self.kv_cache()).float()
+            pos = torch.tensor([start_pos], device=self.device)
+            return self._decode_step(self.model, tokens, pos, cache.k, cache.v)[:, None]
+        return self.model(tokens, start_pos, cache).float()
 
     def _sample(self, logits, temperature, top_p, top_k) -> torch.Tensor:
         nxt = sample(logits, temperature, top_p, top_k, self.generator)

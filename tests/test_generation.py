@@ -281,3 +281,34 @@ def test_example_script_end_to_end(ckpts, tmp_path):
     assert r.returncode == 1 and "does not exist" in r.stderr and "Traceback" not in r.stderr
     r = _example("--ckpt_dir", str(ckpts["one"]), "--tokenizer_path", ckpts["tokenizer"], "--quantize", "int4")
     assert r.returncode == 1 and "int8" in r.stderr and "Traceback" not in r.stderr
+
+
+# --- the static-shape decode step used by Llama.compile() ----------------------------------------
+
+
+def test_static_decode_step_equals_model_forward():
+    from llama.generation import static_decode_step
+    from llama.model import KVCache
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_args(n_kv_heads=2)).eval()  # grouped-query: 2 query heads per kv head
+    model.init_weights(std=0.08)
+    tokens = torch.randint(0, 512, (3, 12))
+    with torch.no_grad():
+        full = model(tokens).float()  # (B, T, V) without any cache
+        cache = KVCache.for_model(model, 4, 32)
+        model(tokens[:, :5], 0, cache)
+        for t in range(5, 12):
+            step = static_decode_step(model, tokens[:, t:t + 1], torch.tensor([t]), cache.k, cache.v)
+            torch.testing.assert_close(step, full[:, t], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_decoding_gives_the_same_tokens(llama):
+    ids = [llama.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS[:3]]
+    want = llama.generate(ids, GEN_LEN, temperature=0)[0]
+    try:
+        assert llama.compile(compile=False).generate(ids, GEN_LEN, temperature=0)[0] == want
+        assert llama.compile().generate(ids, GEN_LEN, temperature=0)[0] == want
+    finally:
+        llama.compile(static=False)

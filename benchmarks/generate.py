@@ -1,0 +1,152 @@
+"""Generation speed: our Llama vs transformers' LlamaForCausalLM on the same weights, one process.
+
+For each dtype and batch size: time to first token (prefill of a P-token prompt + first sample),
+prefill tokens/s, decode tokens/s (greedy, N new tokens, the first excluded), and batch-1 decode
+as a percentage of the memory-bandwidth ceiling measured in the same run: bandwidth (a sum over a
+256 MB tensor) / bytes read per decoded token (every weight but the embedding table, plus the KV
+cache of the positions attended). Runs alternate between the two implementations and the best of
+`repeats` is kept, since the machine is shared.
+
+    python benchmarks/generate.py                       # 160M preset, bf16 and fp32, batch 1 and 8
+    python benchmarks/generate.py --model 60M --dtypes bf16 --batches 1 --compile
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import fire
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from llama.generation import Llama, resolve_dtype  # noqa: E402
+from llama.hf import hf_config, to_hf  # noqa: E402
+from llama.model import ModelArgs, Transformer  # noqa: E402
+
+
+class _NoEos:
+    """Token-level benchmarking needs no text: eos never occurs, so every row runs to max_gen_len."""
+
+    eos_id = -100
+
+
+def measure_bandwidth_gbs(mb: int = 256, repeats: int = 5) -> float:
+    x = torch.ones(mb * 2**20 // 4, dtype=torch.float32)  # touched, so the pages are real
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
+def _best(f, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_len: int = 128, new_tokens: int = 64,
+         repeats: int = 3, compile: bool = False, threads: int | None = None, out: str | None = None):
+    if threads:
+        torch.set_num_threads(threads)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dtypes = [dtypes] if isinstance(dtypes, str) else list(dtypes)
+    batches = [batches] if isinstance(batches, int) else list(batches)
+    args = ModelArgs.from_name(model, max_seq_len=prompt_len + new_tokens)
+    torch.manual_seed(0)
+    base = Transformer(args).eval().requires_grad_(False)
+    n_params = base.num_params()
+    bw = measure_bandwidth_gbs()
+    print(f"model {model} ({n_params / 1e6:.0f}M params), prompt {prompt_len}, new {new_tokens}, "
+          f"threads {torch.get_num_threads()}, bandwidth {bw:.1f} GB/s (sum over 256 MB)", flush=True)
+    rows = []
+    for dt_name in dtypes:
+        dtype = resolve_dtype(dt_name, "cpu")
+        ours = Transformer(args).to(dtype).eval().requires_grad_(False)
+        ours.load_state_dict({k: v.to(dtype) for k, v in base.state_dict().items()})
+        hf = LlamaForCausalLM(LlamaConfig(**hf_config(args, dtype))).to(dtype).eval()
+        hf.load_state_dict({k: v.to(dtype) for k, v in to_hf(base.state_dict(), args).items()})
+        variants = {"ours": False} | ({"ours+compile": True} if compile else {})
+        weight_bytes = sum(p.numel() * p.element_size() for k, p in ours.named_parameters() if "tok_embeddings" not in k)
+        for bsz in batches:
+            llama = Llama(ours, _NoEos(), args.max_seq_len, bsz)
+            prompts = torch.randint(3, args.vocab_size, (bsz, prompt_len))
+            ids = prompts.tolist()
+            # KV bytes read per step: keys and values of every layer, averaged over the decoded positions
+            kv_bytes = 2 * args.n_layers * bsz * (prompt_len + new_tokens / 2) * args.n_kv_heads * args.head_dim * dtype.itemsize
+
+            def ours_run(n):
+                return llama.generate(ids, n, temperature=0.0)
+
+            def hf_run(n):
+                with torch.inference_mode():
+                    return hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                                       max_new_tokens=n, min_new_tokens=n, pad_token_id=0, eos_token_id=None)
+
+            # correctness guard: both implementations produce the same greedy tokens (fp32)
+            a, b = ours_run(8)[0], hf_run(8)[:, prompt_len:].tolist()
+            agree = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)) / (8 * bsz)
+            results = {}
+            for name, use_compile in [*variants.items(), ("transformers", None)]:
+                if use_compile is not None:
+                    llama.compile(static=use_compile)
+                    run = ours_run
+                else:
+                    run = hf_run
+                run(2)  # warm-up (and compile)
+                results[name] = [run, None, None]
+            for _ in range(repeats):  # alternate implementations so background load hits all alike
+                for name, r in results.items():
+                    if name.startswith("ours"):
+                        llama.compile(static=name == "ours+compile")
+                    t1 = _best(lambda: r[0](1), 1)
+                    tn = _best(lambda: r[0](new_tokens), 1)
+                    r[1] = t1 if r[1] is None else min(r[1], t1)
+                    r[2] = (tn - t1) if r[2] is None else min(r[2], tn - t1)
+            llama.compile(static=False)
+            for name, (_, ttft, dec) in results.items():
+                decode_tps = bsz * (new_tokens - 1) / dec
+                ceiling_steps = bw * 1e9 / (weight_bytes + kv_bytes)
+                rows.append(dict(impl=name, dtype=dt_name, batch=bsz, ttft_ms=ttft * 1e3,
+                                 prefill_tps=bsz * prompt_len / ttft, decode_tps=decode_tps,
+                                 pct_ceiling=100 * (decode_tps / bsz) / ceiling_steps, agree=agree))
+            hf_dec = next(r["decode_tps"] for r in rows[-len(results):] if r["impl"] == "transformers")
+            for r in rows[-len(results):]:
+                r["vs_hf"] = r["decode_tps"] / hf_dec
+                _print_row(r)
+    table = _table(rows, model, prompt_len, new_tokens, bw)
+    print("\n" + table)
+    if out:
+        Path(out).write_text(table + "\n")
+    return None
+
+
+def _print_row(r):
+    print(f"{r['impl']:>13} {r['dtype']:>5} b{r['batch']:<2} ttft {r['ttft_ms']:7.1f} ms  prefill {r['prefill_tps']:7.0f} tok/s  "
+          f"decode {r['decode_tps']:6.1f} tok/s ({r['vs_hf']:.2f}x transformers, {r['pct_ceiling']:.0f}% of ceiling)  "
+          f"greedy agreement {r['agree']:.2f}", flush=True)
+
+
+def _table(rows, model, prompt_len, new_tokens, bw) -> str:
+    lines = [f"| impl | dtype | batch | TTFT (ms) | prefill tok/s | decode tok/s | decode vs transformers | "
+             f"% of bandwidth ceiling |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['impl']} | {r['dtype']} | {r['batch']} | {r['ttft_ms']:.0f} | {r['prefill_tps']:.0f} | "
+                     f"{r['decode_tps']:.1f} | {r['vs_hf']:.2f}x | {r['pct_ceiling']:.0f}% |")
+    lines.append(f"\n{model}, prompt {prompt_len} tokens, {new_tokens} new tokens (greedy), bandwidth {bw:.1f} GB/s; "
+                 f"ceiling = bandwidth / (weights except the embedding + KV read per step).")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
