@@ -143,6 +143,25 @@ def test_no_grad_runs_plain_blocks():
         torch.testing.assert_close(model(inputs), want, rtol=0, atol=0)
 
 
+def test_speed_cross_entropy_matches_naive():
+    """llama.speed's loss (compiled by the benchmark and the trainer) vs log-softmax by hand."""
+    from llama.speed import cross_entropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 8, 64, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, 64, (2, 8))
+    loss = cross_entropy(logits, targets)
+    loss.backward()
+    x = logits.detach().double().flatten(0, 1)
+    logp = x - x.exp().sum(-1, keepdim=True).log()
+    want = -logp[torch.arange(16), targets.flatten()].mean()
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=1e-6)
+    onehot = F.one_hot(targets.flatten(), 64).double()
+    grad = ((logp.exp() - onehot) / 16).view(2, 8, 64)
+    torch.testing.assert_close(logits.grad.double(), grad, rtol=0.02, atol=1e-4)
+
+
 @pytest.mark.slow
 def test_ac_with_tp_and_fsdp():
     """2 ranks (gloo): TP=2 + selective and FSDP2 dp=2 + full give the 1-rank plain gradients."""
