@@ -29,6 +29,7 @@ global_batch_tokens and seq_len may not. Export to Meta's layout at the end with
 """
 
 import json
+import os
 import sys
 
 import fire
@@ -42,8 +43,9 @@ def main(config: str = "tiny", **overrides):
     (--lr 1e-3, --steps 500, --tp 2, --model.n_layers 4, ...)."""
     cfg = TrainConfig.from_name(config, **overrides)
     summary = train(cfg)
-    summary.pop("history")
-    print(json.dumps(summary))
+    if int(os.environ.get("RANK", 0)) == 0:
+        summary.pop("history")
+        print(json.dumps(summary))
 
 
 def cli():
