@@ -191,8 +191,8 @@ def static_decode_step(model: Transformer, tokens: torch.Tensor, pos: torch.Tens
         xv = attn.wv(x).view(bsz, 1, -1, hd)
         xq, xk = apply_rotary_emb(xq, freqs_cis), apply_rotary_emb(xk, freqs_cis)
         keys, values = cache_k[i, :bsz], cache_v[i, :bsz]  # (B, S, Hkv, D) views
-        keys.index_copy_(1, pos, xk)
-        values.index_copy_(1, pos, xv)
+        keys[:, pos] = xk  # index_put_, which inductor does in place (index_copy_ copied the cache)
+        values[:, pos] = xv
         n_kv = keys.size(2)
         q = xq.view(bsz, n_kv, -1, hd).float()  # (B, Hkv, rep, D): rep query heads per kv head
         scores = torch.einsum("bgrd,bsgd->bgrs", q, keys.float()) / math.sqrt(hd) + bias  # (B, Hkv, rep, S)
