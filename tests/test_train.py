@@ -232,6 +232,27 @@ def test_selective_ac_trains_the_same(tmp_path, data_dir):
     assert [r["loss"] for r in b["history"]] == pytest.approx([r["loss"] for r in a["history"]], abs=1e-6)
 
 
+@pytest.mark.slow
+def test_compile_trains_the_same(tmp_path, data_dir):
+    kw = dict(steps=2, dtype="fp32")
+    a = fit(tiny_cfg(tmp_path / "a", data_dir, **kw))
+    b = fit(tiny_cfg(tmp_path / "b", data_dir, compile=True, ac="full", **kw))
+    assert [r["loss"] for r in b["history"]] == pytest.approx([r["loss"] for r in a["history"]], abs=1e-5)
+
+
+def test_meta_device_init(tmp_path, data_dir):
+    # the path for models too big to build whole in each process: meta device, then init_weights()
+    trainer = Trainer(tiny_cfg(tmp_path, data_dir, init="meta", steps=2), make_loader=make_pattern_loader)
+    assert trainer.model_size() == Transformer(ModelArgs.from_name("tiny")).num_params()  # builds it
+    m = trainer.model
+    assert m.layers[0].attention.wo.weight.std().item() == pytest.approx(0.02 / math.sqrt(2 * 2), rel=0.1)
+    assert m.output.weight.std().item() == pytest.approx(0.02, rel=0.1) and bool((m.norm.weight == 1).all())
+    torch.testing.assert_close(m.freqs_cis, Transformer(ModelArgs.from_name("tiny")).freqs_cis)
+    summary = trainer.fit()
+    assert all(math.isfinite(r["loss"]) for r in summary["history"])
+    assert summary["history"][0]["loss"] == pytest.approx(math.log(512), abs=0.2)
+
+
 # ---- real data and export -----------------------------------------------------------------------
 
 
