@@ -117,7 +117,7 @@ def build_hf(ours: torch.nn.Module, args, trainer: Trainer, dtype: str, compile:
 
 def main(model: str = "60M", batch_size: int = 4, seq_len: int = 512, dtype: str = "bf16", compile: bool = True,
          ac: str = "none", fast_loss: bool = True, fused_adamw: bool = True, hf_compile: bool = False,
-         repeats: int = 8, threads: int = 0, json_out: str = ""):
+         repeats: int = 12, threads: int = 0, json_out: str = ""):
     """Time one training step of ours and of transformers; print a table of tokens/s, ratio and MFU."""
     if threads:
         torch.set_num_threads(threads)
