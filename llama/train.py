@@ -461,8 +461,7 @@ class Trainer:
         np.random.seed(cfg.seed)
         self.model = self._build_model()
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=lr_at(0, cfg),
-                                           betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                           foreach=dev_type == "cuda" or None)
+                                           betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
         self.step = 0
         self.tokens_seen = 0
         self.flops_per_token = flops_per_token(args, cfg.seq_len)
@@ -482,7 +481,8 @@ class Trainer:
         else:
             with torch.device("meta"):
                 model = Transformer(args)
-        model.set_attention_backend(self.attention) if init == "full" else _set_backend_unchecked(model, self.attention)
+        for layer in model.layers:  # the backend was checked against self.device in _setup
+            layer.attention.backend = self.attention
 
         if self.mesh is not None and self.tp > 1:
             from llama.parallel import apply_tp
@@ -500,7 +500,10 @@ class Trainer:
             apply_fsdp(model, self.mesh["dp"], mp)
         if init == "meta":
             model.to_empty(device=self.device)
-            torch.manual_seed(self.cfg.seed)
+            # On CUDA, DTensor's RNG tracker draws each shard as a slice of one full random tensor. On
+            # CPU it draws from the local generator, so seed ranks apart or every shard would be equal
+            # (norm weights, the only replicated parameters, are ones).
+            torch.manual_seed(self.cfg.seed + (self.rank if self.device.type == "cpu" else 0))
             model.init_weights()
         else:
             model.init_buffers(self.device)
@@ -784,11 +787,6 @@ class Trainer:
                                         tokenizer_path=self.cfg.tokenizer, overwrite=True)
         self._barrier()
         return path
-
-
-def _set_backend_unchecked(model: Transformer, backend: str) -> None:
-    for layer in model.layers:  # a meta-device model: the backend was checked against the real device
-        layer.attention.backend = backend
 
 
 def _tokenizer_vocab(path: str | Path) -> int:

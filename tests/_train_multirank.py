@@ -52,6 +52,13 @@ def main(work, result_path):
     dist.barrier()
     results["dp2_resumed"], _ = run(base, work / "dp2_resume", dp=2, tp=1, ckpt_every=2)
     results["dp2_to_tp2"], _ = run(base, work / "dp2_to_tp2", dp=1, tp=2, ckpt_every=2)
+    # meta-device init, sharded: the two ranks' shards of a weight must differ
+    cfg = TrainConfig.from_dict(base, out_dir=str(work / "meta_dp2"), dp=2, tp=1, init="meta")
+    trainer = Trainer(cfg, make_loader=make_pattern_loader)
+    trainer.model_size()  # builds it
+    halves = trainer.model.layers[0].attention.wq.weight.full_tensor().chunk(2)
+    results["meta_halves_equal"] = bool(torch.equal(*halves))
+    results["meta_std"] = trainer.model.layers[0].attention.wq.weight.full_tensor().std().item()
     if dist.get_rank() == 0:
         Path(result_path).write_text(json.dumps(results))
     dist.destroy_process_group()

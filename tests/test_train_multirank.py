@@ -52,6 +52,9 @@ def test_dp2_and_tp2_match_one_rank(tmp_path):
     assert res["dp2_resumed"] == res["dp2"][2:]
     assert res["dp2_to_tp2"] == pytest.approx(res["dp2"][2:], abs=2e-5)
 
+    # meta-device init over dp=2: N(0, 0.02) with distinct shards
+    assert not res["meta_halves_equal"] and res["meta_std"] == pytest.approx(0.02, rel=0.1)
+
     # the sharded checkpoints (FSDP dp=2, TP tp=2) load in one process: same validation loss
     resumed = Trainer(TrainConfig.from_dict(base, out_dir=str(tmp_path / "tp2")), make_loader=make_pattern_loader)
     assert resumed.resume_from is not None
