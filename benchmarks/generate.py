@@ -13,6 +13,7 @@ cache of the positions attended). Runs alternate between the two implementations
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llama.generation import Llama, resolve_dtype  # noqa: E402
+from llama.generation import Llama, resolve_dtype, use_cpu_gemv  # noqa: E402
 from llama.hf import hf_config, to_hf  # noqa: E402
 from llama.model import ModelArgs, Transformer  # noqa: E402
 
@@ -67,7 +68,8 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
     n_params = base.num_params()
     bw = measure_bandwidth_gbs()
     print(f"model {model} ({n_params / 1e6:.0f}M params), prompt {prompt_len}, new {new_tokens}, "
-          f"threads {torch.get_num_threads()}, bandwidth {bw:.1f} GB/s (sum over 256 MB)", flush=True)
+          f"threads {torch.get_num_threads()}, bandwidth {bw:.1f} GB/s (sum over 256 MB), "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
     rows = []
     for dt_name in dtypes:
         dtype = resolve_dtype(dt_name, "cpu")
@@ -75,7 +77,12 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
         ours.load_state_dict({k: v.to(dtype) for k, v in base.state_dict().items()})
         hf = LlamaForCausalLM(LlamaConfig(**hf_config(args, dtype))).to(dtype).eval()
         hf.load_state_dict({k: v.to(dtype) for k, v in to_hf(base.state_dict(), args).items()})
-        variants = {"ours": False} | ({"ours+compile": True} if compile else {})
+        # ours: eager decoding, bf16 products of <= 8 rows on our GEMV kernel (what Llama.build does);
+        # "ours, torch GEMV": the same without the kernel; "ours+compile": Llama.compile()'s static step
+        variants = {"ours": (False, True), "ours, torch GEMV": (False, False)} if dtype == torch.bfloat16 else \
+            {"ours": (False, False)}
+        if compile:
+            variants["ours+compile"] = (True, False)
         weight_bytes = sum(p.numel() * p.element_size() for k, p in ours.named_parameters() if "tok_embeddings" not in k)
         for bsz in batches:
             llama = Llama(ours, _NoEos(), args.max_seq_len, bsz)
@@ -92,13 +99,19 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
                     return hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
                                        max_new_tokens=n, min_new_tokens=n, pad_token_id=0, eos_token_id=None)
 
-            # correctness guard: both implementations produce the same greedy tokens (fp32)
+            # sanity: share of greedy tokens both implementations agree on
+            use_cpu_gemv(ours, dtype == torch.bfloat16)
             a, b = ours_run(8)[0], hf_run(8)[:, prompt_len:].tolist()
             agree = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)) / (8 * bsz)
             results = {}
-            for name, use_compile in [*variants.items(), ("transformers", None)]:
-                if use_compile is not None:
-                    llama.compile(static=use_compile)
+            def setup(name):
+                if name in variants:
+                    llama.compile(static=variants[name][0])
+                    use_cpu_gemv(ours, variants[name][1])
+
+            for name in [*variants, "transformers"]:
+                if name in variants:
+                    setup(name)
                     run = ours_run
                 else:
                     run = hf_run
@@ -106,13 +119,13 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
                 results[name] = [run, None, None]
             for _ in range(repeats):  # alternate implementations so background load hits all alike
                 for name, r in results.items():
-                    if name.startswith("ours"):
-                        llama.compile(static=name == "ours+compile")
+                    setup(name)
                     t1 = _best(lambda: r[0](1), 1)
                     tn = _best(lambda: r[0](new_tokens), 1)
                     r[1] = t1 if r[1] is None else min(r[1], t1)
                     r[2] = (tn - t1) if r[2] is None else min(r[2], tn - t1)
             llama.compile(static=False)
+            use_cpu_gemv(ours, False)
             for name, (_, ttft, dec) in results.items():
                 decode_tps = bsz * (new_tokens - 1) / dec
                 ceiling_steps = bw * 1e9 / (weight_bytes + kv_bytes)
@@ -123,6 +136,7 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
             for r in rows[-len(results):]:
                 r["vs_hf"] = r["decode_tps"] / hf_dec
                 _print_row(r)
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
     table = _table(rows, model, prompt_len, new_tokens, bw)
     print("\n" + table)
     if out:

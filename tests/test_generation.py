@@ -312,3 +312,32 @@ def test_compiled_decoding_gives_the_same_tokens(llama):
         assert llama.compile().generate(ids, GEN_LEN, temperature=0)[0] == want
     finally:
         llama.compile(static=False)
+
+
+def test_cpu_gemv_kernel_matches_fp32_products(llama, ckpts):
+    from llama.generation import GemvLinear, cpu_gemv_kernel, use_cpu_gemv
+
+    kernel = cpu_gemv_kernel()
+    if kernel is None:
+        assert not cpu_has_native_bf16() or pytest.skip("no C++ compiler for the bf16 GEMV kernel")
+        return
+    torch.manual_seed(0)
+    for m, n, k in [(1, 37, 100), (8, 2048, 768), (3, 512, 64), (1, 5, 31)]:  # tails of rows and of K
+        x, w = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(n, k, dtype=torch.bfloat16)
+        ref = x.double() @ w.double().t()
+        err = (kernel.gemv_bf16(x, w).double() - ref).abs() / (ref.abs() + 1)
+        assert err.max() < 1e-2  # bf16 output rounding (2^-8) on top of fp32 accumulation
+    # as a transform on a bf16 model: same keys, Linear swapped, logits as the library GEMV gives
+    model = Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 64, 3, dtype="bf16").model
+    assert isinstance(model.layers[0].attention.wq, GemvLinear)
+    tokens = torch.tensor([[1, 5, 9]])
+    with torch.no_grad():
+        from llama.model import KVCache
+
+        cache = KVCache.for_model(model, 1, 8)
+        model(tokens[:, :2], 0, cache)
+        fast = model(tokens[:, 2:], 2, cache).float()
+        use_cpu_gemv(model, enable=False)
+        assert type(model.layers[0].attention.wq) is torch.nn.Linear
+        slow = model(tokens[:, 2:], 2, cache).float()
+    torch.testing.assert_close(fast, slow, atol=0.05, rtol=0.02)
