@@ -66,7 +66,9 @@ class TrainConfig:
     model_overrides: dict = field(default_factory=dict)
     # data: a directory written by scripts/prepare_data.py, or a mixture {name: [dir, weight]}
     data: Any = ""
-    tokenizer: Optional[str] = None  # tokenizer.model: data must be made with it; copied on export
+    # tokenizer.model: the data must have been made with it, the model's vocab_size is taken from
+    # it, and it is copied into exports
+    tokenizer: Optional[str] = None
     out_dir: str = "runs/pretrain"
     # schedule
     steps: int = 1000
@@ -305,14 +307,13 @@ def _file_sha256(path: str | Path) -> str:
 
 
 def _check_data_path(data) -> None:
-    sources = data.values() if isinstance(data, dict) else [data]
-    if isinstance(data, dict) and not data:
-        raise ValueError("the data mixture is empty; give {name: [dir, weight], ...}")
-    for src in sources:
-        path = src[0] if isinstance(src, (list, tuple)) else src
-        if not path:
-            raise ValueError("no data given: set data to a directory written by scripts/prepare_data.py")
-        path = Path(path)
+    """Every source of `data` (a prepared dir, a mixture JSON file or dict) exists and is not empty."""
+    from llama.data import load_mixture
+
+    if not data:
+        raise ValueError("no data given: set data to a directory written by scripts/prepare_data.py "
+                         "(or a mixture such as configs/data/llama_mixture.json)")
+    for name, (path, _) in load_mixture(data).items():
         if not path.exists():
             raise FileNotFoundError(f"data path {path} does not exist; prepare it with scripts/prepare_data.py")
         if path.is_dir() and not any(path.iterdir()):
