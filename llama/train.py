@@ -4,8 +4,11 @@ Recipe (LLaMA paper, section 2): AdamW(beta1 0.9, beta2 0.95, eps 1e-8), weight 
 weight matrix - the projections, `output` and the `tok_embeddings` table - and none on the RMSNorm
 weights (the only 1-D parameters; there are no biases); linear warmup over `warmup_steps` then cosine
 decay to `min_lr_ratio` (10%) of the peak at `steps`; gradients clipped to a global norm of 1.0;
-gradient accumulation up to a global batch given in tokens. Weights start from
-`Transformer.init_weights()`: N(0, 0.02) everywhere, wo and w2 scaled by 1/sqrt(2 n_layers), norms 1.
+gradient accumulation up to a global batch given in tokens. A step whose gradient norm is not finite
+is skipped (no update; its batch is consumed and the schedule moves on), and `max_bad_steps` such
+steps in a row stop the run. Weights start from `Transformer.init_weights()`: N(0, 0.02) everywhere,
+wo and w2 scaled by 1/sqrt(2 n_layers), norms 1. Seeds: `seed` seeds torch, random and numpy on
+every rank before the model is built, and the data order.
 
 Mixed precision: fp32 master weights and optimizer state; with a process group the compute runs in
 bf16 through FSDP2's `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`, in one process
@@ -609,6 +612,8 @@ class Trainer:
                   f"{cfg.global_batch_tokens} tokens (grad_accum {self.grad_accum})"
                   + (f", resuming from {self.resume_from} at step {self.step}" if self.resume_from else ""))
             print("resolved config: " + json.dumps(self.resolved_config()))
+        if is_main and self.resume_from is not None:
+            _truncate_metrics(out / "metrics.jsonl", self.step)  # steps after the checkpoint run again
         metrics = open(out / "metrics.jsonl", "a") if is_main else None
         tb = self._tensorboard() if is_main else None
         bar = None
@@ -788,6 +793,12 @@ class Trainer:
                                         tokenizer_path=self.cfg.tokenizer, overwrite=True)
         self._barrier()
         return path
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
 
 
 def _tokenizer_vocab(path: str | Path) -> int:

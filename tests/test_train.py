@@ -169,6 +169,8 @@ def test_loss_falls_and_resume_is_bit_exact(tmp_path, data_dir):
     assert [r["step"] for r in resumed["history"]] == [4, 5, 6, 7, 8]
     assert [r["loss"] for r in resumed["history"]] == losses[3:]  # bit-exact
     assert resumed["val_loss"] == full["val_loss"]
+    lines = [json.loads(x) for x in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, 9))  # steps 4 and 5 of the killed run dropped
     meta = T.read_checkpoint_meta(resumed["checkpoint"])
     assert meta["step"] == 8 and meta["layout"] == {"dp": 1, "tp": 1, "world": 1}
     assert meta["config"]["global_batch_tokens"] == 256 and meta["model_args"]["dim"] == 64
