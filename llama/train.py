@@ -46,10 +46,10 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from llama.model import ModelArgs, Transformer, check_attention_backend
 from llama.parallel import check_tp_degree, init_distributed, launched_with_torchrun
+from llama.speed import adamw_kwargs, compile_blocks, compiled_cross_entropy, cross_entropy
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 RESUME_MODES = ("auto", "never")
@@ -464,8 +464,10 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.model = self._build_model()
+        # fused kernel in one process, foreach with DTensors on CUDA (llama.speed measured them)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=lr_at(0, cfg),
-                                           betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+                                           betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                           **adamw_kwargs(self.device, distributed=self.mesh is not None))
         self.step = 0
         self.tokens_seen = 0
         self.flops_per_token = flops_per_token(args, cfg.seq_len)
@@ -495,8 +497,7 @@ class Trainer:
             from llama.activation_checkpointing import apply_ac
             apply_ac(model, cfg.ac)
         if cfg.compile:
-            for block in model.layers:
-                block.compile()
+            compile_blocks(model)
         if self.mesh is not None:
             from llama.parallel import apply_fsdp
             from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -523,7 +524,8 @@ class Trainer:
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with self._autocast():
             logits = self.model(inputs)  # (B, T, vocab)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        # fp32 loss; compiled, the fp32 copy of the logits is never materialised
+        return (compiled_cross_entropy if self.cfg.compile else cross_entropy)(logits, targets)
 
     def _all_mean(self, x: float) -> float:
         if self.mesh is None:
