@@ -54,8 +54,8 @@ def _best(f, repeats: int) -> float:
     return min(times)
 
 
-def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_len: int = 128, new_tokens: int = 64,
-         repeats: int = 3, compile: bool = False, threads: int | None = None, out: str | None = None):
+def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_len: int = 128, new_tokens: int = 32,
+         repeats: int = 2, compile: bool = False, threads: int | None = None, out: str | None = None):
     if threads:
         torch.set_num_threads(threads)
     from transformers import LlamaConfig, LlamaForCausalLM

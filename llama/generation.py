@@ -241,6 +241,17 @@ def cpu_gemv_kernel():
     return _gemv_module or None
 
 
+@torch.library.custom_op("llama::gemv_bf16", mutates_args=())
+def gemv_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(M, K) @ (N, K)^T on the CPU kernel; an opaque op to torch.compile, which fuses around it."""
+    return cpu_gemv_kernel().gemv_bf16(x, w)
+
+
+@gemv_bf16.register_fake
+def _(x, w):
+    return x.new_empty(x.size(0), w.size(0))
+
+
 class GemvLinear(nn.Linear):
     """nn.Linear (same parameters, same state-dict keys) whose products with at most 8 bf16 rows on
     CPU run on `cpu_gemv_kernel`; anything else goes to F.linear."""
@@ -248,7 +259,7 @@ class GemvLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.size(-1)
         if rows <= GEMV_MAX_ROWS and x.dtype == torch.bfloat16 and x.device.type == "cpu" and self.bias is None:
-            return _gemv_module.gemv_bf16(x.reshape(rows, -1), self.weight).view(*x.shape[:-1], -1)
+            return gemv_bf16(x.reshape(rows, -1), self.weight).view(*x.shape[:-1], -1)
         return F.linear(x, self.weight, self.bias)
 
 
