@@ -168,7 +168,7 @@ def _find_stop(text: str, stop: Sequence[str], start: int = 0) -> Optional[int]:
 # Decoding a few rows reads every weight once per token, so its speed is memory bandwidth. The
 # library GEMV for bf16 on CPU reaches about half of it (it is built for large products); this
 # kernel streams 4 weight rows at a time with AVX512-BF16 dot products (fp32 accumulation) and
-# reuses each loaded block for all M <= 8 input rows. Built on first use with the C++ compiler
+# reuses each loaded block for all M input rows. Built on first use with the C++ compiler
 # (cached by torch in ~/.cache/torch_extensions); where it cannot build or run, nothing changes.
 _GEMV_SRC = r"""
 #include <torch/extension.h>
@@ -220,7 +220,7 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w) {
 }
 """
 _gemv_module = None
-GEMV_MAX_ROWS = 8
+GEMV_MAX_ROWS = 1  # measured: a win at batch 1; at batch 8 torch's bf16 GEMM is faster
 
 
 def cpu_gemv_kernel():
@@ -253,7 +253,7 @@ def _(x, w):
 
 
 class GemvLinear(nn.Linear):
-    """nn.Linear (same parameters, same state-dict keys) whose products with at most 8 bf16 rows on
+    """nn.Linear (same parameters, same state-dict keys) whose products with <= GEMV_MAX_ROWS bf16 rows on
     CPU run on `cpu_gemv_kernel`; anything else goes to F.linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -454,13 +454,22 @@ class Llama:
         self._decode_step = step
         return self
 
-    def _forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """(B, T) ids at positions start_pos.. -> (B, T, vocab) float logits, filling the cache."""
+    def _forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
+        """(B, T) ids at positions start_pos.. -> (B, T, vocab) float logits, filling the cache;
+        (B, 1, vocab) for the last position only with `last_only` (prefill without logprobs)."""
         cache = self.kv_cache()
         if self._decode_step is not None and tokens.size(1) == 1:
             pos = torch.tensor([start_pos], device=self.device)
             return self._decode_step(self.model, tokens, pos, cache.k, cache.v)[:, None]
-        return self.model(tokens, start_pos, cache).float()
+        if not last_only or tokens.size(1) == 1:
+            return self.model(tokens, start_pos, cache).float()
+        # the output projection only for the last position: (B, T, dim) -> (B, 1, dim) before it,
+        # which saves T-1 rows of the largest matmul and the (B, T, vocab) logits
+        hook = self.model.output.register_forward_pre_hook(lambda mod, args: (args[0][:, -1:],), prepend=True)
+        try:
+            return self.model(tokens, start_pos, cache).float()
+        finally:
+            hook.remove()
 
     def _sample(self, logits, temperature, top_p, top_k) -> torch.Tensor:
         nxt = sample(logits, temperature, top_p, top_k, self.generator)
@@ -508,7 +517,7 @@ class Llama:
         prev = 0
         for cur in range(min(lens), total_len):
             chunk = tokens[:, prev:cur].clamp(min=0)  # pads (-1) beyond a prompt are overwritten below anyway
-            logits = self._forward(chunk, prev)  # (B, T, V)
+            logits = self._forward(chunk, prev, last_only=lp is None)  # (B, T or 1, V)
             nxt = self._sample(logits[:, -1], temperature, top_p, top_k)
             nxt = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
             tokens[:, cur] = torch.where(done, tokens[:, cur], nxt)
