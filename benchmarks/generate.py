@@ -45,15 +45,6 @@ def measure_bandwidth_gbs(mb: int = 256, repeats: int = 5) -> float:
     return x.numel() * 4 / best / 1e9
 
 
-def _best(f, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_len: int = 128, new_tokens: int = 32,
          repeats: int = 2, compile: bool = False, threads: int | None = None, out: str | None = None):
     if threads:
@@ -92,38 +83,68 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
             kv_bytes = 2 * args.n_layers * bsz * (prompt_len + new_tokens / 2) * args.n_kv_heads * args.head_dim * dtype.itemsize
 
             def ours_run(n):
-                return llama.generate(ids, n, temperature=0.0)
+                """(tokens, [time of each new token]) from one run."""
+                stamps, t0 = [], time.perf_counter()
+                with torch.inference_mode():
+                    for batch, _ in llama._steps(ids, n, 0.0, 1.0, None, False, ()):
+                        stamps.append(time.perf_counter() - t0)
+                return [r[prompt_len:] for r in batch.tokens.tolist()], stamps
+
+            class _Clock:  # transformers' streamer interface: put() gets the prompt, then each new token
+                def __init__(self):
+                    self.t0, self.stamps, self.calls = time.perf_counter(), [], 0
+
+                def put(self, value):
+                    self.calls += 1
+                    if self.calls > 1:
+                        self.stamps.append(time.perf_counter() - self.t0)
+
+                def end(self):
+                    pass
 
             def hf_run(n):
+                clock = _Clock()
                 with torch.inference_mode():
-                    return hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-                                       max_new_tokens=n, min_new_tokens=n, pad_token_id=0, eos_token_id=None)
+                    out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                                      max_new_tokens=n, min_new_tokens=n, pad_token_id=0, eos_token_id=None,
+                                      streamer=clock if bsz == 1 else None)
+                if bsz > 1:  # transformers' streamers take batch 1 only: time the whole run instead
+                    return out[:, prompt_len:].tolist(), None
+                return out[:, prompt_len:].tolist(), clock.stamps
 
             # sanity: share of greedy tokens both implementations agree on
             use_cpu_gemv(ours, dtype == torch.bfloat16)
-            a, b = ours_run(8)[0], hf_run(8)[:, prompt_len:].tolist()
+            a, b = ours_run(8)[0], hf_run(8)[0]
             agree = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)) / (8 * bsz)
             results = {}
+
             def setup(name):
                 if name in variants:
                     llama.compile(static=variants[name][0])
                     use_cpu_gemv(ours, variants[name][1])
 
+            def timed(run):
+                """(TTFT, decode seconds for tokens 2..N): per-token stamps where there are, else from
+                a 1-token run and an N-token run."""
+                _, stamps = run(new_tokens)
+                if stamps is not None:
+                    return stamps[0], stamps[-1] - stamps[0]
+                t0 = time.perf_counter()
+                run(1)
+                t1 = time.perf_counter()
+                run(new_tokens)
+                return t1 - t0, (time.perf_counter() - t1) - (t1 - t0)
+
             for name in [*variants, "transformers"]:
-                if name in variants:
-                    setup(name)
-                    run = ours_run
-                else:
-                    run = hf_run
+                setup(name)
+                run = ours_run if name in variants else hf_run
                 run(2)  # warm-up (and compile)
-                results[name] = [run, None, None]
+                results[name] = [run, float("inf"), float("inf")]
             for _ in range(repeats):  # alternate implementations so background load hits all alike
                 for name, r in results.items():
                     setup(name)
-                    t1 = _best(lambda: r[0](1), 1)
-                    tn = _best(lambda: r[0](new_tokens), 1)
-                    r[1] = t1 if r[1] is None else min(r[1], t1)
-                    r[2] = (tn - t1) if r[2] is None else min(r[2], tn - t1)
+                    ttft, dec = timed(r[0])
+                    r[1], r[2] = min(r[1], ttft), min(r[2], dec) if dec > 0 else r[2]
             llama.compile(static=False)
             use_cpu_gemv(ours, False)
             for name, (_, ttft, dec) in results.items():
