@@ -162,8 +162,8 @@ def run(workdir: str = "runs/demo", data=None, config: str = "demo", vocab_size:
 
     _stage("completions (scripts/example.py)")
     model_dir = Path(result["export"] or cfg.export_dir)
-    prompt_file = work / "prompts.json"
-    prompt_file.write_text(json.dumps(PROMPTS))
+    prompt_file = work / "prompts.txt"
+    prompt_file.write_text("\n".join(PROMPTS) + "\n")  # one prompt a line
     cmd = [sys.executable, str(ROOT / "scripts" / "example.py"), "--ckpt_dir", str(model_dir),
            "--tokenizer_path", str(tok_path), "--prompt_file", str(prompt_file), "--max_gen_len", str(max_gen_len),
            "--temperature", str(temperature), "--top_p", str(top_p), "--max_seq_len", "512", "--seed", str(seed)]
