@@ -172,8 +172,8 @@ def _print_row(r):
 
 
 def _table(rows, model, prompt_len, new_tokens, bw) -> str:
-    lines = [f"| impl | dtype | batch | TTFT (ms) | prefill tok/s | decode tok/s | decode vs transformers | "
-             f"% of bandwidth ceiling |",
+    lines = ["| impl | dtype | batch | TTFT (ms) | prefill tok/s | decode tok/s | decode vs transformers | "
+             "% of bandwidth ceiling |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['impl']} | {r['dtype']} | {r['batch']} | {r['ttft_ms']:.0f} | {r['prefill_tps']:.0f} | "

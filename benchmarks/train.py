@@ -159,7 +159,7 @@ def main(model: str = "60M", batch_size: int = 4, seq_len: int = 512, dtype: str
           f"{dtype} autocast over fp32 master weights, {torch.get_num_threads()} threads")
     print(f"ours: compile={compile} ac={ac} compiled loss={fast_loss} fused AdamW={fused_adamw}; "
           f"FLOPs/token {flops_tok / 1e6:.1f}M; bf16 matmul peak {peak / 1e9:.0f} GFLOP/s")
-    print(f"first losses: " + ", ".join(f"{k} {v:.4f}" for k, v in first.items()))
+    print("first losses: " + ", ".join(f"{k} {v:.4f}" for k, v in first.items()))
     print("| row | step s | tokens/s | vs transformers | MFU |")
     print("|---|---|---|---|---|")
     for name, t in best.items():

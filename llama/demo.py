@@ -10,8 +10,6 @@ everything (delete `workdir` or pass `fresh=True` to start over).
 from __future__ import annotations
 
 import json
-import math
-import os
 import shutil
 import subprocess
 import sys

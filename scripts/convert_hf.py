@@ -7,8 +7,7 @@ A tokenizer.model next to the source (or in its parent, Meta's layout) is copied
 --tokenizer_path names another.
 """
 
-import fire
-
+from llama.cli import run
 from llama.hf import hf_to_meta, meta_to_hf
 
 
@@ -26,4 +25,4 @@ def main(to: str, src: str, dst: str, dtype: str = None, num_shards: int = 1, to
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run(main)

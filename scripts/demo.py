@@ -5,9 +5,8 @@
     python scripts/demo.py --steps 100          # any field of configs/train/demo.json
 """
 
-import fire
-
-from llama.demo import run
+from llama import demo
+from llama.cli import run
 
 if __name__ == "__main__":
-    fire.Fire(run)
+    run(demo.run)

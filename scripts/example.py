@@ -14,9 +14,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import fire
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from llama.cli import run  # noqa: E402
 
 DEFAULT_PROMPTS = [
     "I believe the meaning of life is",
@@ -96,18 +96,5 @@ def _interactive(llama, main_rank: bool, sampling: dict) -> None:
             print()
 
 
-def cli():
-    import torch.distributed as dist
-
-    try:
-        fire.Fire(main)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    cli()
+    run(main)

@@ -5,12 +5,9 @@ params.json and tokenizer.model, loadable by scripts/example.py and by transform
     python scripts/export.py --ckpt runs/demo --out models/demo     # the latest checkpoint of a run
 """
 
-import sys
 from pathlib import Path
 
-import fire
-import torch.distributed as dist
-
+from llama.cli import run
 from llama.train import export_checkpoint, latest_checkpoint
 
 
@@ -29,16 +26,7 @@ def main(ckpt: str, out: str, num_shards: int = 1, dtype: str = "fp16", tokenize
     print(f"exported {path} -> {out_dir}")
 
 
-def cli():
-    try:
-        fire.Fire(main)
-    except (FileNotFoundError, ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    cli()
+    run(main)

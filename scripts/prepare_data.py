@@ -9,8 +9,7 @@ the loader, e.g. TrainConfig data = the same JSON file):
 
 import json
 
-import fire
-
+from llama.cli import run
 from llama.data import prepare_data
 
 
@@ -42,4 +41,4 @@ def main(tokenizer: str, inputs: str = "", out: str = "", mixture: str = "",
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run(main)

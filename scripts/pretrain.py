@@ -30,11 +30,8 @@ global_batch_tokens and seq_len may not. Export to Meta's layout at the end with
 
 import json
 import os
-import sys
 
-import fire
-import torch.distributed as dist
-
+from llama.cli import run
 from llama.train import TrainConfig, train
 
 
@@ -48,16 +45,7 @@ def main(config: str = "tiny", **overrides):
         print(json.dumps(summary))
 
 
-def cli():
-    try:
-        fire.Fire(main)
-    except (FileNotFoundError, ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    cli()
+    run(main)

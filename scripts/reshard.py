@@ -4,9 +4,8 @@
     python scripts/reshard.py --in_dir llama/7B --out_dir llama/7B-mp2 --num_shards 2 --dtype bf16
 """
 
-import fire
-
 from llama.checkpoint import reshard
+from llama.cli import run
 
 
 def main(in_dir: str, out_dir: str, num_shards: int, dtype: str = None, overwrite: bool = False):
@@ -15,4 +14,4 @@ def main(in_dir: str, out_dir: str, num_shards: int, dtype: str = None, overwrit
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run(main)

@@ -5,8 +5,8 @@
 
 import time
 
-import fire
-
+from llama.cli import run
+from llama.data import list_files
 from llama.tokenizer import Tokenizer, train_tokenizer
 
 
@@ -16,10 +16,11 @@ def main(inputs: str, out: str = "tokenizer.model", vocab_size: int = 32000,
     if isinstance(inputs, str):
         inputs = [s for s in inputs.split(",") if s]
     inputs = list(inputs)
-    print(f"training a {vocab_size}-piece BPE tokenizer on {inputs} "
+    files = list_files(inputs)  # every input must name a file, directory or matching glob
+    print(f"training a {vocab_size}-piece BPE tokenizer on {len(files)} file(s) from {inputs} "
           f"(at most {input_sentence_size:,} lines, seed {seed}) ...", flush=True)
     t0 = time.time()
-    path = train_tokenizer(inputs, out, vocab_size, input_sentence_size=input_sentence_size,
+    path = train_tokenizer(files, out, vocab_size, input_sentence_size=input_sentence_size,
                            seed=seed, verbose=verbose)
     tok = Tokenizer(path)
     print(f"wrote {path} ({tok.n_words} pieces, sha256 {tok.sha256[:12]}) "
@@ -27,4 +28,4 @@ def main(inputs: str, out: str = "tokenizer.model", vocab_size: int = 32000,
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run(main)

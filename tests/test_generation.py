@@ -1,7 +1,6 @@
 """Text completion on one process: against transformers, batch vs one-by-one, sampling by hand,
 stop/eos/logprobs, streaming across split UTF-8 characters, errors, int8 quantization, example.py."""
 
-import math
 import os
 import subprocess
 import sys
