@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llama.generation import Llama, resolve_dtype, use_cpu_gemv  # noqa: E402
+from llama.cpu_kernels import use_cpu_gemv  # noqa: E402
+from llama.generation import Llama, resolve_dtype  # noqa: E402
 from llama.hf import hf_config, to_hf  # noqa: E402
 from llama.model import ModelArgs, Transformer  # noqa: E402
 

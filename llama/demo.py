@@ -10,6 +10,7 @@ everything (delete `workdir` or pass `fresh=True` to start over).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -53,8 +54,9 @@ def compile_share(prompts: list[str], generations: list[str]) -> float:
     return sum(compiles(s) for s in snippets) / max(1, len(snippets))
 
 
-def plot_losses(metrics_path: Path, png_path: Path) -> Path | None:
-    """Train and validation loss against step, from the trainer's metrics.jsonl."""
+def plot_losses(metrics_path: Path, png_path: Path, val_loss_before: float | None = None) -> Path | None:
+    """Train and validation loss against step, from the trainer's metrics.jsonl (and the validation
+    loss of the untrained model at step 0)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -67,6 +69,8 @@ def plot_losses(metrics_path: Path, png_path: Path) -> Path | None:
     steps = sorted(by_step)
     train = [(s, by_step[s]["loss"]) for s in steps if "loss" in by_step[s]]
     val = [(s, by_step[s]["val_loss"]) for s in steps if "val_loss" in by_step[s]]
+    if val_loss_before is not None:
+        val.insert(0, (0, val_loss_before))
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     if train:
         ax.plot(*zip(*train), label="train", lw=1, alpha=0.8)
@@ -89,17 +93,18 @@ def _stage(name: str):
 
 
 def run(workdir: str = "runs/demo", data=None, config: str = "demo", vocab_size: int = 8192,
-        fresh: bool = False, samples: int = 8, max_gen_len: int = 96, temperature: float = 0.6,
-        top_p: float = 0.9, seed: int = 1, **overrides) -> dict:
+        fresh: bool = False, samples: int = 8, max_gen_len: int = 64, temperature: float = 0.2,
+        top_p: float = 0.95, seed: int = 1, val_fraction: float = 0.02, **overrides) -> dict:
     """Run the demo; returns a summary (also written to `workdir`/summary.json).
 
     data: files, directories or globs of the user's own text (default: the standard library);
     config: a training config of configs/train/ or a JSON path; overrides: its fields
-    (e.g. steps=200). samples: completions per prompt scored for the compile share.
+    (e.g. steps=200). samples: completions per prompt scored for the compile share;
+    val_fraction: the share of documents held out for validation.
     """
     from llama.data import prepare_data
     from llama.tokenizer import train_tokenizer
-    from llama.train import Trainer, TrainConfig
+    from llama.train import TrainConfig, Trainer
 
     t_start = time.time()
     work = Path(workdir)
@@ -134,8 +139,10 @@ def run(workdir: str = "runs/demo", data=None, config: str = "demo", vocab_size:
     if (data_dir / "meta.json").is_file():
         print(f"reusing {data_dir}")
     else:
-        meta = prepare_data(files, tok_path, data_dir, val_fraction=0.02, overwrite=True)
-        print(f"{meta.get('n_tokens', '?')} tokens -> {data_dir}")
+        meta = prepare_data(files, tok_path, data_dir, val_fraction=val_fraction, overwrite=True)
+        split = meta["splits"]
+        print(f"{split['train']['n_tokens']:,} training and {split['val']['n_tokens']:,} validation tokens "
+              f"({split['val']['n_docs']} held-out documents) -> {data_dir}")
 
     _stage("pretraining")
     cfg = TrainConfig.from_name(config, data=str(data_dir), tokenizer=str(tok_path),
@@ -148,12 +155,15 @@ def run(workdir: str = "runs/demo", data=None, config: str = "demo", vocab_size:
         print(f"validation perplexity before training: {summary['val_ppl_before']:.1f}")
     t = time.time()
     result = trainer.fit()
+    if result["val_loss"] is None:  # nothing was left to train (a rerun): measure the model as it is
+        result.update(trainer.evaluate())
     summary["train_seconds"] = summary.get("train_seconds", 0.0) + (time.time() - t)
     summary.update(steps=result["step"], val_loss=result["val_loss"], val_ppl=result["val_ppl"],
                    parameters=trainer.model_size(), model=cfg.model)
     print(f"validation perplexity before training: {summary.get('val_ppl_before', float('nan')):.1f}, "
           f"after: {result['val_ppl']:.2f} (loss {result['val_loss']:.3f}) at step {result['step']}")
-    png = plot_losses(Path(cfg.out_dir) / "metrics.jsonl", work / "loss.png")
+    before_loss = math.log(summary["val_ppl_before"]) if "val_ppl_before" in summary else None
+    png = plot_losses(Path(cfg.out_dir) / "metrics.jsonl", work / "loss.png", before_loss)
     if png:
         print(f"loss curves -> {png}")
         summary["plot"] = str(png)

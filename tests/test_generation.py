@@ -8,9 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from generation_worker import GEN_LEN, PROMPTS, make_checkpoint, run_all, tiny_args
-from llama.generation import Llama, TextStream, cpu_has_native_bf16, default_dtype, resolve_dtype, sample
+
+from llama.generation import (
+    Llama,
+    TextStream,
+    cpu_has_native_bf16,
+    default_dtype,
+    resolve_dtype,
+    sample,
+)
 from llama.model import Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -314,7 +321,7 @@ def test_compiled_decoding_gives_the_same_tokens(llama):
 
 
 def test_cpu_gemv_kernel_matches_fp32_products(llama, ckpts):
-    from llama.generation import GemvLinear, cpu_gemv_kernel, use_cpu_gemv
+    from llama.cpu_kernels import GemvLinear, cpu_gemv_kernel, use_cpu_gemv
 
     kernel = cpu_gemv_kernel()
     if kernel is None:
