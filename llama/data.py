@@ -61,9 +61,11 @@ def list_files(inputs) -> list[Path]:
 
 
 def _open_text(path: Path):
+    # bytes that are not UTF-8 become U+FFFD (as when training the tokenizer) rather than stopping
+    # a long preparation on one odd file
     if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    return open(path, encoding="utf-8", errors="replace")
 
 
 def iter_documents(path: Path) -> Iterator[str]:

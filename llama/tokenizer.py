@@ -66,6 +66,11 @@ class Tokenizer:
     def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
         if not isinstance(s, str):
             raise TypeError(f"encode expects a str, got {type(s).__name__}")
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate, e.g. from a bad decode upstream
+            raise ValueError(f"cannot encode {s[max(0, e.start - 10):e.end + 10]!r}: it is not valid Unicode "
+                             f"({e.reason} at index {e.start}); decode the source text with errors='replace'") from None
         ids = self._encode_text(s)
         if bos:
             ids = [self.bos_id] + ids

@@ -366,3 +366,11 @@ def test_failure_halfway_keeps_the_old_dataset(tiny_tokenizer, tmp_path):
         prepare_data(src, tp, out, progress=False, num_workers=2, docs_per_chunk=2, overwrite=True)
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_invalid_utf8_bytes_become_replacement_characters(tmp_path, tiny_tokenizer):
+    from llama.data import iter_documents
+
+    f = tmp_path / "latin1.txt"
+    f.write_bytes("caf\xe9 ok".encode("latin-1"))
+    assert list(iter_documents(f)) == ["caf\ufffd ok"]
