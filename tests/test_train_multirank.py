@@ -24,6 +24,24 @@ def one_rank(base, out, **kw):
     return [r["loss"] for r in s["history"]], s
 
 
+def _launch(tmp_path, base) -> Path:
+    """torchrun the 2-rank worker; returns its result file. A rare abort of a gloo rank ("terminate
+    called without an active exception", seen once in ~10 runs on a loaded 2-core machine; cause not
+    found yet) gets one retry in a fresh directory - the numbers are checked all the same."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    for attempt in range(2):
+        work = tmp_path / f"run{attempt}"
+        work.mkdir()
+        (work / "base.json").write_text(json.dumps(base))
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--standalone", str(HERE / "_train_multirank.py"), str(work),
+                               str(work / "res.json")], env=env, capture_output=True, text=True, timeout=400)
+        if proc.returncode == 0 or "terminate called without an active exception" not in proc.stderr:
+            break
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return work / "res.json"
+
+
 @pytest.mark.slow
 def test_dp2_and_tp2_match_one_rank(tmp_path):
     (tmp_path / "data").mkdir()
@@ -32,13 +50,9 @@ def test_dp2_and_tp2_match_one_rank(tmp_path):
     base = dict(model="tiny", data=str(tmp_path / "data"), steps=4, warmup_steps=2, lr=3e-3, seq_len=32,
                 global_batch_tokens=128, micro_batch_size=2, dtype="fp32", eval_every=0, eval_batches=2,
                 ckpt_every=100, peak_flops=1e12, progress=False, resume="auto")
-    (tmp_path / "base.json").write_text(json.dumps(base))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--standalone", str(HERE / "_train_multirank.py"), str(tmp_path),
-                           str(tmp_path / "res.json")], env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    res = json.loads((tmp_path / "res.json").read_text())
+    res_file = _launch(tmp_path, base)
+    work = res_file.parent  # where the 2-rank runs wrote their checkpoints
+    res = json.loads(res_file.read_text())
 
     ref, ref_summary = one_rank(base, tmp_path / "one")
     ref_bf16, _ = one_rank(base, tmp_path / "one_bf16", dtype="bf16")
@@ -56,12 +70,12 @@ def test_dp2_and_tp2_match_one_rank(tmp_path):
     assert not res["meta_halves_equal"] and res["meta_std"] == pytest.approx(0.02, rel=0.1)
 
     # the sharded checkpoints (FSDP dp=2, TP tp=2) load in one process: same validation loss
-    resumed = Trainer(TrainConfig.from_dict(base, out_dir=str(tmp_path / "tp2")), make_loader=make_pattern_loader)
+    resumed = Trainer(TrainConfig.from_dict(base, out_dir=str(work / "tp2")), make_loader=make_pattern_loader)
     assert resumed.resume_from is not None
     assert resumed.evaluate()["val_loss"] == pytest.approx(res["tp2_val"], abs=2e-5)
     # Meta export gathered from 2 FSDP ranks == offline export of the sharded checkpoint
     offline = export_checkpoint(res["dp2_ckpt"], tmp_path / "offline_meta")
-    a = torch.load(tmp_path / "dp2_meta" / "consolidated.00.pth", weights_only=True)
+    a = torch.load(work / "dp2_meta" / "consolidated.00.pth", weights_only=True)
     b = torch.load(offline / "consolidated.00.pth", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # and equals the 1-rank run's weights (fp16 export of fp32 training)
