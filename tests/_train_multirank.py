@@ -2,6 +2,7 @@
 stopped at step 2 and resumed (on dp=2, and on tp=2), writing every rank-0 loss history to the JSON file argv[2]."""
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -62,6 +63,8 @@ def main(work, result_path):
     if dist.get_rank() == 0:
         Path(result_path).write_text(json.dumps(results))
     dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # skip interpreter teardown: gloo threads there rarely abort ("terminate called ...")
 
 
 if __name__ == "__main__":

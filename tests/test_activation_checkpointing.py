@@ -211,6 +211,7 @@ def _worker():
     dist.barrier()
     print("WORKER OK", flush=True)
     dist.destroy_process_group()
+    os._exit(0)  # skip interpreter teardown: gloo threads there rarely abort ("terminate called ...")
 
 
 if __name__ == "__main__":
