@@ -20,16 +20,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from llama.checkpoint import parse_dtype
 from llama.cpu_kernels import cpu_has_native_bf16, use_cpu_gemv
 from llama.model import KVCache, Transformer, apply_rotary_emb
 from llama.parallel import check_tp_degree, init_distributed, launched_with_torchrun
-
-DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
-
 
 # ---------------------------------------------------------------------------------------------
 # device and dtype
@@ -53,14 +47,8 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str) -> torch.dtype:
-    if dtype is None:
-        return default_dtype(device)
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).lower().removeprefix("torch.")
-    if key not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-    return DTYPES[key]
+    """A dtype name ("bf16", "float32", ...) or torch dtype; None picks the device's default."""
+    return default_dtype(device) if dtype is None else parse_dtype(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +252,7 @@ class Llama:
         mps, then cpu; `dtype` to bf16 where the hardware has it, fp16 on older GPUs, else fp32.
         `cpu_kernels`: on one CPU process in bf16, decode with `use_cpu_gemv` (built on first use).
         """
-        from llama.checkpoint import load_consolidated, load_params, load_tp_slice
+        from llama.checkpoint import load_model, load_params, load_tp_slice
         from llama.tokenizer import Tokenizer
 
         _check_paths(ckpt_dir, tokenizer_path)
@@ -287,22 +275,19 @@ class Llama:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         rank, world = init_distributed(device.type)
 
-        with torch.device("meta"):
-            model = Transformer(args)
         if world == 1:
-            sd = load_consolidated(ckpt_dir)
-            _check_shapes(model, sd)
-            model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()},
-                                  strict=True, assign=True)
+            model = load_model(ckpt_dir, device=device, dtype=dtype, max_seq_len=max_seq_len)
         else:
             from torch.distributed.device_mesh import init_device_mesh
 
             from llama.parallel import apply_tp
 
+            with torch.device("meta"):
+                model = Transformer(args)
             mesh = init_device_mesh(device.type, (world,))
             apply_tp(model, mesh)
             _load_sharded(model, load_tp_slice(ckpt_dir, rank, world), mesh, device, dtype)
-        model.init_buffers(device)
+            model.init_buffers(device)
         model.eval().requires_grad_(False)
         if cpu_kernels and world == 1 and device.type == "cpu" and dtype == torch.bfloat16:
             use_cpu_gemv(model)
@@ -339,15 +324,7 @@ class Llama:
         if self._decode_step is not None and tokens.size(1) == 1:
             pos = torch.tensor([start_pos], device=self.device)
             return self._decode_step(self.model, tokens, pos, cache.k, cache.v)[:, None]
-        if not last_only or tokens.size(1) == 1:
-            return self.model(tokens, start_pos, cache).float()
-        # the output projection only for the last position: (B, T, dim) -> (B, 1, dim) before it,
-        # which saves T-1 rows of the largest matmul and the (B, T, vocab) logits
-        hook = self.model.output.register_forward_pre_hook(lambda mod, args: (args[0][:, -1:],), prepend=True)
-        try:
-            return self.model(tokens, start_pos, cache).float()
-        finally:
-            hook.remove()
+        return self.model(tokens, start_pos, cache, last_only=last_only).float()
 
     def _sample(self, logits, temperature, top_p, top_k) -> torch.Tensor:
         nxt = sample(logits, temperature, top_p, top_k, self.generator)
@@ -497,13 +474,3 @@ class Llama:
         piece = text.finish()
         if piece:
             yield piece
-
-
-def _check_shapes(model: Transformer, sd: dict) -> None:
-    params = dict(model.named_parameters())
-    missing, unexpected = sorted(set(params) - set(sd)), sorted(set(sd) - set(params))
-    if missing or unexpected:
-        raise ValueError(f"checkpoint keys do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for k, v in sd.items():
-        if v.shape != params[k].shape:
-            raise ValueError(f"{k}: checkpoint has shape {tuple(v.shape)}, params.json implies {tuple(params[k].shape)}")

@@ -356,7 +356,10 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, mean=0.0, std=std)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """(B, T) ids at positions start_pos.. -> (B, T, vocab) logits; (B, 1, vocab) with `last_only`
+        (prefill for sampling: skips T-1 rows of the largest matmul)."""
         bsz, seqlen = tokens.shape
         if start_pos + seqlen > self.freqs_cis.size(0):
             raise ValueError(f"positions up to {start_pos + seqlen} exceed the model's max_seq_len {self.freqs_cis.size(0)}")
@@ -364,7 +367,9 @@ class Transformer(nn.Module):
         freqs_cis = self.freqs_cis[start_pos:start_pos + seqlen]  # (T, D/2, 2)
         for layer in self.layers:
             h = layer(h, freqs_cis, start_pos, cache)
-        return self.output(self.norm(h))  # (B, T, vocab)
+        if last_only:
+            h = h[:, -1:]  # (B, 1, dim)
+        return self.output(self.norm(h))  # (B, T or 1, vocab)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
