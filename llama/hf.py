@@ -199,6 +199,11 @@ def save_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs, out_dir: str |
         size += n
     files = [SINGLE] if len(groups) == 1 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
                                                for i in range(len(groups))]
+    if (out_dir / INDEX).exists():  # a stale index would win over the files written now
+        (out_dir / INDEX).unlink()
+    for old in out_dir.glob("model-*-of-*.safetensors"):
+        if old.name not in files:
+            old.unlink()
     for name, keys in zip(files, groups):
         tensors = {k: _own_storage(hf[k].detach().to(device="cpu", dtype=dtype)) for k in keys}
         tmp = out_dir / f".{name}.tmp{os.getpid()}"
@@ -242,7 +247,10 @@ def load_hf(hf_dir: str | Path, **overrides) -> tuple[dict[str, torch.Tensor], M
     hf_dir = Path(hf_dir)
     args = read_hf_config(hf_dir, **overrides)
     if (hf_dir / INDEX).is_file():
-        files = sorted(set(json.loads((hf_dir / INDEX).read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads((hf_dir / INDEX).read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
+            raise ValueError(f"{hf_dir / INDEX} is not a valid safetensors index ({type(e).__name__}: {e})") from None
     elif (hf_dir / SINGLE).is_file():
         files = [SINGLE]
     else:

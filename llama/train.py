@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from llama.checkpoint import parse_dtype
 from llama.model import ModelArgs, Transformer, check_attention_backend
 from llama.parallel import check_tp_degree, init_distributed, launched_with_torchrun
 from llama.speed import adamw_kwargs, compile_blocks, compiled_cross_entropy, cross_entropy
@@ -293,8 +294,7 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path, num_shards: int = 1
     loaded = {"model": sd}
     with _quiet_single_process():
         dcp.load(loaded, checkpoint_id=str(ckpt), no_dist=True)
-    if isinstance(dtype, str):
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    dtype = parse_dtype(dtype)
     tokenizer_path = tokenizer_path or meta["config"].get("tokenizer")
     return save_meta_checkpoint(loaded["model"], args, out_dir, num_shards=num_shards, dtype=dtype,
                                 tokenizer_path=tokenizer_path, overwrite=overwrite)
@@ -802,7 +802,13 @@ class Trainer:
 
 def _truncate_metrics(path: Path, step: int) -> None:
     if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):  # a line cut off by a kill mid-write
+                continue
         path.write_text("".join(line + "\n" for line in keep))
 
 

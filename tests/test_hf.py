@@ -141,3 +141,17 @@ def test_hf_directory_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
     with pytest.raises(ValueError, match=r"config\.json: cannot represent .* tie_word_embeddings"):
         load_hf(tmp_path)
+
+
+def test_resaving_into_one_file_drops_a_stale_sharded_index(tmp_path):
+    args = ModelArgs.from_name("tiny")
+    torch.manual_seed(0)
+    old, new = Transformer(args).state_dict(), Transformer(args).state_dict()
+    save_hf(old, args, tmp_path, dtype=torch.float32, max_shard_size=100_000)
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    save_hf(new, args, tmp_path, dtype=torch.float32)
+    loaded, _ = load_hf(tmp_path)
+    assert all(torch.equal(loaded[k], new[k]) for k in new)
+    (tmp_path / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a valid safetensors index"):
+        load_hf(tmp_path)

@@ -292,3 +292,11 @@ def test_prepared_data_train_export_meta_layout(tmp_path, tiny_tokenizer):
         a, b = (torch.load(d / name, weights_only=True) for d in (out, again))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (again / "tokenizer.model").read_bytes() == Path(tiny_tokenizer.model_path).read_bytes()
+
+
+def test_metrics_cut_off_by_a_kill_are_trimmed_on_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "loss": 1.')
+    T._truncate_metrics(path, 2)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+
