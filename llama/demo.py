@@ -124,6 +124,15 @@ def run(workdir: str = "runs/demo", data=None, config: str = "demo", vocab_size:
         source = f"{len(files)} file(s) from {data}"
     print(f"{source}, {sum(f.stat().st_size for f in files) / 1e6:.1f} MB")
     summary["corpus"] = source
+    # what the reusable stages were built from: a rerun with other inputs must not reuse them silently
+    inputs = {"files": len(files), "bytes": sum(f.stat().st_size for f in files), "vocab_size": vocab_size,
+              "val_fraction": val_fraction}
+    built = summary.get("inputs")
+    if built is not None and built != inputs:
+        raise ValueError(f"{work} was built from other inputs ({built}, now {inputs}); pass --fresh to rebuild "
+                         f"it or --workdir for a new one")
+    summary["inputs"] = inputs
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
 
     _stage("tokenizer")
     tok_path = work / "tokenizer.model"

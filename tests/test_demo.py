@@ -4,6 +4,8 @@ import json
 import math
 import random
 
+import pytest
+
 from llama import demo
 
 
@@ -54,3 +56,5 @@ def test_tiny_end_to_end_run_then_reuse(tmp_path):
     s2 = demo.run(**kw)  # a second run reuses every stage
     assert (work / "tokenizer.model").stat().st_mtime_ns == tok_mtime
     assert s2["val_ppl_before"] == s["val_ppl_before"] and s2["steps"] == 6
+    with pytest.raises(ValueError, match="built from other inputs.*--fresh"):  # no silent reuse
+        demo.run(**{**kw, "vocab_size": 320})
