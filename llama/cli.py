@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -15,14 +16,25 @@ def run(main: Callable) -> None:
     import fire
     import torch.distributed as dist
 
+    code = 0
     try:
         fire.Fire(main)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        code = 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        code = 130
     finally:
-        if dist.is_available() and dist.is_initialized():
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed:
             dist.destroy_process_group()
+    if distributed:
+        # gloo's threads sometimes abort the interpreter's teardown ("terminate called without an
+        # active exception", exit -6) after all the work is done; everything is written and flushed
+        # by now, so leave without it
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        sys.exit(code)
