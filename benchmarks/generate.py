@@ -3,9 +3,10 @@
 For each dtype and batch size: time to first token (prefill of a P-token prompt + first sample),
 prefill tokens/s, decode tokens/s (greedy, N new tokens, the first excluded), and batch-1 decode
 as a percentage of the memory-bandwidth ceiling measured in the same run: bandwidth (a sum over a
-256 MB tensor) / bytes read per decoded token (every weight but the embedding table, plus the KV
-cache of the positions attended). Runs alternate between the two implementations and the best of
-`repeats` is kept, since the machine is shared.
+256 MB tensor, timed right after every timed decode, median over the run: the bandwidth this shared
+machine gives moves by 2x from minute to minute) / bytes read per decoded token (every weight but
+the embedding table, plus the KV cache of the positions attended). Runs alternate between the
+implementations and the best of `repeats` is kept.
 
     python benchmarks/generate.py                       # 160M preset, bf16 and fp32, batch 1 and 8
     python benchmarks/generate.py --model 60M --dtypes bf16 --batches 1 --compile
@@ -14,6 +15,7 @@ cache of the positions attended). Runs alternate between the two implementations
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,7 +25,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llama.cpu_kernels import use_cpu_gemv  # noqa: E402
 from llama.generation import Llama, resolve_dtype  # noqa: E402
 from llama.hf import hf_config, to_hf  # noqa: E402
 from llama.model import ModelArgs, Transformer  # noqa: E402
@@ -59,8 +60,9 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
     base = Transformer(args).eval().requires_grad_(False)
     n_params = base.num_params()
     bw = measure_bandwidth_gbs()
+    bw_samples = [bw]
     print(f"model {model} ({n_params / 1e6:.0f}M params), prompt {prompt_len}, new {new_tokens}, "
-          f"threads {torch.get_num_threads()}, bandwidth {bw:.1f} GB/s (sum over 256 MB), "
+          f"threads {torch.get_num_threads()}, bandwidth {bw:.1f} GB/s now (sum over 256 MB), "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     rows = []
     for dt_name in dtypes:
@@ -69,9 +71,9 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
         ours.load_state_dict({k: v.to(dtype) for k, v in base.state_dict().items()})
         hf = LlamaForCausalLM(LlamaConfig(**hf_config(args, dtype))).to(dtype).eval()
         hf.load_state_dict({k: v.to(dtype) for k, v in to_hf(base.state_dict(), args).items()})
-        # ours: eager decoding, bf16 products of <= 8 rows on our GEMV kernel (what Llama.build does);
-        # "ours, torch GEMV": the same without the kernel; "ours+compile": Llama.compile()'s static step
-        variants = {"ours": (False, True), "ours, torch GEMV": (False, False)} if dtype == torch.bfloat16 else \
+        # ours: what Llama.build sets up (the fused C++ decoding step for bf16 on CPU, <= 8 rows);
+        # "ours, eager": the model's own forward per step; "ours+compile": Llama.compile()'s static step
+        variants = {"ours": (False, True), "ours, eager": (False, False)} if dtype == torch.bfloat16 else \
             {"ours": (False, False)}
         if compile:
             variants["ours+compile"] = (True, False)
@@ -114,7 +116,7 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
                 return out[:, prompt_len:].tolist(), clock.stamps
 
             # sanity: share of greedy tokens both implementations agree on
-            use_cpu_gemv(ours, dtype == torch.bfloat16)
+            llama.use_cpu_kernels(dtype == torch.bfloat16)
             a, b = ours_run(8)[0], hf_run(8)[0]
             agree = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)) / (8 * bsz)
             results = {}
@@ -122,7 +124,7 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
             def setup(name):
                 if name in variants:
                     llama.compile(static=variants[name][0])
-                    use_cpu_gemv(ours, variants[name][1])
+                    llama.use_cpu_kernels(variants[name][1])
 
             def timed(run):
                 """(TTFT, decode seconds for tokens 2..N): per-token stamps where there are, else from
@@ -146,8 +148,10 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
                     setup(name)
                     ttft, dec = timed(r[0])
                     r[1], r[2] = min(r[1], ttft), min(r[2], dec) if dec > 0 else r[2]
+                    bw_samples.append(measure_bandwidth_gbs(repeats=1))
             llama.compile(static=False)
-            use_cpu_gemv(ours, False)
+            llama.use_cpu_kernels(False)
+            bw = statistics.median(bw_samples)
             for name, (_, ttft, dec) in results.items():
                 decode_tps = bsz * (new_tokens - 1) / dec
                 ceiling_steps = bw * 1e9 / (weight_bytes + kv_bytes)
@@ -158,7 +162,8 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
             for r in rows[-len(results):]:
                 r["vs_hf"] = r["decode_tps"] / hf_dec
                 _print_row(r)
-    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+    print(f"load average at the end {os.getloadavg()[0]:.1f}; bandwidth over the run: median {bw:.1f}, "
+          f"range {min(bw_samples):.1f}-{max(bw_samples):.1f} GB/s")
     table = _table(rows, model, prompt_len, new_tokens, bw)
     print("\n" + table)
     if out:
@@ -180,7 +185,8 @@ def _table(rows, model, prompt_len, new_tokens, bw) -> str:
         lines.append(f"| {r['impl']} | {r['dtype']} | {r['batch']} | {r['ttft_ms']:.0f} | {r['prefill_tps']:.0f} | "
                      f"{r['decode_tps']:.1f} | {r['vs_hf']:.2f}x | {r['pct_ceiling']:.0f}% |")
     lines.append(f"\n{model}, prompt {prompt_len} tokens, {new_tokens} new tokens (greedy), bandwidth {bw:.1f} GB/s; "
-                 f"ceiling = bandwidth / (weights except the embedding + KV read per step).")
+                 f"(median of the samples after each timed run); ceiling = bandwidth / (weights except the embedding "
+                 f"+ KV read per step).")
     return "\n".join(lines)
 
 

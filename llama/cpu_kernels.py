@@ -1,17 +1,26 @@
-"""CPU kernels for decoding: bf16 matrix-vector products at memory bandwidth.
+"""A fused bf16 decoding step for CPUs with native bf16 (AVX512-BF16).
 
-Decoding a few rows reads every weight once per token, so its speed is memory bandwidth. `use_cpu_gemv`
-is a transform: it swaps a model's bf16 CPU `nn.Linear`s for `GemvLinear` (same parameters, same
-state-dict keys), whose single-row products run on a small AVX512-BF16 kernel compiled on first use.
+Decoding a few rows reads every weight once per token, so its speed is memory bandwidth, and the
+eager model spends as long again on ~25 small ops per layer around the products (norms, RoPE,
+cache writes, attention, SiLU, residual adds), each a dispatch and a thread fork/join. `CpuDecoder`
+runs one whole decoding step - every layer, the final norm and the output projection - in one call
+into a small C++ kernel built on first use, with the model's rounding points (bf16 activations,
+fp32 norms/RoPE/softmax/accumulation). Each layer's projections are packed into one buffer in the
+order they are read (wq wk wv wo w1 w3 w2), so q/k/v and w1/w3 are each one matrix-vector product
+streaming contiguous memory; the parameters become views of that buffer (same keys, same values,
+no extra memory). Where the kernel cannot be built or the model does not qualify, nothing changes.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+MAX_ROWS = 8  # batch rows per fused step (the kernel is templated up to 8)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -23,114 +32,356 @@ def cpu_has_native_bf16() -> bool:
     return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
 
 
-
-# Decoding a few rows reads every weight once per token, so its speed is memory bandwidth. The
-# library GEMV for bf16 on CPU reaches about half of it (it is built for large products); this
-# kernel streams 4 weight rows at a time with AVX512-BF16 dot products (fp32 accumulation) and
-# reuses each loaded block for all M input rows. Built on first use with the C++ compiler
-# (cached by torch in ~/.cache/torch_extensions); where it cannot build or run, nothing changes.
-_GEMV_SRC = r"""
+_SRC = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <cmath>
 #include <cstring>
+#include <algorithm>
+#include <vector>
 
-static inline float bf2f(uint16_t v) { uint32_t u = (uint32_t)v << 16; float f; std::memcpy(&f, &u, 4); return f; }
+using bf16 = uint16_t;
+static inline float b2f(bf16 v) { uint32_t u = (uint32_t)v << 16; float f; std::memcpy(&f, &u, 4); return f; }
+static inline bf16 f2b(float f) {  // round to nearest even, as torch does
+  uint32_t u; std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (bf16)(u >> 16);
+}
+static inline float rnd(float f) { return b2f(f2b(f)); }  // a bf16 round trip
 
-// y (M, N) = x (M, K) @ w (N, K)^T, bf16 in and out, fp32 accumulation.
-torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "gemv_bf16: bf16 only");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "gemv_bf16: shapes");
-  x = x.contiguous(); w = w.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), K32 = K / 32 * 32;
-  auto y = torch::empty({M, N}, torch::dtype(torch::kFloat32));
-  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, (N + 3) / 4, 8, [&](int64_t lo, int64_t hi) {
-    for (int64_t blk = lo; blk < hi; ++blk) {
-      const int64_t n0 = blk * 4, rows = std::min<int64_t>(4, N - n0);
-      const uint16_t* r = wp + n0 * K;
-      for (int64_t m = 0; m < M; ++m) {
-        const uint16_t* xr = xp + m * K;
-        float s[4] = {0.f, 0.f, 0.f, 0.f};
-        if (rows == 4) {
-          __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-          for (int64_t k = 0; k < K32; k += 32) {
-            __m512bh xv = (__m512bh)_mm512_loadu_si512(xr + k);
-            a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(r + k), xv);
-            a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(r + K + k), xv);
-            a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(r + 2 * K + k), xv);
-            a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(r + 3 * K + k), xv);
-          }
-          s[0] = _mm512_reduce_add_ps(a0); s[1] = _mm512_reduce_add_ps(a1);
-          s[2] = _mm512_reduce_add_ps(a2); s[3] = _mm512_reduce_add_ps(a3);
-          for (int j = 0; j < 4; ++j)
-            for (int64_t k = K32; k < K; ++k) s[j] += bf2f(r[j * K + k]) * bf2f(xr[k]);
-        } else {
-          for (int j = 0; j < rows; ++j)
-            for (int64_t k = 0; k < K; ++k) s[j] += bf2f(r[j * K + k]) * bf2f(xr[k]);
-        }
-        for (int j = 0; j < rows; ++j) yp[m * N + n0 + j] = s[j];
+// 16 lanes at a time: bf16 rounding (round to nearest even in hardware), exp, a bf16 round trip
+static inline __m512 load16(const bf16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+static inline void store16(bf16* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(v)); }
+static inline __m512 rnd16(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+// e^x: x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-6 polynomial (Cephes' coefficients),
+// times 2^n; relative error ~1e-7, far below bf16's 4e-3
+static inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+// out[i] = bf16(h[i] + bf16(y[i])): a residual add in bf16, as the model's
+static void residual(bf16* h, const float* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) store16(h + i, _mm512_add_ps(load16(h + i), rnd16(_mm512_loadu_ps(y + i))));
+  for (; i < n; ++i) h[i] = f2b(b2f(h[i]) + rnd(y[i]));
+}
+
+// y[m, n] = sum_k x[m, k] w[n, k] for rows n0..n1: each 64-byte weight block is loaded once and
+// used for all M input rows; two accumulators per row hide the dot-product latency.
+template <int M>
+static void gemv_rows(const bf16* x, int64_t K, const bf16* w, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  const int64_t K32 = K / 32 * 32;
+  for (int64_t n = n0; n < n1; ++n) {
+    const bf16* r = w + n * K;
+    __m512 a[M], b[M];
+    for (int m = 0; m < M; ++m) { a[m] = _mm512_setzero_ps(); b[m] = _mm512_setzero_ps(); }
+    int64_t k = 0;
+    for (; k + 64 <= K32; k += 64) {
+      __m512bh w0 = (__m512bh)_mm512_loadu_si512(r + k), w1 = (__m512bh)_mm512_loadu_si512(r + k + 32);
+      for (int m = 0; m < M; ++m) {
+        a[m] = _mm512_dpbf16_ps(a[m], w0, (__m512bh)_mm512_loadu_si512(x + m * K + k));
+        b[m] = _mm512_dpbf16_ps(b[m], w1, (__m512bh)_mm512_loadu_si512(x + m * K + k + 32));
       }
     }
+    for (; k < K32; k += 32) {
+      __m512bh w0 = (__m512bh)_mm512_loadu_si512(r + k);
+      for (int m = 0; m < M; ++m) a[m] = _mm512_dpbf16_ps(a[m], w0, (__m512bh)_mm512_loadu_si512(x + m * K + k));
+    }
+    for (int m = 0; m < M; ++m) {
+      float s = _mm512_reduce_add_ps(_mm512_add_ps(a[m], b[m]));
+      for (int64_t kk = K32; kk < K; ++kk) s += b2f(r[kk]) * b2f(x[m * K + kk]);
+      y[m * ldy + n] = s;
+    }
+  }
+}
+
+// sum_d q[d] k[d], q fp32, k bf16
+static inline float dot_f32_bf16(const float* q, const bf16* k, int64_t D) {
+  __m512 a = _mm512_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load16(k + d), a);
+  float s = _mm512_reduce_add_ps(a);
+  for (; d < D; ++d) s += q[d] * b2f(k[d]);
+  return s;
+}
+// acc[d] += p v[d], v bf16
+static inline void axpy_bf16(float p, const bf16* v, float* acc, int64_t D) {
+  const __m512 pv = _mm512_set1_ps(p);
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(pv, load16(v + d), _mm512_loadu_ps(acc + d)));
+  for (; d < D; ++d) acc[d] += p * b2f(v[d]);
+}
+
+// One input row: the thread's rows are walked as S interleaved sub-ranges, S weight streams at
+// once (more reads in flight: ~10% more bandwidth than one stream here)
+template <int S>
+static void gemv_streams(const bf16* x, int64_t K, const bf16* w, int64_t n0, int64_t n1, float* y) {
+  const int64_t step = (n1 - n0) / S, K64 = K / 64 * 64;
+  for (int64_t i = 0; i < step; ++i) {
+    __m512 a[S], b[S];
+    const bf16* r[S];
+    for (int s = 0; s < S; ++s) { a[s] = _mm512_setzero_ps(); b[s] = a[s]; r[s] = w + (n0 + s * step + i) * K; }
+    for (int64_t k = 0; k < K64; k += 64) {
+      __m512bh x0 = (__m512bh)_mm512_loadu_si512(x + k), x1 = (__m512bh)_mm512_loadu_si512(x + k + 32);
+      for (int s = 0; s < S; ++s) {
+        a[s] = _mm512_dpbf16_ps(a[s], (__m512bh)_mm512_loadu_si512(r[s] + k), x0);
+        b[s] = _mm512_dpbf16_ps(b[s], (__m512bh)_mm512_loadu_si512(r[s] + k + 32), x1);
+      }
+    }
+    for (int s = 0; s < S; ++s) {
+      float v = _mm512_reduce_add_ps(_mm512_add_ps(a[s], b[s]));
+      for (int64_t k = K64; k < K; ++k) v += b2f(r[s][k]) * b2f(x[k]);
+      y[n0 + s * step + i] = v;
+    }
+  }
+  gemv_rows<1>(x, K, w, n0 + S * step, n1, y, 0);  // the last < S rows
+}
+
+// y (M, N) float = x (M, K) bf16 @ w (N, K)^T bf16, split over threads by output rows
+static void gemv(const bf16* x, int64_t M, int64_t K, const bf16* w, int64_t N, float* y) {
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    switch (M) {
+      case 1: gemv_streams<4>(x, K, w, n0, n1, y); break;
+      case 2: gemv_rows<2>(x, K, w, n0, n1, y, N); break;
+      case 3: gemv_rows<3>(x, K, w, n0, n1, y, N); break;
+      case 4: gemv_rows<4>(x, K, w, n0, n1, y, N); break;
+      case 5: gemv_rows<5>(x, K, w, n0, n1, y, N); break;
+      case 6: gemv_rows<6>(x, K, w, n0, n1, y, N); break;
+      case 7: gemv_rows<7>(x, K, w, n0, n1, y, N); break;
+      default: gemv_rows<8>(x, K, w, n0, n1, y, N); break;
+    }
   });
-  return y.to(at::kBFloat16);
+}
+
+// RMSNorm as the model computes it: statistics in fp32, normalised value rounded to bf16, times
+// the bf16 weight, rounded again
+static void rmsnorm(const bf16* h, int64_t M, int64_t dim, const bf16* wt, double eps, bf16* out) {
+  for (int64_t m = 0; m < M; ++m) {
+    const bf16* x = h + m * dim;
+    float ss = 0.f;
+    for (int64_t i = 0; i < dim; ++i) { float v = b2f(x[i]); ss += v * v; }
+    const float inv = 1.f / std::sqrt(ss / dim + (float)eps);
+    for (int64_t i = 0; i < dim; ++i) out[m * dim + i] = f2b(rnd(b2f(x[i]) * inv) * b2f(wt[i]));
+  }
+}
+
+// One decoding step of the whole model for M rows at position `pos` (same for every row).
+// h: (M, dim) bf16 token embeddings, updated in place. layers: 6 tensors per layer
+// (attention_norm, wq|wk|wv packed, wo, ffn_norm, w1|w3 packed, w2). cache_k/v: (L, B_max, S, Hkv, D)
+// bf16. freqs: (D/2, 2) fp32 cos/sin of position pos. Returns (M, vocab) fp32 logits (bf16 values, as the model's).
+torch::Tensor decode_step(torch::Tensor h, std::vector<torch::Tensor> layers, torch::Tensor norm_w, torch::Tensor out_w,
+                          torch::Tensor cache_k, torch::Tensor cache_v, int64_t pos, torch::Tensor freqs,
+                          double eps, int64_t n_heads, int64_t n_kv_heads) {
+  TORCH_CHECK(h.scalar_type() == at::kBFloat16 && h.dim() == 2 && h.is_contiguous(), "h: contiguous (M, dim) bf16");
+  const int64_t M = h.size(0), dim = h.size(1), L = (int64_t)layers.size() / 6;
+  TORCH_CHECK(M >= 1 && M <= 8 && (int64_t)layers.size() == 6 * L, "1..8 rows and 6 tensors per layer");
+  TORCH_CHECK(cache_k.dim() == 5 && cache_k.size(0) == L && cache_k.size(1) >= M && cache_k.is_contiguous() &&
+              cache_v.is_contiguous() && cache_k.sizes() == cache_v.sizes() && cache_k.scalar_type() == at::kBFloat16 &&
+              cache_v.scalar_type() == at::kBFloat16, "cache: contiguous (L, B, S, Hkv, D) bf16");
+  const int64_t Bmax = cache_k.size(1), S = cache_k.size(2), Hkv = cache_k.size(3), D = cache_k.size(4);
+  TORCH_CHECK(Hkv == n_kv_heads && n_heads % n_kv_heads == 0 && n_heads * D == dim && pos >= 0 && pos < S &&
+              freqs.numel() == D && freqs.scalar_type() == at::kFloat && freqs.is_contiguous(), "shapes");
+  for (auto& t : layers) TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.is_contiguous(), "weights: contiguous bf16");
+  TORCH_CHECK(norm_w.scalar_type() == at::kBFloat16 && out_w.scalar_type() == at::kBFloat16 && out_w.is_contiguous() &&
+              out_w.size(1) == dim, "output: bf16");
+  const int64_t H = n_heads, rep = H / Hkv, qdim = H * D, kvdim = Hkv * D, hidden = layers[4].size(0) / 2;
+  const float scale = 1.f / std::sqrt((float)D);
+  bf16* hp = reinterpret_cast<bf16*>(h.data_ptr());
+  bf16* ckp = reinterpret_cast<bf16*>(cache_k.data_ptr());
+  bf16* cvp = reinterpret_cast<bf16*>(cache_v.data_ptr());
+  const float* fc = freqs.data_ptr<float>();
+  std::vector<bf16> xn(M * std::max(dim, hidden)), att(M * qdim);
+  std::vector<float> y(M * std::max(qdim + 2 * kvdim, 2 * hidden)), p(H * (pos + 1)), acc(qdim);
+  auto W = [](const torch::Tensor& t) { return reinterpret_cast<const bf16*>(t.data_ptr()); };
+
+  for (int64_t l = 0; l < L; ++l) {
+    const torch::Tensor* lw = &layers[6 * l];
+    TORCH_CHECK(lw[1].size(0) == qdim + 2 * kvdim && lw[1].size(1) == dim && lw[2].size(0) == dim &&
+                lw[2].size(1) == qdim && lw[4].size(1) == dim && lw[5].size(0) == dim && lw[5].size(1) == hidden,
+                "layer weight shapes");
+    // attention: norm, q|k|v in one product, RoPE on q and k (fp32, rounded), k/v into the cache
+    rmsnorm(hp, M, dim, W(lw[0]), eps, xn.data());
+    const int64_t nqkv = qdim + 2 * kvdim;
+    gemv(xn.data(), M, dim, W(lw[1]), nqkv, y.data());
+    for (int64_t m = 0; m < M; ++m) {
+      float* r = y.data() + m * nqkv;
+      for (int64_t i = 0; i < nqkv; ++i) r[i] = rnd(r[i]);
+      for (int64_t i = 0; i < qdim + kvdim; i += 2) {  // q then k: pairs (2j, 2j+1) rotate by freqs[pos, j]
+        const int64_t j = (i % D) / 2;
+        const float c = fc[2 * j], s = fc[2 * j + 1], re = r[i], im = r[i + 1];
+        r[i] = rnd(re * c - im * s);
+        r[i + 1] = rnd(re * s + im * c);
+      }
+      const int64_t off = ((l * Bmax + m) * S + pos) * kvdim;
+      for (int64_t i = 0; i < kvdim; ++i) {
+        ckp[off + i] = f2b(r[qdim + i]);
+        cvp[off + i] = f2b(r[qdim + kvdim + i]);
+      }
+    }
+    // attention of each query head over positions 0..pos of its kv head, fp32. Threads take ranges
+    // of heads (once there is enough work to pay for waking them); each reads the cache in memory
+    // order (position by position), so it streams
+    const int64_t NT = pos + 1, heads_grain = NT * qdim >= (1 << 18) ? 1 : H;
+    for (int64_t m = 0; m < M; ++m) {
+      const bf16* kb = ckp + (l * Bmax + m) * S * kvdim;
+      const bf16* vb = cvp + (l * Bmax + m) * S * kvdim;
+      const float* q = y.data() + m * nqkv;
+      at::parallel_for(0, H, heads_grain, [&](int64_t h0, int64_t h1) {
+        for (int64_t t = 0; t < NT; ++t)
+          for (int64_t hd = h0; hd < h1; ++hd)
+            p[hd * NT + t] = dot_f32_bf16(q + hd * D, kb + t * kvdim + hd / rep * D, D) * scale;
+        for (int64_t hd = h0; hd < h1; ++hd) {
+          float* ph = p.data() + hd * NT;
+          const float mx = *std::max_element(ph, ph + NT);
+          const __m512 mxv = _mm512_set1_ps(mx);
+          __m512 sv = _mm512_setzero_ps();
+          int64_t t = 0;
+          for (; t + 16 <= NT; t += 16) {
+            const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(ph + t), mxv));
+            _mm512_storeu_ps(ph + t, e);
+            sv = _mm512_add_ps(sv, e);
+          }
+          float sum = _mm512_reduce_add_ps(sv);
+          for (; t < NT; ++t) { ph[t] = std::exp(ph[t] - mx); sum += ph[t]; }
+          for (t = 0; t < NT; ++t) ph[t] /= sum;
+        }
+        std::fill(acc.begin() + h0 * D, acc.begin() + h1 * D, 0.f);
+        for (int64_t t = 0; t < NT; ++t)
+          for (int64_t hd = h0; hd < h1; ++hd)
+            axpy_bf16(p[hd * NT + t], vb + t * kvdim + hd / rep * D, acc.data() + hd * D, D);
+        for (int64_t i = h0 * D; i < h1 * D; ++i) att[m * qdim + i] = f2b(acc[i]);
+      });
+    }
+    gemv(att.data(), M, qdim, W(lw[2]), dim, y.data());
+    residual(hp, y.data(), M * dim);
+    // feed-forward: norm, w1|w3 in one product, silu(a) * b, w2, residual
+    rmsnorm(hp, M, dim, W(lw[3]), eps, xn.data());
+    gemv(xn.data(), M, dim, W(lw[4]), 2 * hidden, y.data());
+    for (int64_t m = 0; m < M; ++m) {  // bf16(bf16(silu(a)) * b), a and b rounded to bf16 first
+      const float* ya = y.data() + m * 2 * hidden;
+      const float* yb = ya + hidden;
+      bf16* out = xn.data() + m * hidden;
+      int64_t i = 0;
+      for (; i + 16 <= hidden; i += 16) {
+        const __m512 a = rnd16(_mm512_loadu_ps(ya + i)), b = rnd16(_mm512_loadu_ps(yb + i));
+        const __m512 sa = _mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), a))));
+        store16(out + i, _mm512_mul_ps(rnd16(sa), b));
+      }
+      for (; i < hidden; ++i) {
+        const float a = rnd(ya[i]), b = rnd(yb[i]);
+        out[i] = f2b(rnd(a / (1.f + std::exp(-a))) * b);
+      }
+    }
+    gemv(xn.data(), M, hidden, W(lw[5]), dim, y.data());
+    residual(hp, y.data(), M * dim);
+  }
+  rmsnorm(hp, M, dim, W(norm_w), eps, xn.data());
+  const int64_t V = out_w.size(0);
+  auto logits = torch::empty({M, V}, torch::dtype(torch::kFloat32));
+  float* lp = logits.data_ptr<float>();
+  gemv(xn.data(), M, dim, W(out_w), V, lp);
+  int64_t i = 0;
+  for (; i + 16 <= M * V; i += 16) _mm512_storeu_ps(lp + i, rnd16(_mm512_loadu_ps(lp + i)));
+  for (; i < M * V; ++i) lp[i] = rnd(lp[i]);
+  return logits;
 }
 """
-_gemv_module = None
-GEMV_MAX_ROWS = 1  # measured: a win at batch 1; at batch 8 torch's bf16 GEMM is faster
+_module = None
 
 
-def cpu_gemv_kernel():
-    """The compiled bf16 GEMV extension, or None where this CPU/compiler cannot provide it."""
-    global _gemv_module
-    if _gemv_module is None:
-        _gemv_module = False
+def decode_kernel():
+    """The compiled C++ extension (built on first use, cached by torch in ~/.cache/torch_extensions),
+    or None where this CPU or toolchain cannot provide it."""
+    global _module
+    if _module is None:
+        _module = False
         if cpu_has_native_bf16():
             try:
                 from torch.utils.cpp_extension import load_inline
 
-                _gemv_module = load_inline("llama_gemv_bf16", cpp_sources=_GEMV_SRC, functions=["gemv_bf16"],
-                                           extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16"])
-            except Exception as e:  # no compiler, old toolchain...: keep the library GEMV
-                import warnings
-
-                warnings.warn(f"bf16 GEMV kernel unavailable, decoding uses torch's ({type(e).__name__}: {e})")
-    return _gemv_module or None
-
-
-@torch.library.custom_op("llama::gemv_bf16", mutates_args=())
-def gemv_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """(M, K) @ (N, K)^T on the CPU kernel; an opaque op to torch.compile, which fuses around it."""
-    return cpu_gemv_kernel().gemv_bf16(x, w)
+                _module = load_inline("llama_cpu_decode", cpp_sources=_SRC, functions=["decode_step"],
+                                      extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512bf16"],
+                                      extra_ldflags=["-fopenmp"])
+            except Exception as e:  # no compiler, old toolchain...: the eager model decodes
+                warnings.warn(f"fused CPU decoding kernel unavailable, decoding runs eagerly ({type(e).__name__}: {e})")
+    return _module or None
 
 
-@gemv_bf16.register_fake
-def _(x, w):
-    return x.new_empty(x.size(0), w.size(0))
+_LAYER_ORDER = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                "feed_forward.w1", "feed_forward.w3", "feed_forward.w2")
 
 
-class GemvLinear(nn.Linear):
-    """nn.Linear (same parameters, same state-dict keys) whose products with <= GEMV_MAX_ROWS bf16 rows on
-    CPU run on `cpu_gemv_kernel`; anything else goes to F.linear."""
+class CpuDecoder:
+    """Runs `model(tokens, start_pos, cache)` for one new token per row (up to MAX_ROWS rows) in one
+    call into the fused kernel. Build with `CpuDecoder.create(model)`, which packs the layers'
+    weights (a transform: the parameters become views into the packed buffers, keys and values
+    unchanged) and returns None where the model does not qualify (not bf16 on CPU, sharded,
+    non-linear replacements such as int8, or no kernel)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.size(-1)
-        if rows <= GEMV_MAX_ROWS and x.dtype == torch.bfloat16 and x.device.type == "cpu" and self.bias is None:
-            return gemv_bf16(x.reshape(rows, -1), self.weight).view(*x.shape[:-1], -1)
-        return F.linear(x, self.weight, self.bias)
+    def __init__(self, model, kernel):
+        self.model, self.kernel = model, kernel
+        self.layers: list[torch.Tensor] = []  # 6 per layer, in the kernel's order
+        for block in model.layers:
+            mods = [block.get_submodule(name) for name in _LAYER_ORDER]
+            sizes = [m.weight.numel() for m in mods]
+            buf = torch.empty(sum(sizes), dtype=torch.bfloat16)
+            views, off = [], 0
+            for m, n in zip(mods, sizes):
+                view = buf[off:off + n].view_as(m.weight)
+                view.copy_(m.weight.detach())
+                m.weight.data = view  # the parameter now lives in the packed buffer
+                views.append(view)
+                off += n
+            q, k, v, wo, w1, w3, w2 = views
+            dim = q.size(1)
+            qkv = buf[:q.numel() + k.numel() + v.numel()].view(-1, dim)
+            w13 = buf[off - w2.numel() - w1.numel() - w3.numel():off - w2.numel()].view(-1, dim)
+            self.layers += [block.attention_norm.weight, qkv, wo, block.ffn_norm.weight, w13, w2]
+        self._ptrs = self._pointers()
 
+    @staticmethod
+    def create(model) -> Optional["CpuDecoder"]:
+        params = list(model.parameters())
+        if not params or any(type(p) is not nn.Parameter or p.dtype != torch.bfloat16 or p.device.type != "cpu"
+                             for p in params):
+            return None
+        for block in model.layers:
+            if any(type(block.get_submodule(n)) is not nn.Linear for n in _LAYER_ORDER):
+                return None
+        if type(model.output) is not nn.Linear or (kernel := decode_kernel()) is None:
+            return None
+        with torch.inference_mode(False), torch.no_grad():  # packed weights must stay usable outside inference
+            return CpuDecoder(model, kernel)
 
-def use_cpu_gemv(model: nn.Module, enable: bool = True) -> bool:
-    """Switch every plain bf16 CPU nn.Linear of `model` to `GemvLinear` (a transform: parameters and
-    keys unchanged; enable=False switches back). Returns whether the kernel is in use."""
-    if enable and cpu_gemv_kernel() is None:
-        return False
-    for mod in model.modules():
-        if enable and type(mod) is nn.Linear and type(mod.weight) is nn.Parameter and \
-                mod.weight.dtype == torch.bfloat16 and mod.weight.device.type == "cpu":
-            mod.__class__ = GemvLinear
-        elif not enable and type(mod) is GemvLinear:
-            mod.__class__ = nn.Linear
-    return enable
+    def _pointers(self) -> tuple:
+        return tuple(p.data_ptr() for p in self.model.parameters())
+
+    def valid(self) -> bool:
+        """False once the model's parameters were replaced (moved, cast, quantized, reassigned)."""
+        return self._pointers() == self._ptrs
+
+    def __call__(self, tokens: torch.Tensor, start_pos: int, cache) -> torch.Tensor:
+        """(B, 1) ids at position start_pos -> (B, 1, vocab) float logits, writing the cache."""
+        m = self.model
+        h = m.tok_embeddings(tokens[:, 0]).contiguous()  # (B, dim)
+        logits = self.kernel.decode_step(h, self.layers, m.norm.weight, m.output.weight, cache.k, cache.v,
+                                         start_pos, m.freqs_cis[start_pos].float(), m.args.norm_eps, m.args.n_heads,
+                                         m.args.n_kv_heads)
+        return logits[:, None]

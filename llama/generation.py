@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama.checkpoint import parse_dtype
-from llama.cpu_kernels import cpu_has_native_bf16, use_cpu_gemv
+from llama.cpu_kernels import MAX_ROWS, CpuDecoder, cpu_has_native_bf16
 from llama.model import KVCache, Transformer, apply_rotary_emb
 from llama.parallel import check_tp_degree, init_distributed, launched_with_torchrun
 
@@ -240,6 +240,8 @@ class Llama:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self._cache: Optional[KVCache] = None
         self._decode_step = None  # set by compile()
+        self._cpu_decoder: Optional[CpuDecoder] = None  # set by use_cpu_kernels()
+        self._packed: Optional[CpuDecoder] = None  # the last one built, kept while the weights stay
 
     @staticmethod
     def build(ckpt_dir: str, tokenizer_path: str, max_seq_len: int, max_batch_size: int,
@@ -250,7 +252,7 @@ class Llama:
         Without torchrun it runs in this process; under torchrun each of the WORLD_SIZE ranks holds
         a tensor-parallel slice (world size must divide the heads). `device` defaults to cuda, then
         mps, then cpu; `dtype` to bf16 where the hardware has it, fp16 on older GPUs, else fp32.
-        `cpu_kernels`: on one CPU process in bf16, decode with `use_cpu_gemv` (built on first use).
+        `cpu_kernels`: on one CPU process in bf16, decode with the fused `CpuDecoder` (built on first use).
         """
         from llama.checkpoint import load_model, load_params, load_tp_slice
         from llama.tokenizer import Tokenizer
@@ -289,9 +291,10 @@ class Llama:
             _load_sharded(model, load_tp_slice(ckpt_dir, rank, world), mesh, device, dtype)
             model.init_buffers(device)
         model.eval().requires_grad_(False)
-        if cpu_kernels and world == 1 and device.type == "cpu" and dtype == torch.bfloat16:
-            use_cpu_gemv(model)
-        return Llama(model, tokenizer, max_seq_len, max_batch_size, seed=seed, rank=rank, world_size=world)
+        llama = Llama(model, tokenizer, max_seq_len, max_batch_size, seed=seed, rank=rank, world_size=world)
+        if cpu_kernels and world == 1:
+            llama.use_cpu_kernels()
+        return llama
 
     # -----------------------------------------------------------------------------------------
 
@@ -303,12 +306,25 @@ class Llama:
                                             n_kv_heads=n_kv_local, device=self.device, dtype=self.dtype)
         return self._cache
 
+    def use_cpu_kernels(self, enable: bool = True) -> bool:
+        """Decode with the fused C++ step (`llama.cpu_kernels.CpuDecoder`) where it applies: one process,
+        a bf16 model on a CPU with native bf16, the kernel built. Returns whether it is in use."""
+        if not enable or self.world_size > 1:
+            self._cpu_decoder = None
+            return False
+        if self._packed is None or not self._packed.valid():  # pack once; again only if the weights changed
+            self._packed = CpuDecoder.create(self.model)
+        self._cpu_decoder = self._packed
+        return self._cpu_decoder is not None
+
     def compile(self, static: bool = True, compile: bool = True, **compile_options) -> "Llama":
         """Decode with `static_decode_step` (fixed shapes), compiled by torch.compile unless
-        compile=False. Prefill stays eager. Call it again with static=False to undo."""
+        compile=False, instead of the fused CPU kernel. Prefill stays eager. Call it again with
+        static=False to undo (and `use_cpu_kernels()` to return to the fused CPU step)."""
         if not static:
             self._decode_step = None
             return self
+        self._cpu_decoder = None
         step = static_decode_step
         if compile:
             if self.world_size > 1:
@@ -321,6 +337,11 @@ class Llama:
         """(B, T) ids at positions start_pos.. -> (B, T, vocab) float logits, filling the cache;
         (B, 1, vocab) for the last position only with `last_only` (prefill without logprobs)."""
         cache = self.kv_cache()
+        if self._cpu_decoder is not None and tokens.size(1) == 1 and tokens.size(0) <= MAX_ROWS:
+            if not self._cpu_decoder.valid():  # parameters replaced since (cast, quantized...): re-pack or drop
+                self.use_cpu_kernels()
+            if self._cpu_decoder is not None:
+                return self._cpu_decoder(tokens, start_pos, cache)
         if self._decode_step is not None and tokens.size(1) == 1:
             pos = torch.tensor([start_pos], device=self.device)
             return self._decode_step(self.model, tokens, pos, cache.k, cache.v)[:, None]

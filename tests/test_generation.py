@@ -320,30 +320,84 @@ def test_compiled_decoding_gives_the_same_tokens(llama):
         llama.compile(static=False)
 
 
-def test_cpu_gemv_kernel_matches_fp32_products(llama, ckpts):
-    from llama.cpu_kernels import GemvLinear, cpu_gemv_kernel, use_cpu_gemv
+def _decode_logits(model, tokens, decoder=None, prefill=4):
+    """Prefill tokens[:, :prefill] eagerly, then decode the rest one position at a time (with the fused
+    `decoder` or the model itself) -> (B, T - prefill, V) float logits and the cache."""
+    from llama.model import KVCache
 
-    kernel = cpu_gemv_kernel()
-    if kernel is None:
-        assert not cpu_has_native_bf16() or pytest.skip("no C++ compiler for the bf16 GEMV kernel")
-        return
+    cache = KVCache.for_model(model, tokens.size(0) + 1, tokens.size(1))
+    with torch.inference_mode():
+        model(tokens[:, :prefill], 0, cache)
+        steps = [(decoder or model)(tokens[:, t:t + 1], t, cache).float() for t in range(prefill, tokens.size(1))]
+    return torch.cat(steps, 1), cache
+
+
+@pytest.mark.parametrize("shape", [dict(), dict(dim=48, n_heads=4, n_kv_heads=2, multiple_of=8, vocab_size=97)])
+def test_fused_cpu_decoder_matches_the_model(shape):
+    """The fused C++ decoding step against the eager model: same rounding points in bf16, so the
+    logits and cache agree to bf16 resolution, and both are as close to an fp32 run. The second shape
+    has grouped-query heads, head_dim 12 and K = 48 (the kernels' tails) and a vocabulary of 97 rows."""
+    from llama.cpu_kernels import CpuDecoder
+
     torch.manual_seed(0)
-    for m, n, k in [(1, 37, 100), (8, 2048, 768), (3, 512, 64), (1, 5, 31)]:  # tails of rows and of K
-        x, w = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(n, k, dtype=torch.bfloat16)
-        ref = x.double() @ w.double().t()
-        err = (kernel.gemv_bf16(x, w).double() - ref).abs() / (ref.abs() + 1)
-        assert err.max() < 1e-2  # bf16 output rounding (2^-8) on top of fp32 accumulation
-    # as a transform on a bf16 model: same keys, Linear swapped, logits as the library GEMV gives
-    model = Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 64, 3, dtype="bf16").model
-    assert isinstance(model.layers[0].attention.wq, GemvLinear)
-    tokens = torch.tensor([[1, 5, 9]])
-    with torch.no_grad():
-        from llama.model import KVCache
+    ref = Transformer(tiny_args(**shape)).eval()
+    ref.init_weights(std=0.08)
+    model = Transformer(ref.args).to(torch.bfloat16).eval()
+    model.load_state_dict(ref.state_dict())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    decoder = CpuDecoder.create(model)
+    if decoder is None:
+        assert not cpu_has_native_bf16() or pytest.skip("no C++ compiler for the CPU decoding kernel")
+        return
+    # packing is a transform: same keys and values; q/k/v (and w1/w3) share one buffer, not a copy
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    attn = model.layers[1].attention
+    assert attn.wk.weight.data_ptr() == attn.wq.weight.data_ptr() + attn.wq.weight.numel() * 2
+    assert decoder.valid()
+    tokens = torch.randint(0, ref.args.vocab_size, (3, 20))
+    for rows in (1, 3):
+        fused, fused_cache = _decode_logits(model, tokens[:rows], decoder)
+        eager, eager_cache = _decode_logits(model, tokens[:rows])
+        exact, _ = _decode_logits(ref, tokens[:rows])
+        scale = exact.abs().max()
+        assert (fused - eager).abs().max() < 0.02 * scale  # a few bf16 steps: sums in another order
+        assert (fused - exact).abs().max() < 1.5 * (eager - exact).abs().max() + 0.01 * scale
+        torch.testing.assert_close(fused_cache.k, eager_cache.k, atol=0.02, rtol=0.02)
+        torch.testing.assert_close(fused_cache.v, eager_cache.v, atol=0.02, rtol=0.02)
+        assert (fused.argmax(-1) == exact.argmax(-1)).float().mean() > 0.9
+    # once the parameters are replaced, the decoder says so (Llama then re-packs or decodes eagerly)
+    model.float()
+    assert not decoder.valid() and CpuDecoder.create(model) is None
 
-        cache = KVCache.for_model(model, 1, 8)
-        model(tokens[:, :2], 0, cache)
-        fast = model(tokens[:, 2:], 2, cache).float()
-        use_cpu_gemv(model, enable=False)
-        assert type(model.layers[0].attention.wq) is torch.nn.Linear
-        slow = model(tokens[:, 2:], 2, cache).float()
-    torch.testing.assert_close(fast, slow, atol=0.05, rtol=0.02)
+
+def test_build_decodes_with_the_fused_kernel_where_it_can(ckpts):
+    from unittest import mock
+
+    from llama.cpu_kernels import CpuDecoder
+    from llama.quantize import quantize_int8
+
+    fused = Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 64, 3, dtype="bf16")
+    if fused._cpu_decoder is None:
+        assert not cpu_has_native_bf16() or pytest.skip("no C++ compiler for the CPU decoding kernel")
+        return
+    assert Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 64, 3, dtype="bf16", cpu_kernels=False)._cpu_decoder is None
+    assert Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 64, 3, dtype="float32")._cpu_decoder is None
+    ids = [fused.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS[:3]]
+    with mock.patch.object(CpuDecoder, "__call__", autospec=True, side_effect=CpuDecoder.__call__) as spy:
+        out = fused.generate(ids, GEN_LEN, temperature=0)[0]
+    assert spy.call_count >= GEN_LEN - 1  # every decoding step went through the kernel
+    # every greedy token is the exact (fp32) model's best, or within bf16 noise of it (near-ties)
+    exact = ckpts["model"].eval()
+    for prompt, gen in zip(ids, out):
+        with torch.no_grad():
+            logits = exact(torch.tensor([prompt + gen]))[0, len(prompt) - 1:-1]  # predicting each gen token
+        chosen = logits.gather(-1, torch.tensor(gen)[:, None])[:, 0]
+        assert (chosen >= logits.max(-1).values - 0.05).all(), (chosen, logits.max(-1).values)
+    # quantizing after build replaces the Linears: decoding falls back to the eager int8 model
+    quantize_int8(fused.model)
+    q = fused.generate(ids, GEN_LEN, temperature=0)[0]
+    assert fused._cpu_decoder is None
+    ref = Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 64, 3, dtype="bf16", cpu_kernels=False)
+    quantize_int8(ref.model)
+    assert q == ref.generate(ids, GEN_LEN, temperature=0)[0]
