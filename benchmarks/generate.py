@@ -2,11 +2,11 @@
 
 For each dtype and batch size: time to first token (prefill of a P-token prompt + first sample),
 prefill tokens/s, decode tokens/s (greedy, N new tokens, the first excluded), and batch-1 decode
-as a percentage of the memory-bandwidth ceiling measured in the same run: bandwidth (a sum over a
-256 MB tensor, timed right after every timed decode, median over the run: the bandwidth this shared
-machine gives moves by 2x from minute to minute) / bytes read per decoded token (every weight but
-the embedding table, plus the KV cache of the positions attended). Runs alternate between the
-implementations and the best of `repeats` is kept.
+as a percentage of the memory-bandwidth ceiling: bytes read per decoded token (every weight but the
+embedding table, plus the KV cache of the positions attended) x steps/s over the bandwidth measured
+right before and right after that timed run (the higher of the two; a sum over a 256 MB tensor).
+The bandwidth this shared machine gives moves by 2x from minute to minute, so each run is
+compared with its own. Runs alternate between the implementations; the fastest of `repeats` is kept.
 
     python benchmarks/generate.py                       # 160M preset, bf16 and fp32, batch 1 and 8
     python benchmarks/generate.py --model 60M --dtypes bf16 --batches 1 --compile
@@ -36,9 +36,14 @@ class _NoEos:
     eos_id = -100
 
 
-def measure_bandwidth_gbs(mb: int = 256, repeats: int = 5) -> float:
-    x = torch.ones(mb * 2**20 // 4, dtype=torch.float32)  # touched, so the pages are real
-    x.sum()
+_PROBE: list[torch.Tensor] = []
+
+
+def measure_bandwidth_gbs(repeats: int = 3) -> float:
+    """Read bandwidth now: the best of `repeats` sums over a 256 MB fp32 tensor (allocated once)."""
+    if not _PROBE:
+        _PROBE.append(torch.ones(256 * 2**20 // 4, dtype=torch.float32))  # touched, so the pages are real
+    x = _PROBE[0]
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -142,28 +147,32 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
                 setup(name)
                 run = ours_run if name in variants else hf_run
                 run(2)  # warm-up (and compile)
-                results[name] = [run, float("inf"), float("inf")]
+                results[name] = dict(run=run, ttft=float("inf"), dec=float("inf"), bw=float("nan"))
             for _ in range(repeats):  # alternate implementations so background load hits all alike
                 for name, r in results.items():
                     setup(name)
-                    ttft, dec = timed(r[0])
-                    r[1], r[2] = min(r[1], ttft), min(r[2], dec) if dec > 0 else r[2]
-                    bw_samples.append(measure_bandwidth_gbs(repeats=1))
+                    before = measure_bandwidth_gbs()
+                    ttft, dec = timed(r["run"])
+                    after = measure_bandwidth_gbs()
+                    bw_samples += [before, after]
+                    r["ttft"] = min(r["ttft"], ttft)
+                    if 0 < dec < r["dec"]:
+                        r["dec"], r["bw"] = dec, max(before, after)
             llama.compile(static=False)
             llama.use_cpu_kernels(False)
-            bw = statistics.median(bw_samples)
-            for name, (_, ttft, dec) in results.items():
-                decode_tps = bsz * (new_tokens - 1) / dec
-                ceiling_steps = bw * 1e9 / (weight_bytes + kv_bytes)
-                rows.append(dict(impl=name, dtype=dt_name, batch=bsz, ttft_ms=ttft * 1e3,
-                                 prefill_tps=bsz * prompt_len / ttft, decode_tps=decode_tps,
+            for name, r in results.items():
+                decode_tps = bsz * (new_tokens - 1) / r["dec"]
+                ceiling_steps = r["bw"] * 1e9 / (weight_bytes + kv_bytes)
+                rows.append(dict(impl=name, dtype=dt_name, batch=bsz, ttft_ms=r["ttft"] * 1e3,
+                                 prefill_tps=bsz * prompt_len / r["ttft"], decode_tps=decode_tps, bw=r["bw"],
                                  pct_ceiling=100 * (decode_tps / bsz) / ceiling_steps, agree=agree))
             hf_dec = next(r["decode_tps"] for r in rows[-len(results):] if r["impl"] == "transformers")
             for r in rows[-len(results):]:
                 r["vs_hf"] = r["decode_tps"] / hf_dec
                 _print_row(r)
-    print(f"load average at the end {os.getloadavg()[0]:.1f}; bandwidth over the run: median {bw:.1f}, "
-          f"range {min(bw_samples):.1f}-{max(bw_samples):.1f} GB/s")
+    bw = (min(bw_samples), statistics.median(bw_samples), max(bw_samples))
+    print(f"load average at the end {os.getloadavg()[0]:.1f}; bandwidth over the run: min {bw[0]:.1f}, "
+          f"median {bw[1]:.1f}, max {bw[2]:.1f} GB/s")
     table = _table(rows, model, prompt_len, new_tokens, bw)
     print("\n" + table)
     if out:
@@ -173,20 +182,21 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
 
 def _print_row(r):
     print(f"{r['impl']:>13} {r['dtype']:>5} b{r['batch']:<2} ttft {r['ttft_ms']:7.1f} ms  prefill {r['prefill_tps']:7.0f} tok/s  "
-          f"decode {r['decode_tps']:6.1f} tok/s ({r['vs_hf']:.2f}x transformers, {r['pct_ceiling']:.0f}% of ceiling)  "
+          f"decode {r['decode_tps']:6.1f} tok/s ({r['vs_hf']:.2f}x transformers, {r['pct_ceiling']:.0f}% of ceiling "
+          f"at {r['bw']:.0f} GB/s)  "
           f"greedy agreement {r['agree']:.2f}", flush=True)
 
 
 def _table(rows, model, prompt_len, new_tokens, bw) -> str:
     lines = ["| impl | dtype | batch | TTFT (ms) | prefill tok/s | decode tok/s | decode vs transformers | "
-             "% of bandwidth ceiling |",
-             "|---|---|---|---|---|---|---|---|"]
+             "bandwidth then (GB/s) | % of bandwidth ceiling |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['impl']} | {r['dtype']} | {r['batch']} | {r['ttft_ms']:.0f} | {r['prefill_tps']:.0f} | "
-                     f"{r['decode_tps']:.1f} | {r['vs_hf']:.2f}x | {r['pct_ceiling']:.0f}% |")
-    lines.append(f"\n{model}, prompt {prompt_len} tokens, {new_tokens} new tokens (greedy), bandwidth {bw:.1f} GB/s; "
-                 f"(median of the samples after each timed run); ceiling = bandwidth / (weights except the embedding "
-                 f"+ KV read per step).")
+                     f"{r['decode_tps']:.1f} | {r['vs_hf']:.2f}x | {r['bw']:.1f} | {r['pct_ceiling']:.0f}% |")
+    lines.append(f"\n{model}, prompt {prompt_len} tokens, {new_tokens} new tokens (greedy); bandwidth over the run "
+                 f"{bw[0]:.0f}-{bw[2]:.0f} GB/s (median {bw[1]:.0f}); ceiling = bandwidth around that row's fastest run / "
+                 f"(weights except the embedding + KV read per step).")
     return "\n".join(lines)
 
 
