@@ -76,10 +76,9 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
         ours.load_state_dict({k: v.to(dtype) for k, v in base.state_dict().items()})
         hf = LlamaForCausalLM(LlamaConfig(**hf_config(args, dtype))).to(dtype).eval()
         hf.load_state_dict({k: v.to(dtype) for k, v in to_hf(base.state_dict(), args).items()})
-        # ours: what Llama.build sets up (the fused C++ decoding step for bf16 on CPU, <= 8 rows);
+        # ours: what Llama.build sets up (the fused C++ decoding step on CPU, <= 8 rows);
         # "ours, eager": the model's own forward per step; "ours+compile": Llama.compile()'s static step
-        variants = {"ours": (False, True), "ours, eager": (False, False)} if dtype == torch.bfloat16 else \
-            {"ours": (False, False)}
+        variants = {"ours": (False, True), "ours, eager": (False, False)}
         if compile:
             variants["ours+compile"] = (True, False)
         weight_bytes = sum(p.numel() * p.element_size() for k, p in ours.named_parameters() if "tok_embeddings" not in k)
@@ -121,7 +120,7 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
                 return out[:, prompt_len:].tolist(), clock.stamps
 
             # sanity: share of greedy tokens both implementations agree on
-            llama.use_cpu_kernels(dtype == torch.bfloat16)
+            llama.use_cpu_kernels()
             a, b = ours_run(8)[0], hf_run(8)[0]
             agree = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)) / (8 * bsz)
             results = {}

@@ -252,7 +252,8 @@ class Llama:
         Without torchrun it runs in this process; under torchrun each of the WORLD_SIZE ranks holds
         a tensor-parallel slice (world size must divide the heads). `device` defaults to cuda, then
         mps, then cpu; `dtype` to bf16 where the hardware has it, fp16 on older GPUs, else fp32.
-        `cpu_kernels`: on one CPU process in bf16, decode with the fused `CpuDecoder` (built on first use).
+        `cpu_kernels`: on one CPU process in bf16 or fp32, decode with the fused `CpuDecoder` (built on first
+        use; CPUs with AVX512-BF16).
         """
         from llama.checkpoint import load_model, load_params, load_tp_slice
         from llama.tokenizer import Tokenizer
@@ -308,7 +309,7 @@ class Llama:
 
     def use_cpu_kernels(self, enable: bool = True) -> bool:
         """Decode with the fused C++ step (`llama.cpu_kernels.CpuDecoder`) where it applies: one process,
-        a bf16 model on a CPU with native bf16, the kernel built. Returns whether it is in use."""
+        a bf16 or fp32 model on a CPU with AVX512-BF16, the kernel built. Returns whether it is in use."""
         if not enable or self.world_size > 1:
             self._cpu_decoder = None
             return False
