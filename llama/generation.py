@@ -339,10 +339,7 @@ class Llama:
         (B, 1, vocab) for the last position only with `last_only` (prefill without logprobs)."""
         cache = self.kv_cache()
         if self._cpu_decoder is not None and tokens.size(1) == 1 and tokens.size(0) <= MAX_ROWS:
-            if not self._cpu_decoder.valid():  # parameters replaced since (cast, quantized...): re-pack or drop
-                self.use_cpu_kernels()
-            if self._cpu_decoder is not None:
-                return self._cpu_decoder(tokens, start_pos, cache)
+            return self._cpu_decoder(tokens, start_pos, cache)
         if self._decode_step is not None and tokens.size(1) == 1:
             pos = torch.tensor([start_pos], device=self.device)
             return self._decode_step(self.model, tokens, pos, cache.k, cache.v)[:, None]
@@ -377,6 +374,8 @@ class Llama:
         """
         bsz = len(prompt_tokens)
         assert bsz <= self.max_batch_size
+        if self._cpu_decoder is not None and not self._cpu_decoder.valid():
+            self.use_cpu_kernels()  # the parameters were replaced since (cast, quantized...): re-pack or drop it
         lens = [len(t) for t in prompt_tokens]
         ends = [min(n + max_gen_len, self.max_seq_len) for n in lens]
         total_len = max(ends)
