@@ -320,6 +320,18 @@ def test_compiled_decoding_gives_the_same_tokens(llama):
         llama.compile(static=False)
 
 
+def _kernel_or_skip():
+    """Skip where the fused CPU kernel cannot exist (no AVX512-BF16, no C++ compiler); fail where it should."""
+    import shutil
+
+    from llama.cpu_kernels import decode_kernel
+
+    if decode_kernel() is None:
+        if not cpu_has_native_bf16() or shutil.which("c++") is None:
+            pytest.skip("the fused CPU decoding kernel needs AVX512-BF16 and a C++ compiler")
+        pytest.fail("the fused CPU decoding kernel did not build on a machine that has what it needs (see the warning)")
+
+
 def _decode_logits(model, tokens, decoder=None, prefill=4):
     """Prefill tokens[:, :prefill] eagerly, then decode the rest one position at a time (with the fused
     `decoder` or the model itself) -> (B, T - prefill, V) float logits and the cache."""
@@ -347,10 +359,8 @@ def test_fused_cpu_decoder_matches_the_model(shape, dtype):
     model = Transformer(ref.args).to(dtype).eval()
     model.load_state_dict(ref.state_dict())
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    _kernel_or_skip()
     decoder = CpuDecoder.create(model)
-    if decoder is None:
-        assert not cpu_has_native_bf16() or pytest.skip("no C++ compiler for the CPU decoding kernel")
-        return
     # packing is a transform: same keys and values; q/k/v (and w1/w3) share one buffer, not a copy
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
@@ -380,10 +390,9 @@ def test_build_decodes_with_the_fused_kernel_where_it_can(ckpts):
     from llama.cpu_kernels import CpuDecoder
     from llama.quantize import quantize_int8
 
+    _kernel_or_skip()
     fused = Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 64, 3, dtype="bf16")
-    if fused._cpu_decoder is None:
-        assert not cpu_has_native_bf16() or pytest.skip("no C++ compiler for the CPU decoding kernel")
-        return
+    assert fused._cpu_decoder is not None
     assert Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 64, 3, dtype="bf16", cpu_kernels=False)._cpu_decoder is None
     assert Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 64, 3, dtype="fp16")._cpu_decoder is None
     # fp32 decodes through it too: the `llama` fixture of the greedy-vs-transformers tests is fp32
