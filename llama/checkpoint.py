@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-from llama.model import ModelArgs, Transformer
+from llama.model import ModelArgs, Transformer, read_json_object
 from llama.parallel import tp_shard_dim
 
 PARAMS = "params.json"
@@ -181,17 +181,8 @@ class _Shards:
 
 
 def _read_params(ckpt_dir: Path) -> dict:
-    path = ckpt_dir / PARAMS
-    if not path.is_file():
-        raise FileNotFoundError(f"no {PARAMS} in {ckpt_dir}; a Meta checkpoint directory holds params.json "
-                                f"and consolidated.NN.pth")
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{path} must hold a JSON object of model fields")
-    return d
+    return read_json_object(ckpt_dir / PARAMS, f"no {PARAMS} in {ckpt_dir}; a Meta checkpoint directory holds "
+                                                f"params.json and consolidated.NN.pth")
 
 
 def load_params(ckpt_dir: str | Path, vocab_size: int | None = None, **overrides) -> ModelArgs:

@@ -17,7 +17,7 @@ import torch
 
 from llama.checkpoint import TOKENIZER, _atomic_write_text, _own_storage, check_state_dict, load_consolidated, \
     load_params, parse_dtype, save_meta_checkpoint
-from llama.model import ModelArgs
+from llama.model import ModelArgs, read_json_object
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
@@ -225,13 +225,8 @@ def save_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs, out_dir: str |
 
 def read_hf_config(hf_dir: str | Path, **overrides) -> ModelArgs:
     path = Path(hf_dir) / CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"no {CONFIG} in {hf_dir}; a transformers checkpoint holds config.json and "
-                                f"model.safetensors")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    cfg = read_json_object(path, f"no {CONFIG} in {hf_dir}; a transformers checkpoint holds config.json and "
+                                 f"model.safetensors")
     try:
         return args_from_hf_config(cfg, **overrides)
     except (KeyError, TypeError, ValueError) as e:

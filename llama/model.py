@@ -76,14 +76,7 @@ class ModelArgs:
     @classmethod
     def from_json(cls, path: str | Path, **overrides) -> "ModelArgs":
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no model config at {path}")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{path} must hold a JSON object of model fields")
+        d = read_json_object(path, f"no model config at {path}")
         try:
             return cls.from_dict(d, **overrides)
         except (TypeError, ValueError) as e:
@@ -112,6 +105,19 @@ class ModelArgs:
         if self.rope_theta != 10000.0:
             d["rope_theta"] = self.rope_theta
         return d
+
+
+def read_json_object(path: Path, missing: str) -> dict:
+    """The JSON object in `path`; one clear sentence (`missing` when there is no file) instead of a traceback."""
+    if not path.is_file():
+        raise FileNotFoundError(missing)
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} must hold a JSON object, not {type(d).__name__}")
+    return d
 
 
 def preset_names() -> list[str]:

@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 from llama.checkpoint import parse_dtype
-from llama.model import ModelArgs, Transformer, check_attention_backend
+from llama.model import ModelArgs, Transformer, check_attention_backend, read_json_object
 from llama.parallel import check_tp_degree, init_distributed, launched_with_torchrun
 from llama.speed import adamw_kwargs, compile_blocks, compiled_cross_entropy, cross_entropy
 
@@ -135,12 +135,7 @@ class TrainConfig:
     @classmethod
     def from_json(cls, path: str | Path, **overrides) -> "TrainConfig":
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no training config at {path}")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        d = read_json_object(path, f"no training config at {path}")
         try:
             return cls.from_dict(d, **overrides)
         except (TypeError, ValueError) as e:

@@ -178,3 +178,18 @@ def test_too_long_is_a_clear_error():
     model = Transformer(ModelArgs.from_name("tiny"))
     with pytest.raises(ValueError, match="max_seq_len 256"):
         model(torch.zeros(1, 257, dtype=torch.long))
+
+
+def test_config_files_that_are_not_json_objects_are_one_sentence(tmp_path):
+    from llama.model import ModelArgs
+    from llama.train import TrainConfig
+
+    for load in (ModelArgs.from_json, TrainConfig.from_json):
+        with pytest.raises(FileNotFoundError, match="no .*config at"):
+            load(tmp_path / "missing.json")
+        (tmp_path / "bad.json").write_text("{dim: 4")
+        with pytest.raises(ValueError, match="is not valid JSON"):
+            load(tmp_path / "bad.json")
+        (tmp_path / "list.json").write_text("[1, 2]")
+        with pytest.raises(ValueError, match="must hold a JSON object, not list"):
+            load(tmp_path / "list.json")
