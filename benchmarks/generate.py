@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import fire
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from llama.generation import Llama, resolve_dtype  # noqa: E402
-from llama.hf import hf_config, to_hf  # noqa: E402
-from llama.model import ModelArgs, Transformer  # noqa: E402
+from llama.env import resolve_dtype
+from llama.formats.hf import hf_config, to_hf
+from llama.inference import Llama
+from llama.model import ModelArgs, Transformer
 
 
 class _NoEos:
@@ -56,7 +55,6 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
          repeats: int = 2, compile: bool = False, threads: int | None = None, out: str | None = None):
     if threads:
         torch.set_num_threads(threads)
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     dtypes = [dtypes] if isinstance(dtypes, str) else list(dtypes)
     batches = [batches] if isinstance(batches, int) else list(batches)
@@ -77,25 +75,27 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
         hf = LlamaForCausalLM(LlamaConfig(**hf_config(args, dtype))).to(dtype).eval()
         hf.load_state_dict({k: v.to(dtype) for k, v in to_hf(base.state_dict(), args).items()})
         # ours: what Llama.build sets up (the fused C++ decoding step on CPU, <= 8 rows);
-        # "ours, eager": the model's own forward per step; "ours+compile": Llama.compile()'s static step
-        variants = {"ours": (False, True), "ours, eager": (False, False)}
+        # "ours, eager": the model's own forward per step; "ours+compile": the compiled decoder
+        variants = {"ours": "auto", "ours, eager": "eager"}
         if compile:
-            variants["ours+compile"] = (True, False)
+            variants["ours+compile"] = "compiled"
         weight_bytes = sum(p.numel() * p.element_size() for k, p in ours.named_parameters() if "tok_embeddings" not in k)
         for bsz in batches:
-            llama = Llama(ours, _NoEos(), args.max_seq_len, bsz)
+            llamas = {name: Llama(ours, _NoEos(), args.max_seq_len, bsz, decoder=kind) for name, kind in variants.items()}
             prompts = torch.randint(3, args.vocab_size, (bsz, prompt_len))
             ids = prompts.tolist()
             # KV bytes read per step: keys and values of every layer, averaged over the decoded positions
             kv_bytes = 2 * args.n_layers * bsz * (prompt_len + new_tokens / 2) * args.n_kv_heads * args.head_dim * dtype.itemsize
 
-            def ours_run(n):
-                """(tokens, [time of each new token]) from one run."""
-                stamps, t0 = [], time.perf_counter()
-                with torch.inference_mode():
-                    for batch, _ in llama._steps(ids, n, 0.0, 1.0, None, False, ()):
-                        stamps.append(time.perf_counter() - t0)
-                return [r[prompt_len:] for r in batch.tokens.tolist()], stamps
+            def ours(name):
+                def ours_run(n):
+                    """(tokens, [time of each new token]) from one run."""
+                    stamps, t0 = [], time.perf_counter()
+                    with torch.inference_mode():
+                        for batch, _ in llamas[name].steps(ids, n, temperature=0.0):
+                            stamps.append(time.perf_counter() - t0)
+                    return [r[prompt_len:] for r in batch.tokens.tolist()], stamps
+                return ours_run
 
             class _Clock:  # transformers' streamer interface: put() gets the prompt, then each new token
                 def __init__(self):
@@ -120,15 +120,9 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
                 return out[:, prompt_len:].tolist(), clock.stamps
 
             # sanity: share of greedy tokens both implementations agree on
-            llama.use_cpu_kernels()
-            a, b = ours_run(8)[0], hf_run(8)[0]
+            a, b = ours("ours")(8)[0], hf_run(8)[0]
             agree = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)) / (8 * bsz)
             results = {}
-
-            def setup(name):
-                if name in variants:
-                    llama.compile(static=variants[name][0])
-                    llama.use_cpu_kernels(variants[name][1])
 
             def timed(run):
                 """(TTFT, decode seconds for tokens 2..N): per-token stamps where there are, else from
@@ -143,13 +137,11 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
                 return t1 - t0, (time.perf_counter() - t1) - (t1 - t0)
 
             for name in [*variants, "transformers"]:
-                setup(name)
-                run = ours_run if name in variants else hf_run
+                run = ours(name) if name in variants else hf_run
                 run(2)  # warm-up (and compile)
                 results[name] = dict(run=run, ttft=float("inf"), dec=float("inf"), bw=float("nan"))
             for _ in range(repeats):  # alternate implementations so background load hits all alike
                 for name, r in results.items():
-                    setup(name)
                     before = measure_bandwidth_gbs()
                     ttft, dec = timed(r["run"])
                     after = measure_bandwidth_gbs()
@@ -157,8 +149,6 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
                     r["ttft"] = min(r["ttft"], ttft)
                     if 0 < dec < r["dec"]:
                         r["dec"], r["bw"] = dec, max(before, after)
-            llama.compile(static=False)
-            llama.use_cpu_kernels(False)
             for name, r in results.items():
                 decode_tps = bsz * (new_tokens - 1) / r["dec"]
                 ceiling_steps = r["bw"] * 1e9 / (weight_bytes + kv_bytes)

@@ -13,19 +13,18 @@ matmuls timed between the rows. MFU = (6 N + 12 L d T) * tokens/s / peak.
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import fire
 import torch
+from tqdm import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from llama.hf import hf_config, to_hf  # noqa: E402
-from llama.speed import adamw_kwargs, compiled_cross_entropy, cross_entropy  # noqa: E402
-from llama.train import TrainConfig, Trainer, flops_per_token, param_groups  # noqa: E402
+from llama.formats.hf import hf_config, to_hf
+from llama.train import TrainConfig, Trainer, flops_per_token, param_groups
+from llama.train.recipe import adamw_kwargs, compiled_cross_entropy, cross_entropy
 
 
 class SyntheticLoader:
@@ -58,10 +57,9 @@ def matmul_flops(n: int = 4096, seconds: float = 0.5, dtype=torch.bfloat16) -> f
     return best
 
 
-def build_ours(model: str, batch_size: int, seq_len: int, dtype: str, compile: bool, ac: str, tmp: Path,
-               fast_loss: bool, fused_adamw: bool) -> Trainer:
-    """The trainer, set up for one process on synthetic data. With `fast_loss` / `fused_adamw` its loss
-    and optimizer are swapped for llama.speed's (what the trainer should default to)."""
+def build_ours(model: str, batch_size: int, seq_len: int, dtype: str, compile: bool, ac: str, tmp: Path) -> Trainer:
+    """The trainer as a user runs it (compiled blocks and loss with compile=True, fused AdamW), for
+    one process on synthetic data."""
     (tmp / "data").mkdir()
     (tmp / "data" / "synthetic").write_text("tokens come from SyntheticLoader\n")
     cfg = TrainConfig(model=model, data=str(tmp / "data"), out_dir=str(tmp / "run"), steps=10 ** 6,
@@ -70,25 +68,12 @@ def build_ours(model: str, batch_size: int, seq_len: int, dtype: str, compile: b
                       device="cpu", peak_flops=1.0, eval_every=0, eval_batches=0, progress=False,
                       tensorboard=False, resume="never")
     vocab = cfg.model_args().vocab_size
-    trainer = Trainer(cfg, make_loader=lambda c, split, r, n, seed: SyntheticLoader(vocab, batch_size, seq_len))
-    trainer._setup()
-    if fast_loss:
-        def loss(inputs, targets):
-            with trainer._autocast():
-                logits = trainer.model(inputs)
-            return compiled_cross_entropy(logits, targets)
-        trainer._loss = loss
-    if fused_adamw:
-        trainer.optimizer = torch.optim.AdamW(param_groups(trainer.model, cfg.weight_decay), lr=cfg.lr,
-                                              betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **adamw_kwargs("cpu"))
-    return trainer
+    return Trainer(cfg, make_loader=lambda c, split, r, n, seed: SyntheticLoader(vocab, batch_size, seq_len))
 
 
 def build_hf(ours: torch.nn.Module, args, trainer: Trainer, dtype: str, compile: bool, fused_adamw: bool):
     """transformers' LlamaForCausalLM with our weights (its default sdpa attention) and a step with
     the trainer's recipe: autocast, fp32 loss, clip 1.0, the same AdamW."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     config = LlamaConfig(**{k: v for k, v in hf_config(args, torch.float32).items() if k != "architectures"})
     hf = LlamaForCausalLM(config)
     hf.load_state_dict(to_hf(ours.state_dict(), args), strict=True)
@@ -116,15 +101,15 @@ def build_hf(ours: torch.nn.Module, args, trainer: Trainer, dtype: str, compile:
 
 
 def main(model: str = "60M", batch_size: int = 4, seq_len: int = 512, dtype: str = "bf16", compile: bool = True,
-         ac: str = "none", fast_loss: bool = True, fused_adamw: bool = True, hf_compile: bool = False,
+         ac: str = "none", fused_adamw: bool = True, hf_compile: bool = False,
          repeats: int = 12, threads: int = 0, json_out: str = ""):
-    """Time one training step of ours and of transformers; print a table of tokens/s, ratio and MFU."""
+    """Time one training step of ours and of transformers; print a table of tokens/s, ratio and MFU.
+    fused_adamw: transformers' rows use the fused AdamW kernel as ours does."""
     if threads:
         torch.set_num_threads(threads)
-    from tqdm import tqdm
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
-    trainer = build_ours(model, batch_size, seq_len, dtype, compile, ac, tmp, fast_loss, fused_adamw)
+    trainer = build_ours(model, batch_size, seq_len, dtype, compile, ac, tmp)
     args = trainer.args
     tokens = batch_size * seq_len
     flops_tok = flops_per_token(args, seq_len)
@@ -153,11 +138,11 @@ def main(model: str = "60M", batch_size: int = 4, seq_len: int = 512, dtype: str
 
     base = tokens / best["transformers"]
     result = {"model": model, "params": n_params, "batch": [batch_size, seq_len], "dtype": dtype,
-              "compile": compile, "ac": ac, "fast_loss": fast_loss, "fused_adamw": fused_adamw,
+              "compile": compile, "ac": ac, "fused_adamw": fused_adamw,
               "peak_tflops": peak / 1e12, "first_loss": first, "rows": {}}
     print(f"\n{model}: {n_params / 1e6:.1f}M parameters, batch {batch_size} x {seq_len} = {tokens} tokens, "
           f"{dtype} autocast over fp32 master weights, {torch.get_num_threads()} threads")
-    print(f"ours: compile={compile} ac={ac} compiled loss={fast_loss} fused AdamW={fused_adamw}; "
+    print(f"ours: compile={compile} (compiled blocks and loss) ac={ac}, fused AdamW; transformers: fused AdamW={fused_adamw}; "
           f"FLOPs/token {flops_tok / 1e6:.1f}M; bf16 matmul peak {peak / 1e9:.0f} GFLOP/s")
     print("first losses: " + ", ".join(f"{k} {v:.4f}" for k, v in first.items()))
     print("| row | step s | tokens/s | vs transformers | MFU |")

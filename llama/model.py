@@ -3,14 +3,14 @@
 Parameter names are Meta's checkpoint keys, so `load_state_dict(strict=True)` needs no renaming.
 Nothing here knows about devices, process groups or checkpoints: tensor parallelism, FSDP,
 activation checkpointing, quantization and compile are transforms applied to a built model
-(see llama/parallel.py, llama/quantize.py, llama/train.py). Projections are reshaped with
-`view(B, T, -1, head_dim)` so that a tensor-parallel plan may shard heads across ranks.
+(llama/parallel.py, llama/quantize.py). Projections are reshaped with `view(B, T, -1, head_dim)`
+so that a tensor-parallel plan may shard heads across ranks. `WEIGHTS` says what each weight is:
+the TP plan, Meta's shard layout, transformers' names and the initialisation all derive from it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
-_ALIASES = {"30B": "33B"}
+from llama.config import config_path, read_json_object
+
 ATTENTION_BACKENDS = ("sdpa", "xformers", "math")
 
 
@@ -84,15 +84,9 @@ class ModelArgs:
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "ModelArgs":
-        """A preset from configs/models/ ("7B", "13B", "33B" or "30B", "65B", "tiny", ...),
+        """A preset shipped in llama/configs/models ("7B", "13B", "33B" or "30B", "65B", "tiny", ...),
         or a path to a params.json / config JSON file."""
-        if str(name).endswith(".json") or Path(name).is_file():
-            return cls.from_json(name, **overrides)
-        key = _ALIASES.get(name, name)
-        path = CONFIG_DIR / f"{key}.json"
-        if not path.is_file():
-            raise ValueError(f"unknown model preset {name!r}; presets are {preset_names()} (or give a path to a params.json)")
-        return cls.from_json(path, **overrides)
+        return cls.from_json(config_path("models", name), **overrides)
 
     def to_params_json(self) -> dict:
         """The fields Meta's params.json holds (plus the Llama 2 ones when they are set)."""
@@ -107,21 +101,70 @@ class ModelArgs:
         return d
 
 
-def read_json_object(path: Path, missing: str) -> dict:
-    """The JSON object in `path`; one clear sentence (`missing` when there is no file) instead of a traceback."""
-    if not path.is_file():
-        raise FileNotFoundError(missing)
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{path} must hold a JSON object, not {type(d).__name__}")
-    return d
+# ---------------------------------------------------------------------------------------------
+# what each weight is
 
 
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+@dataclass(frozen=True)
+class Weight:
+    """The facts about one weight that every transform and format needs.
+
+    tp: the tensor-parallel style, "colwise" (split the output features / vocabulary rows),
+        "rowwise" (split the input features; the embedding: its vocabulary rows) or None (replicated);
+    tp_dim: the dimension of the weight that `tp` splits;
+    meta_dim: the dimension Meta's consolidated.NN.pth files split across model-parallel shards;
+    hf: transformers' LlamaForCausalLM name (after `model.layers.N.` for the weights of a block);
+    init: "normal" N(0, std), "residual" N(0, std / sqrt(2 n_layers)) (outputs of a residual
+        branch, GPT-2's rule), or "ones";
+    rope_heads: for wq / wk, the ModelArgs field counting the heads whose rows carry RoPE pairs
+        (transformers' rotate-half order permutes those rows).
+    """
+
+    tp: Optional[str]
+    tp_dim: Optional[int]
+    meta_dim: Optional[int]
+    hf: str
+    init: str
+    rope_heads: Optional[str] = None
+
+
+# Weights of a block, by module path inside `layers.N`, in the order the fused CPU decoder reads them.
+LAYER_WEIGHTS = {
+    "attention.wq": Weight("colwise", 0, 0, "self_attn.q_proj", "normal", rope_heads="n_heads"),
+    "attention.wk": Weight("colwise", 0, 0, "self_attn.k_proj", "normal", rope_heads="n_kv_heads"),
+    "attention.wv": Weight("colwise", 0, 0, "self_attn.v_proj", "normal"),
+    "attention.wo": Weight("rowwise", 1, 1, "self_attn.o_proj", "residual"),
+    "feed_forward.w1": Weight("colwise", 0, 0, "mlp.gate_proj", "normal"),
+    "feed_forward.w3": Weight("colwise", 0, 0, "mlp.up_proj", "normal"),
+    "feed_forward.w2": Weight("rowwise", 1, 1, "mlp.down_proj", "residual"),
+    "attention_norm": Weight(None, None, None, "input_layernorm", "ones"),
+    "ffn_norm": Weight(None, None, None, "post_attention_layernorm", "ones"),
+}
+# Weights outside the blocks. Meta splits the embedding by features (dim 1); our plan by vocabulary.
+TOP_WEIGHTS = {
+    "tok_embeddings": Weight("rowwise", 0, 1, "model.embed_tokens", "normal"),
+    "norm": Weight(None, None, None, "model.norm", "ones"),
+    "output": Weight("colwise", 0, 0, "lm_head", "normal"),
+}
+LINEARS = tuple(k for k, w in LAYER_WEIGHTS.items() if w.tp is not None)  # the projections of a block
+
+
+def weight_info(key: str) -> Weight:
+    """The `Weight` of a parameter key such as "layers.3.attention.wq.weight" or "output.weight"."""
+    module = key.removesuffix(".weight")
+    if module in TOP_WEIGHTS:
+        return TOP_WEIGHTS[module]
+    parts = module.split(".", 2)
+    if len(parts) == 3 and parts[0] == "layers" and parts[2] in LAYER_WEIGHTS:
+        return LAYER_WEIGHTS[parts[2]]
+    raise KeyError(f"{key!r} is not a LLaMA weight")
+
+
+def state_dict_keys(args: ModelArgs) -> list[str]:
+    """Every parameter key of a model with `args` (embedding, blocks in table order, norm, output)."""
+    return ([f"{k}.weight" for k in ("tok_embeddings",)]
+            + [f"layers.{i}.{k}.weight" for i in range(args.n_layers) for k in LAYER_WEIGHTS]
+            + [f"{k}.weight" for k in ("norm", "output")])
 
 
 class RMSNorm(nn.Module):
@@ -172,14 +215,6 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
-    @classmethod
-    def for_model(cls, model: "Transformer", max_batch_size: int, max_seq_len: int | None = None,
-                  *, n_kv_heads: int | None = None, device=None, dtype=None) -> "KVCache":
-        a = model.args
-        p = next(model.parameters())
-        return cls(a.n_layers, max_batch_size, max_seq_len or a.max_seq_len, n_kv_heads or a.n_kv_heads,
-                   a.head_dim, device=device or p.device, dtype=dtype or p.dtype)
-
     @property
     def max_batch_size(self) -> int:
         return self.k.size(1)
@@ -188,19 +223,35 @@ class KVCache:
     def max_seq_len(self) -> int:
         return self.k.size(2)
 
-    def update(self, layer: int, start_pos: int, xk: torch.Tensor, xv: torch.Tensor):
-        """Write (B, T, Hkv, D) keys/values at positions start_pos.. and return all keys/values so far."""
+    def update(self, layer: int, pos: int | torch.Tensor, xk: torch.Tensor, xv: torch.Tensor):
+        """Write (B, T, Hkv, D) keys/values at their positions and return what attention reads.
+
+        `pos` an int: the T positions start there, and the filled prefix (B, pos + T, Hkv, D) is
+        returned. `pos` a (T,) tensor of positions: they are written by index and the whole cache
+        (B, max_seq_len, Hkv, D) is returned, so every decoding step has the same shapes (one
+        torch.compile graph); attention masks the positions not written yet.
+        """
         bsz, seqlen = xk.shape[:2]
-        end = start_pos + seqlen
-        self.k[layer, :bsz, start_pos:end] = xk
-        self.v[layer, :bsz, start_pos:end] = xv
-        return self.k[layer, :bsz, :end], self.v[layer, :bsz, :end]
+        if isinstance(pos, int):
+            end = pos + seqlen
+            self.k[layer, :bsz, pos:end] = xk
+            self.v[layer, :bsz, pos:end] = xv
+            return self.k[layer, :bsz, :end], self.v[layer, :bsz, :end]
+        keys, values = self.k[layer, :bsz], self.v[layer, :bsz]  # (B, S, Hkv, D) views
+        keys[:, pos] = xk  # index_put_, which inductor keeps in place
+        values[:, pos] = xv
+        return keys, values
 
 
-def causal_mask(seqlen: int, start_pos: int, device=None) -> torch.Tensor:
-    """Additive (T, start_pos + T) mask: new token i sees every cached position and new tokens <= i."""
-    mask = torch.full((seqlen, seqlen), float("-inf"), device=device).triu(1)
-    return torch.cat([torch.zeros(seqlen, start_pos, device=device), mask], dim=1)
+def causal_mask(seqlen: int, pos: int | torch.Tensor, n_keys: int | None = None, device=None) -> torch.Tensor:
+    """Additive (T, S) mask: the new token at position p sees keys 0..p. With an int start position
+    the keys are the filled prefix (S = pos + T: every cached key, new keys <= i); with a (T,)
+    position tensor they are the whole cache of `n_keys` positions."""
+    if isinstance(pos, int):
+        mask = torch.full((seqlen, seqlen), float("-inf"), device=device).triu(1)
+        return torch.cat([torch.zeros(seqlen, pos, device=device), mask], dim=1)
+    hidden = torch.arange(n_keys, device=pos.device) > pos[:, None]  # (T, S) not visible
+    return torch.zeros(hidden.shape, device=pos.device).masked_fill(hidden, float("-inf"))
 
 
 def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -211,55 +262,49 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, :, None, :].expand(b, s, h, n_rep, d).reshape(b, s, h * n_rep, d)
 
 
-def attention(q, k, v, start_pos: int, backend: str = "sdpa") -> torch.Tensor:
-    """Causal attention of T new queries over start_pos + T keys. q: (B, T, H, D), k/v: (B, S, Hkv, D)."""
-    seqlen, n_rep = q.size(1), q.size(2) // k.size(2)
+def attention(q, k, v, pos: int | torch.Tensor = 0, backend: str = "sdpa") -> torch.Tensor:
+    """Causal attention of T new queries at positions `pos` (an int start, or a (T,) tensor; see
+    `KVCache.update`) over the keys k/v. q: (B, T, H, D), k/v: (B, S, Hkv, D) -> (B, T, H, D)."""
+    seqlen, n_keys, n_rep = q.size(1), k.size(1), q.size(2) // k.size(2)
     if backend == "xformers":
-        return _xformers_attention(q, k, v, start_pos)
+        return _xformers_attention(q, k, v, pos)
     k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T|S, D)
     if backend == "sdpa":
-        if seqlen == 1:
-            out = F.scaled_dot_product_attention(q, k, v)
-        elif start_pos == 0:
+        if isinstance(pos, int) and seqlen == 1:
+            out = F.scaled_dot_product_attention(q, k, v)  # one new token sees every key
+        elif isinstance(pos, int) and pos == 0:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            mask = causal_mask(seqlen, start_pos, q.device).to(q.dtype)
+            mask = causal_mask(seqlen, pos, n_keys, q.device).to(q.dtype)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     elif backend == "math":
         scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T, S)
-        scores = scores + causal_mask(seqlen, start_pos, q.device)
+        scores = scores + causal_mask(seqlen, pos, n_keys, q.device)
         out = (scores.softmax(dim=-1) @ v.float()).type_as(q)
     else:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
     return out.transpose(1, 2)  # (B, T, H, D)
 
 
-def _xformers_attention(q, k, v, start_pos):
-    from xformers.ops import fmha
+def _xformers_attention(q, k, v, pos):
+    from xformers.ops import fmha  # optional GPU extra
 
     b, t, h, d = q.shape
-    hkv = k.size(2)
+    s, hkv = k.size(1), k.size(2)
     if h != hkv:  # grouped-query: (B, S, G, H/G, D) with a broadcast view of k/v
         q = q.view(b, t, hkv, h // hkv, d)
-        k = k[:, :, :, None, :].expand(b, k.size(1), hkv, h // hkv, d)
-        v = v[:, :, :, None, :].expand(b, v.size(1), hkv, h // hkv, d)
-    bias = None if t == 1 else fmha.attn_bias.LowerTriangularFromBottomRightMask()
+        k = k[:, :, :, None, :].expand(b, s, hkv, h // hkv, d)
+        v = v[:, :, :, None, :].expand(b, s, hkv, h // hkv, d)
+    if not isinstance(pos, int):  # positions by tensor: an explicit additive bias over the whole cache
+        shape = (b, t, hkv, h // hkv, s) if h != hkv else (b, h, t, s)
+        mask = causal_mask(t, pos, s).to(q.dtype)  # (T, S)
+        bias = (mask[None, :, None, None, :] if h != hkv else mask[None, None]).expand(shape)
+        bias = bias.permute(0, 2, 3, 1, 4) if h != hkv else bias  # (B, G, H/G, T, S)
+    else:
+        bias = None if t == 1 else fmha.attn_bias.LowerTriangularFromBottomRightMask()
     out = fmha.memory_efficient_attention(q, k, v, attn_bias=bias)
     return out.reshape(b, t, h, d)
-
-
-def check_attention_backend(backend: str, device: torch.device | str) -> None:
-    """Raise a clear error if `backend` cannot run on `device`."""
-    if backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
-    if backend == "xformers":
-        if torch.device(device).type != "cuda":
-            raise ValueError(f"attention backend 'xformers' needs a CUDA device (got {device}); use 'sdpa'")
-        try:
-            import xformers.ops  # noqa: F401
-        except ImportError:
-            raise ValueError("attention backend 'xformers' is not installed: pip install 'llama[gpu]', or use 'sdpa'") from None
 
 
 class Attention(nn.Module):
@@ -273,7 +318,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.backend = "sdpa"
 
-    def forward(self, x, freqs_cis, start_pos: int = 0, cache: KVCache | None = None):
+    def forward(self, x, freqs_cis, pos: int | torch.Tensor = 0, cache: KVCache | None = None):
         bsz, seqlen, _ = x.shape
         # -1: a tensor-parallel plan may have sharded the heads
         xq = self.wq(x).view(bsz, seqlen, -1, self.head_dim)  # (B, T, H, D)
@@ -281,10 +326,10 @@ class Attention(nn.Module):
         xv = self.wv(x).view(bsz, seqlen, -1, self.head_dim)  # (B, T, Hkv, D)
         xq, xk = apply_rotary_emb(xq, freqs_cis), apply_rotary_emb(xk, freqs_cis)
         if cache is not None:
-            xk, xv = cache.update(self.layer_id, start_pos, xk, xv)  # (B, start_pos + T, Hkv, D)
-        elif start_pos:
-            raise ValueError("start_pos > 0 needs a KV cache holding the earlier positions")
-        out = attention(xq, xk, xv, start_pos, self.backend)  # (B, T, H, D)
+            xk, xv = cache.update(self.layer_id, pos, xk, xv)  # (B, S, Hkv, D)
+        elif not isinstance(pos, int) or pos:
+            raise ValueError("positions after 0 need a KV cache holding the earlier ones")
+        out = attention(xq, xk, xv, pos, self.backend)  # (B, T, H, D)
         return self.wo(out.reshape(bsz, seqlen, -1))
 
 
@@ -307,8 +352,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, freqs_cis, start_pos: int = 0, cache: KVCache | None = None):
-        h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos, cache)
+    def forward(self, x, freqs_cis, pos: int | torch.Tensor = 0, cache: KVCache | None = None):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, pos, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -326,14 +371,16 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        # not in state_dict: Meta's checkpoints may carry `rope.freqs`, which loaders drop
         self.register_buffer("freqs_cis", precompute_freqs_cis(args.head_dim, args.max_seq_len, args.rope_theta),
                              persistent=False)
         if self.freqs_cis.device.type != "meta":
             self.init_weights()
 
     def set_attention_backend(self, backend: str) -> "Transformer":
-        check_attention_backend(backend, self.freqs_cis.device if self.freqs_cis.device.type != "meta" else "cpu")
+        """Attention kernel of every block: "sdpa" (default), "math" (plain float32 reference) or
+        "xformers" (CUDA, the optional GPU extra; check with llama.env.check_attention_device)."""
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
         for layer in self.layers:
             layer.attention.backend = backend
         return self
@@ -350,29 +397,39 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
-        """Fresh weights: N(0, std) for embeddings and projections, with the residual-branch outputs
-        (wo, w2) scaled by 1/sqrt(2 * n_layers) (GPT-2's rule); RMSNorm weights 1. No biases exist."""
+        """Fresh weights as `WEIGHTS` says: N(0, std) for embeddings and projections, the outputs of
+        the residual branches (wo, w2) N(0, std / sqrt(2 n_layers)), RMSNorm weights 1. No biases exist."""
         self.init_buffers()
-        out_std = std / math.sqrt(2 * self.args.n_layers)
+        stds = {"normal": std, "residual": std / math.sqrt(2 * self.args.n_layers)}
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
+            init = weight_info(name).init
+            if init == "ones":
                 nn.init.ones_(p)
-            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
-                nn.init.normal_(p, mean=0.0, std=out_std)
             else:
-                nn.init.normal_(p, mean=0.0, std=std)
+                nn.init.normal_(p, mean=0.0, std=stds[init])
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, *, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) ids at positions start_pos.. -> (B, T, vocab) logits; (B, 1, vocab) with `last_only`
-        (prefill for sampling: skips T-1 rows of the largest matmul)."""
+        (prefill for sampling: skips T-1 rows of the largest matmul).
+
+        `input_pos`, a (T,) tensor, gives the positions instead of `start_pos` (with a cache): then
+        every shape is fixed whatever the position, and `torch.compile` of this forward is a static
+        decoding step (see `KVCache.update`).
+        """
         bsz, seqlen = tokens.shape
-        if start_pos + seqlen > self.freqs_cis.size(0):
-            raise ValueError(f"positions up to {start_pos + seqlen} exceed the model's max_seq_len {self.freqs_cis.size(0)}")
+        if input_pos is not None:
+            if cache is None:
+                raise ValueError("input_pos needs a KV cache")
+            pos, freqs_cis = input_pos, self.freqs_cis.index_select(0, input_pos)  # (T, D/2, 2)
+        else:
+            if start_pos + seqlen > self.freqs_cis.size(0):
+                raise ValueError(f"positions up to {start_pos + seqlen} exceed the model's max_seq_len "
+                                 f"{self.freqs_cis.size(0)}")
+            pos, freqs_cis = start_pos, self.freqs_cis[start_pos:start_pos + seqlen]  # (T, D/2, 2)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
-        freqs_cis = self.freqs_cis[start_pos:start_pos + seqlen]  # (T, D/2, 2)
         for layer in self.layers:
-            h = layer(h, freqs_cis, start_pos, cache)
+            h = layer(h, freqs_cis, pos, cache)
         if last_only:
             h = h[:, -1:]  # (B, 1, dim)
         return self.output(self.norm(h))  # (B, T or 1, vocab)
@@ -382,3 +439,10 @@ class Transformer(nn.Module):
         if exclude_embeddings:
             n -= self.tok_embeddings.weight.numel()
         return n
+
+    def new_cache(self, max_batch_size: int, max_seq_len: int | None = None, *, n_kv_heads: int | None = None,
+                  device=None, dtype=None) -> KVCache:
+        """A KV cache for this model (`n_kv_heads`: the heads this rank holds, all by default)."""
+        a = self.args
+        return KVCache(a.n_layers, max_batch_size, max_seq_len or a.max_seq_len, n_kv_heads or a.n_kv_heads,
+                       a.head_dim, device=device, dtype=dtype)

@@ -8,7 +8,7 @@ A tokenizer.model next to the source (or in its parent, Meta's layout) is copied
 """
 
 from llama.cli import run
-from llama.hf import hf_to_meta, meta_to_hf
+from llama.formats.hf import hf_to_meta, meta_to_hf
 
 
 def main(to: str, src: str, dst: str, dtype: str = None, num_shards: int = 1, tokenizer_path: str = None,

@@ -11,12 +11,13 @@ or built-in defaults. Only rank 0 prints.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch.distributed as dist
 
-from llama.cli import run  # noqa: E402
+from llama.cli import run
+from llama.inference import Llama, check_sampling
+from llama.quantize import quantize as apply_quantization
 
 DEFAULT_PROMPTS = [
     "I believe the meaning of life is",
@@ -42,16 +43,15 @@ def read_prompts(prompts=None, prompt_file: str | None = None) -> list[str]:
 def main(ckpt_dir: str, tokenizer_path: str, temperature: float = 0.8, top_p: float = 0.95, top_k: int | None = None,
          max_seq_len: int = 512, max_batch_size: int = 32, max_gen_len: int = 64, prompts=None,
          prompt_file: str | None = None, interactive: bool = False, dtype: str | None = None,
-         device: str | None = None, quantize: str | None = None, seed: int = 1, stop=None):
-    from llama.generation import Llama, check_sampling
-    from llama.quantize import quantize as apply_quantization
-
+         device: str | None = None, quantize: str | None = None, seed: int = 1, stop=None, decoder: str = "auto"):
+    """decoder: how each step runs the model, one of auto (the fused CPU step where it applies, else
+    eager), eager, compiled (torch.compile, fixed shapes) or fused."""
     check_sampling(temperature, top_p, top_k)
     if quantize not in (None, "none", "int8"):
         raise ValueError(f"unknown --quantize {quantize!r}; supported: int8 (or leave it out)")
     prompt_list = None if interactive else read_prompts(prompts, prompt_file)
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                        seed=seed, device=device, dtype=dtype)
+                        seed=seed, device=device, dtype=dtype, decoder=decoder)
     if quantize == "int8" and llama.world_size > 1:
         raise ValueError("--quantize int8 runs on one process; launch without torchrun")
     apply_quantization(llama.model, quantize)
@@ -72,8 +72,6 @@ def main(ckpt_dir: str, tokenizer_path: str, temperature: float = 0.8, top_p: fl
 def _interactive(llama, main_rank: bool, sampling: dict) -> None:
     """Read a prompt, stream its completion; an empty line or EOF ends. Rank 0 reads and shares the
     prompt so every rank runs the same generation."""
-    import torch.distributed as dist
-
     while True:
         prompt = None
         if main_rank:

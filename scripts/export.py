@@ -8,7 +8,7 @@ params.json and tokenizer.model, loadable by scripts/example.py and by transform
 from pathlib import Path
 
 from llama.cli import run
-from llama.train import export_checkpoint, latest_checkpoint
+from llama.train import CheckpointManager, export_checkpoint
 
 
 def main(ckpt: str, out: str, num_shards: int = 1, dtype: str = "fp16", tokenizer: str = None,
@@ -17,15 +17,13 @@ def main(ckpt: str, out: str, num_shards: int = 1, dtype: str = "fp16", tokenize
     tokenizer: tokenizer.model to copy (default: the one the run was trained with)."""
     path = Path(ckpt)
     if not (path / "meta.json").is_file():
-        latest = latest_checkpoint(path)
+        latest = CheckpointManager(path).latest()
         if latest is None:
             raise FileNotFoundError(f"{ckpt} is neither a training checkpoint nor a run directory with checkpoints")
         path = latest
     out_dir = export_checkpoint(path, out, num_shards=num_shards, dtype=dtype, tokenizer_path=tokenizer,
                                 overwrite=overwrite)
     print(f"exported {path} -> {out_dir}")
-
-
 
 
 if __name__ == "__main__":

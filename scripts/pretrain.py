@@ -1,7 +1,7 @@
 """Pretrain a LLaMA model with the paper's recipe (llama.train): one process, or torchrun with
 world = dp x tp (FSDP2 over dp, tensor parallel over tp).
 
-The config is a file of configs/train/ by name (7B, 13B, 33B, 65B, demo, tiny) or a JSON path;
+The config is a training config shipped in llama/configs/train by name (7B, 13B, 33B, 65B, demo, tiny) or a JSON path;
 every field can be overridden with --field value, and model fields with --model.field value.
 The resolved config is printed, and saved in out_dir/config.json and in every checkpoint.
 
@@ -43,8 +43,6 @@ def main(config: str = "tiny", **overrides):
     if int(os.environ.get("RANK", 0)) == 0:
         summary.pop("history")
         print(json.dumps(summary))
-
-
 
 
 if __name__ == "__main__":

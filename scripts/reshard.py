@@ -4,7 +4,7 @@
     python scripts/reshard.py --in_dir llama/7B --out_dir llama/7B-mp2 --num_shards 2 --dtype bf16
 """
 
-from llama.checkpoint import reshard
+from llama.formats.meta import reshard
 from llama.cli import run
 
 

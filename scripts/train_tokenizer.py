@@ -6,8 +6,8 @@
 import time
 
 from llama.cli import run
-from llama.data import list_files
-from llama.tokenizer import Tokenizer, train_tokenizer
+from llama.data import list_files, train_tokenizer
+from llama.tokenizer import Tokenizer
 
 
 def main(inputs: str, out: str = "tokenizer.model", vocab_size: int = 32000,

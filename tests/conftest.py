@@ -1,13 +1,39 @@
+"""Fixtures shared by the tests, and `torchrun`, the one way every multi-rank test starts its ranks."""
+
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from llama.data import train_tokenizer
+from llama.tokenizer import Tokenizer
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+GLOO_ABORT = "terminate called without an active exception"
+
+
+def torchrun(target: str, nproc: int, *args: str, timeout: float = 300, check: bool = True,
+             retry_gloo_abort: bool = True) -> subprocess.CompletedProcess:
+    """Run `target` on `nproc` CPU ranks (gloo) with `python -m torch.distributed.run --standalone`:
+    a module of tests.workers ("tests.workers.train") or a script path. One thread per rank. With
+    `check`, a non-zero exit fails the test with the ranks' output. A rank killed by a rare abort in
+    gloo's teardown (GLOO_ABORT, seen about once in ten loaded runs, after the work) gets one retry;
+    the results are checked all the same."""
+    target_args = ["-m", target] if not target.endswith(".py") else [target]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           *target_args, *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for _ in range(2 if retry_gloo_abort else 1):
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode == 0 or GLOO_ABORT not in proc.stderr:
+            break
+    if check:
+        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
 
 
 @pytest.fixture
@@ -20,8 +46,6 @@ def seed():
 def tiny_tokenizer(tmp_path_factory):
     """A 512-piece tokenizer (the "tiny" preset's vocab) trained once on generated English + Python."""
     import random
-
-    from llama.tokenizer import Tokenizer, train_tokenizer
 
     rng = random.Random(0)
     words = ("the of and to in is that for it as was with be by on not he this are or his from at "

@@ -5,8 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-import llama.data as data_mod
-from llama.data import PackedLoader, load_mixture, permute, prepare_data, read_meta, token_dtype
+import llama.data.prepare as data_mod
+from tests.conftest import ROOT
+from llama.data import PackedLoader, iter_documents, load_mixture, prepare_data, read_meta
+from llama.data.loader import permute
+from llama.data.prepare import token_dtype
 
 WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at which "
          "but have an they you were her she there one all we their can has been if more").split()
@@ -301,9 +304,7 @@ def test_permutation_is_a_bijection():
 
 
 def test_paper_mixture_config():
-    from conftest import ROOT
-
-    mix = load_mixture(ROOT / "configs" / "data" / "llama_mixture.json")
+    mix = load_mixture("llama_mixture")  # shipped in llama/configs/data
     weights = {k: round(w * 100, 6) for k, (_, w) in mix.items()}
     assert weights == {"commoncrawl": 67.0, "c4": 15.0, "github": 4.5, "wikipedia": 4.5, "books": 4.5,
                        "arxiv": 2.5, "stackexchange": 2.0}
@@ -313,8 +314,6 @@ def test_paper_mixture_config():
 
 def test_prepare_script(corpus, tiny_tokenizer, tmp_path, capsys):
     import importlib.util
-
-    from conftest import ROOT
 
     spec = importlib.util.spec_from_file_location("prepare_data", ROOT / "scripts" / "prepare_data.py")
     mod = importlib.util.module_from_spec(spec)
@@ -369,7 +368,6 @@ def test_failure_halfway_keeps_the_old_dataset(tiny_tokenizer, tmp_path):
 
 
 def test_invalid_utf8_bytes_become_replacement_characters(tmp_path, tiny_tokenizer):
-    from llama.data import iter_documents
 
     f = tmp_path / "latin1.txt"
     f.write_bytes("caf\xe9 ok".encode("latin-1"))

@@ -4,9 +4,15 @@ import json
 import math
 import random
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 
-from llama import demo
+# the demo is an application (scripts/demo.py), not part of the library: load it from its file
+_spec = importlib.util.spec_from_file_location("demo", Path(__file__).resolve().parent.parent / "scripts" / "demo.py")
+demo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(demo)
 
 
 def test_stdlib_corpus_is_library_code():

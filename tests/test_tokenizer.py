@@ -5,7 +5,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llama.tokenizer import IncrementalDecoder, Tokenizer, train_tokenizer
+from llama.data import train_tokenizer
+from llama.tokenizer import TextStream, Tokenizer
+from tests.conftest import ROOT
 
 TRICKY = [
     "", " ", "  ", "x", " x", "  x", "x ", "x  ", "\n", " \n ", "a\n\nb", "\t\tindented\n",
@@ -112,13 +114,13 @@ def test_missing_and_invalid_files(tmp_path):
         Tokenizer(bad)
 
 
-def test_incremental_decoder_waits_for_whole_characters(tiny_tokenizer):
+def test_text_stream_waits_for_whole_characters(tiny_tokenizer):
     t = tiny_tokenizer
     text = "Hi 日本 😀 x\n  y👨‍👩‍👧!"
     ids = t.encode(text, True, False)
-    dec = IncrementalDecoder(t)
-    outs = [dec.push(i) for i in ids]
-    outs.append(dec.flush())
+    dec = TextStream(t)
+    outs = [dec.push([i]) for i in ids]
+    outs.append(dec.finish())
     assert "".join(outs) == text
     assert not any("\ufffd" in o for o in outs)
     # the 4 byte pieces of 😀: nothing until the last one, which emits the whole emoji
@@ -129,13 +131,12 @@ def test_incremental_decoder_waits_for_whole_characters(tiny_tokenizer):
     assert any(o.startswith(" ") for o in outs)
 
 
-def test_incremental_decoder_after_prompt(tiny_tokenizer):
+def test_text_stream_holds_back_a_stop_string(tiny_tokenizer):
     t = tiny_tokenizer
-    prompt, ids = t.encode("def f(x):", True, False), t.encode("def f(x):\n    return 日", True, False)
-    assert ids[:len(prompt)] == prompt
-    dec = IncrementalDecoder(t, skip=prompt)
-    out = "".join(dec.push(i) for i in ids[len(prompt):]) + dec.flush()
-    assert out == "\n    return 日"
+    ids = t.encode("return x\n\ndef g", False, False)
+    dec = TextStream(t, stop=["\n\n"])
+    out = "".join(dec.push([i]) for i in ids) + dec.finish()
+    assert out == "return x" and dec.stopped
 
 
 CORPUS = [f"line {i} of the corpus with words like apple banana cherry {i * 7}" for i in range(300)]
@@ -187,7 +188,6 @@ def test_train_errors(tmp_path):
 def test_train_script(tmp_path, capsys):
     import importlib.util
 
-    from conftest import ROOT
 
     (tmp_path / "c.txt").write_text("\n".join(CORPUS))
     spec = importlib.util.spec_from_file_location("train_tokenizer", ROOT / "scripts" / "train_tokenizer.py")
@@ -218,20 +218,20 @@ def test_train_samples_lines_with_a_seed(tmp_path):
     assert a.sha256 != c.sha256  # another sample of 50 lines
 
 
-def test_incremental_decoder_does_not_stall_on_invalid_bytes(tiny_tokenizer):
+def test_text_stream_does_not_stall_on_invalid_bytes(tiny_tokenizer):
     t = tiny_tokenizer
     ids = [3 + 0xE6] + t.encode("ok", False, False)  # a lone UTF-8 lead byte, then text
-    dec = IncrementalDecoder(t)
-    out = [dec.push(i) for i in ids] + [dec.flush()]
+    dec = TextStream(t)
+    out = [dec.push([i]) for i in ids] + [dec.finish()]
     assert out[0] == "" and "".join(out) == t.decode(ids) and "".join(out).endswith("ok")
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.text(alphabet=st.sampled_from(list(" \nab日本😀é\u2581\t1")) | st.characters(exclude_categories=["Cs"]), max_size=30))
-def test_incremental_decoder_hypothesis(tiny_tokenizer, s):
+def test_text_stream_hypothesis(tiny_tokenizer, s):
     ids = tiny_tokenizer.encode(s, True, False)
-    dec = IncrementalDecoder(tiny_tokenizer)
-    outs = [dec.push(i) for i in ids] + [dec.flush()]
+    dec = TextStream(tiny_tokenizer)
+    outs = [dec.push([i]) for i in ids] + [dec.finish()]
     assert "".join(outs) == s
     if "\ufffd" not in s:
         assert not any("\ufffd" in o for o in outs)

@@ -13,7 +13,6 @@ tensor-parallel slice, or resharding P -> Q, holds about one slice / one output 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -21,8 +20,9 @@ from typing import Callable, Optional
 
 import torch
 
-from llama.model import ModelArgs, Transformer, read_json_object
-from llama.parallel import tp_shard_dim
+from llama.config import read_json_object
+from llama.env import atomic_save, atomic_write_text, parse_dtype
+from llama.model import ModelArgs, Transformer, weight_info
 
 PARAMS = "params.json"
 TOKENIZER = "tokenizer.model"
@@ -32,28 +32,19 @@ _SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
 
 def meta_split_dim(key: str) -> int | None:
     """The dimension along which Meta's checkpoints split `key` across model-parallel shards
-    (None: replicated). Note tok_embeddings is split on dim 1 (features), unlike our TP plan."""
-    if key.endswith(("tok_embeddings.weight", "attention.wo.weight", "feed_forward.w2.weight")):
-        return 1
-    if key.endswith(("output.weight", "attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
-                     "feed_forward.w1.weight", "feed_forward.w3.weight")):
-        return 0
-    return None
+    (None: replicated); an unknown key is kept whole."""
+    try:
+        return weight_info(key).meta_dim
+    except KeyError:
+        return None
 
 
-_DTYPES = {"fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-           "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """torch.float16 / "fp16" / "bf16" / "fp32" / ... -> a torch dtype (None stays None)."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    name = str(dtype).lower().removeprefix("torch.")
-    if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
+def tp_shard_dim(key: str) -> int | None:
+    """The dimension of `key` that our tensor-parallel plan splits (None: replicated)."""
+    try:
+        return weight_info(key).tp_dim
+    except KeyError:
+        return None
 
 
 def shard_name(i: int) -> str:
@@ -181,6 +172,9 @@ class _Shards:
 
 
 def _read_params(ckpt_dir: Path) -> dict:
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {ckpt_dir} does not exist; give a folder holding "
+                                f"params.json and consolidated.NN.pth")
     return read_json_object(ckpt_dir / PARAMS, f"no {PARAMS} in {ckpt_dir}; a Meta checkpoint directory holds "
                                                 f"params.json and consolidated.NN.pth")
 
@@ -253,23 +247,7 @@ def load_model(ckpt_dir: str | Path, device=None, dtype: torch.dtype | None = No
     return model
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _own_storage(t: torch.Tensor) -> torch.Tensor:
+def own_storage(t: torch.Tensor) -> torch.Tensor:
     # torch.save writes a view's whole storage: copy slices so each shard holds only its bytes
     t = t.contiguous()
     if t.untyped_storage().nbytes() != t.numel() * t.element_size() or t.storage_offset():
@@ -309,10 +287,10 @@ def _write_shards(get_slice: Callable[[str, int], torch.Tensor], keys: list[str]
         shard = {}
         for k in keys:  # one output shard in memory at a time
             t = get_slice(k, q)
-            shard[k] = _own_storage(t.to(dtype) if dtype is not None else t)
+            shard[k] = own_storage(t.to(dtype) if dtype is not None else t)
             if bar is not None:
                 bar.update()
-        _atomic_save(shard, out_dir / shard_name(q))
+        atomic_save(shard, out_dir / shard_name(q))
         del shard
     if bar is not None:
         bar.close()
@@ -339,7 +317,7 @@ def save_meta_checkpoint(state_dict: dict[str, torch.Tensor], args: ModelArgs, o
         return t if d is None else t.chunk(num_shards, dim=d)[q]
 
     _write_shards(get_slice, list(sd), out_dir, num_shards, dtype, progress, "save")
-    _atomic_write_text(json.dumps(args.to_params_json(), indent=2) + "\n", out_dir / PARAMS)
+    atomic_write_text(json.dumps(args.to_params_json(), indent=2) + "\n", out_dir / PARAMS)
     if tokenizer_path is not None:
         shutil.copyfile(tokenizer_path, out_dir / TOKENIZER)
     return out_dir

@@ -1,8 +1,10 @@
-"""Synthetic data for the training tests: a learnable token pattern, split across dp ranks so that
-the union of what all ranks read at a step is the same rows whatever dp is."""
+"""Shared test helpers: a learnable synthetic data loader for training, and tiny checkpoints and
+prompts for generation."""
 
 import torch
 
+from llama.formats.meta import save_meta_checkpoint
+from llama.model import ModelArgs, Transformer
 
 class PatternLoader:
     """Row i of the stream is a sequence with token[t + 1] = (a * token[t] + 1) % vocab, its start
@@ -45,3 +47,36 @@ class PatternLoader:
 
 def make_pattern_loader(cfg, split, dp_rank, dp_size, seed):
     return PatternLoader(cfg.model_args().vocab_size, cfg.seq_len, cfg.micro_batch_size, dp_rank, dp_size, seed, split)
+
+
+# Different lengths on purpose (ragged batches); one repeated to check batch-chunking.
+PROMPTS = ["The", "def f(x, y):\n    return", "In 1999 it cost 12.50 dollars and the model",
+           "they were her one", "The"]
+GEN_LEN = 10
+SAMPLING = dict(temperature=0.8, top_p=0.9, top_k=40)
+
+
+def tiny_args(**overrides) -> ModelArgs:
+    return ModelArgs.from_name("tiny", **overrides)
+
+
+def make_checkpoint(out_dir, tokenizer_path, num_shards: int = 1, seed: int = 0, **overrides) -> Transformer:
+    """A random tiny model saved in Meta's layout (fp32, `num_shards` files); returns the model."""
+    torch.manual_seed(seed)
+    model = Transformer(tiny_args(**overrides))
+    model.init_weights(std=0.08)  # larger than the default: peaked next-token distributions
+    save_meta_checkpoint(model.state_dict(), model.args, out_dir, num_shards=num_shards, dtype=torch.float32,
+                         tokenizer_path=tokenizer_path)
+    return model
+
+
+def run_all(llama, prompts=PROMPTS) -> dict:
+    """Greedy and seeded-sampling completions of `prompts` plus a streamed completion."""
+    tok = llama.tokenizer
+    ids = [tok.encode(p, bos=True, eos=False) for p in prompts]
+    greedy, _ = llama.generate(ids, GEN_LEN, temperature=0.0)
+    llama.generator.manual_seed(123)
+    sampled, _ = llama.generate(ids, GEN_LEN, **SAMPLING)
+    llama.generator.manual_seed(7)
+    streamed = list(llama.stream(prompts[2], max_gen_len=GEN_LEN, **SAMPLING))
+    return {"greedy": greedy, "sampled": sampled, "streamed": streamed}

@@ -3,10 +3,9 @@ import json
 import pytest
 import torch
 
-from llama.checkpoint import (load_consolidated, load_model, load_params, load_tp_slice, reshard,
+from llama.formats.meta import (load_consolidated, tp_shard_dim, load_model, load_params, load_tp_slice, reshard,
                               save_meta_checkpoint, shard_paths)
 from llama.model import ModelArgs, Transformer
-from llama.parallel import tp_shard_dim
 
 # REFERENCE.md's table, written out independently of llama/checkpoint.py
 META_SPLIT = {"tok_embeddings.weight": 1, "output.weight": 0, "norm.weight": None,

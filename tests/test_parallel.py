@@ -1,25 +1,19 @@
-"""Activation checkpointing: same gradients as the plain model, Meta's keys, and real recomputation.
+"""llama.parallel: activation checkpointing (same gradients as the plain model, Meta's keys, real recomputation), the TP plan, per-block compile.
 
-Run as a script under torchrun, this file is the 2-rank worker of `test_ac_with_tp_and_fsdp`.
-"""
+The 2-rank check is tests/workers/parallel.py."""
 
 import copy
-import os
-import subprocess
-import sys
 import weakref
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from llama.activation_checkpointing import AC_MODES, ac_mode, apply_ac  # noqa: E402
-from llama.model import ModelArgs, Transformer  # noqa: E402
+from llama.model import ModelArgs, Transformer
+from llama.parallel import AC_MODES, ac_mode, apply_ac
+from llama.train.recipe import cross_entropy
+from tests.conftest import torchrun
 
 ARGS = dict(dim=64, n_layers=2, n_heads=4, vocab_size=512, multiple_of=32, max_seq_len=64)
 
@@ -144,9 +138,7 @@ def test_no_grad_runs_plain_blocks():
 
 
 def test_speed_cross_entropy_matches_naive():
-    """llama.speed's loss (compiled by the benchmark and the trainer) vs log-softmax by hand."""
-    from llama.speed import cross_entropy
-
+    """The recipe's loss (compiled by the benchmark and the trainer) vs log-softmax by hand."""
     torch.manual_seed(0)
     logits = torch.randn(2, 8, 64, dtype=torch.bfloat16, requires_grad=True)
     targets = torch.randint(0, 64, (2, 8))
@@ -165,54 +157,5 @@ def test_speed_cross_entropy_matches_naive():
 @pytest.mark.slow
 def test_ac_with_tp_and_fsdp():
     """2 ranks (gloo): TP=2 + selective and FSDP2 dp=2 + full give the 1-rank plain gradients."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           __file__]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = torchrun("tests.workers.parallel", 2, timeout=180)
     assert proc.stdout.count("WORKER OK") == 2, proc.stdout[-3000:]
-
-
-def _worker():
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor
-
-    from llama.parallel import apply_tp, init_distributed
-
-    rank, world = init_distributed("cpu")
-    torch.set_num_threads(1)
-    mesh = init_device_mesh("cpu", (world,))
-    base, inputs, targets = _model_and_batch(batch=4)
-    ref = copy.deepcopy(base)
-    _loss(ref, inputs, targets).backward()
-    want = _grads(ref)
-
-    def check(model, what):
-        for name, p in model.named_parameters():
-            g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
-            torch.testing.assert_close(g, want[name], rtol=1e-4, atol=1e-6, msg=f"{what}: {name}")
-
-    for mode in ("selective", "full"):
-        # tensor parallel, then activation checkpointing (torchtitan's order); whole batch on both ranks
-        tp = apply_ac(apply_tp(copy.deepcopy(base), mesh), mode)
-        _loss(tp, inputs, targets).backward()
-        check(tp, f"tp + {mode}")
-        # FSDP2 over data parallel: each rank gets half the batch, gradients are averaged
-        dp = apply_ac(copy.deepcopy(base), mode)
-        for block in dp.layers:
-            fully_shard(block, mesh=mesh)
-        fully_shard(dp, mesh=mesh)
-        half = inputs.size(0) // world
-        rows = slice(rank * half, (rank + 1) * half)
-        _loss(dp, inputs[rows], targets[rows]).backward()
-        check(dp, f"fsdp + {mode}")
-    dist.barrier()
-    print("WORKER OK", flush=True)
-    dist.destroy_process_group()
-    os._exit(0)  # skip interpreter teardown: gloo threads there rarely abort ("terminate called ...")
-
-
-if __name__ == "__main__":
-    _worker()

@@ -1,10 +1,4 @@
-"""Pretraining data: tokenize documents into memory-mapped token shards, and pack them into batches.
-
-On disk, a prepared dataset is a directory:
-    meta.json            written last: tokenizer sha256, dtype, per split n_tokens / n_docs / shards
-    train_00000.bin ...  the train token stream, raw uint16 (n_words <= 65536) or uint32
-    val_00000.bin ...    the held-out stream (documents picked by a seeded hash of their text)
-Each document is stored as [bos] + encode(text) + [eos], documents back to back.
+"""Reading prepared token data: mixtures of datasets, and `PackedLoader`, which packs them into batches.
 
 `PackedLoader` cuts a stream into windows of seq_len + 1 tokens (stride seq_len, so every token
 after the first is a target once per epoch), shuffles them per epoch with a keyed permutation, and
@@ -14,278 +8,24 @@ function of (seed, g), so dp ranks get disjoint rows and a resumed loader contin
 
 from __future__ import annotations
 
-import glob
-import gzip
-import hashlib
 import json
-import multiprocessing
 import os
-import shutil
-from collections import deque
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
-META = "meta.json"
-FORMAT = "llama-tokens-v1"
-TEXT_SUFFIXES = (".jsonl", ".jsonl.gz")
-
-
-# --- reading documents -------------------------------------------------------------------------
-
-
-def list_files(inputs) -> list[Path]:
-    """Files named by a path, a directory (every non-hidden file below it) or a glob, or a list of
-    those; sorted within each entry, duplicates dropped. Raises FileNotFoundError for an entry that
-    names nothing."""
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    files: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_file():
-            found = [p]
-        elif p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.is_file()
-                           and not any(part.startswith(".") for part in q.relative_to(p).parts))
-        else:
-            found = sorted(Path(q) for q in glob.glob(str(item), recursive=True) if Path(q).is_file())
-        if not found:
-            raise FileNotFoundError(f"data input {item} matches no file")
-        files += [f for f in found if f not in files]
-    if not files:
-        raise FileNotFoundError("no data inputs given: pass files, directories or globs")
-    return files
-
-
-def _open_text(path: Path):
-    # bytes that are not UTF-8 become U+FFFD (as when training the tokenizer) rather than stopping
-    # a long preparation on one odd file
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
-
-
-def iter_documents(path: Path) -> Iterator[str]:
-    """Documents of one file: each line's "text" field for .jsonl(.gz), the whole file otherwise."""
-    path = Path(path)
-    try:
-        if path.name.endswith(TEXT_SUFFIXES):
-            with _open_text(path) as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{lineno} is not valid JSON ({e.msg}); each line "
-                                         'of a .jsonl file must be an object like {"text": "..."}') from None
-                    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                        raise ValueError(f'{path}:{lineno} has no "text" string field; each line of '
-                                         'a .jsonl file must be an object like {"text": "..."}')
-                    yield record["text"]
-        else:
-            with _open_text(path) as f:
-                yield f.read()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-
-
-def token_dtype(n_words: int):
-    """The smallest unsigned dtype holding ids 0 .. n_words - 1."""
-    return np.uint16 if n_words <= 1 << 16 else np.uint32
-
-
-def is_val(text: str, val_fraction: float, seed: int) -> bool:
-    """Whether a document goes to the validation split: a seeded hash of its text, so the choice is
-    stable across runs, worker counts and input order."""
-    if val_fraction <= 0:
-        return False
-    h = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8,
-                        key=seed.to_bytes(8, "little"))
-    return int.from_bytes(h.digest(), "little") < val_fraction * 2.0**64
-
-
-# --- preparing a dataset ------------------------------------------------------------------------
-
-_worker_tok = None
-
-
-def _init_worker(tokenizer_path: str):
-    global _worker_tok
-    from llama.tokenizer import Tokenizer
-
-    _worker_tok = Tokenizer(tokenizer_path)
-
-
-def _encode_chunk(args) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """[docs] -> (train tokens, val tokens, n_train_docs, n_val_docs), in document order."""
-    docs, dtype, val_fraction, seed = args
-    tok = _worker_tok
-    out = {False: [], True: []}
-    for text in docs:
-        out[is_val(text, val_fraction, seed)].append(tok.encode(text, bos=True, eos=True))
-    arrays = [np.array([i for ids in out[v] for i in ids], dtype=dtype) for v in (False, True)]
-    return arrays[0], arrays[1], len(out[False]), len(out[True])
-
-
-class _ShardWriter:
-    """Appends tokens to <split>_00000.bin, <split>_00001.bin, ... of at most shard_tokens each."""
-
-    def __init__(self, root: Path, split: str, dtype, shard_tokens: int):
-        self.root, self.split, self.dtype, self.shard_tokens = root, split, np.dtype(dtype), shard_tokens
-        self.shards: list[dict] = []
-        self.f = None
-        self.n_docs = 0
-
-    def write(self, tokens: np.ndarray):
-        while len(tokens):
-            if self.f is None or self.shards[-1]["n_tokens"] == self.shard_tokens:
-                self._next_shard()
-            room = self.shard_tokens - self.shards[-1]["n_tokens"]
-            part, tokens = tokens[:room], tokens[room:]
-            self.f.write(part.astype(self.dtype, copy=False).tobytes())
-            self.shards[-1]["n_tokens"] += len(part)
-
-    def _next_shard(self):
-        self._close_file()
-        name = f"{self.split}_{len(self.shards):05d}.bin"
-        self.f = open(self.root / name, "wb")
-        self.shards.append({"file": name, "n_tokens": 0})
-
-    def _close_file(self):
-        if self.f is not None:
-            self.f.flush()
-            os.fsync(self.f.fileno())  # on disk before meta.json says the dataset is complete
-            self.f.close()
-            self.f = None
-
-    def close(self) -> dict:
-        self._close_file()
-        return {"n_tokens": sum(s["n_tokens"] for s in self.shards), "n_docs": self.n_docs,
-                "shards": self.shards}
-
-
-def _ordered_map(pool, fn, jobs, max_pending: int) -> Iterator:
-    """pool.imap with back-pressure: results in job order (so the output does not depend on the
-    worker count), at most max_pending chunks in flight (imap would read the whole corpus ahead)."""
-    pending = deque()
-    for job in jobs:
-        pending.append(pool.apply_async(fn, (job,)))
-        if len(pending) >= max_pending:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
-
-
-def _chunks(files: list[Path], docs_per_chunk: int, chars_per_chunk: int) -> Iterator[list[str]]:
-    chunk, chars = [], 0
-    for f in files:
-        for text in iter_documents(f):
-            if not text:
-                continue
-            chunk.append(text)
-            chars += len(text)
-            if len(chunk) >= docs_per_chunk or chars >= chars_per_chunk:
-                yield chunk
-                chunk, chars = [], 0
-    if chunk:
-        yield chunk
-
-
-def prepare_data(inputs, tokenizer_path: str | os.PathLike, out_dir: str | os.PathLike, *,
-                 val_fraction: float = 0.01, seed: int = 0, num_workers: int | None = None,
-                 shard_tokens: int = 1 << 30, overwrite: bool = False, progress: bool = True,
-                 docs_per_chunk: int = 256) -> dict:
-    """Tokenize text files / JSONL (a "text" field per line) / directories / globs into `out_dir`.
-
-    Output is identical for any `num_workers` (chunks are encoded in a pool, written in order).
-    Everything is written into a temporary directory next to `out_dir`, meta.json last, then
-    renamed into place, so an interrupted run never leaves a dataset that looks complete.
-    Returns the metadata dict.
-    """
-    from tqdm import tqdm
-
-    from llama.tokenizer import Tokenizer
-
-    tok = Tokenizer(tokenizer_path)
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if shard_tokens < 1:
-        raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
-    files = list_files(inputs)
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists: pass overwrite=True to replace it, or choose "
-                              "another out_dir")
-    dtype = token_dtype(tok.n_words)
-    num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    pool = None
-    try:
-        writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
-        jobs = ((docs, dtype, val_fraction, seed)
-                for docs in _chunks(files, docs_per_chunk, chars_per_chunk=4 << 20))
-        if num_workers > 1:
-            pool = multiprocessing.get_context().Pool(num_workers, _init_worker, (str(tok.model_path),))
-            results = _ordered_map(pool, _encode_chunk, jobs, max_pending=4 * num_workers)
-        else:
-            _init_worker(str(tok.model_path))
-            results = map(_encode_chunk, jobs)
-        bar = tqdm(desc=f"tokenizing {out.name}", unit=" docs", disable=not progress)
-        n_tokens = 0
-        for train_ids, val_ids, n_train, n_val in results:
-            writers["train"].write(train_ids)
-            writers["val"].write(val_ids)
-            writers["train"].n_docs += n_train
-            writers["val"].n_docs += n_val
-            n_tokens += len(train_ids) + len(val_ids)
-            bar.update(n_train + n_val)
-            bar.set_postfix(tokens=f"{n_tokens:,}", refresh=False)
-        bar.close()
-        splits = {s: w.close() for s, w in writers.items()}
-        if splits["train"]["n_docs"] + splits["val"]["n_docs"] == 0:
-            raise ValueError(f"no documents found in {[str(f) for f in files]}: the inputs are empty")
-        meta = {
-            "format": FORMAT, "tokenizer_sha256": tok.sha256, "tokenizer_path": str(tok.model_path),
-            "n_words": tok.n_words, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
-            "dtype": np.dtype(dtype).name, "val_fraction": val_fraction, "seed": seed,
-            "sources": [str(f) for f in files], "splits": splits,
-        }
-        with open(tmp / META, "w") as f:
-            f.write(json.dumps(meta, indent=1))
-            f.flush()
-            os.fsync(f.fileno())
-        if out.exists():  # overwrite: move the old one aside only now that the new one is complete
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-        return meta
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if pool is not None:
-            pool.terminate()
-
+from llama.config import config_path, names, read_json_object
+from llama.data.prepare import FORMAT, META
 
 def load_mixture(data) -> dict[str, tuple[Path, float]]:
     """{name: (dir, weight)} from a prepared dir, a mixture JSON file ({name: {"path", "weight"}})
     or a dict {name: (dir, weight) | {"path", "weight"}}. Weights are normalised to sum to 1."""
+    if isinstance(data, str) and not Path(data).exists() and data in names("data"):
+        data = config_path("data", data)  # a mixture shipped in llama/configs/data
     if isinstance(data, (str, os.PathLike)) and str(data).endswith(".json") and Path(data).is_file():
-        try:
-            data = json.loads(Path(data).read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"mixture file {data} is not valid JSON ({e})") from None
+        data = read_json_object(data)
     if isinstance(data, (str, os.PathLike)):
         return {Path(data).name or "data": (Path(data), 1.0)}
     if not isinstance(data, dict) or not data:

@@ -7,8 +7,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from llama.checkpoint import load_model  # noqa: E402
-from llama.hf import args_from_hf_config, hf_to_meta, load_hf, permute_from_hf, permute_to_hf, save_hf  # noqa: E402
+from llama.formats.hf import (args_from_hf_config, hf_to_meta, load_hf, permute_from_hf, permute_to_hf,  # noqa: E402
+                              save_hf)
+from llama.formats.meta import load_consolidated, load_model, save_meta_checkpoint  # noqa: E402
 from llama.model import ModelArgs, Transformer  # noqa: E402
 
 
@@ -103,7 +104,6 @@ def test_unrepresentable_configs_are_refused(change, words):
 def test_scripts_round_trip_with_tokenizer(tmp_path, tiny_tokenizer):
     import runpy
 
-    from llama.checkpoint import load_consolidated, save_meta_checkpoint
 
     scripts = Path(__file__).resolve().parent.parent / "scripts"
     convert = runpy.run_path(str(scripts / "convert_hf.py"))["main"]

@@ -15,39 +15,22 @@ from pathlib import Path
 
 import torch
 
-from llama.checkpoint import TOKENIZER, _atomic_write_text, _own_storage, check_state_dict, load_consolidated, \
-    load_params, parse_dtype, save_meta_checkpoint
-from llama.model import ModelArgs, read_json_object
+from llama.config import read_json_object
+from llama.env import atomic_write_text, parse_dtype
+from llama.formats.meta import TOKENIZER, check_state_dict, load_consolidated, load_params, own_storage, \
+    save_meta_checkpoint
+from llama.model import ModelArgs, state_dict_keys, weight_info
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
-# Meta key suffix -> transformers key suffix, inside layers.N.
-_LAYER_KEYS = {
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
-_TOP_KEYS = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-             "output.weight": "lm_head.weight"}
-
-
 def hf_key(key: str) -> str:
-    if key in _TOP_KEYS:
-        return _TOP_KEYS[key]
-    _, n, rest = key.split(".", 2)  # layers.N.<rest>
-    return f"model.layers.{n}.{_LAYER_KEYS[rest]}"
-
-
-def _meta_keys(args: ModelArgs) -> list[str]:
-    return list(_TOP_KEYS) + [f"layers.{i}.{k}" for i in range(args.n_layers) for k in _LAYER_KEYS]
+    """transformers' name of our (Meta's) parameter `key`."""
+    hf = weight_info(key).hf + ".weight"
+    if key.startswith("layers."):
+        return f"model.layers.{key.split('.')[1]}.{hf}"
+    return hf
 
 
 def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -68,18 +51,15 @@ def to_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, tor
     check_state_dict({k: v.shape for k, v in sd.items()}, args, what="state dict")
     out = {}
     for k, v in sd.items():
-        if k.endswith("attention.wq.weight"):
-            v = permute_to_hf(v, args.n_heads)
-        elif k.endswith("attention.wk.weight"):
-            v = permute_to_hf(v, args.n_kv_heads)
-        out[hf_key(k)] = v
+        heads = weight_info(k).rope_heads
+        out[hf_key(k)] = v if heads is None else permute_to_hf(v, getattr(args, heads))
     return out
 
 
 def from_hf(hf_state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     """transformers' LlamaForCausalLM state dict -> ours (Meta's keys). Strict: extra or missing keys
     are an error (rotary inv_freq buffers are ignored)."""
-    names = {hf_key(k): k for k in _meta_keys(args)}
+    names = {hf_key(k): k for k in state_dict_keys(args)}
     hf = {k: v for k, v in hf_state_dict.items() if not k.endswith("rotary_emb.inv_freq")}
     missing = [k for k in names if k not in hf]
     unexpected = [k for k in hf if k not in names]
@@ -88,12 +68,8 @@ def from_hf(hf_state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str
                          f"unexpected keys {unexpected}")
     out = {}
     for hk, k in names.items():
-        v = hf[hk]
-        if k.endswith("attention.wq.weight"):
-            v = permute_from_hf(v, args.n_heads)
-        elif k.endswith("attention.wk.weight"):
-            v = permute_from_hf(v, args.n_kv_heads)
-        out[k] = v
+        heads = weight_info(k).rope_heads
+        out[k] = hf[hk] if heads is None else permute_from_hf(hf[hk], getattr(args, heads))
     check_state_dict({k: v.shape for k, v in out.items()}, args, what="transformers checkpoint")
     return out
 
@@ -205,21 +181,21 @@ def save_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs, out_dir: str |
         if old.name not in files:
             old.unlink()
     for name, keys in zip(files, groups):
-        tensors = {k: _own_storage(hf[k].detach().to(device="cpu", dtype=dtype)) for k in keys}
+        tensors = {k: own_storage(hf[k].detach().to(device="cpu", dtype=dtype)) for k in keys}
         tmp = out_dir / f".{name}.tmp{os.getpid()}"
         save_file(tensors, tmp, metadata={"format": "pt"})
         os.replace(tmp, out_dir / name)
     if len(files) > 1:
         index = {"metadata": {"total_size": sum(v.numel() * dtype.itemsize for v in hf.values())},
                  "weight_map": {k: name for name, keys in zip(files, groups) for k in keys}}
-        _atomic_write_text(json.dumps(index, indent=2) + "\n", out_dir / INDEX)
-    _atomic_write_text(json.dumps(hf_config(args, dtype), indent=2) + "\n", out_dir / CONFIG)
+        atomic_write_text(json.dumps(index, indent=2) + "\n", out_dir / INDEX)
+    atomic_write_text(json.dumps(hf_config(args, dtype), indent=2) + "\n", out_dir / CONFIG)
     if tokenizer_path is not None:
         shutil.copyfile(tokenizer_path, out_dir / TOKENIZER)
         tok_cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
                    "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
                    "model_max_length": args.max_seq_len}
-        _atomic_write_text(json.dumps(tok_cfg, indent=2) + "\n", out_dir / "tokenizer_config.json")
+        atomic_write_text(json.dumps(tok_cfg, indent=2) + "\n", out_dir / "tokenizer_config.json")
     return out_dir
 
 

@@ -1,24 +1,28 @@
-"""Text completion on one process: against transformers, batch vs one-by-one, sampling by hand,
-stop/eos/logprobs, streaming across split UTF-8 characters, errors, int8 quantization, example.py."""
+"""llama.inference: completion against transformers, batch vs one-by-one, sampling by hand,
+stop/eos/logprobs, streaming across split UTF-8 characters, errors, example.py, the decoders (eager,
+compiled, fused CPU); and tensor-parallel generation on 2 and 4 ranks (tests/workers/generation.py)."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
-from generation_worker import GEN_LEN, PROMPTS, make_checkpoint, run_all, tiny_args
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from llama.generation import (
-    Llama,
-    TextStream,
-    cpu_has_native_bf16,
-    default_dtype,
-    resolve_dtype,
-    sample,
-)
+from llama.env import cpu_has_native_bf16
+from llama.formats.hf import hf_config, to_hf
+from llama.inference import Llama, make_decoder, sample
+from llama.inference.cpu_decode import FusedCpuDecoder, decode_kernel
 from llama.model import Transformer
+from llama.quantize import quantize_int8
+from llama.tokenizer import TextStream
+from tests.conftest import torchrun
+from tests.helpers import GEN_LEN, PROMPTS, make_checkpoint, run_all, tiny_args
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,10 +43,6 @@ def llama(ckpts):
 
 def hf_greedy(model: Transformer, prompt_ids: list[list[int]], n: int, eos: int) -> list[list[int]]:
     """transformers' greedy generate, one prompt at a time (no padding), on `model`'s weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from llama.hf import hf_config, to_hf
-
     cfg = LlamaConfig(**hf_config(model.args, torch.float32))
     hf = LlamaForCausalLM(cfg).eval()
     hf.load_state_dict(to_hf(model.state_dict(), model.args), strict=True)
@@ -200,60 +200,6 @@ def test_bad_inputs_are_clear_errors(llama, ckpts, tmp_path, tiny_tokenizer):
         Llama.build(str(tmp_path / "v"), ckpts["tokenizer"], 64, 1)
 
 
-def test_default_device_and_dtype():
-    assert resolve_dtype("bf16", "cpu") is torch.bfloat16 and resolve_dtype("float32", "cpu") is torch.float32
-    assert resolve_dtype("fp16", "cpu") is torch.float16 and resolve_dtype(torch.float64, "cpu") is torch.float64
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    native = "avx512_bf16" in flags or "amx_bf16" in flags
-    assert cpu_has_native_bf16() == native
-    assert default_dtype("cpu") == (torch.bfloat16 if native else torch.float32)
-
-
-# --- int8 weight-only quantization ------------------------------------------------------------
-
-
-def test_int8_halves_weight_bytes_and_stays_close():
-    from llama.quantize import Int8Embedding, Int8Linear, quantize_int8, weight_bytes
-
-    torch.manual_seed(0)
-    model = Transformer(tiny_args(dim=128, n_layers=2, vocab_size=512)).to(torch.bfloat16).eval()
-    model.init_weights(std=0.08)
-    ref = Transformer(model.args).to(torch.bfloat16).eval()
-    ref.load_state_dict(model.state_dict())
-    bf16_bytes = weight_bytes(ref)
-    quantize_int8(model)
-    assert all(not isinstance(m, torch.nn.Linear) for m in model.modules())
-    assert sum(isinstance(m, (Int8Linear, Int8Embedding)) for m in model.modules()) == 2 * 7 + 2
-    assert model.layers[0].attention.wq.weight.dtype == torch.int8
-    ratio = weight_bytes(model) / bf16_bytes
-    assert 0.5 <= ratio < 0.53, ratio  # int8 weights + one bf16 scale per output row, norms as they were
-    # dequantized weights are within half a quantization step of the originals
-    w, q = ref.layers[1].feed_forward.w2.weight.float(), model.layers[1].feed_forward.w2
-    err = (q.weight.float() * q.scales.float()[:, None] - w).abs()
-    assert (err <= q.scales.float()[:, None] * 0.5 + 1e-2 * w.abs()).all()
-    # next-token distributions on random prompts: small KL from the bf16 model
-    tokens = torch.randint(0, 512, (4, 32))
-    with torch.no_grad():
-        p = torch.log_softmax(ref(tokens).float(), -1)
-        q_ = torch.log_softmax(model(tokens).float(), -1)
-    kl = (p.exp() * (p - q_)).sum(-1)  # (B, T)
-    assert kl.mean() < 2e-3 and kl.max() < 2e-2, (kl.mean(), kl.max())
-    # and measurably different from no quantization at all, so the test can fail
-    assert kl.mean() > 0
-
-
-def test_int8_generation_through_build(ckpts):
-    from llama.quantize import quantize_int8
-
-    fp = Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 64, 3, dtype="bf16")
-    q = Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 64, 3, dtype="bf16")
-    quantize_int8(q.model)
-    ids = [fp.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS[:3]]
-    a, b = fp.generate(ids, 6, temperature=0)[0], q.generate(ids, 6, temperature=0)[0]
-    same = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
-    assert same >= 0.6 * sum(map(len, a))  # greedy text mostly unchanged on a random model
-
-
 # --- scripts/example.py end to end ---------------------------------------------------------------
 
 
@@ -289,43 +235,34 @@ def test_example_script_end_to_end(ckpts, tmp_path):
     assert r.returncode == 1 and "int8" in r.stderr and "Traceback" not in r.stderr
 
 
-# --- the static-shape decode step used by Llama.compile() ----------------------------------------
+# --- the decoders ---------------------------------------------------------------------------------
 
 
-def test_static_decode_step_equals_model_forward():
-    from llama.generation import static_decode_step
-    from llama.model import KVCache
-
-    torch.manual_seed(0)
-    model = Transformer(tiny_args(n_kv_heads=2)).eval()  # grouped-query: 2 query heads per kv head
-    model.init_weights(std=0.08)
-    tokens = torch.randint(0, 512, (3, 12))
-    with torch.no_grad():
-        full = model(tokens).float()  # (B, T, V) without any cache
-        cache = KVCache.for_model(model, 4, 32)
-        model(tokens[:, :5], 0, cache)
-        for t in range(5, 12):
-            step = static_decode_step(model, tokens[:, t:t + 1], torch.tensor([t]), cache.k, cache.v)
-            torch.testing.assert_close(step, full[:, t], atol=1e-5, rtol=1e-5)
+def test_decoder_choice_and_errors(llama):
+    assert make_decoder(llama.model, "eager").name == "eager"
+    with pytest.raises(ValueError, match="unknown decoder 'fast'; choose one of"):
+        make_decoder(llama.model, "fast")
+    with pytest.raises(ValueError, match="the compiled decoder runs on one process"):
+        make_decoder(llama.model, "compiled", world_size=2)
 
 
 @pytest.mark.slow
-def test_compiled_decoding_gives_the_same_tokens(llama):
+def test_compiled_decoder_gives_the_same_tokens(llama):
+    """torch.compile of the model's own forward with tensor positions: one graph for every step,
+    the eager model's greedy tokens (no second copy of the layer to drift from it)."""
     ids = [llama.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS[:3]]
-    want = llama.generate(ids, GEN_LEN, temperature=0)[0]
-    try:
-        assert llama.compile(compile=False).generate(ids, GEN_LEN, temperature=0)[0] == want
-        assert llama.compile().generate(ids, GEN_LEN, temperature=0)[0] == want
-    finally:
-        llama.compile(static=False)
+    want = Llama(llama.model, llama.tokenizer, 64, 3, decoder="eager").generate(ids, GEN_LEN, temperature=0)[0]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = Llama(llama.model, llama.tokenizer, 64, 3, decoder="compiled")
+    with mock.patch.object(compiled.decoder, "step", wraps=compiled.decoder.step) as spy:
+        assert compiled.generate(ids, GEN_LEN, temperature=0)[0] == want
+    assert spy.call_count >= GEN_LEN - 1  # the decoding steps went through the compiled graph
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph for every position
 
 
 def _kernel_or_skip():
     """Skip where the fused CPU kernel cannot exist (no AVX512-BF16, no C++ compiler); fail where it should."""
-    import shutil
-
-    from llama.cpu_kernels import decode_kernel
-
     if decode_kernel() is None:
         if not cpu_has_native_bf16() or shutil.which("c++") is None:
             pytest.skip("the fused CPU decoding kernel needs AVX512-BF16 and a C++ compiler")
@@ -335,9 +272,7 @@ def _kernel_or_skip():
 def _decode_logits(model, tokens, decoder=None, prefill=4):
     """Prefill tokens[:, :prefill] eagerly, then decode the rest one position at a time (with the fused
     `decoder` or the model itself) -> (B, T - prefill, V) float logits and the cache."""
-    from llama.model import KVCache
-
-    cache = KVCache.for_model(model, tokens.size(0) + 1, tokens.size(1))
+    cache = model.new_cache(tokens.size(0) + 1, tokens.size(1), device="cpu", dtype=next(model.parameters()).dtype)
     with torch.inference_mode():
         model(tokens[:, :prefill], 0, cache)
         steps = [(decoder or model)(tokens[:, t:t + 1], t, cache).float() for t in range(prefill, tokens.size(1))]
@@ -351,8 +286,6 @@ def test_fused_cpu_decoder_matches_the_model(shape, dtype):
     logits and cache agree to bf16 resolution, and both are as close to an exact (fp64) run; in fp32
     it agrees with the model to fp32 accuracy. The second shape has grouped-query heads, head_dim 12,
     K = 48 (the kernels' tails) and a vocabulary of 97 rows."""
-    from llama.cpu_kernels import CpuDecoder
-
     torch.manual_seed(0)
     ref = Transformer(tiny_args(**shape)).double().eval()
     ref.init_weights(std=0.08)
@@ -360,7 +293,7 @@ def test_fused_cpu_decoder_matches_the_model(shape, dtype):
     model.load_state_dict(ref.state_dict())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     _kernel_or_skip()
-    decoder = CpuDecoder.create(model)
+    decoder = FusedCpuDecoder.create(model)
     # packing is a transform: same keys and values; q/k/v (and w1/w3) share one buffer, not a copy
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
@@ -381,26 +314,23 @@ def test_fused_cpu_decoder_matches_the_model(shape, dtype):
         assert (fused.argmax(-1) == exact.argmax(-1)).float().mean() > 0.9
     # once the parameters are replaced, the decoder says so (Llama then re-packs or decodes eagerly)
     model.double()
-    assert not decoder.valid() and CpuDecoder.create(model) is None
+    assert not decoder.valid() and FusedCpuDecoder.create(model) is None
 
 
 def test_build_decodes_with_the_fused_kernel_where_it_can(ckpts):
-    from unittest import mock
-
-    from llama.cpu_kernels import CpuDecoder
-    from llama.quantize import quantize_int8
-
     _kernel_or_skip()
     fused = Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 64, 3, dtype="bf16")
-    assert fused._cpu_decoder is not None
-    assert Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 64, 3, dtype="bf16", cpu_kernels=False)._cpu_decoder is None
-    assert Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 64, 3, dtype="fp16")._cpu_decoder is None
+    assert fused.decoder.name == "fused"
+    assert Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 64, 3, dtype="bf16", decoder="eager").decoder.name == "eager"
+    assert Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 64, 3, dtype="fp16").decoder.name == "eager"
+    with pytest.raises(ValueError, match="the fused CPU decoder needs"):
+        Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 64, 3, dtype="fp16", decoder="fused")
     # fp32 decodes through it too: the `llama` fixture of the greedy-vs-transformers tests is fp32
-    assert Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 64, 3, dtype="float32")._cpu_decoder is not None
+    assert Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 64, 3, dtype="float32").decoder.name == "fused"
     ids = [fused.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS[:3]]
-    with mock.patch.object(CpuDecoder, "__call__", autospec=True, side_effect=CpuDecoder.__call__) as spy:
+    with mock.patch.object(fused.decoder, "kernel", wraps=fused.decoder.kernel) as spy:
         out = fused.generate(ids, GEN_LEN, temperature=0)[0]
-    assert spy.call_count >= GEN_LEN - 1  # every decoding step went through the kernel
+    assert spy.decode_step.call_count >= GEN_LEN - 1  # every decoding step went through the kernel
     # every greedy token is the exact (fp32) model's best, or within bf16 noise of it (near-ties)
     exact = ckpts["model"].eval()
     for prompt, gen in zip(ids, out):
@@ -411,7 +341,57 @@ def test_build_decodes_with_the_fused_kernel_where_it_can(ckpts):
     # quantizing after build replaces the Linears: decoding falls back to the eager int8 model
     quantize_int8(fused.model)
     q = fused.generate(ids, GEN_LEN, temperature=0)[0]
-    assert fused._cpu_decoder is None
-    ref = Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 64, 3, dtype="bf16", cpu_kernels=False)
+    assert fused.decoder.name == "eager"
+    ref = Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 64, 3, dtype="bf16", decoder="eager")
     quantize_int8(ref.model)
     assert q == ref.generate(ids, GEN_LEN, temperature=0)[0]
+
+
+# --- tensor parallel: 2 and 4 ranks ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_tokenizer):
+    base = tmp_path_factory.mktemp("gen_tp")
+    model = make_checkpoint(base / "one", tiny_tokenizer.model_path, num_shards=1)
+    make_checkpoint(base / "two", tiny_tokenizer.model_path, num_shards=2)
+    tok = str(tiny_tokenizer.model_path)
+    single = run_all(Llama.build(str(base / "one"), tok, max_seq_len=64, max_batch_size=3, dtype="float32", device="cpu"))
+    ids = [tiny_tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
+    return {"base": base, "tok": tok, "single": single, "hf": hf_greedy(model, ids, GEN_LEN, tiny_tokenizer.eos_id)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_tp_generation_equals_one_process_and_transformers(setup, world):
+    base = setup["base"]
+    ckpts = [str(base / "one"), str(base / "two")] if world == 2 else [str(base / "one")]
+    out = base / f"out{world}.json"
+    torchrun("tests.workers.generation", world, "--tokenizer", setup["tok"], "--out", out, *ckpts, timeout=240)
+    results = json.loads(out.read_text())
+    assert setup["single"]["greedy"] == setup["hf"]
+    for ckpt in ckpts:
+        res = results[ckpt]
+        assert res["ranks_agree"], ckpt
+        for key in ("greedy", "sampled", "streamed"):
+            assert res[key] == setup["single"][key], (ckpt, key)
+        # tiny: dim 64, 4 heads of 16, vocab 512 -> this rank's rows of wq and of the embedding
+        assert res["local_shapes"] == [[64 // world, 64], [512 // world, 64]]
+        assert res["cache_heads"] == 4 // world
+
+
+@pytest.mark.slow
+def test_example_script_on_two_ranks(setup):
+    base, tok = setup["base"], setup["tok"]
+    args = ["--ckpt_dir", str(base / "two"), "--tokenizer_path", tok, "--temperature", "0", "--max_gen_len",
+            str(GEN_LEN), "--max_seq_len", "64", "--dtype", "float32", "--prompts", json.dumps(PROMPTS[1:4])]
+    r = torchrun(str(ROOT / "scripts" / "example.py"), 2, *args, timeout=240)
+    llama = Llama.build(str(base / "one"), tok, max_seq_len=64, max_batch_size=3, dtype="float32", device="cpu")
+    want = llama.text_completion(PROMPTS[1:4], temperature=0, max_gen_len=GEN_LEN)
+    for p, w in zip(PROMPTS[1:4], want):
+        assert r.stdout.count(f"> {p}\n{w['generation']}\n") == 1  # once: only rank 0 prints
+    # 3 ranks do not divide 4 heads: one clear sentence per rank, exit code 1
+    r = torchrun(str(ROOT / "scripts" / "example.py"), 3, *args, timeout=240, check=False)
+    assert r.returncode != 0
+    assert "error: tensor parallel degree 3 does not divide n_heads=4" in r.stderr
+    assert "Traceback" not in r.stderr.split("error:")[0]

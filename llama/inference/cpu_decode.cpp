@@ -1,39 +1,7 @@
-"""A fused decoding step (bf16 or fp32) for CPUs with AVX512-BF16.
-
-Decoding a few rows reads every weight once per token, so its speed is memory bandwidth, and the
-eager model spends as long again on ~25 small ops per layer around the products (norms, RoPE,
-cache writes, attention, SiLU, residual adds), each a dispatch and a thread fork/join. `CpuDecoder`
-runs one whole decoding step - every layer, the final norm and the output projection - in one call
-into a small C++ kernel built on first use, with the model's rounding points (in bf16: bf16
-activations, fp32 norms/RoPE/softmax/accumulation). Each layer's projections are packed into one
-buffer in the order they are read (wq wk wv wo w1 w3 w2), so q/k/v and w1/w3 are each one
-matrix-vector product streaming contiguous memory; the parameters become views of that buffer
-(same keys, same values, no extra memory). Where the kernel cannot be built or the model does not
-qualify, nothing changes.
-"""
-
-from __future__ import annotations
-
-import warnings
-from pathlib import Path
-from typing import Optional
-
-import torch
-from torch import nn
-
-MAX_ROWS = 8  # batch rows per fused step (the kernel is templated up to 8)
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX), where bf16 is faster than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
-
-
-_SRC = r"""
+// The fused decoding step of llama/inference/cpu_decode.py: every layer of a LLaMA model, the final
+// norm and the output projection for up to 8 rows of one new token each, in one call, with the
+// model's rounding points (bf16: bf16 activations, fp32 norms / RoPE / softmax / accumulation).
+// Built on first use by torch.utils.cpp_extension.load with -mavx512f -mavx512bw -mavx512bf16.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -338,86 +306,7 @@ torch::Tensor decode_step(torch::Tensor h, std::vector<torch::Tensor> layers, to
   if (dt == at::kBFloat16) return step<bf16>(h, layers, norm_w, out_w, cache_k, cache_v, pos, freqs, eps, n_heads);
   return step<float>(h, layers, norm_w, out_w, cache_k, cache_v, pos, freqs, eps, n_heads);
 }
-"""
-_module = None
 
-
-def decode_kernel():
-    """The compiled C++ extension (built on first use, cached by torch in ~/.cache/torch_extensions),
-    or None where this CPU or toolchain cannot provide it."""
-    global _module
-    if _module is None:
-        _module = False
-        if cpu_has_native_bf16():
-            try:
-                from torch.utils.cpp_extension import load_inline
-
-                _module = load_inline("llama_cpu_decode", cpp_sources=_SRC, functions=["decode_step"],
-                                      extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512bf16"],
-                                      extra_ldflags=["-fopenmp"])
-            except Exception as e:  # no compiler, old toolchain...: the eager model decodes
-                warnings.warn(f"fused CPU decoding kernel unavailable, decoding runs eagerly ({type(e).__name__}: {e})")
-    return _module or None
-
-
-_LAYER_ORDER = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
-                "feed_forward.w1", "feed_forward.w3", "feed_forward.w2")
-
-
-class CpuDecoder:
-    """Runs `model(tokens, start_pos, cache)` for one new token per row (up to MAX_ROWS rows) in one
-    call into the fused kernel. Build with `CpuDecoder.create(model)`, which packs the layers'
-    weights (a transform: the parameters become views into the packed buffers, keys and values
-    unchanged) and returns None where the model does not qualify (not bf16/fp32 on CPU, sharded,
-    Linears replaced (int8), or no kernel)."""
-
-    def __init__(self, model, kernel):
-        self.model, self.kernel = model, kernel
-        self.layers: list[torch.Tensor] = []  # 6 per layer, in the kernel's order
-        for block in model.layers:
-            mods = [block.get_submodule(name) for name in _LAYER_ORDER]
-            sizes = [m.weight.numel() for m in mods]
-            buf = torch.empty(sum(sizes), dtype=mods[0].weight.dtype)
-            views, off = [], 0
-            for m, n in zip(mods, sizes):
-                view = buf[off:off + n].view_as(m.weight)
-                view.copy_(m.weight.detach())
-                m.weight.data = view  # the parameter now lives in the packed buffer
-                views.append(view)
-                off += n
-            q, k, v, wo, w1, w3, w2 = views
-            dim = q.size(1)
-            qkv = buf[:q.numel() + k.numel() + v.numel()].view(-1, dim)
-            w13 = buf[off - w2.numel() - w1.numel() - w3.numel():off - w2.numel()].view(-1, dim)
-            self.layers += [block.attention_norm.weight, qkv, wo, block.ffn_norm.weight, w13, w2]
-        self._ptrs = self._pointers()
-
-    @staticmethod
-    def create(model) -> Optional["CpuDecoder"]:
-        params = list(model.parameters())
-        if not params or params[0].dtype not in (torch.bfloat16, torch.float32) or any(
-                type(p) is not nn.Parameter or p.dtype != params[0].dtype or p.device.type != "cpu" for p in params):
-            return None
-        for block in model.layers:
-            if any(type(block.get_submodule(n)) is not nn.Linear for n in _LAYER_ORDER):
-                return None
-        if type(model.output) is not nn.Linear or (kernel := decode_kernel()) is None:
-            return None
-        with torch.inference_mode(False), torch.no_grad():  # packed weights must stay usable outside inference
-            return CpuDecoder(model, kernel)
-
-    def _pointers(self) -> tuple:
-        return tuple(p.data_ptr() for p in self.model.parameters())
-
-    def valid(self) -> bool:
-        """False once the model's parameters were replaced (moved, cast, quantized, reassigned)."""
-        return self._pointers() == self._ptrs
-
-    def __call__(self, tokens: torch.Tensor, start_pos: int, cache) -> torch.Tensor:
-        """(B, 1) ids at position start_pos -> (B, 1, vocab) float logits, writing the cache."""
-        m = self.model
-        h = m.tok_embeddings(tokens[:, 0]).contiguous()  # (B, dim)
-        logits = self.kernel.decode_step(h, self.layers, m.norm.weight, m.output.weight, cache.k, cache.v,
-                                         start_pos, m.freqs_cis[start_pos].float(), m.args.norm_eps, m.args.n_heads,
-                                         m.args.n_kv_heads)
-        return logits[:, None]
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_step", &decode_step, "one fused decoding step of a LLaMA model (bf16 or fp32)");
+}

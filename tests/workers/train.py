@@ -1,20 +1,17 @@
-"""Run under `torchrun --nproc_per_node 2`: trains the tiny model on dp=2 and on tp=2, and a dp=2 run
+"""2-rank worker of tests/test_train.py, run by `conftest.torchrun`: trains the tiny model on dp=2 and on tp=2, and a dp=2 run
 stopped at step 2 and resumed (on dp=2, and on tp=2), writing every rank-0 loss history to the JSON file argv[2]."""
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from train_helpers import make_pattern_loader  # noqa: E402
-
-from llama.train import TrainConfig, Trainer  # noqa: E402
+from llama.train import TrainConfig, Trainer
+from tests.helpers import make_pattern_loader
+from tests.workers import finish
 
 
 class Stop(Exception):
@@ -56,15 +53,12 @@ def main(work, result_path):
     # meta-device init, sharded: the two ranks' shards of a weight must differ
     cfg = TrainConfig.from_dict(base, out_dir=str(work / "meta_dp2"), dp=2, tp=1, init="meta")
     trainer = Trainer(cfg, make_loader=make_pattern_loader)
-    trainer.model_size()  # builds it
     halves = trainer.model.layers[0].attention.wq.weight.full_tensor().chunk(2)
     results["meta_halves_equal"] = bool(torch.equal(*halves))
     results["meta_std"] = trainer.model.layers[0].attention.wq.weight.full_tensor().std().item()
     if dist.get_rank() == 0:
         Path(result_path).write_text(json.dumps(results))
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)  # skip interpreter teardown: gloo threads there rarely abort ("terminate called ...")
+    finish()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,53 @@
+"""Named configurations shipped with the package, and JSON reading with one-sentence errors.
+
+The presets live in `llama/configs/` as package data, so every install has them:
+    models/  architectures, the fields of Meta's params.json (7B, 13B, 33B, 65B, 20M, 60M, ...)
+    train/   training configs (7B ... 65B with the paper's recipe, demo, tiny)
+    data/    data mixtures (llama_mixture: Table 1 of the paper)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+KINDS = {"models": "model preset", "train": "training config", "data": "data mixture"}
+_ALIASES = {"models": {"30B": "33B"}}  # Meta's folder for the 33B model is called "30B"
+
+
+def read_json_object(path: str | Path, missing: str | None = None) -> dict:
+    """The JSON object in `path`; one clear sentence (`missing` when there is no file) instead of a traceback."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(missing or f"{path} does not exist")
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} must hold a JSON object, not {type(d).__name__}")
+    return d
+
+
+def names(kind: str) -> list[str]:
+    """The names of the shipped configs of `kind` ("models", "train" or "data")."""
+    return sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.json"))
+
+
+def is_path(name: str | Path) -> bool:
+    return str(name).endswith(".json") or Path(name).is_file()
+
+
+def config_path(kind: str, name: str | Path) -> Path:
+    """The JSON file for `name`: a path to a JSON file, or the name of a shipped config of `kind`."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown config kind {kind!r}; choose one of {sorted(KINDS)}")
+    if is_path(name):
+        return Path(name)
+    key = _ALIASES.get(kind, {}).get(str(name), str(name))
+    path = CONFIG_DIR / kind / f"{key}.json"
+    if not path.is_file():
+        raise ValueError(f"unknown {KINDS[kind]} {name!r}; the shipped ones are {names(kind)} "
+                         f"(or give a path to a JSON file)")
+    return path

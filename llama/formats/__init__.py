@@ -1,0 +1,1 @@
+"""Checkpoint formats: Meta's consolidated shards (`meta`) and transformers' safetensors (`hf`)."""

@@ -1,0 +1,276 @@
+"""Text completion with Meta's API (`Llama.build`, `text_completion`) plus streaming.
+
+Runs a Meta-layout checkpoint with any number of shards on one process or on any number of
+tensor-parallel ranks that divides the heads (launched by torchrun; gloo on CPU, nccl on CUDA).
+Tensor parallelism is `llama.parallel.apply_tp` applied to a model built on the meta device;
+each rank then loads only its slice of every weight. All ranks draw the same token: the sampler's
+generator is seeded identically everywhere and rank 0's choice is broadcast for safety. How each
+step runs the model is a decoder (llama/inference/decoders.py) chosen once at build time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from llama.env import init_distributed, resolve_device, resolve_dtype, torchrun_ranks
+from llama.formats.meta import load_model, load_params, load_tp_slice
+from llama.inference.cpu_decode import FusedCpuDecoder
+from llama.inference.decoders import DECODERS, CompiledDecoder, EagerDecoder
+from llama.inference.sampling import check_sampling, sample
+from llama.model import KVCache, Transformer
+from llama.parallel import apply_tp, assign_local_shards, check_tp_degree, tp_mesh
+from llama.tokenizer import TextStream, Tokenizer, find_stop
+
+
+def make_decoder(model: Transformer, kind: str = "auto", world_size: int = 1, **compile_options) -> EagerDecoder:
+    """The decoding strategy `kind` for `model`: "auto" is the fused CPU step where it applies (one
+    process, a bf16/fp32 model on a CPU with AVX512-BF16, the kernel built), else eager.
+    `compile_options` go to torch.compile for "compiled" (e.g. mode="reduce-overhead": CUDA graphs)."""
+    if kind not in DECODERS:
+        raise ValueError(f"unknown decoder {kind!r}; choose one of {DECODERS}")
+    if kind == "eager":
+        return EagerDecoder(model)
+    if kind == "compiled":
+        if world_size > 1:
+            raise ValueError("the compiled decoder runs on one process; tensor-parallel decoding is eager")
+        return CompiledDecoder(model, **compile_options)
+    fused = FusedCpuDecoder.create(model) if world_size == 1 else None
+    if fused is None and kind == "fused":
+        raise ValueError("the fused CPU decoder needs one process, a bf16 or fp32 model on a CPU with "
+                         "AVX512-BF16 and a C++ compiler; use decoder='auto' to fall back to eager")
+    return fused or EagerDecoder(model)
+
+
+@dataclass
+class _Batch:
+    tokens: torch.Tensor  # (B, total_len) prompt then generated ids, pad -1 beyond
+    logprobs: Optional[torch.Tensor]  # (B, total_len) logprob of tokens[:, t] given tokens[:, :t]
+    ends: list[int]  # per row: end of its prompt + generation (exclusive)
+
+
+class Llama:
+    """A loaded model and tokenizer that completes text. Build with `Llama.build`."""
+
+    def __init__(self, model: Transformer, tokenizer, max_seq_len: int, max_batch_size: int, seed: int = 1,
+                 rank: int = 0, world_size: int = 1, decoder: str | EagerDecoder = "auto"):
+        """`decoder`: a name for `make_decoder`, or a decoder object built for `model`."""
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_seq_len = max_seq_len
+        self.max_batch_size = max_batch_size
+        self.rank, self.world_size = rank, world_size
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self._cache: Optional[KVCache] = None
+        self.decoder = decoder if isinstance(decoder, EagerDecoder) else make_decoder(model, decoder, world_size)
+
+    @staticmethod
+    def build(ckpt_dir: str, tokenizer_path: str, max_seq_len: int, max_batch_size: int,
+              model_parallel_size: Optional[int] = None, seed: int = 1, device: str | torch.device | None = None,
+              dtype: str | torch.dtype | None = None, decoder: str = "auto") -> "Llama":
+        """Load a Meta-layout checkpoint (params.json + consolidated.NN.pth, any number of shards).
+
+        Without torchrun it runs in this process; under torchrun each of the WORLD_SIZE ranks holds
+        a tensor-parallel slice (world size must divide the heads). `device` defaults to cuda, then
+        mps, then cpu; `dtype` to bf16 where the hardware has it, fp16 on older GPUs, else fp32.
+        `decoder`: "auto" (the fused CPU step where it applies, else eager), "eager", "compiled"
+        or "fused" (see llama/inference/decoders.py).
+        """
+        if max_seq_len < 2 or max_batch_size < 1:
+            raise ValueError(f"max_seq_len must be >= 2 and max_batch_size >= 1 (got {max_seq_len}, {max_batch_size})")
+        if decoder not in DECODERS:
+            raise ValueError(f"unknown decoder {decoder!r}; choose one of {DECODERS}")
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        world = torchrun_ranks().world
+        if model_parallel_size is not None and model_parallel_size != world:
+            raise ValueError(f"model_parallel_size {model_parallel_size} != {world} process(es) launched; "
+                             f"launch with `torchrun --nproc_per_node {model_parallel_size}` or leave it unset")
+        tokenizer = Tokenizer(tokenizer_path)
+        args = load_params(ckpt_dir)  # vocab_size -1 is read from the shards' output.weight
+        if args.vocab_size != tokenizer.n_words:
+            raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the model in {ckpt_dir} "
+                             f"has vocab_size {args.vocab_size}; use the tokenizer the checkpoint was trained with")
+        args.max_seq_len = max_seq_len  # RoPE table length = the context we generate in
+        check_tp_degree(args, world)
+        ranks = init_distributed(device.type)
+
+        if ranks.world == 1:
+            model = load_model(ckpt_dir, device=device, dtype=dtype, max_seq_len=max_seq_len)
+        else:
+            with torch.device("meta"):
+                model = Transformer(args)
+            mesh = tp_mesh(device.type, ranks.world)
+            apply_tp(model, mesh)
+            assign_local_shards(model, load_tp_slice(ckpt_dir, ranks.rank, ranks.world), mesh, device, dtype)
+            model.init_buffers(device)
+        model.eval().requires_grad_(False)
+        return Llama(model, tokenizer, max_seq_len, max_batch_size, seed=seed, rank=ranks.rank,
+                     world_size=ranks.world, decoder=decoder)
+
+    # -----------------------------------------------------------------------------------------
+
+    def kv_cache(self) -> KVCache:
+        """The generator's KV cache (max_batch_size x max_seq_len, this rank's heads), allocated once."""
+        if self._cache is None:
+            self._cache = self.model.new_cache(self.max_batch_size, self.max_seq_len,
+                                               n_kv_heads=self.model.args.n_kv_heads // self.world_size,
+                                               device=self.device, dtype=self.dtype)
+        return self._cache
+
+    def _sample(self, logits, temperature, top_p, top_k) -> torch.Tensor:
+        nxt = sample(logits, temperature, top_p, top_k, self.generator)
+        if self.world_size > 1:  # identical seeds already agree; this guards against any drift
+            dist.broadcast(nxt, src=0)
+        return nxt
+
+    def _encode(self, prompts: Sequence[str]) -> list[list[int]]:
+        if isinstance(prompts, str):
+            raise ValueError("prompts must be a list of strings, not one string; wrap it: [prompt]")
+        return [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+
+    def _check_prompts(self, prompt_tokens: list[list[int]]) -> None:
+        for i, t in enumerate(prompt_tokens):
+            if len(t) == 0:
+                raise ValueError(f"prompt {i} is empty (no tokens, not even bos)")
+            if len(t) >= self.max_seq_len:
+                raise ValueError(f"prompt {i} has {len(t)} tokens, which leaves no room to generate within "
+                                 f"max_seq_len {self.max_seq_len}; shorten it or build with a larger max_seq_len")
+
+    def steps(self, prompt_tokens: list[list[int]], max_gen_len: int, temperature: float = 0.6, top_p: float = 0.9,
+              top_k: Optional[int] = None, logprobs: bool = False, stop: Sequence[str] = ()) -> Iterator[tuple[_Batch, int]]:
+        """Generate for at most max_batch_size prompts, yielding (batch state, position written) after
+        every step: token-level streaming of a batch (`batch.tokens` (B, total_len), -1 beyond).
+
+        Rows are left-aligned; decoding starts at the shortest prompt and, while a row is still
+        inside its prompt, its own token is kept instead of the sampled one, so each row sees
+        exactly the computation it would see alone.
+        """
+        bsz = len(prompt_tokens)
+        assert bsz <= self.max_batch_size
+        self.decoder = self.decoder.refreshed()  # the parameters may have been replaced (cast, quantized...)
+        lens = [len(t) for t in prompt_tokens]
+        ends = [min(n + max_gen_len, self.max_seq_len) for n in lens]
+        total_len = max(ends)
+        eos = self.tokenizer.eos_id
+        dev = self.device
+        tokens = torch.full((bsz, total_len), -1, dtype=torch.long, device=dev)
+        for i, t in enumerate(prompt_tokens):
+            tokens[i, :len(t)] = torch.tensor(t, dtype=torch.long, device=dev)
+        in_prompt = tokens != -1
+        lp = torch.zeros(bsz, total_len, device=dev) if logprobs else None
+        end_t = torch.tensor(ends, device=dev)
+        done = torch.zeros(bsz, dtype=torch.bool, device=dev)
+        streams = [TextStream(self.tokenizer, stop) for _ in range(bsz)] if stop else None
+        batch = _Batch(tokens, lp, ends)
+        prev = 0
+        for cur in range(min(lens), total_len):
+            chunk = tokens[:, prev:cur].clamp(min=0)  # pads (-1) beyond a prompt are overwritten below anyway
+            logits = self.decoder(chunk, prev, self.kv_cache(), last_only=lp is None)  # (B, T or 1, V)
+            nxt = self._sample(logits[:, -1], temperature, top_p, top_k)
+            nxt = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
+            tokens[:, cur] = torch.where(done, tokens[:, cur], nxt)
+            if lp is not None:  # logprob of tokens[:, prev+1 .. cur] under the logits that predicted them
+                target = tokens[:, prev + 1:cur + 1].clamp(min=0)
+                lp[:, prev + 1:cur + 1] = -F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+            generated = ~in_prompt[:, cur]
+            done |= generated & (nxt == eos)
+            if streams is not None:
+                for i in range(bsz):
+                    if generated[i] and not done[i]:
+                        streams[i].push([int(nxt[i])])
+                        if streams[i].stopped:
+                            done[i] = True
+                            batch.ends[i] = cur + 1
+            done |= cur + 1 >= end_t
+            prev = cur
+            yield batch, cur
+            if bool(done.all()):
+                break
+
+    @torch.inference_mode()
+    def generate(self, prompt_tokens: list[list[int]], max_gen_len: int, temperature: float = 0.6,
+                 top_p: float = 0.9, top_k: Optional[int] = None, logprobs: bool = False, echo: bool = False,
+                 stop: Sequence[str] = ()) -> tuple[list[list[int]], Optional[list[list[float]]]]:
+        """Token-level completion: per prompt, the generated ids (the prompt too with `echo`), cut at
+        eos and after the token that completed a stop string, and their logprobs when asked."""
+        check_sampling(temperature, top_p, top_k)
+        self._check_prompts(prompt_tokens)
+        if max_gen_len < 1:
+            raise ValueError(f"max_gen_len must be >= 1, got {max_gen_len}")
+        out_tokens, out_lp = [], []
+        for b in range(0, len(prompt_tokens), self.max_batch_size):
+            chunk = prompt_tokens[b:b + self.max_batch_size]
+            batch = None
+            for batch, _ in self.steps(chunk, max_gen_len, temperature, top_p, top_k, logprobs, stop):
+                pass
+            toks = batch.tokens.tolist()
+            lps = batch.logprobs.tolist() if logprobs else None
+            for i, prompt in enumerate(chunk):
+                start = 0 if echo else len(prompt)
+                row = toks[i][start:batch.ends[i]]
+                gen_start = len(prompt) - start
+                if self.tokenizer.eos_id in row[gen_start:]:
+                    row = row[:gen_start + row[gen_start:].index(self.tokenizer.eos_id)]
+                out_tokens.append(row)
+                if logprobs:
+                    out_lp.append(lps[i][start:start + len(row)])
+        return out_tokens, (out_lp if logprobs else None)
+
+    def text_completion(self, prompts: Sequence[str], temperature: float = 0.6, top_p: float = 0.9,
+                        top_k: Optional[int] = None, max_gen_len: Optional[int] = None, logprobs: bool = False,
+                        echo: bool = False, stop: Sequence[str] | str | None = None) -> list[dict]:
+        """Complete each prompt; returns [{"generation": str}] (+ "tokens", "logprobs" with logprobs=True).
+
+        Any number of prompts (run max_batch_size at a time). Generation ends at eos, at a `stop`
+        string (not included in the text), or after max_gen_len tokens (default: up to max_seq_len).
+        temperature 0 is greedy; otherwise top-k (if given) then top-p (nucleus) sampling.
+        """
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        max_gen_len = self.max_seq_len - 1 if max_gen_len is None else max_gen_len
+        prompt_tokens = self._encode(prompts)
+        toks, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo, stop)
+        out = []
+        for i, t in enumerate(toks):
+            text = self.tokenizer.decode(t)
+            if stop:
+                prompt_chars = len(self.tokenizer.decode(prompt_tokens[i])) if echo else 0
+                cut = find_stop(text, stop, start=prompt_chars)
+                text = text if cut is None else text[:cut]
+            item = {"generation": text}
+            if logprobs:
+                item["tokens"] = [self.tokenizer.decode([x]) for x in t]
+                item["logprobs"] = lps[i]
+            out.append(item)
+        return out
+
+    @torch.inference_mode()
+    def stream(self, prompt: str, temperature: float = 0.6, top_p: float = 0.9, top_k: Optional[int] = None,
+               max_gen_len: Optional[int] = None, stop: Sequence[str] | str | None = None) -> Iterator[str]:
+        """Yield the completion of one prompt piece by piece as it is generated. A piece never ends
+        inside a multi-byte UTF-8 character, and a stop string is never shown. Every rank must
+        iterate (only rank 0 needs to print)."""
+        check_sampling(temperature, top_p, top_k)
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        max_gen_len = self.max_seq_len - 1 if max_gen_len is None else max_gen_len
+        prompt_tokens = self._encode([prompt])
+        self._check_prompts(prompt_tokens)
+        text = TextStream(self.tokenizer, stop)
+        for batch, cur in self.steps(prompt_tokens, max_gen_len, temperature, top_p, top_k, False, ()):
+            tok = int(batch.tokens[0, cur])
+            if tok == self.tokenizer.eos_id:
+                break
+            piece = text.push([tok])
+            if piece:
+                yield piece
+            if text.stopped:
+                return
+        piece = text.finish()
+        if piece:
+            yield piece

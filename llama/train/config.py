@@ -1,0 +1,130 @@
+"""The training config: every setting of a run, with the paper's recipe as the defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from llama.config import config_path, read_json_object
+from llama.model import ATTENTION_BACKENDS, ModelArgs
+from llama.parallel import AC_MODES
+
+
+@dataclass
+class TrainConfig:
+    """Everything a pretraining run needs. Load with `TrainConfig.from_json(path, **overrides)`;
+    `model.<field>` overrides (e.g. `model.n_layers=4`) go to the model architecture."""
+
+    description: str = ""
+    # model: a preset of llama/configs/models (7B, 13B, 33B, 65B, 20M, tiny, ...) or a params.json path
+    model: str = "tiny"
+    model_overrides: dict = field(default_factory=dict)
+    # data: a directory written by scripts/prepare_data.py, or a mixture {name: [dir, weight]}
+    data: Any = ""
+    # tokenizer.model: the data must have been made with it, the model's vocab_size is taken from
+    # it, and it is copied into exports
+    tokenizer: Optional[str] = None
+    out_dir: str = "runs/pretrain"
+    # schedule
+    steps: int = 1000
+    warmup_steps: int = 2000
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    # batch: global_batch_tokens = seq_len * micro_batch_size * dp * grad_accum
+    seq_len: int = 2048
+    global_batch_tokens: int = 4 * 1024 * 1024
+    micro_batch_size: int = 1
+    # execution
+    dtype: str = "bf16"  # compute dtype; master weights are always fp32
+    ac: str = "none"  # activation checkpointing: none | full | selective
+    attention: str = "auto"  # auto (xformers on CUDA when installed, else sdpa) | sdpa | xformers | math
+    compile: bool = False
+    dp: int = 0  # 0: world_size // tp
+    tp: int = 1
+    device: str = "auto"  # auto | cpu | cuda
+    init: str = "auto"  # auto | full (build the whole model per process, then shard) | meta
+    seed: int = 0
+    # seeing the run
+    log_every: int = 1
+    eval_every: int = 100  # 0: never (except at the end when eval_batches > 0)
+    eval_batches: int = 8
+    peak_flops: Optional[float] = None  # per device, for MFU; None: measured with a bf16 matmul
+    tensorboard: bool = True
+    progress: bool = True
+    max_bad_steps: int = 5  # stop after this many non-finite losses/gradients in a row
+    # checkpoints
+    ckpt_every: int = 1000
+    keep_last: int = 3
+    resume: str = "auto"  # auto (latest in out_dir, if any) | never | a checkpoint directory
+    export_dir: Optional[str] = None  # at the end, write Meta's layout (params.json, consolidated.NN.pth)
+    export_shards: int = 1
+
+    @classmethod
+    def fields(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: dict, **overrides) -> "TrainConfig":
+        """From a dict plus overrides; unknown keys are an error that lists the valid ones.
+        Keys `model.<field>` (or a dict under `model_overrides`) set model fields."""
+        d = dict(d)
+        d.update(overrides)
+        model_overrides = dict(d.pop("model_overrides", None) or {})
+        for k in [k for k in d if k.startswith("model.")]:
+            model_overrides[k[len("model."):]] = d.pop(k)
+        unknown = sorted(set(d) - set(cls.fields()))
+        if unknown:
+            raise ValueError(f"unknown training config key(s) {unknown}; valid keys are {cls.fields()} "
+                             f"and model.<field> for the model's fields")
+        return cls(**d, model_overrides=model_overrides).validate()
+
+    @classmethod
+    def from_json(cls, path: str | Path, **overrides) -> "TrainConfig":
+        path = Path(path)
+        d = read_json_object(path, f"no training config at {path}")
+        try:
+            return cls.from_dict(d, **overrides)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "TrainConfig":
+        """A config shipped in llama/configs/train by name ("7B", "demo", "tiny", ...) or a path to a JSON file."""
+        return cls.from_json(config_path("train", name), **overrides)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def model_args(self) -> ModelArgs:
+        return ModelArgs.from_name(self.model, **self.model_overrides)
+
+    def validate(self) -> "TrainConfig":
+        """Raise a ValueError naming the first field whose value cannot work; returns self."""
+        choices = {"dtype": ("bf16", "fp32"), "ac": AC_MODES, "attention": ("auto",) + ATTENTION_BACKENDS,
+                   "device": ("auto", "cpu", "cuda"), "init": ("auto", "full", "meta")}
+        for key, ok in choices.items():
+            if getattr(self, key) not in ok:
+                raise ValueError(f"{key}={getattr(self, key)!r} is not one of {ok}")
+        positive = ["steps", "seq_len", "global_batch_tokens", "micro_batch_size", "tp", "log_every",
+                    "keep_last", "ckpt_every", "max_bad_steps", "export_shards"]
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1 (got {getattr(self, key)})")
+        for key in ["warmup_steps", "dp", "eval_every", "eval_batches"]:
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0 (got {getattr(self, key)})")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0 (got {self.lr})")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 (0: no clipping), got {self.grad_clip}")
+        if self.resume not in ("auto", "never") and not Path(self.resume).is_dir():
+            raise FileNotFoundError(f"checkpoint to resume {self.resume} does not exist (resume takes auto, never "
+                                    f"or a checkpoint directory)")
+        return self

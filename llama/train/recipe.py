@@ -1,0 +1,127 @@
+"""The paper's training recipe as functions: learning-rate schedule, AdamW with its weight-decay
+groups, gradient clipping, the loss, and the FLOPs that MFU counts.
+
+Recipe (LLaMA paper, section 2): AdamW(beta1 0.9, beta2 0.95, eps 1e-8), weight decay 0.1 on every
+weight matrix - the projections, `output` and the `tok_embeddings` table - and none on the RMSNorm
+weights (the only 1-D parameters; there are no biases); linear warmup over `warmup_steps` then cosine
+decay to `min_lr_ratio` (10%) of the peak at `steps`; gradients clipped to a global norm of 1.0.
+The loss is the mean next-token cross-entropy in fp32; compiled, the fp32 copy of the logits is
+never materialised. AdamW runs its fused kernel where it can (one CPU process, CUDA).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from llama.env import synchronize
+from llama.model import ModelArgs
+from llama.train.config import TrainConfig
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup from lr/warmup to lr over
+    `warmup_steps`, then cosine from lr down to min_lr_ratio * lr at `steps`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    decay_steps = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    floor = cfg.min_lr_ratio * cfg.lr
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weight matrices (ndim >= 2: projections, output, tok_embeddings); none on
+    the RMSNorm weights (ndim 1)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def flops_per_token(args: ModelArgs, seq_len: int) -> float:
+    """Training FLOPs per token: 6 N + 12 L d T, N the non-embedding parameters (incl. `output`)."""
+    d, hidden, hd = args.dim, args.ffn_hidden_dim, args.head_dim
+    per_layer = d * args.n_heads * hd * 2 + d * args.n_kv_heads * hd * 2 + 3 * d * hidden + 2 * d
+    n = args.n_layers * per_layer + d + args.vocab_size * d
+    return 6 * n + 12 * args.n_layers * d * seq_len
+
+
+def measure_peak_flops(device: torch.device, dtype=torch.bfloat16, n: int = 2048, seconds: float = 0.5) -> float:
+    """FLOP/s of a square `dtype` matmul on `device`: a practical peak for MFU. The fastest single
+    product counts, so a machine busy with other work at start-up does not lower the peak (and
+    inflate MFU past 100%)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm up
+    synchronize(device)
+    best, t_end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < t_end or best == float("inf"):
+        t0 = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss in fp32: logits (B, T, vocab) in any dtype, targets (B, T) int64."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+_compiled_cross_entropy = None
+
+
+def compiled_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`cross_entropy` through torch.compile: one fused kernel, no fp32 copy of the logits."""
+    global _compiled_cross_entropy
+    if _compiled_cross_entropy is None:
+        _compiled_cross_entropy = torch.compile(cross_entropy)
+    return _compiled_cross_entropy(logits, targets)
+
+
+def adamw_kwargs(device: torch.device | str, distributed: bool = False) -> dict:
+    """Implementation flags for torch.optim.AdamW: the fused kernel on one CPU or on CUDA, foreach on
+    CUDA with DTensor parameters (FSDP2/TP), the default otherwise."""
+    dev = torch.device(device).type
+    if not distributed and dev in ("cpu", "cuda"):
+        return {"fused": True}
+    return {"foreach": True} if dev == "cuda" else {}
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
+                    distributed: bool = False) -> torch.optim.AdamW:
+    """AdamW with the recipe's betas, eps and decay groups, at the schedule's first learning rate."""
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr_at(0, cfg), betas=(cfg.beta1, cfg.beta2),
+                             eps=cfg.eps, **adamw_kwargs(device, distributed))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    """The global L2 norm of all gradients (across ranks and meshes: FSDP x TP mixes 1-D and 2-D
+    meshes); scales them down to `max_norm` when it is above (max_norm 0: measure only)."""
+    by_mesh: dict[Any, list] = {}
+    for p in model.parameters():
+        if p.grad is not None:
+            by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p.grad)
+    total = 0.0
+    for grads in by_mesh.values():
+        n = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+        if hasattr(n, "full_tensor"):
+            n = n.full_tensor()
+        total += n.double().item() ** 2
+    norm = math.sqrt(total)
+    coef = max_norm / (norm + 1e-6)
+    if max_norm > 0 and math.isfinite(norm) and coef < 1.0:
+        for grads in by_mesh.values():
+            torch._foreach_mul_(grads, coef)
+    return norm

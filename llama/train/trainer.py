@@ -1,0 +1,332 @@
+"""The training loop: `Trainer(config).fit()` and `train(config) -> summary`.
+
+The recipe (schedule, optimizer groups, clipping, loss, MFU) is llama/train/recipe.py; checkpoints
+are llama/train/checkpoint.py; the records go through llama/train/metrics.py. What is left here
+builds the run and reads top to bottom: a step is forward and backward over the micro-batches,
+clip, AdamW step. A step whose gradient norm is not finite is skipped (no update; its batch is
+consumed and the schedule moves on), and `max_bad_steps` such steps in a row stop the run.
+
+Mixed precision: fp32 master weights and optimizer state; with a process group the compute runs in
+bf16 through FSDP2's `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`, in one process
+under `torch.autocast(bf16)`. Weights start from `Transformer.init_weights()`. Seeds: `seed` seeds
+torch, random and numpy on every rank before the model is built, and the data order.
+
+Parallelism: torchrun starts world = dp x tp processes on a (dp, tp) mesh, tp innermost. The plain
+model gets, in torchtitan's order, tensor parallel (logits gathered to every tp rank) -> activation
+checkpointing -> per-block torch.compile -> FSDP2 over dp (llama/parallel.py). Without torchrun a
+single process trains with no process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy
+
+from llama.data import PackedLoader, load_mixture
+from llama.formats.meta import save_meta_checkpoint
+from llama.env import (auto_attention_backend, check_attention_device, init_distributed, sha256_file, synchronize,
+                       torchrun_ranks)
+from llama.model import Transformer
+from llama.parallel import ParallelDims, apply_ac, apply_fsdp, apply_tp, build_mesh, check_tp_degree, compile_blocks
+from llama.train.checkpoint import CheckpointManager, model_diff, read_checkpoint_meta, rng_state, set_rng_state
+from llama.train.config import TrainConfig
+from llama.train.metrics import Metrics
+from llama.train.recipe import (build_optimizer, clip_grad_norm, compiled_cross_entropy, cross_entropy,
+                                flops_per_token, lr_at, measure_peak_flops, set_lr)
+
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def check_data_path(data) -> None:
+    """Every source of `data` (a prepared dir, a mixture JSON file or dict) exists and is not empty."""
+    if not data:
+        raise ValueError("no data given: set data to a directory written by scripts/prepare_data.py "
+                         "(or a mixture such as llama_mixture)")
+    for name, (path, _) in load_mixture(data).items():
+        if not path.exists():
+            raise FileNotFoundError(f"data path {path} does not exist; prepare it with scripts/prepare_data.py")
+        if path.is_dir() and not any(path.iterdir()):
+            raise ValueError(f"data directory {path} is empty; prepare it with scripts/prepare_data.py")
+
+
+def default_loader(cfg: TrainConfig, split: str, dp_rank: int, dp_size: int, seed: int) -> PackedLoader:
+    sha = sha256_file(cfg.tokenizer) if cfg.tokenizer else None
+    return PackedLoader(cfg.data, cfg.seq_len, cfg.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                        seed=seed, split=split, tokenizer_sha256=sha)
+
+
+class Trainer:
+    """A pretraining run, built in the constructor: every check on the config, the layout, the data
+    and the checkpoint to resume comes first (one sentence each, before any model exists), then the
+    process group, model, optimizer and the resumed state. `fit(callback)` trains to `config.steps`.
+
+    `make_loader(config, split, dp_rank, dp_size, seed)` replaces the default
+    `llama.data.PackedLoader` (e.g. for synthetic data). Public seams: `model`, `optimizer`,
+    `train_loader`, `loss(inputs, targets)`, `train_step()`, `evaluate()`, `save()`, `export()`.
+    """
+
+    def __init__(self, config: TrainConfig, make_loader: Callable | None = None):
+        self.cfg = cfg = config.validate()
+        self.make_loader = make_loader or default_loader
+        args = cfg.model_args()
+        if cfg.tokenizer:
+            if not Path(cfg.tokenizer).is_file():
+                raise FileNotFoundError(f"tokenizer {cfg.tokenizer} does not exist")
+            n_words = spm.SentencePieceProcessor(model_file=str(cfg.tokenizer)).vocab_size()
+            args = dataclasses.replace(args, vocab_size=n_words)
+        self.args = args
+        if cfg.seq_len > args.max_seq_len:
+            raise ValueError(f"seq_len {cfg.seq_len} is above the model's max_seq_len {args.max_seq_len}; "
+                             f"lower seq_len or set model.max_seq_len")
+        check_tp_degree(args, cfg.tp)
+        ranks = torchrun_ranks()
+        self.dims = dims = ParallelDims.resolve(cfg.dp, cfg.tp, ranks.world)
+        self.dp, self.tp, self.world = dims.dp, dims.tp, dims.world
+        tokens_per_micro = cfg.seq_len * cfg.micro_batch_size * dims.dp
+        if cfg.global_batch_tokens % tokens_per_micro:
+            raise ValueError(f"global_batch_tokens {cfg.global_batch_tokens} is not a multiple of seq_len "
+                             f"{cfg.seq_len} x micro_batch_size {cfg.micro_batch_size} x dp {dims.dp} = {tokens_per_micro}")
+        self.grad_accum = cfg.global_batch_tokens // tokens_per_micro
+        check_data_path(cfg.data)
+        self.checkpoints = CheckpointManager(cfg.out_dir, cfg.keep_last, ranks.rank, distributed=dims.world > 1)
+        self.resume_from = self._checked_resume()
+        self.dp_rank, self.tp_rank = dims.coords(ranks.rank)
+        # opening the data checks its metadata, tokenizer and size before the model is built
+        self.train_loader = self.make_loader(cfg, "train", self.dp_rank, dims.dp, cfg.seed)
+        self.val_loader = None  # opened at the first evaluation
+        self.history: list[dict] = []
+
+        # the run: process group, device, model, optimizer, resumed state
+        self.rank = init_distributed(None if cfg.device == "auto" else cfg.device).rank
+        dev_type = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+        self.device = torch.device(dev_type, ranks.local_rank) if dev_type == "cuda" else torch.device(dev_type)
+        self.attention = auto_attention_backend(self.device) if cfg.attention == "auto" else cfg.attention
+        check_attention_device(self.attention, self.device)
+        self.compute_dtype = COMPUTE_DTYPES[cfg.dtype]
+        self.mesh = build_mesh(dims.dp, dims.tp, dev_type) if dims.world > 1 else None
+        # every rank seeds alike, so a full init gives identical weights everywhere
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.model = self._build_model()
+        self.optimizer = build_optimizer(self.model, cfg, self.device, distributed=self.mesh is not None)
+        self.step, self.tokens_seen = 0, 0
+        self.flops_per_token = flops_per_token(args, cfg.seq_len)
+        self.peak_flops = cfg.peak_flops or measure_peak_flops(self.device, self.compute_dtype)
+        if self.resume_from is not None:
+            self.load(self.resume_from)
+
+    def _checked_resume(self) -> Optional[Path]:
+        """The checkpoint to resume, checked against this model and batch before any work."""
+        r = self.cfg.resume
+        ckpt = None if r == "never" else self.checkpoints.latest() if r == "auto" else Path(r)
+        if ckpt is None:
+            return None
+        meta = read_checkpoint_meta(ckpt)
+        diff = model_diff(meta["model_args"], self.args)
+        if diff:
+            raise ValueError(f"checkpoint {ckpt} is for another model ({'; '.join(diff)}); "
+                             f"use the same model settings, another out_dir, or resume=never")
+        old_batch = meta["config"]["global_batch_tokens"] // meta["config"]["seq_len"]
+        if old_batch != self.cfg.global_batch_tokens // self.cfg.seq_len:
+            raise ValueError(f"checkpoint {ckpt} was trained with global batches of {old_batch} sequences and this "
+                             f"run has {self.cfg.global_batch_tokens // self.cfg.seq_len}: the step count and data "
+                             f"position would not match; keep global_batch_tokens and seq_len")
+        return ckpt
+
+    def _build_model(self) -> torch.nn.Module:
+        cfg, args = self.cfg, self.args
+        init = cfg.init
+        if init == "auto":  # the whole fp32 model per process is fine up to ~1B parameters
+            init = "full" if flops_per_token(args, 0) / 6 < 1e9 else "meta"
+        with torch.device(("cpu" if self.mesh is not None else self.device) if init == "full" else "meta"):
+            model = Transformer(args)  # a full init runs init_weights() under the seed set above
+        model.set_attention_backend(self.attention)
+        if self.mesh is not None and self.tp > 1:
+            apply_tp(model, self.mesh["tp"], output_replicated=True)
+        if cfg.ac != "none":
+            apply_ac(model, cfg.ac)
+        if cfg.compile:
+            compile_blocks(model)
+        if self.mesh is not None:
+            apply_fsdp(model, self.mesh["dp"], MixedPrecisionPolicy(param_dtype=self.compute_dtype,
+                                                                    reduce_dtype=torch.float32))
+        if init == "meta":
+            model.to_empty(device=self.device)
+            # On CUDA, DTensor's RNG tracker draws each shard as a slice of one full random tensor. On
+            # CPU it draws from the local generator, so seed ranks apart or every shard would be equal
+            # (norm weights, the only replicated parameters, are ones).
+            torch.manual_seed(cfg.seed + (self.rank if self.device.type == "cpu" else 0))
+            model.init_weights()
+        else:
+            model.init_buffers(self.device)
+        return model
+
+    # -- one step ----------------------------------------------------------------------------
+
+    def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token loss (fp32) of a (B, T) batch under the run's mixed precision."""
+        autocast = (torch.autocast(self.device.type, dtype=self.compute_dtype)
+                    if self.mesh is None and self.compute_dtype != torch.float32 else contextlib.nullcontext())
+        with autocast:
+            logits = self.model(inputs)  # (B, T, vocab)
+        return (compiled_cross_entropy if self.cfg.compile else cross_entropy)(logits, targets)
+
+    def _all_mean(self, x: float) -> float:
+        if self.mesh is None:
+            return x
+        t = torch.tensor([x], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.item() / self.world
+
+    def train_step(self) -> dict:
+        """Forward and backward over grad_accum micro-batches, clip, step (or skip when not finite)."""
+        lr = lr_at(self.step, self.cfg)
+        set_lr(self.optimizer, lr)
+        loss_sum = 0.0
+        for _ in range(self.grad_accum):
+            inputs, targets = self.train_loader.next()
+            loss = self.loss(inputs.to(self.device), targets.to(self.device))
+            (loss / self.grad_accum).backward()
+            loss_sum += loss.item()
+        grad_norm = clip_grad_norm(self.model, self.cfg.grad_clip)
+        finite = math.isfinite(grad_norm)  # the same on every rank: the norm is global
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += self.cfg.global_batch_tokens
+        return {"step": self.step, "loss": self._all_mean(loss_sum / self.grad_accum), "lr": lr,
+                "grad_norm": grad_norm, "skipped": not finite}
+
+    @torch.no_grad()
+    def evaluate(self, n_batches: int | None = None) -> dict:
+        """Mean loss and perplexity over the first `eval_batches` batches of the validation split
+        (the same batches every time)."""
+        n_batches = n_batches or self.cfg.eval_batches or 1
+        if self.val_loader is None:
+            self.val_loader = self.make_loader(self.cfg, "val", self.dp_rank, self.dp, self.cfg.seed)
+        total, n = 0.0, 0
+        for inputs, targets in self.val_loader.iter_eval(n_batches):
+            total += self.loss(inputs.to(self.device), targets.to(self.device)).item()
+            n += 1
+        val_loss = self._all_mean(total / n)
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def fit(self, callback: Callable[[dict], None] | None = None) -> dict:
+        """Train to `config.steps`; returns {"step", "train_loss", "val_loss", "val_ppl", "history",
+        "checkpoint", "export"}. `callback(record)` runs on every rank after each logged step."""
+        cfg, is_main = self.cfg, self.rank == 0
+        if is_main:
+            Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.out_dir) / "config.json").write_text(json.dumps(self.resolved_config(), indent=2) + "\n")
+            print(f"training {self.args.n_layers} layers, {self.model_size() / 1e6:.1f}M parameters on "
+                  f"dp={self.dp} x tp={self.tp} ({self.device.type}), {cfg.steps} steps of "
+                  f"{cfg.global_batch_tokens} tokens (grad_accum {self.grad_accum})"
+                  + (f", resuming from {self.resume_from} at step {self.step}" if self.resume_from else ""))
+            print("resolved config: " + json.dumps(self.resolved_config()))
+        self.checkpoints.clean_tmp()
+        metrics = Metrics(cfg.out_dir, is_main, cfg.steps, self.step, self.resume_from is not None,
+                          cfg.tensorboard, cfg.progress)
+        bad_in_a_row, last, last_val, saved = 0, {}, {}, None
+        try:
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                rec = self.train_step()
+                synchronize(self.device)
+                bad_in_a_row = bad_in_a_row + 1 if rec["skipped"] else 0
+                if bad_in_a_row >= cfg.max_bad_steps:
+                    raise FloatingPointError(
+                        f"stopping at step {self.step}: {bad_in_a_row} steps in a row had a non-finite loss or "
+                        f"gradient norm (each was skipped); lower lr, check the data, or resume from "
+                        f"{self.checkpoints.latest() or 'an earlier checkpoint'}")
+                tps = cfg.global_batch_tokens / (time.perf_counter() - t0)
+                rec.update(tokens=self.tokens_seen, tokens_per_s=tps,
+                           mfu=tps * self.flops_per_token / (self.peak_flops * self.world), time=time.time())
+                if (cfg.eval_every and self.step % cfg.eval_every == 0) or (self.step == cfg.steps and cfg.eval_batches):
+                    last_val = self.evaluate()
+                    rec.update(last_val)
+                last = rec
+                logged = self.step % cfg.log_every == 0 or "val_loss" in rec or self.step == cfg.steps
+                if logged:
+                    self.history.append(rec)
+                    metrics.log(rec)
+                metrics.progress(rec, last_val)
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                    saved = self.save()
+                if callback and logged:
+                    callback(rec)
+        finally:
+            metrics.close()
+        exported = self.export(cfg.export_dir, cfg.export_shards) if cfg.export_dir else None
+        return {"step": self.step, "train_loss": last.get("loss"), "val_loss": last_val.get("val_loss"),
+                "val_ppl": last_val.get("val_ppl"), "history": self.history,
+                "checkpoint": str(saved or self.checkpoints.latest() or ""),
+                "export": str(exported) if exported else None}
+
+    def model_size(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def resolved_config(self) -> dict:
+        return {**self.cfg.to_dict(), "dp": self.dp, "attention": self.attention}
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def save(self) -> Path:
+        """Checkpoint this step (model, optimizer, data position, RNG states) atomically."""
+        rank_state = {"dp_rank": self.dp_rank, "tp_rank": self.tp_rank, "loader": self.train_loader.state_dict(),
+                      **rng_state(self.device)}
+        meta = {"tokens": self.tokens_seen, "config": self.resolved_config(),
+                "model_args": dataclasses.asdict(self.args),
+                "layout": {"dp": self.dp, "tp": self.tp, "world": self.world}}
+        return self.checkpoints.save(self.step, self.model, self.optimizer, rank_state, meta)
+
+    def load(self, ckpt: str | Path) -> None:
+        """Restore model, optimizer, step, data position and RNG states from `ckpt` (tp may differ)."""
+        meta, rank_state, same_layout = self.checkpoints.load(ckpt, self.model, self.optimizer,
+                                                              {"dp": self.dp, "tp": self.tp})
+        # the loader's position counts samples of the global stream: valid for any dp; RNG states
+        # only carry over to the same layout
+        self.train_loader.load_state_dict(rank_state["loader"])
+        if same_layout:
+            set_rng_state(rank_state, self.device)
+        self.step, self.tokens_seen = meta["step"], meta["tokens"]
+
+    def export(self, out_dir: str | Path, num_shards: int = 1, dtype: torch.dtype = torch.float16) -> Path | None:
+        """Gather the full weights to rank 0 and write Meta's layout there (returns None elsewhere)."""
+        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        path = None
+        if self.rank == 0:
+            path = save_meta_checkpoint(sd, self.args, out_dir, num_shards=num_shards, dtype=dtype,
+                                        tokenizer_path=self.cfg.tokenizer, overwrite=True)
+        if self.mesh is not None:
+            dist.barrier()
+        return path
+
+
+def train(config: TrainConfig | str | dict, callback: Callable[[dict], None] | None = None,
+          make_loader: Callable | None = None, **overrides) -> dict:
+    """Run pretraining from a `TrainConfig`, a config name/path, or a dict, with field overrides.
+    Returns the summary of `Trainer.fit` (history of {step, loss, lr, val_loss, ...} records)."""
+    if isinstance(config, TrainConfig):
+        config = TrainConfig.from_dict(config.to_dict(), **overrides)
+    elif isinstance(config, dict):
+        config = TrainConfig.from_dict(config, **overrides)
+    else:
+        config = TrainConfig.from_name(str(config), **overrides)
+    return Trainer(config, make_loader=make_loader).fit(callback)
