@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The GPU check as the device tool runs it, from the repository root, with timeout_s 540 (the run
+# stops itself after --budget 420 s plus interpreter start-up; JSON, .md and log land in $OUT):
+#
+#   bash benchmarks/gpu_run.sh
+#
+# Optional: an xformers wheel left untracked in the repository root (e.g. xformers-0.0.35-py39-none-
+# manylinux_2_28_x86_64.whl, 3.1 MiB; never commit it) travels with the working tree and is
+# installed offline into /tmp first, so the attention section compares it too. 0.0.35's kernels are
+# built for torch 2.10 + CUDA 12.8; on a CUDA 13 image the section records whether they load.
+set -o pipefail
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+for whl in xformers-*.whl; do
+  [ -f "$whl" ] && pip install -q --no-deps --no-index --target /tmp/xformers "$whl" && export PYTHONPATH=/tmp/xformers
+done
+PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 python3 benchmarks/gpu.py --budget 420 --out "$OUT/gpu.json" 2>&1 | tee "$OUT/gpu.log"
