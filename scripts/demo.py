@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 
 from llama.cli import run as run_script
-from llama.data import list_files, prepare_data, train_tokenizer
+from llama.data import iter_documents, list_files, prepare_data, train_tokenizer
+from llama.data.prepare import is_val
+from llama.eval import perplexity
 from llama.inference import Llama
 from llama.train import TrainConfig, Trainer
 
@@ -187,6 +189,13 @@ def run(workdir: str = "runs/demo", data=None, config: str = "demo", vocab_size:
         print(f"> {prompt}{out['generation']}\n")
     print(f"(greedy; the same model runs with: python scripts/example.py --ckpt_dir {model_dir} "
           f"--tokenizer_path {tok_path})")
+
+    _stage("held-out perplexity (llama.eval: bos-prefixed documents, rolling windows)")
+    held_out = [d for f in files for d in iter_documents(f) if d and is_val(d, val_fraction, 0)][:16]
+    ppl = perplexity(llm.model, llm.tokenizer, held_out, stride=256, batch_size=4)
+    summary["heldout_perplexity"] = ppl["perplexity"]
+    print(f"perplexity {ppl['perplexity']:.2f}, {ppl['bits_per_byte']:.3f} bits/byte over {ppl['tokens']:,} tokens "
+          f"of {len(held_out)} held-out documents (whole documents, context 512, stride 256)")
 
     _stage("how Python-like are the completions?")
     prompts = [p for p in PROMPTS for _ in range(samples)]

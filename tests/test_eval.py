@@ -289,7 +289,7 @@ def test_metrics_by_hand(tok, tmp_path, monkeypatch):
     recs = [{"q": "one", "choices": ["a", "bbbb"], "answer": 1}, {"q": "two", "choices": ["cc", "d"], "answer": 0},
             {"q": "three", "choices": ["ee", "ffff", "g"], "answer": 2}, {"q": "four", "choices": ["hh", "i"], "answer": 0}]
 
-    def fake_loglikelihoods(model, requests, batch_size=16):
+    def fake_loglikelihoods(model, requests, batch_size=16, shared_context=True):
         out = []
         for ctx, cont in requests:
             given_answer = tok.decode(ctx) == "Answer:"

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import llama.train.checkpoint as train_checkpoint
 import llama.train.trainer as trainer_module
 from llama.data import prepare_data
+from llama.eval import evaluate_tasks
 from llama.formats.meta import load_model
 from llama.model import ModelArgs, Transformer
 from llama.train import (CheckpointManager, TrainConfig, Trainer, export_checkpoint, flops_per_token, lr_at,
@@ -464,3 +465,28 @@ def test_dp2_and_tp2_match_one_rank(tmp_path):
 def one_rank_weights(base, ckpt):
     trainer = Trainer(TrainConfig.from_dict(base, out_dir=str(Path(ckpt).parent.parent)), make_loader=make_pattern_loader)
     return trainer.model.state_dict()
+
+
+# ---- evaluation tasks during training ------------------------------------------------------------
+
+
+def test_eval_tasks_are_scored_at_each_evaluation(tmp_path, data_dir, tiny_tokenizer):
+    """A local multiple-choice task named in the config is scored with the validation loss; the
+    logged numbers equal llama.eval's on the trained model (the reference), and a generation task
+    cannot run on FSDP ranks (checked before any work)."""
+    rows = [{"question": f"the {w} of", "choices": ["and to", "in is", "that for"], "answer": i % 3}
+            for i, w in enumerate("model token data train loss value".split())]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = tmp_path / "mc.json"
+    spec.write_text(json.dumps({"name": "mc", "data": "mc.jsonl"}))
+    cfg = tiny_cfg(tmp_path, data_dir, steps=2, eval_every=1, eval_tasks=[str(spec)],
+                   tokenizer=str(tiny_tokenizer.model_path), dtype="fp32")
+    trainer = Trainer(cfg, make_loader=make_pattern_loader)
+    summary = trainer.fit()
+    logged = [r for r in summary["history"] if "mc/acc" in r]
+    assert [r["step"] for r in logged] == [1, 2]
+    want = evaluate_tasks(trainer.model, tiny_tokenizer, [str(spec)], progress=False)["mc"]
+    for m in ("acc", "acc_norm", "acc_answer"):
+        assert logged[-1][f"mc/{m}"] == want[m]
+    with pytest.raises(ValueError, match="eval_tasks need the tokenizer"):
+        Trainer(tiny_cfg(tmp_path, data_dir, eval_tasks=[str(spec)]), make_loader=make_pattern_loader)

@@ -564,7 +564,8 @@ def _check_fits(ex: Example, what: str, n_positions: int, max_len: int, task: Ta
                         f"the model's context of {max_len} tokens; shorten the example or lower num_fewshot")
 
 
-def _score_multiple_choice(model, tokenizer, task, examples, prompts, batch_size, pbar) -> list[dict]:
+def _score_multiple_choice(model, tokenizer, task, examples, prompts, batch_size, pbar,
+                           shared_context: bool = True) -> list[dict]:
     max_len = _context_length(model)
     want_answer = "acc_answer" in task.metric_names
     per_example = []  # (requests for the prompt, requests for answer_context)
@@ -584,7 +585,7 @@ def _score_multiple_choice(model, tokenizer, task, examples, prompts, batch_size
     for b in range(0, len(examples), chunk):
         part = per_example[b:b + chunk]
         flat = [r for reqs, uncond in part for r in reqs + uncond]
-        scores = iter(loglikelihoods(model, flat, batch_size=batch_size))
+        scores = iter(loglikelihoods(model, flat, batch_size=batch_size, shared_context=shared_context))
         for ex, prompt, (reqs, uncond) in zip(examples[b:b + chunk], prompts[b:b + chunk], part):
             lls = [next(scores)[0] for _ in reqs]
             lls_u = [next(scores)[0] for _ in uncond]
@@ -601,7 +602,7 @@ def _score_multiple_choice(model, tokenizer, task, examples, prompts, batch_size
     return records
 
 
-def _score_generate(model, tokenizer, task, examples, prompts, batch_size, pbar) -> list[dict]:
+def _score_generate(model, tokenizer, task, examples, prompts, batch_size, pbar, shared_context: bool = True) -> list[dict]:
     max_len = _context_length(model)
     ids = [tokenizer.encode(p, bos=True, eos=False) for p in prompts]
     for ex, t in zip(examples, ids):
@@ -620,14 +621,16 @@ def _score_generate(model, tokenizer, task, examples, prompts, batch_size, pbar)
 
 
 def evaluate_task(model, tokenizer, spec, *, batch_size: int = 16, records: bool = False, progress: bool = True,
-                  **overrides) -> dict:
+                  shared_context: bool = True, **overrides) -> dict:
     """Score one task (a spec file, dict or TaskSpec): each metric, its standard error, n, and the
-    per-example records when asked. `overrides` replace spec fields (num_fewshot=, limit=, ...)."""
+    per-example records when asked. `overrides` replace spec fields (num_fewshot=, limit=, ...).
+    `shared_context=False` scores every choice as one full sequence (no KV cache: what a model
+    sharded by FSDP can run)."""
     task, examples, prompts = load_task(spec, **overrides)
     pbar = tqdm(total=len(examples), unit="ex", desc=task.name, disable=not progress or _rank() != 0)
     t0 = time.perf_counter()
     score = _score_multiple_choice if task.type == "multiple_choice" else _score_generate
-    recs = score(model, tokenizer, task, examples, prompts, batch_size, pbar)
+    recs = score(model, tokenizer, task, examples, prompts, batch_size, pbar, shared_context)
     pbar.close()
     seconds = time.perf_counter() - t0
     result = {"type": task.type, "data": task.data, "n": len(recs), "num_fewshot": task.num_fewshot}
@@ -640,7 +643,7 @@ def evaluate_task(model, tokenizer, spec, *, batch_size: int = 16, records: bool
 
 
 def evaluate_tasks(model, tokenizer, task_specs: Sequence, *, batch_size: int = 16, records: bool = False,
-                   progress: bool = True, **overrides) -> dict:
+                   progress: bool = True, shared_context: bool = True, **overrides) -> dict:
     """{task name: results} for each task spec (JSON spec path, dict or TaskSpec); see evaluate_task."""
     if isinstance(task_specs, (str, os.PathLike, dict, TaskSpec)):
         task_specs = [task_specs]
@@ -652,7 +655,7 @@ def evaluate_tasks(model, tokenizer, task_specs: Sequence, *, batch_size: int = 
         if name in results:
             raise TaskError(f"two tasks are named {name!r}; task names must be distinct")
         results[name] = evaluate_task(model, tokenizer, spec, batch_size=batch_size, records=records,
-                                      progress=progress, **overrides)
+                                      progress=progress, shared_context=shared_context, **overrides)
     return results
 
 

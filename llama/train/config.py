@@ -55,6 +55,8 @@ class TrainConfig:
     log_every: int = 1
     eval_every: int = 100  # 0: never (except at the end when eval_batches > 0)
     eval_batches: int = 8
+    # local evaluation tasks (llama.eval task spec files) scored at every evaluation, e.g. ["colors.json"]
+    eval_tasks: list = field(default_factory=list)
     peak_flops: Optional[float] = None  # per device, for MFU; None: measured with a bf16 matmul
     tensorboard: bool = True
     progress: bool = True

@@ -50,8 +50,8 @@ class Metrics:
             self.file.write(json.dumps(rec) + "\n")
             self.file.flush()
         if self.tb:
-            for k in SCALARS:
-                if k in rec:
+            for k in rec:
+                if k in SCALARS or "/" in k:  # "/": an evaluation task's metric, e.g. "colors/acc_norm"
                     self.tb.add_scalar(k, rec[k], rec["step"])
 
     def progress(self, rec: dict, last_val: dict) -> None:

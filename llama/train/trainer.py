@@ -36,10 +36,12 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from llama.data import PackedLoader, load_mixture
+from llama.eval import TaskSpec, evaluate_tasks
 from llama.formats.meta import save_meta_checkpoint
 from llama.env import (auto_attention_backend, check_attention_device, init_distributed, sha256_file, synchronize,
                        torchrun_ranks)
 from llama.model import Transformer
+from llama.tokenizer import Tokenizer
 from llama.parallel import ParallelDims, apply_ac, apply_fsdp, apply_tp, build_mesh, check_tp_degree, compile_blocks
 from llama.train.checkpoint import CheckpointManager, model_diff, read_checkpoint_meta, rng_state, set_rng_state
 from llama.train.config import TrainConfig
@@ -101,6 +103,8 @@ class Trainer:
                              f"{cfg.seq_len} x micro_batch_size {cfg.micro_batch_size} x dp {dims.dp} = {tokens_per_micro}")
         self.grad_accum = cfg.global_batch_tokens // tokens_per_micro
         check_data_path(cfg.data)
+        self.eval_tasks = self._checked_eval_tasks(dims)
+        self.tokenizer = Tokenizer(cfg.tokenizer) if cfg.eval_tasks else None
         self.checkpoints = CheckpointManager(cfg.out_dir, cfg.keep_last, ranks.rank, distributed=dims.world > 1)
         self.resume_from = self._checked_resume()
         self.dp_rank, self.tp_rank = dims.coords(ranks.rank)
@@ -128,6 +132,19 @@ class Trainer:
         self.peak_flops = cfg.peak_flops or measure_peak_flops(self.device, self.compute_dtype)
         if self.resume_from is not None:
             self.load(self.resume_from)
+
+    def _checked_eval_tasks(self, dims: ParallelDims) -> list:
+        """The task specs to score at each evaluation, read and checked now (before any training)."""
+        if not self.cfg.eval_tasks:
+            return []
+        if not self.cfg.tokenizer:
+            raise ValueError("eval_tasks need the tokenizer: set tokenizer to the tokenizer.model of the data")
+        specs = [TaskSpec.load(s) for s in self.cfg.eval_tasks]
+        for spec in specs:
+            if spec.type == "generate" and dims.dp > 1:
+                raise ValueError(f"eval task {spec.name!r} generates text, which a model sharded by FSDP (dp "
+                                 f"{dims.dp}) cannot do step by step; score it on the export with scripts/eval.py")
+        return specs
 
     def _checked_resume(self) -> Optional[Path]:
         """The checkpoint to resume, checked against this model and batch before any work."""
@@ -224,7 +241,17 @@ class Trainer:
             total += self.loss(inputs.to(self.device), targets.to(self.device)).item()
             n += 1
         val_loss = self._all_mean(total / n)
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        out = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        if self.eval_tasks:  # the same numbers on every rank; FSDP: no KV cache, full sequences
+            was_training = self.model.training
+            self.model.eval()
+            results = evaluate_tasks(self.model, self.tokenizer, self.eval_tasks, batch_size=self.cfg.micro_batch_size,
+                                     progress=False, shared_context=self.dp == 1)
+            self.model.train(was_training)
+            for task, res in results.items():
+                out.update({f"{task}/{m}": res[m] for m in ("acc", "acc_norm", "acc_answer", "exact_match",
+                                                             "regex_match") if m in res})
+        return out
 
     # -- the loop ----------------------------------------------------------------------------
 
