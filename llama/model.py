@@ -39,6 +39,7 @@ class ModelArgs:
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0  # Llama 2 / Code Llama
     max_seq_len: int = 2048  # length of the RoPE table; the context the model was trained for
+    tie_embeddings: bool = False  # output.weight is tok_embeddings.weight (one tensor; no output.weight key)
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -98,6 +99,8 @@ class ModelArgs:
             d["ffn_dim_multiplier"] = self.ffn_dim_multiplier
         if self.rope_theta != 10000.0:
             d["rope_theta"] = self.rope_theta
+        if self.tie_embeddings:
+            d["tie_embeddings"] = True
         return d
 
 
@@ -161,10 +164,11 @@ def weight_info(key: str) -> Weight:
 
 
 def state_dict_keys(args: ModelArgs) -> list[str]:
-    """Every parameter key of a model with `args` (embedding, blocks in table order, norm, output)."""
+    """Every parameter key of a model with `args` (embedding, blocks in table order, norm, output;
+    no output.weight when the embeddings are tied)."""
     return ([f"{k}.weight" for k in ("tok_embeddings",)]
             + [f"layers.{i}.{k}.weight" for i in range(args.n_layers) for k in LAYER_WEIGHTS]
-            + [f"{k}.weight" for k in ("norm", "output")])
+            + [f"{k}.weight" for k in ("norm", "output") if not (k == "output" and args.tie_embeddings)])
 
 
 class RMSNorm(nn.Module):
@@ -357,6 +361,24 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def _drop_tied_output(module, state_dict, prefix, local_metadata):
+    state_dict.pop(prefix + "output.weight", None)
+
+
+def _fill_tied_output(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    # the output Linear loads the embedding too (strict loading wants its key); _retie_output then
+    # makes both modules hold one Parameter again (assign=True wraps each in its own)
+    emb, out = state_dict.get(prefix + "tok_embeddings.weight"), state_dict.get(prefix + "output.weight")
+    if out is not None and emb is not None and out is not emb and not torch.equal(out, emb):
+        error_msgs.append(f"{prefix}output.weight differs from {prefix}tok_embeddings.weight, but the model ties them")
+    elif emb is not None:
+        state_dict[prefix + "output.weight"] = emb
+
+
+def _retie_output(module, incompatible_keys):
+    module.output.weight = module.tok_embeddings.weight
+
+
 class Transformer(nn.Module):
     """Decoder-only LLaMA. `forward(tokens, start_pos, cache)` returns (B, T, vocab) logits.
 
@@ -371,6 +393,11 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:  # one tensor; state_dict holds it once, as tok_embeddings.weight
+            self.output.weight = self.tok_embeddings.weight
+            self.register_state_dict_post_hook(_drop_tied_output)
+            self.register_load_state_dict_pre_hook(_fill_tied_output)
+            self.register_load_state_dict_post_hook(_retie_output)
         self.register_buffer("freqs_cis", precompute_freqs_cis(args.head_dim, args.max_seq_len, args.rope_theta),
                              persistent=False)
         if self.freqs_cis.device.type != "meta":

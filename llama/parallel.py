@@ -63,6 +63,9 @@ def check_tp_degree(args: ModelArgs, tp: int) -> None:
         problems.append(f"ffn hidden={args.ffn_hidden_dim}")
     if args.vocab_size % tp:
         problems.append(f"vocab_size={args.vocab_size}")
+    if tp > 1 and args.tie_embeddings:
+        raise ValueError(f"tensor parallel degree {tp} with tied embeddings is not supported (the embedding and the "
+                         f"output would shard one tensor twice); run on one process, or with FSDP (dp) only")
     if problems:
         raise ValueError(f"tensor parallel degree {tp} does not divide {', '.join(problems)}; "
                          f"use a degree that divides the heads (e.g. one of {divisors(args.n_kv_heads)})")

@@ -6,6 +6,7 @@ Meta's tokenizer.model: BPE, digits split into single pieces, unknown UTF-8 fall
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -33,13 +34,32 @@ class Tokenizer:
             raise FileNotFoundError(f"tokenizer model {path} does not exist: pass the path of a "
                                     "sentencepiece tokenizer.model (or train one with "
                                     "scripts/train_tokenizer.py)")
-        self.sp = spm.SentencePieceProcessor()
+        sp = spm.SentencePieceProcessor()
         try:
-            self.sp.load(str(path))
+            sp.load(str(path))
         except Exception as e:  # sentencepiece raises OSError/RuntimeError with a C++ message
             raise ValueError(f"{path} is not a valid sentencepiece model ({e})") from None
+        self._setup(sp, path, sha256_file(path))
+
+    @classmethod
+    def from_model_proto(cls, model_proto: bytes, source: str | os.PathLike) -> "Tokenizer":
+        """A tokenizer from a serialized sentencepiece ModelProto (e.g. rebuilt from a GGUF's
+        vocabulary); `source` names where it came from (model_path)."""
+        sp = spm.SentencePieceProcessor()
+        try:
+            sp.load_from_serialized_proto(model_proto)
+        except Exception as e:
+            raise ValueError(f"{source}: not a valid sentencepiece model ({e})") from None
+        self = cls.__new__(cls)
+        self._setup(sp, Path(source), hashlib.sha256(model_proto).hexdigest())
+        return self
+
+    def _setup(self, sp: spm.SentencePieceProcessor, path: Path, sha256: str) -> None:
+        self.sp = sp
         self.model_path = path
-        self.sha256 = sha256_file(path)
+        self.sha256 = sha256
+        self.add_bos = True  # encode(bos=True) adds bos; a GGUF may say its model wants none
+        self.chat_template: str | None = None  # Jinja, when the file carries one (GGUF)
         self.n_words: int = self.sp.vocab_size()
         self.bos_id: int = self.sp.bos_id()
         self.eos_id: int = self.sp.eos_id()
@@ -60,7 +80,7 @@ class Tokenizer:
             raise ValueError(f"cannot encode {s[max(0, e.start - 10):e.end + 10]!r}: it is not valid Unicode "
                              f"({e.reason} at index {e.start}); decode the source text with errors='replace'") from None
         ids = self._encode_text(s)
-        if bos:
+        if bos and self.add_bos:
             ids = [self.bos_id] + ids
         if eos:
             ids = ids + [self.eos_id]

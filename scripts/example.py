@@ -4,6 +4,10 @@
     torchrun --nproc_per_node 2 scripts/example.py --ckpt_dir 13B --tokenizer_path tokenizer.model \
         --prompts '["I believe the meaning of life is"]' --max_gen_len 64
     python scripts/example.py --ckpt_dir 7B --tokenizer_path tokenizer.model --interactive
+    python scripts/example.py --ckpt_dir model.gguf --prompts '["What is the capital of France?"]' --chat
+
+A .gguf file (llama.cpp's format) brings its own tokenizer; --chat renders each prompt as one user
+message with the file's chat template (tokenizer.chat_template) and prints the assistant's reply.
 
 Prompts come from --prompts (a string or a list), --prompt_file (one per line; blank lines skipped)
 or built-in defaults. Only rank 0 prints.
@@ -16,6 +20,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from llama.cli import run
+from llama.formats.gguf import encode_chat
 from llama.inference import Llama, check_sampling
 from llama.quantize import quantize as apply_quantization
 
@@ -40,10 +45,11 @@ def read_prompts(prompts=None, prompt_file: str | None = None) -> list[str]:
     return [prompts] if isinstance(prompts, str) else [str(p) for p in prompts]
 
 
-def main(ckpt_dir: str, tokenizer_path: str, temperature: float = 0.8, top_p: float = 0.95, top_k: int | None = None,
-         max_seq_len: int = 512, max_batch_size: int = 32, max_gen_len: int = 64, prompts=None,
+def main(ckpt_dir: str, tokenizer_path: str | None = None, temperature: float = 0.8, top_p: float = 0.95,
+         top_k: int | None = None, max_seq_len: int = 512, max_batch_size: int = 32, max_gen_len: int = 64, prompts=None,
          prompt_file: str | None = None, interactive: bool = False, dtype: str | None = None,
-         device: str | None = None, quantize: str | None = None, seed: int = 1, stop=None, decoder: str = "auto"):
+         device: str | None = None, quantize: str | None = None, seed: int = 1, stop=None, decoder: str = "auto",
+         chat: bool = False):
     """decoder: how each step runs the model, one of auto (the fused CPU step where it applies, else
     eager), eager, compiled (torch.compile, fixed shapes) or fused."""
     check_sampling(temperature, top_p, top_k)
@@ -61,7 +67,12 @@ def main(ckpt_dir: str, tokenizer_path: str, temperature: float = 0.8, top_p: fl
     if interactive:
         _interactive(llama, main_rank, sampling)
         return
-    results = llama.text_completion(prompt_list, **sampling)
+    if chat:  # one user message per prompt, rendered with the file's chat template
+        dialogs = [encode_chat(llama.tokenizer, [{"role": "user", "content": p}]) for p in prompt_list]
+        out, _ = llama.generate(dialogs, max_gen_len, temperature, top_p, top_k)
+        results = [{"generation": llama.tokenizer.decode(t)} for t in out]
+    else:
+        results = llama.text_completion(prompt_list, **sampling)
     if main_rank:
         for prompt, result in zip(prompt_list, results):
             print(f"> {prompt}")

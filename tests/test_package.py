@@ -12,7 +12,7 @@ from llama.config import CONFIG_DIR, config_path, names, read_json_object
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "llama"
-CORE = {"llama.model", "llama.tokenizer", "llama.config", "llama.env"}
+CORE = {"llama.model", "llama.tokenizer", "llama.bpe_tokenizer", "llama.config", "llama.env"}
 TRANSFORMS = {"llama.parallel", "llama.quantize", "llama.lora"}
 
 

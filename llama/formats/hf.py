@@ -53,6 +53,8 @@ def to_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, tor
     for k, v in sd.items():
         heads = weight_info(k).rope_heads
         out[hf_key(k)] = v if heads is None else permute_to_hf(v, getattr(args, heads))
+    if args.tie_embeddings:  # transformers' own state dict lists the tied lm_head too
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out
 
 
@@ -61,6 +63,11 @@ def from_hf(hf_state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str
     are an error (rotary inv_freq buffers are ignored)."""
     names = {hf_key(k): k for k in state_dict_keys(args)}
     hf = {k: v for k, v in hf_state_dict.items() if not k.endswith("rotary_emb.inv_freq")}
+    if args.tie_embeddings and "lm_head.weight" in hf:  # a tied lm_head may be listed; it must be the embedding
+        lm_head = hf.pop("lm_head.weight")
+        if "model.embed_tokens.weight" in hf and not torch.equal(lm_head, hf["model.embed_tokens.weight"]):
+            raise ValueError("transformers checkpoint has tie_word_embeddings=true but an lm_head.weight that "
+                             "differs from model.embed_tokens.weight; set tie_word_embeddings to false")
     missing = [k for k in names if k not in hf]
     unexpected = [k for k in hf if k not in names]
     if missing or unexpected:
@@ -93,7 +100,7 @@ def hf_config(args: ModelArgs, dtype: torch.dtype = torch.float16) -> dict:
         "rope_theta": args.rope_theta,  # transformers 4.x reads this, 5.x rope_parameters
         "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
         "rope_scaling": None,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": args.tie_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
         "bos_token_id": 1,
@@ -106,7 +113,7 @@ def hf_config(args: ModelArgs, dtype: torch.dtype = torch.float16) -> dict:
     }
 
 
-def _ffn_fields(dim: int, hidden: int) -> dict:
+def ffn_fields(dim: int, hidden: int) -> dict:
     # ModelArgs derives the hidden width from dim: find multiple_of / ffn_dim_multiplier giving `hidden`
     base = int(2 * 4 * dim / 3)
     for multiple_of, mult in ((256, None), (hidden, None), (hidden, hidden / base)):
@@ -118,12 +125,10 @@ def _ffn_fields(dim: int, hidden: int) -> dict:
 
 def args_from_hf_config(cfg: dict, **overrides) -> ModelArgs:
     """ModelArgs from a transformers LlamaConfig dict; configs this architecture cannot represent
-    (tied embeddings, biases, RoPE scaling, another activation or model type) are refused."""
+    (biases, RoPE scaling, another activation or model type) are refused."""
     problems = []
     if cfg.get("model_type", "llama") != "llama":
         problems.append(f"model_type {cfg['model_type']!r} (only 'llama')")
-    if cfg.get("tie_word_embeddings", False):
-        problems.append("tie_word_embeddings=true (LLaMA's output is not tied to the embedding)")
     for k in ("attention_bias", "mlp_bias"):
         if cfg.get(k, False):
             problems.append(f"{k}=true (LLaMA has no biases)")
@@ -143,7 +148,8 @@ def args_from_hf_config(cfg: dict, **overrides) -> ModelArgs:
         norm_eps=cfg.get("rms_norm_eps", 1e-6),
         rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
         max_seq_len=cfg.get("max_position_embeddings", 2048),
-        **_ffn_fields(dim, cfg["intermediate_size"]),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        **ffn_fields(dim, cfg["intermediate_size"]),
     )
     args = ModelArgs(**{**fields, **overrides})
     if args.ffn_hidden_dim != cfg["intermediate_size"]:
@@ -162,6 +168,8 @@ def save_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs, out_dir: str |
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf = to_hf(state_dict, args)
+    if args.tie_embeddings:  # safetensors stores no shared tensors; transformers re-ties on load
+        del hf["lm_head.weight"]
     dtype = parse_dtype(dtype)
     if dtype is None:
         dtype = next(iter(hf.values())).dtype

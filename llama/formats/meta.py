@@ -191,8 +191,9 @@ def _params(ckpt_dir: Path, vocab_size: int | None, shards: _Shards | None, over
         d["vocab_size"] = vocab_size
     elif d.get("vocab_size") is None or d["vocab_size"] < 0:
         shards = shards or _Shards(ckpt_dir)
-        if "output.weight" in shards.shapes:  # (vocab, dim) once the shards are concatenated
-            d["vocab_size"] = shards.shapes["output.weight"][0]
+        key = "output.weight" if "output.weight" in shards.shapes else "tok_embeddings.weight"  # tied: no output
+        if key in shards.shapes:  # (vocab, dim) once the shards are concatenated
+            d["vocab_size"] = shards.shapes[key][0]
     try:
         return ModelArgs.from_dict(d, **overrides)
     except (TypeError, ValueError) as e:

@@ -11,6 +11,7 @@ step runs the model is a decoder (llama/inference/decoders.py) chosen once at bu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -18,13 +19,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from llama.env import init_distributed, resolve_device, resolve_dtype, torchrun_ranks
+from llama.formats.gguf import load_gguf, load_tokenizer
 from llama.formats.meta import load_model, load_params, load_tp_slice
 from llama.inference.cpu_decode import FusedCpuDecoder
 from llama.inference.decoders import DECODERS, CompiledDecoder, EagerDecoder
 from llama.inference.sampling import check_sampling, sample
 from llama.model import KVCache, Transformer
 from llama.parallel import apply_tp, assign_local_shards, check_tp_degree, tp_mesh
-from llama.tokenizer import TextStream, Tokenizer, find_stop
+from llama.tokenizer import TextStream, find_stop
 
 
 def make_decoder(model: Transformer, kind: str = "auto", world_size: int = 1, **compile_options) -> EagerDecoder:
@@ -71,7 +73,7 @@ class Llama:
         self.decoder = decoder if isinstance(decoder, EagerDecoder) else make_decoder(model, decoder, world_size)
 
     @staticmethod
-    def build(ckpt_dir: str, tokenizer_path: str, max_seq_len: int, max_batch_size: int,
+    def build(ckpt_dir: str, tokenizer_path: Optional[str], max_seq_len: int, max_batch_size: int,
               model_parallel_size: Optional[int] = None, seed: int = 1, device: str | torch.device | None = None,
               dtype: str | torch.dtype | None = None, decoder: str = "auto") -> "Llama":
         """Load a Meta-layout checkpoint (params.json + consolidated.NN.pth, any number of shards).
@@ -81,6 +83,9 @@ class Llama:
         mps, then cpu; `dtype` to bf16 where the hardware has it, fp16 on older GPUs, else fp32.
         `decoder`: "auto" (the fused CPU step where it applies, else eager), "eager", "compiled"
         or "fused" (see llama/inference/decoders.py).
+        A `.gguf` file (llama.cpp's format) as `ckpt_dir` runs on one process; its tokenizer comes
+        from the file unless `tokenizer_path` is given. `tokenizer_path` may also be a vocabulary-only
+        .gguf (what scripts/convert_gguf.py writes beside a Meta-layout model with a BPE vocabulary).
         """
         if max_seq_len < 2 or max_batch_size < 1:
             raise ValueError(f"max_seq_len must be >= 2 and max_batch_size >= 1 (got {max_seq_len}, {max_batch_size})")
@@ -92,7 +97,13 @@ class Llama:
         if model_parallel_size is not None and model_parallel_size != world:
             raise ValueError(f"model_parallel_size {model_parallel_size} != {world} process(es) launched; "
                              f"launch with `torchrun --nproc_per_node {model_parallel_size}` or leave it unset")
-        tokenizer = Tokenizer(tokenizer_path)
+        if Path(ckpt_dir).suffix == ".gguf":
+            return Llama._build_gguf(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, world, seed, device,
+                                     dtype, decoder)
+        if tokenizer_path is None:
+            raise FileNotFoundError(f"no tokenizer given for {ckpt_dir}: pass --tokenizer_path (a sentencepiece "
+                                    f"tokenizer.model, or a .gguf vocabulary)")
+        tokenizer = load_tokenizer(tokenizer_path)  # tokenizer.model, or a vocabulary-only .gguf
         args = load_params(ckpt_dir)  # vocab_size -1 is read from the shards' output.weight
         if args.vocab_size != tokenizer.n_words:
             raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the model in {ckpt_dir} "
@@ -113,6 +124,22 @@ class Llama:
         model.eval().requires_grad_(False)
         return Llama(model, tokenizer, max_seq_len, max_batch_size, seed=seed, rank=ranks.rank,
                      world_size=ranks.world, decoder=decoder)
+
+    @staticmethod
+    def _build_gguf(path, tokenizer_path, max_seq_len, max_batch_size, world, seed, device, dtype, decoder) -> "Llama":
+        if world > 1:
+            raise ValueError(f"a .gguf model ({path}) runs on one process; launch without torchrun (or convert it "
+                             f"to Meta's layout with scripts/convert_gguf.py)")
+        model, tokenizer = load_gguf(path, device=device, dtype=dtype, max_seq_len=max_seq_len)
+        if tokenizer_path is not None:
+            tokenizer = load_tokenizer(tokenizer_path)
+        if tokenizer is None:
+            raise ValueError(f"{path} holds no vocabulary; pass --tokenizer_path")
+        if tokenizer.n_words != model.args.vocab_size:
+            raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the model in {path} has "
+                             f"vocab_size {model.args.vocab_size}; use the tokenizer the model was trained with")
+        model.eval().requires_grad_(False)
+        return Llama(model, tokenizer, max_seq_len, max_batch_size, seed=seed, decoder=decoder)
 
     # -----------------------------------------------------------------------------------------
 
