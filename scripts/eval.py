@@ -14,6 +14,7 @@ from pathlib import Path
 
 from llama.cli import run
 from llama.eval import TaskSpec, evaluate_tasks, perplexity, read_documents, write_results
+from llama.formats.gguf import open_gguf, read_args
 from llama.formats.meta import load_params
 from llama.inference import Llama
 
@@ -32,8 +33,11 @@ def main(ckpt_dir: str, tokenizer_path: str | None = None, text=None, tasks=None
         raise ValueError("nothing to evaluate: give --text FILE(s) for perplexity and/or --tasks SPEC.json(s)")
     docs = read_documents(texts) if texts else []  # bad files and specs fail before the model loads
     specs = [TaskSpec.load(s, num_fewshot=num_fewshot, limit=limit) for s in specs]
-    tokenizer_path = tokenizer_path or str(Path(ckpt_dir) / "tokenizer.model")
-    max_seq_len = max_seq_len or load_params(ckpt_dir).max_seq_len
+    if Path(ckpt_dir).suffix == ".gguf":  # llama.cpp's file: the tokenizer comes from it
+        max_seq_len = max_seq_len or read_args(open_gguf(ckpt_dir)).max_seq_len
+    else:
+        tokenizer_path = tokenizer_path or str(Path(ckpt_dir) / "tokenizer.model")
+        max_seq_len = max_seq_len or load_params(ckpt_dir).max_seq_len
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=batch_size,
                         dtype=dtype, device=device, decoder="eager")
     model, tokenizer = llama.model, llama.tokenizer

@@ -43,10 +43,10 @@ def decode_kernel():
         _module = False
         if cpu_has_native_bf16():
             try:
-                from torch.utils.cpp_extension import get_default_build_root, load
+                from torch.utils.cpp_extension import _get_build_directory, load
 
-                built = Path(get_default_build_root()) / EXTENSION / f"{EXTENSION}.so"
-                if not built.is_file():  # say why the first generation waits
+                built = Path(_get_build_directory(EXTENSION, verbose=False)) / f"{EXTENSION}.so"
+                if not built.is_file():  # say why the first generation waits (torch's build cache is per version)
                     print("building the fused CPU decoding kernel (first use only, ~30 s)...", file=sys.stderr,
                           flush=True)
                 _module = load(EXTENSION, sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"])
