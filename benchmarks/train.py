@@ -108,6 +108,7 @@ def main(model: str = "60M", batch_size: int = 4, seq_len: int = 512, dtype: str
     if threads:
         torch.set_num_threads(threads)
 
+    amp = torch.bfloat16 if dtype == "bf16" else torch.float32  # MFU against the peak of the computing dtype
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
     trainer = build_ours(model, batch_size, seq_len, dtype, compile, ac, tmp)
     args = trainer.args
@@ -129,12 +130,12 @@ def main(model: str = "60M", batch_size: int = 4, seq_len: int = 512, dtype: str
     best = {name: float("inf") for name in rows}
     peak = 0.0
     for _ in tqdm(range(repeats), desc="timing", leave=False):
-        peak = max(peak, matmul_flops())
+        peak = max(peak, matmul_flops(dtype=amp))
         for name, step in rows.items():
             t0 = time.perf_counter()
             step()
             best[name] = min(best[name], time.perf_counter() - t0)
-    peak = max(peak, matmul_flops())
+    peak = max(peak, matmul_flops(dtype=amp))
 
     base = tokens / best["transformers"]
     result = {"model": model, "params": n_params, "batch": [batch_size, seq_len], "dtype": dtype,
@@ -143,7 +144,7 @@ def main(model: str = "60M", batch_size: int = 4, seq_len: int = 512, dtype: str
     print(f"\n{model}: {n_params / 1e6:.1f}M parameters, batch {batch_size} x {seq_len} = {tokens} tokens, "
           f"{dtype} autocast over fp32 master weights, {torch.get_num_threads()} threads")
     print(f"ours: compile={compile} (compiled blocks and loss) ac={ac}, fused AdamW; transformers: fused AdamW={fused_adamw}; "
-          f"FLOPs/token {flops_tok / 1e6:.1f}M; bf16 matmul peak {peak / 1e9:.0f} GFLOP/s")
+          f"FLOPs/token {flops_tok / 1e6:.1f}M; {dtype} matmul peak {peak / 1e9:.0f} GFLOP/s")
     print("first losses: " + ", ".join(f"{k} {v:.4f}" for k, v in first.items()))
     print("| row | step s | tokens/s | vs transformers | MFU |")
     print("|---|---|---|---|---|")

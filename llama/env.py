@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,13 +112,76 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
-    """bf16 on GPUs and CPUs that have it natively, fp16 on older GPUs and MPS, else fp32."""
+    """The dtype to hold weights in for generation: bf16 on GPUs that have it, fp16 on older GPUs
+    and MPS; on a CPU bf16 where it multiplies bf16 natively (decoding reads every weight per token,
+    so half the bytes wins even where bf16 matmuls are slower than fp32), else fp32."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "mps":
         return torch.float16
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def cpu_model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+_MATMUL_SPEEDS: dict = {}
+
+
+def cpu_matmul_speeds(n: int = 1024, seconds: float = 0.15) -> dict[str, float]:
+    """{"bf16": FLOP/s, "fp32": FLOP/s} of an (n, n) @ (n, n) matmul on this CPU with the current
+    thread count: the best of repeated products over `seconds` per dtype (~0.4 s in all). Cached
+    in memory and in ~/.cache/llama/matmul_speeds.json per CPU model, thread count and torch."""
+    key = f"{cpu_model_name()} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+    if key in _MATMUL_SPEEDS:
+        return _MATMUL_SPEEDS[key]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llama" / "matmul_speeds.json"
+    try:
+        saved = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        saved = {}
+    if isinstance(saved, dict) and isinstance(saved.get(key), dict):
+        _MATMUL_SPEEDS[key] = saved[key]
+        return saved[key]
+    speeds = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b  # warm up
+        best, end = float("inf"), time.perf_counter() + seconds
+        while time.perf_counter() < end or best == float("inf"):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        speeds[name] = 2 * n ** 3 / best
+    _MATMUL_SPEEDS[key] = speeds
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(json.dumps({**(saved if isinstance(saved, dict) else {}), key: speeds}, indent=1), cache)
+    except OSError:
+        pass  # a read-only home: measure again next time
+    return speeds
+
+
+def compute_dtype(device: torch.device | str) -> tuple[torch.dtype, str]:
+    """The dtype to compute training and prefill matmuls in, and why: bf16 on GPUs; on a CPU the
+    faster of bf16 and fp32 as measured by `cpu_matmul_speeds` (some CPUs with AVX512-BF16 but no
+    AMX multiply fp32 twice as fast as bf16)."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        dt = default_dtype(device)
+        return dt, f"{dtype_name(dt)} on {device.type}"
+    speeds = cpu_matmul_speeds()
+    dt = torch.bfloat16 if speeds["bf16"] > speeds["fp32"] else torch.float32
+    return dt, (f"{dtype_name(dt)}: measured on {cpu_model_name()} with {torch.get_num_threads()} threads, "
+                f"bf16 matmul {speeds['bf16'] / 1e9:.0f} GFLOP/s vs fp32 {speeds['fp32'] / 1e9:.0f} GFLOP/s")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str) -> torch.dtype:

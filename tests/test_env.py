@@ -52,3 +52,20 @@ def test_atomic_write_leaves_the_old_file_when_it_fails(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         atomic_write_text("new", path)
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_compute_dtype_follows_the_measured_matmul_speed(monkeypatch, tmp_path):
+    import llama.env as env
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    env._MATMUL_SPEEDS.clear()
+    speeds = env.cpu_matmul_speeds(n=256, seconds=0.02)
+    assert set(speeds) == {"bf16", "fp32"} and all(v > 1e8 for v in speeds.values())
+    assert (tmp_path / "llama" / "matmul_speeds.json").is_file()  # cached per CPU, threads and torch
+    env._MATMUL_SPEEDS.clear()
+    assert env.cpu_matmul_speeds() == speeds  # read back from the file, not measured again
+    for fast, want in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        monkeypatch.setattr(env, "cpu_matmul_speeds", lambda: {"bf16": 2e11 if fast == "bf16" else 1e11,
+                                                               "fp32": 2e11 if fast == "fp32" else 1e11})
+        dt, why = env.compute_dtype("cpu")
+        assert dt is want and "measured" in why and "200 GFLOP/s" in why

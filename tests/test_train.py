@@ -490,3 +490,18 @@ def test_eval_tasks_are_scored_at_each_evaluation(tmp_path, data_dir, tiny_token
         assert logged[-1][f"mc/{m}"] == want[m]
     with pytest.raises(ValueError, match="eval_tasks need the tokenizer"):
         Trainer(tiny_cfg(tmp_path, data_dir, eval_tasks=[str(spec)]), make_loader=make_pattern_loader)
+
+
+def test_time_budget_sizes_the_schedule(tmp_path, data_dir, capsys):
+    """With a budget no run of 50 steps can meet, the schedule is cut after the timed probe steps
+    (the first step compiles and is not timed), it says so, and a rerun resumes to the same end."""
+    cfg = tiny_cfg(tmp_path, data_dir, steps=50, time_budget_s=1e-3, ckpt_every=2, progress=False)
+    summary = fit(cfg)
+    probe = trainer_module.BUDGET_PROBE_STEPS
+    assert summary["step"] == probe and len(summary["history"]) == probe
+    assert f"so {probe} steps instead of 50" in capsys.readouterr().out
+    meta = read_checkpoint_meta(summary["checkpoint"])
+    assert meta["config"]["steps"] == probe and meta["step"] == probe
+    assert fit(cfg)["step"] == probe  # resumed: the budgeted schedule, nothing left to train
+    # a generous budget changes nothing
+    assert fit(tiny_cfg(tmp_path / "b", data_dir, steps=6, time_budget_s=1e6))["step"] == 6

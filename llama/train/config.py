@@ -42,7 +42,7 @@ class TrainConfig:
     global_batch_tokens: int = 4 * 1024 * 1024
     micro_batch_size: int = 1
     # execution
-    dtype: str = "bf16"  # compute dtype; master weights are always fp32
+    dtype: str = "auto"  # compute dtype (auto: bf16 on GPUs, the faster one measured on CPUs); master weights fp32
     ac: str = "none"  # activation checkpointing: none | full | selective
     attention: str = "auto"  # auto (xformers on CUDA when installed, else sdpa) | sdpa | xformers | math
     compile: bool = False
@@ -60,6 +60,9 @@ class TrainConfig:
     peak_flops: Optional[float] = None  # per device, for MFU; None: measured with a bf16 matmul
     tensorboard: bool = True
     progress: bool = True
+    # seconds this run may train (0: no limit): after the first steps the schedule is sized to fit
+    # (steps lowered, never raised; the cosine decay ends at the new last step), and it says so
+    time_budget_s: float = 0
     max_bad_steps: int = 5  # stop after this many non-finite losses/gradients in a row
     # checkpoints
     ckpt_every: int = 1000
@@ -109,7 +112,7 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise a ValueError naming the first field whose value cannot work; returns self."""
-        choices = {"dtype": ("bf16", "fp32"), "ac": AC_MODES, "attention": ("auto",) + ATTENTION_BACKENDS,
+        choices = {"dtype": ("auto", "bf16", "fp32"), "ac": AC_MODES, "attention": ("auto",) + ATTENTION_BACKENDS,
                    "device": ("auto", "cpu", "cuda"), "init": ("auto", "full", "meta")}
         for key, ok in choices.items():
             if getattr(self, key) not in ok:
@@ -119,7 +122,7 @@ class TrainConfig:
         for key in positive:
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1 (got {getattr(self, key)})")
-        for key in ["warmup_steps", "dp", "eval_every", "eval_batches"]:
+        for key in ["warmup_steps", "dp", "eval_every", "eval_batches", "time_budget_s"]:
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0 (got {getattr(self, key)})")
         if not self.lr > 0:

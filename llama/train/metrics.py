@@ -62,6 +62,16 @@ class Metrics:
                                  **({"val": f"{last_val['val_loss']:.4f}"} if last_val else {}))
             self.bar.update(1)
 
+    def write(self, message: str) -> None:
+        """A line for the person watching (above the progress bar)."""
+        if self.enabled:
+            (self.bar.write if self.bar else print)(message)
+
+    def set_total(self, steps: int) -> None:
+        if self.bar:
+            self.bar.total = steps
+            self.bar.refresh()
+
     def close(self) -> None:
         for sink in (self.bar, self.file, self.tb):
             if sink:

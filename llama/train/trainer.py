@@ -38,8 +38,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 from llama.data import PackedLoader, load_mixture
 from llama.eval import TaskSpec, evaluate_tasks
 from llama.formats.meta import save_meta_checkpoint
-from llama.env import (auto_attention_backend, check_attention_device, init_distributed, sha256_file, synchronize,
-                       torchrun_ranks)
+from llama.env import (auto_attention_backend, check_attention_device, compute_dtype, init_distributed, sha256_file,
+                       synchronize, torchrun_ranks)
 from llama.model import Transformer
 from llama.tokenizer import Tokenizer
 from llama.parallel import ParallelDims, apply_ac, apply_fsdp, apply_tp, build_mesh, check_tp_degree, compile_blocks
@@ -50,6 +50,7 @@ from llama.train.recipe import (build_optimizer, clip_grad_norm, compiled_cross_
                                 flops_per_token, lr_at, measure_peak_flops, set_lr)
 
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+BUDGET_PROBE_STEPS = 4  # steps timed before a time budget sizes the schedule (the first compiles)
 
 
 def check_data_path(data) -> None:
@@ -119,7 +120,12 @@ class Trainer:
         self.device = torch.device(dev_type, ranks.local_rank) if dev_type == "cuda" else torch.device(dev_type)
         self.attention = auto_attention_backend(self.device) if cfg.attention == "auto" else cfg.attention
         check_attention_device(self.attention, self.device)
-        self.compute_dtype = COMPUTE_DTYPES[cfg.dtype]
+        if cfg.dtype == "auto":
+            self.compute_dtype, why = compute_dtype(self.device)
+            if self.rank == 0:
+                print(f"compute dtype {why}", flush=True)
+        else:
+            self.compute_dtype = COMPUTE_DTYPES[cfg.dtype]
         self.mesh = build_mesh(dims.dp, dims.tp, dev_type) if dims.world > 1 else None
         # every rank seeds alike, so a full init gives identical weights everywhere
         torch.manual_seed(cfg.seed)
@@ -271,11 +277,18 @@ class Trainer:
         metrics = Metrics(cfg.out_dir, is_main, cfg.steps, self.step, self.resume_from is not None,
                           cfg.tensorboard, cfg.progress)
         bad_in_a_row, last, last_val, saved = 0, {}, {}, None
+        start, first_step = time.perf_counter(), self.step
         try:
-            while self.step < cfg.steps:
+            while self.step < self.cfg.steps:
+                cfg = self.cfg  # fit_to_budget may shorten the schedule
                 t0 = time.perf_counter()
                 rec = self.train_step()
                 synchronize(self.device)
+                if self.step == first_step + 1:
+                    after_first = time.perf_counter()  # the first step compiles: time the ones after it
+                if cfg.time_budget_s and self.step == first_step + BUDGET_PROBE_STEPS and not self.resume_from:
+                    now = time.perf_counter()
+                    self.fit_to_budget((now - after_first) / (BUDGET_PROBE_STEPS - 1), now - start, metrics)
                 bad_in_a_row = bad_in_a_row + 1 if rec["skipped"] else 0
                 if bad_in_a_row >= cfg.max_bad_steps:
                     raise FloatingPointError(
@@ -306,11 +319,28 @@ class Trainer:
                 "checkpoint": str(saved or self.checkpoints.latest() or ""),
                 "export": str(exported) if exported else None}
 
+    def fit_to_budget(self, per_step: float, elapsed: float, metrics: Metrics) -> None:
+        """Lower `steps` so that the run ends within `time_budget_s`, given the seconds a step takes
+        (measured after the first one); the same decision on every rank (the slowest rank's time)."""
+        t = torch.tensor([per_step], dtype=torch.float64, device=self.device)
+        if self.mesh is not None:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        per_step = t.item()
+        left = 0.9 * self.cfg.time_budget_s - elapsed  # 10% for evaluations, checkpoints and export
+        fits = self.step + max(0, int(left / per_step))
+        if fits < self.cfg.steps:
+            metrics.write(f"time budget {self.cfg.time_budget_s:.0f} s: {per_step:.2f} s a step "
+                          f"({self.cfg.global_batch_tokens / per_step:,.0f} tokens/s), so {fits} steps instead of "
+                          f"{self.cfg.steps}; the learning-rate schedule ends there")
+            self.cfg = dataclasses.replace(self.cfg, steps=fits)
+            metrics.set_total(fits)
+
     def model_size(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
     def resolved_config(self) -> dict:
-        return {**self.cfg.to_dict(), "dp": self.dp, "attention": self.attention}
+        return {**self.cfg.to_dict(), "dp": self.dp, "attention": self.attention,
+                "dtype": {torch.bfloat16: "bf16", torch.float32: "fp32"}[self.compute_dtype]}
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -333,6 +363,9 @@ class Trainer:
         if same_layout:
             set_rng_state(rank_state, self.device)
         self.step, self.tokens_seen = meta["step"], meta["tokens"]
+        saved_steps = meta["config"].get("steps")
+        if self.cfg.time_budget_s and saved_steps and saved_steps < self.cfg.steps:
+            self.cfg = dataclasses.replace(self.cfg, steps=saved_steps)  # the schedule the budget chose
 
     def export(self, out_dir: str | Path, num_shards: int = 1, dtype: torch.dtype = torch.float16) -> Path | None:
         """Gather the full weights to rank 0 and write Meta's layout there (returns None elsewhere)."""
