@@ -429,3 +429,13 @@ def test_tensor_parallel_equals_one_process(checkpoint, model, tok, tmp_path):
     assert [r["generation"] for r in tp["tasks"]["gen"]["examples"]] == [r["generation"] for r in one["gen"]["examples"]]
     ppl = perplexity(model, tok, TEXTS, stride=20, batch_size=3, progress=False)
     assert tp["perplexity"]["nll"] == pytest.approx(ppl["nll"], rel=1e-5)
+
+
+def test_the_shipped_example_task_scores(model, tok):
+    """docs/examples/python_mc.json (the README's example) is a valid task: every record loads and
+    is scored, and acc equals the argmax of the recorded log-likelihoods."""
+    res = evaluate_tasks(model, tok, [str(ROOT / "docs" / "examples" / "python_mc.json")], records=True,
+                         progress=False)["python_mc"]
+    assert res["n"] == 8
+    hits = [float(max(range(4), key=lambda i: r["loglikelihoods"][i]) == r["answer"]) for r in res["examples"]]
+    assert res["acc"] == pytest.approx(sum(hits) / 8)
