@@ -83,6 +83,8 @@ def main(ckpt_dir: str, tokenizer_path: str | None = None, temperature: float = 
 def _interactive(llama, main_rank: bool, sampling: dict) -> None:
     """Read a prompt, stream its completion; an empty line or EOF ends. Rank 0 reads and shares the
     prompt so every rank runs the same generation."""
+    if main_rank:
+        print("type a prompt and press Enter; an empty line or Ctrl-D quits", flush=True)
     while True:
         prompt = None
         if main_rank:
