@@ -363,7 +363,7 @@ def test_bad_inputs_name_file_and_line(model, tok, tmp_path):
         run([good, json.dumps({"question": "the of and " * 40, "choices": ["red", "blue"], "answer": 0})])
     with pytest.raises(TaskError, match=r"bad\.jsonl line 1: missing field 'question' that the template"):
         run([json.dumps({"prompt": "x", "choices": ["a", "b"], "answer": 0})])
-    with pytest.raises(TaskError, match=r"bad\.jsonl line 1: not valid JSON"):
+    with pytest.raises(TaskError, match=r"bad\.jsonl:1 is not valid JSON"):
         run(["{'question': 1}"])
     with pytest.raises(TaskError, match=r"bad\.jsonl line 1: the prompt and max_gen_tokens 60 need"):
         run([json.dumps({"question": "the of and to in", "answers": ["x"]})], type="generate", max_gen_tokens=60)

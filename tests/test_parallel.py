@@ -12,7 +12,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from llama.model import ModelArgs, Transformer
 from llama.parallel import AC_MODES, ac_mode, apply_ac
-from llama.train.recipe import cross_entropy
 from tests.conftest import torchrun
 
 ARGS = dict(dim=64, n_layers=2, n_heads=4, vocab_size=512, multiple_of=32, max_seq_len=64)
@@ -135,23 +134,6 @@ def test_no_grad_runs_plain_blocks():
         want = model(inputs)
         apply_ac(model, "selective")
         torch.testing.assert_close(model(inputs), want, rtol=0, atol=0)
-
-
-def test_speed_cross_entropy_matches_naive():
-    """The recipe's loss (compiled by the benchmark and the trainer) vs log-softmax by hand."""
-    torch.manual_seed(0)
-    logits = torch.randn(2, 8, 64, dtype=torch.bfloat16, requires_grad=True)
-    targets = torch.randint(0, 64, (2, 8))
-    loss = cross_entropy(logits, targets)
-    loss.backward()
-    x = logits.detach().double().flatten(0, 1)
-    logp = x - x.exp().sum(-1, keepdim=True).log()
-    want = -logp[torch.arange(16), targets.flatten()].mean()
-    assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=1e-6)
-    onehot = F.one_hot(targets.flatten(), 64).double()
-    grad = ((logp.exp() - onehot) / 16).view(2, 8, 64)
-    torch.testing.assert_close(logits.grad.double(), grad, rtol=0.02, atol=1e-4)
 
 
 @pytest.mark.slow

@@ -69,24 +69,34 @@ def _open_text(path: Path):
     return open(path, encoding="utf-8", errors="replace")
 
 
+def iter_jsonl(path: Path, example: str = '{"text": "..."}') -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a .jsonl(.gz) file; a line that is not a
+    JSON object is a ValueError naming the file and line (`example` shows what a line should be)."""
+    with _open_text(Path(path)) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno} is not valid JSON ({e.msg}); each line of a .jsonl file must "
+                                 f"be an object like {example}") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{lineno} holds a JSON {type(record).__name__}; each line of a .jsonl "
+                                 f"file must be an object like {example}")
+            yield lineno, record
+
+
 def iter_documents(path: Path) -> Iterator[str]:
     """Documents of one file: each line's "text" field for .jsonl(.gz), the whole file otherwise."""
     path = Path(path)
     try:
         if path.name.endswith(TEXT_SUFFIXES):
-            with _open_text(path) as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{lineno} is not valid JSON ({e.msg}); each line "
-                                         'of a .jsonl file must be an object like {"text": "..."}') from None
-                    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                        raise ValueError(f'{path}:{lineno} has no "text" string field; each line of '
-                                         'a .jsonl file must be an object like {"text": "..."}')
-                    yield record["text"]
+            for lineno, record in iter_jsonl(path):
+                if not isinstance(record.get("text"), str):
+                    raise ValueError(f'{path}:{lineno} has no "text" string field; each line of '
+                                     'a .jsonl file must be an object like {"text": "..."}')
+                yield record["text"]
         else:
             with _open_text(path) as f:
                 yield f.read()

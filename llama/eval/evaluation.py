@@ -33,6 +33,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from llama.data import iter_documents
+from llama.data.prepare import iter_jsonl
 from llama.config import read_json_object
 from llama.inference import Llama
 from llama.model import KVCache
@@ -443,19 +444,15 @@ def read_examples(path: str | os.PathLike, task: TaskSpec) -> list[Example]:
     if not path.is_file():
         raise TaskError(f"{task.source}: task data {path} does not exist")
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{path} line {lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise TaskError(f"{path} line {lineno}: a record must be a JSON object, not {type(record).__name__}")
+    try:
+        for lineno, record in iter_jsonl(path, example='{"question": ..., "choices": [...], "answer": 0}'):
             ex = Example(str(path), lineno, record)
             _check_record(ex, task)
             examples.append(ex)
+    except TaskError:
+        raise
+    except ValueError as e:  # a line that is not a JSON object: the same sentence, as a task error
+        raise TaskError(str(e)) from None
     if not examples:
         raise TaskError(f"{path} holds no examples (task {task.name!r})")
     return examples
