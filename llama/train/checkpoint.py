@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.distributed.checkpoint.metadata as dcp_metadata
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
@@ -114,7 +114,10 @@ def _dcp_allowed(module: str, name: str):
 
 class SafeFileSystemReader(FileSystemReader):
     """torch's FileSystemReader, except that .metadata is unpickled with an allow-list
-    (`_dcp_allowed`): a payload asking for anything else raises UnsafeFileError and runs nothing."""
+    (`_dcp_allowed`): a payload asking for anything else raises UnsafeFileError and runs nothing
+    (kept in `refused`: DCP folds a failed read into an error of its own)."""
+
+    refused: UnsafeFileError | None = None
 
     def read_metadata(self, *args, **kwargs):
         rank = kwargs.get("rank")
@@ -123,7 +126,11 @@ class SafeFileSystemReader(FileSystemReader):
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: the checkpoint is incomplete")
         with open(path, "rb") as f:
-            metadata = restricted_unpickle(f, _dcp_allowed, path)
+            try:
+                metadata = restricted_unpickle(f, _dcp_allowed, path)
+            except UnsafeFileError as e:
+                self.refused = e
+                raise
         if not isinstance(metadata, dcp_metadata.Metadata):
             raise ValueError(f"{path} does not hold DCP metadata (found {type(metadata).__name__})")
         if getattr(metadata, "storage_meta", None) is None:
@@ -164,13 +171,15 @@ def _first_failure(e: BaseException) -> BaseException | None:
 
 def dcp_load(state: dict, ckpt: Path, distributed: bool) -> None:
     """dcp.load through the safe reader and planner; failures as one sentence naming the checkpoint."""
+    reader = SafeFileSystemReader(str(ckpt))
     try:
         with _quiet_single_process():
-            dcp.load(state, storage_reader=SafeFileSystemReader(str(ckpt)), planner=SafeLoadPlanner(ckpt),
-                     no_dist=not distributed)
+            dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(ckpt), no_dist=not distributed)
     except (UnsafeFileError, FileNotFoundError):
         raise
-    except Exception as e:
+    except (Exception, CheckpointException) as e:
+        if reader.refused is not None:
+            raise reader.refused from None
         inner = _first_failure(e) or e
         if isinstance(inner, (UnsafeFileError, FileNotFoundError)):
             raise inner from None
@@ -312,7 +321,7 @@ class CheckpointManager:
                 files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
                 (tmp / META).write_text(json.dumps({"step": step, **meta, "files": files}, indent=2) + "\n")
                 fsync_tree(tmp)
-        except Exception as e:
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             if is_disk_full(e):
