@@ -471,3 +471,16 @@ def test_dp2_and_tp2_match_one_rank(tmp_path):
 def one_rank_weights(base, ckpt):
     trainer = Trainer(TrainConfig.from_dict(base, out_dir=str(Path(ckpt).parent.parent)), make_loader=make_pattern_loader)
     return trainer.model.state_dict()
+
+
+def test_empty_validation_split_fails_before_any_step(tmp_path, tiny_tokenizer):
+    (tmp_path / "a.txt").write_text("the model returns a value for the data. " * 200)
+    data = tmp_path / "prepared"
+    prepare_data([tmp_path / "a.txt"], tiny_tokenizer.model_path, data, val_fraction=0.0, num_workers=1, progress=False)
+    cfg = tiny_cfg(tmp_path, data, tokenizer=str(tiny_tokenizer.model_path), eval_batches=2)
+    with pytest.raises(ValueError, match=r"^eval_batches=2 needs validation data, but the val split of .*prepared "
+                                         r"\('prepared'\) has 0 tokens.*; prepare the data with val_fraction > 0 .*or "
+                                         r"set eval_batches=0"):
+        Trainer(cfg)
+    assert not (tmp_path / "run").exists()  # nothing was written
+    assert Trainer(tiny_cfg(tmp_path, data, tokenizer=str(tiny_tokenizer.model_path), eval_batches=0)).val_loader is None
