@@ -114,15 +114,16 @@ class Trainer:
         self.grad_accum = cfg.global_batch_tokens // tokens_per_micro
         check_data_path(cfg.data)
         self.checkpoints = CheckpointManager(cfg.out_dir, cfg.keep_last, ranks.rank, distributed=dims.world > 1)
-        # the run owns out_dir (rank 0 holds the lock): a second run on it is refused here
-        self.lock = DirLock(cfg.out_dir, "training run") if ranks.rank == 0 else None
-        if self.lock is not None:
-            self.lock.acquire()
         self.resume_from = self._checked_resume()
         self.dp_rank, self.tp_rank = dims.coords(ranks.rank)
         # opening the data checks its metadata, tokenizer and size before the model is built
         self.train_loader = self.make_loader(cfg, "train", self.dp_rank, dims.dp, cfg.seed)
         self.val_loader = open_val_loader(cfg, self.make_loader) if cfg.eval_batches else None
+        # the run owns out_dir (rank 0 holds the lock): a second run on it is refused here, before
+        # the model is built
+        self.lock = DirLock(cfg.out_dir, "training run") if ranks.rank == 0 else None
+        if self.lock is not None:
+            self.lock.acquire()
         self.history: list[dict] = []
 
         # the run: process group, device, model, optimizer, resumed state
