@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -14,7 +15,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 import types
 from pathlib import Path
 
@@ -326,7 +326,7 @@ def test_pickle_payload_in_dcp_metadata_is_refused(tmp_path, data_dir, reference
     marker = tmp_path / "ran"
     step4 = out / "checkpoints" / "step_00000004"
     md = step4 / ".metadata"
-    md.write_bytes(__import__("pickle").dumps(Payload(marker)))
+    md.write_bytes(pickle.dumps(Payload(marker)))
     # the attacker also fixes the manifest, so the size check alone does not catch it
     meta = json.loads((step4 / "meta.json").read_text())
     meta["files"][".metadata"] = md.stat().st_size
