@@ -1,21 +1,58 @@
-"""What every script in scripts/ shares: fire for the flags, and user errors as one sentence."""
+"""What every script in scripts/ shares: fire for the flags (checked before any work), and user
+errors as one sentence."""
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import os
 import sys
-from typing import Callable
+from typing import Callable, Iterable
 
-# Errors a user causes (a wrong path, a bad value, a diverged run): printed as one line, exit 1.
-# Anything else is a bug and keeps its traceback.
-USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, FloatingPointError)
+from llama.env import DiskFullError
+
+# Errors a user causes (a wrong path, a bad value, a diverged run, a full disk): printed as one
+# line, exit 1. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, FloatingPointError, DiskFullError)
+# fire's own flags (help), always accepted
+FIRE_FLAGS = ("help", "h")
 
 
-def run(main: Callable) -> None:
-    """`fire.Fire(main)`; tears down the process group torchrun's ranks may have joined."""
+def unknown_flag(main: Callable, argv: list[str], extra: Iterable[str] = ()) -> str | None:
+    """The sentence for the first `--flag` of `argv` that `main` does not take (None when all are
+    known), with the nearest valid flag. Valid: main's parameters (fire's --name, --name=value,
+    --no-name / --noname for booleans, hyphens or underscores) plus `extra` (the keys a **kwargs
+    main accepts). Arguments after a bare `--` are fire's own and not checked."""
+    params = inspect.signature(main).parameters.values()
+    valid = [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)] + list(extra)
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in params) and not extra
+    for arg in argv:
+        if arg == "--":
+            break
+        if not arg.startswith("--") or len(arg) == 2:
+            continue
+        name = arg[2:].split("=", 1)[0].replace("-", "_")
+        if name in valid or name in FIRE_FLAGS or takes_any:
+            continue
+        if name.startswith("no") and name[2:].lstrip("_") in valid:  # fire's --noflag for a boolean
+            continue
+        near = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+        hint = f"did you mean --{near[0]}?" if near else f"valid flags: {', '.join('--' + v for v in valid)}"
+        return f"unknown flag --{name}: {hint} (nothing was done)"
+    return None
+
+
+def run(main: Callable, flags: Iterable[str] = ()) -> None:
+    """`fire.Fire(main)` after checking the command line's flags against main's parameters (and
+    `flags`, the keys a **kwargs main takes): a mistyped flag stops the script before any work with
+    the nearest valid one, exit 2. Tears down the process group torchrun's ranks may have joined."""
     import fire
     import torch.distributed as dist
 
+    problem = unknown_flag(main, sys.argv[1:], flags)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     code = 0
     try:
         fire.Fire(main)

@@ -1,4 +1,5 @@
-"""The environment a run finds itself in: torchrun's ranks, the device and dtype, and safe file writes.
+"""The environment a run finds itself in: torchrun's ranks, the device and dtype, safe file writes
+and reads (atomic writes, pickles read without running code, free-space checks, directory locks).
 
 Every other module asks here instead of reading RANK / WORLD_SIZE / LOCAL_RANK or guessing a dtype
 itself, so there is one answer per process.
@@ -7,12 +8,20 @@ itself, so there is one answer per process.
 from __future__ import annotations
 
 import datetime
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import pickle
+import re
+import shutil
+import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -276,3 +285,218 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading files that may come from someone else
+
+
+class UnsafeFileError(ValueError):
+    """A pickle that asks for code or objects beyond plain data: refused, never run."""
+
+
+def refused_message(path, detail: str = "") -> str:
+    return (f"refused to unpickle {path} (it holds code or non-tensor objects{': ' + detail if detail else ''}): "
+            f"not loaded for safety; get the file again from a source you trust")
+
+
+def safe_torch_load(path: str | os.PathLike, what: str = "file", **kwargs):
+    """`torch.load(path, weights_only=True, map_location="cpu", **kwargs)` with its failures as one
+    sentence: a pickle asking for anything but tensors and plain containers raises UnsafeFileError
+    (refused for safety: torch's own message would suggest weights_only=False, which runs the code),
+    a truncated or foreign file a ValueError naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise ValueError(f"cannot read {what} {path}: it is truncated or corrupt (UnpicklingError: {e})") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        raise UnsafeFileError(refused_message(path, f"it asks for {found.group(1)}" if found else "")) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        if isinstance(e, RuntimeError) and "mmap can only be used" in str(e):
+            raise  # the caller retries without mmap (a legacy, pre-zip file)
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"cannot read {what} {path}: it is truncated or corrupt ({type(e).__name__}: {first}); "
+                         f"write or copy it again") from None
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    def __init__(self, file, allowed: Callable[[str, str], object | None], path):
+        super().__init__(file)
+        self.allowed, self.path = allowed, path
+
+    def find_class(self, module: str, name: str):
+        obj = self.allowed(module, name)
+        if obj is None:
+            raise UnsafeFileError(refused_message(self.path, f"it asks for {module}.{name}"))
+        return obj
+
+
+def restricted_unpickle(file, allowed: Callable[[str, str], object | None], path="<stream>"):
+    """pickle.load from `file` where every global the pickle names goes through `allowed(module, name)`,
+    which returns the object to use or None to refuse (UnsafeFileError, nothing run). A file that is
+    cut short or not a pickle is a ValueError naming `path`."""
+    try:
+        return _AllowListUnpickler(file, allowed, path).load()
+    except UnsafeFileError:
+        raise
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError, ValueError) as e:
+        raise ValueError(f"cannot read {path}: it is truncated or corrupt ({type(e).__name__}: {e})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# disk space
+
+
+class DiskFullError(OSError):
+    """Not enough free space for a write; the message names the path, the bytes needed and free."""
+
+    def __init__(self, path, needed: int | None, free: int | None):
+        need = f"needed ~{human_bytes(needed)}" if needed is not None else "needed more"
+        super().__init__(errno.ENOSPC, f"disk full at {path} ({need}, free {human_bytes(free)}); free some space "
+                                       f"or write elsewhere")
+
+    def __str__(self):
+        return self.strerror
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "unknown"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Free bytes (for an unprivileged user) on the filesystem holding `path` or its nearest existing parent."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def check_free_space(path: str | os.PathLike, needed: int, margin: float = 0.05) -> None:
+    """Raise DiskFullError unless `needed` bytes (plus `margin` of it) fit at `path`."""
+    free = free_bytes(path)
+    if free < needed * (1 + margin):
+        raise DiskFullError(path, needed, free)
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether `e`, or an error it wraps (cause, context, or the per-rank failures of a distributed
+    checkpoint's exception), is "no space left on device"."""
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, tuple):  # torch's (exception, traceback) pairs
+            todo.extend(v for v in x if isinstance(v, BaseException))
+            continue
+        if (isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in str(x):
+            return True
+        todo += [x.__cause__, x.__context__]
+        failures = getattr(x, "failures", None)  # torch.distributed.checkpoint's CheckpointException
+        if isinstance(failures, dict):
+            todo += list(failures.values())
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# owning a directory
+
+
+class DirectoryLockedError(FileExistsError):
+    """Another live process holds the directory's lock."""
+
+
+_held: dict[str, list] = {}  # lock file -> [open file, count]: a process may take its own lock again
+_held_guard = threading.Lock()
+
+
+class DirLock:
+    """An exclusive lock on a directory for the life of a job: `fcntl.flock` on a lock file, with the
+    holder's pid, host and start time written in it. A second process is refused with a
+    DirectoryLockedError naming the holder; a lock whose holder died is free (the kernel drops a
+    flock with its process), so it is simply taken over. The same process may take it again
+    (counted). The lock file is removed on release. Note: flock does not reach across hosts on some
+    network filesystems (old NFS); there each host only sees its own runs.
+
+    lock_file: default `path/.lock` (the directory is created); a destination that is renamed into
+    place (prepared data) uses a sibling `.NAME.lock`."""
+
+    def __init__(self, path: str | os.PathLike, what: str = "job", lock_file: str | os.PathLike | None = None):
+        self.path = Path(path)
+        self.what = what
+        self.lock_file = Path(lock_file) if lock_file is not None else self.path / ".lock"
+        self.held = False
+
+    def acquire(self) -> "DirLock":
+        if self.held:
+            return self
+        self.lock_file.parent.mkdir(parents=True, exist_ok=True)
+        key = str(self.lock_file.absolute())
+        with _held_guard:
+            if key in _held:
+                _held[key][1] += 1
+                self.held = True
+                return self
+            while True:
+                f = open(self.lock_file, "a+")
+                try:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    f.seek(0)
+                    holder = _describe_holder(f.read())
+                    f.close()
+                    raise DirectoryLockedError(
+                        f"{self.path} is in use by another {self.what} ({holder}); wait for it to finish, "
+                        f"stop it, or choose another directory") from None
+                # the file may have been unlinked by a holder releasing it between our open and flock
+                try:
+                    same = os.stat(self.lock_file).st_ino == os.fstat(f.fileno()).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    break
+                f.close()
+            f.seek(0)
+            f.truncate()
+            f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "what": self.what,
+                                "started": datetime.datetime.now().isoformat(timespec="seconds")}) + "\n")
+            f.flush()
+            _held[key] = [f, 1]
+        self.held = True
+        return self
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        key = str(self.lock_file.absolute())
+        with _held_guard:
+            entry = _held.get(key)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _held[key]
+                self.lock_file.unlink(missing_ok=True)  # while still locked: no one holds a stale name
+                entry[0].close()
+
+    def __enter__(self) -> "DirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _describe_holder(text: str) -> str:
+    try:
+        h = json.loads(text)
+        return f"pid {h['pid']} on {h['host']}, started {h['started']}"
+    except (ValueError, KeyError, TypeError):
+        return "a process that has not written its name yet"

@@ -4,7 +4,7 @@
     python scripts/convert_hf.py --to meta --src llama-7b-hf --dst llama/7B [--num_shards 1]
 
 A tokenizer.model next to the source (or in its parent, Meta's layout) is copied along;
---tokenizer_path names another.
+--tokenizer_path names another. An existing model at --dst is only replaced with --overwrite.
 """
 
 from llama.cli import run
@@ -15,7 +15,7 @@ def main(to: str, src: str, dst: str, dtype: str = None, num_shards: int = 1, to
          max_shard_size_gb: float = None, overwrite: bool = False):
     if to == "hf":
         size = int(max_shard_size_gb * 2**30) if max_shard_size_gb else None
-        out = meta_to_hf(src, dst, dtype=dtype, tokenizer_path=tokenizer_path, max_shard_size=size)
+        out = meta_to_hf(src, dst, dtype=dtype, tokenizer_path=tokenizer_path, max_shard_size=size, overwrite=overwrite)
     elif to == "meta":
         out = hf_to_meta(src, dst, num_shards=num_shards, dtype=dtype or "fp16", tokenizer_path=tokenizer_path,
                          overwrite=overwrite)

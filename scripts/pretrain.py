@@ -28,11 +28,16 @@ global_batch_tokens and seq_len may not. Export to Meta's layout at the end with
 --export_dir DIR [--export_shards N], or later with scripts/export.py.
 """
 
+import dataclasses
 import json
 import os
 
 from llama.cli import run
+from llama.model import ModelArgs
 from llama.train import TrainConfig, train
+
+# --field for every TrainConfig field, --model.field for every model field
+FLAGS = TrainConfig.fields() + [f"model.{f.name}" for f in dataclasses.fields(ModelArgs)]
 
 
 def main(config: str = "tiny", **overrides):
@@ -46,4 +51,4 @@ def main(config: str = "tiny", **overrides):
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, FLAGS)

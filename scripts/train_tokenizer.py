@@ -11,8 +11,9 @@ from llama.tokenizer import Tokenizer
 
 
 def main(inputs: str, out: str = "tokenizer.model", vocab_size: int = 32000,
-         input_sentence_size: int = 2_000_000, seed: int = 0, verbose: bool = False):
-    """inputs: a file, directory or glob (or a comma-separated list of them)."""
+         input_sentence_size: int = 2_000_000, seed: int = 0, verbose: bool = False, skip_binary: bool = False):
+    """inputs: a file, directory or glob (or a comma-separated list of them); a binary file is an
+    error unless --skip_binary (then it is skipped and counted)."""
     if isinstance(inputs, str):
         inputs = [s for s in inputs.split(",") if s]
     inputs = list(inputs)
@@ -21,7 +22,7 @@ def main(inputs: str, out: str = "tokenizer.model", vocab_size: int = 32000,
           f"(at most {input_sentence_size:,} lines, seed {seed}) ...", flush=True)
     t0 = time.time()
     path = train_tokenizer(files, out, vocab_size, input_sentence_size=input_sentence_size,
-                           seed=seed, verbose=verbose)
+                           seed=seed, verbose=verbose, skip_binary=skip_binary)
     tok = Tokenizer(path)
     print(f"wrote {path} ({tok.n_words} pieces, sha256 {tok.sha256[:12]}) "
           f"in {time.time() - t0:.1f}s")

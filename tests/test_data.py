@@ -372,3 +372,32 @@ def test_invalid_utf8_bytes_become_replacement_characters(tmp_path, tiny_tokeniz
     f = tmp_path / "latin1.txt"
     f.write_bytes("caf\xe9 ok".encode("latin-1"))
     assert list(iter_documents(f)) == ["caf\ufffd ok"]
+
+
+def test_binary_inputs_are_refused_or_skipped_and_counted(tmp_path, tiny_tokenizer, capsys):
+    text = tmp_path / "in" / "a.txt"
+    text.parent.mkdir()
+    text.write_text("the model returns a value for the data. " * 30)
+    elf = tmp_path / "in" / "x.txt"  # an executable under a text name: NUL bytes
+    elf.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 8)
+    noise = tmp_path / "in" / "y.txt"  # no NUL, but hardly any valid UTF-8 (a compressed file, say)
+    noise.write_bytes(bytes(random.Random(0).randrange(128, 256) for _ in range(4000)))
+    with pytest.raises(ValueError, match=rf"^{elf} is not text \(a NUL byte at offset 7\): remove it .*--skip_binary"):
+        prepare_data([tmp_path / "in"], tiny_tokenizer.model_path, tmp_path / "out", num_workers=1, progress=False)
+    with pytest.raises(ValueError, match=rf"^{noise} is not text \(\d+% of its first 4,000 bytes are not UTF-8\)"):
+        prepare_data([text, noise], tiny_tokenizer.model_path, tmp_path / "out", num_workers=1, progress=False)
+    assert not (tmp_path / "out").exists()
+    # skipped: the same tokens as preparing the text file alone, and the count stated
+    meta = prepare_data([tmp_path / "in"], tiny_tokenizer.model_path, tmp_path / "out", num_workers=1,
+                        progress=False, skip_binary=True)
+    assert meta["skipped_binary"] == [str(elf), str(noise)] and read_meta(tmp_path / "out")["skipped_binary"] == meta["skipped_binary"]
+    assert "skipped 2 binary file(s), e.g." in capsys.readouterr().err
+    alone = prepare_data([text], tiny_tokenizer.model_path, tmp_path / "alone", num_workers=1, progress=False)
+    assert meta["splits"] == alone["splits"]
+    # a Latin-1 file (a few % of its bytes are not UTF-8) is still text
+    (tmp_path / "latin1.txt").write_bytes("Le modèle prédit la donnée suivante. ".encode("latin-1") * 20)
+    assert data_mod.binary_reason(tmp_path / "latin1.txt") is None
+    # the tokenizer trainer refuses them the same way, before writing anything
+    with pytest.raises(ValueError, match=rf"^{elf} is not text"):
+        data_mod.train_tokenizer([tmp_path / "in"], tmp_path / "tok.model", 300)
+    assert not (tmp_path / "tok.model").exists()

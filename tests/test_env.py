@@ -1,13 +1,17 @@
 """llama.env: the torchrun environment, device and dtype choices, atomic writes."""
 
+import io
+import json
 import os
+import pickle
 from pathlib import Path
 
 import pytest
 import torch
 
-from llama.env import (Ranks, atomic_write_text, check_attention_device, cpu_has_native_bf16, default_dtype,
-                       parse_dtype, resolve_dtype, torchrun_ranks)
+from llama.env import (DirLock, DiskFullError, Ranks, UnsafeFileError, atomic_write_text, check_attention_device,
+                       cpu_has_native_bf16, default_dtype, human_bytes, parse_dtype, resolve_dtype, restricted_unpickle,
+                       safe_torch_load, torchrun_ranks)
 
 
 def test_default_device_and_dtype():
@@ -69,3 +73,41 @@ def test_compute_dtype_follows_the_measured_matmul_speed(monkeypatch, tmp_path):
                                                                "fp32": 2e11 if fast == "fp32" else 1e11})
         dt, why = env.compute_dtype("cpu")
         assert dt is want and "measured" in why and "200 GFLOP/s" in why
+
+
+def test_dir_lock_is_reentrant_in_a_process_and_leaves_nothing(tmp_path):
+    a = DirLock(tmp_path / "run", "training run").acquire()
+    holder = json.loads((tmp_path / "run" / ".lock").read_text())
+    assert holder["pid"] == os.getpid() and holder["what"] == "training run" and holder["started"].startswith("20")
+    with DirLock(tmp_path / "run"):  # the same process again (a second Trainer on the run)
+        pass
+    assert (tmp_path / "run" / ".lock").exists()  # still held by `a`
+    a.release()
+    assert list((tmp_path / "run").iterdir()) == []
+
+
+def test_safe_reads_refuse_code_and_name_corruption(tmp_path):
+    class Boom:
+        def __reduce__(self):
+            return os.system, ("echo never",)
+    torch.save({"x": Boom()}, tmp_path / "p.pt")
+    with pytest.raises(UnsafeFileError, match=rf"^refused to unpickle {tmp_path / 'p.pt'} \(it holds code or "
+                                              r"non-tensor objects: it asks for posix.system\): not loaded for safety"):
+        safe_torch_load(tmp_path / "p.pt")
+    torch.save({"x": torch.ones(2)}, tmp_path / "ok.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "ok.pt").read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"cannot read rank state .*cut.pt: it is truncated or corrupt"):
+        safe_torch_load(tmp_path / "cut.pt", what="rank state")
+    data = pickle.dumps([Path("a"), {1: 2}])
+    allowed = {("pathlib", "PosixPath"): Path}
+    assert restricted_unpickle(io.BytesIO(data), lambda m, n: allowed.get((m, n))) == [Path("a"), {1: 2}]
+    with pytest.raises(UnsafeFileError, match=r"it asks for posix.system"):
+        restricted_unpickle(io.BytesIO(pickle.dumps(Boom())), lambda m, n: allowed.get((m, n)), "x")
+    with pytest.raises(ValueError, match=r"cannot read x: it is truncated or corrupt"):
+        restricted_unpickle(io.BytesIO(data[:-3]), lambda m, n: allowed.get((m, n)), "x")
+
+
+def test_disk_full_sentence():
+    assert human_bytes(512) == "512 B" and human_bytes(3 * 2**30) == "3.0 GiB"
+    assert str(DiskFullError("/ckpt", 5 * 2**30, 2**30)) == (
+        "disk full at /ckpt (needed ~5.0 GiB, free 1.0 GiB); free some space or write elsewhere")

@@ -121,6 +121,12 @@ def test_scripts_round_trip_with_tokenizer(tmp_path, tiny_tokenizer):
     with torch.no_grad():
         assert (model(tokens) - _hf_logits(tmp_path / "hf", tokens)).abs().max() <= 1e-4
 
+    # the hf direction refuses an existing model folder as --to meta does (files untouched)
+    before = (tmp_path / "hf" / "model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match=r"hf already holds a model .*\(--overwrite\)"):
+        convert(to="hf", src=str(tmp_path / "tiny"), dst=str(tmp_path / "hf"), dtype="fp16")
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == before
+
     convert(to="meta", src=str(tmp_path / "hf"), dst=str(tmp_path / "back2"), num_shards=2, dtype="fp32")
     reshard(in_dir=str(tmp_path / "back2"), out_dir=str(tmp_path / "back1"), num_shards=1)
     back = load_consolidated(tmp_path / "back1")
@@ -136,7 +142,7 @@ def test_hf_directory_errors(tmp_path):
     (tmp_path / "model-00002-of-00003.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"lists model-00002-of-00003\.safetensors, which is missing"):
         load_hf(tmp_path)
-    save_hf(model.state_dict(), model.args, tmp_path)
+    save_hf(model.state_dict(), model.args, tmp_path, overwrite=True)
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
     with pytest.raises(ValueError, match=r"tie_word_embeddings=true but an lm_head\.weight that differs"):
@@ -149,7 +155,9 @@ def test_resaving_into_one_file_drops_a_stale_sharded_index(tmp_path):
     old, new = Transformer(args).state_dict(), Transformer(args).state_dict()
     save_hf(old, args, tmp_path, dtype=torch.float32, max_shard_size=100_000)
     assert (tmp_path / "model.safetensors.index.json").is_file()
-    save_hf(new, args, tmp_path, dtype=torch.float32)
+    with pytest.raises(FileExistsError, match=r"already holds a model \(config\.json, model-00001-of-.*overwrite"):
+        save_hf(new, args, tmp_path, dtype=torch.float32)
+    save_hf(new, args, tmp_path, dtype=torch.float32, overwrite=True)
     loaded, _ = load_hf(tmp_path)
     assert all(torch.equal(loaded[k], new[k]) for k in new)
     (tmp_path / "model.safetensors.index.json").write_text("{not json")

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+import warnings
 from unittest import mock
 
 import pytest
@@ -147,8 +148,19 @@ def test_eos_stop_strings_and_max_gen_len(llama):
     assert "".join(llama.stream(PROMPTS[1], temperature=0, max_gen_len=GEN_LEN, stop=stop)) == text[:text.index(stop)]
     # max_gen_len: exactly that many tokens (no eos in sight), and up to max_seq_len by default
     assert [len(t) for t in llama.generate(ids, 4, temperature=0)[0]] == [4, 4, 4]
-    row = llama.generate(ids[:1], 1000, temperature=0)[0][0]
-    assert len(ids[0]) + len(row) == 64 or tok.eos_id in greedy[0]
+    with pytest.warns(UserWarning) as warned:  # asked for more than fits: said once, before generating
+        row = llama.generate(ids[:1], 1000, temperature=0)[0][0]
+    room = 64 - len(ids[0])
+    assert [str(w.message) for w in warned] == [
+        f"prompt 0 has {len(ids[0])} tokens: only {room} of max_gen_len=1000 tokens will be generated within "
+        f"max_seq_len 64; build with a larger max_seq_len or shorten the prompt"]
+    assert len(row) == room or tok.eos_id in greedy[0]
+    with pytest.warns(UserWarning, match=r"^prompt 1 has .* \(1 more prompt\(s\) are cut short too\)"):
+        llama.generate([ids[0][:1], ids[1], ids[2]], 64 - len(ids[1]) + 1, temperature=0)
+    with warnings.catch_warnings():  # the default (up to max_seq_len) and a fitting length say nothing
+        warnings.simplefilter("error")
+        llama.text_completion(PROMPTS[:1], temperature=0)
+        llama.generate(ids, 4, temperature=0)
 
 
 def test_stream_equals_completion(llama):

@@ -19,6 +19,8 @@ import multiprocessing
 import os
 import random
 import shutil
+import sys
+import zlib
 from collections import deque
 from pathlib import Path
 from typing import Iterator
@@ -27,12 +29,17 @@ import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
-from llama.env import atomic_write_bytes
+from llama.env import DirLock, atomic_write_bytes
 from llama.tokenizer import N_BYTES, N_SPECIAL, Tokenizer
 
 META = "meta.json"
 FORMAT = "llama-tokens-v1"
 TEXT_SUFFIXES = (".jsonl", ".jsonl.gz")
+# a file is taken for binary when the head read here holds a NUL byte, or more than this share of
+# its bytes are not UTF-8: text in another encoding stays well below it (accented Latin-1 prose
+# ~5-10%), random bytes are ~50%
+BINARY_SNIFF_BYTES = 1 << 20
+BINARY_BAD_SHARE = 0.25
 
 # --- reading documents -------------------------------------------------------------------------
 
@@ -59,6 +66,44 @@ def list_files(inputs) -> list[Path]:
     if not files:
         raise FileNotFoundError("no data inputs given: pass files, directories or globs")
     return files
+
+
+def binary_reason(path: str | os.PathLike) -> str | None:
+    """Why `path` (decompressed if .gz) does not look like text, judged on its first
+    BINARY_SNIFF_BYTES: a NUL byte, or more than BINARY_BAD_SHARE of the bytes not UTF-8; None if
+    it looks like text."""
+    path = Path(path)
+    try:
+        with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as f:
+            head = f.read(BINARY_SNIFF_BYTES)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        return f"not a readable gzip file: {e}"
+    nul = head.find(b"\0")
+    if nul >= 0:
+        return f"a NUL byte at offset {nul}"
+    # bytes dropped by decoding are the undecodable ones (up to 3 of a character cut by the sample's end)
+    bad = len(head) - len(head.decode("utf-8", errors="ignore").encode("utf-8"))
+    if head and bad / len(head) > BINARY_BAD_SHARE:
+        return f"{bad / len(head):.0%} of its first {len(head):,} bytes are not UTF-8"
+    return None
+
+
+def text_files(files: list[Path], skip_binary: bool = False) -> tuple[list[Path], list[Path]]:
+    """(text files, skipped binary files) of `files`. A binary file is an error naming it unless
+    `skip_binary`, when it is left out and counted (and the count printed)."""
+    kept, skipped = [], []
+    for f in files:
+        why = binary_reason(f)
+        if why is None:
+            kept.append(f)
+        elif skip_binary:
+            skipped.append(f)
+        else:
+            raise ValueError(f"{f} is not text ({why}): remove it from the inputs, or pass skip_binary=True "
+                             f"(--skip_binary) to skip such files")
+    if skipped:
+        print(f"skipped {len(skipped)} binary file(s), e.g. {skipped[0]}", file=sys.stderr, flush=True)
+    return kept, skipped
 
 
 def _open_text(path: Path):
@@ -207,24 +252,36 @@ def _chunks(files: list[Path], docs_per_chunk: int, chars_per_chunk: int) -> Ite
 def prepare_data(inputs, tokenizer_path: str | os.PathLike, out_dir: str | os.PathLike, *,
                  val_fraction: float = 0.01, seed: int = 0, num_workers: int | None = None,
                  shard_tokens: int = 1 << 30, overwrite: bool = False, progress: bool = True,
-                 docs_per_chunk: int = 256) -> dict:
+                 docs_per_chunk: int = 256, skip_binary: bool = False) -> dict:
     """Tokenize text files / JSONL (a "text" field per line) / directories / globs into `out_dir`.
 
     Output is identical for any `num_workers` (chunks are encoded in a pool, written in order).
     Everything is written into a temporary directory next to `out_dir`, meta.json last, then
-    renamed into place, so an interrupted run never leaves a dataset that looks complete.
-    Returns the metadata dict.
+    renamed into place, so an interrupted run never leaves a dataset that looks complete. A lock
+    on the destination refuses a second preparation into it while this one runs.
+
+    Every input is checked for binary content first (`binary_reason`): an error naming the file,
+    or with `skip_binary` left out and counted (meta["skipped_binary"]). Returns the metadata dict.
     """
     tok = Tokenizer(tokenizer_path)
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
-    files = list_files(inputs)
+    files, skipped = text_files(list_files(inputs), skip_binary)
+    if not files:
+        raise ValueError(f"every input is binary ({len(skipped)} file(s) skipped, e.g. {skipped[0]}): no text to prepare")
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists: pass overwrite=True to replace it, or choose "
-                              "another out_dir")
+    with DirLock(out, "data preparation", lock_file=out.parent / f".{out.name}.lock"):
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"{out} already exists: pass overwrite=True to replace it, or choose "
+                                  "another out_dir")
+        return _prepare(files, skipped, tok, out, val_fraction, seed, num_workers, shard_tokens, progress,
+                        docs_per_chunk)
+
+
+def _prepare(files, skipped, tok, out: Path, val_fraction, seed, num_workers, shard_tokens, progress,
+             docs_per_chunk) -> dict:
     dtype = token_dtype(tok.n_words)
     num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
 
@@ -262,6 +319,7 @@ def prepare_data(inputs, tokenizer_path: str | os.PathLike, out_dir: str | os.Pa
             "n_words": tok.n_words, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
             "dtype": np.dtype(dtype).name, "val_fraction": val_fraction, "seed": seed,
             "sources": [str(f) for f in files], "splits": splits,
+            "skipped_binary": [str(f) for f in skipped],
         }
         with open(tmp / META, "w") as f:
             f.write(json.dumps(meta, indent=1))
@@ -287,11 +345,12 @@ def prepare_data(inputs, tokenizer_path: str | os.PathLike, out_dir: str | os.Pa
 # --- a tokenizer with the paper's recipe ----------------------------------------------------------
 
 
-def _iter_texts(inputs) -> Iterator[str]:
+def _iter_texts(inputs, skip_binary: bool = False, skipped: list | None = None) -> Iterator[str]:
     """Texts from a path or glob, or an iterable whose items are paths/globs or texts.
 
     A top-level str is always a path or glob; inside an iterable, a str that names an existing
-    file/dir or a glob matching something is read as a path, any other str is a text.
+    file/dir or a glob matching something is read as a path, any other str is a text. A binary
+    file is an error naming it, or with `skip_binary` appended to `skipped` and not read.
     """
     if isinstance(inputs, (str, os.PathLike)):
         paths = _expand(inputs)
@@ -305,6 +364,9 @@ def _iter_texts(inputs) -> Iterator[str]:
             raise FileNotFoundError(f"tokenizer training input {item} matches no file")
         if not paths:
             yield item
+        paths, passed_over = text_files(paths, skip_binary)
+        if skipped is not None:
+            skipped += passed_over
         for f in paths:
             if f.name.endswith((".jsonl", ".jsonl.gz")):  # one document per line, its "text"
                 yield from iter_documents(f)
@@ -332,14 +394,15 @@ def _expand(item) -> list[Path]:
 def train_tokenizer(inputs, out_path: str | os.PathLike, vocab_size: int = 32000, *,
                     input_sentence_size: int = 2_000_000, seed: int = 0,
                     character_coverage: float | None = None, num_threads: int | None = None,
-                    max_sentence_length: int = 16384, verbose: bool = False) -> Path:
+                    max_sentence_length: int = 16384, verbose: bool = False, skip_binary: bool = False) -> Path:
     """Train a SentencePiece BPE tokenizer with the LLaMA paper's recipe and Meta's ids.
 
     inputs: a file, directory or glob, a list of them, or an iterable of strings (documents);
     .jsonl(.gz) files give each line's "text" field, any other file is one document.
     Documents are split into lines (sentencepiece's sentences; newlines themselves become byte
     pieces, as in Meta's model); at most `input_sentence_size` lines, sampled with `seed`, are
-    used, so training is deterministic. Writes `out_path` atomically and returns it.
+    used, so training is deterministic. A binary input file is an error naming it, or with
+    `skip_binary` skipped (the count printed). Writes `out_path` atomically and returns it.
     """
     min_vocab = N_SPECIAL + N_BYTES + 1
     if vocab_size < min_vocab:
@@ -351,7 +414,7 @@ def train_tokenizer(inputs, out_path: str | os.PathLike, vocab_size: int = 32000
     rng = random.Random(seed)
     kept: list[tuple[int, str]] = []
     n = 0
-    for text in _iter_texts(inputs):
+    for text in _iter_texts(inputs, skip_binary):
         for line in text.split("\n"):
             if not line:
                 continue

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from llama.config import read_json_object
-from llama.env import atomic_write_text, parse_dtype
+from llama.env import DirLock, atomic_write_text, parse_dtype
 from llama.formats.meta import TOKENIZER, check_state_dict, load_consolidated, load_params, own_storage, \
     save_meta_checkpoint
 from llama.model import ModelArgs, state_dict_keys, weight_info
@@ -159,14 +159,25 @@ def args_from_hf_config(cfg: dict, **overrides) -> ModelArgs:
 
 def save_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs, out_dir: str | Path,
             dtype: torch.dtype | None = None, tokenizer_path: str | Path | None = None,
-            max_shard_size: int | None = None) -> Path:
+            max_shard_size: int | None = None, overwrite: bool = False) -> Path:
     """Write our state dict as a transformers LLaMA checkpoint: config.json and model.safetensors
     (or model-0000i-of-0000n.safetensors + index past `max_shard_size` bytes), and
-    tokenizer.model with a tokenizer_config.json when `tokenizer_path` is given."""
+    tokenizer.model with a tokenizer_config.json when `tokenizer_path` is given. A folder that
+    already holds a model is only replaced with `overwrite`."""
+    out_dir = Path(out_dir)
+    with DirLock(out_dir, "conversion"):
+        old = sorted(p.name for p in out_dir.iterdir() if p.name == CONFIG or p.name.endswith(".safetensors")
+                     or p.name == INDEX)
+        if old and not overwrite:
+            raise FileExistsError(f"{out_dir} already holds a model ({', '.join(old)}); choose an empty directory "
+                                  f"or pass overwrite=True (--overwrite)")
+        _write_hf(state_dict, args, out_dir, dtype, tokenizer_path, max_shard_size)
+    return out_dir
+
+
+def _write_hf(state_dict, args, out_dir: Path, dtype, tokenizer_path, max_shard_size) -> None:
     from safetensors.torch import save_file
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     hf = to_hf(state_dict, args)
     if args.tie_embeddings:  # safetensors stores no shared tensors; transformers re-ties on load
         del hf["lm_head.weight"]
@@ -204,7 +215,6 @@ def save_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs, out_dir: str |
                    "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
                    "model_max_length": args.max_seq_len}
         atomic_write_text(json.dumps(tok_cfg, indent=2) + "\n", out_dir / "tokenizer_config.json")
-    return out_dir
 
 
 def read_hf_config(hf_dir: str | Path, **overrides) -> ModelArgs:
@@ -247,7 +257,8 @@ def load_hf(hf_dir: str | Path, **overrides) -> tuple[dict[str, torch.Tensor], M
 
 
 def meta_to_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None,
-               tokenizer_path: str | Path | None = None, max_shard_size: int | None = None) -> Path:
+               tokenizer_path: str | Path | None = None, max_shard_size: int | None = None,
+               overwrite: bool = False) -> Path:
     """Convert a Meta checkpoint directory to transformers' format. The tokenizer defaults to
     tokenizer.model in `ckpt_dir` or its parent (Meta's layout), when present."""
     ckpt_dir = Path(ckpt_dir)
@@ -255,7 +266,8 @@ def meta_to_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | N
     sd = load_consolidated(ckpt_dir)
     if tokenizer_path is None:
         tokenizer_path = next((p for p in (ckpt_dir / TOKENIZER, ckpt_dir.parent / TOKENIZER) if p.is_file()), None)
-    return save_hf(sd, args, out_dir, dtype=dtype, tokenizer_path=tokenizer_path, max_shard_size=max_shard_size)
+    return save_hf(sd, args, out_dir, dtype=dtype, tokenizer_path=tokenizer_path, max_shard_size=max_shard_size,
+                   overwrite=overwrite)
 
 
 def hf_to_meta(hf_dir: str | Path, out_dir: str | Path, num_shards: int = 1,

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 
 from llama.config import read_json_object
-from llama.env import atomic_save, atomic_write_text, parse_dtype
+from llama.env import DirLock, atomic_save, atomic_write_text, check_free_space, parse_dtype, safe_torch_load
 from llama.model import ModelArgs, Transformer, weight_info
 
 PARAMS = "params.json"
@@ -68,16 +68,12 @@ def shard_paths(ckpt_dir: str | Path) -> list[Path]:
 
 
 def _open_shard(path: Path) -> dict:
+    # a pickle asking for code is refused for safety (UnsafeFileError), a cut or foreign file is
+    # "truncated or corrupt": both one sentence naming the shard
     try:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap can only be used" not in str(e):
-                raise
-            sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format: read whole
-    except Exception as e:  # truncated zip, not a torch file, unpickling refused, ...
-        raise ValueError(f"cannot read checkpoint shard {path}: it is truncated or corrupt "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); re-download or re-write it") from None
+        sd = safe_torch_load(path, what="checkpoint shard", mmap=True)
+    except RuntimeError:  # "mmap can only be used with ... zipfile": the legacy (pre-zip) format, read whole
+        sd = safe_torch_load(path, what="checkpoint shard")
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"checkpoint shard {path} does not hold a state dict of tensors")
     for k in DROPPED_KEYS:
@@ -303,15 +299,22 @@ def save_meta_checkpoint(state_dict: dict[str, torch.Tensor], args: ModelArgs, o
                          progress: bool = False) -> Path:
     """Write `state_dict` (Meta's keys, full tensors) as a Meta checkpoint: params.json and
     `num_shards` consolidated.NN.pth split per `meta_split_dim`, in `dtype` (None keeps each
-    tensor's); copies `tokenizer_path` to tokenizer.model. Each file is written atomically."""
+    tensor's); copies `tokenizer_path` to tokenizer.model. Each file is written atomically, under
+    a lock on `out_dir` (another process writing there is refused), after a free-space check."""
     out_dir = Path(out_dir)
     sd = {k: v for k, v in state_dict.items() if k not in DROPPED_KEYS}
     sd = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in sd.items()}  # DTensor
     shapes = {k: v.shape for k, v in sd.items()}
     check_state_dict(shapes, args, what="state dict")
     _check_divisible(shapes, num_shards)
-    _prepare_out_dir(out_dir, num_shards, overwrite)
+    with DirLock(out_dir, "export"):
+        _prepare_out_dir(out_dir, num_shards, overwrite)
+        check_free_space(out_dir, sum(v.numel() * (parse_dtype(dtype) or v.dtype).itemsize for v in sd.values()))
+        _write_meta(sd, args, out_dir, num_shards, dtype, tokenizer_path, progress)
+    return out_dir
 
+
+def _write_meta(sd, args, out_dir, num_shards, dtype, tokenizer_path, progress) -> None:
     def get_slice(k, q):
         d = meta_split_dim(k)
         t = sd[k].detach().cpu()
@@ -321,7 +324,6 @@ def save_meta_checkpoint(state_dict: dict[str, torch.Tensor], args: ModelArgs, o
     atomic_write_text(json.dumps(args.to_params_json(), indent=2) + "\n", out_dir / PARAMS)
     if tokenizer_path is not None:
         shutil.copyfile(tokenizer_path, out_dir / TOKENIZER)
-    return out_dir
 
 
 def reshard(in_dir: str | Path, out_dir: str | Path, num_shards: int, dtype: torch.dtype | None = None,
@@ -334,7 +336,13 @@ def reshard(in_dir: str | Path, out_dir: str | Path, num_shards: int, dtype: tor
         raise ValueError(f"reshard writes a new directory: out_dir must differ from in_dir ({in_dir})")
     shards, args = _checked(in_dir)
     _check_divisible(shards.shapes, num_shards)
-    _prepare_out_dir(out_dir, num_shards, overwrite)
+    with DirLock(out_dir, "reshard"):
+        _prepare_out_dir(out_dir, num_shards, overwrite)
+        _reshard_into(shards, in_dir, out_dir, num_shards, dtype, progress)
+    return out_dir
+
+
+def _reshard_into(shards: "_Shards", in_dir: Path, out_dir: Path, num_shards: int, dtype, progress: bool) -> None:
     _write_shards(lambda k, q: shards.slice(k, meta_split_dim(k), q, num_shards), list(shards.shapes),
                   out_dir, num_shards, dtype, progress, f"reshard {len(shards)} -> {num_shards}")
     shutil.copyfile(in_dir / PARAMS, out_dir / PARAMS)
@@ -342,4 +350,3 @@ def reshard(in_dir: str | Path, out_dir: str | Path, num_shards: int, dtype: tor
         if src.is_file():
             shutil.copyfile(src, out_dir / TOKENIZER)
             break
-    return out_dir

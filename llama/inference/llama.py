@@ -10,6 +10,7 @@ step runs the model is a decoder (llama/inference/decoders.py) chosen once at bu
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -162,13 +163,24 @@ class Llama:
             raise ValueError("prompts must be a list of strings, not one string; wrap it: [prompt]")
         return [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
 
-    def _check_prompts(self, prompt_tokens: list[list[int]]) -> None:
+    def _check_prompts(self, prompt_tokens: list[list[int]], max_gen_len: int | None = None) -> None:
+        """Errors for prompts that cannot run; one warning, before any work, when an asked-for
+        max_gen_len does not fit after a prompt within max_seq_len (that prompt is cut short)."""
         for i, t in enumerate(prompt_tokens):
             if len(t) == 0:
                 raise ValueError(f"prompt {i} is empty (no tokens, not even bos)")
             if len(t) >= self.max_seq_len:
                 raise ValueError(f"prompt {i} has {len(t)} tokens, which leaves no room to generate within "
                                  f"max_seq_len {self.max_seq_len}; shorten it or build with a larger max_seq_len")
+        if max_gen_len is None:
+            return
+        short = [i for i, t in enumerate(prompt_tokens) if len(t) + max_gen_len > self.max_seq_len]
+        if short:
+            i, n = short[0], len(prompt_tokens[short[0]])
+            more = f" ({len(short) - 1} more prompt(s) are cut short too)" if len(short) > 1 else ""
+            warnings.warn(f"prompt {i} has {n} tokens: only {self.max_seq_len - n} of max_gen_len={max_gen_len} "
+                          f"tokens will be generated within max_seq_len {self.max_seq_len}{more}; build with a "
+                          f"larger max_seq_len or shorten the prompt", stacklevel=3)
 
     def steps(self, prompt_tokens: list[list[int]], max_gen_len: int, temperature: float = 0.6, top_p: float = 0.9,
               top_k: Optional[int] = None, logprobs: bool = False, stop: Sequence[str] = ()) -> Iterator[tuple[_Batch, int]]:
@@ -222,15 +234,17 @@ class Llama:
                 break
 
     @torch.inference_mode()
-    def generate(self, prompt_tokens: list[list[int]], max_gen_len: int, temperature: float = 0.6,
+    def generate(self, prompt_tokens: list[list[int]], max_gen_len: int | None, temperature: float = 0.6,
                  top_p: float = 0.9, top_k: Optional[int] = None, logprobs: bool = False, echo: bool = False,
                  stop: Sequence[str] = ()) -> tuple[list[list[int]], Optional[list[list[float]]]]:
         """Token-level completion: per prompt, the generated ids (the prompt too with `echo`), cut at
-        eos and after the token that completed a stop string, and their logprobs when asked."""
+        eos and after the token that completed a stop string, and their logprobs when asked.
+        max_gen_len None: up to max_seq_len; a number that does not fit after a prompt is warned about."""
         check_sampling(temperature, top_p, top_k)
-        self._check_prompts(prompt_tokens)
-        if max_gen_len < 1:
+        if max_gen_len is not None and max_gen_len < 1:
             raise ValueError(f"max_gen_len must be >= 1, got {max_gen_len}")
+        self._check_prompts(prompt_tokens, max_gen_len)
+        max_gen_len = self.max_seq_len - 1 if max_gen_len is None else max_gen_len
         out_tokens, out_lp = [], []
         for b in range(0, len(prompt_tokens), self.max_batch_size):
             chunk = prompt_tokens[b:b + self.max_batch_size]
@@ -260,7 +274,6 @@ class Llama:
         temperature 0 is greedy; otherwise top-k (if given) then top-p (nucleus) sampling.
         """
         stop = [stop] if isinstance(stop, str) else list(stop or [])
-        max_gen_len = self.max_seq_len - 1 if max_gen_len is None else max_gen_len
         prompt_tokens = self._encode(prompts)
         toks, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo, stop)
         out = []
@@ -285,9 +298,9 @@ class Llama:
         iterate (only rank 0 needs to print)."""
         check_sampling(temperature, top_p, top_k)
         stop = [stop] if isinstance(stop, str) else list(stop or [])
-        max_gen_len = self.max_seq_len - 1 if max_gen_len is None else max_gen_len
         prompt_tokens = self._encode([prompt])
-        self._check_prompts(prompt_tokens)
+        self._check_prompts(prompt_tokens, max_gen_len)
+        max_gen_len = self.max_seq_len - 1 if max_gen_len is None else max_gen_len
         text = TextStream(self.tokenizer, stop)
         for batch, cur in self.steps(prompt_tokens, max_gen_len, temperature, top_p, top_k, False, ()):
             tok = int(batch.tokens[0, cur])

@@ -54,7 +54,9 @@ class TrainConfig:
     # seeing the run
     log_every: int = 1
     eval_every: int = 100  # 0: never (except at the end when eval_batches > 0)
-    eval_batches: int = 8
+    # validation scores eval_batches global batches' worth of windows (global_batch_tokens each),
+    # the same windows on any layout; 0: no validation
+    eval_batches: int = 2
     # local evaluation tasks (llama.eval task spec files) scored at every evaluation, e.g. ["colors.json"]
     eval_tasks: list = field(default_factory=list)
     peak_flops: Optional[float] = None  # per device, for MFU; None: measured with a bf16 matmul

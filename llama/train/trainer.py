@@ -38,8 +38,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 from llama.data import PackedLoader, load_mixture
 from llama.eval import TaskSpec, evaluate_tasks
 from llama.formats.meta import save_meta_checkpoint
-from llama.env import (auto_attention_backend, check_attention_device, compute_dtype, init_distributed, sha256_file,
-                       synchronize, torchrun_ranks)
+from llama.env import (DirLock, auto_attention_backend, check_attention_device, compute_dtype, init_distributed,
+                       sha256_file, synchronize, torchrun_ranks)
 from llama.model import Transformer
 from llama.tokenizer import Tokenizer
 from llama.parallel import ParallelDims, apply_ac, apply_fsdp, apply_tp, build_mesh, check_tp_degree, compile_blocks
@@ -69,6 +69,18 @@ def default_loader(cfg: TrainConfig, split: str, dp_rank: int, dp_size: int, see
     sha = sha256_file(cfg.tokenizer) if cfg.tokenizer else None
     return PackedLoader(cfg.data, cfg.seq_len, cfg.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
                         seed=seed, split=split, tokenizer_sha256=sha)
+
+
+def open_val_loader(cfg: TrainConfig, make_loader: Callable):
+    """The validation loader, every window in order and not split by dp (`Trainer.evaluate` splits
+    the micro-batches); an error now, before any step, when the split cannot give one micro-batch."""
+    try:
+        loader = make_loader(cfg, "val", 0, 1, cfg.seed)
+        next(iter(loader.iter_eval(1)))
+    except (ValueError, StopIteration) as e:
+        raise ValueError(f"eval_batches={cfg.eval_batches} needs validation data, but {e or 'the val split is empty'}; "
+                         f"prepare the data with val_fraction > 0 (or more text), or set eval_batches=0") from None
+    return loader
 
 
 class Trainer:
@@ -111,7 +123,12 @@ class Trainer:
         self.dp_rank, self.tp_rank = dims.coords(ranks.rank)
         # opening the data checks its metadata, tokenizer and size before the model is built
         self.train_loader = self.make_loader(cfg, "train", self.dp_rank, dims.dp, cfg.seed)
-        self.val_loader = None  # opened at the first evaluation
+        self.val_loader = open_val_loader(cfg, self.make_loader) if cfg.eval_batches else None
+        # the run owns out_dir (rank 0 holds the lock): a second run on it is refused here, before
+        # the model is built
+        self.lock = DirLock(cfg.out_dir, "training run") if ranks.rank == 0 else None
+        if self.lock is not None:
+            self.lock.acquire()
         self.history: list[dict] = []
 
         # the run: process group, device, model, optimizer, resumed state
@@ -237,17 +254,30 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, n_batches: int | None = None) -> dict:
-        """Mean loss and perplexity over the first `eval_batches` batches of the validation split
-        (the same batches every time)."""
+        """Token-weighted mean loss, perplexity and token count over the first `n_batches` (default
+        `eval_batches`) global batches' worth of validation windows: the same windows whatever the
+        layout (dp, tp, micro_batch_size), every micro-batch scored by one dp rank."""
         n_batches = n_batches or self.cfg.eval_batches or 1
         if self.val_loader is None:
-            self.val_loader = self.make_loader(self.cfg, "val", self.dp_rank, self.dp, self.cfg.seed)
-        total, n = 0.0, 0
-        for inputs, targets in self.val_loader.iter_eval(n_batches):
-            total += self.loss(inputs.to(self.device), targets.to(self.device)).item()
-            n += 1
-        val_loss = self._all_mean(total / n)
-        out = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+            self.val_loader = open_val_loader(self.cfg, self.make_loader)
+        # every rank reads the same stream of micro-batches (the val loader is not split by dp) and
+        # scores every dp-th one; FSDP needs the same number of forwards on every rank, so a rank
+        # short of a micro-batch at the end runs one more, weighted 0
+        total, count, last, seen = 0.0, 0, None, 0
+        n_micro = n_batches * self.grad_accum * self.dp
+        for i, (inputs, targets) in enumerate(self.val_loader.iter_eval(n_micro)):
+            if i % self.dp == self.dp_rank:
+                total += self.loss(inputs.to(self.device), targets.to(self.device)).item() * targets.numel()
+                count += targets.numel()
+            last, seen = (inputs, targets), i + 1
+        if seen % self.dp and self.dp_rank >= seen % self.dp:
+            self.loss(last[0].to(self.device), last[1].to(self.device))
+        if self.mesh is not None:  # tp ranks hold the same sums: the ratio is unchanged
+            t = torch.tensor([total, count], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t)
+            total, count = t[0].item() / self.tp, t[1].item() / self.tp
+        val_loss = total / count
+        out = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_tokens": int(round(count))}
         if self.eval_tasks:  # the same numbers on every rank; FSDP: no KV cache, full sequences
             was_training = self.model.training
             self.model.eval()
@@ -277,6 +307,8 @@ class Trainer:
         metrics = Metrics(cfg.out_dir, is_main, cfg.steps, self.step, self.resume_from is not None,
                           cfg.tensorboard, cfg.progress)
         bad_in_a_row, last, last_val, saved = 0, {}, {}, None
+        if self.lock is not None:
+            self.lock.acquire()  # again, after an earlier fit released it
         start, first_step = time.perf_counter(), self.step
         try:
             while self.step < self.cfg.steps:
@@ -313,6 +345,8 @@ class Trainer:
                     callback(rec)
         finally:
             metrics.close()
+            if self.lock is not None:
+                self.lock.release()
         exported = self.export(cfg.export_dir, cfg.export_shards) if cfg.export_dir else None
         return {"step": self.step, "train_loss": last.get("loss"), "val_loss": last_val.get("val_loss"),
                 "val_ppl": last_val.get("val_ppl"), "history": self.history,

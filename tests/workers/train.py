@@ -1,5 +1,5 @@
-"""2-rank worker of tests/test_train.py, run by `conftest.torchrun`: trains the tiny model on dp=2 and on tp=2, and a dp=2 run
-stopped at step 2 and resumed (on dp=2, and on tp=2), writing every rank-0 loss history to the JSON file argv[2]."""
+"""2-rank worker of tests/test_train.py, run by `conftest.torchrun`: trains the tiny model on dp=2 and on tp=2
+(losses and validation loss), and a dp=2 run stopped at step 2 and resumed (on dp=2, and on tp=2), writing every rank-0 loss history to the JSON file argv[2]."""
 
 import json
 import shutil
@@ -31,6 +31,7 @@ def main(work, result_path):
     results = {}
     results["dp2"], s = run(base, work / "dp2", dp=2, tp=1, export_dir=str(work / "dp2_meta"))
     results["dp2_ckpt"] = s["checkpoint"]
+    results["dp2_val"], results["dp2_val_tokens"] = s["val_loss"], s["history"][-1]["val_tokens"]
     results["tp2"], s = run(base, work / "tp2", dp=1, tp=2)
     results["tp2_val"], results["tp2_ckpt"] = s["val_loss"], s["checkpoint"]
     results["dp2_bf16"], _ = run(base, work / "dp2_bf16", dp=2, tp=1, dtype="bf16")
