@@ -22,8 +22,9 @@ Sections, in order (each in its own try/except: an error is recorded and the nex
 A global time budget skips what would not fit; a section that overruns its share, or a compile-
 heavy step its cap, is interrupted (SIGALRM) and recorded as such. Results are written to `--out`
 after every step, and a markdown table is printed after each section and at the end (also
-written next to the JSON). `--sections decode,numerics` reruns a subset. Nothing here imports fire
-or gguf, and xformers only where it is installed (the GPU image has none of them).
+written next to the JSON). `--sections decode,numerics` reruns a subset. Nothing here imports fire,
+and xformers only where it is installed; gguf (a dependency the GPU image lacks) travels as a wheel
+in .whl/, which benchmarks/gpu_run.sh installs.
 """
 
 from __future__ import annotations

@@ -11,7 +11,10 @@
 set -o pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels of dependencies the image lacks (gguf)
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
 for whl in xformers-*.whl; do
-  [ -f "$whl" ] && pip install -q --no-deps --no-index --target /tmp/xformers "$whl" && export PYTHONPATH=/tmp/xformers
+  [ -f "$whl" ] && pip install -q --no-deps --no-index --target /tmp/xformers "$whl" && export PYTHONPATH=/tmp/xformers${PYTHONPATH:+:$PYTHONPATH}
 done
 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 python3 benchmarks/gpu.py --budget 420 --out "$OUT/gpu.json" 2>&1 | tee "$OUT/gpu.log"
