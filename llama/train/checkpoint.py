@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from llama.env import atomic_save, fsync_path, fsync_tree, parse_dtype
 from llama.formats.meta import save_meta_checkpoint
@@ -43,7 +43,7 @@ def read_checkpoint_meta(ckpt: str | Path) -> dict:
 
 
 @contextlib.contextmanager
-def _quiet_single_process():
+def quiet_single_process():
     """DCP warns on every single-process save/load that it assumes one process: that is the intent."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -76,11 +76,15 @@ def _tuples(x):
 
 class CheckpointManager:
     """The checkpoints of one run under `out_dir/checkpoints`: save (atomic), keep the last
-    `keep_last`, find the latest, load. Every rank calls save/load; rank 0 renames and rotates."""
+    `keep_last`, find the latest, load. Every rank calls save/load; rank 0 renames and rotates.
+    `trainable_only`: the model's frozen parameters are left out (a LoRA run saves its adapters;
+    the base comes from init_from again on resume)."""
 
-    def __init__(self, out_dir: str | Path, keep_last: int = 3, rank: int = 0, distributed: bool = False):
+    def __init__(self, out_dir: str | Path, keep_last: int = 3, rank: int = 0, distributed: bool = False,
+                 trainable_only: bool = False):
         self.root = Path(out_dir) / "checkpoints"
         self.keep_last, self.rank, self.distributed = keep_last, rank, distributed
+        self.options = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
 
     def list(self) -> list[Path]:
         """Complete checkpoints, oldest first (temporary dirs are ignored)."""
@@ -113,8 +117,8 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self._barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        with _quiet_single_process():
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=self.options)
+        with quiet_single_process():
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not self.distributed)
         atomic_save(rank_state, tmp / f"rank_{self.rank:05d}.pt")
         self._barrier()
@@ -136,11 +140,12 @@ class CheckpointManager:
         (the loader position is global; RNG states then do not carry over)."""
         ckpt = Path(ckpt)
         meta = read_checkpoint_meta(ckpt)
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=self.options)
         state = {"model": model_sd, "optim": optim_sd}
-        with _quiet_single_process():
+        with quiet_single_process():  # every key asked for must be in the checkpoint
             dcp.load(state, checkpoint_id=str(ckpt), no_dist=not self.distributed)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=self.options)
         same_layout = all(meta["layout"].get(k) == layout[k] for k in ("dp", "tp"))
         rank_file = ckpt / f"rank_{self.rank if same_layout else 0:05d}.pt"
         if not rank_file.is_file():
@@ -155,12 +160,15 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path, num_shards: int = 1
     params.json and, when given (or recorded in the run's config), tokenizer.model. One process."""
     ckpt = Path(ckpt)
     meta = read_checkpoint_meta(ckpt)
+    if meta["config"].get("lora"):
+        raise ValueError(f"{ckpt} is a checkpoint of a LoRA run: it holds the adapters, not the model; the run's "
+                         f"export_dir has the merged model (set export_dir and resume the run to write it)")
     args = ModelArgs.from_dict(meta["model_args"])
     with torch.device("meta"):
         model = Transformer(args)
     model.to_empty(device="cpu")
     loaded = {"model": model.state_dict()}
-    with _quiet_single_process():
+    with quiet_single_process():
         dcp.load(loaded, checkpoint_id=str(ckpt), no_dist=True)
     tokenizer_path = tokenizer_path or meta["config"].get("tokenizer")
     return save_meta_checkpoint(loaded["model"], args, out_dir, num_shards=num_shards, dtype=parse_dtype(dtype),
