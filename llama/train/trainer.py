@@ -77,9 +77,9 @@ def default_loader(cfg: TrainConfig, split: str, dp_rank: int, dp_size: int, see
 
 
 class Trainer:
-    """A pretraining run, built in the constructor: every check on the config, the layout, the data
-    and the checkpoint to resume comes first (one sentence each, before any model exists), then the
-    process group, model, optimizer and the resumed state. `fit(callback)` trains to `config.steps`.
+    """A pretraining or fine-tuning run, built in the constructor: every check on the config, the
+    layout, the data and the checkpoint to resume comes first (one sentence each, before any model
+    exists), then the process group, model, optimizer and the resumed state. `fit(callback)` trains to `config.steps`.
 
     `make_loader(config, split, dp_rank, dp_size, seed)` replaces the default
     `llama.data.PackedLoader` (e.g. for synthetic data). Public seams: `model`, `optimizer`,
@@ -364,7 +364,7 @@ class Trainer:
 
 def train(config: TrainConfig | str | dict, callback: Callable[[dict], None] | None = None,
           make_loader: Callable | None = None, **overrides) -> dict:
-    """Run pretraining from a `TrainConfig`, a config name/path, or a dict, with field overrides.
+    """Run pretraining or fine-tuning from a `TrainConfig`, a config name/path, or a dict, with field overrides.
     Returns the summary of `Trainer.fit` (history of {step, loss, lr, val_loss, ...} records)."""
     if isinstance(config, TrainConfig):
         config = TrainConfig.from_dict(config.to_dict(), **overrides)
