@@ -4,7 +4,7 @@
 PY ?= python3
 PIP = $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: torch setup test demo bench
+.PHONY: torch setup test demo finetune-demo bench
 torch:
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
 
@@ -17,6 +17,9 @@ test: setup
 demo: torch
 	@$(PIP) -e ".[demo]"
 	$(PY) scripts/demo.py $(ARGS)
+
+finetune-demo: setup
+	$(PY) scripts/finetune_demo.py $(ARGS)
 
 bench: setup
 	$(PY) benchmarks/generate.py

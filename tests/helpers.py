@@ -80,3 +80,46 @@ def run_all(llama, prompts=PROMPTS) -> dict:
     llama.generator.manual_seed(7)
     streamed = list(llama.stream(prompts[2], max_gen_len=GEN_LEN, **SAMPLING))
     return {"greedy": greedy, "sampled": sampled, "streamed": streamed}
+
+
+# LoRA tests: every target, and a small GQA model (2 kv heads of 4) so the q/k permutations differ
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
+
+
+def lora_base_model(seed: int = 0, **overrides) -> Transformer:
+    """A small GQA model with random weights, norms included (a misplaced tensor shows)."""
+    torch.manual_seed(seed)
+    args = ModelArgs(**{"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 96,
+                        "multiple_of": 32, "norm_eps": 1e-5, "max_seq_len": 32, **overrides})
+    model = Transformer(args)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3 if p.dim() == 1 else 0.1).add_(1.0 if p.dim() == 1 else 0.0)
+    return model
+
+
+def randomize_lora_b(model, std: float = 0.2) -> None:
+    """Nonzero lora_B everywhere (a fresh adapter's B is zero and hides every mistake)."""
+    with torch.no_grad():
+        for k, p in model.named_parameters():
+            if k.endswith("lora_B.weight"):
+                p.normal_(0.0, std)
+
+
+BOS, EOS = 1, 2
+
+
+class CharTokenizer:
+    """One id per character (ord + 3): every expected id of a prompt format can be written by hand."""
+
+    bos_id, eos_id, n_words = BOS, EOS, 300
+
+    def encode(self, s, bos=False, eos=False):
+        return [BOS] * bos + [ord(c) + 3 for c in s] + [EOS] * eos
+
+    def decode(self, ids):
+        return "".join(chr(i - 3) for i in ids if i > 2)
+
+
+def chars(s):
+    return [ord(c) + 3 for c in s]

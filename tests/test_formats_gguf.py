@@ -19,8 +19,8 @@ from tokenizers import decoders, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from llama.bpe_tokenizer import BPETokenizer  # noqa: E402
-from llama.formats.gguf import (encode_chat, load_gguf, load_gguf_tokenizer, packaged_gguf, render_chat,  # noqa: E402
-                                save_gguf)
+from llama.chat import encode_chat, render_chat  # noqa: E402
+from llama.formats.gguf import load_gguf, load_gguf_tokenizer, packaged_gguf, save_gguf  # noqa: E402
 from llama.formats.hf import load_hf, save_hf  # noqa: E402
 from llama.formats.meta import load_consolidated, load_model, save_meta_checkpoint  # noqa: E402
 from llama.inference import Llama  # noqa: E402

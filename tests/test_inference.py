@@ -247,6 +247,75 @@ def test_example_script_end_to_end(ckpts, tmp_path):
     assert r.returncode == 1 and "int8" in r.stderr and "Traceback" not in r.stderr
 
 
+# --- chat ------------------------------------------------------------------------------------------
+
+DIALOGS = [
+    [{"role": "user", "content": "what is the model"}],
+    [{"role": "system", "content": "Be."}, {"role": "user", "content": "the data"},
+     {"role": "assistant", "content": "it was one"}, {"role": "user", "content": "the value"}],
+]
+
+
+@pytest.fixture(scope="module")
+def chat_llama(ckpts):
+    """A context of 128: the chat format's tags take many pieces of the 512-piece tokenizer."""
+    return Llama.build(str(ckpts["one"]), ckpts["tokenizer"], max_seq_len=128, max_batch_size=2, dtype="float32")
+
+
+def chat_prompt_by_hand(tok, dialog) -> list[int]:
+    """Meta's Llama 2 rendering written out: pairs bos "[INST] u [/INST] a " eos, then bos "[INST] u [/INST]"."""
+    turns = [dict(m) for m in dialog]
+    if turns[0]["role"] == "system":
+        turns = [{"role": "user", "content": f"<<SYS>>\n{turns[0]['content']}\n<</SYS>>\n\n{turns[1]['content']}"}] + turns[2:]
+    ids = []
+    for u, a in zip(turns[:-1:2], turns[1::2]):
+        ids += [tok.bos_id] + tok.encode(f"[INST] {u['content'].strip()} [/INST] {a['content'].strip()} ", False, False) + [tok.eos_id]
+    return ids + [tok.bos_id] + tok.encode(f"[INST] {turns[-1]['content'].strip()} [/INST]", False, False)
+
+
+def test_chat_completion_equals_transformers_on_the_chat_prompt(chat_llama, ckpts):
+    """Greedy chat_completion = transformers' greedy generate from the hand-rendered chat prompt;
+    Meta's return shape; streaming gives the same text; special tags and bad dialogs."""
+    llama = chat_llama
+    tok = llama.tokenizer
+    out = llama.chat_completion(DIALOGS, temperature=0, max_gen_len=GEN_LEN, logprobs=True)
+    want = hf_greedy(ckpts["model"], [chat_prompt_by_hand(tok, d) for d in DIALOGS], GEN_LEN, tok.eos_id)
+    for o, w in zip(out, want):
+        assert o["generation"] == {"role": "assistant", "content": tok.decode(w)}
+        assert len(o["tokens"]) == len(o["logprobs"]) == len(w)
+    assert "".join(llama.chat_stream(DIALOGS[1], temperature=0, max_gen_len=GEN_LEN)) == out[1]["generation"]["content"]
+    unsafe = [{"role": "user", "content": "hi [INST] there"}]
+    res = llama.chat_completion([unsafe, DIALOGS[0]], temperature=0, max_gen_len=GEN_LEN)
+    assert res[0]["generation"]["content"] == "Error: special tags are not allowed as part of the prompt."
+    assert res[1]["generation"] == out[0]["generation"]
+    with pytest.raises(ValueError, match="dialog 0: the last message must be from user"):
+        llama.chat_completion([DIALOGS[1][:3]])
+    with pytest.raises(ValueError, match="wrap one dialog"):
+        llama.chat_completion(DIALOGS[0])
+
+
+def test_example_chat_keeps_the_dialog(chat_llama, ckpts):
+    """scripts/example.py --chat with two messages on stdin: each answer equals chat_completion of the
+    dialog so far (so the first exchange is kept in the second prompt); /reset forgets it; EOF ends."""
+    llama = chat_llama
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "example.py"), "--ckpt_dir", str(ckpts["one"]),
+                        "--tokenizer_path", ckpts["tokenizer"], "--chat", "--temperature", "0", "--max_gen_len",
+                        str(GEN_LEN), "--max_seq_len", "128", "--dtype", "float32", "--system", "Be."],
+                       input="the data\nthe value\n/reset\nthe value\n", capture_output=True, text=True,
+                       timeout=180, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "an empty line or Ctrl-D leaves" in r.stdout
+    system = {"role": "system", "content": "Be."}
+    u1, u2 = ({"role": "user", "content": c} for c in ("the data", "the value"))
+    a1 = llama.chat_completion([[system, u1]], temperature=0, max_gen_len=GEN_LEN)[0]["generation"]
+    a2 = llama.chat_completion([[system, u1, a1, u2]], temperature=0, max_gen_len=GEN_LEN)[0]["generation"]
+    fresh = llama.chat_completion([[system, u2]], temperature=0, max_gen_len=GEN_LEN)[0]["generation"]
+    assert a2["content"] != fresh["content"], "the test needs the kept dialog to change the answer"
+    answers = [part.split("\nuser> ")[0] for part in r.stdout.split("assistant> ")[1:]]
+    assert answers == [a1["content"], a2["content"], fresh["content"]]
+    assert "(new dialog)" in r.stdout
+
+
 # --- the decoders ---------------------------------------------------------------------------------
 
 

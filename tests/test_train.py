@@ -220,8 +220,8 @@ def test_nan_guard_skips_then_stops(tmp_path, data_dir, monkeypatch):
     real_loss = Trainer.loss
     bad_steps = {3}
 
-    def loss(self, inputs, targets):
-        out = real_loss(self, inputs, targets)
+    def loss(self, inputs, targets, *reduction):
+        out = real_loss(self, inputs, targets, *reduction)
         return out * float("nan") if self.step + 1 in bad_steps else out
     monkeypatch.setattr(Trainer, "loss", loss)
     trainer = Trainer(tiny_cfg(tmp_path, data_dir, steps=4, max_bad_steps=2), make_loader=make_pattern_loader)

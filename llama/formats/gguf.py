@@ -20,15 +20,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
-from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import gguf
-import jinja2
 import numpy as np
 import torch
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from llama.bpe_tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, BPETokenizer
@@ -583,66 +580,3 @@ def gguf_to_meta(path: str | os.PathLike, out_dir: str | os.PathLike, dtype: str
     elif tokenizer is not None:
         save_gguf_tokenizer(tokenizer, out_dir / VOCAB_FILE, overwrite=True)
     return out_dir
-
-
-# ---------------------------------------------------------------------------------------------
-# chat templates
-
-
-def render_chat(template: str, messages: Sequence[dict], add_generation_prompt: bool = True,
-                **variables) -> str:
-    """The text of a conversation under a chat template (Jinja, as transformers and llama.cpp render
-    `tokenizer.chat_template`): `messages` is [{"role": ..., "content": ...}, ...]; `variables`
-    (e.g. bos_token, eos_token) are passed to the template."""
-    def raise_exception(message):
-        raise ValueError(f"chat template: {message}")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                                **variables)
-    except jinja2.TemplateError as e:
-        raise ValueError(f"chat template cannot be rendered: {e}") from None
-
-
-def _special_tokens(tokenizer) -> dict[str, int]:
-    if isinstance(tokenizer, BPETokenizer):
-        return {t: i for i, (t, ty) in enumerate(zip(tokenizer.tokens, tokenizer.token_types)) if ty == CONTROL}
-    sp = tokenizer.sp
-    return {sp.id_to_piece(i): i for i in range(tokenizer.n_words) if sp.is_control(i)}
-
-
-def _piece(tokenizer, i: int) -> str:
-    """The text of token i as a template writes it ("<s>", "<|im_start|>"); "" for no token (-1)."""
-    if i < 0:
-        return ""
-    return tokenizer.tokens[i] if isinstance(tokenizer, BPETokenizer) else tokenizer.sp.id_to_piece(i)
-
-
-def encode_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True,
-                template: str | None = None) -> list[int]:
-    """Token ids of a conversation under the tokenizer's chat template (or `template`), ready to
-    generate the assistant's reply: the template writes the special tokens (bos, <|im_start|>, ...)
-    itself, and each is encoded as its own id; the text between them without bos/eos."""
-    template = template or getattr(tokenizer, "chat_template", None)
-    if not template:
-        raise ValueError(f"{tokenizer.model_path} has no chat template (tokenizer.chat_template)")
-    specials = _special_tokens(tokenizer)
-    text = render_chat(template, messages, add_generation_prompt, bos_token=_piece(tokenizer, tokenizer.bos_id),
-                       eos_token=_piece(tokenizer, tokenizer.eos_id))
-    ids, pos = [], 0
-    names = sorted(specials, key=len, reverse=True)  # longest first: "<|im_end|>" before "<|im"
-    while pos < len(text):
-        hits = [(text.find(s, pos), -len(s), s) for s in names if s]
-        hits = [h for h in hits if h[0] >= 0]
-        if not hits:
-            ids += tokenizer.encode(text[pos:], bos=False, eos=False)
-            break
-        start, _, s = min(hits)
-        if start > pos:
-            ids += tokenizer.encode(text[pos:start], bos=False, eos=False)
-        ids.append(specials[s])
-        pos = start + len(s)
-    return ids

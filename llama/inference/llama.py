@@ -1,4 +1,5 @@
-"""Text completion with Meta's API (`Llama.build`, `text_completion`) plus streaming.
+"""Text and chat completion with Meta's API (`Llama.build`, `text_completion`, `chat_completion`) plus
+streaming.
 
 Runs a Meta-layout checkpoint with any number of shards on one process or on any number of
 tensor-parallel ranks that divides the heads (launched by torchrun; gloo on CPU, nccl on CUDA).
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from llama.chat import check_dialog, encode_dialog, has_special_tags
 from llama.env import init_distributed, resolve_device, resolve_dtype, torchrun_ranks
 from llama.formats.gguf import load_gguf, load_tokenizer
 from llama.formats.meta import load_model, load_params, load_tp_slice
@@ -28,6 +30,9 @@ from llama.inference.sampling import check_sampling, sample
 from llama.model import KVCache, Transformer
 from llama.parallel import apply_tp, assign_local_shards, check_tp_degree, tp_mesh
 from llama.tokenizer import TextStream, find_stop
+
+
+UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."  # Meta's answer to such a dialog
 
 
 def make_decoder(model: Transformer, kind: str = "auto", world_size: int = 1, **compile_options) -> EagerDecoder:
@@ -290,15 +295,58 @@ class Llama:
             out.append(item)
         return out
 
-    @torch.inference_mode()
+    def chat_completion(self, dialogs: Sequence[list[dict]], temperature: float = 0.6, top_p: float = 0.9,
+                        max_gen_len: Optional[int] = None, logprobs: bool = False) -> list[dict]:
+        """Answer each dialog as the assistant (Meta's Llama 2 API), in the model's own chat template
+        when its tokenizer carries one (a GGUF file's), else in Llama 2's chat format: a dialog is a
+        list of {"role", "content"} messages, an optional "system" first, then "user" and
+        "assistant" alternating, ending with "user". Returns [{"generation": {"role": "assistant",
+        "content": str}}] (+ "tokens", "logprobs" with logprobs=True). As Meta's, a dialog whose
+        contents hold [INST], [/INST], <<SYS>> or <</SYS>> is not run: its answer is an error text."""
+        if isinstance(dialogs, dict) or (dialogs and isinstance(dialogs[0], dict)):
+            raise ValueError("dialogs must be a list of dialogs (each a list of messages); wrap one dialog: [dialog]")
+        for i, dialog in enumerate(dialogs):
+            try:
+                check_dialog(dialog, last="user")
+            except ValueError as e:
+                raise ValueError(f"dialog {i}: {e}") from None
+        max_gen_len = self.max_seq_len - 1 if max_gen_len is None else max_gen_len
+        llama2 = not getattr(self.tokenizer, "chat_template", None)  # Meta's tags only matter in its format
+        unsafe = [llama2 and has_special_tags(d) for d in dialogs]
+        prompt_tokens = [encode_dialog(self.tokenizer, d) for d in dialogs]
+        toks, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, None, logprobs)
+        out = []
+        for i, t in enumerate(toks):
+            content = UNSAFE_ERROR if unsafe[i] else self.tokenizer.decode(t)
+            item = {"generation": {"role": "assistant", "content": content}}
+            if logprobs:
+                item["tokens"] = [self.tokenizer.decode([x]) for x in t]
+                item["logprobs"] = lps[i]
+            out.append(item)
+        return out
+
+    def chat_stream(self, dialog: list[dict], temperature: float = 0.6, top_p: float = 0.9,
+                    max_gen_len: Optional[int] = None) -> Iterator[str]:
+        """Yield the assistant's answer to one dialog (ending with a user message) piece by piece;
+        every rank must iterate. See `chat_completion` for the dialog's form."""
+        check_dialog(dialog, last="user")
+        if not getattr(self.tokenizer, "chat_template", None) and has_special_tags(dialog):
+            raise ValueError(UNSAFE_ERROR)
+        return self._stream(encode_dialog(self.tokenizer, dialog), temperature, top_p, None, max_gen_len, None)
+
     def stream(self, prompt: str, temperature: float = 0.6, top_p: float = 0.9, top_k: Optional[int] = None,
                max_gen_len: Optional[int] = None, stop: Sequence[str] | str | None = None) -> Iterator[str]:
         """Yield the completion of one prompt piece by piece as it is generated. A piece never ends
         inside a multi-byte UTF-8 character, and a stop string is never shown. Every rank must
         iterate (only rank 0 needs to print)."""
+        return self._stream(self._encode([prompt])[0], temperature, top_p, top_k, max_gen_len, stop)
+
+    @torch.inference_mode()
+    def _stream(self, prompt_ids: list[int], temperature: float, top_p: float, top_k: Optional[int],
+                max_gen_len: Optional[int], stop: Sequence[str] | str | None) -> Iterator[str]:
         check_sampling(temperature, top_p, top_k)
         stop = [stop] if isinstance(stop, str) else list(stop or [])
-        prompt_tokens = self._encode([prompt])
+        prompt_tokens = [prompt_ids]
         self._check_prompts(prompt_tokens, max_gen_len)
         max_gen_len = self.max_seq_len - 1 if max_gen_len is None else max_gen_len
         text = TextStream(self.tokenizer, stop)

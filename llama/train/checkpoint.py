@@ -36,7 +36,7 @@ import torch.distributed.checkpoint as dcp
 import torch.distributed.checkpoint.metadata as dcp_metadata
 from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.metadata import StorageMeta
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
 from llama.env import (DiskFullError, UnsafeFileError, atomic_save, check_free_space, free_bytes, fsync_path,
@@ -173,7 +173,7 @@ def dcp_load(state: dict, ckpt: Path, distributed: bool) -> None:
     """dcp.load through the safe reader and planner; failures as one sentence naming the checkpoint."""
     reader = SafeFileSystemReader(str(ckpt))
     try:
-        with _quiet_single_process():
+        with quiet_single_process():
             dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(ckpt), no_dist=not distributed)
     except (UnsafeFileError, FileNotFoundError):
         raise
@@ -202,7 +202,7 @@ def _state_bytes(obj) -> int:
 
 
 @contextlib.contextmanager
-def _quiet_single_process():
+def quiet_single_process():
     """DCP warns on every single-process save/load that it assumes one process: that is the intent."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -235,12 +235,16 @@ def _tuples(x):
 
 class CheckpointManager:
     """The checkpoints of one run under `out_dir/checkpoints`: save (atomic), keep the last
-    `keep_last`, find the latest, load. Every rank calls save/load; rank 0 renames and rotates."""
+    `keep_last`, find the latest, load. Every rank calls save/load; rank 0 renames and rotates.
+    `trainable_only`: the model's frozen parameters are left out (a LoRA run saves its adapters;
+    the base comes from init_from again on resume)."""
 
-    def __init__(self, out_dir: str | Path, keep_last: int = 3, rank: int = 0, distributed: bool = False):
+    def __init__(self, out_dir: str | Path, keep_last: int = 3, rank: int = 0, distributed: bool = False,
+                 trainable_only: bool = False):
         self.root = Path(out_dir) / "checkpoints"
         self.keep_last, self.rank, self.distributed = keep_last, rank, distributed
         self.skipped: list[tuple[Path, str]] = []  # (checkpoint, why) passed over by the last latest()
+        self.options = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
 
     def list(self) -> list[Path]:
         """Complete checkpoints, oldest first (temporary dirs are ignored)."""
@@ -297,7 +301,7 @@ class CheckpointManager:
         bytes do not fit, and when the disk fills during the save (its temporary folder removed)."""
         name = f"{CKPT_PREFIX}{step:08d}"
         tmp, final = self.root / (TMP_PREFIX + name), self.root / name
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=self.options)
         needed = _state_bytes(model_sd) + _state_bytes(optim_sd)  # global sizes: the same on every rank
         self.root.mkdir(parents=True, exist_ok=True)
         try:
@@ -312,7 +316,7 @@ class CheckpointManager:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
             self._barrier()
-            with _quiet_single_process():
+            with quiet_single_process():
                 dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp),
                          no_dist=not self.distributed)
             atomic_save(rank_state, tmp / f"rank_{self.rank:05d}.pt")
@@ -346,10 +350,11 @@ class CheckpointManager:
         if problem is not None:
             raise ValueError(f"checkpoint {ckpt} is damaged: {problem}; resume from another one")
         meta = read_checkpoint_meta(ckpt)
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=self.options)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp_load(state, ckpt, self.distributed)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        dcp_load(state, ckpt, self.distributed)  # every key asked for must be in the checkpoint
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=self.options)
         same_layout = all(meta["layout"].get(k) == layout[k] for k in ("dp", "tp"))
         rank_file = ckpt / f"rank_{self.rank if same_layout else 0:05d}.pt"
         if not rank_file.is_file():
@@ -367,6 +372,9 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path, num_shards: int = 1
     if problem is not None:
         raise ValueError(f"checkpoint {ckpt} is damaged: {problem}; export another one")
     meta = read_checkpoint_meta(ckpt)
+    if meta["config"].get("lora"):
+        raise ValueError(f"{ckpt} is a checkpoint of a LoRA run: it holds the adapters, not the model; the run's "
+                         f"export_dir has the merged model (set export_dir and resume the run to write it)")
     args = ModelArgs.from_dict(meta["model_args"])
     with torch.device("meta"):
         model = Transformer(args)

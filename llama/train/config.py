@@ -8,8 +8,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from llama.config import config_path, read_json_object
+from llama.lora import TARGETS as LORA_TARGETS
 from llama.model import ATTENTION_BACKENDS, ModelArgs
 from llama.parallel import AC_MODES
+
+DATA_FORMATS = ("tokens", "alpaca", "chat", "documents")
+LORA_DEFAULTS = {"r": 8, "alpha": 16.0, "dropout": 0.05, "targets": ["wq", "wv"]}
 
 
 @dataclass
@@ -72,6 +76,16 @@ class TrainConfig:
     resume: str = "auto"  # auto (latest in out_dir, if any) | never | a checkpoint directory
     export_dir: Optional[str] = None  # at the end, write Meta's layout (params.json, consolidated.NN.pth)
     export_shards: int = 1
+    # fine-tuning (llama/train/finetune.py)
+    # init_from: start from trained weights - a Meta checkpoint dir (any shard count), a transformers
+    # folder, or a training checkpoint (or run dir); the architecture comes from it and `model` is unused
+    init_from: Optional[str] = None
+    data_format: str = "tokens"  # tokens (prepared shards) | alpaca | chat | documents (JSON/JSONL files)
+    train_on_input: bool = False  # alpaca / chat: the prompts carry loss too
+    val_fraction: float = 0.0  # alpaca / chat / documents: share of the records held out for evaluation
+    lora: Optional[dict] = None  # {"r", "alpha", "dropout", "targets"} (defaults 8, 16, 0.05, wq wv): adapters only
+    base_dtype: Optional[str] = None  # LoRA: hold the frozen base in bf16 (the adapters stay fp32)
+    export_hf: Optional[str] = None  # at the end, also the merged model in transformers' format here
 
     @classmethod
     def fields(cls) -> list[str]:
@@ -131,7 +145,42 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0 (got {self.lr})")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0 (0: no clipping), got {self.grad_clip}")
+        if self.data_format not in DATA_FORMATS:
+            raise ValueError(f"data_format={self.data_format!r} is not one of {DATA_FORMATS}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        self.lora = check_lora(self.lora)
+        if self.base_dtype is not None and (self.base_dtype not in ("bf16", "fp32") or self.lora is None):
+            raise ValueError(f"base_dtype={self.base_dtype!r}: the frozen base of a LoRA run may be held in bf16 or "
+                             f"fp32 (set lora, or leave base_dtype null)")
+        if self.export_hf and not self.export_dir:
+            raise ValueError("export_hf needs export_dir too (the merged model is written in Meta's layout there)")
         if self.resume not in ("auto", "never") and not Path(self.resume).is_dir():
             raise FileNotFoundError(f"checkpoint to resume {self.resume} does not exist (resume takes auto, never "
                                     f"or a checkpoint directory)")
         return self
+
+
+def check_lora(lora) -> dict | None:
+    """`lora` of a training config completed with LORA_DEFAULTS; a wrong key or value is one sentence."""
+    if lora is None:
+        return None
+    if not isinstance(lora, dict):
+        raise ValueError(f"lora must be null or an object with keys {sorted(LORA_DEFAULTS)}, got {lora!r}")
+    unknown = sorted(set(lora) - set(LORA_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown lora key(s) {unknown}; valid keys are {sorted(LORA_DEFAULTS)}")
+    out = {**LORA_DEFAULTS, **lora}
+    targets = out["targets"]
+    out["targets"] = targets.replace(",", " ").split() if isinstance(targets, str) else list(targets)
+    bad = [t for t in out["targets"] if t not in LORA_TARGETS]
+    if bad or not out["targets"]:
+        raise ValueError(f"lora.targets {bad or out['targets']} must be a non-empty list of {list(LORA_TARGETS)}")
+    if not (isinstance(out["r"], int) and out["r"] >= 1):
+        raise ValueError(f"lora.r must be an integer >= 1, got {out['r']!r}")
+    if not (isinstance(out["alpha"], (int, float)) and out["alpha"] > 0):
+        raise ValueError(f"lora.alpha must be a number > 0, got {out['alpha']!r}")
+    if not (isinstance(out["dropout"], (int, float)) and 0 <= out["dropout"] < 1):
+        raise ValueError(f"lora.dropout must be in [0, 1), got {out['dropout']!r}")
+    out["alpha"], out["dropout"] = float(out["alpha"]), float(out["dropout"])
+    return out

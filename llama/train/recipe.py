@@ -69,20 +69,21 @@ def measure_peak_flops(device: torch.device, dtype=torch.bfloat16, n: int = 2048
     return 2 * n ** 3 / best
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss in fp32: logits (B, T, vocab) in any dtype, targets (B, T) int64."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token loss in fp32: logits (B, T, vocab) in any dtype, targets (B, T) int64; the mean (or
+    "sum") over the positions whose target is not -100 (prompt tokens and padding of fine-tuning data)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction=reduction)
 
 
 _compiled_cross_entropy = None
 
 
-def compiled_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def compiled_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """`cross_entropy` through torch.compile: one fused kernel, no fp32 copy of the logits."""
     global _compiled_cross_entropy
     if _compiled_cross_entropy is None:
         _compiled_cross_entropy = torch.compile(cross_entropy)
-    return _compiled_cross_entropy(logits, targets)
+    return _compiled_cross_entropy(logits, targets, reduction)
 
 
 def adamw_kwargs(device: torch.device | str, distributed: bool = False) -> dict:

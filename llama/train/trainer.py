@@ -15,6 +15,13 @@ Parallelism: torchrun starts world = dp x tp processes on a (dp, tp) mesh, tp in
 model gets, in torchtitan's order, tensor parallel (logits gathered to every tp rank) -> activation
 checkpointing -> per-block torch.compile -> FSDP2 over dp (llama/parallel.py). Without torchrun a
 single process trains with no process group.
+
+Fine-tuning (llama/train/finetune.py) is the same loop: `init_from` loads the initial weights (after
+tensor parallel), `lora` adds adapters before activation checkpointing and freezes the rest (the
+optimizer sees the trainable parameters only), `data_format` alpaca / chat / documents reads
+examples whose prompt tokens carry target -100. The loss of a step is the sum over its targets
+divided by their number in the whole global batch (all micro-batches and dp ranks), so batches with
+different numbers of targets weigh every target alike, whatever the layout.
 """
 
 from __future__ import annotations
@@ -36,12 +43,13 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from llama.data import PackedLoader, load_mixture
-from llama.eval import TaskSpec, evaluate_tasks
-from llama.formats.meta import save_meta_checkpoint
+from llama.data.instruct import IGNORE
 from llama.env import (DirLock, auto_attention_backend, check_attention_device, compute_dtype, init_distributed,
-                       sha256_file, synchronize, torchrun_ranks)
+                       parse_dtype, sha256_file, synchronize, torchrun_ranks)
+from llama.eval import TaskSpec, evaluate_tasks
 from llama.model import Transformer
 from llama.tokenizer import Tokenizer
+from llama.train import finetune
 from llama.parallel import ParallelDims, apply_ac, apply_fsdp, apply_tp, build_mesh, check_tp_degree, compile_blocks
 from llama.train.checkpoint import CheckpointManager, model_diff, read_checkpoint_meta, rng_state, set_rng_state
 from llama.train.config import TrainConfig
@@ -84,9 +92,9 @@ def open_val_loader(cfg: TrainConfig, make_loader: Callable):
 
 
 class Trainer:
-    """A pretraining run, built in the constructor: every check on the config, the layout, the data
-    and the checkpoint to resume comes first (one sentence each, before any model exists), then the
-    process group, model, optimizer and the resumed state. `fit(callback)` trains to `config.steps`.
+    """A pretraining or fine-tuning run, built in the constructor: every check on the config, the
+    layout, the data and the checkpoint to resume comes first (one sentence each, before any model
+    exists), then the process group, model, optimizer and the resumed state. `fit(callback)` trains to `config.steps`.
 
     `make_loader(config, split, dp_rank, dp_size, seed)` replaces the default
     `llama.data.PackedLoader` (e.g. for synthetic data). Public seams: `model`, `optimizer`,
@@ -95,13 +103,22 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, make_loader: Callable | None = None):
         self.cfg = cfg = config.validate()
-        self.make_loader = make_loader or default_loader
-        args = cfg.model_args()
+        if cfg.init_from:
+            self.cfg = cfg = dataclasses.replace(cfg, tokenizer=finetune.init_tokenizer(cfg))
+        args = finetune.init_args(cfg) if cfg.init_from else cfg.model_args()
         if cfg.tokenizer:
             if not Path(cfg.tokenizer).is_file():
                 raise FileNotFoundError(f"tokenizer {cfg.tokenizer} does not exist")
             n_words = spm.SentencePieceProcessor(model_file=str(cfg.tokenizer)).vocab_size()
+            if cfg.init_from and n_words != args.vocab_size:
+                raise ValueError(f"tokenizer {cfg.tokenizer} has {n_words} pieces but init_from {cfg.init_from} has "
+                                 f"vocab_size {args.vocab_size}; use the tokenizer the model was trained with")
             args = dataclasses.replace(args, vocab_size=n_words)
+        elif cfg.data_format != "tokens":
+            raise ValueError(f"data_format {cfg.data_format} needs a tokenizer: set tokenizer (or init_from a "
+                             f"folder holding tokenizer.model)")
+        if cfg.lora and not cfg.init_from and cfg.init == "meta":
+            raise ValueError("LoRA on a freshly initialised model needs init full (or init_from trained weights)")
         self.args = args
         if cfg.seq_len > args.max_seq_len:
             raise ValueError(f"seq_len {cfg.seq_len} is above the model's max_seq_len {args.max_seq_len}; "
@@ -115,10 +132,14 @@ class Trainer:
             raise ValueError(f"global_batch_tokens {cfg.global_batch_tokens} is not a multiple of seq_len "
                              f"{cfg.seq_len} x micro_batch_size {cfg.micro_batch_size} x dp {dims.dp} = {tokens_per_micro}")
         self.grad_accum = cfg.global_batch_tokens // tokens_per_micro
-        check_data_path(cfg.data)
+        if cfg.data_format == "tokens":
+            check_data_path(cfg.data)
+        self.make_loader = make_loader or (default_loader if cfg.data_format == "tokens"
+                                           else finetune.InstructLoaders(cfg, cfg.tokenizer, cfg.progress))
         self.eval_tasks = self._checked_eval_tasks(dims)
         self.tokenizer = Tokenizer(cfg.tokenizer) if cfg.eval_tasks else None
-        self.checkpoints = CheckpointManager(cfg.out_dir, cfg.keep_last, ranks.rank, distributed=dims.world > 1)
+        self.checkpoints = CheckpointManager(cfg.out_dir, cfg.keep_last, ranks.rank, distributed=dims.world > 1,
+                                             trainable_only=cfg.lora is not None)
         self.resume_from = self._checked_resume()
         self.dp_rank, self.tp_rank = dims.coords(ranks.rank)
         # opening the data checks its metadata, tokenizer and size before the model is built
@@ -180,6 +201,7 @@ class Trainer:
         if diff:
             raise ValueError(f"checkpoint {ckpt} is for another model ({'; '.join(diff)}); "
                              f"use the same model settings, another out_dir, or resume=never")
+        finetune.check_resume(meta, self.cfg, ckpt)
         old_batch = meta["config"]["global_batch_tokens"] // meta["config"]["seq_len"]
         if old_batch != self.cfg.global_batch_tokens // self.cfg.seq_len:
             raise ValueError(f"checkpoint {ckpt} was trained with global batches of {old_batch} sequences and this "
@@ -192,11 +214,18 @@ class Trainer:
         init = cfg.init
         if init == "auto":  # the whole fp32 model per process is fine up to ~1B parameters
             init = "full" if flops_per_token(args, 0) / 6 < 1e9 else "meta"
+        if cfg.init_from:
+            init = "from"  # built on the meta device, then the checkpoint's weights
         with torch.device(("cpu" if self.mesh is not None else self.device) if init == "full" else "meta"):
             model = Transformer(args)  # a full init runs init_weights() under the seed set above
         model.set_attention_backend(self.attention)
-        if self.mesh is not None and self.tp > 1:
-            apply_tp(model, self.mesh["tp"], output_replicated=True)
+        tp_mesh = self.mesh["tp"] if self.mesh is not None and self.tp > 1 else None
+        if tp_mesh is not None:
+            apply_tp(model, tp_mesh, output_replicated=True)
+        if init == "from":  # fp32 master weights, or the LoRA base in base_dtype
+            dtype = parse_dtype(cfg.base_dtype) if cfg.lora and cfg.base_dtype else torch.float32
+            finetune.load_initial_weights(model, cfg.init_from, self.device, dtype, tp_mesh, self.tp_rank)
+        self.lora = finetune.add_lora(model, cfg.lora, cfg.base_dtype) if cfg.lora else None
         if cfg.ac != "none":
             apply_ac(model, cfg.ac)
         if cfg.compile:
@@ -211,19 +240,20 @@ class Trainer:
             # (norm weights, the only replicated parameters, are ones).
             torch.manual_seed(cfg.seed + (self.rank if self.device.type == "cpu" else 0))
             model.init_weights()
-        else:
+        elif init == "full":
             model.init_buffers(self.device)
         return model
 
     # -- one step ----------------------------------------------------------------------------
 
-    def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token loss (fp32) of a (B, T) batch under the run's mixed precision."""
+    def loss(self, inputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Next-token loss (fp32) of a (B, T) batch under the run's mixed precision: the mean (or
+        "sum") over the targets (-100 marks a position without one)."""
         autocast = (torch.autocast(self.device.type, dtype=self.compute_dtype)
                     if self.mesh is None and self.compute_dtype != torch.float32 else contextlib.nullcontext())
         with autocast:
             logits = self.model(inputs)  # (B, T, vocab)
-        return (compiled_cross_entropy if self.cfg.compile else cross_entropy)(logits, targets)
+        return (compiled_cross_entropy if self.cfg.compile else cross_entropy)(logits, targets, reduction)
 
     def _all_mean(self, x: float) -> float:
         if self.mesh is None:
@@ -232,15 +262,22 @@ class Trainer:
         dist.all_reduce(t)
         return t.item() / self.world
 
+    def _dp_sum(self, x: float) -> float:
+        """Sum over the dp ranks (the tp ranks of a group hold the same value)."""
+        return self._all_mean(x) * self.dp
+
     def train_step(self) -> dict:
-        """Forward and backward over grad_accum micro-batches, clip, step (or skip when not finite)."""
+        """Forward and backward over grad_accum micro-batches, clip, step (or skip when not finite).
+        The loss is the sum over the global batch's targets / their number."""
         lr = lr_at(self.step, self.cfg)
         set_lr(self.optimizer, lr)
+        batches = [self.train_loader.next() for _ in range(self.grad_accum)]
+        n_targets = self._dp_sum(float(sum(int((t != IGNORE).sum()) for _, t in batches)))
         loss_sum = 0.0
-        for _ in range(self.grad_accum):
-            inputs, targets = self.train_loader.next()
-            loss = self.loss(inputs.to(self.device), targets.to(self.device))
-            (loss / self.grad_accum).backward()
+        for inputs, targets in batches:
+            loss = self.loss(inputs.to(self.device), targets.to(self.device), "sum")
+            # FSDP averages gradients over dp: * dp makes it the sum over the ranks / n_targets
+            (loss * (self.dp / max(n_targets, 1.0))).backward()
             loss_sum += loss.item()
         grad_norm = clip_grad_norm(self.model, self.cfg.grad_clip)
         finite = math.isfinite(grad_norm)  # the same on every rank: the norm is global
@@ -249,8 +286,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += self.cfg.global_batch_tokens
-        return {"step": self.step, "loss": self._all_mean(loss_sum / self.grad_accum), "lr": lr,
-                "grad_norm": grad_norm, "skipped": not finite}
+        rec = {"step": self.step, "loss": self._dp_sum(loss_sum) / max(n_targets, 1.0), "lr": lr,
+               "grad_norm": grad_norm, "skipped": not finite}
+        if hasattr(self.train_loader, "padding_share"):  # instruction data: the share of padded positions
+            rec["padding"] = self.train_loader.padding_share
+        return rec
 
     @torch.no_grad()
     def evaluate(self, n_batches: int | None = None) -> dict:
@@ -267,8 +307,8 @@ class Trainer:
         n_micro = n_batches * self.grad_accum * self.dp
         for i, (inputs, targets) in enumerate(self.val_loader.iter_eval(n_micro)):
             if i % self.dp == self.dp_rank:
-                total += self.loss(inputs.to(self.device), targets.to(self.device)).item() * targets.numel()
-                count += targets.numel()
+                total += self.loss(inputs.to(self.device), targets.to(self.device), "sum").item()
+                count += int((targets != IGNORE).sum())  # instruction data: prompts and padding carry no loss
             last, seen = (inputs, targets), i + 1
         if seen % self.dp and self.dp_rank >= seen % self.dp:
             self.loss(last[0].to(self.device), last[1].to(self.device))
@@ -276,7 +316,7 @@ class Trainer:
             t = torch.tensor([total, count], dtype=torch.float64, device=self.device)
             dist.all_reduce(t)
             total, count = t[0].item() / self.tp, t[1].item() / self.tp
-        val_loss = total / count
+        val_loss = total / max(count, 1)
         out = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_tokens": int(round(count))}
         if self.eval_tasks:  # the same numbers on every rank; FSDP: no KV cache, full sequences
             was_training = self.model.training
@@ -298,6 +338,8 @@ class Trainer:
         if is_main:
             Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.out_dir) / "config.json").write_text(json.dumps(self.resolved_config(), indent=2) + "\n")
+            if cfg.init_from or cfg.lora:
+                print(finetune.describe(cfg, self.model))
             print(f"training {self.args.n_layers} layers, {self.model_size() / 1e6:.1f}M parameters on "
                   f"dp={self.dp} x tp={self.tp} ({self.device.type}), {cfg.steps} steps of "
                   f"{cfg.global_batch_tokens} tokens (grad_accum {self.grad_accum})"
@@ -402,12 +444,13 @@ class Trainer:
             self.cfg = dataclasses.replace(self.cfg, steps=saved_steps)  # the schedule the budget chose
 
     def export(self, out_dir: str | Path, num_shards: int = 1, dtype: torch.dtype = torch.float16) -> Path | None:
-        """Gather the full weights to rank 0 and write Meta's layout there (returns None elsewhere)."""
+        """Gather the full weights to rank 0 and write Meta's layout there (returns None elsewhere);
+        LoRA: the merged model, and the adapter in PEFT's format in out_dir/peft; `export_hf`: the
+        transformers folder too."""
         sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         path = None
         if self.rank == 0:
-            path = save_meta_checkpoint(sd, self.args, out_dir, num_shards=num_shards, dtype=dtype,
-                                        tokenizer_path=self.cfg.tokenizer, overwrite=True)
+            path = finetune.export_model(sd, self.args, self.cfg, out_dir, num_shards, dtype, self.lora)
         if self.mesh is not None:
             dist.barrier()
         return path
@@ -415,7 +458,7 @@ class Trainer:
 
 def train(config: TrainConfig | str | dict, callback: Callable[[dict], None] | None = None,
           make_loader: Callable | None = None, **overrides) -> dict:
-    """Run pretraining from a `TrainConfig`, a config name/path, or a dict, with field overrides.
+    """Run pretraining or fine-tuning from a `TrainConfig`, a config name/path, or a dict, with field overrides.
     Returns the summary of `Trainer.fit` (history of {step, loss, lr, val_loss, ...} records)."""
     if isinstance(config, TrainConfig):
         config = TrainConfig.from_dict(config.to_dict(), **overrides)
