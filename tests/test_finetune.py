@@ -14,11 +14,13 @@ import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 
+from llama.formats.gguf import save_gguf
 from llama.formats.hf import save_hf
 from llama.formats.meta import load_consolidated, load_model
 from llama.inference import Llama
 from llama.lora import is_lora_key
 from llama.train import TrainConfig, Trainer
+from llama.tokenizer import Tokenizer
 from llama.train.finetune import PEFT_DIR, load_peft_adapter
 from tests.conftest import torchrun
 from tests.helpers import make_checkpoint, make_pattern_loader
@@ -84,6 +86,11 @@ def test_init_from_any_checkpoint_gives_the_loaded_models_loss(base, tmp_path):
     # the transformers folder, and LoRA at step 0 (B = 0) on the same base
     assert Trainer(ft_cfg(base, tmp_path / "hf", init_from=str(base["hf"]))).evaluate(100)["val_loss"] == \
         pytest.approx(want, rel=1e-5)
+    # llama.cpp's format: weights and vocabulary from one .gguf file (f32: the same numbers)
+    save_gguf(base["model"], base["model"].args, Tokenizer(base["tokenizer"]), tmp_path / "m.gguf", dtype="f32")
+    from_gguf = Trainer(ft_cfg(base, tmp_path / "gguf", init_from=str(tmp_path / "m.gguf")))
+    assert from_gguf.evaluate(100)["val_loss"] == pytest.approx(want, rel=1e-5)
+    assert from_gguf.cfg.tokenizer == str(tmp_path / "m.gguf")
     lora = Trainer(ft_cfg(base, tmp_path / "lora", lora={"r": 4}))
     assert lora.evaluate(100)["val_loss"] == pytest.approx(want, rel=1e-5)
     # a full fine-tuning run's checkpoint (by its run dir: the latest) continues from its weights

@@ -24,6 +24,7 @@ from torch import nn
 
 from llama.data.instruct import InstructLoader, load_instruct
 from llama.env import parse_dtype
+from llama.formats.gguf import load_tokenizer, open_gguf, read_args, read_state_dict, save_gguf_tokenizer
 from llama.formats.hf import CONFIG as HF_CONFIG
 from llama.formats.hf import load_hf, read_hf_config, save_hf
 from llama.formats.meta import PARAMS, TOKENIZER, load_consolidated, load_params, load_tp_slice, \
@@ -33,7 +34,6 @@ from llama.lora import apply_lora, apply_lora_weights, copy_full, is_lora_key, l
     mark_only_lora_trainable, merged_state_dict
 from llama.model import ModelArgs, Transformer
 from llama.parallel import assign_local_shards
-from llama.tokenizer import Tokenizer
 from llama.train.checkpoint import CKPT_PREFIX, META, dcp_load, read_checkpoint_meta
 from llama.train.config import TrainConfig
 
@@ -44,12 +44,14 @@ PEFT_DIR = "peft"  # the adapter's folder inside export_dir
 
 
 def init_source(path: str | Path) -> tuple[str, Path]:
-    """("meta" | "hf" | "checkpoint", directory) of an `init_from` path; a run's out_dir means its
+    """("meta" | "hf" | "checkpoint" | "gguf", path) of an `init_from` path; a run's out_dir means its
     latest checkpoint."""
     p = Path(path)
+    if p.is_file() and p.suffix == ".gguf":  # llama.cpp's file: weights and tokenizer in one
+        return "gguf", p
     if not p.is_dir():
         raise FileNotFoundError(f"init_from {p} does not exist; give a Meta checkpoint directory, a "
-                                f"transformers folder or a training checkpoint")
+                                f"transformers folder, a .gguf file or a training checkpoint")
     if (p / PARAMS).is_file():
         return "meta", p
     if (p / META).is_file():
@@ -79,6 +81,8 @@ def init_args(cfg: TrainConfig) -> ModelArgs:
         return load_params(path, **overrides)
     if kind == "hf":
         return read_hf_config(path, **overrides)
+    if kind == "gguf":
+        return read_args(open_gguf(path), **overrides)
     meta = read_checkpoint_meta(path)
     if meta["config"].get("lora"):
         raise ValueError(f"init_from {path} is a checkpoint of a LoRA run, which holds only the adapters; start "
@@ -93,6 +97,8 @@ def init_tokenizer(cfg: TrainConfig) -> str | None:
     kind, path = init_source(cfg.init_from)
     if kind == "checkpoint":
         return read_checkpoint_meta(path)["config"].get("tokenizer")
+    if kind == "gguf":
+        return str(path)  # the vocabulary inside the file (llama.formats.gguf.load_tokenizer reads it)
     found = [p for p in (path / TOKENIZER, path.parent / TOKENIZER) if p.is_file()]
     return str(found[0]) if found else None
 
@@ -102,6 +108,8 @@ def _full_state_dict(kind: str, path: Path, args: ModelArgs) -> dict[str, torch.
         return load_consolidated(path)
     if kind == "hf":
         return load_hf(path)[0]
+    if kind == "gguf":
+        return read_state_dict(open_gguf(path), args)
     with torch.device("meta"):
         model = Transformer(args)
     model.to_empty(device="cpu")
@@ -175,7 +183,7 @@ class InstructLoaders:
     `InstructLoader` over one split for one dp rank."""
 
     def __init__(self, cfg: TrainConfig, tokenizer_path: str, progress: bool = True):
-        tok = Tokenizer(tokenizer_path)
+        tok = load_tokenizer(tokenizer_path)  # tokenizer.model, or the vocabulary of a .gguf
         self.data = load_instruct(cfg.data, tok, cfg.seq_len, format=cfg.data_format,
                                   train_on_input=cfg.train_on_input, val_fraction=cfg.val_fraction, seed=cfg.seed,
                                   progress=progress)
@@ -199,13 +207,17 @@ def export_model(state_dict: dict[str, torch.Tensor], args: ModelArgs, cfg: Trai
     `out_dir`; with `lora`, the adapter alone in PEFT's format in out_dir/peft; and the merged model
     in transformers' format in `cfg.export_hf` when set."""
     merged = merged_state_dict(state_dict, lora["scaling"]) if lora else state_dict
+    gguf_vocab = bool(cfg.tokenizer) and Path(cfg.tokenizer).suffix == ".gguf"
+    spm_model = None if gguf_vocab else cfg.tokenizer
     out = save_meta_checkpoint(merged, args, out_dir, num_shards=num_shards, dtype=dtype,
-                               tokenizer_path=cfg.tokenizer, overwrite=True)
+                               tokenizer_path=spm_model, overwrite=True)
+    if gguf_vocab:  # the vocabulary travels beside the weights as a vocabulary-only GGUF
+        save_gguf_tokenizer(load_tokenizer(cfg.tokenizer), Path(out_dir) / "tokenizer.gguf", overwrite=True)
     if lora:
         save_peft_adapter({k: v for k, v in state_dict.items() if is_lora_key(k)}, lora, args, Path(out_dir) / PEFT_DIR,
                           base_model_name_or_path=cfg.init_from)
     if cfg.export_hf:
-        save_hf(merged, args, cfg.export_hf, dtype=dtype, tokenizer_path=cfg.tokenizer)
+        save_hf(merged, args, cfg.export_hf, dtype=dtype, tokenizer_path=spm_model)
     return out
 
 

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-import sentencepiece as spm
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -47,8 +46,8 @@ from llama.data.instruct import IGNORE
 from llama.env import (DirLock, auto_attention_backend, check_attention_device, compute_dtype, init_distributed,
                        parse_dtype, sha256_file, synchronize, torchrun_ranks)
 from llama.eval import TaskSpec, evaluate_tasks
+from llama.formats.gguf import load_tokenizer
 from llama.model import Transformer
-from llama.tokenizer import Tokenizer
 from llama.train import finetune
 from llama.parallel import ParallelDims, apply_ac, apply_fsdp, apply_tp, build_mesh, check_tp_degree, compile_blocks
 from llama.train.checkpoint import CheckpointManager, model_diff, read_checkpoint_meta, rng_state, set_rng_state
@@ -109,7 +108,7 @@ class Trainer:
         if cfg.tokenizer:
             if not Path(cfg.tokenizer).is_file():
                 raise FileNotFoundError(f"tokenizer {cfg.tokenizer} does not exist")
-            n_words = spm.SentencePieceProcessor(model_file=str(cfg.tokenizer)).vocab_size()
+            n_words = load_tokenizer(cfg.tokenizer).n_words  # tokenizer.model, or a .gguf's vocabulary
             if cfg.init_from and n_words != args.vocab_size:
                 raise ValueError(f"tokenizer {cfg.tokenizer} has {n_words} pieces but init_from {cfg.init_from} has "
                                  f"vocab_size {args.vocab_size}; use the tokenizer the model was trained with")
@@ -137,7 +136,7 @@ class Trainer:
         self.make_loader = make_loader or (default_loader if cfg.data_format == "tokens"
                                            else finetune.InstructLoaders(cfg, cfg.tokenizer, cfg.progress))
         self.eval_tasks = self._checked_eval_tasks(dims)
-        self.tokenizer = Tokenizer(cfg.tokenizer) if cfg.eval_tasks else None
+        self.tokenizer = load_tokenizer(cfg.tokenizer) if cfg.eval_tasks else None
         self.checkpoints = CheckpointManager(cfg.out_dir, cfg.keep_last, ranks.rank, distributed=dims.world > 1,
                                              trainable_only=cfg.lora is not None)
         self.resume_from = self._checked_resume()
