@@ -14,10 +14,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llama.env import cpu_has_native_bf16
 from llama.formats.hf import hf_config, to_hf
 from llama.inference import Llama, make_decoder, sample
-from llama.inference.cpu_decode import FusedCpuDecoder, decode_kernel
+from llama.inference.cpu_decode import VARIANTS, FusedCpuDecoder, cpu_kernel_variants, decode_kernel
 from llama.model import Transformer
 from llama.quantize import quantize_int8
 from llama.tokenizer import TextStream
@@ -261,12 +260,19 @@ def test_compiled_decoder_gives_the_same_tokens(llama):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph for every position
 
 
-def _kernel_or_skip():
-    """Skip where the fused CPU kernel cannot exist (no AVX512-BF16, no C++ compiler); fail where it should."""
-    if decode_kernel() is None:
-        if not cpu_has_native_bf16() or shutil.which("c++") is None:
-            pytest.skip("the fused CPU decoding kernel needs AVX512-BF16 and a C++ compiler")
-        pytest.fail("the fused CPU decoding kernel did not build on a machine that has what it needs (see the warning)")
+def _kernel_or_skip(variant=None):
+    """The fused CPU kernel (`variant`, default: the one Llama.build picks). Skip where it cannot
+    exist (a CPU without its instructions, no C++ compiler); fail where it should but did not build."""
+    runnable = cpu_kernel_variants()
+    if variant is not None and variant not in runnable:
+        pytest.skip(f"this CPU cannot run the {variant} kernel (it runs {runnable})")
+    if not runnable or shutil.which("c++") is None:
+        pytest.skip("the fused CPU decoding kernel needs AVX512-BF16, AVX2+FMA or NEON and a C++ compiler")
+    kernel = decode_kernel(variant)
+    if kernel is None:
+        pytest.fail(f"the fused CPU decoding kernel ({variant or runnable}) did not build on a machine that has what "
+                    "it needs (see the warning)")
+    return kernel
 
 
 def _decode_logits(model, tokens, decoder=None, prefill=4):
@@ -279,12 +285,14 @@ def _decode_logits(model, tokens, decoder=None, prefill=4):
     return torch.cat(steps, 1), cache
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [dict(), dict(dim=48, n_heads=4, n_kv_heads=2, multiple_of=8, vocab_size=97)])
-def test_fused_cpu_decoder_matches_the_model(shape, dtype):
-    """The fused C++ decoding step against the eager model: same rounding points in bf16, so the
-    logits and cache agree to bf16 resolution, and both are as close to an exact (fp64) run; in fp32
-    it agrees with the model to fp32 accuracy. The second shape has grouped-query heads, head_dim 12,
+def test_fused_cpu_decoder_matches_the_model(shape, dtype, variant):
+    """The fused C++ decoding step (each instruction-set build this CPU runs: an AVX-512 machine
+    checks its AVX2 build too) against the eager model: same rounding points in bf16, so the logits
+    and cache agree to bf16 resolution, and both are as close to an exact (fp64) run; in fp32 it
+    agrees with the model to fp32 accuracy. The second shape has grouped-query heads, head_dim 12,
     K = 48 (the kernels' tails) and a vocabulary of 97 rows."""
     torch.manual_seed(0)
     ref = Transformer(tiny_args(**shape)).double().eval()
@@ -292,8 +300,9 @@ def test_fused_cpu_decoder_matches_the_model(shape, dtype):
     model = Transformer(ref.args).to(dtype).eval()
     model.load_state_dict(ref.state_dict())
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    _kernel_or_skip()
-    decoder = FusedCpuDecoder.create(model)
+    _kernel_or_skip(variant)
+    decoder = FusedCpuDecoder.create(model, variant)
+    assert decoder.variant == variant
     # packing is a transform: same keys and values; q/k/v (and w1/w3) share one buffer, not a copy
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
