@@ -13,6 +13,8 @@
 #include <cstring>
 #include <vector>
 
+// [primitives begin] (to the matching end: no torch, so tests/test_inference.py compiles this part
+// alone for each instruction set and checks it against scalar code, NEON under qemu)
 using bf16 = uint16_t;
 static inline float b2f(bf16 v) { uint32_t u = (uint32_t)v << 16; float f; std::memcpy(&f, &u, 4); return f; }
 static inline bf16 f2b(float f) {  // round to nearest even, as torch does
@@ -91,12 +93,13 @@ struct V {
   static F load_bf16(const bf16* p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
   }
-  static __m256i rnd_bits(F v) {  // fp32 bits rounded to the nearest even bf16 (low 16 bits zero); NaN kept
+  static __m256i rnd_bits(F v) {  // fp32 bits rounded to the nearest even bf16 (low 16 bits zero), as f2b
     const __m256i u = _mm256_castps_si256(v);
     const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
     const __m256i r = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))),
                                        _mm256_set1_epi32((int)0xffff0000u));
-    return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    const __m256 nan = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc00000));  // every NaN, as torch
+    return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
   }
   static void store_bf16(bf16* p, F v) {
     const __m256i r = _mm256_srli_epi32(rnd_bits(v), 16);  // 8 x 32-bit lanes holding bf16 bits
@@ -138,11 +141,11 @@ struct V {
     return vmulq_f32(p, vreinterpretq_f32_s32(e));
   }
   static F load_bf16(const bf16* p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
-  static uint32x4_t rnd_bits(F v) {  // as for AVX2; NaN kept
+  static uint32x4_t rnd_bits(F v) {  // as for AVX2
     const uint32x4_t u = vreinterpretq_u32_f32(v);
     const uint32x4_t odd = vandq_u32(vshrq_n_u32(u, 16), vdupq_n_u32(1));
     const uint32x4_t r = vandq_u32(vaddq_u32(u, vaddq_u32(odd, vdupq_n_u32(0x7fff))), vdupq_n_u32(0xffff0000u));
-    return vbslq_u32(vceqq_f32(v, v), r, u);
+    return vbslq_u32(vceqq_f32(v, v), r, vdupq_n_u32(0x7fc00000u));
   }
   static void store_bf16(bf16* p, F v) { vst1_u16(p, vshrn_n_u32(rnd_bits(v), 16)); }
   static F rnd_bf16(F v) { return vreinterpretq_f32_u32(rnd_bits(v)); }
@@ -200,6 +203,7 @@ static inline F vexp(F x) {
   p = V::fma(p, V::mul(r, r), V::add(r, V::set1(1.f)));
   return V::ldexp(p, n);
 }
+// [primitives end]
 
 // y[m, n] = sum_k x[m, k] w[n, k] for rows n0..n1: each weight block is loaded once and used for
 // all M input rows; two accumulators per row hide the dot-product latency where the registers
