@@ -289,13 +289,15 @@ def _decode_logits(model, tokens, decoder=None, prefill=4):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("shape", [dict(), dict(dim=48, n_heads=4, n_kv_heads=2, multiple_of=8, vocab_size=97)])
+@pytest.mark.parametrize("shape", [dict(), dict(dim=48, n_heads=4, n_kv_heads=2, multiple_of=8, vocab_size=97),
+                                   dict(dim=40, n_heads=4, n_kv_heads=1, multiple_of=4, vocab_size=97)])
 def test_fused_cpu_decoder_matches_the_model(shape, dtype, variant):
     """The fused C++ decoding step (each instruction-set build this CPU runs: an AVX-512 machine
     checks its AVX2 build too) against the eager model: same rounding points in bf16, so the logits
     and cache agree to bf16 resolution, and both are as close to an exact (fp64) run; in fp32 it
     agrees with the model to fp32 accuracy. The second shape has grouped-query heads, head_dim 12,
-    K = 48 (the kernels' tails) and a vocabulary of 97 rows."""
+    K = 48 (the kernels' tails) and a vocabulary of 97 rows; the third one kv head, head_dim 10 and
+    K = 40 and 108 (no whole number of 16- or 32-element blocks)."""
     torch.manual_seed(0)
     ref = Transformer(tiny_args(**shape)).double().eval()
     ref.init_weights(std=0.08)
@@ -338,6 +340,7 @@ _PRIMITIVES_CHECK = r"""
 #include <cstdio>
 #include <cstring>
 #include <random>
+#include <type_traits>
 #include <vector>
 PRIMITIVES
 static uint32_t bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
@@ -383,7 +386,9 @@ int main() {
       want_f += (double)wf[k] * xf[k]; mag_f += std::fabs((double)wf[k] * xf[k]);
     }
     F ab = V::zero(), af = V::zero();
-    for (int k = 0; k < K; k += E<bf16>::W) ab = E<bf16>::dot(ab, &wb[k], &xb[k]);
+    std::vector<E<bf16>::X> xp(K);  // the input row as the products prepare it
+    E<bf16>::prep(xb.data(), 1, K, xp.data());
+    for (int k = 0; k < K; k += E<bf16>::W) ab = E<bf16>::dot(ab, &wb[k], &xp[k]);
     for (int k = 0; k < K; k += E<float>::W) af = E<float>::dot(af, &wf[k], &xf[k]);
     CHECK(std::fabs(V::sum(ab) - want_b) <= 1e-6 * mag_b, "bf16 dot of %d: %g, want %g", K, V::sum(ab), want_b);
     CHECK(std::fabs(V::sum(af) - want_f) <= 1e-6 * mag_f, "fp32 dot of %d: %g, want %g", K, V::sum(af), want_f);

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 // [primitives begin] (to the matching end: no torch, so tests/test_inference.py compiles this part
@@ -26,7 +27,10 @@ static inline bf16 f2b(float f) {  // round to nearest even, as torch does
 
 // V: one register of N fp32 lanes and what the step does with it. bf16 loads/stores move N
 // elements; dot_bf16 / dot_f32 consume one block of BF16_BLOCK / N elements of a weight row and of
-// an input row into a lane-wise partial sum (lanes are summed at the end, so their order is free)
+// an input row into a lane-wise partial sum (lanes are summed at the end, so their order is free).
+// The bf16 input row comes as BF16X: bf16 where the ISA multiplies bf16 directly, else fp32 that
+// split_bf16 laid out once per product (each block: its even elements, then its odd ones), so the
+// per-weight-row work is widening the weights only
 #if defined(LLAMA_ISA_AVX512BF16)
 #include <immintrin.h>
 struct V {
@@ -34,6 +38,8 @@ struct V {
   static constexpr int N = 16, REGS = 32, BF16_BLOCK = 32;
   static constexpr float EXP_HI = 88.7f;  // scalef takes 2^128 (e^88.7 < FLT_MAX)
   static constexpr const char* ISA = "avx512bf16";
+  using BF16X = bf16;
+  static void split_bf16(const bf16* x, bf16* out) { std::memcpy(out, x, BF16_BLOCK * sizeof(bf16)); }
   static F zero() { return _mm512_setzero_ps(); }
   static F set1(float f) { return _mm512_set1_ps(f); }
   static F load(const float* p) { return _mm512_loadu_ps(p); }
@@ -68,6 +74,12 @@ struct V {
   static constexpr int N = 8, REGS = 16, BF16_BLOCK = 16;
   static constexpr float EXP_HI = 88.3762626f;  // n = round(x log2 e) <= 127: 2^n built in the exponent field
   static constexpr const char* ISA = "avx2";
+  using BF16X = float;
+  static void split_bf16(const bf16* x, float* out) {  // 16 bf16 -> 8 even, 8 odd as fp32
+    const __m256i v = _mm256_loadu_si256((const __m256i*)x);
+    _mm256_storeu_si256((__m256i*)out, _mm256_slli_epi32(v, 16));
+    _mm256_storeu_si256((__m256i*)(out + 8), _mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
+  }
   static F zero() { return _mm256_setzero_ps(); }
   static F set1(float f) { return _mm256_set1_ps(f); }
   static F load(const float* p) { return _mm256_loadu_ps(p); }
@@ -106,12 +118,11 @@ struct V {
     _mm_storeu_si128((__m128i*)p, _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
   }
   static F rnd_bf16(F v) { return _mm256_castsi256_ps(rnd_bits(v)); }
-  static F dot_bf16(F acc, const bf16* w, const bf16* x) {
+  static F dot_bf16(F acc, const bf16* w, const float* x) {
     // 16 bf16 = 8 pairs: the even elements widen by a shift, the odd ones by masking the low half
-    const __m256i wv = _mm256_loadu_si256((const __m256i*)w), xv = _mm256_loadu_si256((const __m256i*)x);
-    const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
-    acc = fma(_mm256_castsi256_ps(_mm256_slli_epi32(wv, 16)), _mm256_castsi256_ps(_mm256_slli_epi32(xv, 16)), acc);
-    return fma(_mm256_castsi256_ps(_mm256_and_si256(wv, hi)), _mm256_castsi256_ps(_mm256_and_si256(xv, hi)), acc);
+    const __m256i wv = _mm256_loadu_si256((const __m256i*)w);
+    acc = fma(_mm256_castsi256_ps(_mm256_slli_epi32(wv, 16)), load(x), acc);
+    return fma(_mm256_castsi256_ps(_mm256_and_si256(wv, _mm256_set1_epi32((int)0xffff0000u))), load(x + 8), acc);
   }
   static F dot_f32(F acc, const float* w, const float* x) { return fma(load(w), load(x), acc); }
 };
@@ -122,6 +133,12 @@ struct V {
   static constexpr int N = 4, REGS = 32, BF16_BLOCK = 8;
   static constexpr float EXP_HI = 88.3762626f;  // as for AVX2
   static constexpr const char* ISA = "neon";
+  using BF16X = float;
+  static void split_bf16(const bf16* x, float* out) {  // 8 bf16 -> 4 even, 4 odd as fp32
+    const uint32x4_t v = vreinterpretq_u32_u16(vld1q_u16(x));
+    vst1q_f32(out, vreinterpretq_f32_u32(vshlq_n_u32(v, 16)));
+    vst1q_f32(out + 4, vreinterpretq_f32_u32(vandq_u32(v, vdupq_n_u32(0xffff0000u))));
+  }
   static F zero() { return vdupq_n_f32(0.f); }
   static F set1(float f) { return vdupq_n_f32(f); }
   static F load(const float* p) { return vld1q_f32(p); }
@@ -149,11 +166,10 @@ struct V {
   }
   static void store_bf16(bf16* p, F v) { vst1_u16(p, vshrn_n_u32(rnd_bits(v), 16)); }
   static F rnd_bf16(F v) { return vreinterpretq_f32_u32(rnd_bits(v)); }
-  static F dot_bf16(F acc, const bf16* w, const bf16* x) {  // 8 bf16 = 4 pairs, as for AVX2
-    const uint32x4_t wv = vreinterpretq_u32_u16(vld1q_u16(w)), xv = vreinterpretq_u32_u16(vld1q_u16(x));
-    const uint32x4_t hi = vdupq_n_u32(0xffff0000u);
-    acc = vfmaq_f32(acc, vreinterpretq_f32_u32(vshlq_n_u32(wv, 16)), vreinterpretq_f32_u32(vshlq_n_u32(xv, 16)));
-    return vfmaq_f32(acc, vreinterpretq_f32_u32(vandq_u32(wv, hi)), vreinterpretq_f32_u32(vandq_u32(xv, hi)));
+  static F dot_bf16(F acc, const bf16* w, const float* x) {  // 8 bf16 = 4 pairs, as for AVX2
+    const uint32x4_t wv = vreinterpretq_u32_u16(vld1q_u16(w));
+    acc = vfmaq_f32(acc, vreinterpretq_f32_u32(vshlq_n_u32(wv, 16)), vld1q_f32(x));
+    return vfmaq_f32(acc, vreinterpretq_f32_u32(vandq_u32(wv, vdupq_n_u32(0xffff0000u))), vld1q_f32(x + 4));
   }
   static F dot_f32(F acc, const float* w, const float* x) { return fma(load(w), load(x), acc); }
 };
@@ -164,20 +180,37 @@ using F = V::F;
 constexpr int N = V::N;
 
 // What the step needs from an element type (bf16 or fp32 weights and activations): N-lane fp32
-// loads/stores, the round trip that the model's dtype imposes (none in fp32), and a dot block
+// loads/stores, the round trip that the model's dtype imposes (none in fp32), and a dot block of a
+// weight row with an input row as prep (once per product) made it: X elements
 template <typename T> struct E;
 template <> struct E<bf16> {
   static constexpr int W = V::BF16_BLOCK;
+  using X = V::BF16X;
+  static inline float xto(bf16 v) { return b2f(v); }
+  static inline float xto(float v) { return v; }
+  static void prep(const bf16* x, int64_t M, int64_t K, X* out) {  // (M, K): whole blocks split, the tail as is
+    const int64_t KB = K / W * W;
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t k = 0; k < KB; k += W) V::split_bf16(x + m * K + k, out + m * K + k);
+      for (int64_t k = KB; k < K; ++k) {
+        if constexpr (std::is_same<X, float>::value) out[m * K + k] = b2f(x[m * K + k]);
+        else out[m * K + k] = x[m * K + k];
+      }
+    }
+  }
   static inline float to(bf16 v) { return b2f(v); }
   static inline bf16 from(float f) { return f2b(f); }
   static inline float rnd(float f) { return b2f(f2b(f)); }
   static inline F load(const bf16* p) { return V::load_bf16(p); }
   static inline void store(bf16* p, F v) { V::store_bf16(p, v); }
   static inline F rnd(F v) { return V::rnd_bf16(v); }
-  static inline F dot(F acc, const bf16* w, const bf16* x) { return V::dot_bf16(acc, w, x); }
+  static inline F dot(F acc, const bf16* w, const X* x) { return V::dot_bf16(acc, w, x); }
 };
 template <> struct E<float> {
   static constexpr int W = N;
+  using X = float;
+  static inline float xto(float v) { return v; }
+  static void prep(const float* x, int64_t M, int64_t K, float* out) { std::memcpy(out, x, M * K * sizeof(float)); }
   static inline float to(float v) { return v; }
   static inline float from(float f) { return f; }
   static inline float rnd(float f) { return f; }
@@ -209,7 +242,7 @@ static inline F vexp(F x) {
 // all M input rows; two accumulators per row hide the dot-product latency where the registers
 // hold them (2 M <= half the registers: always with 32, up to 4 rows with AVX2's 16)
 template <typename T, int M>
-static void gemv_rows(const T* x, int64_t K, const T* w, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+static void gemv_rows(const typename E<T>::X* x, int64_t K, const T* w, int64_t n0, int64_t n1, float* y, int64_t ldy) {
   constexpr int B = E<T>::W;
   constexpr bool TWO = 4 * M <= V::REGS;
   const int64_t KB = K / B * B;
@@ -228,7 +261,7 @@ static void gemv_rows(const T* x, int64_t K, const T* w, int64_t n0, int64_t n1,
       for (int m = 0; m < M; ++m) a[m] = E<T>::dot(a[m], r + k, x + m * K + k);
     for (int m = 0; m < M; ++m) {
       float s = V::sum(TWO ? V::add(a[m], b[m]) : a[m]);
-      for (int64_t kk = KB; kk < K; ++kk) s += E<T>::to(r[kk]) * E<T>::to(x[m * K + kk]);
+      for (int64_t kk = KB; kk < K; ++kk) s += E<T>::to(r[kk]) * E<T>::xto(x[m * K + kk]);
       y[m * ldy + n] = s;
     }
   }
@@ -237,9 +270,9 @@ static void gemv_rows(const T* x, int64_t K, const T* w, int64_t n0, int64_t n1,
 // One input row: the thread's rows are walked as S interleaved sub-ranges, S weight streams at
 // once (more reads in flight: ~10% more bandwidth than one stream here)
 template <typename T, int S>
-static void gemv_streams(const T* x, int64_t K, const T* w, int64_t n0, int64_t n1, float* y) {
+static void gemv_streams(const typename E<T>::X* x, int64_t K, const T* w, int64_t n0, int64_t n1, float* y) {
   constexpr int B = E<T>::W;
-  const int64_t step = (n1 - n0) / S, K2 = K / (2 * B) * (2 * B);
+  const int64_t step = (n1 - n0) / S, KB = K / B * B, K2 = K / (2 * B) * (2 * B);
   for (int64_t i = 0; i < step; ++i) {
     F a[S], b[S];
     const T* r[S];
@@ -249,9 +282,11 @@ static void gemv_streams(const T* x, int64_t K, const T* w, int64_t n0, int64_t 
         a[s] = E<T>::dot(a[s], r[s] + k, x + k);
         b[s] = E<T>::dot(b[s], r[s] + k + B, x + k + B);
       }
+    if (K2 < KB)  // one whole block left
+      for (int s = 0; s < S; ++s) a[s] = E<T>::dot(a[s], r[s] + K2, x + K2);
     for (int s = 0; s < S; ++s) {
       float v = V::sum(V::add(a[s], b[s]));
-      for (int64_t k = K2; k < K; ++k) v += E<T>::to(r[s][k]) * E<T>::to(x[k]);
+      for (int64_t k = KB; k < K; ++k) v += E<T>::to(r[s][k]) * E<T>::xto(x[k]);
       y[n0 + s * step + i] = v;
     }
   }
@@ -260,7 +295,17 @@ static void gemv_streams(const T* x, int64_t K, const T* w, int64_t n0, int64_t 
 
 // y (M, N) float = x (M, K) @ w (N, K)^T, split over threads by output rows
 template <typename T>
-static void gemv(const T* x, int64_t M, int64_t K, const T* w, int64_t N, float* y) {
+static void gemv(const T* xt, int64_t M, int64_t K, const T* w, int64_t N, float* y) {
+  using X = typename E<T>::X;
+  const X* x;
+  if constexpr (std::is_same<X, T>::value) {
+    x = xt;
+  } else {  // the input rows as the dot blocks read them, once per product (M K elements, from L1/L2)
+    static thread_local std::vector<X> buf;
+    buf.resize(M * K);
+    E<T>::prep(xt, M, K, buf.data());
+    x = buf.data();
+  }
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
     switch (M) {
       case 1: gemv_streams<T, 4>(x, K, w, n0, n1, y); break;
