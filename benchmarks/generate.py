@@ -10,10 +10,17 @@ compared with its own. Runs alternate between the implementations; the fastest o
 
     python benchmarks/generate.py                       # 160M preset, bf16 and fp32, batch 1 and 8
     python benchmarks/generate.py --model 60M --dtypes bf16 --batches 1 --compile
+    python benchmarks/generate.py --dtypes bf16,fp32 --batches 1 --kernels avx2   # + the AVX2 build
+    LLAMA_CPU_KERNEL=avx2 python benchmarks/generate.py   # "ours" itself on the AVX2 build
+
+`--kernels` adds a row per fused-kernel build named (llama/inference/cpu_decode.py VARIANTS, e.g.
+avx2 on an AVX-512 machine: what a CPU without AVX-512 would run), each on its own copy of the
+weights; LLAMA_CPU_KERNEL forces the build that "ours" (Llama.build) uses.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import statistics
 import time
@@ -26,6 +33,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from llama.env import resolve_dtype
 from llama.formats.hf import hf_config, to_hf
 from llama.inference import Llama
+from llama.inference.cpu_decode import FusedCpuDecoder
 from llama.model import ModelArgs, Transformer
 
 
@@ -52,12 +60,14 @@ def measure_bandwidth_gbs(repeats: int = 3) -> float:
 
 
 def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_len: int = 128, new_tokens: int = 32,
-         repeats: int = 2, compile: bool = False, threads: int | None = None, out: str | None = None):
+         repeats: int = 2, compile: bool = False, threads: int | None = None, out: str | None = None,
+         kernels=()):
     if threads:
         torch.set_num_threads(threads)
 
     dtypes = [dtypes] if isinstance(dtypes, str) else list(dtypes)
     batches = [batches] if isinstance(batches, int) else list(batches)
+    kernels = [kernels] if isinstance(kernels, str) else list(kernels)
     args = ModelArgs.from_name(model, max_seq_len=prompt_len + new_tokens)
     torch.manual_seed(0)
     base = Transformer(args).eval().requires_grad_(False)
@@ -67,7 +77,7 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
     print(f"model {model} ({n_params / 1e6:.0f}M params), prompt {prompt_len}, new {new_tokens}, "
           f"threads {torch.get_num_threads()}, bandwidth {bw:.1f} GB/s now (sum over 256 MB), "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
-    rows = []
+    rows, used = [], {}  # used: (dtype, batch) -> how "ours" decoded
     for dt_name in dtypes:
         dtype = resolve_dtype(dt_name, "cpu")
         ours = Transformer(args).to(dtype).eval().requires_grad_(False)
@@ -79,9 +89,16 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
         variants = {"ours": "auto", "ours, eager": "eager"}
         if compile:
             variants["ours+compile"] = "compiled"
+        for kernel in kernels:  # a fused decoder on that kernel build, over its own copy of the weights
+            variants[f"ours, {kernel}"] = FusedCpuDecoder.create(copy.deepcopy(ours), kernel)
+            if variants[f"ours, {kernel}"] is None:
+                raise SystemExit(f"--kernels {kernel}: that fused kernel did not build (see the warning above)")
         weight_bytes = sum(p.numel() * p.element_size() for k, p in ours.named_parameters() if "tok_embeddings" not in k)
         for bsz in batches:
-            llamas = {name: Llama(ours, _NoEos(), args.max_seq_len, bsz, decoder=kind) for name, kind in variants.items()}
+            llamas = {name: Llama(kind.model if isinstance(kind, FusedCpuDecoder) else ours, _NoEos(), args.max_seq_len,
+                                  bsz, decoder=kind) for name, kind in variants.items()}
+            used[dt_name, bsz] = _decoder_name(llamas["ours"].decoder)
+            print(f"{dt_name} batch {bsz}: ours decodes with {used[dt_name, bsz]}", flush=True)
             prompts = torch.randint(3, args.vocab_size, (bsz, prompt_len))
             ids = prompts.tolist()
             # KV bytes read per step: keys and values of every layer, averaged over the decoded positions
@@ -156,27 +173,33 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
                                  prefill_tps=bsz * prompt_len / r["ttft"], decode_tps=decode_tps, bw=r["bw"],
                                  pct_ceiling=100 * (decode_tps / bsz) / ceiling_steps, agree=agree))
             hf_dec = next(r["decode_tps"] for r in rows[-len(results):] if r["impl"] == "transformers")
+            eager_dec = next(r["decode_tps"] for r in rows[-len(results):] if r["impl"] == "ours, eager")
             for r in rows[-len(results):]:
-                r["vs_hf"] = r["decode_tps"] / hf_dec
+                r["vs_hf"], r["vs_eager"] = r["decode_tps"] / hf_dec, r["decode_tps"] / eager_dec
                 _print_row(r)
     bw = (min(bw_samples), statistics.median(bw_samples), max(bw_samples))
     print(f"load average at the end {os.getloadavg()[0]:.1f}; bandwidth over the run: min {bw[0]:.1f}, "
           f"median {bw[1]:.1f}, max {bw[2]:.1f} GB/s")
-    table = _table(rows, model, prompt_len, new_tokens, bw)
+    table = _table(rows, model, prompt_len, new_tokens, bw, used)
     print("\n" + table)
     if out:
         Path(out).write_text(table + "\n")
     return None
 
 
+def _decoder_name(decoder) -> str:
+    return f"{decoder.name} ({decoder.variant})" if isinstance(decoder, FusedCpuDecoder) else decoder.name
+
+
 def _print_row(r):
-    print(f"{r['impl']:>13} {r['dtype']:>5} b{r['batch']:<2} ttft {r['ttft_ms']:7.1f} ms  prefill {r['prefill_tps']:7.0f} tok/s  "
-          f"decode {r['decode_tps']:6.1f} tok/s ({r['vs_hf']:.2f}x transformers, {r['pct_ceiling']:.0f}% of ceiling "
+    print(f"{r['impl']:>16} {r['dtype']:>5} b{r['batch']:<2} ttft {r['ttft_ms']:7.1f} ms  prefill {r['prefill_tps']:7.0f} tok/s  "
+          f"decode {r['decode_tps']:6.1f} tok/s ({r['vs_hf']:.2f}x transformers, {r['vs_eager']:.2f}x eager, "
+          f"{r['pct_ceiling']:.0f}% of ceiling "
           f"at {r['bw']:.0f} GB/s)  "
           f"greedy agreement {r['agree']:.2f}", flush=True)
 
 
-def _table(rows, model, prompt_len, new_tokens, bw) -> str:
+def _table(rows, model, prompt_len, new_tokens, bw, used) -> str:
     lines = ["| impl | dtype | batch | TTFT (ms) | prefill tok/s | decode tok/s | decode vs transformers | "
              "bandwidth then (GB/s) | % of bandwidth ceiling |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -185,7 +208,8 @@ def _table(rows, model, prompt_len, new_tokens, bw) -> str:
                      f"{r['decode_tps']:.1f} | {r['vs_hf']:.2f}x | {r['bw']:.1f} | {r['pct_ceiling']:.0f}% |")
     lines.append(f"\n{model}, prompt {prompt_len} tokens, {new_tokens} new tokens (greedy); bandwidth over the run "
                  f"{bw[0]:.0f}-{bw[2]:.0f} GB/s (median {bw[1]:.0f}); ceiling = bandwidth around that row's fastest run / "
-                 f"(weights except the embedding + KV read per step).")
+                 f"(weights except the embedding + KV read per step). \"ours\" decoded with: "
+                 + ", ".join(f"{d} batch {b}: {name}" for (d, b), name in used.items()) + ".")
     return "\n".join(lines)
 
 

@@ -7,18 +7,19 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 import warnings
 from unittest import mock
 
 import pytest
 import torch
+from torch.utils.cpp_extension import include_paths
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llama.env import cpu_has_native_bf16
 from llama.formats.hf import hf_config, to_hf
 from llama.inference import Llama, make_decoder, sample
-from llama.inference.cpu_decode import FusedCpuDecoder, decode_kernel
+from llama.inference.cpu_decode import VARIANTS, FusedCpuDecoder, cpu_kernel_variants, decode_kernel
 from llama.model import Transformer
 from llama.quantize import quantize_int8
 from llama.tokenizer import TextStream
@@ -342,12 +343,19 @@ def test_compiled_decoder_gives_the_same_tokens(llama):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph for every position
 
 
-def _kernel_or_skip():
-    """Skip where the fused CPU kernel cannot exist (no AVX512-BF16, no C++ compiler); fail where it should."""
-    if decode_kernel() is None:
-        if not cpu_has_native_bf16() or shutil.which("c++") is None:
-            pytest.skip("the fused CPU decoding kernel needs AVX512-BF16 and a C++ compiler")
-        pytest.fail("the fused CPU decoding kernel did not build on a machine that has what it needs (see the warning)")
+def _kernel_or_skip(variant=None):
+    """The fused CPU kernel (`variant`, default: the one Llama.build picks). Skip where it cannot
+    exist (a CPU without its instructions, no C++ compiler); fail where it should but did not build."""
+    runnable = cpu_kernel_variants()
+    if variant is not None and variant not in runnable:
+        pytest.skip(f"this CPU cannot run the {variant} kernel (it runs {runnable})")
+    if not runnable or shutil.which("c++") is None:
+        pytest.skip("the fused CPU decoding kernel needs AVX512-BF16, AVX2+FMA or NEON and a C++ compiler")
+    kernel = decode_kernel(variant)
+    if kernel is None:
+        pytest.fail(f"the fused CPU decoding kernel ({variant or runnable}) did not build on a machine that has what "
+                    "it needs (see the warning)")
+    return kernel
 
 
 def _decode_logits(model, tokens, decoder=None, prefill=4):
@@ -360,21 +368,26 @@ def _decode_logits(model, tokens, decoder=None, prefill=4):
     return torch.cat(steps, 1), cache
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("shape", [dict(), dict(dim=48, n_heads=4, n_kv_heads=2, multiple_of=8, vocab_size=97)])
-def test_fused_cpu_decoder_matches_the_model(shape, dtype):
-    """The fused C++ decoding step against the eager model: same rounding points in bf16, so the
-    logits and cache agree to bf16 resolution, and both are as close to an exact (fp64) run; in fp32
-    it agrees with the model to fp32 accuracy. The second shape has grouped-query heads, head_dim 12,
-    K = 48 (the kernels' tails) and a vocabulary of 97 rows."""
+@pytest.mark.parametrize("shape", [dict(), dict(dim=48, n_heads=4, n_kv_heads=2, multiple_of=8, vocab_size=97),
+                                   dict(dim=40, n_heads=4, n_kv_heads=1, multiple_of=4, vocab_size=97)])
+def test_fused_cpu_decoder_matches_the_model(shape, dtype, variant):
+    """The fused C++ decoding step (each instruction-set build this CPU runs: an AVX-512 machine
+    checks its AVX2 build too) against the eager model: same rounding points in bf16, so the logits
+    and cache agree to bf16 resolution, and both are as close to an exact (fp64) run; in fp32 it
+    agrees with the model to fp32 accuracy. The second shape has grouped-query heads, head_dim 12,
+    K = 48 (the kernels' tails) and a vocabulary of 97 rows; the third one kv head, head_dim 10 and
+    K = 40 and 108 (no whole number of 16- or 32-element blocks)."""
     torch.manual_seed(0)
     ref = Transformer(tiny_args(**shape)).double().eval()
     ref.init_weights(std=0.08)
     model = Transformer(ref.args).to(dtype).eval()
     model.load_state_dict(ref.state_dict())
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    _kernel_or_skip()
-    decoder = FusedCpuDecoder.create(model)
+    _kernel_or_skip(variant)
+    decoder = FusedCpuDecoder.create(model, variant)
+    assert decoder.variant == variant
     # packing is a transform: same keys and values; q/k/v (and w1/w3) share one buffer, not a copy
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
@@ -396,6 +409,172 @@ def test_fused_cpu_decoder_matches_the_model(shape, dtype):
     # once the parameters are replaced, the decoder says so (Llama then re-packs or decodes eagerly)
     model.double()
     assert not decoder.valid() and FusedCpuDecoder.create(model) is None
+
+
+# The fused kernel's vector primitives (cpu_decode.cpp between "[primitives begin]" and "[primitives
+# end]", no torch in them) compiled alone for one instruction set and checked against plain scalar
+# code: bf16 rounding (torch's round-to-nearest-even, `f2b`) of arbitrary bit patterns and exact ties,
+# bf16 -> fp32 of every bf16 value, the dot blocks against a double sum, exp against std::exp.
+_PRIMITIVES_CHECK = r"""
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <type_traits>
+#include <vector>
+PRIMITIVES
+static uint32_t bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+static float fl(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+static int fails = 0;
+#define CHECK(c, ...) do { if (!(c) && fails++ < 10) { std::printf(__VA_ARGS__); std::printf("\n"); } } while (0)
+int main() {
+  std::mt19937 g(0);
+  std::vector<float> xs;
+  for (int i = 0; i < 200000; ++i) xs.push_back(fl(g()));                      // every class of float
+  for (int i = 0; i < 2000; ++i) xs.push_back(fl((g() & 0xffff0000u) | 0x8000u));  // exact ties
+  for (float x : {INFINITY, -INFINITY, NAN, fl(0x7f800001u), fl(0x7f7fffffu), 0.f, -0.f}) xs.push_back(x);
+  while (xs.size() % N) xs.push_back(1.f);
+  for (size_t i = 0; i < xs.size(); i += N) {
+    bf16 out[N]; float r[N];
+    E<bf16>::store(out, V::load(&xs[i]));
+    V::store(r, E<bf16>::rnd(V::load(&xs[i])));
+    for (int j = 0; j < N; ++j) {
+      const float x = xs[i + j];
+#ifdef LLAMA_ISA_AVX512BF16
+      if (std::fpclassify(x) == FP_SUBNORMAL) continue;  // vcvtneps2bf16 flushes them to zero
+#endif
+      if (std::isnan(x)) { CHECK(std::isnan(b2f(out[j])) && std::isnan(r[j]), "NaN %08x lost", bits(x)); continue; }
+      CHECK(out[j] == f2b(x), "store_bf16(%08x) = %04x, want %04x", bits(x), out[j], f2b(x));
+      CHECK(bits(r[j]) == (uint32_t)f2b(x) << 16, "rnd_bf16(%08x) = %08x", bits(x), bits(r[j]));
+    }
+  }
+  for (uint32_t b = 0; b < 65536; b += N) {
+    bf16 in[N]; float o[N];
+    for (int j = 0; j < N; ++j) in[j] = (bf16)(b + j);
+    V::store(o, V::load_bf16(in));
+    for (int j = 0; j < N; ++j) CHECK(bits(o[j]) == (b + j) << 16, "load_bf16(%04x) = %08x", b + j, bits(o[j]));
+  }
+  std::normal_distribution<float> normal;
+  for (int blocks = 1; blocks <= 9; ++blocks) {
+    const int K = blocks * 32;
+    std::vector<bf16> wb(K), xb(K);
+    std::vector<float> wf(K), xf(K);
+    double want_b = 0, want_f = 0, mag_b = 0, mag_f = 0;
+    for (int k = 0; k < K; ++k) {
+      wf[k] = normal(g); xf[k] = normal(g); wb[k] = f2b(wf[k]); xb[k] = f2b(xf[k]);
+      want_b += (double)b2f(wb[k]) * b2f(xb[k]); mag_b += std::fabs((double)b2f(wb[k]) * b2f(xb[k]));
+      want_f += (double)wf[k] * xf[k]; mag_f += std::fabs((double)wf[k] * xf[k]);
+    }
+    F ab = V::zero(), af = V::zero();
+    std::vector<E<bf16>::X> xp(K);  // the input row as the products prepare it
+    E<bf16>::prep(xb.data(), 1, K, xp.data());
+    for (int k = 0; k < K; k += E<bf16>::W) ab = E<bf16>::dot(ab, &wb[k], &xp[k]);
+    for (int k = 0; k < K; k += E<float>::W) af = E<float>::dot(af, &wf[k], &xf[k]);
+    CHECK(std::fabs(V::sum(ab) - want_b) <= 1e-6 * mag_b, "bf16 dot of %d: %g, want %g", K, V::sum(ab), want_b);
+    CHECK(std::fabs(V::sum(af) - want_f) <= 1e-6 * mag_f, "fp32 dot of %d: %g, want %g", K, V::sum(af), want_f);
+  }
+  for (int i = 0; i < 200000; i += N) {
+    float x[N], e[N];
+    for (int j = 0; j < N; ++j) x[j] = -87.f + 175.f * (i + j) / 200000;
+    V::store(e, vexp(V::load(x)));
+    for (int j = 0; j < N; ++j)
+      CHECK(std::fabs(e[j] / std::exp((double)x[j]) - 1) < 5e-7, "exp(%.9g) = %.9g", x[j], e[j]);
+  }
+  float big[N], tiny[N];
+  V::store(big, vexp(V::set1(1000.f)));
+  V::store(tiny, vexp(V::set1(-1000.f)));
+  CHECK(std::isfinite(big[0]) && big[0] > 1e38f && tiny[0] >= 0 && tiny[0] < 1e-37f, "exp(+-1000) = %g, %g", big[0], tiny[0]);
+  std::printf(fails ? "%d FAILED\n" : "ok\n", fails);
+  return fails != 0;
+}
+"""
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_kernel_vector_primitives_against_scalar_code(variant, tmp_path):
+    """Each instruction set's primitives (see _PRIMITIVES_CHECK) where this machine runs them:
+    natively, or NEON under qemu-aarch64 when the aarch64 cross compiler and qemu are installed
+    (apt-get install g++-aarch64-linux-gnu qemu-user)."""
+    if variant in cpu_kernel_variants():
+        compiler, run, static = shutil.which("c++"), [], []
+    elif variant == "neon":
+        compiler, run, static = shutil.which("aarch64-linux-gnu-g++"), [shutil.which("qemu-aarch64")], ["-static"]
+    else:
+        pytest.skip(f"this CPU cannot run the {variant} kernel")
+    if compiler is None or None in run:
+        pytest.skip(f"no compiler (or qemu) to check the {variant} primitives here")
+    src = (ROOT / "llama" / "inference" / "cpu_decode.cpp").read_text()
+    primitives = src[src.index("// [primitives begin]"):src.index("// [primitives end]")]
+    (tmp_path / "check.cpp").write_text(_PRIMITIVES_CHECK.replace("PRIMITIVES", primitives))
+    flags = ["-std=c++17", "-O2", f"-DLLAMA_ISA_{variant.upper()}", *VARIANTS[variant][1], *static]
+    subprocess.run([compiler, *flags, str(tmp_path / "check.cpp"), "-o", str(tmp_path / "check")], check=True)
+    out = subprocess.run([*run, str(tmp_path / "check")], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_neon_kernel_compiles_for_aarch64():
+    """The whole NEON build of cpu_decode.cpp (with torch's headers) type-checks for aarch64, where
+    the cross compiler is installed: this x86 machine cannot build or run it against an aarch64 torch."""
+    compiler = shutil.which("aarch64-linux-gnu-g++")
+    if compiler is None:
+        pytest.skip("no aarch64 cross compiler (apt-get install g++-aarch64-linux-gnu)")
+    includes = [f"-I{p}" for p in [*include_paths(), sysconfig.get_paths()["include"]]]
+    out = subprocess.run([compiler, "-std=c++20", "-fsyntax-only", "-fopenmp", "-DLLAMA_ISA_NEON",
+                          "-DTORCH_EXTENSION_NAME=llama_cpu_decode_neon", *includes,
+                          str(ROOT / "llama" / "inference" / "cpu_decode.cpp")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_kernel_builds_for_each_instruction_set_this_cpu_runs():
+    """Every build this CPU can run must build where there is a compiler (an AVX-512 machine builds
+    the AVX2 one too; a failure here is a failure, not a skip), and is compiled for its instruction
+    set: the AVX2 build holds no AVX-512 register (so it runs on CPUs without it), the AVX512-BF16
+    build the native bf16 dot product."""
+    runnable = cpu_kernel_variants()
+    if not runnable or shutil.which("c++") is None:
+        pytest.skip("this CPU runs none of the fused kernel builds, or there is no C++ compiler")
+    for variant in runnable:
+        kernel = _kernel_or_skip(variant)
+        assert kernel.ISA == variant
+        if shutil.which("objdump") and variant in ("avx2", "avx512bf16"):
+            asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", kernel.__file__], capture_output=True,
+                                 text=True, check=True).stdout
+            if variant == "avx2":
+                assert "%zmm" not in asm and "%ymm" in asm
+            else:
+                assert "vdpbf16ps" in asm
+
+
+def test_kernel_choice_by_cpu_and_environment(monkeypatch):
+    """Which build runs: by the machine (aarch64 -> NEON; unknown architectures none), and
+    LLAMA_CPU_KERNEL forcing one, with one-sentence errors for a name that is no build or one this
+    CPU cannot run."""
+    with mock.patch("platform.machine", return_value="aarch64"):
+        assert cpu_kernel_variants() == ["neon"]
+    with mock.patch("platform.machine", return_value="riscv64"):
+        assert cpu_kernel_variants() == []
+    monkeypatch.setenv("LLAMA_CPU_KERNEL", "sse9")
+    with pytest.raises(ValueError, match=r"LLAMA_CPU_KERNEL='sse9' is not a fused CPU decoding kernel; choose one of"):
+        decode_kernel()
+    missing = next((v for v in VARIANTS if v not in cpu_kernel_variants()), None)
+    if missing:
+        monkeypatch.setenv("LLAMA_CPU_KERNEL", missing)
+        with pytest.raises(ValueError, match="this CPU .* cannot run that kernel"):
+            decode_kernel()
+    runnable = cpu_kernel_variants()
+    if not runnable:
+        return
+    forced = runnable[-1]  # the slowest this CPU runs: avx2 on an AVX-512 machine
+    monkeypatch.setenv("LLAMA_CPU_KERNEL", forced)
+    _kernel_or_skip(forced)
+    model = Transformer(tiny_args()).eval()
+    decoder = FusedCpuDecoder.create(model)
+    assert decoder.variant == forced
+    model.float()  # the same parameters: still packed
+    model.layers[0].attention.wq.weight.data = model.layers[0].attention.wq.weight.data.clone()  # replaced
+    assert decoder.refreshed().variant == forced  # packed anew on the same build
 
 
 def test_build_decodes_with_the_fused_kernel_where_it_can(ckpts):

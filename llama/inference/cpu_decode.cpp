@@ -1,15 +1,21 @@
 // The fused decoding step of llama/inference/cpu_decode.py: every layer of a LLaMA model, the final
 // norm and the output projection for up to 8 rows of one new token each, in one call, with the
 // model's rounding points (bf16: bf16 activations, fp32 norms / RoPE / softmax / accumulation).
-// Built on first use by torch.utils.cpp_extension.load with -mavx512f -mavx512bw -mavx512bf16.
+// One source, one build per instruction set (torch.utils.cpp_extension.load, see cpu_decode.py):
+//   -DLLAMA_ISA_AVX512BF16 (-mavx512f -mavx512bw -mavx512bf16): 16 fp32 lanes, native bf16 dots
+//   -DLLAMA_ISA_AVX2 (-mavx2 -mfma): 8 lanes; bf16 widened to fp32 in registers, fp32 FMAs
+//   -DLLAMA_ISA_NEON (aarch64): 4 lanes; bf16 as for AVX2
+// Everything below the `V` structs is written once against them.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
+// [primitives begin] (to the matching end: no torch, so tests/test_inference.py compiles this part
+// alone for each instruction set and checks it against scalar code, NEON under qemu)
 using bf16 = uint16_t;
 static inline float b2f(bf16 v) { uint32_t u = (uint32_t)v << 16; float f; std::memcpy(&f, &u, 4); return f; }
 static inline bf16 f2b(float f) {  // round to nearest even, as torch does
@@ -19,77 +25,243 @@ static inline bf16 f2b(float f) {  // round to nearest even, as torch does
   return (bf16)(u >> 16);
 }
 
-// What the step needs from an element type (bf16 or fp32 weights and activations): 16-lane fp32
-// loads/stores, the round trip that the model's dtype imposes (none in fp32), and a 64-byte dot step
+// V: one register of N fp32 lanes and what the step does with it. bf16 loads/stores move N
+// elements; dot_bf16 / dot_f32 consume one block of BF16_BLOCK / N elements of a weight row and of
+// an input row into a lane-wise partial sum (lanes are summed at the end, so their order is free).
+// The bf16 input row comes as BF16X: bf16 where the ISA multiplies bf16 directly, else fp32 that
+// split_bf16 laid out once per product (each block: its even elements, then its odd ones), so the
+// per-weight-row work is widening the weights only
+#if defined(LLAMA_ISA_AVX512BF16)
+#include <immintrin.h>
+struct V {
+  using F = __m512;
+  static constexpr int N = 16, REGS = 32, BF16_BLOCK = 32;
+  static constexpr float EXP_HI = 88.7f;  // scalef takes 2^128 (e^88.7 < FLT_MAX)
+  static constexpr const char* ISA = "avx512bf16";
+  using BF16X = bf16;
+  static void split_bf16(const bf16* x, bf16* out) { std::memcpy(out, x, BF16_BLOCK * sizeof(bf16)); }
+  static F zero() { return _mm512_setzero_ps(); }
+  static F set1(float f) { return _mm512_set1_ps(f); }
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F div(F a, F b) { return _mm512_div_ps(a, b); }
+  static F min(F a, F b) { return _mm512_min_ps(a, b); }
+  static F max(F a, F b) { return _mm512_max_ps(a, b); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }    // a b + c
+  static F fnma(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a b
+  static float sum(F v) { return _mm512_reduce_add_ps(v); }
+  static F round(F v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static F ldexp(F p, F n) { return _mm512_scalef_ps(p, n); }  // p 2^n, n integral
+  static F load_bf16(const bf16* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+  }
+  static void store_bf16(bf16* p, F v) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(v)); }
+  static F rnd_bf16(F v) {  // round to nearest even in hardware
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+  }
+  static F dot_bf16(F acc, const bf16* w, const bf16* x) {  // 32 products in one instruction
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(w), (__m512bh)_mm512_loadu_si512(x));
+  }
+  static F dot_f32(F acc, const float* w, const float* x) { return fma(load(w), load(x), acc); }
+};
+#elif defined(LLAMA_ISA_AVX2)
+#include <immintrin.h>
+struct V {
+  using F = __m256;
+  static constexpr int N = 8, REGS = 16, BF16_BLOCK = 16;
+  static constexpr float EXP_HI = 88.3762626f;  // n = round(x log2 e) <= 127: 2^n built in the exponent field
+  static constexpr const char* ISA = "avx2";
+  using BF16X = float;
+  static void split_bf16(const bf16* x, float* out) {  // 16 bf16 -> 8 even, 8 odd as fp32
+    const __m256i v = _mm256_loadu_si256((const __m256i*)x);
+    _mm256_storeu_si256((__m256i*)out, _mm256_slli_epi32(v, 16));
+    _mm256_storeu_si256((__m256i*)(out + 8), _mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
+  }
+  static F zero() { return _mm256_setzero_ps(); }
+  static F set1(float f) { return _mm256_set1_ps(f); }
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F div(F a, F b) { return _mm256_div_ps(a, b); }
+  static F min(F a, F b) { return _mm256_min_ps(a, b); }
+  static F max(F a, F b) { return _mm256_max_ps(a, b); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F fnma(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
+  static float sum(F v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
+  static F round(F v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static F ldexp(F p, F n) {
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  }
+  static F load_bf16(const bf16* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+  }
+  static __m256i rnd_bits(F v) {  // fp32 bits rounded to the nearest even bf16 (low 16 bits zero), as f2b
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))),
+                                       _mm256_set1_epi32((int)0xffff0000u));
+    const __m256 nan = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc00000));  // every NaN, as torch
+    return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  }
+  static void store_bf16(bf16* p, F v) {
+    const __m256i r = _mm256_srli_epi32(rnd_bits(v), 16);  // 8 x 32-bit lanes holding bf16 bits
+    _mm_storeu_si128((__m128i*)p, _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+  }
+  static F rnd_bf16(F v) { return _mm256_castsi256_ps(rnd_bits(v)); }
+  static F dot_bf16(F acc, const bf16* w, const float* x) {
+    // 16 bf16 = 8 pairs: the even elements widen by a shift, the odd ones by masking the low half
+    const __m256i wv = _mm256_loadu_si256((const __m256i*)w);
+    acc = fma(_mm256_castsi256_ps(_mm256_slli_epi32(wv, 16)), load(x), acc);
+    return fma(_mm256_castsi256_ps(_mm256_and_si256(wv, _mm256_set1_epi32((int)0xffff0000u))), load(x + 8), acc);
+  }
+  static F dot_f32(F acc, const float* w, const float* x) { return fma(load(w), load(x), acc); }
+};
+#elif defined(LLAMA_ISA_NEON)
+#include <arm_neon.h>
+struct V {
+  using F = float32x4_t;
+  static constexpr int N = 4, REGS = 32, BF16_BLOCK = 8;
+  static constexpr float EXP_HI = 88.3762626f;  // as for AVX2
+  static constexpr const char* ISA = "neon";
+  using BF16X = float;
+  static void split_bf16(const bf16* x, float* out) {  // 8 bf16 -> 4 even, 4 odd as fp32
+    const uint32x4_t v = vreinterpretq_u32_u16(vld1q_u16(x));
+    vst1q_f32(out, vreinterpretq_f32_u32(vshlq_n_u32(v, 16)));
+    vst1q_f32(out + 4, vreinterpretq_f32_u32(vandq_u32(v, vdupq_n_u32(0xffff0000u))));
+  }
+  static F zero() { return vdupq_n_f32(0.f); }
+  static F set1(float f) { return vdupq_n_f32(f); }
+  static F load(const float* p) { return vld1q_f32(p); }
+  static void store(float* p, F v) { vst1q_f32(p, v); }
+  static F add(F a, F b) { return vaddq_f32(a, b); }
+  static F sub(F a, F b) { return vsubq_f32(a, b); }
+  static F mul(F a, F b) { return vmulq_f32(a, b); }
+  static F div(F a, F b) { return vdivq_f32(a, b); }
+  static F min(F a, F b) { return vminq_f32(a, b); }
+  static F max(F a, F b) { return vmaxq_f32(a, b); }
+  static F fma(F a, F b, F c) { return vfmaq_f32(c, a, b); }
+  static F fnma(F a, F b, F c) { return vfmsq_f32(c, a, b); }
+  static float sum(F v) { return vaddvq_f32(v); }
+  static F round(F v) { return vrndnq_f32(v); }
+  static F ldexp(F p, F n) {
+    const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
+    return vmulq_f32(p, vreinterpretq_f32_s32(e));
+  }
+  static F load_bf16(const bf16* p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
+  static uint32x4_t rnd_bits(F v) {  // as for AVX2
+    const uint32x4_t u = vreinterpretq_u32_f32(v);
+    const uint32x4_t odd = vandq_u32(vshrq_n_u32(u, 16), vdupq_n_u32(1));
+    const uint32x4_t r = vandq_u32(vaddq_u32(u, vaddq_u32(odd, vdupq_n_u32(0x7fff))), vdupq_n_u32(0xffff0000u));
+    return vbslq_u32(vceqq_f32(v, v), r, vdupq_n_u32(0x7fc00000u));
+  }
+  static void store_bf16(bf16* p, F v) { vst1_u16(p, vshrn_n_u32(rnd_bits(v), 16)); }
+  static F rnd_bf16(F v) { return vreinterpretq_f32_u32(rnd_bits(v)); }
+  static F dot_bf16(F acc, const bf16* w, const float* x) {  // 8 bf16 = 4 pairs, as for AVX2
+    const uint32x4_t wv = vreinterpretq_u32_u16(vld1q_u16(w));
+    acc = vfmaq_f32(acc, vreinterpretq_f32_u32(vshlq_n_u32(wv, 16)), vld1q_f32(x));
+    return vfmaq_f32(acc, vreinterpretq_f32_u32(vandq_u32(wv, vdupq_n_u32(0xffff0000u))), vld1q_f32(x + 4));
+  }
+  static F dot_f32(F acc, const float* w, const float* x) { return fma(load(w), load(x), acc); }
+};
+#else
+#error "build with -DLLAMA_ISA_AVX512BF16, -DLLAMA_ISA_AVX2 or -DLLAMA_ISA_NEON (see cpu_decode.py)"
+#endif
+using F = V::F;
+constexpr int N = V::N;
+
+// What the step needs from an element type (bf16 or fp32 weights and activations): N-lane fp32
+// loads/stores, the round trip that the model's dtype imposes (none in fp32), and a dot block of a
+// weight row with an input row as prep (once per product) made it: X elements
 template <typename T> struct E;
 template <> struct E<bf16> {
-  static constexpr int W = 32;  // elements per 64-byte block
+  static constexpr int W = V::BF16_BLOCK;
+  using X = V::BF16X;
+  static inline float xto(bf16 v) { return b2f(v); }
+  static inline float xto(float v) { return v; }
+  static void prep(const bf16* x, int64_t M, int64_t K, X* out) {  // (M, K): whole blocks split, the tail as is
+    const int64_t KB = K / W * W;
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t k = 0; k < KB; k += W) V::split_bf16(x + m * K + k, out + m * K + k);
+      for (int64_t k = KB; k < K; ++k) {
+        if constexpr (std::is_same<X, float>::value) out[m * K + k] = b2f(x[m * K + k]);
+        else out[m * K + k] = x[m * K + k];
+      }
+    }
+  }
   static inline float to(bf16 v) { return b2f(v); }
   static inline bf16 from(float f) { return f2b(f); }
   static inline float rnd(float f) { return b2f(f2b(f)); }
-  static inline __m512 load(const bf16* p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-  }
-  static inline void store(bf16* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(v)); }
-  static inline __m512 rnd(__m512 v) {  // round to nearest even in hardware
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
-  }
-  static inline __m512 dot(__m512 acc, const bf16* w, const bf16* x) {
-    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(w), (__m512bh)_mm512_loadu_si512(x));
-  }
+  static inline F load(const bf16* p) { return V::load_bf16(p); }
+  static inline void store(bf16* p, F v) { V::store_bf16(p, v); }
+  static inline F rnd(F v) { return V::rnd_bf16(v); }
+  static inline F dot(F acc, const bf16* w, const X* x) { return V::dot_bf16(acc, w, x); }
 };
 template <> struct E<float> {
-  static constexpr int W = 16;
+  static constexpr int W = N;
+  using X = float;
+  static inline float xto(float v) { return v; }
+  static void prep(const float* x, int64_t M, int64_t K, float* out) { std::memcpy(out, x, M * K * sizeof(float)); }
   static inline float to(float v) { return v; }
   static inline float from(float f) { return f; }
   static inline float rnd(float f) { return f; }
-  static inline __m512 load(const float* p) { return _mm512_loadu_ps(p); }
-  static inline void store(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-  static inline __m512 rnd(__m512 v) { return v; }
-  static inline __m512 dot(__m512 acc, const float* w, const float* x) {
-    return _mm512_fmadd_ps(_mm512_loadu_ps(w), _mm512_loadu_ps(x), acc);
-  }
+  static inline F load(const float* p) { return V::load(p); }
+  static inline void store(float* p, F v) { V::store(p, v); }
+  static inline F rnd(F v) { return v; }
+  static inline F dot(F acc, const float* w, const float* x) { return V::dot_f32(acc, w, x); }
 };
 
 // e^x: x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-6 polynomial (Cephes' coefficients),
 // times 2^n; relative error ~1e-7
-static inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
+static inline F vexp(F x) {
+  x = V::min(V::max(x, V::set1(-87.3f)), V::set1(V::EXP_HI));
+  const F n = V::round(V::mul(x, V::set1(1.44269504088896341f)));
+  F r = V::fnma(n, V::set1(0.693359375f), x);
+  r = V::fnma(n, V::set1(-2.12194440e-4f), r);
+  F p = V::set1(1.9875691500e-4f);
+  p = V::fma(p, r, V::set1(1.3981999507e-3f));
+  p = V::fma(p, r, V::set1(8.3334519073e-3f));
+  p = V::fma(p, r, V::set1(4.1665795894e-2f));
+  p = V::fma(p, r, V::set1(1.6666665459e-1f));
+  p = V::fma(p, r, V::set1(5.0000001201e-1f));
+  p = V::fma(p, V::mul(r, r), V::add(r, V::set1(1.f)));
+  return V::ldexp(p, n);
 }
+// [primitives end]
 
 // y[m, n] = sum_k x[m, k] w[n, k] for rows n0..n1: each weight block is loaded once and used for
-// all M input rows; two accumulators per row hide the dot-product latency.
+// all M input rows; two accumulators per row hide the dot-product latency where the registers
+// hold them (2 M <= half the registers: always with 32, up to 4 rows with AVX2's 16)
 template <typename T, int M>
-static void gemv_rows(const T* x, int64_t K, const T* w, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+static void gemv_rows(const typename E<T>::X* x, int64_t K, const T* w, int64_t n0, int64_t n1, float* y, int64_t ldy) {
   constexpr int B = E<T>::W;
+  constexpr bool TWO = 4 * M <= V::REGS;
   const int64_t KB = K / B * B;
   for (int64_t n = n0; n < n1; ++n) {
     const T* r = w + n * K;
-    __m512 a[M], b[M];
-    for (int m = 0; m < M; ++m) { a[m] = _mm512_setzero_ps(); b[m] = _mm512_setzero_ps(); }
+    F a[M], b[M];
+    for (int m = 0; m < M; ++m) { a[m] = V::zero(); b[m] = V::zero(); }
     int64_t k = 0;
-    for (; k + 2 * B <= KB; k += 2 * B)
-      for (int m = 0; m < M; ++m) {
-        a[m] = E<T>::dot(a[m], r + k, x + m * K + k);
-        b[m] = E<T>::dot(b[m], r + k + B, x + m * K + k + B);
-      }
+    if (TWO)
+      for (; k + 2 * B <= KB; k += 2 * B)
+        for (int m = 0; m < M; ++m) {
+          a[m] = E<T>::dot(a[m], r + k, x + m * K + k);
+          b[m] = E<T>::dot(b[m], r + k + B, x + m * K + k + B);
+        }
     for (; k < KB; k += B)
       for (int m = 0; m < M; ++m) a[m] = E<T>::dot(a[m], r + k, x + m * K + k);
     for (int m = 0; m < M; ++m) {
-      float s = _mm512_reduce_add_ps(_mm512_add_ps(a[m], b[m]));
-      for (int64_t kk = KB; kk < K; ++kk) s += E<T>::to(r[kk]) * E<T>::to(x[m * K + kk]);
+      float s = V::sum(TWO ? V::add(a[m], b[m]) : a[m]);
+      for (int64_t kk = KB; kk < K; ++kk) s += E<T>::to(r[kk]) * E<T>::xto(x[m * K + kk]);
       y[m * ldy + n] = s;
     }
   }
@@ -98,21 +270,23 @@ static void gemv_rows(const T* x, int64_t K, const T* w, int64_t n0, int64_t n1,
 // One input row: the thread's rows are walked as S interleaved sub-ranges, S weight streams at
 // once (more reads in flight: ~10% more bandwidth than one stream here)
 template <typename T, int S>
-static void gemv_streams(const T* x, int64_t K, const T* w, int64_t n0, int64_t n1, float* y) {
+static void gemv_streams(const typename E<T>::X* x, int64_t K, const T* w, int64_t n0, int64_t n1, float* y) {
   constexpr int B = E<T>::W;
-  const int64_t step = (n1 - n0) / S, K2 = K / (2 * B) * (2 * B);
+  const int64_t step = (n1 - n0) / S, KB = K / B * B, K2 = K / (2 * B) * (2 * B);
   for (int64_t i = 0; i < step; ++i) {
-    __m512 a[S], b[S];
+    F a[S], b[S];
     const T* r[S];
-    for (int s = 0; s < S; ++s) { a[s] = _mm512_setzero_ps(); b[s] = a[s]; r[s] = w + (n0 + s * step + i) * K; }
+    for (int s = 0; s < S; ++s) { a[s] = V::zero(); b[s] = a[s]; r[s] = w + (n0 + s * step + i) * K; }
     for (int64_t k = 0; k < K2; k += 2 * B)
       for (int s = 0; s < S; ++s) {
         a[s] = E<T>::dot(a[s], r[s] + k, x + k);
         b[s] = E<T>::dot(b[s], r[s] + k + B, x + k + B);
       }
+    if (K2 < KB)  // one whole block left
+      for (int s = 0; s < S; ++s) a[s] = E<T>::dot(a[s], r[s] + K2, x + K2);
     for (int s = 0; s < S; ++s) {
-      float v = _mm512_reduce_add_ps(_mm512_add_ps(a[s], b[s]));
-      for (int64_t k = K2; k < K; ++k) v += E<T>::to(r[s][k]) * E<T>::to(x[k]);
+      float v = V::sum(V::add(a[s], b[s]));
+      for (int64_t k = KB; k < K; ++k) v += E<T>::to(r[s][k]) * E<T>::xto(x[k]);
       y[n0 + s * step + i] = v;
     }
   }
@@ -121,7 +295,17 @@ static void gemv_streams(const T* x, int64_t K, const T* w, int64_t n0, int64_t 
 
 // y (M, N) float = x (M, K) @ w (N, K)^T, split over threads by output rows
 template <typename T>
-static void gemv(const T* x, int64_t M, int64_t K, const T* w, int64_t N, float* y) {
+static void gemv(const T* xt, int64_t M, int64_t K, const T* w, int64_t N, float* y) {
+  using X = typename E<T>::X;
+  const X* x;
+  if constexpr (std::is_same<X, T>::value) {
+    x = xt;
+  } else {  // the input rows as the dot blocks read them, once per product (M K elements, from L1/L2)
+    static thread_local std::vector<X> buf;
+    buf.resize(M * K);
+    E<T>::prep(xt, M, K, buf.data());
+    x = buf.data();
+  }
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
     switch (M) {
       case 1: gemv_streams<T, 4>(x, K, w, n0, n1, y); break;
@@ -139,18 +323,18 @@ static void gemv(const T* x, int64_t M, int64_t K, const T* w, int64_t N, float*
 // sum_d q[d] k[d] (q fp32) and acc[d] += p v[d]
 template <typename T>
 static inline float dot_f32(const float* q, const T* k, int64_t D) {
-  __m512 a = _mm512_setzero_ps();
+  F a = V::zero();
   int64_t d = 0;
-  for (; d + 16 <= D; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), E<T>::load(k + d), a);
-  float s = _mm512_reduce_add_ps(a);
+  for (; d + N <= D; d += N) a = V::fma(V::load(q + d), E<T>::load(k + d), a);
+  float s = V::sum(a);
   for (; d < D; ++d) s += q[d] * E<T>::to(k[d]);
   return s;
 }
 template <typename T>
 static inline void axpy(float p, const T* v, float* acc, int64_t D) {
-  const __m512 pv = _mm512_set1_ps(p);
+  const F pv = V::set1(p);
   int64_t d = 0;
-  for (; d + 16 <= D; d += 16) _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(pv, E<T>::load(v + d), _mm512_loadu_ps(acc + d)));
+  for (; d + N <= D; d += N) V::store(acc + d, V::fma(pv, E<T>::load(v + d), V::load(acc + d)));
   for (; d < D; ++d) acc[d] += p * E<T>::to(v[d]);
 }
 
@@ -171,7 +355,7 @@ static void rmsnorm(const T* h, int64_t M, int64_t dim, const T* wt, double eps,
 template <typename T>
 static void residual(T* h, const float* y, int64_t n) {
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) E<T>::store(h + i, _mm512_add_ps(E<T>::load(h + i), E<T>::rnd(_mm512_loadu_ps(y + i))));
+  for (; i + N <= n; i += N) E<T>::store(h + i, V::add(E<T>::load(h + i), E<T>::rnd(V::load(y + i))));
   for (; i < n; ++i) h[i] = E<T>::from(E<T>::to(h[i]) + E<T>::rnd(y[i]));
 }
 
@@ -229,15 +413,15 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
         for (int64_t hd = h0; hd < h1; ++hd) {
           float* ph = p.data() + hd * NT;
           const float mx = *std::max_element(ph, ph + NT);
-          const __m512 mxv = _mm512_set1_ps(mx);
-          __m512 sv = _mm512_setzero_ps();
+          const F mxv = V::set1(mx);
+          F sv = V::zero();
           int64_t t = 0;
-          for (; t + 16 <= NT; t += 16) {
-            const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(ph + t), mxv));
-            _mm512_storeu_ps(ph + t, e);
-            sv = _mm512_add_ps(sv, e);
+          for (; t + N <= NT; t += N) {
+            const F e = vexp(V::sub(V::load(ph + t), mxv));
+            V::store(ph + t, e);
+            sv = V::add(sv, e);
           }
-          float sum = _mm512_reduce_add_ps(sv);
+          float sum = V::sum(sv);
           for (; t < NT; ++t) { ph[t] = std::exp(ph[t] - mx); sum += ph[t]; }
           for (t = 0; t < NT; ++t) ph[t] /= sum;
         }
@@ -258,10 +442,10 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
       const float* yb = ya + hidden;
       T* out = xn.data() + m * hidden;
       int64_t i = 0;
-      for (; i + 16 <= hidden; i += 16) {
-        const __m512 a = E<T>::rnd(_mm512_loadu_ps(ya + i)), b = E<T>::rnd(_mm512_loadu_ps(yb + i));
-        const __m512 sa = _mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), a))));
-        E<T>::store(out + i, _mm512_mul_ps(E<T>::rnd(sa), b));
+      for (; i + N <= hidden; i += N) {
+        const F a = E<T>::rnd(V::load(ya + i)), b = E<T>::rnd(V::load(yb + i));
+        const F sa = V::div(a, V::add(V::set1(1.f), vexp(V::sub(V::zero(), a))));
+        E<T>::store(out + i, V::mul(E<T>::rnd(sa), b));
       }
       for (; i < hidden; ++i) {
         const float a = E<T>::rnd(ya[i]), b = E<T>::rnd(yb[i]);
@@ -272,13 +456,13 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
     residual<T>(hp, y.data(), M * dim);
   }
   rmsnorm<T>(hp, M, dim, W(norm_w), eps, xn.data());
-  const int64_t V = out_w.size(0);
-  auto logits = torch::empty({M, V}, torch::dtype(torch::kFloat32));
+  const int64_t NV = out_w.size(0);
+  auto logits = torch::empty({M, NV}, torch::dtype(torch::kFloat32));
   float* lp = logits.data_ptr<float>();
-  gemv<T>(xn.data(), M, dim, W(out_w), V, lp);
+  gemv<T>(xn.data(), M, dim, W(out_w), NV, lp);
   int64_t i = 0;
-  for (; i + 16 <= M * V; i += 16) _mm512_storeu_ps(lp + i, E<T>::rnd(_mm512_loadu_ps(lp + i)));
-  for (; i < M * V; ++i) lp[i] = E<T>::rnd(lp[i]);
+  for (; i + N <= M * NV; i += N) V::store(lp + i, E<T>::rnd(V::load(lp + i)));
+  for (; i < M * NV; ++i) lp[i] = E<T>::rnd(lp[i]);
   return logits;
 }
 
@@ -309,4 +493,5 @@ torch::Tensor decode_step(torch::Tensor h, std::vector<torch::Tensor> layers, to
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_step", &decode_step, "one fused decoding step of a LLaMA model (bf16 or fp32)");
+  m.attr("ISA") = V::ISA;  // the instruction set this build was compiled for
 }

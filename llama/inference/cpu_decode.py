@@ -1,4 +1,4 @@
-"""The fused CPU decoding strategy: one C++ call per token (bf16 or fp32, CPUs with AVX512-BF16).
+"""The fused CPU decoding strategy: one C++ call per token (bf16 or fp32; AVX512-BF16, AVX2 or NEON).
 
 Decoding a few rows reads every weight once per token, so its speed is memory bandwidth, and the
 eager model spends as long again on ~25 small ops per layer around the products (norms, RoPE,
@@ -10,10 +10,18 @@ buffer in the order they are read (wq wk wv wo w1 w3 w2), so q/k/v and w1/w3 are
 matrix-vector product streaming contiguous memory; the parameters become views of that buffer
 (same keys, same values, no extra memory): the packing is a transform of the built model. Prefill
 (many positions at once) runs the model's own forward.
+
+The one source builds as one extension per instruction set (`VARIANTS`): AVX512-BF16 (native bf16
+dot products), AVX2 + FMA (x86 without AVX-512: bf16 widened to fp32 in registers, still half the
+bytes of fp32 weights to read) and NEON (aarch64, likewise). The fastest one this CPU runs is used;
+the environment variable LLAMA_CPU_KERNEL=avx512bf16|avx2|neon forces one (e.g. to measure AVX2 on
+an AVX-512 machine).
 """
 
 from __future__ import annotations
 
+import os
+import platform
 import sys
 import warnings
 from pathlib import Path
@@ -22,37 +30,79 @@ from typing import Optional
 import torch
 from torch import nn
 
-from llama.env import cpu_has_native_bf16
+from llama.env import cpu_model_name
 from llama.inference.decoders import EagerDecoder
 from llama.model import LINEARS
 
 MAX_ROWS = 8  # batch rows per fused step (the kernel is templated up to 8)
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")
-EXTENSION = "llama_cpu_decode"
-FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512bf16"]
+ENV_VAR = "LLAMA_CPU_KERNEL"
+# variant -> (/proc/cpuinfo flags it needs, compiler flags), fastest first; each builds as the
+# extension "llama_cpu_decode_<variant>" with -DLLAMA_ISA_<VARIANT> choosing its vector code
+VARIANTS = {
+    "avx512bf16": (("avx512f", "avx512bw", "avx512_bf16"), ["-mavx512f", "-mavx512bw", "-mavx512bf16"]),
+    "avx2": (("avx2", "fma"), ["-mavx2", "-mfma"]),
+    "neon": ((), []),  # aarch64: NEON is part of the base instruction set
+}
 
 
-_module = None
+def cpu_kernel_variants() -> list[str]:
+    """The kernel variants this CPU can run, fastest first (x86 from /proc/cpuinfo's flags; every
+    aarch64 CPU runs NEON)."""
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        return ["neon"]
+    if machine not in ("x86_64", "amd64"):
+        return []
+    try:
+        flags = {f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+                 for f in line.split(":", 1)[1].split()}
+    except OSError:
+        return []
+    return [v for v in ("avx512bf16", "avx2") if all(f in flags for f in VARIANTS[v][0])]
 
 
-def decode_kernel():
-    """The compiled C++ extension (built on first use, cached by torch in ~/.cache/torch_extensions),
-    or None where this CPU or toolchain cannot provide it."""
-    global _module
-    if _module is None:
-        _module = False
-        if cpu_has_native_bf16():
-            try:
-                from torch.utils.cpp_extension import _get_build_directory, load
+_modules: dict = {}  # variant -> built module, or False where its build failed
 
-                built = Path(_get_build_directory(EXTENSION, verbose=False)) / f"{EXTENSION}.so"
-                if not built.is_file():  # say why the first generation waits (torch's build cache is per version)
-                    print("building the fused CPU decoding kernel (first use only, ~30 s)...", file=sys.stderr,
-                          flush=True)
-                _module = load(EXTENSION, sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"])
-            except Exception as e:  # no compiler, old toolchain...: the eager model decodes
-                warnings.warn(f"fused CPU decoding kernel unavailable, decoding runs eagerly ({type(e).__name__}: {e})")
-    return _module or None
+
+def _build(variant: str, then: str = "decoding runs eagerly"):
+    if variant not in _modules:
+        _modules[variant] = False
+        name = f"llama_cpu_decode_{variant}"
+        try:
+            from torch.utils.cpp_extension import _get_build_directory, load
+
+            built = Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
+            if not built.is_file():  # say why the first generation waits (torch's build cache is per version)
+                print(f"building the fused CPU decoding kernel ({variant}; first use only, ~30 s)...", file=sys.stderr,
+                      flush=True)
+            flags = ["-O3", "-fopenmp", f"-DLLAMA_ISA_{variant.upper()}", *VARIANTS[variant][1]]
+            _modules[variant] = load(name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"])
+        except Exception as e:  # no compiler, old toolchain...: the next variant, or the eager model decodes
+            warnings.warn(f"fused CPU decoding kernel ({variant}) unavailable, {then} ({type(e).__name__}: {e})")
+    return _modules[variant] or None
+
+
+def decode_kernel(variant: Optional[str] = None):
+    """The compiled C++ extension (built on first use, cached by torch in ~/.cache/torch_extensions)
+    for `variant` (a name in VARIANTS), by default the one $LLAMA_CPU_KERNEL names, else the fastest
+    this CPU runs that builds; None where none does (each failed build warns)."""
+    source = "variant"
+    if variant is None and os.environ.get(ENV_VAR):
+        variant, source = os.environ[ENV_VAR], ENV_VAR
+    runnable = cpu_kernel_variants()
+    if variant is not None:
+        if variant not in VARIANTS:
+            raise ValueError(f"{source}={variant!r} is not a fused CPU decoding kernel; choose one of {list(VARIANTS)}")
+        if variant not in runnable:
+            raise ValueError(f"{source}={variant!r}: this CPU ({cpu_model_name()}, {platform.machine()}) cannot run that "
+                             f"kernel; it runs {runnable or 'none of them (decoder=eager)'}")
+        return _build(variant)
+    for i, v in enumerate(runnable):
+        module = _build(v, f"trying the {runnable[i + 1]} kernel" if i + 1 < len(runnable) else "decoding runs eagerly")
+        if module is not None:
+            return module
+    return None
 
 
 class FusedCpuDecoder(EagerDecoder):
@@ -60,13 +110,15 @@ class FusedCpuDecoder(EagerDecoder):
     call into the fused kernel; prefill and larger batches run eagerly. Build with
     `FusedCpuDecoder.create(model)`, which packs the layers' weights (the parameters become views
     into the packed buffers, keys and values unchanged) and returns None where the model does not
-    qualify (not bf16/fp32 on CPU, sharded, Linears replaced (int8), or no kernel)."""
+    qualify (not bf16/fp32 on CPU, sharded, Linears replaced (int8), or no kernel). `variant`
+    forces a kernel (see `decode_kernel`); `self.variant` says which one runs."""
 
     name = "fused"
 
     def __init__(self, model, kernel):
         super().__init__(model)
         self.kernel = kernel
+        self.variant: str = kernel.ISA  # what the extension was compiled for
         self.layers: list[torch.Tensor] = []  # 6 per layer, in the kernel's order
         for block in model.layers:
             mods = [block.get_submodule(name) for name in LINEARS]  # wq wk wv wo w1 w3 w2
@@ -87,7 +139,7 @@ class FusedCpuDecoder(EagerDecoder):
         self._ptrs = self._pointers()
 
     @staticmethod
-    def create(model) -> Optional["FusedCpuDecoder"]:
+    def create(model, variant: Optional[str] = None) -> Optional["FusedCpuDecoder"]:
         params = list(model.parameters())
         if not params or params[0].dtype not in (torch.bfloat16, torch.float32) or any(
                 type(p) is not nn.Parameter or p.dtype != params[0].dtype or p.device.type != "cpu" for p in params):
@@ -95,7 +147,7 @@ class FusedCpuDecoder(EagerDecoder):
         for block in model.layers:
             if any(type(block.get_submodule(n)) is not nn.Linear for n in LINEARS):
                 return None
-        if type(model.output) is not nn.Linear or (kernel := decode_kernel()) is None:
+        if type(model.output) is not nn.Linear or (kernel := decode_kernel(variant)) is None:
             return None
         with torch.inference_mode(False), torch.no_grad():  # packed weights must stay usable outside inference
             return FusedCpuDecoder(model, kernel)
@@ -110,7 +162,7 @@ class FusedCpuDecoder(EagerDecoder):
     def refreshed(self) -> EagerDecoder:
         """Self while the weights are still the packed ones; else packed anew, or eager where the
         model no longer qualifies (e.g. quantized since)."""
-        return self if self.valid() else (FusedCpuDecoder.create(self.model) or EagerDecoder(self.model))
+        return self if self.valid() else (FusedCpuDecoder.create(self.model, self.variant) or EagerDecoder(self.model))
 
     def __call__(self, tokens: torch.Tensor, start_pos: int, cache, last_only: bool = False) -> torch.Tensor:
         """(B, T) ids at positions start_pos.. -> float logits, writing the cache; one-token steps of
