@@ -6,7 +6,8 @@ KV cache. All of them run the one `Transformer.forward`; they differ in how:
     eager     the model's forward as it is (any device, any number of ranks)
     compiled  one-token steps through torch.compile of the same forward with tensor positions
               (fixed shapes: one graph for every position; prefill stays eager)
-    fused     one-token steps in one C++ call on CPUs with AVX512-BF16 (llama/inference/cpu_decode.py)
+    fused     one-token steps in one C++ call on x86 CPUs with AVX512-BF16 or AVX2+FMA, and ARM64 with
+              NEON (llama/inference/cpu_decode.py, one source built per instruction set)
 `Llama.build` picks one once, for the machine and the model.
 """
 

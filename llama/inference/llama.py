@@ -37,7 +37,7 @@ UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."  # M
 
 def make_decoder(model: Transformer, kind: str = "auto", world_size: int = 1, **compile_options) -> EagerDecoder:
     """The decoding strategy `kind` for `model`: "auto" is the fused CPU step where it applies (one
-    process, a bf16/fp32 model on a CPU with AVX512-BF16, the kernel built), else eager.
+    process, a bf16/fp32 model on a CPU with AVX512-BF16, AVX2+FMA or NEON, the kernel built), else eager.
     `compile_options` go to torch.compile for "compiled" (e.g. mode="reduce-overhead": CUDA graphs)."""
     if kind not in DECODERS:
         raise ValueError(f"unknown decoder {kind!r}; choose one of {DECODERS}")
@@ -50,7 +50,7 @@ def make_decoder(model: Transformer, kind: str = "auto", world_size: int = 1, **
     fused = FusedCpuDecoder.create(model) if world_size == 1 else None
     if fused is None and kind == "fused":
         raise ValueError("the fused CPU decoder needs one process, a bf16 or fp32 model on a CPU with "
-                         "AVX512-BF16 and a C++ compiler; use decoder='auto' to fall back to eager")
+                         "AVX512-BF16, AVX2+FMA or NEON and a C++ compiler; use decoder='auto' to fall back to eager")
     return fused or EagerDecoder(model)
 
 
