@@ -2,6 +2,7 @@
 
     python benchmarks/finetune.py                     # 60M preset, batch 4 x 512, bf16
     python benchmarks/finetune.py --dtype fp32 --hf_compile=True
+    python benchmarks/finetune.py --device cuda --model 1B --batch_size 4 --seq_len 1024   # one GPU
 
 Rows (same random weights, batch and dtype policy; AdamW, clip 1.0, loss in fp32):
 - LoRA, r 8, alpha 16, dropout 0.05 on wq, wv (q_proj, v_proj): ours = `llama.lora.apply_lora` on our
@@ -17,7 +18,9 @@ Memory: each row also runs alone in a fresh subprocess (build, warm-up, then `me
 its peak resident set size (VmHWM from /proc/self/status, reset after the warm-up through
 /proc/self/clear_refs so compilation does not count) is the whole process's: weights, gradients,
 optimizer state, activations and the Python/torch runtime. RSS after building the model, before any
-step, is shown for reference. (tracemalloc cannot see torch's allocations; RSS can.)
+step, is shown for reference. (tracemalloc cannot see torch's allocations; RSS can.) On CUDA the
+memory is torch's peak allocation (max_memory_allocated) over each row's steps, measured with that
+row alone on the GPU after the speed rows are freed.
 """
 
 from __future__ import annotations
@@ -63,10 +66,10 @@ def to_transformers(ours: Transformer):
     return hf
 
 
-def build_row(name: str, model: str, dtype: str, hf_compile: bool):
+def build_row(name: str, model: str, dtype: str, hf_compile: bool, device: torch.device = torch.device("cpu")):
     """A step function for one row: forward, fp32 loss, backward, clip, AdamW, zero_grad -> loss."""
     bf16 = dtype == "bf16"
-    ours = base_model(model)
+    ours = base_model(model).to(device)
     amp = torch.bfloat16 if bf16 and name.endswith("full") else None  # full: fp32 master, bf16 compute
     if name == "ours LoRA":
         net = apply_lora(ours.to(torch.bfloat16) if bf16 else ours, targets=("wq", "wv"), **LORA)
@@ -76,7 +79,7 @@ def build_row(name: str, model: str, dtype: str, hf_compile: bool):
         net = compile_blocks(ours)
         forward, loss_fn = net, compiled_cross_entropy
     else:
-        hf = to_transformers(ours)
+        hf = to_transformers(ours.cpu()).to(device)
         del ours
         if name == "peft LoRA":
             import peft
@@ -93,10 +96,10 @@ def build_row(name: str, model: str, dtype: str, hf_compile: bool):
     net.train()
     params = [p for p in net.parameters() if p.requires_grad]
     # fused AdamW needs one dtype per call; every row's trainable parameters are fp32 here
-    opt = torch.optim.AdamW(params, lr=1e-4, **adamw_kwargs("cpu"))
+    opt = torch.optim.AdamW(params, lr=1e-4, **adamw_kwargs(device))
 
     def step(inputs, targets):
-        with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = forward(inputs)  # (B, T, vocab)
         loss = loss_fn(logits, targets)
         loss.backward()
@@ -143,7 +146,8 @@ def memory_row(name: str, model: str, batch_size: int, seq_len: int, dtype: str,
 
 def main(model: str = "60M", batch_size: int = 4, seq_len: int = 512, dtype: str = "bf16",
          hf_compile: bool = False, repeats: int = 6, warmup: int = 2, memory_steps: int = 3,
-         threads: int = 0, memory: bool = True, json_out: str = "", _memory_row: str = "", _out: str = ""):
+         threads: int = 0, memory: bool = True, json_out: str = "", device: str = "cpu", _memory_row: str = "",
+         _out: str = ""):
     """Time a LoRA and a full fine-tuning step, ours and transformers (+ peft); print a table."""
     if dtype not in ("bf16", "fp32"):
         raise ValueError(f"dtype must be bf16 or fp32, got {dtype!r}")
@@ -153,11 +157,13 @@ def main(model: str = "60M", batch_size: int = 4, seq_len: int = 512, dtype: str
         return memory_row(_memory_row, model, batch_size, seq_len, dtype, hf_compile, warmup, memory_steps, _out)
     from tqdm import tqdm
 
-    inputs, targets = batch(model, batch_size, seq_len)
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    inputs, targets = (t.to(dev) for t in batch(model, batch_size, seq_len))
     tokens = inputs.numel()
     rows, trainable = {}, {}
     for name in tqdm(ROWS, desc="building", leave=False):
-        rows[name], trainable[name] = build_row(name, model, dtype, hf_compile)
+        rows[name], trainable[name] = build_row(name, model, dtype, hf_compile, dev)
     first = {}
     for name, step in tqdm(rows.items(), desc="warm-up", leave=False):
         first[name] = step(inputs, targets)
@@ -168,15 +174,28 @@ def main(model: str = "60M", batch_size: int = 4, seq_len: int = 512, dtype: str
     best = {name: float("inf") for name in rows}
     for _ in tqdm(range(repeats), desc="timing", leave=False):
         for name, step in rows.items():
+            sync()
             t0 = time.perf_counter()
-            step(inputs, targets)
+            step(inputs, targets)  # .item() of the loss waits for the step
             best[name] = min(best[name], time.perf_counter() - t0)
     del rows
     print("speed (best step of each row): " + ", ".join(f"{n} {tokens / t:.0f} tokens/s" for n, t in best.items()),
           flush=True)
 
     mem = {}
-    if memory:
+    if memory and dev.type == "cuda":  # one row at a time on the GPU, torch's peak allocation
+        for name in tqdm(ROWS, desc="memory (one row at a time)", leave=False):
+            torch.cuda.empty_cache()
+            step, _ = build_row(name, model, dtype, hf_compile, dev)
+            for _ in range(warmup):
+                step(inputs, targets)
+            torch.cuda.reset_peak_memory_stats(dev)
+            for _ in range(memory_steps):
+                step(inputs, targets)
+            mem[name] = {"peak_mib": torch.cuda.max_memory_allocated(dev) / 2**20,
+                         "built_mib": float("nan"), "how": "CUDA max_memory_allocated over the steps after warm-up"}
+            del step
+    elif memory:
         for name in tqdm(ROWS, desc="memory (one subprocess per row)", leave=False):
             out = Path(f"/tmp/finetune_mem_{os.getpid()}.json")
             cmd = [sys.executable, __file__, f"--_memory_row={name}", f"--_out={out}", f"--model={model}",
@@ -196,7 +215,8 @@ def main(model: str = "60M", batch_size: int = 4, seq_len: int = 512, dtype: str
     print("first losses: " + ", ".join(f"{k} {v:.4f}" for k, v in first.items()))
     if mem:
         print(f"memory: {next(iter(mem.values()))['how']}")
-    print("| row | trainable params | step s | tokens/s | ours / theirs | peak RSS MiB | RSS after build MiB |")
+    print(f"device {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}")
+    print("| row | trainable params | step s | tokens/s | ours / theirs | peak memory MiB | RSS after build MiB |")
     print("|---|---|---|---|---|---|---|")
     result = {"model": model, "batch": [batch_size, seq_len], "dtype": dtype, "hf_compile": hf_compile,
               "first_loss": first, "rows": {}}
