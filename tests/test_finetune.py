@@ -103,9 +103,11 @@ def test_init_from_any_checkpoint_gives_the_loaded_models_loss(base, tmp_path):
     # continued pretraining on token data starts from the checkpoint too
     cont = Trainer(ft_cfg(base, tmp_path / "tokens", data=str(base["data"].parent), data_format="tokens",
                           val_fraction=0.0), make_loader=make_pattern_loader)
-    inputs, targets = next(make_pattern_loader(cont.cfg, "val", 0, 1, cont.cfg.seed).iter_eval(1))
+    # evaluate(1) scores one global batch: grad_accum micro-batches of the validation stream
+    batches = list(make_pattern_loader(cont.cfg, "val", 0, 1, cont.cfg.seed).iter_eval(cont.grad_accum))
     with torch.no_grad():
-        ref = F.cross_entropy(direct(inputs).flatten(0, 1), targets.flatten()).item()
+        ref = sum(F.cross_entropy(direct(x).flatten(0, 1), y.flatten(), reduction="sum").item()
+                  for x, y in batches) / sum(y.numel() for _, y in batches)
     assert cont.evaluate(1)["val_loss"] == pytest.approx(ref, rel=1e-5)
 
 
