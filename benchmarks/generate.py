@@ -104,7 +104,7 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
             # KV bytes read per step: keys and values of every layer, averaged over the decoded positions
             kv_bytes = 2 * args.n_layers * bsz * (prompt_len + new_tokens / 2) * args.n_kv_heads * args.head_dim * dtype.itemsize
 
-            def ours(name):
+            def ours_runner(name):
                 def ours_run(n):
                     """(tokens, [time of each new token]) from one run."""
                     stamps, t0 = [], time.perf_counter()
@@ -137,7 +137,7 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
                 return out[:, prompt_len:].tolist(), clock.stamps
 
             # sanity: share of greedy tokens both implementations agree on
-            a, b = ours("ours")(8)[0], hf_run(8)[0]
+            a, b = ours_runner("ours")(8)[0], hf_run(8)[0]
             agree = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)) / (8 * bsz)
             results = {}
 
@@ -154,7 +154,7 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
                 return t1 - t0, (time.perf_counter() - t1) - (t1 - t0)
 
             for name in [*variants, "transformers"]:
-                run = ours(name) if name in variants else hf_run
+                run = ours_runner(name) if name in variants else hf_run
                 run(2)  # warm-up (and compile)
                 results[name] = dict(run=run, ttft=float("inf"), dec=float("inf"), bw=float("nan"))
             for _ in range(repeats):  # alternate implementations so background load hits all alike
