@@ -239,11 +239,14 @@ def load_base_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], 
     """Load base weights into a model that already has adapters: every base key must be present and
     no key may be unknown (as strict=True), only the adapters' keys may be missing (they keep their
     values). Checkpoint-only keys such as Meta's `rope.freqs` must be dropped by the caller."""
-    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=assign)
-    missing = [k for k in missing if not is_lora_key(k)]
+    keys = set(model.state_dict())
+    missing = sorted(k for k in keys - set(state_dict) if not is_lora_key(k))
+    unexpected = sorted(set(state_dict) - keys)
     if missing or unexpected:
         raise ValueError(f"base state dict does not match the model: missing keys {missing}, "
                          f"unexpected keys {unexpected}")
+    adapters = {k: v for k, v in model.state_dict(keep_vars=True).items() if is_lora_key(k) and k not in state_dict}
+    model.load_state_dict({**state_dict, **adapters}, strict=True, assign=assign)  # adapters keep their values
 
 
 def load_lora_state_dict(model: nn.Module, adapters: dict[str, torch.Tensor]) -> None:
