@@ -21,22 +21,15 @@ transformers folder). Chat with it: python scripts/example.py --ckpt_dir EXPORT_
 EXPORT_DIR/tokenizer.model --chat. Run the same command again to resume.
 """
 
-import json
-import os
-
 from llama.cli import run
-from llama.train import TrainConfig, train
+from llama.train import command_line_flags, train_from_command_line
 
 
 def main(config: str = "alpaca_lora_7B", **overrides):
     """config: a name of llama/configs/train or a JSON path; overrides: any TrainConfig field
     (--init_from DIR, --data FILE, --lora '{"r": 16}', --steps 100, --tp 2, ...)."""
-    cfg = TrainConfig.from_name(config, **overrides)
-    summary = train(cfg)
-    if int(os.environ.get("RANK", 0)) == 0:
-        summary.pop("history")
-        print(json.dumps(summary))
+    train_from_command_line(config, **overrides)
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, command_line_flags())

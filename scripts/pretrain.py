@@ -28,27 +28,15 @@ global_batch_tokens and seq_len may not. Export to Meta's layout at the end with
 --export_dir DIR [--export_shards N], or later with scripts/export.py.
 """
 
-import dataclasses
-import json
-import os
-
 from llama.cli import run
-from llama.model import ModelArgs
-from llama.train import TrainConfig, train
-
-# --field for every TrainConfig field, --model.field for every model field
-FLAGS = TrainConfig.fields() + [f"model.{f.name}" for f in dataclasses.fields(ModelArgs)]
+from llama.train import command_line_flags, train_from_command_line
 
 
 def main(config: str = "tiny", **overrides):
-    """config: a name of configs/train/ or a JSON path; overrides: any TrainConfig field
+    """config: a name of llama/configs/train or a JSON path; overrides: any TrainConfig field
     (--lr 1e-3, --steps 500, --tp 2, --model.n_layers 4, ...)."""
-    cfg = TrainConfig.from_name(config, **overrides)
-    summary = train(cfg)
-    if int(os.environ.get("RANK", 0)) == 0:
-        summary.pop("history")
-        print(json.dumps(summary))
+    train_from_command_line(config, **overrides)
 
 
 if __name__ == "__main__":
-    run(main, FLAGS)
+    run(main, command_line_flags())

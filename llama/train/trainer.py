@@ -47,7 +47,7 @@ from llama.env import (DirLock, auto_attention_backend, check_attention_device, 
                        parse_dtype, sha256_file, synchronize, torchrun_ranks)
 from llama.eval import TaskSpec, evaluate_tasks
 from llama.formats.gguf import load_tokenizer
-from llama.model import Transformer
+from llama.model import ModelArgs, Transformer
 from llama.train import finetune
 from llama.parallel import ParallelDims, apply_ac, apply_fsdp, apply_tp, build_mesh, check_tp_degree, compile_blocks
 from llama.train.checkpoint import CheckpointManager, model_diff, read_checkpoint_meta, rng_state, set_rng_state
@@ -466,3 +466,17 @@ def train(config: TrainConfig | str | dict, callback: Callable[[dict], None] | N
     else:
         config = TrainConfig.from_name(str(config), **overrides)
     return Trainer(config, make_loader=make_loader).fit(callback)
+
+
+def command_line_flags() -> list[str]:
+    """Every flag a training script takes besides --config: the TrainConfig fields and model.<field>."""
+    return TrainConfig.fields() + [f"model.{f.name}" for f in dataclasses.fields(ModelArgs)]
+
+
+def train_from_command_line(config: str, **overrides) -> dict:
+    """What scripts/pretrain.py and scripts/finetune.py run: the named config with the flags' overrides;
+    rank 0 prints the summary (without the history) as JSON."""
+    summary = train(TrainConfig.from_name(config, **overrides))
+    if torchrun_ranks().is_main:
+        print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
+    return summary
