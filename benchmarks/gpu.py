@@ -13,10 +13,12 @@ Sections, in order (each in its own try/except: an error is recorded and the nex
                model first), then the 1B preset and four layers of the 7B preset's shapes in bf16
                with torch.compile'd blocks, selective activation checkpointing and fused AdamW:
                tokens/s and MFU = flops_per_token * tokens/s / the measured matmul peak
-  decode       batch-1 greedy decoding of the 1B preset in bf16: eager, the compiled static step
-               (as the compiled decoder does it, then with CUDA graphs), transformers' generate with its
-               static cache (compiled by transformers on CUDA), int8 eager and compiled; tokens/s and
-               % of the bandwidth ceiling (bandwidth / bytes read per token)
+  decode       batch-1 greedy decoding of the 1B preset in bf16: eager, the compiled decoder (on CUDA
+               with its own CUDA graph of the step; then without it, and with torch.compile's
+               mode="reduce-overhead" instead), transformers' generate with its static cache
+               (compiled by transformers on CUDA), int8 eager (+ a profile of its step) and compiled;
+               then 8 layers of the 7B preset's shapes, ours and transformers; tokens/s and % of the
+               bandwidth ceiling (bandwidth / bytes read per token)
   numerics     our logits against transformers' LlamaForCausalLM on the same weights, fp32 and bf16
 
 A global time budget skips what would not fit; a section that overruns its share, or a compile-
@@ -92,6 +94,7 @@ class Sizes:
     train_warmup: int = 2
     train_steps: int = 6
     decode_model: tuple = ("1B", {})
+    decode_big_model: tuple = ("7B", {"n_layers": 8})
     decode_dtype: torch.dtype = torch.bfloat16
     prompt_len: int = 128
     new_tokens: int = 256
@@ -101,7 +104,7 @@ class Sizes:
     numerics_shape: tuple = (2, 128)
     # section -> (seconds it may take at most, seconds it needs at least to start)
     shares: dict = field(default_factory=lambda: {"environment": (40, 10), "attention": (50, 10),
-                                                  "training": (180, 60), "decode": (200, 40),
+                                                  "training": (180, 60), "decode": (330, 40),
                                                   "numerics": (45, 15)})
     # sub-step -> (seconds it needs at least to start, seconds after which it is interrupted); the
     # compiles dominate, and a cap keeps one slow compile from taking the rows after it
@@ -117,7 +120,7 @@ SMOKE = Sizes(
     fsdp_check_args=dict(dim=64, n_layers=2, n_heads=4, vocab_size=512), fsdp_check_shape=(2, 32),
     train_rows=(("tiny", "tiny", {}), ("tiny, 7B-like row", "tiny", {"dim": 96, "n_heads": 6})),
     train_batch=2, train_seq=32, train_compile=False, train_warmup=1, train_steps=2,
-    decode_model=("tiny", {}), decode_dtype=torch.float32, prompt_len=8, new_tokens=24, agree_tokens=16,
+    decode_model=("tiny", {}), decode_big_model=("tiny", {"n_layers": 1}), decode_dtype=torch.float32, prompt_len=8, new_tokens=24, agree_tokens=16,
     # dynamo + AOT autograd (graph capture, functionalized cache writes) without inductor's C++ build,
     # which costs ~10-20 s per graph here and is not what a GPU runs (tests/test_generation.py covers it)
     decode_compile={"backend": "aot_eager"},
@@ -739,24 +742,59 @@ def section_decode(ctx: Ctx, out: dict):
 
     dense = bytes_read_per_token(model) + kv
     add("ours, eager", "decode_eager", ours(model, "eager"), dense)
-    add("ours, compiled decoder", "decode_compiled", ours(model, "compiled"), dense)
+    graphs = " (+ its CUDA graph)" if ctx.cuda else ""
+    add("ours, compiled decoder" + graphs, "decode_compiled", ours(model, "compiled"), dense)
     add("transformers", "decode_transformers", lambda: hf_generator(ctx, model, prompt, max_len, out), dense)
     gc.collect()
     if ctx.cuda:
         torch.cuda.empty_cache()
-        add("ours, compiled, mode=reduce-overhead", "decode_compiled", ours(model, "compiled", mode="reduce-overhead"),
-            dense)
+        add("ours, compiled, no CUDA graph", "decode_compiled", ours(model, "compiled", cuda_graphs=False), dense)
+        add("ours, compiled, mode=reduce-overhead (torch's CUDA graphs)", "decode_compiled",
+            ours(model, "compiled", mode="reduce-overhead"), dense)
     else:
-        rows.append({"impl": "ours, compiled, mode=reduce-overhead", "status": "skipped: no CUDA"})
+        rows.append({"impl": "ours, compiled, without / with torch's CUDA graphs", "status": "skipped: no CUDA"})
 
     # int8 weight-only (llama.quantize, per-row scales) of the same weights: its greedy tokens need
     # not equal bf16's, so agreement is informative only
     q = quantize_int8(model)  # in place: `model` is int8 from here on
     int8 = bytes_read_per_token(q) + kv
     add("ours, int8, eager", "decode_int8", ours(q, "eager"), int8)
-    opts = {"mode": "reduce-overhead"} if ctx.cuda else {}
-    add("ours, int8, compiled" + (", mode=reduce-overhead" if ctx.cuda else ""), "decode_compiled",
-        ours(q, "compiled", **opts), int8)
+    with recorded(out.setdefault("int8_eager_profile", {})):
+        out["int8_eager_profile"]["top_ops"] = profile_step(ctx, q, prompt, max_len)
+    add("ours, int8, compiled" + graphs, "decode_compiled", ours(q, "compiled"), int8)
+    del model, q
+    free_memory(ctx)
+
+    # the weights of a 7B model's layers (dim 4096, hidden 11008), fewer of them: bandwidth at the
+    # matrix sizes gpt-fast's published ~82% is measured on
+    name, overrides = s.decode_big_model
+    state["reference"] = None
+    big = build_model(name, overrides, ctx.device, s.decode_dtype, max_seq_len=max_len).eval().requires_grad_(False)
+    a = big.args
+    kv = 2 * a.n_layers * (s.prompt_len + s.new_tokens / 2) * a.n_kv_heads * a.head_dim * s.decode_dtype.itemsize
+    out["big_model"] = f"{name} {overrides}: {big.num_params() / 1e9:.2f}B parameters"
+    add(f"{name} {overrides}: ours, compiled decoder" + graphs, "decode_compiled", ours(big, "compiled"),
+        bytes_read_per_token(big) + kv)
+    add(f"{name} {overrides}: transformers", "decode_transformers",
+        lambda: hf_generator(ctx, big, prompt, max_len, out), bytes_read_per_token(big) + kv)
+    del big
+    free_memory(ctx)
+
+
+def profile_step(ctx: Ctx, model: Transformer, prompt: torch.Tensor, max_len: int, top: int = 8) -> list[str]:
+    """The `top` operators by device time (CPU time without CUDA) of 4 eager one-token steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    llama = our_decoder(model, max_len, "eager")
+    ids = prompt[0].tolist()
+    llama.generate([ids], 2, temperature=0.0)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.cuda else [])
+    with profile(activities=acts) as prof:
+        llama.generate([ids], 5, temperature=0.0)
+        ctx.sync()
+    key = "self_device_time_total" if ctx.cuda else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:top]
+    return [f"{e.key}: {getattr(e, key, 0) / 1e3:.2f} ms in {e.count} calls" for e in events]
 
 
 def bytes_read_per_token(model: Transformer) -> int:

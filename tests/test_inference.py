@@ -18,7 +18,7 @@ from torch.utils.cpp_extension import include_paths
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llama.formats.hf import hf_config, to_hf
-from llama.inference import Llama, make_decoder, sample
+from llama.inference import CompiledDecoder, Llama, make_decoder, sample
 from llama.inference.cpu_decode import VARIANTS, FusedCpuDecoder, cpu_kernel_variants, decode_kernel
 from llama.model import Transformer
 from llama.quantize import quantize_int8
@@ -331,16 +331,72 @@ def test_decoder_choice_and_errors(llama):
 @pytest.mark.slow
 def test_compiled_decoder_gives_the_same_tokens(llama):
     """torch.compile of the model's own forward with tensor positions: one graph for every step,
-    the eager model's greedy tokens (no second copy of the layer to drift from it)."""
+    the eager model's tokens (no second copy of the layer to drift from it). Greedy decoding runs
+    whole steps (model, argmax, bookkeeping) in one graph: same tokens for ragged batches and rows
+    stopping at eos early; sampling runs the compiled one-token forward: same draws as eager."""
     ids = [llama.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS[:3]]
-    want = Llama(llama.model, llama.tokenizer, 64, 3, decoder="eager").generate(ids, GEN_LEN, temperature=0)[0]
+    eager = Llama(llama.model, llama.tokenizer, 64, 3, decoder="eager")
+    want = eager.generate(ids, GEN_LEN, temperature=0)[0]
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    compiled = Llama(llama.model, llama.tokenizer, 64, 3, decoder="compiled")
-    with mock.patch.object(compiled.decoder, "step", wraps=compiled.decoder.step) as spy:
+    compiled = Llama(llama.model, llama.tokenizer, 64, 3, decoder=CompiledDecoder(llama.model, cuda_graphs=False), seed=5)
+    with mock.patch.object(compiled.decoder, "greedy", wraps=compiled.decoder.greedy) as spy:
         assert compiled.generate(ids, GEN_LEN, temperature=0)[0] == want
-    assert spy.call_count >= GEN_LEN - 1  # the decoding steps went through the compiled graph
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph for every position
+        assert compiled.generate(ids[1:], GEN_LEN, temperature=0)[0] == want[1:]
+    assert spy.call_count >= 2 * (GEN_LEN - 1)  # the decoding steps went through the whole-step graph
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # one per batch size, not per position
+
+    early = want[0][2]  # make the third token of row 0 the end of text
+    stub = mock.Mock(wraps=llama.tokenizer, eos_id=early)
+    cut = [r[:r.index(early)] if early in r else r for r in want]
+    assert Llama(llama.model, stub, 64, 3, decoder=compiled.decoder).generate(ids, GEN_LEN, temperature=0)[0] == cut
+    assert cut[0] == want[0][:2]
+
+    sampled = Llama(llama.model, llama.tokenizer, 64, 3, decoder="eager", seed=5).generate(ids, GEN_LEN, temperature=1.0)[0]
+    with mock.patch.object(compiled.decoder, "step", wraps=compiled.decoder.step) as spy:
+        assert compiled.generate(ids, GEN_LEN, temperature=1.0)[0] == sampled != want
+    assert spy.call_count >= GEN_LEN - 1
+
+
+def test_compiled_decoder_refuses_cuda_graphs_off_cuda():
+    with pytest.raises(ValueError, match="cuda_graphs=True needs the model on a CUDA device"):
+        make_decoder(Transformer(tiny_args()), "compiled", cuda_graphs=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (run on the GPU check)")
+def test_cuda_graph_decoder_gives_the_cpu_tokens(llama):
+    """On CUDA the compiled decoder replays one captured graph per batch size (greedy: the whole
+    step) and GPU generation asks whether every row is done only every 16 steps: the CPU's eager
+    greedy tokens still come out, for ragged batches, rows that stop at eos early, and after the
+    weights change (the graphs are captured again)."""
+    ids = [llama.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS[:3]]
+    weights = {k: v.cpu() for k, v in llama.model.state_dict().items()}
+    cpu_model = Transformer(llama.model.args).eval().requires_grad_(False)
+    cpu_model.load_state_dict(weights)
+    cpu = Llama(cpu_model, llama.tokenizer, 64, 3, decoder="eager")
+    want = cpu.generate(ids, GEN_LEN, temperature=0)[0]
+    model = Transformer(llama.model.args).to("cuda").eval().requires_grad_(False)
+    model.load_state_dict(weights)
+    torch._dynamo.reset()
+    gpu = Llama(model, llama.tokenizer, 64, 3, decoder="compiled")
+    assert gpu.decoder.cuda_graphs
+    replay = torch.cuda.CUDAGraph.replay
+    with mock.patch.object(torch.cuda.CUDAGraph, "replay", autospec=True, side_effect=replay) as spy:
+        assert gpu.generate(ids, GEN_LEN, temperature=0)[0] == want
+        assert gpu.generate(ids[:1], GEN_LEN, temperature=0)[0] == want[:1]  # a second batch size, a second graph
+    assert spy.call_count >= 2 * (GEN_LEN - 1)
+
+    early = want[0][2]  # the third token of row 0 made the end of text: cut there, the others as they were
+    stub = mock.Mock(wraps=llama.tokenizer, eos_id=early)
+    cut = [r[:r.index(early)] if early in r else r for r in want]
+    assert Llama(model, stub, 64, 3, decoder=gpu.decoder).generate(ids, GEN_LEN, temperature=0)[0] == cut
+
+    with torch.no_grad():  # new weights at new addresses
+        for p in cpu_model.parameters():
+            p.mul_(1.5)
+    want2 = cpu.generate(ids, GEN_LEN, temperature=0)[0]
+    model.load_state_dict({k: v.to("cuda") for k, v in cpu_model.state_dict().items()}, assign=True)
+    assert gpu.generate(ids, GEN_LEN, temperature=0)[0] == want2 != want
 
 
 def _kernel_or_skip(variant=None):

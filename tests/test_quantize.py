@@ -52,3 +52,19 @@ def test_int8_generation_through_build(ckpts):
     a, b = fp.generate(ids, 6, temperature=0)[0], q.generate(ids, 6, temperature=0)[0]
     same = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
     assert same >= 0.6 * sum(map(len, a))  # greedy text mostly unchanged on a random model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_one_row_under_compile_equals_eager(dtype):
+    """A one-row input under torch.compile takes the reduction form (one pass over the int8
+    weight); it gives the eager cast-and-matmul result, and more rows keep the matmul."""
+    torch.manual_seed(0)
+    lin = Int8Linear.from_linear(torch.nn.Linear(96, 40, bias=False).to(dtype))
+    compiled = torch.compile(lin, fullgraph=True)
+    for shape in [(1, 1, 96), (3, 1, 96)]:
+        x = torch.randn(shape, dtype=dtype)
+        want = (x.float() @ (lin.weight.float() * lin.scales.float()[:, None]).T)
+        tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.1, rtol=0.02)
+        torch.testing.assert_close(compiled(x).float(), want, **tol)
+        torch.testing.assert_close(compiled(x), lin(x), **tol)

@@ -5,7 +5,8 @@ start_pos.. and returns float logits, (B, T, vocab) or (B, 1, vocab) with `last_
 KV cache. All of them run the one `Transformer.forward`; they differ in how:
     eager     the model's forward as it is (any device, any number of ranks)
     compiled  one-token steps through torch.compile of the same forward with tensor positions
-              (fixed shapes: one graph for every position; prefill stays eager)
+              (fixed shapes: one graph for every position; prefill stays eager); greedy decoding
+              compiles the whole step (model, argmax, bookkeeping), on CUDA as one CUDA graph
     fused     one-token steps in one C++ call on x86 CPUs with AVX512-BF16 or AVX2+FMA, and ARM64 with
               NEON (llama/inference/cpu_decode.py, one source built per instruction set)
 `Llama.build` picks one once, for the machine and the model.
@@ -20,11 +21,58 @@ from llama.model import KVCache, Transformer
 DECODERS = ("auto", "eager", "compiled", "fused")
 
 
+class DecodeState:
+    """What generating a batch keeps on the device, (B, width) with width >= the longest row:
+    `tokens` prompt then generated ids (-1 beyond), `in_prompt` where tokens came from a prompt,
+    `done` rows finished, `ends` each row's last position + 1, `cur` (1,) the position to produce."""
+
+    def __init__(self, batch: int, width: int, device):
+        self.tokens = torch.full((batch, width), -1, dtype=torch.long, device=device)
+        self.in_prompt = torch.zeros(batch, width, dtype=torch.bool, device=device)
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.ends = torch.zeros(batch, dtype=torch.long, device=device)
+        self.cur = torch.zeros(1, dtype=torch.long, device=device)
+
+    def start(self, prompt_tokens: list[list[int]], ends: list[int]) -> None:
+        """Reset for new prompts, in place (the addresses stay: a CUDA graph may read them)."""
+        self.tokens.fill_(-1)
+        for i, t in enumerate(prompt_tokens):
+            self.tokens[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+        torch.ne(self.tokens, -1, out=self.in_prompt)
+        self.done.zero_()
+        self.ends.copy_(torch.tensor(ends))
+        self.cur.zero_()
+
+
+def greedy_step(model: Transformer, cache: KVCache, state: DecodeState, eos: int) -> None:
+    """One greedy step of the whole batch, in place: the token at `state.cur - 1` goes in, the most
+    likely next one is written at `state.cur` (a row still inside its prompt keeps its own token, a
+    finished row its -1), finished rows are marked, `cur` moves on. Fixed shapes, no host reads:
+    torch.compile makes it one graph, which on CUDA is captured and replayed."""
+    bsz = state.tokens.size(0)
+    pos = state.cur.expand(bsz, 1)  # (B, 1)
+    x = state.tokens.gather(1, pos - 1).clamp(min=0)  # (B, 1) last token in
+    logits = model(x, cache=cache, input_pos=state.cur - 1)  # (B, 1, V)
+    nxt = logits[:, -1].argmax(dim=-1)  # (B,)
+    own = state.tokens.gather(1, pos).squeeze(1)  # the prompt's token, or -1
+    prompt = state.in_prompt.gather(1, pos).squeeze(1)
+    nxt = torch.where(prompt | state.done, own, nxt)
+    state.tokens.scatter_(1, pos, nxt[:, None])
+    state.done.logical_or_(~prompt & (nxt == eos))
+    state.done.logical_or_(state.cur + 1 >= state.ends)
+    state.cur.add_(1)
+
+
 class EagerDecoder:
     name = "eager"
+    whole_greedy_steps = False  # True where `greedy_step(cache, state, eos)` runs a whole step at once
 
     def __init__(self, model: Transformer):
         self.model = model
+
+    def decode_state(self, batch: int, width: int, device) -> DecodeState:
+        """Buffers for generating `batch` rows of up to `width` positions."""
+        return DecodeState(batch, width, device)
 
     def __call__(self, tokens: torch.Tensor, start_pos: int, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         return self.model(tokens, start_pos, cache, last_only=last_only).float()
@@ -40,16 +88,108 @@ def _decode_step(model: Transformer, tokens: torch.Tensor, cache: KVCache, input
 
 class CompiledDecoder(EagerDecoder):
     """One-token steps compiled (torch.compile, fullgraph, static shapes); prefill eager. The first
-    steps compile (seconds to a minute); every later position reuses the graph."""
+    steps compile (seconds to a minute); every later position reuses the graph. Greedy decoding
+    runs whole steps (`greedy_step`: model, argmax and bookkeeping) as one compiled graph.
+
+    On CUDA those graphs are also captured as CUDA graphs (`cuda_graphs`, default on for CUDA
+    unless torch.compile's own mode="reduce-overhead" does that): a step is then one graph launch
+    with no host work per layer or kernel, so the GPU streams the weights back to back. Logits
+    returned by a captured one-token step live in the graph's buffer until the next step."""
 
     name = "compiled"
+    whole_greedy_steps = True
 
-    def __init__(self, model: Transformer, **compile_options):
+    def __init__(self, model: Transformer, cuda_graphs: bool | None = None, **compile_options):
         super().__init__(model)
         self.step = torch.compile(_decode_step, fullgraph=True, dynamic=False, **compile_options)
+        self.greedy = torch.compile(greedy_step, fullgraph=True, dynamic=False, **compile_options)
+        on_cuda = _model_device(model).type == "cuda"
+        if cuda_graphs and not on_cuda:
+            raise ValueError("cuda_graphs=True needs the model on a CUDA device")
+        graphs_by_compile = compile_options.get("mode") in ("reduce-overhead", "max-autotune")
+        self.cuda_graphs = (on_cuda and not graphs_by_compile) if cuda_graphs is None else cuda_graphs
+        self._graphs: dict[tuple, tuple] = {}  # what a graph reads (batch, buffers' addresses) -> (graph, its outputs)
+        self._states: dict[tuple, DecodeState] = {}  # (batch, width) -> buffers kept for the graphs
+        self._weights = _addresses(model)
+
+    def decode_state(self, batch, width, device):
+        # the same buffers every time, so a captured whole-step graph can be replayed
+        key = (batch, width, str(device))
+        if key not in self._states:
+            self._states[key] = DecodeState(batch, width, device)
+        return self._states[key]
 
     def __call__(self, tokens, start_pos, cache, last_only=False):
         if tokens.size(1) != 1:
             return super().__call__(tokens, start_pos, cache, last_only)
-        pos = torch.tensor([start_pos], device=tokens.device)
-        return self.step(self.model, tokens, cache, pos).float()
+        pos = torch.full((1,), start_pos, dtype=torch.long, device=tokens.device)  # a fill, not a host copy
+        if not self.cuda_graphs:
+            return self.step(self.model, tokens, cache, pos).float()
+        key = ("step", tokens.shape, cache.k.data_ptr(), cache.v.data_ptr())
+        if key not in self._graphs:
+            inputs = (tokens.clone(), pos.clone())
+            self._graphs[key] = (*_capture(lambda: self.step(self.model, inputs[0], cache, inputs[1]).float(),
+                                           lambda: self.step(self.model, inputs[0].clone(), cache, inputs[1].clone())),
+                                 inputs)
+        graph, logits, (static_tokens, static_pos) = self._graphs[key]
+        static_tokens.copy_(tokens)
+        static_pos.copy_(pos)
+        graph.replay()
+        return logits
+
+    def greedy_step(self, cache: KVCache, state: DecodeState, eos: int) -> None:
+        """`greedy_step` of the whole batch: compiled; on CUDA one replay of its captured graph."""
+        if not self.cuda_graphs:
+            self.greedy(self.model, cache, state, eos)
+            return
+        key = ("greedy", state.tokens.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), eos)
+        if key not in self._graphs:
+            saved = _copy(state)
+
+            def warm_up():  # a real step, then the state as it was (the cache write is redone by the replay)
+                self.greedy(self.model, cache, state, eos)
+                for name, t in saved.__dict__.items():
+                    getattr(state, name).copy_(t)
+            self._graphs[key] = _capture(lambda: self.greedy(self.model, cache, state, eos), warm_up)
+        self._graphs[key][0].replay()
+
+    def refreshed(self) -> "CompiledDecoder":
+        # a captured graph reads the weights at the addresses it saw: replaced or moved weights
+        # (cast, quantized, reloaded) need new graphs
+        weights = _addresses(self.model)
+        if weights != self._weights:
+            self._graphs.clear()
+            self._weights = weights
+        return self
+
+
+def _capture(run, warm_up):
+    """(a CUDA graph of `run()`, what run returned inside it). `warm_up()` first compiles, autotunes
+    and allocates outside the capture, on a side stream as CUDA graphs require: it does what run
+    does but leaves the step's inputs as they were; its only lasting write is the KV cache at the
+    position this very step then writes for real."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            warm_up()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    return graph, out
+
+
+def _copy(state: DecodeState) -> DecodeState:
+    """A DecodeState holding clones of `state`'s tensors."""
+    twin = object.__new__(DecodeState)
+    twin.__dict__ = {k: v.clone() for k, v in state.__dict__.items()}
+    return twin
+
+
+def _model_device(model: Transformer) -> torch.device:
+    return next(model.parameters(), next(model.buffers(), torch.empty(0))).device
+
+
+def _addresses(model: Transformer) -> tuple:
+    return tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))

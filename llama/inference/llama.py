@@ -38,7 +38,8 @@ UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."  # M
 def make_decoder(model: Transformer, kind: str = "auto", world_size: int = 1, **compile_options) -> EagerDecoder:
     """The decoding strategy `kind` for `model`: "auto" is the fused CPU step where it applies (one
     process, a bf16/fp32 model on a CPU with AVX512-BF16, AVX2+FMA or NEON, the kernel built), else eager.
-    `compile_options` go to torch.compile for "compiled" (e.g. mode="reduce-overhead": CUDA graphs)."""
+    `compile_options` go to the compiled decoder: `cuda_graphs` (default on for CUDA), the rest to
+    torch.compile (e.g. mode="max-autotune")."""
     if kind not in DECODERS:
         raise ValueError(f"unknown decoder {kind!r}; choose one of {DECODERS}")
     if kind == "eager":
@@ -194,7 +195,8 @@ class Llama:
 
         Rows are left-aligned; decoding starts at the shortest prompt and, while a row is still
         inside its prompt, its own token is kept instead of the sampled one, so each row sees
-        exactly the computation it would see alone.
+        exactly the computation it would see alone. `batch.tokens` may be the decoder's own buffer,
+        valid until the next call.
         """
         bsz = len(prompt_tokens)
         assert bsz <= self.max_batch_size
@@ -204,39 +206,54 @@ class Llama:
         total_len = max(ends)
         eos = self.tokenizer.eos_id
         dev = self.device
-        tokens = torch.full((bsz, total_len), -1, dtype=torch.long, device=dev)
-        for i, t in enumerate(prompt_tokens):
-            tokens[i, :len(t)] = torch.tensor(t, dtype=torch.long, device=dev)
-        in_prompt = tokens != -1
+        state = self.decoder.decode_state(bsz, self.max_seq_len, dev)
+        state.start(prompt_tokens, ends)
+        tokens, in_prompt, done, end_t = state.tokens[:, :total_len], state.in_prompt, state.done, state.ends
         lp = torch.zeros(bsz, total_len, device=dev) if logprobs else None
-        end_t = torch.tensor(ends, device=dev)
-        done = torch.zeros(bsz, dtype=torch.bool, device=dev)
         streams = [TextStream(self.tokenizer, stop) for _ in range(bsz)] if stop else None
         batch = _Batch(tokens, lp, ends)
-        prev = 0
-        for cur in range(min(lens), total_len):
-            chunk = tokens[:, prev:cur].clamp(min=0)  # pads (-1) beyond a prompt are overwritten below anyway
-            logits = self.decoder(chunk, prev, self.kv_cache(), last_only=lp is None)  # (B, T or 1, V)
-            nxt = self._sample(logits[:, -1], temperature, top_p, top_k)
-            nxt = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
-            tokens[:, cur] = torch.where(done, tokens[:, cur], nxt)
-            if lp is not None:  # logprob of tokens[:, prev+1 .. cur] under the logits that predicted them
-                target = tokens[:, prev + 1:cur + 1].clamp(min=0)
-                lp[:, prev + 1:cur + 1] = -F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-            generated = ~in_prompt[:, cur]
-            done |= generated & (nxt == eos)
-            if streams is not None:
-                for i in range(bsz):
-                    if generated[i] and not done[i]:
-                        streams[i].push([int(nxt[i])])
-                        if streams[i].stopped:
-                            done[i] = True
-                            batch.ends[i] = cur + 1
-            done |= cur + 1 >= end_t
+        # greedy steps without logprobs or stop strings can run whole on the device (model, argmax
+        # and bookkeeping in one compiled graph) where the decoder does that
+        whole = self.decoder.whole_greedy_steps and temperature == 0 and lp is None and streams is None
+        # asking whether every row is done waits for the device; on a GPU that stall between steps
+        # would leave it idle while the host queues the next one, so there it is asked every 16 steps
+        # (a finished row keeps its tokens, so a few extra steps change nothing but time)
+        check_every = 1 if dev.type == "cpu" or streams is not None else 16
+        start, prev = min(lens), 0
+        for cur in range(start, total_len):
+            if whole and cur > start:
+                self.decoder.greedy_step(self.kv_cache(), state, eos)  # reads and moves state.cur == cur
+            else:
+                self._step(state, prev, cur, temperature, top_p, top_k, lp, streams, batch)
+                if whole:
+                    state.cur.fill_(cur + 1)
             prev = cur
             yield batch, cur
-            if bool(done.all()):
+            if (cur + 1 - start) % check_every == 0 and bool(done.all()):
                 break
+
+    def _step(self, state, prev: int, cur: int, temperature, top_p, top_k, lp, streams, batch: _Batch) -> None:
+        """Run tokens[:, prev:cur] (the prompts' common prefix, or the last token) and write the token
+        at cur of every row: sampled, or the row's own while it is still inside its prompt."""
+        tokens, in_prompt, done, eos = state.tokens, state.in_prompt, state.done, self.tokenizer.eos_id
+        chunk = tokens[:, prev:cur].clamp(min=0)  # pads (-1) beyond a prompt are overwritten below anyway
+        logits = self.decoder(chunk, prev, self.kv_cache(), last_only=lp is None)  # (B, T or 1, V)
+        nxt = self._sample(logits[:, -1], temperature, top_p, top_k)
+        nxt = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
+        tokens[:, cur] = torch.where(done, tokens[:, cur], nxt)
+        if lp is not None:  # logprob of tokens[:, prev+1 .. cur] under the logits that predicted them
+            target = tokens[:, prev + 1:cur + 1].clamp(min=0)
+            lp[:, prev + 1:cur + 1] = -F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+        generated = ~in_prompt[:, cur]
+        done |= generated & (nxt == eos)
+        if streams is not None:
+            for i in range(len(streams)):
+                if generated[i] and not done[i]:
+                    streams[i].push([int(nxt[i])])
+                    if streams[i].stopped:
+                        done[i] = True
+                        batch.ends[i] = cur + 1
+        done |= cur + 1 >= state.ends
 
     @torch.inference_mode()
     def generate(self, prompt_tokens: list[list[int]], max_gen_len: int | None, temperature: float = 0.6,
