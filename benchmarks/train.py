@@ -1,7 +1,8 @@
 """Training-step speed: ours (the trainer's real step) vs transformers' LlamaForCausalLM, one process.
 
     python benchmarks/train.py                      # 60M preset, batch 4 x 512, bf16 autocast
-    python benchmarks/train.py --hf_compile=True    # also transformers under torch.compile
+    python benchmarks/train.py --hf_compile=False   # without transformers under torch.compile (faster)
+    python benchmarks/train.py --profile=True       # + where each row's step spends its time
 
 A step is forward, backward, gradient clipping, AdamW step and zero_grad, for the same weights, batch
 and dtype policy (fp32 master weights, bf16 compute under torch.autocast, fp32 loss). Ours is
@@ -101,10 +102,12 @@ def build_hf(ours: torch.nn.Module, args, trainer: Trainer, dtype: str, compile:
 
 
 def main(model: str = "60M", batch_size: int = 4, seq_len: int = 512, dtype: str = "bf16", compile: bool = True,
-         ac: str = "none", fused_adamw: bool = True, hf_compile: bool = False,
-         repeats: int = 12, threads: int = 0, json_out: str = ""):
+         ac: str = "none", fused_adamw: bool = True, hf_compile: bool = True,
+         repeats: int = 12, threads: int = 0, json_out: str = "", profile: bool = False):
     """Time one training step of ours and of transformers; print a table of tokens/s, ratio and MFU.
-    fused_adamw: transformers' rows use the fused AdamW kernel as ours does."""
+    fused_adamw: transformers' rows use the fused AdamW kernel as ours does. hf_compile: also
+    transformers under torch.compile, the strongest peer. profile: then one profiled step per row,
+    its time by kind of work (`step_profile`)."""
     if threads:
         torch.set_num_threads(threads)
 
@@ -153,9 +156,46 @@ def main(model: str = "60M", batch_size: int = 4, seq_len: int = 512, dtype: str
         mfu = tps * flops_tok / peak
         result["rows"][name] = {"step_s": t, "tokens_per_s": tps, "ratio": tps / base, "mfu": mfu}
         print(f"| {name} | {t:.2f} | {tps:.0f} | {tps / base:.2f}x | {100 * mfu:.1f}% |")
+    if profile:
+        print("\nwhere a step's time goes (one profiled step per row, self CPU time; ms and share):")
+        kinds = list(KINDS) + ["other"]
+        print("| row | " + " | ".join(kinds) + " | top operators |")
+        print("|---" * (len(kinds) + 2) + "|")
+        for name, step in rows.items():
+            by_kind, top = step_profile(step)
+            result["rows"][name]["profile_ms"] = by_kind
+            total = sum(by_kind.values())
+            cells = " | ".join(f"{by_kind.get(k, 0):.0f} ({100 * by_kind.get(k, 0) / total:.0f}%)" for k in kinds)
+            print(f"| {name} | {cells} | {'; '.join(top)} |")
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
     return None
+
+
+# kinds of work, by the operator names torch's profiler reports (first match wins)
+KINDS = {
+    "matmul": ("mm", "addmm", "bmm", "matmul", "linear", "mkldnn", "onednn", "_weight_", "baddbmm"),
+    "attention": ("scaled_dot_product", "flash_attention", "attention"),
+    "optimizer": ("adam", "_foreach", "clip", "norm_"),
+    "compiled kernels": ("cpp_fused", "kernel_cpp", "triton", "compiled", "inductor"),
+}
+
+
+def step_profile(step, top: int = 4) -> tuple[dict, list[str]]:
+    """({kind: ms of self CPU time}, the `top` operators) of one call of `step` (after a warm call)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    step()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    by_kind: dict[str, float] = {}
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    for e in events:
+        name = e.key.lower()
+        kind = next((k for k, words in KINDS.items() if any(w in name for w in words)), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + e.self_cpu_time_total / 1e3
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    return by_kind, [f"{e.key} {e.self_cpu_time_total / 1e3:.0f} ms" for e in events[:top]]
 
 
 if __name__ == "__main__":
