@@ -183,11 +183,11 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
             used[dt_name, bsz] = _decoder_name(llamas["ours"].decoder)
             print(f"{dt_name} batch {bsz}: ours decodes with {used[dt_name, bsz]}", flush=True)
             ids = prompts[bsz].tolist()
-            runners = {name: _ours_runner(llama, ids, prompt_len) for name, llama in llamas.items()}
+            runners = {name: ours_runner(llama, ids, prompt_len) for name, llama in llamas.items()}
             runners["transformers"] = _hf_runner(hf, prompts[bsz])
             if bsz == 1 and llamacpp and llama_cpp is not None and dt_name in ("bf16", "fp32"):
                 gguf_dtype = {"bf16": "bf16", "fp32": "f32"}[dt_name]
-                runners[f"llama.cpp {gguf_dtype}"] = _llama_cpp_runner(_gguf(base, args, gguf_dtype), ids[0], args,
+                runners[f"llama.cpp {gguf_dtype}"] = llama_cpp_runner(write_gguf(base, args, gguf_dtype), ids[0], args,
                                                                        kv_dtype=dt_name)
             results = _time_runs(runners, new_tokens, repeats, bw_samples)
             greedy[dt_name, bsz] = results["ours"]["tokens"]
@@ -230,11 +230,11 @@ def _int8_rows(base, args, prompt, prompt_len, new_tokens, repeats, bw_samples, 
     llama = Llama(q, _NoEos(), args.max_seq_len, 1)
     print(f"int8 batch 1: ours int8 decodes with {_decoder_name(llama.decoder)}", flush=True)
     ids = prompt.tolist()
-    runners = {"ours int8": _ours_runner(llama, ids, prompt_len)}
+    runners = {"ours int8": ours_runner(llama, ids, prompt_len)}
     q8_bytes = None
     if llama_cpp is not None:
-        path = _gguf(base, args, "q8_0")
-        runners["llama.cpp Q8_0"] = _llama_cpp_runner(path, ids[0], args, kv_dtype="bf16")
+        path = write_gguf(base, args, "q8_0")
+        runners["llama.cpp Q8_0"] = llama_cpp_runner(path, ids[0], args, kv_dtype="bf16")
         # Q8_0 stores 32 int8 weights and one f16 scale per block: 34 bytes per 32 weights
         q8_bytes = sum(p.numel() for k, p in base.named_parameters() if p.dim() == 2 and "tok_embeddings" not in k) * 34 / 32
     peak = measure_matmul_flops(torch.bfloat16)  # int8 weights are widened to bf16 (ours) / int8 dots (llama.cpp)
@@ -257,7 +257,7 @@ def _int8_rows(base, args, prompt, prompt_len, new_tokens, repeats, bw_samples, 
 # --- runners: run(n) -> (new token ids per row, [seconds from the start to each new token] or None)
 
 
-def _ours_runner(llama: Llama, ids: list[list[int]], prompt_len: int):
+def ours_runner(llama: Llama, ids: list[list[int]], prompt_len: int):
     def run(n):
         stamps, t0 = [], time.perf_counter()
         with torch.inference_mode():
@@ -298,7 +298,7 @@ def _hf_runner(hf, prompts: torch.Tensor):
 _GGUF_DIR: list[tempfile.TemporaryDirectory] = []
 
 
-def _gguf(base: Transformer, args: ModelArgs, dtype: str) -> Path:
+def write_gguf(base: Transformer, args: ModelArgs, dtype: str) -> Path:
     """`base` written as GGUF (f32 or bf16 by save_gguf; q8_0 by llama.cpp's own quantizer from the
     f32 file) in a temporary directory that lives as long as the process; written once per dtype."""
     if not _GGUF_DIR:
@@ -311,7 +311,7 @@ def _gguf(base: Transformer, args: ModelArgs, dtype: str) -> Path:
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = torch.get_num_threads()
     params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
-    src = _gguf(base, args, "f32")
+    src = write_gguf(base, args, "f32")
     if llama_cpp.llama_model_quantize(str(src).encode(), str(path).encode(), ctypes.byref(params)) != 0:
         raise RuntimeError(f"llama.cpp could not quantize {src} to Q8_0")
     return path
@@ -329,7 +329,7 @@ def _token_vocab(n: int) -> BPETokenizer:
 _GGML_TYPES = {"fp32": 0, "bf16": 30}  # ggml_type of the KV cache: GGML_TYPE_F32, GGML_TYPE_BF16
 
 
-def _llama_cpp_runner(path: Path, ids: list[int], args: ModelArgs, kv_dtype: str):
+def llama_cpp_runner(path: Path, ids: list[int], args: ModelArgs, kv_dtype: str):
     """llama.cpp on `path`, batch 1, with as many threads as torch uses and llama.cpp's own default of
     flash attention on a CPU; the prompt in one `eval` call, then one token per call, greedy (argmax
     of the last position's logits, read from the context)."""
