@@ -158,7 +158,7 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     prompts = {bsz: torch.randint(3, args.vocab_size, (bsz, prompt_len)) for bsz in batches}
     rows, used, peaks = [], {}, {}  # used: (dtype, batch) -> how "ours" decoded; peaks: dtype -> [FLOP/s samples]
-    greedy = {}  # dtype -> ours' greedy tokens at batch 1 (what llama.cpp's agree with)
+    greedy = {}  # (dtype, batch) -> ours' greedy tokens (what the other rows' agreement compares with)
     for dt_name in dtypes:
         dtype = resolve_dtype(dt_name, "cpu")
         ours = Transformer(args).to(dtype).eval().requires_grad_(False)
@@ -418,11 +418,13 @@ def _decoder_name(decoder) -> str:
 
 
 def _print_row(r):
+    ratios = "".join(f"{r[k]:.2f}x {what}, " for k, what in (("vs_hf", "transformers"), ("vs_eager", "eager"))
+                     if r[k] == r[k])  # nan: the block has no such row (int8)
     print(f"{r['impl']:>16} {r['dtype']:>5} b{r['batch']:<2} ttft {r['ttft_ms']:7.1f} ms  prefill {r['prefill_tps']:7.0f} "
           f"tok/s ({r['prefill_pct']:.0f}% of matmul peak {r['peak'] / 1e9:.0f} GFLOP/s)  "
-          f"decode {r['decode_tps']:6.1f} tok/s ({r['vs_hf']:.2f}x transformers, {r['vs_eager']:.2f}x eager; "
-          f"ceilings: memory {r['mem_tps']:.1f} at {r['bw']:.0f} GB/s, compute {r['compute_tps']:.0f} tok/s; "
-          f"{r['pct_roofline']:.0f}% of roofline)  greedy agreement {r['agree']:.2f}", flush=True)
+          f"decode {r['decode_tps']:6.1f} tok/s ({ratios}ceilings: memory {r['mem_tps']:.1f} at {r['bw']:.0f} GB/s, "
+          f"compute {r['compute_tps']:.0f} tok/s; {r['pct_roofline']:.0f}% of roofline)  "
+          f"greedy agreement {r['agree']:.2f}", flush=True)
 
 
 def _table(rows, model, prompt_len, new_tokens, bw, used) -> str:
