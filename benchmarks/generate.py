@@ -1,16 +1,38 @@
-"""Generation speed: our Llama vs transformers' LlamaForCausalLM on the same weights, one process.
+"""Generation speed: our Llama vs transformers' LlamaForCausalLM (and llama.cpp) on the same weights, one process.
 
 For each dtype and batch size: time to first token (prefill of a P-token prompt + first sample),
-prefill tokens/s, decode tokens/s (greedy, N new tokens, the first excluded), and batch-1 decode
-as a percentage of the memory-bandwidth ceiling: bytes read per decoded token (every weight but the
-embedding table, plus the KV cache of the positions attended) x steps/s over the bandwidth measured
-right before and right after that timed run (the higher of the two; a sum over a 256 MB tensor).
-The bandwidth this shared machine gives moves by 2x from minute to minute, so each run is
-compared with its own. Runs alternate between the implementations; the fastest of `repeats` is kept.
+prefill tokens/s, decode tokens/s (greedy, N new tokens, the first excluded), and how close each
+comes to what this machine allows, measured in the same run:
+
+- memory ceiling (decode tok/s): bytes read per step (every weight but the embedding table, plus
+  the KV cache of the positions attended) over the read bandwidth measured right before and right
+  after that timed run (the higher of the two). The bandwidth is read the way the fused decoding
+  step reads its weights (`measure_bandwidth_gbs`: the kernel's own build, its vector loads on every
+  thread, 4 streams per thread, over a 256 MB buffer), so the fused step cannot beat it.
+- compute ceiling (decode tok/s): FLOPs per step (2 x matmul parameters x batch + attention) over
+  the dtype's matmul peak (`measure_matmul_flops`: a fresh (2048, 2048) @ (2048, 2048) product,
+  measured before and after each dtype/batch block, the higher kept).
+- % of roofline: decode tok/s over min(memory ceiling, compute ceiling): memory-bound at batch 1,
+  closer to compute-bound at batch 8.
+- prefill % of matmul peak: the prompt's FLOPs (2 x layer parameters x tokens + the output
+  projection of the last position + causal attention) per TTFT over the dtype's matmul peak.
+
+The bandwidth and matmul speed of this shared machine move by 2x from minute to minute, so each run
+is compared with its own. Runs alternate between the implementations; the fastest of `repeats` is
+kept.
+
+With llama-cpp-python installed (`pip install -e .[llamacpp]`), batch-1 rows "llama.cpp f32" /
+"llama.cpp bf16" run the same weights written by llama.formats.gguf.save_gguf (the row's dtype, KV
+cache in the same dtype, flash attention on, n_threads = torch's thread count), timed by the same
+clock around `Llama.eval` calls (prompt in one call, then one token per call, greedy argmax of the
+last logits); "llama.cpp Q8_0" runs the file quantized by llama.cpp's own quantizer
+(llama_model_quantize from the f32 file), next to "ours int8" (llama.quantize.quantize_int8 of the
+bf16 model, decoded by whatever decoder Llama picks for it).
 
     python benchmarks/generate.py                       # 160M preset, bf16 and fp32, batch 1 and 8
     python benchmarks/generate.py --model 60M --dtypes bf16 --batches 1 --compile
     python benchmarks/generate.py --dtypes bf16,fp32 --batches 1 --kernels avx2   # + the AVX2 build
+    python benchmarks/generate.py --llamacpp=False      # without the llama.cpp / int8 rows
     LLAMA_CPU_KERNEL=avx2 python benchmarks/generate.py   # "ours" itself on the AVX2 build
 
 `--kernels` adds a row per fused-kernel build named (llama/inference/cpu_decode.py VARIANTS, e.g.
@@ -21,20 +43,32 @@ weights; LLAMA_CPU_KERNEL forces the build that "ours" (Llama.build) uses.
 from __future__ import annotations
 
 import copy
+import ctypes
 import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import fire
+import numpy as np
 import torch
+from tokenizers import pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from llama.bpe_tokenizer import BPETokenizer
 from llama.env import resolve_dtype
+from llama.formats.gguf import save_gguf
 from llama.formats.hf import hf_config, to_hf
 from llama.inference import Llama
-from llama.inference.cpu_decode import FusedCpuDecoder
+from llama.inference.cpu_decode import FusedCpuDecoder, decode_kernel, read_bandwidth
 from llama.model import ModelArgs, Transformer
+from llama.quantize import quantize_int8, weight_bytes
+
+try:
+    import llama_cpp
+except ImportError as e:  # the optional extra: pip install -e .[llamacpp]
+    llama_cpp, LLAMA_CPP_MISSING = None, f"{type(e).__name__}: {e}"
 
 
 class _NoEos:
@@ -47,21 +81,61 @@ _PROBE: list[torch.Tensor] = []
 
 
 def measure_bandwidth_gbs(repeats: int = 3) -> float:
-    """Read bandwidth now: the best of `repeats` sums over a 256 MB fp32 tensor (allocated once)."""
+    """Read bandwidth now (GB/s), read the way the fused decoding step reads its weights:
+    llama.inference.cpu_decode.read_bandwidth, compiled in the kernel's own build (the ISA "ours"
+    decodes with), sums a 256 MB fp32 buffer of ones with vector loads on every torch thread
+    (at::parallel_for), each thread's half walked as 4 interleaved streams, timed inside the C++
+    call; the best of `repeats`. The sum must come back as the element count (every byte read).
+    Where no fused kernel builds: torch's sum over the same buffer, timed around the call."""
     if not _PROBE:
         _PROBE.append(torch.ones(256 * 2**20 // 4, dtype=torch.float32))  # touched, so the pages are real
     x = _PROBE[0]
+    best = 0.0
+    for _ in range(repeats):
+        if decode_kernel() is not None:
+            bps, total = read_bandwidth(x)
+            if total != x.numel():
+                raise RuntimeError(f"read_bandwidth summed {total} over {x.numel()} ones: it did not read the whole buffer")
+        else:
+            t0 = time.perf_counter()
+            x.sum()
+            bps = x.numel() * 4 / (time.perf_counter() - t0)
+        best = max(best, bps)
+    return best / 1e9
+
+
+def measure_matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
+    """The dtype's matmul peak now (FLOP/s): the best of `repeats` (n, n) @ (n, n) products with
+    torch's matmul on all threads, measured afresh (llama.env.cpu_matmul_speeds caches its figure on
+    disk per CPU model and uses n = 1024, where this CPU reaches ~2/3 of its 2048 speed)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm up
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        x.sum()
+        a @ b
         best = min(best, time.perf_counter() - t0)
-    return x.numel() * 4 / best / 1e9
+    return 2 * n**3 / best
+
+
+def decode_flops(args: ModelArgs, matmul_params: int, bsz: int, context: float) -> float:
+    """FLOPs of one decoding step of `bsz` rows: 2 per matmul weight per row (layers and the output
+    projection), plus attention over `context` positions: q.k and p.v, 2 x n_heads x head_dim
+    each per position, per layer per row. Norms, RoPE, SiLU are O(dim) and left out."""
+    return bsz * (2 * matmul_params + 4 * args.n_layers * args.n_heads * args.head_dim * context)
+
+
+def prefill_flops(args: ModelArgs, layer_params: int, output_params: int, bsz: int, tokens: int) -> float:
+    """FLOPs of a `tokens`-long prefill of `bsz` rows: 2 per layer matmul weight per token, the
+    output projection of the last position only (what Llama's prefill computes), and causal
+    attention (position t attends t + 1 positions: sum 2 x 2 x n_heads x head_dim x (t + 1))."""
+    attention = 2 * args.n_layers * args.n_heads * args.head_dim * tokens * (tokens + 1)
+    return bsz * (2 * layer_params * tokens + 2 * output_params + attention)
 
 
 def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_len: int = 128, new_tokens: int = 32,
          repeats: int = 2, compile: bool = False, threads: int | None = None, out: str | None = None,
-         kernels=()):
+         kernels=(), llamacpp: bool = True):
     if threads:
         torch.set_num_threads(threads)
 
@@ -72,12 +146,19 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
     torch.manual_seed(0)
     base = Transformer(args).eval().requires_grad_(False)
     n_params = base.num_params()
+    # parameter counts for the FLOPs: the layers' matmul weights, the output projection (2-D only:
+    # norms do no matmul), the embedding table (a lookup: no FLOPs, one row read)
+    layer_params = sum(p.numel() for k, p in base.named_parameters() if k.startswith("layers.") and p.dim() == 2)
+    output_params = base.output.weight.numel()
     bw = measure_bandwidth_gbs()
     bw_samples = [bw]
     print(f"model {model} ({n_params / 1e6:.0f}M params), prompt {prompt_len}, new {new_tokens}, "
-          f"threads {torch.get_num_threads()}, bandwidth {bw:.1f} GB/s now (sum over 256 MB), "
+          f"threads {torch.get_num_threads()}, bandwidth {bw:.1f} GB/s now ("
+          f"{'read_bandwidth, the fused kernel build' if decode_kernel() is not None else 'torch sum'} over 256 MB), "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
-    rows, used = [], {}  # used: (dtype, batch) -> how "ours" decoded
+    prompts = {bsz: torch.randint(3, args.vocab_size, (bsz, prompt_len)) for bsz in batches}
+    rows, used, peaks = [], {}, {}  # used: (dtype, batch) -> how "ours" decoded; peaks: dtype -> [FLOP/s samples]
+    greedy = {}  # (dtype, batch) -> ours' greedy tokens (what the other rows' agreement compares with)
     for dt_name in dtypes:
         dtype = resolve_dtype(dt_name, "cpu")
         ours = Transformer(args).to(dtype).eval().requires_grad_(False)
@@ -93,93 +174,45 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
             variants[f"ours, {kernel}"] = FusedCpuDecoder.create(copy.deepcopy(ours), kernel)
             if variants[f"ours, {kernel}"] is None:
                 raise SystemExit(f"--kernels {kernel}: that fused kernel did not build (see the warning above)")
-        weight_bytes = sum(p.numel() * p.element_size() for k, p in ours.named_parameters() if "tok_embeddings" not in k)
+        weight_bytes_step = sum(p.numel() * p.element_size() for k, p in ours.named_parameters()
+                                if "tok_embeddings" not in k)
         for bsz in batches:
+            peak_before = measure_matmul_flops(dtype)
             llamas = {name: Llama(kind.model if isinstance(kind, FusedCpuDecoder) else ours, _NoEos(), args.max_seq_len,
                                   bsz, decoder=kind) for name, kind in variants.items()}
             used[dt_name, bsz] = _decoder_name(llamas["ours"].decoder)
             print(f"{dt_name} batch {bsz}: ours decodes with {used[dt_name, bsz]}", flush=True)
-            prompts = torch.randint(3, args.vocab_size, (bsz, prompt_len))
-            ids = prompts.tolist()
+            ids = prompts[bsz].tolist()
+            runners = {name: ours_runner(llama, ids, prompt_len) for name, llama in llamas.items()}
+            runners["transformers"] = _hf_runner(hf, prompts[bsz])
+            if bsz == 1 and llamacpp and llama_cpp is not None and dt_name in ("bf16", "fp32"):
+                gguf_dtype = {"bf16": "bf16", "fp32": "f32"}[dt_name]
+                runners[f"llama.cpp {gguf_dtype}"] = llama_cpp_runner(write_gguf(base, args, gguf_dtype), ids[0], args,
+                                                                       kv_dtype=dt_name)
+            results = _time_runs(runners, new_tokens, repeats, bw_samples)
+            greedy[dt_name, bsz] = results["ours"]["tokens"]
+            peaks[dt_name, bsz] = max(peak_before, measure_matmul_flops(dtype))
             # KV bytes read per step: keys and values of every layer, averaged over the decoded positions
-            kv_bytes = 2 * args.n_layers * bsz * (prompt_len + new_tokens / 2) * args.n_kv_heads * args.head_dim * dtype.itemsize
-
-            def ours_runner(name):
-                def ours_run(n):
-                    """(tokens, [time of each new token]) from one run."""
-                    stamps, t0 = [], time.perf_counter()
-                    with torch.inference_mode():
-                        for batch, _ in llamas[name].steps(ids, n, temperature=0.0):
-                            stamps.append(time.perf_counter() - t0)
-                    return [r[prompt_len:] for r in batch.tokens.tolist()], stamps
-                return ours_run
-
-            class _Clock:  # transformers' streamer interface: put() gets the prompt, then each new token
-                def __init__(self):
-                    self.t0, self.stamps, self.calls = time.perf_counter(), [], 0
-
-                def put(self, value):
-                    self.calls += 1
-                    if self.calls > 1:
-                        self.stamps.append(time.perf_counter() - self.t0)
-
-                def end(self):
-                    pass
-
-            def hf_run(n):
-                clock = _Clock()
-                with torch.inference_mode():
-                    out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-                                      max_new_tokens=n, min_new_tokens=n, pad_token_id=0, eos_token_id=None,
-                                      streamer=clock if bsz == 1 else None)
-                if bsz > 1:  # transformers' streamers take batch 1 only: time the whole run instead
-                    return out[:, prompt_len:].tolist(), None
-                return out[:, prompt_len:].tolist(), clock.stamps
-
-            # sanity: share of greedy tokens both implementations agree on
-            a, b = ours_runner("ours")(8)[0], hf_run(8)[0]
-            agree = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)) / (8 * bsz)
-            results = {}
-
-            def timed(run):
-                """(TTFT, decode seconds for tokens 2..N): per-token stamps where there are, else from
-                a 1-token run and an N-token run."""
-                _, stamps = run(new_tokens)
-                if stamps is not None:
-                    return stamps[0], stamps[-1] - stamps[0]
-                t0 = time.perf_counter()
-                run(1)
-                t1 = time.perf_counter()
-                run(new_tokens)
-                return t1 - t0, (time.perf_counter() - t1) - (t1 - t0)
-
-            for name in [*variants, "transformers"]:
-                run = ours_runner(name) if name in variants else hf_run
-                run(2)  # warm-up (and compile)
-                results[name] = dict(run=run, ttft=float("inf"), dec=float("inf"), bw=float("nan"))
-            for _ in range(repeats):  # alternate implementations so background load hits all alike
-                for name, r in results.items():
-                    before = measure_bandwidth_gbs()
-                    ttft, dec = timed(r["run"])
-                    after = measure_bandwidth_gbs()
-                    bw_samples += [before, after]
-                    r["ttft"] = min(r["ttft"], ttft)
-                    if 0 < dec < r["dec"]:
-                        r["dec"], r["bw"] = dec, max(before, after)
+            context = prompt_len + new_tokens / 2
+            kv_bytes = 2 * args.n_layers * bsz * context * args.n_kv_heads * args.head_dim * dtype.itemsize
+            block = []
             for name, r in results.items():
-                decode_tps = bsz * (new_tokens - 1) / r["dec"]
-                ceiling_steps = r["bw"] * 1e9 / (weight_bytes + kv_bytes)
-                rows.append(dict(impl=name, dtype=dt_name, batch=bsz, ttft_ms=r["ttft"] * 1e3,
-                                 prefill_tps=bsz * prompt_len / r["ttft"], decode_tps=decode_tps, bw=r["bw"],
-                                 pct_ceiling=100 * (decode_tps / bsz) / ceiling_steps, agree=agree))
-            hf_dec = next(r["decode_tps"] for r in rows[-len(results):] if r["impl"] == "transformers")
-            eager_dec = next(r["decode_tps"] for r in rows[-len(results):] if r["impl"] == "ours, eager")
-            for r in rows[-len(results):]:
-                r["vs_hf"], r["vs_eager"] = r["decode_tps"] / hf_dec, r["decode_tps"] / eager_dec
-                _print_row(r)
+                block.append(_row(name, dt_name, bsz, r, prompt_len, new_tokens, greedy[dt_name, bsz],
+                                  mem_bytes=weight_bytes_step + kv_bytes, peak=peaks[dt_name, bsz],
+                                  step_flops=decode_flops(args, layer_params + output_params, bsz, context),
+                                  prompt_flops=prefill_flops(args, layer_params, output_params, bsz, prompt_len)))
+            _compare(block)
+            rows += block
+    # int8: ours (llama.quantize) next to llama.cpp's Q8_0, batch 1, bf16 activations and KV cache
+    if llamacpp and 1 in batches:
+        if llama_cpp is None:
+            print(f"llama.cpp rows skipped: llama-cpp-python is not importable ({LLAMA_CPP_MISSING}); "
+                  f"pip install -e .[llamacpp]", flush=True)
+        rows += _int8_rows(base, args, prompts[1], prompt_len, new_tokens, repeats, bw_samples, greedy)
     bw = (min(bw_samples), statistics.median(bw_samples), max(bw_samples))
     print(f"load average at the end {os.getloadavg()[0]:.1f}; bandwidth over the run: min {bw[0]:.1f}, "
-          f"median {bw[1]:.1f}, max {bw[2]:.1f} GB/s")
+          f"median {bw[1]:.1f}, max {bw[2]:.1f} GB/s; matmul peak: "
+          + ", ".join(f"{d} b{b} {p / 1e9:.0f}" for (d, b), p in peaks.items()) + " GFLOP/s")
     table = _table(rows, model, prompt_len, new_tokens, bw, used)
     print("\n" + table)
     if out:
@@ -187,28 +220,228 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
     return None
 
 
+def _int8_rows(base, args, prompt, prompt_len, new_tokens, repeats, bw_samples, greedy) -> list[dict]:
+    """"ours int8" (quantize_int8 of the bf16 model: int8 weights with per-row scales, bf16
+    activations) and, where llama-cpp-python is importable, "llama.cpp Q8_0" (int8 blocks of 32
+    with an f16 scale, quantized by llama.cpp from the f32 file), bf16 KV caches, batch 1."""
+    q = Transformer(args).to(torch.bfloat16).eval().requires_grad_(False)
+    q.load_state_dict({k: v.to(torch.bfloat16) for k, v in base.state_dict().items()})
+    quantize_int8(q)
+    llama = Llama(q, _NoEos(), args.max_seq_len, 1)
+    print(f"int8 batch 1: ours int8 decodes with {_decoder_name(llama.decoder)}", flush=True)
+    ids = prompt.tolist()
+    runners = {"ours int8": ours_runner(llama, ids, prompt_len)}
+    q8_bytes = None
+    if llama_cpp is not None:
+        path = write_gguf(base, args, "q8_0")
+        runners["llama.cpp Q8_0"] = llama_cpp_runner(path, ids[0], args, kv_dtype="bf16")
+        # Q8_0 stores 32 int8 weights and one f16 scale per block: 34 bytes per 32 weights
+        q8_bytes = sum(p.numel() for k, p in base.named_parameters() if p.dim() == 2 and "tok_embeddings" not in k) * 34 / 32
+    peak = measure_matmul_flops(torch.bfloat16)  # int8 weights are widened to bf16 (ours) / int8 dots (llama.cpp)
+    results = _time_runs(runners, new_tokens, repeats, bw_samples)
+    context = prompt_len + new_tokens / 2
+    kv_bytes = 2 * args.n_layers * context * args.n_kv_heads * args.head_dim * 2
+    emb = sum(t.numel() * t.element_size() for t in q.tok_embeddings.state_dict().values())
+    layer_params = sum(p.numel() for k, p in base.named_parameters() if k.startswith("layers.") and p.dim() == 2)
+    block = []
+    for name, r in results.items():
+        w = weight_bytes(q) - emb if name == "ours int8" else q8_bytes
+        block.append(_row(name, "int8" if name == "ours int8" else "Q8_0", 1, r, prompt_len, new_tokens,
+                          greedy.get(("bf16", 1)), mem_bytes=w + kv_bytes, peak=peak,
+                          step_flops=decode_flops(args, layer_params + base.output.weight.numel(), 1, context),
+                          prompt_flops=prefill_flops(args, layer_params, base.output.weight.numel(), 1, prompt_len)))
+    _compare(block)
+    return block
+
+
+# --- runners: run(n) -> (new token ids per row, [seconds from the start to each new token] or None)
+
+
+def ours_runner(llama: Llama, ids: list[list[int]], prompt_len: int):
+    def run(n):
+        stamps, t0 = [], time.perf_counter()
+        with torch.inference_mode():
+            for batch, _ in llama.steps(ids, n, temperature=0.0):
+                stamps.append(time.perf_counter() - t0)
+        return [r[prompt_len:] for r in batch.tokens.tolist()], stamps
+    return run
+
+
+class _Clock:  # transformers' streamer interface: put() gets the prompt, then each new token
+    def __init__(self):
+        self.t0, self.stamps, self.calls = time.perf_counter(), [], 0
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls > 1:
+            self.stamps.append(time.perf_counter() - self.t0)
+
+    def end(self):
+        pass
+
+
+def _hf_runner(hf, prompts: torch.Tensor):
+    bsz, prompt_len = prompts.shape
+
+    def run(n):
+        clock = _Clock()
+        with torch.inference_mode():
+            out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                              max_new_tokens=n, min_new_tokens=n, pad_token_id=0, eos_token_id=None,
+                              streamer=clock if bsz == 1 else None)
+        if bsz > 1:  # transformers' streamers take batch 1 only: time the whole run instead
+            return out[:, prompt_len:].tolist(), None
+        return out[:, prompt_len:].tolist(), clock.stamps
+    return run
+
+
+_GGUF_DIR: list[tempfile.TemporaryDirectory] = []
+
+
+def write_gguf(base: Transformer, args: ModelArgs, dtype: str) -> Path:
+    """`base` written as GGUF (f32 or bf16 by save_gguf; q8_0 by llama.cpp's own quantizer from the
+    f32 file) in a temporary directory that lives as long as the process; written once per dtype."""
+    if not _GGUF_DIR:
+        _GGUF_DIR.append(tempfile.TemporaryDirectory(prefix="llama_bench_"))
+    path = Path(_GGUF_DIR[0].name) / f"model_{dtype}.gguf"
+    if path.exists():
+        return path
+    if dtype in ("f32", "bf16"):
+        return save_gguf(base, args, _token_vocab(args.vocab_size), path, dtype=dtype)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = torch.get_num_threads()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    src = write_gguf(base, args, "f32")
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(path).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {src} to Q8_0")
+    return path
+
+
+def _token_vocab(n: int) -> BPETokenizer:
+    """A vocabulary of `n` tokens for the GGUF file (llama.cpp needs one of the model's size; the
+    benchmark feeds token ids, never text): GPT-2's 256 byte symbols, <s>, </s>, one merge, fillers."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens = alphabet + ["<s>", "</s>", "\u0120t"] + [f"<unused{i}>" for i in range(n - len(alphabet) - 3)]
+    types = [1] * len(alphabet) + [3, 3, 1] + [4] * (n - len(alphabet) - 3)  # normal, control, user-defined
+    return BPETokenizer(tokens, ["\u0120 t"], types, pre="default", bos_id=len(alphabet), eos_id=len(alphabet) + 1)
+
+
+_GGML_TYPES = {"fp32": 0, "bf16": 30}  # ggml_type of the KV cache: GGML_TYPE_F32, GGML_TYPE_BF16
+
+
+def llama_cpp_runner(path: Path, ids: list[int], args: ModelArgs, kv_dtype: str):
+    """llama.cpp on `path`, batch 1, with as many threads as torch uses and llama.cpp's own default of
+    flash attention on a CPU; the prompt in one `eval` call, then one token per call, greedy (argmax
+    of the last position's logits, read from the context)."""
+    threads = torch.get_num_threads()
+    llm = llama_cpp.Llama(str(path), n_ctx=args.max_seq_len, n_batch=max(len(ids), 32), n_threads=threads,
+                          n_threads_batch=threads, type_k=_GGML_TYPES[kv_dtype], type_v=_GGML_TYPES[kv_dtype],
+                          flash_attn=True, verbose=False)
+
+    def argmax():
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(args.vocab_size,))
+        return int(logits.argmax())
+
+    def run(n):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        new, stamps = [argmax()], [time.perf_counter() - t0]
+        while len(new) < n:
+            llm.eval([new[-1]])
+            new.append(argmax())
+            stamps.append(time.perf_counter() - t0)
+        return [new], stamps
+    return run
+
+
+def _time_runs(runners: dict, new_tokens: int, repeats: int, bw_samples: list) -> dict:
+    """{name: {ttft, dec (seconds for tokens 2..N), bw (GB/s around the fastest decode), tokens}}:
+    each runner warmed up, then `repeats` rounds alternating the runners (background load hits all
+    alike), the bandwidth probed right before and after every timed run."""
+
+    def timed(run):
+        """(TTFT, decode seconds for tokens 2..N, tokens): per-token stamps where there are, else from
+        a 1-token run and an N-token run."""
+        tokens, stamps = run(new_tokens)
+        if stamps is not None:
+            return stamps[0], stamps[-1] - stamps[0], tokens
+        t0 = time.perf_counter()
+        run(1)
+        t1 = time.perf_counter()
+        tokens, _ = run(new_tokens)
+        return t1 - t0, (time.perf_counter() - t1) - (t1 - t0), tokens
+
+    results = {}
+    for name, run in runners.items():
+        run(2)  # warm-up (and compile)
+        results[name] = dict(run=run, ttft=float("inf"), dec=float("inf"), bw=float("nan"), tokens=None)
+    for _ in range(repeats):
+        for name, r in results.items():
+            before = measure_bandwidth_gbs()
+            ttft, dec, r["tokens"] = timed(r["run"])
+            after = measure_bandwidth_gbs()
+            bw_samples += [before, after]
+            r["ttft"] = min(r["ttft"], ttft)
+            if 0 < dec < r["dec"]:
+                r["dec"], r["bw"] = dec, max(before, after)
+    return results
+
+
+def _row(name, dt_name, bsz, r, prompt_len, new_tokens, reference, mem_bytes, peak, step_flops, prompt_flops) -> dict:
+    """One table row: speeds, both ceilings in decode tok/s, % of the roofline, prefill % of peak,
+    and the share of greedy tokens equal to `reference` (ours at this dtype and batch)."""
+    decode_tps = bsz * (new_tokens - 1) / r["dec"]
+    mem_tps = bsz * r["bw"] * 1e9 / mem_bytes
+    compute_tps = bsz * peak / step_flops
+    agree = float("nan")
+    if reference is not None:
+        agree = sum(x == y for ra, rb in zip(r["tokens"], reference) for x, y in zip(ra, rb)) / (new_tokens * bsz)
+    return dict(impl=name, dtype=dt_name, batch=bsz, ttft_ms=r["ttft"] * 1e3, prefill_tps=bsz * prompt_len / r["ttft"],
+                prefill_pct=100 * prompt_flops / r["ttft"] / peak, decode_tps=decode_tps, bw=r["bw"], peak=peak,
+                mem_tps=mem_tps, compute_tps=compute_tps, pct_roofline=100 * decode_tps / min(mem_tps, compute_tps),
+                agree=agree, vs_hf=float("nan"), vs_eager=float("nan"))
+
+
+def _compare(block: list[dict]):
+    """Fill each row's decode speed relative to transformers and to our eager decoder (where the
+    block has them) and print the rows."""
+    ref = {r["impl"]: r["decode_tps"] for r in block}
+    for r in block:
+        r["vs_hf"] = r["decode_tps"] / ref.get("transformers", float("nan"))
+        r["vs_eager"] = r["decode_tps"] / ref.get("ours, eager", float("nan"))
+        _print_row(r)
+
+
 def _decoder_name(decoder) -> str:
     return f"{decoder.name} ({decoder.variant})" if isinstance(decoder, FusedCpuDecoder) else decoder.name
 
 
 def _print_row(r):
-    print(f"{r['impl']:>16} {r['dtype']:>5} b{r['batch']:<2} ttft {r['ttft_ms']:7.1f} ms  prefill {r['prefill_tps']:7.0f} tok/s  "
-          f"decode {r['decode_tps']:6.1f} tok/s ({r['vs_hf']:.2f}x transformers, {r['vs_eager']:.2f}x eager, "
-          f"{r['pct_ceiling']:.0f}% of ceiling "
-          f"at {r['bw']:.0f} GB/s)  "
+    ratios = "".join(f"{r[k]:.2f}x {what}, " for k, what in (("vs_hf", "transformers"), ("vs_eager", "eager"))
+                     if r[k] == r[k])  # nan: the block has no such row (int8)
+    print(f"{r['impl']:>16} {r['dtype']:>5} b{r['batch']:<2} ttft {r['ttft_ms']:7.1f} ms  prefill {r['prefill_tps']:7.0f} "
+          f"tok/s ({r['prefill_pct']:.0f}% of matmul peak {r['peak'] / 1e9:.0f} GFLOP/s)  "
+          f"decode {r['decode_tps']:6.1f} tok/s ({ratios}ceilings: memory {r['mem_tps']:.1f} at {r['bw']:.0f} GB/s, "
+          f"compute {r['compute_tps']:.0f} tok/s; {r['pct_roofline']:.0f}% of roofline)  "
           f"greedy agreement {r['agree']:.2f}", flush=True)
 
 
 def _table(rows, model, prompt_len, new_tokens, bw, used) -> str:
-    lines = ["| impl | dtype | batch | TTFT (ms) | prefill tok/s | decode tok/s | decode vs transformers | "
-             "bandwidth then (GB/s) | % of bandwidth ceiling |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| impl | dtype | batch | TTFT (ms) | prefill tok/s | prefill % of matmul peak | decode tok/s | "
+             "decode vs transformers | memory ceiling tok/s (GB/s then) | compute ceiling tok/s (GFLOP/s then) | "
+             "% of roofline | greedy agreement |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        vs_hf = "-" if r["vs_hf"] != r["vs_hf"] else f"{r['vs_hf']:.2f}x"
         lines.append(f"| {r['impl']} | {r['dtype']} | {r['batch']} | {r['ttft_ms']:.0f} | {r['prefill_tps']:.0f} | "
-                     f"{r['decode_tps']:.1f} | {r['vs_hf']:.2f}x | {r['bw']:.1f} | {r['pct_ceiling']:.0f}% |")
+                     f"{r['prefill_pct']:.0f}% | {r['decode_tps']:.1f} | {vs_hf} | {r['mem_tps']:.1f} ({r['bw']:.1f}) | "
+                     f"{r['compute_tps']:.0f} ({r['peak'] / 1e9:.0f}) | {r['pct_roofline']:.0f}% | {r['agree']:.2f} |")
     lines.append(f"\n{model}, prompt {prompt_len} tokens, {new_tokens} new tokens (greedy); bandwidth over the run "
-                 f"{bw[0]:.0f}-{bw[2]:.0f} GB/s (median {bw[1]:.0f}); ceiling = bandwidth around that row's fastest run / "
-                 f"(weights except the embedding + KV read per step). \"ours\" decoded with: "
+                 f"{bw[0]:.0f}-{bw[2]:.0f} GB/s (median {bw[1]:.0f}), read as the fused kernel reads; memory ceiling = "
+                 f"bandwidth around that row's fastest run / (weights except the embedding + KV read per step); compute "
+                 f"ceiling = the dtype's (2048)^3 matmul speed in that block / FLOPs per step; roofline = the lower. "
+                 f"Greedy agreement: share of new tokens equal to ours' (bf16 for int8/Q8_0). \"ours\" decoded with: "
                  + ", ".join(f"{d} batch {b}: {name}" for (d, b), name in used.items()) + ".")
     return "\n".join(lines)
 

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 import warnings
 from unittest import mock
@@ -19,7 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from llama.formats.hf import hf_config, to_hf
 from llama.inference import CompiledDecoder, Llama, make_decoder, sample
-from llama.inference.cpu_decode import VARIANTS, FusedCpuDecoder, cpu_kernel_variants, decode_kernel
+from llama.inference.cpu_decode import VARIANTS, FusedCpuDecoder, cpu_kernel_variants, decode_kernel, read_bandwidth
 from llama.model import Transformer
 from llama.quantize import quantize_int8
 from llama.tokenizer import TextStream
@@ -601,6 +602,31 @@ def test_kernel_builds_for_each_instruction_set_this_cpu_runs():
                 assert "%zmm" not in asm and "%ymm" in asm
             else:
                 assert "vdpbf16ps" in asm
+
+
+def test_read_bandwidth_reads_the_whole_buffer_and_times_itself():
+    """The benchmarks' memory probe, on each build this CPU runs: the sum it returns equals the sum
+    in double precision (small integers: exact in its fp32 lanes, so every element was read once, the
+    13-element tail included), and its bytes/s is at least the bytes over the time measured around
+    the call and, on the best of 3 calls, at most 2x that (the call's own overhead is small)."""
+    runnable = cpu_kernel_variants()
+    if not runnable or shutil.which("c++") is None:
+        pytest.skip("this CPU runs none of the fused kernel builds, or there is no C++ compiler")
+    buf = (torch.arange(16 * 2**20 + 13) % 7).float()  # 64 MB: twice this machine's L3 or more
+    want = float(buf.double().sum())
+    for variant in runnable:
+        _kernel_or_skip(variant)
+        inner, outer = [], []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            bw, total = read_bandwidth(buf, variant)
+            outer.append(buf.numel() * 4 / (time.perf_counter() - t0))
+            inner.append(bw)
+            assert total == want, variant
+            assert bw >= outer[-1], variant
+        assert max(inner) <= 2 * max(outer), (variant, inner, outer)
+    with pytest.raises(ValueError, match="read_bandwidth reads a contiguous fp32 CPU tensor, got torch.bfloat16"):
+        read_bandwidth(buf.bfloat16())
 
 
 def test_kernel_choice_by_cpu_and_environment(monkeypatch):

@@ -491,7 +491,46 @@ torch::Tensor decode_step(torch::Tensor h, std::vector<torch::Tensor> layers, to
   return step<float>(h, layers, norm_w, out_w, cache_k, cache_v, pos, freqs, eps, n_heads);
 }
 
+#include <chrono>
+
+// Read bandwidth as the decoding step reads its weights, for the benchmarks' memory ceiling: this
+// build's vector loads (V::load), on every thread at::parallel_for runs, each thread's share walked as
+// 4 interleaved streams with 2 accumulators each (as gemv_streams walks a one-row product). buf: a
+// contiguous fp32 tensor (make it several times the last-level cache). Returns (bytes/s over the timed
+// read, the sum of every element: the result the loads feed, so they cannot be optimised away, and a
+// checksum that the whole buffer was read; lanes are summed in fp32, threads' partials in double).
+std::tuple<double, double> read_bandwidth(torch::Tensor buf) {
+  TORCH_CHECK(buf.scalar_type() == at::kFloat && buf.is_contiguous() && buf.numel() >= 4 * N,
+              "read_bandwidth: a contiguous fp32 tensor of at least ", 4 * N, " elements");
+  constexpr int S = 4;
+  const float* x = buf.data_ptr<float>();
+  const int64_t n = buf.numel(), blocks = n / (2 * N);  // whole blocks of 2 registers; the tail scalar
+  std::vector<double> part(at::get_num_threads() + 1, 0.0);
+  const auto t0 = std::chrono::steady_clock::now();
+  at::parallel_for(0, blocks, 4096, [&](int64_t b0, int64_t b1) {
+    const int64_t step = (b1 - b0) / S;
+    F a[S], b[S];
+    const float* r[S];
+    for (int s = 0; s < S; ++s) { a[s] = V::zero(); b[s] = a[s]; r[s] = x + (b0 + s * step) * 2 * N; }
+    for (int64_t i = 0; i < step * 2 * N; i += 2 * N)
+      for (int s = 0; s < S; ++s) {
+        a[s] = V::add(a[s], V::load(r[s] + i));
+        b[s] = V::add(b[s], V::load(r[s] + i + N));
+      }
+    for (int64_t k = (b0 + S * step) * 2 * N; k < b1 * 2 * N; k += N) a[0] = V::add(a[0], V::load(x + k));
+    double sum = 0.0;
+    for (int s = 0; s < S; ++s) sum += V::sum(V::add(a[s], b[s]));
+    part[at::get_thread_num()] += sum;
+  });
+  for (int64_t k = blocks * 2 * N; k < n; ++k) part.back() += x[k];
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  double total = 0.0;
+  for (double v : part) total += v;
+  return {n * 4.0 / secs, total};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_step", &decode_step, "one fused decoding step of a LLaMA model (bf16 or fp32)");
+  m.def("read_bandwidth", &read_bandwidth, "(bytes/s, sum) of one read of an fp32 buffer, as decode_step reads");
   m.attr("ISA") = V::ISA;  // the instruction set this build was compiled for
 }

@@ -175,3 +175,17 @@ class FusedCpuDecoder(EagerDecoder):
                                          start_pos, m.freqs_cis[start_pos].float(), m.args.norm_eps, m.args.n_heads,
                                          m.args.n_kv_heads)
         return logits[:, None]
+
+
+def read_bandwidth(buf: torch.Tensor, variant: Optional[str] = None) -> tuple[float, float]:
+    """(bytes/s, sum of the elements) of one read of `buf` (a contiguous fp32 tensor, best several
+    times the last-level cache) by the fused kernel's build (`decode_kernel(variant)`): its vector
+    loads on every torch thread, each thread's share read as 4 interleaved streams, as a decoding step
+    reads its weights, timed inside the call. The sum is the checksum that the whole buffer was read."""
+    kernel = decode_kernel(variant)
+    if kernel is None:
+        raise RuntimeError("read_bandwidth: no fused CPU kernel builds on this machine (see the warning above)")
+    if buf.dtype != torch.float32 or not buf.is_contiguous() or buf.device.type != "cpu":
+        raise ValueError(f"read_bandwidth reads a contiguous fp32 CPU tensor, got {buf.dtype} on {buf.device} "
+                         f"(contiguous: {buf.is_contiguous()})")
+    return kernel.read_bandwidth(buf)

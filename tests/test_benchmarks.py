@@ -1,0 +1,72 @@
+"""benchmarks/generate.py's arithmetic and its llama.cpp runner: the FLOPs per prefill and per
+decoding step against torch's FlopCounterMode, and llama.cpp's greedy tokens on our f32 GGUF
+against our own model's."""
+
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from llama.inference import Llama
+from llama.model import Transformer
+from tests.helpers import tiny_args
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """benchmarks/generate.py's functions (the script is no package: run as a module, main not called)."""
+    return runpy.run_path(str(ROOT / "benchmarks" / "generate.py"))
+
+
+def _counted(fn) -> int:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        fn()
+    return counter.get_total_flops()
+
+
+def test_flop_counts_match_torch_flop_counter(bench):
+    """The matmul part equals FlopCounterMode over the model's forward (prefill of T tokens with only
+    the last position's logits; one decoding step at position T), which does not count the CPU
+    flash-attention kernel; the attention part equals FlopCounterMode over a naive causal attention:
+    each position's q.k and p.v over the positions it sees (T + 1 of them for the decoding step)."""
+    torch.manual_seed(0)
+    args = tiny_args(n_kv_heads=2)
+    model = Transformer(args).eval()
+    layer = sum(p.numel() for k, p in model.named_parameters() if k.startswith("layers.") and p.dim() == 2)
+    output = model.output.weight.numel()
+    B, T, D, H = 2, 12, args.head_dim, args.n_heads
+    cache = model.new_cache(B, 32, device="cpu", dtype=torch.float32)
+    prefill_mm = _counted(lambda: model(torch.randint(0, args.vocab_size, (B, T)), 0, cache, last_only=True))
+    decode_mm = _counted(lambda: model(torch.randint(0, args.vocab_size, (B, 1)), T, cache))
+
+    def naive_attention(positions):  # (query position, how many positions it sees) per query
+        q, k, v = torch.randn(B, H, 1, D), torch.randn(B, H, T + 1, D), torch.randn(B, H, T + 1, D)
+        for _ in range(args.n_layers):
+            for seen in positions:
+                p = q @ k[:, :, :seen].transpose(-1, -2)  # (B, H, 1, seen)
+                p @ v[:, :, :seen]  # (B, H, 1, D)
+
+    prefill_att = _counted(lambda: naive_attention([t + 1 for t in range(T)]))
+    decode_att = _counted(lambda: naive_attention([T + 1]))
+    assert bench["prefill_flops"](args, layer, output, B, T) == prefill_mm + prefill_att
+    assert bench["decode_flops"](args, layer + output, B, T + 1) == decode_mm + decode_att
+    assert prefill_att > 0 and decode_att > 0
+
+
+def test_llama_cpp_runner_decodes_our_greedy_tokens(bench, tmp_path):
+    """The llama.cpp rows time what they should: on the same weights (f32 GGUF written by the
+    benchmark, its made-up vocabulary), llama.cpp's greedy tokens equal ours, one stamp per token."""
+    pytest.importorskip("llama_cpp")
+    torch.manual_seed(0)
+    args = tiny_args(max_seq_len=48)
+    model = Transformer(args).eval().requires_grad_(False)
+    prompt = torch.randint(3, args.vocab_size, (1, 16))
+    tokens, stamps = bench["llama_cpp_runner"](bench["write_gguf"](model, args, "f32"), prompt[0].tolist(), args,
+                                               kv_dtype="fp32")(10)
+    ours, _ = bench["ours_runner"](Llama(model, bench["_NoEos"](), args.max_seq_len, 1), prompt.tolist(), 16)(10)
+    assert tokens == ours and len(tokens[0]) == 10
+    assert len(stamps) == 10 and stamps == sorted(stamps)
