@@ -142,41 +142,55 @@ def cpu_model_name() -> str:
     return "unknown CPU"
 
 
-_MATMUL_SPEEDS: dict = {}
+_MEASURED: dict = {}  # (file name, key) -> what `cached_measurement` measured in this process
+
+
+def machine_key() -> str:
+    """What a speed measured on this machine depends on: CPU model, thread count, torch."""
+    return f"{cpu_model_name()} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+
+
+def cached_measurement(name: str, key: str, measure: Callable[[], dict]) -> dict:
+    """measure() once per `key`: kept in memory and in ~/.cache/llama/NAME.json (XDG_CACHE_HOME),
+    so later processes on the same machine read it instead of measuring again."""
+    if (name, key) in _MEASURED:
+        return _MEASURED[name, key]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llama" / f"{name}.json"
+    try:
+        saved = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        saved = {}
+    saved = saved if isinstance(saved, dict) else {}
+    if isinstance(saved.get(key), dict):
+        _MEASURED[name, key] = saved[key]
+        return saved[key]
+    value = measure()
+    _MEASURED[name, key] = value
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(json.dumps({**saved, key: value}, indent=1), cache)
+    except OSError:
+        pass  # a read-only home: measure again next time
+    return value
 
 
 def cpu_matmul_speeds(n: int = 1024, seconds: float = 0.15) -> dict[str, float]:
     """{"bf16": FLOP/s, "fp32": FLOP/s} of an (n, n) @ (n, n) matmul on this CPU with the current
     thread count: the best of repeated products over `seconds` per dtype (~0.4 s in all). Cached
-    in memory and in ~/.cache/llama/matmul_speeds.json per CPU model, thread count and torch."""
-    key = f"{cpu_model_name()} | {torch.get_num_threads()} threads | torch {torch.__version__}"
-    if key in _MATMUL_SPEEDS:
-        return _MATMUL_SPEEDS[key]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llama" / "matmul_speeds.json"
-    try:
-        saved = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        saved = {}
-    if isinstance(saved, dict) and isinstance(saved.get(key), dict):
-        _MATMUL_SPEEDS[key] = saved[key]
-        return saved[key]
-    speeds = {}
-    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b  # warm up
-        best, end = float("inf"), time.perf_counter() + seconds
-        while time.perf_counter() < end or best == float("inf"):
-            t0 = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - t0)
-        speeds[name] = 2 * n ** 3 / best
-    _MATMUL_SPEEDS[key] = speeds
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(json.dumps({**(saved if isinstance(saved, dict) else {}), key: speeds}, indent=1), cache)
-    except OSError:
-        pass  # a read-only home: measure again next time
-    return speeds
+    per CPU model, thread count and torch (`cached_measurement`, matmul_speeds.json)."""
+    def measure() -> dict[str, float]:
+        speeds = {}
+        for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+            a @ b  # warm up
+            best, end = float("inf"), time.perf_counter() + seconds
+            while time.perf_counter() < end or best == float("inf"):
+                t0 = time.perf_counter()
+                a @ b
+                best = min(best, time.perf_counter() - t0)
+            speeds[name] = 2 * n ** 3 / best
+        return speeds
+    return cached_measurement("matmul_speeds", machine_key(), measure)
 
 
 def compute_dtype(device: torch.device | str) -> tuple[torch.dtype, str]:

@@ -62,11 +62,11 @@ def test_compute_dtype_follows_the_measured_matmul_speed(monkeypatch, tmp_path):
     import llama.env as env
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    env._MATMUL_SPEEDS.clear()
+    env._MEASURED.clear()
     speeds = env.cpu_matmul_speeds(n=256, seconds=0.02)
     assert set(speeds) == {"bf16", "fp32"} and all(v > 1e8 for v in speeds.values())
     assert (tmp_path / "llama" / "matmul_speeds.json").is_file()  # cached per CPU, threads and torch
-    env._MATMUL_SPEEDS.clear()
+    env._MEASURED.clear()
     assert env.cpu_matmul_speeds() == speeds  # read back from the file, not measured again
     for fast, want in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         monkeypatch.setattr(env, "cpu_matmul_speeds", lambda: {"bf16": 2e11 if fast == "bf16" else 1e11,
