@@ -22,7 +22,7 @@ from llama.formats.hf import hf_config, to_hf
 from llama.inference import CompiledDecoder, Llama, make_decoder, sample
 from llama.inference.cpu_decode import VARIANTS, FusedCpuDecoder, cpu_kernel_variants, decode_kernel, read_bandwidth
 from llama.model import Transformer
-from llama.quantize import quantize_int8
+from llama.quantize import Int8Linear, quantize_int8
 from llama.tokenizer import TextStream
 from tests.conftest import torchrun
 from tests.helpers import GEN_LEN, PROMPTS, make_checkpoint, run_all, tiny_args
@@ -468,10 +468,89 @@ def test_fused_cpu_decoder_matches_the_model(shape, dtype, variant):
     assert not decoder.valid() and FusedCpuDecoder.create(model) is None
 
 
+def _dequantized_state(model) -> dict:
+    """An int8 model's state dict in fp64 with each int8 weight dequantized (q * its row's scale)
+    and the scales dropped: the weights an unquantized model computes exactly what int8 stands for."""
+    sd = model.state_dict()
+    out = {}
+    for k, v in sd.items():
+        scales = sd.get(k.removesuffix("weight") + "scales") if k.endswith(".weight") else None
+        if not k.endswith(".scales"):
+            out[k] = v.double() * scales.double()[:, None] if scales is not None else v.double()
+    return out
+
+
+def _greedy(model, prompt, steps, decoder=None):
+    """Greedy continuation of prompt (B, P): the prompt through the model, then `steps` one-token
+    steps (with `decoder` or the model) each fed its own argmax -> (B, steps) ids and the (B, steps,
+    V) logits each id is the argmax of."""
+    cache = model.new_cache(prompt.size(0), prompt.size(1) + steps, device="cpu",
+                            dtype=next(model.parameters()).dtype)
+    with torch.inference_mode():
+        ids, logits = [], [model(prompt, 0, cache)[:, -1:].float()]  # (B, 1, V)
+        for t in range(steps):
+            ids.append(logits[-1].argmax(-1))  # (B, 1)
+            logits.append((decoder or model)(ids[-1], prompt.size(1) + t, cache).float())
+    return torch.cat(ids, 1), torch.cat(logits[:-1], 1)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [dict(), dict(dim=48, n_heads=4, n_kv_heads=2, multiple_of=8, vocab_size=97)])
+def test_fused_cpu_decoder_runs_int8_models(shape, dtype, variant):
+    """An int8 model (quantize_int8: projections, output and embedding) through the fused step,
+    against the eager int8 model on the same quantized weights: logits agree to the dtype's
+    resolution (bf16: each product rounded to bf16 before its scale, as Int8Linear does; fp32: sums
+    in another order), both are as close to an exact fp64 model holding the dequantized weights, and
+    16 greedy tokens are the same, batch 1 and 3 (in bf16: up to a step where the eager model itself
+    scores the two tokens within bf16 rounding, a near-tie). The second shape has grouped-query
+    heads and K = 48 (not a whole number of 32-element int8 pairs of blocks)."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_args(**shape)).to(dtype).eval()
+    model.init_weights(std=0.08)
+    partial = Transformer(model.args).to(dtype).eval()
+    partial.output = Int8Linear.from_linear(partial.output)  # int8 output, bf16/fp32 layers: no kernel takes it
+    assert FusedCpuDecoder.create(partial, variant) is None
+    quantize_int8(model)
+    exact = Transformer(model.args).double().eval()
+    exact.load_state_dict(_dequantized_state(model))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _kernel_or_skip(variant)
+    decoder = FusedCpuDecoder.create(model, variant)
+    assert decoder is not None and decoder.int8 and decoder.variant == variant
+    # packing moves the int8 weights and the scales (buffers) into one buffer per layer, values unchanged
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    attn = model.layers[1].attention
+    assert attn.wk.weight.data_ptr() == attn.wq.weight.data_ptr() + attn.wq.weight.nbytes
+    assert attn.wk.scales.data_ptr() == attn.wq.scales.data_ptr() + attn.wq.scales.nbytes
+    tokens = torch.randint(0, model.args.vocab_size, (3, 20))
+    tol = 0.02 if dtype == torch.bfloat16 else 1e-5
+    for rows in (1, 3):
+        fused, fused_cache = _decode_logits(model, tokens[:rows], decoder)
+        eager, eager_cache = _decode_logits(model, tokens[:rows])
+        want, _ = _decode_logits(exact, tokens[:rows])
+        scale = want.abs().max()
+        assert (fused - eager).abs().max() < tol * scale
+        assert (fused - want).abs().max() < 1.5 * (eager - want).abs().max() + tol / 2 * scale
+        torch.testing.assert_close(fused_cache.k, eager_cache.k, atol=tol, rtol=tol)
+        torch.testing.assert_close(fused_cache.v, eager_cache.v, atol=tol, rtol=tol)
+        (ids, _), (want_ids, want_logits) = (_greedy(model, tokens[:rows, :4], 16, d) for d in (decoder, None))
+        differ = (ids != want_ids).any(0).nonzero()
+        if dtype == torch.float32 or not len(differ):
+            assert torch.equal(ids, want_ids)
+        else:  # the first step where a row differs: a near-tie of the eager model, at most a step or two of bf16
+            t = differ[0, 0]
+            scores = want_logits[:, t]  # (rows, V)
+            gap = scores.gather(1, want_ids[:, t:t + 1]) - scores.gather(1, ids[:, t:t + 1])
+            assert (gap <= 2 * 2.0 ** -7 * scores.abs().max()).all(), (t, gap)
+
+
 # The fused kernel's vector primitives (cpu_decode.cpp between "[primitives begin]" and "[primitives
 # end]", no torch in them) compiled alone for one instruction set and checked against plain scalar
 # code: bf16 rounding (torch's round-to-nearest-even, `f2b`) of arbitrary bit patterns and exact ties,
-# bf16 -> fp32 of every bf16 value, the dot blocks against a double sum, exp against std::exp.
+# bf16 -> fp32 of every bf16 value, the dot blocks (bf16, fp32, int8 weights) against a double sum,
+# exp against std::exp.
 _PRIMITIVES_CHECK = r"""
 #include <cmath>
 #include <cstdint>
@@ -530,6 +609,19 @@ int main() {
     for (int k = 0; k < K; k += E<float>::W) af = E<float>::dot(af, &wf[k], &xf[k]);
     CHECK(std::fabs(V::sum(ab) - want_b) <= 1e-6 * mag_b, "bf16 dot of %d: %g, want %g", K, V::sum(ab), want_b);
     CHECK(std::fabs(V::sum(af) - want_f) <= 1e-6 * mag_f, "fp32 dot of %d: %g, want %g", K, V::sum(af), want_f);
+  }
+  for (int blocks = 1; blocks <= 9; ++blocks) {  // int8 weights (the full range, -128 too) . fp32 input
+    const int K = blocks * I8_BLOCK;
+    std::vector<int8_t> wq(K);
+    std::vector<float> xf(K);
+    double want = 0, mag = 0;
+    for (int k = 0; k < K; ++k) {
+      wq[k] = (int8_t)(g() & 0xff); xf[k] = normal(g);
+      want += (double)wq[k] * xf[k]; mag += std::fabs((double)wq[k] * xf[k]);
+    }
+    F a = V::zero();
+    for (int k = 0; k < K; k += E<int8_t>::W) a = E<int8_t>::dot(a, &wq[k], &xf[k]);
+    CHECK(std::fabs(V::sum(a) - want) <= 1e-6 * mag, "int8 dot of %d: %g, want %g", K, V::sum(a), want);
   }
   for (int i = 0; i < 200000; i += N) {
     float x[N], e[N];
@@ -680,13 +772,18 @@ def test_build_decodes_with_the_fused_kernel_where_it_can(ckpts):
             logits = exact(torch.tensor([prompt + gen]))[0, len(prompt) - 1:-1]  # predicting each gen token
         chosen = logits.gather(-1, torch.tensor(gen)[:, None])[:, 0]
         assert (chosen >= logits.max(-1).values - 0.05).all(), (chosen, logits.max(-1).values)
-    # quantizing after build replaces the Linears: decoding falls back to the eager int8 model
+    # quantizing after build (as scripts/example.py --quantize int8 does) replaces the Linears: the
+    # next generate packs the int8 model anew and decodes it fused, the same text as the eager int8 model
     quantize_int8(fused.model)
-    q = fused.generate(ids, GEN_LEN, temperature=0)[0]
-    assert fused.decoder.name == "eager"
+    fused.decoder = fused.decoder.refreshed()
+    assert fused.decoder.name == "fused" and fused.decoder.int8
+    with mock.patch.object(fused.decoder, "kernel", wraps=fused.decoder.kernel) as spy:
+        q = fused.generate(ids, GEN_LEN, temperature=0)[0]
+    assert spy.decode_step.call_count >= GEN_LEN - 1
     ref = Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 64, 3, dtype="bf16", decoder="eager")
     quantize_int8(ref.model)
     assert q == ref.generate(ids, GEN_LEN, temperature=0)[0]
+    assert make_decoder(ref.model, "auto").name == "fused"  # "auto" picks it for an int8 model
 
 
 # --- tensor parallel: 2 and 4 ranks ---------------------------------------------------------------

@@ -26,8 +26,10 @@ static inline bf16 f2b(float f) {  // round to nearest even, as torch does
 }
 
 // V: one register of N fp32 lanes and what the step does with it. bf16 loads/stores move N
-// elements; dot_bf16 / dot_f32 consume one block of BF16_BLOCK / N elements of a weight row and of
-// an input row into a lane-wise partial sum (lanes are summed at the end, so their order is free).
+// elements; dot_bf16 / dot_f32 / dot_i8 consume one block of BF16_BLOCK / N / I8_BLOCK (16)
+// elements of a weight row and of an input row into a lane-wise partial sum (lanes are summed at the
+// end, so their order is free). dot_i8 takes int8 weights (the scales are applied per output row
+// after the sum) against an fp32 input row: the int8 values widen exactly to fp32 in registers.
 // The bf16 input row comes as BF16X: bf16 where the ISA multiplies bf16 directly, else fp32 that
 // split_bf16 laid out once per product (each block: its even elements, then its odd ones), so the
 // per-weight-row work is widening the weights only
@@ -66,6 +68,9 @@ struct V {
     return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(w), (__m512bh)_mm512_loadu_si512(x));
   }
   static F dot_f32(F acc, const float* w, const float* x) { return fma(load(w), load(x), acc); }
+  static F dot_i8(F acc, const int8_t* w, const float* x) {  // 16 int8 sign-extended, exact in fp32
+    return fma(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)w))), load(x), acc);
+  }
 };
 #elif defined(LLAMA_ISA_AVX2)
 #include <immintrin.h>
@@ -125,6 +130,11 @@ struct V {
     return fma(_mm256_castsi256_ps(_mm256_and_si256(wv, _mm256_set1_epi32((int)0xffff0000u))), load(x + 8), acc);
   }
   static F dot_f32(F acc, const float* w, const float* x) { return fma(load(w), load(x), acc); }
+  static F dot_i8(F acc, const int8_t* w, const float* x) {  // 16 int8: two halves of 8 lanes
+    const __m128i v = _mm_loadu_si128((const __m128i*)w);
+    acc = fma(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), load(x), acc);
+    return fma(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(v, v))), load(x + 8), acc);
+  }
 };
 #elif defined(LLAMA_ISA_NEON)
 #include <arm_neon.h>
@@ -172,12 +182,21 @@ struct V {
     return vfmaq_f32(acc, vreinterpretq_f32_u32(vandq_u32(wv, vdupq_n_u32(0xffff0000u))), vld1q_f32(x + 4));
   }
   static F dot_f32(F acc, const float* w, const float* x) { return fma(load(w), load(x), acc); }
+  static F dot_i8(F acc, const int8_t* w, const float* x) {  // 16 int8 -> 2 x 8 int16 -> 4 x 4 fp32
+    const int8x16_t v = vld1q_s8(w);
+    const int16x8_t lo = vmovl_s8(vget_low_s8(v)), hi = vmovl_s8(vget_high_s8(v));
+    acc = vfmaq_f32(acc, vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo))), vld1q_f32(x));
+    acc = vfmaq_f32(acc, vcvtq_f32_s32(vmovl_s16(vget_high_s16(lo))), vld1q_f32(x + 4));
+    acc = vfmaq_f32(acc, vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi))), vld1q_f32(x + 8));
+    return vfmaq_f32(acc, vcvtq_f32_s32(vmovl_s16(vget_high_s16(hi))), vld1q_f32(x + 12));
+  }
 };
 #else
 #error "build with -DLLAMA_ISA_AVX512BF16, -DLLAMA_ISA_AVX2 or -DLLAMA_ISA_NEON (see cpu_decode.py)"
 #endif
 using F = V::F;
 constexpr int N = V::N;
+constexpr int I8_BLOCK = 16;  // int8 weights per dot_i8 block, every ISA
 
 // What the step needs from an element type (bf16 or fp32 weights and activations): N-lane fp32
 // loads/stores, the round trip that the model's dtype imposes (none in fp32), and a dot block of a
@@ -218,6 +237,16 @@ template <> struct E<float> {
   static inline void store(float* p, F v) { V::store(p, v); }
   static inline F rnd(F v) { return v; }
   static inline F dot(F acc, const float* w, const float* x) { return V::dot_f32(acc, w, x); }
+};
+// int8 weights (llama/quantize.py's Int8Linear) for either activation type: the input rows are
+// widened to fp32 once per product (X = float), each weight block in registers; gemv applies the
+// per-row scales after the sums
+template <> struct E<int8_t> {
+  static constexpr int W = I8_BLOCK;
+  using X = float;
+  static inline float to(int8_t v) { return v; }
+  static inline float xto(float v) { return v; }
+  static inline F dot(F acc, const int8_t* w, const float* x) { return V::dot_i8(acc, w, x); }
 };
 
 // e^x: x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-6 polynomial (Cephes' coefficients),
@@ -293,30 +322,37 @@ static void gemv_streams(const typename E<T>::X* x, int64_t K, const T* w, int64
   gemv_rows<T, 1>(x, K, w, n0 + S * step, n1, y, 0);  // the last < S rows
 }
 
-// y (M, N) float = x (M, K) @ w (N, K)^T, split over threads by output rows
-template <typename T>
-static void gemv(const T* xt, int64_t M, int64_t K, const T* w, int64_t N, float* y) {
-  using X = typename E<T>::X;
+// y (M, N) float = x (M, K) @ w (N, K)^T, split over threads by output rows. x is in the model's
+// type T; the weights WT are T too, or int8 with `scales` (N,) in T, where y[m, n] =
+// round_T(x[m] . w[n]) * scales[n]: Int8Linear's rounding of the product to the model's dtype before
+// its scale (the caller rounds the result again, as it does for every product)
+template <typename T, typename WT = T>
+static void gemv(const T* xt, int64_t M, int64_t K, const WT* w, int64_t N, float* y, const T* scales = nullptr) {
+  using X = typename E<WT>::X;
   const X* x;
   if constexpr (std::is_same<X, T>::value) {
     x = xt;
   } else {  // the input rows as the dot blocks read them, once per product (M K elements, from L1/L2)
     static thread_local std::vector<X> buf;
     buf.resize(M * K);
-    E<T>::prep(xt, M, K, buf.data());
+    if constexpr (std::is_same<WT, T>::value) E<T>::prep(xt, M, K, buf.data());
+    else for (int64_t i = 0; i < M * K; ++i) buf[i] = E<T>::to(xt[i]);  // int8 weights: fp32 rows
     x = buf.data();
   }
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
     switch (M) {
-      case 1: gemv_streams<T, 4>(x, K, w, n0, n1, y); break;
-      case 2: gemv_rows<T, 2>(x, K, w, n0, n1, y, N); break;
-      case 3: gemv_rows<T, 3>(x, K, w, n0, n1, y, N); break;
-      case 4: gemv_rows<T, 4>(x, K, w, n0, n1, y, N); break;
-      case 5: gemv_rows<T, 5>(x, K, w, n0, n1, y, N); break;
-      case 6: gemv_rows<T, 6>(x, K, w, n0, n1, y, N); break;
-      case 7: gemv_rows<T, 7>(x, K, w, n0, n1, y, N); break;
-      default: gemv_rows<T, 8>(x, K, w, n0, n1, y, N); break;
+      case 1: gemv_streams<WT, 4>(x, K, w, n0, n1, y); break;
+      case 2: gemv_rows<WT, 2>(x, K, w, n0, n1, y, N); break;
+      case 3: gemv_rows<WT, 3>(x, K, w, n0, n1, y, N); break;
+      case 4: gemv_rows<WT, 4>(x, K, w, n0, n1, y, N); break;
+      case 5: gemv_rows<WT, 5>(x, K, w, n0, n1, y, N); break;
+      case 6: gemv_rows<WT, 6>(x, K, w, n0, n1, y, N); break;
+      case 7: gemv_rows<WT, 7>(x, K, w, n0, n1, y, N); break;
+      default: gemv_rows<WT, 8>(x, K, w, n0, n1, y, N); break;
     }
+    if (scales)  // this thread's rows, still in cache
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = n0; n < n1; ++n) y[m * N + n] = E<T>::rnd(y[m * N + n]) * E<T>::to(scales[n]);
   });
 }
 
@@ -359,9 +395,9 @@ static void residual(T* h, const float* y, int64_t n) {
   for (; i < n; ++i) h[i] = E<T>::from(E<T>::to(h[i]) + E<T>::rnd(y[i]));
 }
 
-template <typename T>
+template <typename T, typename WT>
 static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& layers, torch::Tensor norm_w,
-                          torch::Tensor out_w, torch::Tensor cache_k, torch::Tensor cache_v, int64_t pos,
+                          torch::Tensor out_w, const std::vector<torch::Tensor>& scales, torch::Tensor cache_k, torch::Tensor cache_v, int64_t pos,
                           torch::Tensor freqs, double eps, int64_t n_heads) {
   const int64_t M = h.size(0), dim = h.size(1), L = (int64_t)layers.size() / 6;
   const int64_t Bmax = cache_k.size(1), S = cache_k.size(2), Hkv = cache_k.size(3), D = cache_k.size(4);
@@ -374,7 +410,10 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
   const float* fc = freqs.data_ptr<float>();
   std::vector<T> xn(M * std::max(dim, hidden)), att(M * qdim);
   std::vector<float> y(M * std::max(nqkv, 2 * hidden)), p(H * (pos + 1)), acc(qdim);
-  auto W = [](const torch::Tensor& t) { return reinterpret_cast<const T*>(t.data_ptr()); };
+  auto W = [](const torch::Tensor& t) { return reinterpret_cast<const T*>(t.data_ptr()); };  // norms, scales
+  auto Q = [](const torch::Tensor& t) { return reinterpret_cast<const WT*>(t.data_ptr()); };  // projections
+  // int8 weights: 4 scale vectors per layer (q|k|v, wo, w1|w3, w2) and the output's; else none
+  auto sc = [&](size_t i) { return scales.empty() ? nullptr : W(scales[i]); };
 
   for (int64_t l = 0; l < L; ++l) {
     const torch::Tensor* lw = &layers[6 * l];
@@ -382,7 +421,7 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
                 lw[4].size(1) == dim && lw[5].size(0) == dim && lw[5].size(1) == hidden, "layer weight shapes");
     // attention: norm, q|k|v in one product, RoPE on q and k (fp32, rounded), k/v into the cache
     rmsnorm<T>(hp, M, dim, W(lw[0]), eps, xn.data());
-    gemv<T>(xn.data(), M, dim, W(lw[1]), nqkv, y.data());
+    gemv<T, WT>(xn.data(), M, dim, Q(lw[1]), nqkv, y.data(), sc(4 * l));
     for (int64_t m = 0; m < M; ++m) {
       float* r = y.data() + m * nqkv;
       for (int64_t i = 0; i < nqkv; ++i) r[i] = E<T>::rnd(r[i]);
@@ -432,11 +471,11 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
         for (int64_t i = h0 * D; i < h1 * D; ++i) att[m * qdim + i] = E<T>::from(acc[i]);
       });
     }
-    gemv<T>(att.data(), M, qdim, W(lw[2]), dim, y.data());
+    gemv<T, WT>(att.data(), M, qdim, Q(lw[2]), dim, y.data(), sc(4 * l + 1));
     residual<T>(hp, y.data(), M * dim);
     // feed-forward: norm, w1|w3 in one product, silu(a) * b with the model's roundings, w2, residual
     rmsnorm<T>(hp, M, dim, W(lw[3]), eps, xn.data());
-    gemv<T>(xn.data(), M, dim, W(lw[4]), 2 * hidden, y.data());
+    gemv<T, WT>(xn.data(), M, dim, Q(lw[4]), 2 * hidden, y.data(), sc(4 * l + 2));
     for (int64_t m = 0; m < M; ++m) {
       const float* ya = y.data() + m * 2 * hidden;
       const float* yb = ya + hidden;
@@ -452,14 +491,14 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
         out[i] = E<T>::from(E<T>::rnd(a / (1.f + std::exp(-a))) * b);
       }
     }
-    gemv<T>(xn.data(), M, hidden, W(lw[5]), dim, y.data());
+    gemv<T, WT>(xn.data(), M, hidden, Q(lw[5]), dim, y.data(), sc(4 * l + 3));
     residual<T>(hp, y.data(), M * dim);
   }
   rmsnorm<T>(hp, M, dim, W(norm_w), eps, xn.data());
   const int64_t NV = out_w.size(0);
   auto logits = torch::empty({M, NV}, torch::dtype(torch::kFloat32));
   float* lp = logits.data_ptr<float>();
-  gemv<T>(xn.data(), M, dim, W(out_w), NV, lp);
+  gemv<T, WT>(xn.data(), M, dim, Q(out_w), NV, lp, sc(4 * L));
   int64_t i = 0;
   for (; i + N <= M * NV; i += N) V::store(lp + i, E<T>::rnd(V::load(lp + i)));
   for (; i < M * NV; ++i) lp[i] = E<T>::rnd(lp[i]);
@@ -469,10 +508,12 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
 // One decoding step of the whole model for M rows at position `pos` (the same for every row).
 // h: (M, dim) token embeddings, updated in place. layers: 6 tensors per layer (attention_norm,
 // wq|wk|wv packed, wo, ffn_norm, w1|w3 packed, w2). cache_k/v: (L, B_max, S, Hkv, D). All of them
-// bf16, or all fp32. freqs: (D/2, 2) fp32 cos/sin of position pos. Returns (M, vocab) fp32 logits
-// (holding bf16 values for a bf16 model, as the model's).
+// bf16, or all fp32; or int8 projections (the 4 per layer and out_w) with `scales`: 4 per layer
+// ((out,) for q|k|v, wo, w1|w3, w2) then out_w's, in the model's dtype (empty for bf16/fp32 weights).
+// freqs: (D/2, 2) fp32 cos/sin of position pos. Returns (M, vocab) fp32 logits (holding bf16 values
+// for a bf16 model, as the model's).
 torch::Tensor decode_step(torch::Tensor h, std::vector<torch::Tensor> layers, torch::Tensor norm_w, torch::Tensor out_w,
-                          torch::Tensor cache_k, torch::Tensor cache_v, int64_t pos, torch::Tensor freqs,
+                          std::vector<torch::Tensor> scales, torch::Tensor cache_k, torch::Tensor cache_v, int64_t pos, torch::Tensor freqs,
                           double eps, int64_t n_heads, int64_t n_kv_heads) {
   const auto dt = h.scalar_type();
   TORCH_CHECK((dt == at::kBFloat16 || dt == at::kFloat) && h.dim() == 2 && h.is_contiguous(), "h: contiguous (M, dim)");
@@ -484,11 +525,25 @@ torch::Tensor decode_step(torch::Tensor h, std::vector<torch::Tensor> layers, to
   const int64_t S = cache_k.size(2), D = cache_k.size(4);
   TORCH_CHECK(cache_k.size(3) == n_kv_heads && n_heads % n_kv_heads == 0 && n_heads * D == dim && pos >= 0 && pos < S &&
               freqs.numel() == D && freqs.scalar_type() == at::kFloat && freqs.is_contiguous(), "shapes");
-  for (auto& t : layers) TORCH_CHECK(t.scalar_type() == dt && t.is_contiguous(), "weights: contiguous, the model's dtype");
-  TORCH_CHECK(norm_w.scalar_type() == dt && out_w.scalar_type() == dt && out_w.is_contiguous() && out_w.size(1) == dim,
-              "output weight: the model's dtype");
-  if (dt == at::kBFloat16) return step<bf16>(h, layers, norm_w, out_w, cache_k, cache_v, pos, freqs, eps, n_heads);
-  return step<float>(h, layers, norm_w, out_w, cache_k, cache_v, pos, freqs, eps, n_heads);
+  const bool q8 = !scales.empty();  // int8 projections
+  const auto wdt = q8 ? at::kChar : dt;
+  TORCH_CHECK(!q8 || (int64_t)scales.size() == 4 * L + 1, "scales: 4 per layer and the output's");
+  const int scale_of[6] = {-1, 0, 1, -1, 2, 3};  // a layer's tensor -> its scales (-1: a norm)
+  for (int64_t i = 0; i < (int64_t)layers.size(); ++i) {
+    const int j = scale_of[i % 6];
+    TORCH_CHECK(layers[i].scalar_type() == (j < 0 ? dt : wdt) && layers[i].is_contiguous(),
+                "weights: contiguous; norms in the model's dtype, projections too or int8 with scales");
+    TORCH_CHECK(!q8 || j < 0 || scales[i / 6 * 4 + j].numel() == layers[i].size(0), "one scale per int8 weight row");
+  }
+  for (auto& s : scales) TORCH_CHECK(s.scalar_type() == dt && s.is_contiguous(), "scales: the model's dtype");
+  TORCH_CHECK(norm_w.scalar_type() == dt && out_w.scalar_type() == wdt && out_w.is_contiguous() && out_w.size(1) == dim &&
+              (!q8 || scales.back().numel() == out_w.size(0)), "output weight: as the layers' projections");
+  if (dt == at::kBFloat16) {
+    if (q8) return step<bf16, int8_t>(h, layers, norm_w, out_w, scales, cache_k, cache_v, pos, freqs, eps, n_heads);
+    return step<bf16, bf16>(h, layers, norm_w, out_w, scales, cache_k, cache_v, pos, freqs, eps, n_heads);
+  }
+  if (q8) return step<float, int8_t>(h, layers, norm_w, out_w, scales, cache_k, cache_v, pos, freqs, eps, n_heads);
+  return step<float, float>(h, layers, norm_w, out_w, scales, cache_k, cache_v, pos, freqs, eps, n_heads);
 }
 
 #include <chrono>

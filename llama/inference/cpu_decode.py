@@ -1,4 +1,5 @@
-"""The fused CPU decoding strategy: one C++ call per token (bf16 or fp32; AVX512-BF16, AVX2 or NEON).
+"""The fused CPU decoding strategy: one C++ call per token (bf16 or fp32, weights in that dtype or
+int8; AVX512-BF16, AVX2 or NEON).
 
 Decoding a few rows reads every weight once per token, so its speed is memory bandwidth, and the
 eager model spends as long again on ~25 small ops per layer around the products (norms, RoPE,
@@ -33,6 +34,7 @@ from torch import nn
 from llama.env import cpu_model_name
 from llama.inference.decoders import EagerDecoder
 from llama.model import LINEARS
+from llama.quantize import Int8Linear
 
 MAX_ROWS = 8  # batch rows per fused step (the kernel is templated up to 8)
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")
@@ -105,13 +107,40 @@ def decode_kernel(variant: Optional[str] = None):
     return None
 
 
+def _pack(mods: list, attr: str) -> list[torch.Tensor]:
+    """Moves tensor `attr` of each module in `mods` into one new buffer, in that order (the module's
+    tensor becomes a view of it: same values, no copy kept) -> [q|k|v, wo, w1|w3, w2] for a
+    block's (wq wk wv wo w1 w3 w2): weights (out, in) as 2-d views, scales (out,) as 1-d."""
+    tensors = [getattr(m, attr) for m in mods]
+    buf = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype)
+    views, off = [], 0
+    for t in tensors:
+        view = buf[off:off + t.numel()].view_as(t)
+        view.copy_(t.detach())
+        t.data = view  # the parameter (or buffer) now lives in the packed buffer
+        views.append(view)
+        off += t.numel()
+    q, k, v, wo, w1, w3, w2 = views
+    rows = q.shape[1:]  # () for scales, (dim,) for weights
+    qkv = buf[:q.numel() + k.numel() + v.numel()].view(-1, *rows)
+    w13 = buf[off - w2.numel() - w1.numel() - w3.numel():off - w2.numel()].view(-1, *rows)
+    return [qkv, wo, w13, w2]
+
+
 class FusedCpuDecoder(EagerDecoder):
     """Runs `model(tokens, start_pos, cache)` for one new token per row (up to MAX_ROWS rows) in one
     call into the fused kernel; prefill and larger batches run eagerly. Build with
     `FusedCpuDecoder.create(model)`, which packs the layers' weights (the parameters become views
     into the packed buffers, keys and values unchanged) and returns None where the model does not
-    qualify (not bf16/fp32 on CPU, sharded, Linears replaced (int8), or no kernel). `variant`
-    forces a kernel (see `decode_kernel`); `self.variant` says which one runs."""
+    qualify (not bf16/fp32 on CPU, sharded, Linears replaced by anything but quantize.py's int8, or
+    no kernel). `variant` forces a kernel (see `decode_kernel`); `self.variant` says which one runs.
+
+    An int8 model (`llama.quantize.quantize_int8`) decodes through the same step with its int8
+    weights and per-row scales as they are (half the bytes of bf16 to read per token): activations
+    stay in the model's dtype and are not quantized; each product is the int8 row widened to fp32 in
+    registers against the fp32-widened input row, summed in fp32, rounded to the model's dtype and
+    then scaled (Int8Linear's rounding points). It differs from the eager int8 model only by the
+    order of the fp32 sums (the eager bf16 product may also round differently inside)."""
 
     name = "fused"
 
@@ -119,23 +148,17 @@ class FusedCpuDecoder(EagerDecoder):
         super().__init__(model)
         self.kernel = kernel
         self.variant: str = kernel.ISA  # what the extension was compiled for
+        self.int8 = isinstance(model.output, Int8Linear)
         self.layers: list[torch.Tensor] = []  # 6 per layer, in the kernel's order
+        self.scales: list[torch.Tensor] = []  # int8: 4 per layer (q|k|v, wo, w1|w3, w2), then the output's
         for block in model.layers:
             mods = [block.get_submodule(name) for name in LINEARS]  # wq wk wv wo w1 w3 w2
-            sizes = [m.weight.numel() for m in mods]
-            buf = torch.empty(sum(sizes), dtype=mods[0].weight.dtype)
-            views, off = [], 0
-            for m, n in zip(mods, sizes):
-                view = buf[off:off + n].view_as(m.weight)
-                view.copy_(m.weight.detach())
-                m.weight.data = view  # the parameter now lives in the packed buffer
-                views.append(view)
-                off += n
-            q, k, v, wo, w1, w3, w2 = views
-            dim = q.size(1)
-            qkv = buf[:q.numel() + k.numel() + v.numel()].view(-1, dim)
-            w13 = buf[off - w2.numel() - w1.numel() - w3.numel():off - w2.numel()].view(-1, dim)
+            qkv, wo, w13, w2 = _pack(mods, "weight")
             self.layers += [block.attention_norm.weight, qkv, wo, block.ffn_norm.weight, w13, w2]
+            if self.int8:
+                self.scales += _pack(mods, "scales")
+        if self.int8:
+            self.scales.append(model.output.scales)
         self._ptrs = self._pointers()
 
     @staticmethod
@@ -144,19 +167,26 @@ class FusedCpuDecoder(EagerDecoder):
         if not params or params[0].dtype not in (torch.bfloat16, torch.float32) or any(
                 type(p) is not nn.Parameter or p.dtype != params[0].dtype or p.device.type != "cpu" for p in params):
             return None
-        for block in model.layers:
-            if any(type(block.get_submodule(n)) is not nn.Linear for n in LINEARS):
-                return None
-        if type(model.output) is not nn.Linear or (kernel := decode_kernel(variant)) is None:
+        # every projection and the output a plain Linear (in the model's dtype), or every one int8
+        # with scales in the model's dtype
+        projections = [block.get_submodule(n) for block in model.layers for n in LINEARS] + [model.output]
+        kind = type(model.output)
+        if kind not in (nn.Linear, Int8Linear) or any(type(m) is not kind for m in projections):
+            return None
+        if kind is Int8Linear and any(m.scales.dtype != params[0].dtype or m.weight.device.type != "cpu"
+                                      for m in projections):
+            return None
+        if (kernel := decode_kernel(variant)) is None:
             return None
         with torch.inference_mode(False), torch.no_grad():  # packed weights must stay usable outside inference
             return FusedCpuDecoder(model, kernel)
 
-    def _pointers(self) -> tuple:
-        return tuple(p.data_ptr() for p in self.model.parameters())
+    def _pointers(self) -> tuple:  # parameters and buffers: int8 weights and scales are buffers
+        return tuple(t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers()))
 
     def valid(self) -> bool:
-        """False once the model's parameters were replaced (moved, cast, quantized, reassigned)."""
+        """False once the model's parameters or buffers were replaced (moved, cast, quantized,
+        reassigned)."""
         return self._pointers() == self._ptrs
 
     def refreshed(self) -> EagerDecoder:
@@ -170,8 +200,8 @@ class FusedCpuDecoder(EagerDecoder):
         if tokens.size(1) != 1 or tokens.size(0) > MAX_ROWS:
             return super().__call__(tokens, start_pos, cache, last_only)
         m = self.model
-        h = m.tok_embeddings(tokens[:, 0]).contiguous()  # (B, dim)
-        logits = self.kernel.decode_step(h, self.layers, m.norm.weight, m.output.weight, cache.k, cache.v,
+        h = m.tok_embeddings(tokens[:, 0]).contiguous()  # (B, dim) in the model's dtype (int8 rows: dequantized)
+        logits = self.kernel.decode_step(h, self.layers, m.norm.weight, m.output.weight, self.scales, cache.k, cache.v,
                                          start_pos, m.freqs_cis[start_pos].float(), m.args.norm_eps, m.args.n_heads,
                                          m.args.n_kv_heads)
         return logits[:, None]
