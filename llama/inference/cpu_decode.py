@@ -21,6 +21,7 @@ an AVX-512 machine).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import sys
@@ -40,7 +41,8 @@ MAX_ROWS = 8  # batch rows per fused step (the kernel is templated up to 8)
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")
 ENV_VAR = "LLAMA_CPU_KERNEL"
 # variant -> (/proc/cpuinfo flags it needs, compiler flags), fastest first; each builds as the
-# extension "llama_cpu_decode_<variant>" with -DLLAMA_ISA_<VARIANT> choosing its vector code
+# extension "llama_cpu_decode_<variant>_<hash of the source>" with -DLLAMA_ISA_<VARIANT> choosing its
+# vector code (the hash: a build of another version of the source is never loaded in its place)
 VARIANTS = {
     "avx512bf16": (("avx512f", "avx512bw", "avx512_bf16"), ["-mavx512f", "-mavx512bw", "-mavx512bf16"]),
     "avx2": (("avx2", "fma"), ["-mavx2", "-mfma"]),
@@ -70,7 +72,7 @@ _modules: dict = {}  # variant -> built module, or False where its build failed
 def _build(variant: str, then: str = "decoding runs eagerly"):
     if variant not in _modules:
         _modules[variant] = False
-        name = f"llama_cpu_decode_{variant}"
+        name = f"llama_cpu_decode_{variant}_{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]}"
         try:
             from torch.utils.cpp_extension import _get_build_directory, load
 
