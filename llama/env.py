@@ -17,6 +17,7 @@ import pickle
 import re
 import shutil
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -150,9 +151,11 @@ def machine_key() -> str:
     return f"{cpu_model_name()} | {torch.get_num_threads()} threads | torch {torch.__version__}"
 
 
-def cached_measurement(name: str, key: str, measure: Callable[[], dict]) -> dict:
+def cached_measurement(name: str, key: str, measure: Callable[[], dict],
+                       keep: Callable[[dict], bool] = lambda value: True) -> dict:
     """measure() once per `key`: kept in memory and in ~/.cache/llama/NAME.json (XDG_CACHE_HOME),
-    so later processes on the same machine read it instead of measuring again."""
+    so later processes on the same machine read it instead of measuring again; a value `keep`
+    rejects (e.g. an inconclusive measurement on a busy machine) is returned but not kept."""
     if (name, key) in _MEASURED:
         return _MEASURED[name, key]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llama" / f"{name}.json"
@@ -165,6 +168,8 @@ def cached_measurement(name: str, key: str, measure: Callable[[], dict]) -> dict
         _MEASURED[name, key] = saved[key]
         return saved[key]
     value = measure()
+    if not keep(value):
+        return value
     _MEASURED[name, key] = value
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -205,6 +210,16 @@ def compute_dtype(device: torch.device | str) -> tuple[torch.dtype, str]:
     dt = torch.bfloat16 if speeds["bf16"] > speeds["fp32"] else torch.float32
     return dt, (f"{dtype_name(dt)}: measured on {cpu_model_name()} with {torch.get_num_threads()} threads, "
                 f"bf16 matmul {speeds['bf16'] / 1e9:.0f} GFLOP/s vs fp32 {speeds['fp32'] / 1e9:.0f} GFLOP/s")
+
+
+_SAID: set = set()
+
+
+def say_once(message: str) -> None:
+    """Print `message` to stderr the first time this process says it (rank 0 only under torchrun)."""
+    if message not in _SAID and torchrun_ranks().rank == 0:
+        _SAID.add(message)
+        print(message, file=sys.stderr, flush=True)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str) -> torch.dtype:

@@ -75,6 +75,20 @@ def test_compute_dtype_follows_the_measured_matmul_speed(monkeypatch, tmp_path):
         assert dt is want and "measured" in why and "200 GFLOP/s" in why
 
 
+def test_cached_measurement_keeps_only_what_it_is_told(monkeypatch, tmp_path):
+    import llama.env as env
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    env._MEASURED.clear()
+    calls = []
+    measure = lambda: calls.append(1) or {"n": len(calls)}  # noqa: E731
+    assert env.cached_measurement("t", "k", measure, keep=lambda v: False) == {"n": 1}
+    assert env.cached_measurement("t", "k", measure) == {"n": 2}  # measured again: the first was not kept
+    env._MEASURED.clear()
+    assert env.cached_measurement("t", "k", measure) == {"n": 2}  # now from ~/.cache/llama/t.json
+    assert json.loads((tmp_path / "llama" / "t.json").read_text()) == {"k": {"n": 2}}
+
+
 def test_dir_lock_is_reentrant_in_a_process_and_leaves_nothing(tmp_path):
     a = DirLock(tmp_path / "run", "training run").acquire()
     holder = json.loads((tmp_path / "run" / ".lock").read_text())

@@ -834,3 +834,35 @@ def test_example_script_on_two_ranks(setup):
     assert r.returncode != 0
     assert "error: tensor parallel degree 3 does not divide n_heads=4" in r.stderr
     assert "Traceback" not in r.stderr.split("error:")[0]
+
+
+def test_decode_dtype_is_measured_and_chosen_once(monkeypatch, tmp_path, ckpts, capsys):
+    """The CPU's weight dtype for decoding comes from timing the fused step in bf16 and fp32
+    (cached per machine), and Llama.build without a dtype takes the faster and says so once."""
+    import llama.env as env
+    from llama.inference import cpu_decode
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    env._MEASURED.clear()
+    if decode_kernel() is None:
+        pytest.skip("no fused kernel builds here")
+    speeds = cpu_decode.decode_speeds(steps=2)
+    assert set(speeds) == {"bf16", "fp32"} and all(v > 1 for v in speeds.values())
+    if cpu_decode._conclusive(speeds):  # (a near-tie on a busy machine is not cached)
+        assert (tmp_path / "llama" / "decode_speeds.json").is_file()
+        env._MEASURED.clear()
+        assert cpu_decode.decode_speeds(steps=2) == speeds  # read back, not measured again
+    for faster, want in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        monkeypatch.setattr(cpu_decode, "decode_speeds", lambda: {"bf16": 200.0 if faster == "bf16" else 100.0,
+                                                                  "fp32": 200.0 if faster == "fp32" else 100.0})
+        env._SAID.clear()
+        built = [Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 32, 1, device="cpu") for _ in range(2)]
+        assert all(b.dtype is want for b in built)
+        said = capsys.readouterr().err
+        assert said.count("weights in") == 1 and f"weights in {faster}: measured" in said and "--dtype overrides" in said
+        assert Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 32, 1, device="cpu", dtype="fp32").dtype is torch.float32
+    monkeypatch.setattr(cpu_decode, "decode_speeds", lambda: None)  # no kernel: the flag rule
+    assert cpu_decode.decode_dtype()[0] is env.default_dtype("cpu")
+    monkeypatch.setattr(cpu_decode, "decode_speeds", lambda: {"bf16": 100.0, "fp32": 102.0})  # a near-tie: likewise
+    dt, why = cpu_decode.decode_dtype()
+    assert dt is env.default_dtype("cpu") and "too close to choose" in why

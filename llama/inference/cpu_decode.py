@@ -21,10 +21,12 @@ an AVX-512 machine).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import platform
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -32,9 +34,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from llama.env import cpu_model_name
+from llama.env import cached_measurement, cpu_model_name, default_dtype, dtype_name, machine_key
 from llama.inference.decoders import EagerDecoder
-from llama.model import LINEARS
+from llama.model import LINEARS, ModelArgs, Transformer
 from llama.quantize import Int8Linear
 
 MAX_ROWS = 8  # batch rows per fused step (the kernel is templated up to 8)
@@ -221,3 +223,63 @@ def read_bandwidth(buf: torch.Tensor, variant: Optional[str] = None) -> tuple[fl
         raise ValueError(f"read_bandwidth reads a contiguous fp32 CPU tensor, got {buf.dtype} on {buf.device} "
                          f"(contiguous: {buf.is_contiguous()})")
     return kernel.read_bandwidth(buf)
+
+
+PROBE_ARGS = dict(dim=1024, n_layers=2, n_heads=8, vocab_size=8192, multiple_of=256)  # ~42M parameters
+
+
+def decode_speeds(variant: Optional[str] = None, steps: int = 6) -> Optional[dict[str, float]]:
+    """{"bf16": tokens/s, "fp32": tokens/s} of batch-1 fused decoding steps on this CPU with the
+    current thread count: a random 2-layer model of ~42M parameters (170 MB in fp32, beyond the
+    caches, so the step reads memory as a real model's does), the best of `steps` steps per dtype
+    (~0.5 s in all). Decoding reads every weight per token, so bf16 weights can win even on CPUs
+    whose bf16 matmuls lose to fp32: this measures it. Cached per CPU model, thread count, torch
+    and kernel (llama.env.cached_measurement, decode_speeds.json); None where no kernel builds."""
+    kernel = decode_kernel(variant)
+    if kernel is None:
+        return None
+    chosen = variant or os.environ.get(ENV_VAR) or next(v for v in cpu_kernel_variants() if _modules.get(v))
+
+    def measure() -> dict[str, float]:
+        torch.manual_seed(0)
+        with torch.inference_mode():
+            base = Transformer(ModelArgs(**PROBE_ARGS))
+            base.init_weights()
+            runs = {}
+            for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+                model = copy.deepcopy(base).to(dtype).eval()  # (Module.to works in place)
+                runs[name] = (FusedCpuDecoder.create(model, chosen), model.new_cache(1, steps + 2, dtype=dtype))
+            token = torch.zeros(1, 1, dtype=torch.long)
+            best = {name: float("inf") for name in runs}
+            for pos in range(steps + 2):  # alternating, so that load from elsewhere hits both alike
+                for name, (decoder, cache) in runs.items():
+                    t0 = time.perf_counter()
+                    decoder(token, pos, cache)
+                    if pos >= 2:  # the first two warm the caches and the thread pool
+                        best[name] = min(best[name], time.perf_counter() - t0)
+        return {name: 1.0 / t for name, t in best.items()}
+
+    return cached_measurement("decode_speeds", f"{machine_key()} | {chosen} kernel", measure, keep=_conclusive)
+
+
+def _conclusive(speeds: dict[str, float]) -> bool:
+    """bf16 and fp32 apart by more than 5%: a near-tie says little (on a busy machine, other
+    processes' time slices can dominate both), so it is not cached."""
+    return abs(speeds["bf16"] / speeds["fp32"] - 1) > 0.05
+
+
+def decode_dtype() -> tuple[torch.dtype, str]:
+    """The dtype to hold weights in for decoding on this CPU, and why: the faster of bf16 and fp32
+    in `decode_speeds`; without a fused kernel or with a near-tie, `llama.env.default_dtype`'s rule."""
+    speeds = decode_speeds()
+    if speeds is None:
+        dt = default_dtype("cpu")
+        return dt, f"{dtype_name(dt)}: no fused decoding kernel on this CPU (bf16 only where it multiplies bf16 natively)"
+    if not _conclusive(speeds):
+        dt = default_dtype("cpu")
+        return dt, (f"{dtype_name(dt)}: decoding measured {speeds['bf16']:.0f} tokens/s with bf16 weights and "
+                    f"{speeds['fp32']:.0f} with fp32, too close to choose (a busy machine?), so by the CPU's flags")
+    dt = torch.bfloat16 if speeds["bf16"] > speeds["fp32"] else torch.float32
+    return dt, (f"{dtype_name(dt)}: measured on {cpu_model_name()} with {torch.get_num_threads()} threads, fused "
+                f"decoding step {speeds['bf16']:.0f} tokens/s with bf16 weights vs {speeds['fp32']:.0f} with fp32 "
+                f"(a ~42M-parameter probe)")

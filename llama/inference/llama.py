@@ -21,10 +21,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from llama.chat import check_dialog, encode_dialog, has_special_tags
-from llama.env import init_distributed, resolve_device, resolve_dtype, torchrun_ranks
+from llama.env import init_distributed, resolve_device, resolve_dtype, say_once, torchrun_ranks
 from llama.formats.gguf import load_gguf, load_tokenizer
 from llama.formats.meta import load_model, load_params, load_tp_slice
-from llama.inference.cpu_decode import FusedCpuDecoder
+from llama.inference.cpu_decode import FusedCpuDecoder, decode_dtype
 from llama.inference.decoders import DECODERS, CompiledDecoder, EagerDecoder
 from llama.inference.sampling import check_sampling, sample
 from llama.model import KVCache, Transformer
@@ -88,7 +88,8 @@ class Llama:
 
         Without torchrun it runs in this process; under torchrun each of the WORLD_SIZE ranks holds
         a tensor-parallel slice (world size must divide the heads). `device` defaults to cuda, then
-        mps, then cpu; `dtype` to bf16 where the hardware has it, fp16 on older GPUs, else fp32.
+        mps, then cpu; `dtype` to bf16 where the hardware has it, fp16 on older GPUs; on a CPU (one
+        process) the faster for decoding as measured once per machine (`cpu_decode.decode_dtype`).
         `decoder`: "auto" (the fused CPU step where it applies, else eager), "eager", "compiled"
         or "fused" (see llama/inference/decoders.py).
         A `.gguf` file (llama.cpp's format) as `ckpt_dir` runs on one process; its tokenizer comes
@@ -100,8 +101,11 @@ class Llama:
         if decoder not in DECODERS:
             raise ValueError(f"unknown decoder {decoder!r}; choose one of {DECODERS}")
         device = resolve_device(device)
-        dtype = resolve_dtype(dtype, device)
         world = torchrun_ranks().world
+        if dtype is None and device.type == "cpu" and world == 1:  # decoding's own measurement
+            dtype, why = decode_dtype()
+            say_once(f"llama: weights in {why}; --dtype overrides")
+        dtype = resolve_dtype(dtype, device)
         if model_parallel_size is not None and model_parallel_size != world:
             raise ValueError(f"model_parallel_size {model_parallel_size} != {world} process(es) launched; "
                              f"launch with `torchrun --nproc_per_node {model_parallel_size}` or leave it unset")
