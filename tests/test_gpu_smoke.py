@@ -137,7 +137,10 @@ def test_decode_figures(smoke):
     # fp32, same weights: the compiled static step and transformers decode exactly the eager tokens
     assert rows["ours, compiled decoder"]["agree_with_eager"] == 1.0
     assert rows["transformers"]["agree_with_eager"] == 1.0
-    assert rows["ours, compiled, mode=reduce-overhead"]["status"] == "skipped: no CUDA"
+    assert rows["ours, compiled, without / with torch's CUDA graphs"]["status"] == "skipped: no CUDA"
+    assert "top_ops" in dec["int8_eager_profile"] and dec["big_model"].startswith("tiny")
+    big = [r for r in dec["rows"] if r["impl"].startswith("tiny {'n_layers': 1}")]
+    assert len(big) == 2 and all(r["tokens_per_s"] > 0 for r in big)
     # int8 reads 1 byte per weight (+ per-row scales) instead of 4: the bytes per token show it
     dense, int8 = rows["ours, eager"]["mb_per_token"], rows["ours, int8, eager"]["mb_per_token"]
     assert 0.2 < int8 / dense < 0.5
