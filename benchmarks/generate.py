@@ -33,6 +33,11 @@ bf16 model, decoded by whatever decoder Llama picks for it).
     python benchmarks/generate.py --model 60M --dtypes bf16 --batches 1 --compile
     python benchmarks/generate.py --dtypes bf16,fp32 --batches 1 --kernels avx2   # + the AVX2 build
     python benchmarks/generate.py --llamacpp=False      # without the llama.cpp / int8 rows
+    python benchmarks/generate.py --hf_compile=False    # without transformers under torch.compile
+
+"transformers (compiled)" is transformers' generate with its static cache and its own torch.compile
+of the decoding forward (generate does that by itself on GPUs; forced here with
+CompileConfig(_compile_all_devices=True)), the strongest transformers configuration.
     LLAMA_CPU_KERNEL=avx2 python benchmarks/generate.py   # "ours" itself on the AVX2 build
 
 `--kernels` adds a row per fused-kernel build named (llama/inference/cpu_decode.py VARIANTS, e.g.
@@ -135,7 +140,7 @@ def prefill_flops(args: ModelArgs, layer_params: int, output_params: int, bsz: i
 
 def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_len: int = 128, new_tokens: int = 32,
          repeats: int = 2, compile: bool = False, threads: int | None = None, out: str | None = None,
-         kernels=(), llamacpp: bool = True):
+         kernels=(), llamacpp: bool = True, hf_compile: bool = True):
     if threads:
         torch.set_num_threads(threads)
 
@@ -185,6 +190,8 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
             ids = prompts[bsz].tolist()
             runners = {name: ours_runner(llama, ids, prompt_len) for name, llama in llamas.items()}
             runners["transformers"] = _hf_runner(hf, prompts[bsz])
+            if hf_compile:
+                runners["transformers (compiled)"] = _hf_runner(hf, prompts[bsz], compiled=True, max_len=args.max_seq_len)
             if bsz == 1 and llamacpp and llama_cpp is not None and dt_name in ("bf16", "fp32"):
                 gguf_dtype = {"bf16": "bf16", "fp32": "f32"}[dt_name]
                 runners[f"llama.cpp {gguf_dtype}"] = llama_cpp_runner(write_gguf(base, args, gguf_dtype), ids[0], args,
@@ -280,15 +287,24 @@ class _Clock:  # transformers' streamer interface: put() gets the prompt, then e
         pass
 
 
-def _hf_runner(hf, prompts: torch.Tensor):
+def _hf_runner(hf, prompts: torch.Tensor, compiled: bool = False, max_len: int | None = None):
+    """transformers' greedy generate; `compiled`: with its static cache and its own torch.compile of
+    the decoding forward (which generate does by itself on GPUs only: forced here on the CPU)."""
     bsz, prompt_len = prompts.shape
+    extra = {}
+    if compiled:
+        from transformers import CompileConfig
+
+        config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
+        config._compile_all_devices = True  # a class attribute transformers reads to compile off the GPU too
+        extra = dict(cache_implementation="static", max_cache_len=max_len, compile_config=config)
 
     def run(n):
         clock = _Clock()
         with torch.inference_mode():
             out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
                               max_new_tokens=n, min_new_tokens=n, pad_token_id=0, eos_token_id=None,
-                              streamer=clock if bsz == 1 else None)
+                              streamer=clock if bsz == 1 else None, **extra)
         if bsz > 1:  # transformers' streamers take batch 1 only: time the whole run instead
             return out[:, prompt_len:].tolist(), None
         return out[:, prompt_len:].tolist(), clock.stamps
