@@ -270,7 +270,7 @@ template <typename T> struct Dot<int8_t, T> {
     else for (int64_t i = 0; i < M * K; ++i) out[i] = E<T>::to(x[i]);
   }
   static inline float w(int8_t v) { return v; }
-  static inline float x(X v) { return E<T>::to(v); }
+  static inline float x(X v) { return E<T>::xto(v); }  // bf16 or fp32
   template <typename U = V>  // U: V, named through a parameter so ISAs without dot_i8_bf16 compile this
   static inline F dot(F acc, const int8_t* w, const X* x) {
     if constexpr (BF16) return U::dot_i8_bf16(acc, w, x);
