@@ -457,7 +457,7 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
   T* cvp = reinterpret_cast<T*>(cache_v.data_ptr());
   const float* fc = freqs.data_ptr<float>();
   std::vector<T> xn(M * std::max(dim, hidden)), att(M * qdim);
-  std::vector<float> y(M * std::max(nqkv, 2 * hidden)), p(H * (pos + 1)), acc(qdim);
+  std::vector<float> y(M * std::max(nqkv, 2 * hidden)), p(M * H * (pos + 1)), acc(M * qdim);
   auto W = [](const torch::Tensor& t) { return reinterpret_cast<const T*>(t.data_ptr()); };  // norms, scales
   auto Q = [](const torch::Tensor& t) { return reinterpret_cast<const WT*>(t.data_ptr()); };  // projections
   // int8 weights: 4 scale vectors per layer (q|k|v, wo, w1|w3, w2) and the output's; else none
@@ -485,20 +485,24 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
         cvp[off + i] = E<T>::from(r[qdim + kvdim + i]);
       }
     }
-    // attention of each query head over positions 0..pos of its kv head, fp32. Threads take ranges
-    // of heads (once there is enough work to pay for waking them); each reads the cache in memory
-    // order (position by position), so it streams
-    const int64_t NT = pos + 1, heads_grain = NT * qdim >= (1 << 18) ? 1 : H;
-    for (int64_t m = 0; m < M; ++m) {
-      const T* kb = ckp + (l * Bmax + m) * S * kvdim;
-      const T* vb = cvp + (l * Bmax + m) * S * kvdim;
-      const float* q = y.data() + m * nqkv;
-      at::parallel_for(0, H, heads_grain, [&](int64_t h0, int64_t h1) {
+    // attention of each query head of each row over positions 0..pos of its kv head, fp32. Threads
+    // take ranges of the M H (row, head) pairs (once there is enough work to pay for waking them: a
+    // batch of 8 is 8 times the work of one row); within a row each reads the cache in memory order
+    // (position by position), so it streams. p: (M, H, NT) scores; acc: (M, qdim) outputs
+    const int64_t NT = pos + 1, heads_grain = M * NT * qdim >= (1 << 18) ? 1 : M * H;
+    at::parallel_for(0, M * H, heads_grain, [&](int64_t i0, int64_t i1) {
+      for (int64_t m = i0 / H; m * H < i1; ++m) {  // this range's heads h0..h1 of row m
+        const int64_t h0 = std::max(i0 - m * H, (int64_t)0), h1 = std::min(i1 - m * H, H);
+        const T* kb = ckp + (l * Bmax + m) * S * kvdim;
+        const T* vb = cvp + (l * Bmax + m) * S * kvdim;
+        const float* q = y.data() + m * nqkv;
+        float* pm = p.data() + m * H * NT;
+        float* am = acc.data() + m * qdim;
         for (int64_t t = 0; t < NT; ++t)
           for (int64_t hd = h0; hd < h1; ++hd)
-            p[hd * NT + t] = dot_f32<T>(q + hd * D, kb + t * kvdim + hd / rep * D, D) * scale;
+            pm[hd * NT + t] = dot_f32<T>(q + hd * D, kb + t * kvdim + hd / rep * D, D) * scale;
         for (int64_t hd = h0; hd < h1; ++hd) {
-          float* ph = p.data() + hd * NT;
+          float* ph = pm + hd * NT;
           const float mx = *std::max_element(ph, ph + NT);
           const F mxv = V::set1(mx);
           F sv = V::zero();
@@ -512,13 +516,13 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
           for (; t < NT; ++t) { ph[t] = std::exp(ph[t] - mx); sum += ph[t]; }
           for (t = 0; t < NT; ++t) ph[t] /= sum;
         }
-        std::fill(acc.begin() + h0 * D, acc.begin() + h1 * D, 0.f);
+        std::fill(am + h0 * D, am + h1 * D, 0.f);
         for (int64_t t = 0; t < NT; ++t)
           for (int64_t hd = h0; hd < h1; ++hd)
-            axpy<T>(p[hd * NT + t], vb + t * kvdim + hd / rep * D, acc.data() + hd * D, D);
-        for (int64_t i = h0 * D; i < h1 * D; ++i) att[m * qdim + i] = E<T>::from(acc[i]);
-      });
-    }
+            axpy<T>(pm[hd * NT + t], vb + t * kvdim + hd / rep * D, am + hd * D, D);
+        for (int64_t i = h0 * D; i < h1 * D; ++i) att[m * qdim + i] = E<T>::from(am[i]);
+      }
+    });
     gemv<T, WT>(att.data(), M, qdim, Q(lw[2]), dim, y.data(), sc(4 * l + 1));
     residual<T>(hp, y.data(), M * dim);
     // feed-forward: norm, w1|w3 in one product, silu(a) * b with the model's roundings, w2, residual
