@@ -546,10 +546,35 @@ def test_fused_cpu_decoder_runs_int8_models(shape, dtype, variant):
             assert (gap <= 2 * 2.0 ** -7 * scores.abs().max()).all(), (t, gap)
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("int8", [False, True])
+def test_fused_cpu_decoder_every_batch_size(int8, variant):
+    """Batches of 1 to 8 rows (each its own register tiling of the products: up to 4 weight rows per
+    tile, the rows left over one by one) against the eager model on the same weights, bf16 or int8
+    with bf16 scales: two decoding steps agree to bf16 resolution. dim 40 and hidden 108: K is no
+    whole number of vector blocks; q|k|v 80, w1|w3 216, vocabulary 97 output rows: no whole number
+    of tiles."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_args(dim=40, n_heads=4, n_kv_heads=1, multiple_of=4, vocab_size=97)).to(torch.bfloat16).eval()
+    model.init_weights(std=0.08)
+    if int8:
+        quantize_int8(model)
+    _kernel_or_skip(variant)
+    decoder = FusedCpuDecoder.create(model, variant)
+    assert decoder is not None and decoder.int8 == int8
+    tokens = torch.randint(0, model.args.vocab_size, (8, 6))
+    for rows in range(1, 9):
+        fused, fused_cache = _decode_logits(model, tokens[:rows], decoder)
+        eager, eager_cache = _decode_logits(model, tokens[:rows])
+        assert (fused - eager).abs().max() < 0.02 * eager.abs().max(), rows
+        torch.testing.assert_close(fused_cache.k, eager_cache.k, atol=0.02, rtol=0.02)
+
+
 # The fused kernel's vector primitives (cpu_decode.cpp between "[primitives begin]" and "[primitives
 # end]", no torch in them) compiled alone for one instruction set and checked against plain scalar
 # code: bf16 rounding (torch's round-to-nearest-even, `f2b`) of arbitrary bit patterns and exact ties,
-# bf16 -> fp32 of every bf16 value, the dot blocks (bf16, fp32, int8 weights) against a double sum,
+# bf16 -> fp32 of every bf16 value, the dot blocks (bf16, fp32, int8 weights against fp32 and bf16
+# inputs) against a double sum,
 # exp against std::exp.
 _PRIMITIVES_CHECK = r"""
 #include <cmath>
@@ -610,18 +635,26 @@ int main() {
     CHECK(std::fabs(V::sum(ab) - want_b) <= 1e-6 * mag_b, "bf16 dot of %d: %g, want %g", K, V::sum(ab), want_b);
     CHECK(std::fabs(V::sum(af) - want_f) <= 1e-6 * mag_f, "fp32 dot of %d: %g, want %g", K, V::sum(af), want_f);
   }
-  for (int blocks = 1; blocks <= 9; ++blocks) {  // int8 weights (the full range, -128 too) . fp32 input
-    const int K = blocks * I8_BLOCK;
+  for (int blocks = 1; blocks <= 9; ++blocks) {  // int8 weights (the full range, -128 too) . fp32 or bf16 input
+    const int K = blocks * 2 * I8_BLOCK;
     std::vector<int8_t> wq(K);
     std::vector<float> xf(K);
-    double want = 0, mag = 0;
+    std::vector<bf16> xb(K);
+    double want = 0, mag = 0, want_b = 0, mag_b = 0;
     for (int k = 0; k < K; ++k) {
-      wq[k] = (int8_t)(g() & 0xff); xf[k] = normal(g);
+      wq[k] = (int8_t)(g() & 0xff); xf[k] = normal(g); xb[k] = f2b(xf[k]);
       want += (double)wq[k] * xf[k]; mag += std::fabs((double)wq[k] * xf[k]);
+      want_b += (double)wq[k] * b2f(xb[k]); mag_b += std::fabs((double)wq[k] * b2f(xb[k]));
     }
-    F a = V::zero();
-    for (int k = 0; k < K; k += E<int8_t>::W) a = E<int8_t>::dot(a, &wq[k], &xf[k]);
+    using DF = Dot<int8_t, float>;
+    using DB = Dot<int8_t, bf16>;  // AVX512-BF16: the bf16 dot on int8 widened to bf16; else as DF
+    std::vector<DB::X> xp(K);  // the bf16 input as the products prepare it
+    DB::prep(xb.data(), 1, K, xp.data());
+    F a = V::zero(), ab = V::zero();
+    for (int k = 0; k < K; k += DF::W) a = DF::dot(a, &wq[k], &xf[k]);
+    for (int k = 0; k < K; k += DB::W) ab = DB::dot(ab, &wq[k], &xp[k]);
     CHECK(std::fabs(V::sum(a) - want) <= 1e-6 * mag, "int8 dot of %d: %g, want %g", K, V::sum(a), want);
+    CHECK(std::fabs(V::sum(ab) - want_b) <= 1e-6 * mag_b, "int8 . bf16 dot of %d: %g, want %g", K, V::sum(ab), want_b);
   }
   for (int i = 0; i < 200000; i += N) {
     float x[N], e[N];

@@ -32,12 +32,14 @@ static inline bf16 f2b(float f) {  // round to nearest even, as torch does
 // after the sum) against an fp32 input row: the int8 values widen exactly to fp32 in registers.
 // The bf16 input row comes as BF16X: bf16 where the ISA multiplies bf16 directly, else fp32 that
 // split_bf16 laid out once per product (each block: its even elements, then its odd ones), so the
-// per-weight-row work is widening the weights only
+// per-weight-row work is widening the weights only. ACC: how many accumulators a product tile keeps
+// in registers (the rest of REGS holds the weight blocks, widened where the ISA must, and an input
+// block). I8_BF16: int8 weights meet a bf16 input in the native bf16 dot (dot_i8_bf16).
 #if defined(LLAMA_ISA_AVX512BF16)
 #include <immintrin.h>
 struct V {
   using F = __m512;
-  static constexpr int N = 16, REGS = 32, BF16_BLOCK = 32;
+  static constexpr int N = 16, REGS = 32, BF16_BLOCK = 32, ACC = 24;
   static constexpr float EXP_HI = 88.7f;  // scalef takes 2^128 (e^88.7 < FLT_MAX)
   static constexpr const char* ISA = "avx512bf16";
   using BF16X = bf16;
@@ -71,12 +73,22 @@ struct V {
   static F dot_i8(F acc, const int8_t* w, const float* x) {  // 16 int8 sign-extended, exact in fp32
     return fma(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)w))), load(x), acc);
   }
+  // 32 int8 weights against 32 bf16 inputs in the native bf16 dot: the int8 values widen to fp32 and
+  // pack to bf16 exactly (8 significant bits hold any int8), so this is dot_i8 on the bf16 input with
+  // half the multiply instructions and half the input bytes
+  static constexpr bool I8_BF16 = true;
+  static F dot_i8_bf16(F acc, const int8_t* w, const bf16* x) {
+    const F lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)w)));
+    const F hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + 16))));
+    return _mm512_dpbf16_ps(acc, _mm512_cvtne2ps_pbh(hi, lo), (__m512bh)_mm512_loadu_si512(x));  // (hi, lo): lo first
+  }
 };
 #elif defined(LLAMA_ISA_AVX2)
 #include <immintrin.h>
 struct V {
   using F = __m256;
-  static constexpr int N = 8, REGS = 16, BF16_BLOCK = 16;
+  static constexpr int N = 8, REGS = 16, BF16_BLOCK = 16, ACC = 8;
+  static constexpr bool I8_BF16 = false;  // int8 weights meet an fp32-widened input (dot_i8)
   static constexpr float EXP_HI = 88.3762626f;  // n = round(x log2 e) <= 127: 2^n built in the exponent field
   static constexpr const char* ISA = "avx2";
   using BF16X = float;
@@ -140,7 +152,8 @@ struct V {
 #include <arm_neon.h>
 struct V {
   using F = float32x4_t;
-  static constexpr int N = 4, REGS = 32, BF16_BLOCK = 8;
+  static constexpr int N = 4, REGS = 32, BF16_BLOCK = 8, ACC = 16;
+  static constexpr bool I8_BF16 = false;  // as for AVX2
   static constexpr float EXP_HI = 88.3762626f;  // as for AVX2
   static constexpr const char* ISA = "neon";
   using BF16X = float;
@@ -238,15 +251,31 @@ template <> struct E<float> {
   static inline F rnd(F v) { return v; }
   static inline F dot(F acc, const float* w, const float* x) { return V::dot_f32(acc, w, x); }
 };
-// int8 weights (llama/quantize.py's Int8Linear) for either activation type: the input rows are
-// widened to fp32 once per product (X = float), each weight block in registers; gemv applies the
-// per-row scales after the sums
-template <> struct E<int8_t> {
-  static constexpr int W = I8_BLOCK;
-  using X = float;
-  static inline float to(int8_t v) { return v; }
-  static inline float xto(float v) { return v; }
-  static inline F dot(F acc, const int8_t* w, const float* x) { return V::dot_i8(acc, w, x); }
+// A product's dot blocks: weights WT (T itself, or int8 with per-row scales: llama/quantize.py's
+// Int8Linear) against input rows in the model's type T, which prep lays out once per product as X
+// elements; each dot consumes W elements of a weight row and of an input row; w / x: one element as
+// fp32 (the K % W tail). int8 weights: on AVX512-BF16 against the bf16 rows as they are, through
+// the native bf16 dot; else against the rows widened to fp32, each weight block widened in
+// registers (exact either way: gemv applies the scales after the sums)
+template <typename WT, typename T> struct Dot : E<T> {  // WT = T
+  static inline float w(T v) { return E<T>::to(v); }
+  static inline float x(typename E<T>::X v) { return E<T>::xto(v); }
+};
+template <typename T> struct Dot<int8_t, T> {
+  static constexpr bool BF16 = V::I8_BF16 && std::is_same<T, bf16>::value;
+  static constexpr int W = BF16 ? 2 * I8_BLOCK : I8_BLOCK;
+  using X = typename std::conditional<BF16, bf16, float>::type;
+  static void prep(const T* x, int64_t M, int64_t K, X* out) {  // (M, K): bf16 as is, else fp32
+    if constexpr (std::is_same<X, T>::value) std::memcpy(out, x, M * K * sizeof(T));
+    else for (int64_t i = 0; i < M * K; ++i) out[i] = E<T>::to(x[i]);
+  }
+  static inline float w(int8_t v) { return v; }
+  static inline float x(X v) { return E<T>::xto(v); }  // bf16 or fp32
+  template <typename U = V>  // U: V, named through a parameter so ISAs without dot_i8_bf16 compile this
+  static inline F dot(F acc, const int8_t* w, const X* x) {
+    if constexpr (BF16) return U::dot_i8_bf16(acc, w, x);
+    else return V::dot_i8(acc, w, x);
+  }
 };
 
 // e^x: x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-6 polynomial (Cephes' coefficients),
@@ -267,59 +296,79 @@ static inline F vexp(F x) {
 }
 // [primitives end]
 
-// y[m, n] = sum_k x[m, k] w[n, k] for rows n0..n1: each weight block is loaded once and used for
-// all M input rows; two accumulators per row hide the dot-product latency where the registers
-// hold them (2 M <= half the registers: always with 32, up to 4 rows with AVX2's 16)
-template <typename T, int M>
-static void gemv_rows(const typename E<T>::X* x, int64_t K, const T* w, int64_t n0, int64_t n1, float* y, int64_t ldy) {
-  constexpr int B = E<T>::W;
-  constexpr bool TWO = 4 * M <= V::REGS;
+// y[m, n + i s] (at y[m * ldy + n + i s]) = sum_k x[m, k] w[n + i s, k] for one tile: R weight rows
+// s apart by M input rows. The R x M accumulators stay in registers while K is walked once, so each
+// weight block load serves M dots and each input block load R dots (untiled, a batch of 8 loads 9
+// blocks per 8 dots and the load ports, not the multiplies, set the pace)
+template <typename D, typename WT, int M, int R>
+static inline void gemv_tile(const typename D::X* x, int64_t K, const WT* w, int64_t n, int64_t s, float* y, int64_t ldy) {
+  constexpr int B = D::W;
   const int64_t KB = K / B * B;
-  for (int64_t n = n0; n < n1; ++n) {
-    const T* r = w + n * K;
-    F a[M], b[M];
-    for (int m = 0; m < M; ++m) { a[m] = V::zero(); b[m] = V::zero(); }
-    int64_t k = 0;
-    if (TWO)
-      for (; k + 2 * B <= KB; k += 2 * B)
-        for (int m = 0; m < M; ++m) {
-          a[m] = E<T>::dot(a[m], r + k, x + m * K + k);
-          b[m] = E<T>::dot(b[m], r + k + B, x + m * K + k + B);
-        }
-    for (; k < KB; k += B)
-      for (int m = 0; m < M; ++m) a[m] = E<T>::dot(a[m], r + k, x + m * K + k);
-    for (int m = 0; m < M; ++m) {
-      float s = V::sum(TWO ? V::add(a[m], b[m]) : a[m]);
-      for (int64_t kk = KB; kk < K; ++kk) s += E<T>::to(r[kk]) * E<T>::xto(x[m * K + kk]);
-      y[m * ldy + n] = s;
-    }
+  const WT* r[R];
+  F a[R][M];
+  for (int i = 0; i < R; ++i) {
+    r[i] = w + (n + i * s) * K;
+    for (int m = 0; m < M; ++m) a[i][m] = V::zero();
   }
+  // unrolled whole (the accumulators are registers only so), the compiler loads and widens each
+  // block once (no store between): R weight blocks held, then each input block used for R dots.
+  // Each stream is prefetched 8 KB ahead (into its next rows) into L2 (read once: no need for L1):
+  // with 8 inputs a core multiplies about as fast as it reads, and the hardware prefetchers alone
+  // leave it waiting (1.7x slower here; 4 KB ahead into L1: 1.15x slower)
+  for (int64_t k = 0; k < KB; k += B) {
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) __builtin_prefetch((const char*)(r[i] + k) + 8192, 0, 2);
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m)
+#pragma GCC unroll 4
+      for (int i = 0; i < R; ++i) a[i][m] = D::dot(a[i][m], r[i] + k, x + m * K + k);
+  }
+  for (int i = 0; i < R; ++i)
+    for (int m = 0; m < M; ++m) {
+      float v = V::sum(a[i][m]);
+      for (int64_t kk = KB; kk < K; ++kk) v += D::w(r[i][kk]) * D::x(x[m * K + kk]);
+      y[m * ldy + n + i * s] = v;
+    }
+}
+
+// Rows n0..n1 for M input rows, in tiles of R weight rows (as many as V::ACC accumulators allow,
+// up to 4: AVX-512 holds 3 rows x 8 inputs). The rows are cut into R equal sub-ranges and tile j
+// takes row j of each, so the tiles read R weight streams, each contiguous from its sub-range's
+// first row to its last: the hardware prefetchers follow long streams (here 2.5x the bandwidth of
+// adjacent rows tile by tile, whose R streams jump every row). The last < R rows one by one
+template <typename D, typename WT, int M>
+static void gemv_rows(const typename D::X* x, int64_t K, const WT* w, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  constexpr int R = std::max(1, std::min(4, V::ACC / M));
+  const int64_t step = (n1 - n0) / R;
+  for (int64_t j = 0; j < step; ++j) gemv_tile<D, WT, M, R>(x, K, w, n0 + j, step, y, ldy);
+  for (int64_t n = n0 + R * step; n < n1; ++n) gemv_tile<D, WT, M, 1>(x, K, w, n, 0, y, ldy);
 }
 
 // One input row: the thread's rows are walked as S interleaved sub-ranges, S weight streams at
-// once (more reads in flight: ~10% more bandwidth than one stream here)
-template <typename T, int S>
-static void gemv_streams(const typename E<T>::X* x, int64_t K, const T* w, int64_t n0, int64_t n1, float* y) {
-  constexpr int B = E<T>::W;
+// once (more reads in flight: ~10% more bandwidth than one stream here), two accumulators each to
+// hide the dot latency
+template <typename D, typename WT, int S>
+static void gemv_streams(const typename D::X* x, int64_t K, const WT* w, int64_t n0, int64_t n1, float* y) {
+  constexpr int B = D::W;
   const int64_t step = (n1 - n0) / S, KB = K / B * B, K2 = K / (2 * B) * (2 * B);
   for (int64_t i = 0; i < step; ++i) {
     F a[S], b[S];
-    const T* r[S];
+    const WT* r[S];
     for (int s = 0; s < S; ++s) { a[s] = V::zero(); b[s] = a[s]; r[s] = w + (n0 + s * step + i) * K; }
     for (int64_t k = 0; k < K2; k += 2 * B)
       for (int s = 0; s < S; ++s) {
-        a[s] = E<T>::dot(a[s], r[s] + k, x + k);
-        b[s] = E<T>::dot(b[s], r[s] + k + B, x + k + B);
+        a[s] = D::dot(a[s], r[s] + k, x + k);
+        b[s] = D::dot(b[s], r[s] + k + B, x + k + B);
       }
     if (K2 < KB)  // one whole block left
-      for (int s = 0; s < S; ++s) a[s] = E<T>::dot(a[s], r[s] + K2, x + K2);
+      for (int s = 0; s < S; ++s) a[s] = D::dot(a[s], r[s] + K2, x + K2);
     for (int s = 0; s < S; ++s) {
       float v = V::sum(V::add(a[s], b[s]));
-      for (int64_t k = KB; k < K; ++k) v += E<T>::to(r[s][k]) * E<T>::xto(x[k]);
+      for (int64_t k = KB; k < K; ++k) v += D::w(r[s][k]) * D::x(x[k]);
       y[n0 + s * step + i] = v;
     }
   }
-  gemv_rows<T, 1>(x, K, w, n0 + S * step, n1, y, 0);  // the last < S rows
+  for (int64_t n = n0 + S * step; n < n1; ++n) gemv_tile<D, WT, 1, 1>(x, K, w, n, 0, y, 0);  // the last < S rows
 }
 
 // y (M, N) float = x (M, K) @ w (N, K)^T, split over threads by output rows. x is in the model's
@@ -328,27 +377,27 @@ static void gemv_streams(const typename E<T>::X* x, int64_t K, const T* w, int64
 // its scale (the caller rounds the result again, as it does for every product)
 template <typename T, typename WT = T>
 static void gemv(const T* xt, int64_t M, int64_t K, const WT* w, int64_t N, float* y, const T* scales = nullptr) {
-  using X = typename E<WT>::X;
+  using D = Dot<WT, T>;
+  using X = typename D::X;
   const X* x;
   if constexpr (std::is_same<X, T>::value) {
     x = xt;
   } else {  // the input rows as the dot blocks read them, once per product (M K elements, from L1/L2)
     static thread_local std::vector<X> buf;
     buf.resize(M * K);
-    if constexpr (std::is_same<WT, T>::value) E<T>::prep(xt, M, K, buf.data());
-    else for (int64_t i = 0; i < M * K; ++i) buf[i] = E<T>::to(xt[i]);  // int8 weights: fp32 rows
+    D::prep(xt, M, K, buf.data());
     x = buf.data();
   }
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
     switch (M) {
-      case 1: gemv_streams<WT, 4>(x, K, w, n0, n1, y); break;
-      case 2: gemv_rows<WT, 2>(x, K, w, n0, n1, y, N); break;
-      case 3: gemv_rows<WT, 3>(x, K, w, n0, n1, y, N); break;
-      case 4: gemv_rows<WT, 4>(x, K, w, n0, n1, y, N); break;
-      case 5: gemv_rows<WT, 5>(x, K, w, n0, n1, y, N); break;
-      case 6: gemv_rows<WT, 6>(x, K, w, n0, n1, y, N); break;
-      case 7: gemv_rows<WT, 7>(x, K, w, n0, n1, y, N); break;
-      default: gemv_rows<WT, 8>(x, K, w, n0, n1, y, N); break;
+      case 1: gemv_streams<D, WT, 4>(x, K, w, n0, n1, y); break;
+      case 2: gemv_rows<D, WT, 2>(x, K, w, n0, n1, y, N); break;
+      case 3: gemv_rows<D, WT, 3>(x, K, w, n0, n1, y, N); break;
+      case 4: gemv_rows<D, WT, 4>(x, K, w, n0, n1, y, N); break;
+      case 5: gemv_rows<D, WT, 5>(x, K, w, n0, n1, y, N); break;
+      case 6: gemv_rows<D, WT, 6>(x, K, w, n0, n1, y, N); break;
+      case 7: gemv_rows<D, WT, 7>(x, K, w, n0, n1, y, N); break;
+      default: gemv_rows<D, WT, 8>(x, K, w, n0, n1, y, N); break;
     }
     if (scales)  // this thread's rows, still in cache
       for (int64_t m = 0; m < M; ++m)
@@ -409,7 +458,7 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
   T* cvp = reinterpret_cast<T*>(cache_v.data_ptr());
   const float* fc = freqs.data_ptr<float>();
   std::vector<T> xn(M * std::max(dim, hidden)), att(M * qdim);
-  std::vector<float> y(M * std::max(nqkv, 2 * hidden)), p(H * (pos + 1)), acc(qdim);
+  std::vector<float> y(M * std::max(nqkv, 2 * hidden)), p(M * H * (pos + 1)), acc(M * qdim);
   auto W = [](const torch::Tensor& t) { return reinterpret_cast<const T*>(t.data_ptr()); };  // norms, scales
   auto Q = [](const torch::Tensor& t) { return reinterpret_cast<const WT*>(t.data_ptr()); };  // projections
   // int8 weights: 4 scale vectors per layer (q|k|v, wo, w1|w3, w2) and the output's; else none
@@ -437,20 +486,24 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
         cvp[off + i] = E<T>::from(r[qdim + kvdim + i]);
       }
     }
-    // attention of each query head over positions 0..pos of its kv head, fp32. Threads take ranges
-    // of heads (once there is enough work to pay for waking them); each reads the cache in memory
-    // order (position by position), so it streams
-    const int64_t NT = pos + 1, heads_grain = NT * qdim >= (1 << 18) ? 1 : H;
-    for (int64_t m = 0; m < M; ++m) {
-      const T* kb = ckp + (l * Bmax + m) * S * kvdim;
-      const T* vb = cvp + (l * Bmax + m) * S * kvdim;
-      const float* q = y.data() + m * nqkv;
-      at::parallel_for(0, H, heads_grain, [&](int64_t h0, int64_t h1) {
+    // attention of each query head of each row over positions 0..pos of its kv head, fp32. Threads
+    // take ranges of the M H (row, head) pairs (once there is enough work to pay for waking them: a
+    // batch of 8 is 8 times the work of one row); within a row each reads the cache in memory order
+    // (position by position), so it streams. p: (M, H, NT) scores; acc: (M, qdim) outputs
+    const int64_t NT = pos + 1, heads_grain = M * NT * qdim >= (1 << 18) ? 1 : M * H;
+    at::parallel_for(0, M * H, heads_grain, [&](int64_t i0, int64_t i1) {
+      for (int64_t m = i0 / H; m * H < i1; ++m) {  // this range's heads h0..h1 of row m
+        const int64_t h0 = std::max(i0 - m * H, (int64_t)0), h1 = std::min(i1 - m * H, H);
+        const T* kb = ckp + (l * Bmax + m) * S * kvdim;
+        const T* vb = cvp + (l * Bmax + m) * S * kvdim;
+        const float* q = y.data() + m * nqkv;
+        float* pm = p.data() + m * H * NT;
+        float* am = acc.data() + m * qdim;
         for (int64_t t = 0; t < NT; ++t)
           for (int64_t hd = h0; hd < h1; ++hd)
-            p[hd * NT + t] = dot_f32<T>(q + hd * D, kb + t * kvdim + hd / rep * D, D) * scale;
+            pm[hd * NT + t] = dot_f32<T>(q + hd * D, kb + t * kvdim + hd / rep * D, D) * scale;
         for (int64_t hd = h0; hd < h1; ++hd) {
-          float* ph = p.data() + hd * NT;
+          float* ph = pm + hd * NT;
           const float mx = *std::max_element(ph, ph + NT);
           const F mxv = V::set1(mx);
           F sv = V::zero();
@@ -464,13 +517,13 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
           for (; t < NT; ++t) { ph[t] = std::exp(ph[t] - mx); sum += ph[t]; }
           for (t = 0; t < NT; ++t) ph[t] /= sum;
         }
-        std::fill(acc.begin() + h0 * D, acc.begin() + h1 * D, 0.f);
+        std::fill(am + h0 * D, am + h1 * D, 0.f);
         for (int64_t t = 0; t < NT; ++t)
           for (int64_t hd = h0; hd < h1; ++hd)
-            axpy<T>(p[hd * NT + t], vb + t * kvdim + hd / rep * D, acc.data() + hd * D, D);
-        for (int64_t i = h0 * D; i < h1 * D; ++i) att[m * qdim + i] = E<T>::from(acc[i]);
-      });
-    }
+            axpy<T>(pm[hd * NT + t], vb + t * kvdim + hd / rep * D, am + hd * D, D);
+        for (int64_t i = h0 * D; i < h1 * D; ++i) att[m * qdim + i] = E<T>::from(am[i]);
+      }
+    });
     gemv<T, WT>(att.data(), M, qdim, Q(lw[2]), dim, y.data(), sc(4 * l + 1));
     residual<T>(hp, y.data(), M * dim);
     // feed-forward: norm, w1|w3 in one product, silu(a) * b with the model's roundings, w2, residual

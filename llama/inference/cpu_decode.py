@@ -141,9 +141,10 @@ class FusedCpuDecoder(EagerDecoder):
 
     An int8 model (`llama.quantize.quantize_int8`) decodes through the same step with its int8
     weights and per-row scales as they are (half the bytes of bf16 to read per token): activations
-    stay in the model's dtype and are not quantized; each product is the int8 row widened to fp32 in
-    registers against the fp32-widened input row, summed in fp32, rounded to the model's dtype and
-    then scaled (Int8Linear's rounding points). It differs from the eager int8 model only by the
+    stay in the model's dtype and are not quantized; each product is the int8 row widened exactly in
+    registers (to bf16 for the native bf16 dot on AVX512-BF16 with bf16 activations, else to fp32
+    against the fp32-widened input row), summed in fp32, rounded to the model's dtype and then scaled
+    (Int8Linear's rounding points). It differs from the eager int8 model only by the
     order of the fp32 sums (the eager bf16 product may also round differently inside)."""
 
     name = "fused"
