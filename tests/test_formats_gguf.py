@@ -161,6 +161,34 @@ def test_f16_and_f32_round_trips_are_exact(tmp_path, tiny_tokenizer):
             assert torch.equal(back.state_dict()[k], v), (dtype, k)
 
 
+def test_a_write_failing_halfway_leaves_no_file(tmp_path, tiny_tokenizer, monkeypatch):
+    """save_gguf writes beside the destination and renames at the end: a failure while the tensors
+    are written leaves neither a partial .gguf nor the temporary file, and an existing file as it was."""
+    import llama.formats.gguf as g
+
+    model = _random_model(tiny_tokenizer.n_words, n_kv_heads=2)
+    calls = []
+
+    def fail_third(t, t_type):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return real(t, t_type)
+    real = g._encode_tensor
+    monkeypatch.setattr(g, "_encode_tensor", fail_third)
+    with pytest.raises(OSError, match="disk full"):
+        save_gguf(model, None, tiny_tokenizer, tmp_path / "m.gguf", dtype="f32")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(g, "_encode_tensor", real)
+    save_gguf(model, None, tiny_tokenizer, tmp_path / "m.gguf", dtype="f32")
+    before = (tmp_path / "m.gguf").read_bytes()
+    calls.clear()
+    monkeypatch.setattr(g, "_encode_tensor", fail_third)
+    with pytest.raises(OSError, match="disk full"):
+        save_gguf(model, None, tiny_tokenizer, tmp_path / "m.gguf", dtype="f32", overwrite=True)
+    assert [f.name for f in tmp_path.iterdir()] == ["m.gguf"] and (tmp_path / "m.gguf").read_bytes() == before
+
+
 # --- files written by the gguf package itself --------------------------------------------------
 
 

@@ -33,7 +33,7 @@ import torch
 
 from llama.chat import encode_dialog_for_training, encode_with_mask
 from llama.data.loader import permute
-from llama.data.prepare import is_val, list_files
+from llama.data.prepare import is_val, json_lines, list_files
 
 IGNORE = -100  # targets that carry no loss (F.cross_entropy's default ignore_index)
 FORMATS = ("auto", "alpaca", "chat", "documents")
@@ -132,13 +132,7 @@ def read_records(path: str | Path) -> Iterator[tuple[int, object]]:
     try:
         with _open(path) as f:
             if path.name.endswith((".jsonl", ".jsonl.gz")):
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{lineno} is not valid JSON ({e.msg})") from None
+                for lineno, record in json_lines(f, path):  # any JSON value: non-objects are counted skips later
                     n += 1
                     yield lineno, record
             elif path.name.endswith((".json", ".json.gz")):

@@ -114,18 +114,23 @@ def _open_text(path: Path):
     return open(path, encoding="utf-8", errors="replace")
 
 
+def json_lines(f, path: Path, hint: str = "") -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) for each non-blank line of the open text file `f`; a line that is
+    not JSON is a ValueError naming `path` and the line (then `hint`)."""
+    for lineno, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno} is not valid JSON ({e.msg}){hint}") from None
+
+
 def iter_jsonl(path: Path, example: str = '{"text": "..."}') -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a .jsonl(.gz) file; a line that is not a
     JSON object is a ValueError naming the file and line (`example` shows what a line should be)."""
     with _open_text(Path(path)) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno} is not valid JSON ({e.msg}); each line of a .jsonl file must "
-                                 f"be an object like {example}") from None
+        for lineno, record in json_lines(f, path, f"; each line of a .jsonl file must be an object like {example}"):
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{lineno} holds a JSON {type(record).__name__}; each line of a .jsonl "
                                  f"file must be an object like {example}")

@@ -17,6 +17,7 @@ The `gguf` package (maintained by the llama.cpp project) reads and writes the co
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import warnings
@@ -468,9 +469,7 @@ def save_gguf(model_or_state_dict: Transformer | dict[str, torch.Tensor], args: 
         warnings.warn(f"{dtype}: rows of {fallback[:3]}{' ...' if len(fallback) > 3 else ''} are not a multiple of "
                       f"{gguf.GGML_QUANT_SIZES[qtype][0]}; written as f16")
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    w = gguf.GGUFWriter(tmp, arch=ARCH)
-    try:
+    with _atomic_writer(path) as w:
         w.add_name(name or path.stem)
         w.add_context_length(args.max_seq_len)
         w.add_embedding_length(args.dim)
@@ -503,12 +502,22 @@ def save_gguf(model_or_state_dict: Transformer | dict[str, torch.Tensor], args: 
             it = tqdm(plan, desc=f"write {path.name}", unit="tensor")
         for gname, k, t_type in it:
             w.write_tensor_data(_encode_tensor(sd[k], t_type))
+    return path
+
+
+@contextlib.contextmanager
+def _atomic_writer(path: Path):
+    """A GGUFWriter on a temporary file beside `path`, renamed to `path` only when the block ends
+    without error (a failure halfway leaves no partial file)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    w = gguf.GGUFWriter(tmp, arch=ARCH)
+    try:
+        yield w
         w.close()
         os.replace(tmp, path)
     finally:
         w.close()
         tmp.unlink(missing_ok=True)
-    return path
 
 
 def save_gguf_tokenizer(tokenizer: Tokenizer | BPETokenizer, path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -516,19 +525,12 @@ def save_gguf_tokenizer(tokenizer: Tokenizer | BPETokenizer, path: str | os.Path
     vocabulary travels beside a Meta-layout checkpoint. `load_tokenizer` reads it back."""
     path = Path(path)
     _prepare_path(path, overwrite)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    w = gguf.GGUFWriter(tmp, arch=ARCH)
-    try:
+    with _atomic_writer(path) as w:
         w.add_type("vocab")
         _add_tokenizer(w, tokenizer)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        w.close()
-        os.replace(tmp, path)
-    finally:
-        w.close()
-        tmp.unlink(missing_ok=True)
     return path
 
 
