@@ -51,3 +51,25 @@ def config_path(kind: str, name: str | Path) -> Path:
         raise ValueError(f"unknown {KINDS[kind]} {name!r}; the shipped ones are {names(kind)} "
                          f"(or give a path to a JSON file)")
     return path
+
+
+class JsonConfig:
+    """`from_json` and `from_name` for a config class with `from_dict(d, **overrides)`: `KIND` is
+    its folder in llama/configs, `WHAT` how errors name it ("model config", "training config")."""
+
+    KIND = ""
+    WHAT = "config"
+
+    @classmethod
+    def from_json(cls, path: str | Path, **overrides):
+        path = Path(path)
+        d = read_json_object(path, f"no {cls.WHAT} at {path}")
+        try:
+            return cls.from_dict(d, **overrides)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    @classmethod
+    def from_name(cls, name: str | Path, **overrides):
+        """A config shipped in llama/configs/KIND by name, or a path to a JSON file."""
+        return cls.from_json(config_path(cls.KIND, name), **overrides)

@@ -13,21 +13,24 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama.config import config_path, read_json_object
+from llama.config import JsonConfig
 
 ATTENTION_BACKENDS = ("sdpa", "xformers", "math")
 
 
 @dataclass
-class ModelArgs:
-    """Architecture of a LLaMA model: the fields of Meta's params.json plus the Llama 2 extensions."""
+class ModelArgs(JsonConfig):
+    """Architecture of a LLaMA model: the fields of Meta's params.json plus the Llama 2 extensions.
+    `ModelArgs.from_name` reads a preset of llama/configs/models ("7B", "13B", "33B" or "30B", "65B",
+    "tiny", ...) or a params.json / config JSON path."""
+
+    KIND, WHAT = "models", "model config"  # for JsonConfig (class attributes, not fields)
 
     dim: int = 4096
     n_layers: int = 32
@@ -74,20 +77,6 @@ class ModelArgs:
             d.pop("vocab_size")
         return cls(**d)
 
-    @classmethod
-    def from_json(cls, path: str | Path, **overrides) -> "ModelArgs":
-        path = Path(path)
-        d = read_json_object(path, f"no model config at {path}")
-        try:
-            return cls.from_dict(d, **overrides)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: {e}") from None
-
-    @classmethod
-    def from_name(cls, name: str, **overrides) -> "ModelArgs":
-        """A preset shipped in llama/configs/models ("7B", "13B", "33B" or "30B", "65B", "tiny", ...),
-        or a path to a params.json / config JSON file."""
-        return cls.from_json(config_path("models", name), **overrides)
 
     def to_params_json(self) -> dict:
         """The fields Meta's params.json holds (plus the Llama 2 ones when they are set)."""

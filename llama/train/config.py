@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from llama.config import config_path, read_json_object
+from llama.config import JsonConfig
 from llama.lora import TARGETS as LORA_TARGETS
 from llama.model import ATTENTION_BACKENDS, ModelArgs
 from llama.parallel import AC_MODES
@@ -17,9 +17,12 @@ LORA_DEFAULTS = {"r": 8, "alpha": 16.0, "dropout": 0.05, "targets": ["wq", "wv"]
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(JsonConfig):
     """Everything a pretraining run needs. Load with `TrainConfig.from_json(path, **overrides)`;
-    `model.<field>` overrides (e.g. `model.n_layers=4`) go to the model architecture."""
+    `model.<field>` overrides (e.g. `model.n_layers=4`) go to the model architecture;
+    `TrainConfig.from_name` reads a config of llama/configs/train ("7B", "demo", "tiny", ...)."""
+
+    KIND, WHAT = "train", "training config"  # for JsonConfig (class attributes, not fields)
 
     description: str = ""
     # model: a preset of llama/configs/models (7B, 13B, 33B, 65B, 20M, tiny, ...) or a params.json path
@@ -106,19 +109,6 @@ class TrainConfig:
                              f"and model.<field> for the model's fields")
         return cls(**d, model_overrides=model_overrides).validate()
 
-    @classmethod
-    def from_json(cls, path: str | Path, **overrides) -> "TrainConfig":
-        path = Path(path)
-        d = read_json_object(path, f"no training config at {path}")
-        try:
-            return cls.from_dict(d, **overrides)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: {e}") from None
-
-    @classmethod
-    def from_name(cls, name: str, **overrides) -> "TrainConfig":
-        """A config shipped in llama/configs/train by name ("7B", "demo", "tiny", ...) or a path to a JSON file."""
-        return cls.from_json(config_path("train", name), **overrides)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
