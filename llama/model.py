@@ -230,10 +230,12 @@ class KVCache:
             self.k[layer, :bsz, pos:end] = xk
             self.v[layer, :bsz, pos:end] = xv
             return self.k[layer, :bsz, :end], self.v[layer, :bsz, :end]
-        keys, values = self.k[layer, :bsz], self.v[layer, :bsz]  # (B, S, Hkv, D) views
-        keys[:, pos] = xk  # index_put_, which inductor keeps in place
-        values[:, pos] = xv
-        return keys, values
+        # index_put_ on the whole cache, not on a view of it: inductor then writes in place instead of
+        # copying the cache (a view's write would be functionalized into a full copy back)
+        at = (torch.full((1, 1), layer, device=pos.device), torch.arange(bsz, device=pos.device)[:, None], pos[None, :])
+        self.k.index_put_(at, xk.to(self.k.dtype))  # indices broadcast to (B, T)
+        self.v.index_put_(at, xv.to(self.v.dtype))
+        return self.k[layer, :bsz], self.v[layer, :bsz]  # (B, S, Hkv, D)
 
 
 def causal_mask(seqlen: int, pos: int | torch.Tensor, n_keys: int | None = None, device=None) -> torch.Tensor:
@@ -310,13 +312,19 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.backend = "sdpa"
+        # wq, wk, wv stacked as one matrix, set only while a decoder runs (llama.inference.decoders.PackedProjections)
+        self.wqkv: torch.Tensor | None = None
 
     def forward(self, x, freqs_cis, pos: int | torch.Tensor = 0, cache: KVCache | None = None):
         bsz, seqlen, _ = x.shape
         # -1: a tensor-parallel plan may have sharded the heads
-        xq = self.wq(x).view(bsz, seqlen, -1, self.head_dim)  # (B, T, H, D)
-        xk = self.wk(x).view(bsz, seqlen, -1, self.head_dim)  # (B, T, Hkv, D)
-        xv = self.wv(x).view(bsz, seqlen, -1, self.head_dim)  # (B, T, Hkv, D)
+        if self.wqkv is None:
+            xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
+        else:  # one matrix product instead of three
+            xq, xk, xv = F.linear(x, self.wqkv).split([self.wq.weight.size(0), self.wk.weight.size(0), self.wv.weight.size(0)], -1)
+        xq = xq.view(bsz, seqlen, -1, self.head_dim)  # (B, T, H, D)
+        xk = xk.view(bsz, seqlen, -1, self.head_dim)  # (B, T, Hkv, D)
+        xv = xv.view(bsz, seqlen, -1, self.head_dim)  # (B, T, Hkv, D)
         xq, xk = apply_rotary_emb(xq, freqs_cis), apply_rotary_emb(xk, freqs_cis)
         if cache is not None:
             xk, xv = cache.update(self.layer_id, pos, xk, xv)  # (B, S, Hkv, D)
@@ -332,9 +340,14 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w13: torch.Tensor | None = None  # w1 and w3 stacked, like Attention.wqkv
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.w13 is None:
+            gate, up = self.w1(x), self.w3(x)
+        else:
+            gate, up = F.linear(x, self.w13).chunk(2, -1)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):

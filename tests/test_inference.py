@@ -359,6 +359,73 @@ def test_compiled_decoder_gives_the_same_tokens(llama):
     assert spy.call_count >= GEN_LEN - 1
 
 
+def test_packed_projections_compute_what_the_separate_ones_do():
+    """The compiled decoder's packing (wq|wk|wv and w1|w3 as one matrix each): the same logits as the
+    unpacked model to rounding, no memory added (the parameters are views of the packed matrices, so
+    an in-place update reaches both), the model unchanged outside the decoder's calls, and LoRA or
+    int8 layers left as they are."""
+    from llama.inference.decoders import PackedProjections
+    from llama.lora import apply_lora
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_args(n_kv_heads=2)).eval()  # grouped-query: wk, wv narrower than wq
+    model.init_weights(std=0.08)
+    tokens = torch.randint(0, model.args.vocab_size, (2, 7))
+    with torch.no_grad():
+        want = model(tokens)
+        names = list(model.state_dict())
+        nbytes = sum(t.untyped_storage().nbytes() for t in {p.untyped_storage().data_ptr(): p for p in model.parameters()}.values())
+        packs = PackedProjections(model)
+        assert len(packs.packed) == 2 * model.args.n_layers
+        att = model.layers[0].attention
+        with packs:
+            assert att.wqkv is not None and att.wqkv.data_ptr() == att.wq.weight.data_ptr()
+            got = model(tokens)
+        assert att.wqkv is None and model.layers[0].feed_forward.w13 is None  # unchanged outside
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert list(model.state_dict()) == names
+        storages = {p.untyped_storage().data_ptr(): p for p in model.parameters()}.values()
+        assert sum(t.untyped_storage().nbytes() for t in storages) == nbytes
+        att.wk.weight.mul_(2.0)  # an in-place change of a parameter is what the packed matrix holds
+        with packs:
+            changed = model(tokens)
+        torch.testing.assert_close(changed, model(tokens), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(changed, want)
+
+    lora = apply_lora(Transformer(tiny_args()), r=2, targets=("wq", "wv"))
+    assert len(PackedProjections(lora).packed) == lora.args.n_layers  # the feed-forwards only
+    assert PackedProjections(quantize_int8(Transformer(tiny_args()))).packed == []
+
+
+def test_compiled_step_writes_the_kv_cache_in_place():
+    """A compiled one-token step writes its keys and values where they lie in the cache: inductor's
+    code allocates no buffer of a layer's cache size (writing through a view of the cache once made
+    it copy the whole cache each step, ~11% of a 7B-shaped step on an H200), and the cache holds what
+    the eager step writes."""
+    from torch._inductor.utils import run_and_get_code
+
+    from llama.inference.decoders import _decode_step
+    from llama.model import KVCache
+
+    args = tiny_args(max_seq_len=48)
+    torch.manual_seed(0)
+    model = Transformer(args).eval().requires_grad_(False)
+    caches = [KVCache(args.n_layers, 1, 48, args.n_kv_heads, args.head_dim) for _ in range(2)]
+    for c in caches:
+        model(torch.tensor([[7, 8, 9]]), 0, c)  # a prompt
+    torch._dynamo.reset()
+    step = torch.compile(_decode_step, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        _, code = run_and_get_code(step, model, torch.tensor([[5]]), caches[0], torch.tensor([3]))
+        model(torch.tensor([[5]]), 3, caches[1])
+    code = "".join(code)
+    assert "extern_kernels.mm" in code  # the step's code, matrix products and all
+    assert f"((1, 48, {args.n_kv_heads}, {args.head_dim})" not in code
+    torch.testing.assert_close(caches[0].k, caches[1].k)
+    torch.testing.assert_close(caches[0].v, caches[1].v)
+    assert caches[0].k[:, 0, 3].abs().sum() > 0
+
+
 def test_compiled_decoder_refuses_cuda_graphs_off_cuda():
     with pytest.raises(ValueError, match="cuda_graphs=True needs the model on a CUDA device"):
         make_decoder(Transformer(tiny_args()), "compiled", cuda_graphs=True)

@@ -83,6 +83,53 @@ class EagerDecoder:
         return self
 
 
+class PackedProjections:
+    """wq, wk, wv of each attention and w1, w3 of each feed-forward as one matrix each, so a
+    one-token step runs 4 matrix-vector products per layer instead of 7: fewer and larger kernels,
+    which is what bounds a GPU's batch-1 step. The parameters become views of the packed matrices,
+    so no memory is added and in-place updates (load_state_dict, an optimizer) reach both. The model
+    uses them only inside `with packs:` (the decoder's own calls); elsewhere it is unchanged. Layers
+    whose projections are not plain bias-free nn.Linear of one dtype and device (LoRA, int8, tensor
+    parallel shards) stay as they are."""
+
+    def __init__(self, model: Transformer, pack: bool = True):
+        self.packed: list[tuple[torch.nn.Module, str, torch.Tensor]] = []
+        with torch.no_grad():
+            for block in model.layers if pack else ():
+                for module, names, attr in ((block.attention, ("wq", "wk", "wv"), "wqkv"),
+                                            (block.feed_forward, ("w1", "w3"), "w13")):
+                    linears = [getattr(module, n, None) for n in names]
+                    if _packable(linears):
+                        self.packed.append((module, attr, _pack([lin.weight for lin in linears])))
+
+    def __enter__(self):
+        for module, attr, weight in self.packed:
+            setattr(module, attr, weight)
+        return self
+
+    def __exit__(self, *exc):
+        for module, attr, _ in self.packed:
+            setattr(module, attr, None)
+
+
+def _packable(linears) -> bool:
+    if not all(type(lin) is torch.nn.Linear and lin.bias is None and type(lin.weight.data) is torch.Tensor
+               for lin in linears):
+        return False
+    w = [lin.weight for lin in linears]
+    return len({(t.dtype, t.device, t.size(1)) for t in w}) == 1
+
+
+def _pack(weights: list[torch.Tensor]) -> torch.Tensor:
+    """The weights concatenated along their rows; each parameter's data then a view of its rows."""
+    packed = torch.cat([w.data for w in weights])
+    row = 0
+    for w in weights:
+        w.data = packed[row:row + w.size(0)]
+        row += w.size(0)
+    return packed
+
+
 def _decode_step(model: Transformer, tokens: torch.Tensor, cache: KVCache, input_pos: torch.Tensor) -> torch.Tensor:
     return model(tokens, cache=cache, input_pos=input_pos)
 
@@ -95,12 +142,13 @@ class CompiledDecoder(EagerDecoder):
     On CUDA those graphs are also captured as CUDA graphs (`cuda_graphs`, default on for CUDA
     unless torch.compile's own mode="reduce-overhead" does that): a step is then one graph launch
     with no host work per layer or kernel, so the GPU streams the weights back to back. Logits
-    returned by a captured one-token step live in the graph's buffer until the next step."""
+    returned by a captured one-token step live in the graph's buffer until the next step.
+    `pack=False` keeps the separate q/k/v and gate/up projections (see PackedProjections)."""
 
     name = "compiled"
     whole_greedy_steps = True
 
-    def __init__(self, model: Transformer, cuda_graphs: bool | None = None, **compile_options):
+    def __init__(self, model: Transformer, cuda_graphs: bool | None = None, pack: bool = True, **compile_options):
         super().__init__(model)
         self.step = torch.compile(_decode_step, fullgraph=True, dynamic=False, **compile_options)
         self.greedy = torch.compile(greedy_step, fullgraph=True, dynamic=False, **compile_options)
@@ -111,6 +159,8 @@ class CompiledDecoder(EagerDecoder):
         self.cuda_graphs = (on_cuda and not graphs_by_compile) if cuda_graphs is None else cuda_graphs
         self._graphs: dict[tuple, tuple] = {}  # what a graph reads (batch, buffers' addresses) -> (graph, its outputs)
         self._states: dict[tuple, DecodeState] = {}  # (batch, width) -> buffers kept for the graphs
+        self.pack = pack  # PackedProjections for the one-token steps
+        self.packs = PackedProjections(model, pack)
         self._weights = _addresses(model)
 
     def decode_state(self, batch, width, device):
@@ -125,13 +175,15 @@ class CompiledDecoder(EagerDecoder):
             return super().__call__(tokens, start_pos, cache, last_only)
         pos = torch.full((1,), start_pos, dtype=torch.long, device=tokens.device)  # a fill, not a host copy
         if not self.cuda_graphs:
-            return self.step(self.model, tokens, cache, pos).float()
+            with self.packs:
+                return self.step(self.model, tokens, cache, pos).float()
         key = ("step", tokens.shape, cache.k.data_ptr(), cache.v.data_ptr())
         if key not in self._graphs:
             inputs = (tokens.clone(), pos.clone())
-            self._graphs[key] = (*_capture(lambda: self.step(self.model, inputs[0], cache, inputs[1]).float(),
-                                           lambda: self.step(self.model, inputs[0].clone(), cache, inputs[1].clone())),
-                                 inputs)
+            with self.packs:
+                self._graphs[key] = (*_capture(lambda: self.step(self.model, inputs[0], cache, inputs[1]).float(),
+                                               lambda: self.step(self.model, inputs[0].clone(), cache, inputs[1].clone())),
+                                     inputs)
         graph, logits, (static_tokens, static_pos) = self._graphs[key]
         static_tokens.copy_(tokens)
         static_pos.copy_(pos)
@@ -141,7 +193,8 @@ class CompiledDecoder(EagerDecoder):
     def greedy_step(self, cache: KVCache, state: DecodeState, eos: int) -> None:
         """`greedy_step` of the whole batch: compiled; on CUDA one replay of its captured graph."""
         if not self.cuda_graphs:
-            self.greedy(self.model, cache, state, eos)
+            with self.packs:
+                self.greedy(self.model, cache, state, eos)
             return
         key = ("greedy", state.tokens.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), eos)
         if key not in self._graphs:
@@ -151,7 +204,8 @@ class CompiledDecoder(EagerDecoder):
                 self.greedy(self.model, cache, state, eos)
                 for name, t in saved.__dict__.items():
                     getattr(state, name).copy_(t)
-            self._graphs[key] = _capture(lambda: self.greedy(self.model, cache, state, eos), warm_up)
+            with self.packs:
+                self._graphs[key] = _capture(lambda: self.greedy(self.model, cache, state, eos), warm_up)
         self._graphs[key][0].replay()
 
     def refreshed(self) -> "CompiledDecoder":
@@ -160,7 +214,8 @@ class CompiledDecoder(EagerDecoder):
         weights = _addresses(self.model)
         if weights != self._weights:
             self._graphs.clear()
-            self._weights = weights
+            self.packs = PackedProjections(self.model, self.pack)  # the new weights, packed again
+            self._weights = _addresses(self.model)
         return self
 
 
