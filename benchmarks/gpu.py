@@ -1,6 +1,6 @@
 """One prepared check of the library on one CUDA GPU, in one run of at most `--budget` seconds.
 
-    PYTHONUNBUFFERED=1 python3 benchmarks/gpu.py --budget 420 --out $OUT/gpu.json   # see gpu_run.sh
+    PYTHONUNBUFFERED=1 python3 benchmarks/gpu.py --budget 450 --out $OUT/gpu.json   # see gpu_run.sh
     python3 benchmarks/gpu.py --smoke          # the same code paths on CPU, tiny sizes, < 60 s
 
 Sections, in order (each in its own try/except: an error is recorded and the next section runs):
@@ -14,11 +14,10 @@ Sections, in order (each in its own try/except: an error is recorded and the nex
                with torch.compile'd blocks, selective activation checkpointing and fused AdamW:
                tokens/s and MFU = flops_per_token * tokens/s / the measured matmul peak
   decode       batch-1 greedy decoding of the 1B preset in bf16: eager, the compiled decoder (on CUDA
-               with its own CUDA graph of the step; then without it, and with torch.compile's
-               mode="reduce-overhead" instead), transformers' generate with its static cache
-               (compiled by transformers on CUDA), int8 eager (+ a profile of its step) and compiled;
-               then 8 layers of the 7B preset's shapes, ours and transformers; tokens/s and % of the
-               bandwidth ceiling (bandwidth / bytes read per token)
+               with its own CUDA graph of the step; then without packing q/k/v and gate/up as one
+               matrix each), transformers' generate with its static cache (compiled by transformers
+               on CUDA), int8 compiled; then the 7B preset, ours and transformers; tokens/s and % of
+               the bandwidth ceiling (bandwidth / bytes read per token)
   numerics     our logits against transformers' LlamaForCausalLM on the same weights, fp32 and bf16
 
 A global time budget skips what would not fit; a section that overruns its share, or a compile-
@@ -94,7 +93,7 @@ class Sizes:
     train_warmup: int = 2
     train_steps: int = 6
     decode_model: tuple = ("1B", {})
-    decode_big_model: tuple = ("7B", {"n_layers": 8})
+    decode_big_model: tuple = ("7B", {})
     decode_dtype: torch.dtype = torch.bfloat16
     prompt_len: int = 128
     new_tokens: int = 256
@@ -104,13 +103,12 @@ class Sizes:
     numerics_shape: tuple = (2, 128)
     # section -> (seconds it may take at most, seconds it needs at least to start)
     shares: dict = field(default_factory=lambda: {"environment": (40, 10), "attention": (50, 10),
-                                                  "training": (180, 60), "decode": (330, 40),
+                                                  "training": (180, 60), "decode": (400, 40),
                                                   "numerics": (45, 15)})
     # sub-step -> (seconds it needs at least to start, seconds after which it is interrupted); the
     # compiles dominate, and a cap keeps one slow compile from taking the rows after it
     needs: dict = field(default_factory=lambda: {"train_row": (60, 120), "decode_eager": (15, 40),
-                                                 "decode_compiled": (45, 100), "decode_transformers": (50, 100),
-                                                 "decode_int8": (15, 40)})
+                                                 "decode_compiled": (45, 100), "decode_transformers": (50, 100)})
 
 
 FULL = Sizes()
@@ -127,7 +125,7 @@ SMOKE = Sizes(
     numerics_model=("tiny", {}), numerics_shape=(2, 16),
     # ~5x what each takes on an idle 2-core CPU: a safety net only, so a loaded machine does not fail the test
     shares={"environment": (60, 1), "attention": (60, 1), "training": (120, 1), "decode": (240, 1), "numerics": (60, 1)},
-    needs={k: (1, 120) for k in ("train_row", "decode_eager", "decode_compiled", "decode_transformers", "decode_int8")},
+    needs={k: (1, 120) for k in ("train_row", "decode_eager", "decode_compiled", "decode_transformers")},
 )
 
 
@@ -744,57 +742,33 @@ def section_decode(ctx: Ctx, out: dict):
     add("ours, eager", "decode_eager", ours(model, "eager"), dense)
     graphs = " (+ its CUDA graph)" if ctx.cuda else ""
     add("ours, compiled decoder" + graphs, "decode_compiled", ours(model, "compiled"), dense)
+    add("ours, compiled, q/k/v and gate/up not packed", "decode_compiled", ours(model, "compiled", pack=False), dense)
     add("transformers", "decode_transformers", lambda: hf_generator(ctx, model, prompt, max_len, out), dense)
     gc.collect()
     if ctx.cuda:
         torch.cuda.empty_cache()
-        add("ours, compiled, no CUDA graph", "decode_compiled", ours(model, "compiled", cuda_graphs=False), dense)
-        add("ours, compiled, mode=reduce-overhead (torch's CUDA graphs)", "decode_compiled",
-            ours(model, "compiled", mode="reduce-overhead"), dense)
-    else:
-        rows.append({"impl": "ours, compiled, without / with torch's CUDA graphs", "status": "skipped: no CUDA"})
 
     # int8 weight-only (llama.quantize, per-row scales) of the same weights: its greedy tokens need
     # not equal bf16's, so agreement is informative only
     q = quantize_int8(model)  # in place: `model` is int8 from here on
-    int8 = bytes_read_per_token(q) + kv
-    add("ours, int8, eager", "decode_int8", ours(q, "eager"), int8)
-    with recorded(out.setdefault("int8_eager_profile", {})):
-        out["int8_eager_profile"]["top_ops"] = profile_step(ctx, q, prompt, max_len)
-    add("ours, int8, compiled" + graphs, "decode_compiled", ours(q, "compiled"), int8)
+    add("ours, int8, compiled" + graphs, "decode_compiled", ours(q, "compiled"), bytes_read_per_token(q) + kv)
     del model, q
     free_memory(ctx)
 
-    # the weights of a 7B model's layers (dim 4096, hidden 11008), fewer of them: bandwidth at the
-    # matrix sizes gpt-fast's published ~82% is measured on
+    # the 7B preset (dim 4096, hidden 11008): the model size gpt-fast's published ~82% is measured on
     name, overrides = s.decode_big_model
     state["reference"] = None
     big = build_model(name, overrides, ctx.device, s.decode_dtype, max_seq_len=max_len).eval().requires_grad_(False)
     a = big.args
     kv = 2 * a.n_layers * (s.prompt_len + s.new_tokens / 2) * a.n_kv_heads * a.head_dim * s.decode_dtype.itemsize
-    out["big_model"] = f"{name} {overrides}: {big.num_params() / 1e9:.2f}B parameters"
-    add(f"{name} {overrides}: ours, compiled decoder" + graphs, "decode_compiled", ours(big, "compiled"),
-        bytes_read_per_token(big) + kv)
-    add(f"{name} {overrides}: transformers", "decode_transformers",
-        lambda: hf_generator(ctx, big, prompt, max_len, out), bytes_read_per_token(big) + kv)
+    big_bytes = bytes_read_per_token(big) + kv
+    label = f"{name} {overrides}" if overrides else name
+    out["big_model"] = f"{label}: {big.num_params() / 1e9:.2f}B parameters"
+    add(f"{label}: ours, compiled decoder" + graphs, "decode_compiled", ours(big, "compiled"), big_bytes)
+    add(f"{label}: transformers", "decode_transformers",
+        lambda: hf_generator(ctx, big, prompt, max_len, out), big_bytes)
     del big
     free_memory(ctx)
-
-
-def profile_step(ctx: Ctx, model: Transformer, prompt: torch.Tensor, max_len: int, top: int = 8) -> list[str]:
-    """The `top` operators by device time (CPU time without CUDA) of 4 eager one-token steps."""
-    from torch.profiler import ProfilerActivity, profile
-
-    llama = our_decoder(model, max_len, "eager")
-    ids = prompt[0].tolist()
-    llama.generate([ids], 2, temperature=0.0)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.cuda else [])
-    with profile(activities=acts) as prof:
-        llama.generate([ids], 5, temperature=0.0)
-        ctx.sync()
-    key = "self_device_time_total" if ctx.cuda else "self_cpu_time_total"
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:top]
-    return [f"{e.key}: {getattr(e, key, 0) / 1e3:.2f} ms in {e.count} calls" for e in events]
 
 
 def bytes_read_per_token(model: Transformer) -> int:
@@ -932,7 +906,7 @@ def run(sizes: Sizes, device: torch.device, budget_s: float, out_path: Path, smo
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budget", type=float, default=420.0, help="seconds for the whole run (default 420)")
+    p.add_argument("--budget", type=float, default=450.0, help="seconds for the whole run (default 450)")
     default_out = Path(os.environ["OUT"]) / "gpu.json" if os.environ.get("OUT") else Path("gpu.json")
     p.add_argument("--out", type=Path, default=default_out, help=f"JSON results (default {default_out})")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU: the same code paths in well under a minute")

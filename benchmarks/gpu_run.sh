@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check as the device tool runs it, from the repository root, with timeout_s 540 (the run
-# stops itself after --budget 420 s plus interpreter start-up; JSON, .md and log land in $OUT):
+# stops itself after --budget 450 s plus interpreter start-up; JSON, .md and log land in $OUT):
 #
-#   bash benchmarks/gpu_run.sh
+#   bash benchmarks/gpu_run.sh                              # every section
+#   bash benchmarks/gpu_run.sh --sections environment,decode  # arguments go on to gpu.py
 #
 # Optional: an xformers wheel left untracked in the repository root (e.g. xformers-0.0.35-py39-none-
 # manylinux_2_28_x86_64.whl, 3.1 MiB; never commit it) travels with the working tree and is
@@ -17,4 +18,4 @@ fi
 for whl in xformers-*.whl; do
   [ -f "$whl" ] && pip install -q --no-deps --no-index --target /tmp/xformers "$whl" && export PYTHONPATH=/tmp/xformers${PYTHONPATH:+:$PYTHONPATH}
 done
-PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 python3 benchmarks/gpu.py --budget 420 --out "$OUT/gpu.json" 2>&1 | tee "$OUT/gpu.log"
+PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 python3 benchmarks/gpu.py --budget 450 --out "$OUT/gpu.json" "$@" 2>&1 | tee "$OUT/gpu.log"
