@@ -392,6 +392,11 @@ def test_packed_projections_compute_what_the_separate_ones_do():
         torch.testing.assert_close(changed, model(tokens), rtol=1e-5, atol=1e-5)
         assert not torch.allclose(changed, want)
 
+    with torch.inference_mode():  # packed where generation runs, the model still trains afterwards
+        PackedProjections(model)
+    model(tokens).sum().backward()
+    assert att.wq.weight.grad is not None
+
     lora = apply_lora(Transformer(tiny_args()), r=2, targets=("wq", "wv"))
     assert len(PackedProjections(lora).packed) == lora.args.n_layers  # the feed-forwards only
     assert PackedProjections(quantize_int8(Transformer(tiny_args()))).packed == []

@@ -94,7 +94,7 @@ class PackedProjections:
 
     def __init__(self, model: Transformer, pack: bool = True):
         self.packed: list[tuple[torch.nn.Module, str, torch.Tensor]] = []
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():  # the parameters must stay usable for training
             for block in model.layers if pack else ():
                 for module, names, attr in ((block.attention, ("wq", "wk", "wv"), "wqkv"),
                                             (block.feed_forward, ("w1", "w3"), "w13")):
