@@ -200,6 +200,9 @@ def test_bad_inputs_are_clear_errors(llama, ckpts, tmp_path, tiny_tokenizer):
         llama.text_completion(["a", "the " * 80])
     with pytest.raises(ValueError, match="list of strings"):
         llama.text_completion("a")
+    too_many = [[1, 5]] * (llama.max_batch_size + 1)
+    with pytest.raises(ValueError, match=f"at most max_batch_size={llama.max_batch_size} prompts, got {len(too_many)}"):
+        next(llama.steps(too_many, 4))
     with pytest.raises(FileNotFoundError, match="checkpoint directory .*nope does not exist"):
         Llama.build(str(tmp_path / "nope"), ckpts["tokenizer"], 64, 1)
     with pytest.raises(FileNotFoundError, match="tokenizer model .*nope.model does not exist"):
@@ -497,6 +500,21 @@ def _decode_logits(model, tokens, decoder=None, prefill=4):
     return torch.cat(steps, 1), cache
 
 
+def _fused_step_agrees(model, exact, decoder, tokens, tol) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode `tokens` with the fused `decoder`, the eager `model` and the fp64 `exact` model: the fused
+    logits and cache equal the eager ones to `tol` of the logits' scale, and the fused logits are as
+    close to the exact ones as the eager model's are. Returns (fused logits, exact logits)."""
+    fused, fused_cache = _decode_logits(model, tokens, decoder)
+    eager, eager_cache = _decode_logits(model, tokens)
+    want, _ = _decode_logits(exact, tokens)
+    scale = want.abs().max()
+    assert (fused - eager).abs().max() < tol * scale
+    assert (fused - want).abs().max() < 1.5 * (eager - want).abs().max() + tol / 2 * scale
+    torch.testing.assert_close(fused_cache.k, eager_cache.k, atol=tol, rtol=tol)
+    torch.testing.assert_close(fused_cache.v, eager_cache.v, atol=tol, rtol=tol)
+    return fused, want
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [dict(), dict(dim=48, n_heads=4, n_kv_heads=2, multiple_of=8, vocab_size=97),
@@ -526,14 +544,7 @@ def test_fused_cpu_decoder_matches_the_model(shape, dtype, variant):
     tokens = torch.randint(0, ref.args.vocab_size, (3, 20))
     tol = 0.02 if dtype == torch.bfloat16 else 1e-5  # a few bf16 steps, sums in another order
     for rows in (1, 3):
-        fused, fused_cache = _decode_logits(model, tokens[:rows], decoder)
-        eager, eager_cache = _decode_logits(model, tokens[:rows])
-        exact, _ = _decode_logits(ref, tokens[:rows])
-        scale = exact.abs().max()
-        assert (fused - eager).abs().max() < tol * scale
-        assert (fused - exact).abs().max() < 1.5 * (eager - exact).abs().max() + tol / 2 * scale
-        torch.testing.assert_close(fused_cache.k, eager_cache.k, atol=tol, rtol=tol)
-        torch.testing.assert_close(fused_cache.v, eager_cache.v, atol=tol, rtol=tol)
+        fused, exact = _fused_step_agrees(model, ref, decoder, tokens[:rows], tol)
         assert (fused.argmax(-1) == exact.argmax(-1)).float().mean() > 0.9
     # once the parameters are replaced, the decoder says so (Llama then re-packs or decodes eagerly)
     model.double()
@@ -599,14 +610,7 @@ def test_fused_cpu_decoder_runs_int8_models(shape, dtype, variant):
     tokens = torch.randint(0, model.args.vocab_size, (3, 20))
     tol = 0.02 if dtype == torch.bfloat16 else 1e-5
     for rows in (1, 3):
-        fused, fused_cache = _decode_logits(model, tokens[:rows], decoder)
-        eager, eager_cache = _decode_logits(model, tokens[:rows])
-        want, _ = _decode_logits(exact, tokens[:rows])
-        scale = want.abs().max()
-        assert (fused - eager).abs().max() < tol * scale
-        assert (fused - want).abs().max() < 1.5 * (eager - want).abs().max() + tol / 2 * scale
-        torch.testing.assert_close(fused_cache.k, eager_cache.k, atol=tol, rtol=tol)
-        torch.testing.assert_close(fused_cache.v, eager_cache.v, atol=tol, rtol=tol)
+        _fused_step_agrees(model, exact, decoder, tokens[:rows], tol)
         (ids, _), (want_ids, want_logits) = (_greedy(model, tokens[:rows, :4], 16, d) for d in (decoder, None))
         differ = (ids != want_ids).any(0).nonzero()
         if dtype == torch.float32 or not len(differ):

@@ -204,7 +204,9 @@ class Llama:
         valid until the next call.
         """
         bsz = len(prompt_tokens)
-        assert bsz <= self.max_batch_size
+        if bsz > self.max_batch_size:
+            raise ValueError(f"steps() takes at most max_batch_size={self.max_batch_size} prompts, got {bsz}; "
+                             f"generate() splits larger lists into batches")
         self.decoder = self.decoder.refreshed()  # the parameters may have been replaced (cast, quantized...)
         lens = [len(t) for t in prompt_tokens]
         ends = [min(n + max_gen_len, self.max_seq_len) for n in lens]
@@ -213,7 +215,7 @@ class Llama:
         dev = self.device
         state = self.decoder.decode_state(bsz, self.max_seq_len, dev)
         state.start(prompt_tokens, ends)
-        tokens, in_prompt, done, end_t = state.tokens[:, :total_len], state.in_prompt, state.done, state.ends
+        tokens, done = state.tokens[:, :total_len], state.done
         lp = torch.zeros(bsz, total_len, device=dev) if logprobs else None
         streams = [TextStream(self.tokenizer, stop) for _ in range(bsz)] if stop else None
         batch = _Batch(tokens, lp, ends)
