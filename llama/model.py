@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama.blocked_attention import blocked_causal_attention
 from llama.config import JsonConfig
 
-ATTENTION_BACKENDS = ("sdpa", "xformers", "math")
+ATTENTION_BACKENDS = ("sdpa", "xformers", "math", "blocked")
 
 
 @dataclass
@@ -265,7 +266,9 @@ def attention(q, k, v, pos: int | torch.Tensor = 0, backend: str = "sdpa") -> to
         return _xformers_attention(q, k, v, pos)
     k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T|S, D)
-    if backend == "sdpa":
+    if backend == "blocked" and isinstance(pos, int) and seqlen > 1:  # llama/blocked_attention.py, for CPUs
+        out = blocked_causal_attention(q, k, v, pos)
+    elif backend in ("sdpa", "blocked"):  # blocked: one new token, or positions given by a tensor
         if isinstance(pos, int) and seqlen == 1:
             out = F.scaled_dot_product_attention(q, k, v)  # one new token sees every key
         elif isinstance(pos, int) and pos == 0:
@@ -406,8 +409,10 @@ class Transformer(nn.Module):
             self.init_weights()
 
     def set_attention_backend(self, backend: str) -> "Transformer":
-        """Attention kernel of every block: "sdpa" (default), "math" (plain float32 reference) or
-        "xformers" (CUDA, the optional GPU extra; check with llama.env.check_attention_device)."""
+        """Attention kernel of every block: "sdpa" (default), "math" (plain float32 reference),
+        "blocked" (causal attention of several tokens as batched matmuls, faster than sdpa on CPUs;
+        llama/blocked_attention.py) or "xformers" (CUDA, the optional GPU extra; check with
+        llama.env.check_attention_device)."""
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
         for layer in self.layers:

@@ -2,7 +2,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from llama import blocked_attention
+from llama.blocked_attention import blocked_causal_attention
 from llama.train import TrainConfig
 from llama.model import ModelArgs, Transformer, apply_rotary_emb, causal_mask, precompute_freqs_cis
 
@@ -110,7 +113,7 @@ def test_forward_matches_naive_reference(n_kv_heads):
     torch.testing.assert_close(logits.double(), _naive_forward(model, tokens), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "math"])
+@pytest.mark.parametrize("backend", ["sdpa", "math", "blocked"])
 @pytest.mark.parametrize("n_kv_heads", [4, 2])
 def test_kv_cache_decoding_equals_full_forward(backend, n_kv_heads):
     torch.manual_seed(0)
@@ -145,11 +148,57 @@ def test_attention_backends_agree(dtype, tol):
     tokens = torch.randint(0, model.args.vocab_size, (2, 12))
     outs = {}
     with torch.no_grad():
-        for backend in ["math", "sdpa"]:
+        for backend in ["math", "sdpa", "blocked"]:
             model.set_attention_backend(backend)
             cache = model.new_cache(2, 16, dtype=next(model.parameters()).dtype)
             outs[backend] = torch.cat([model(tokens[:, :5], 0, cache), model(tokens[:, 5:], 5, cache)], 1).float()
     torch.testing.assert_close(outs["sdpa"], outs["math"], atol=tol, rtol=tol)
+    torch.testing.assert_close(outs["blocked"], outs["math"], atol=tol, rtol=tol)
+
+
+def _attention_and_grads(fn, q, k, v, grad):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(grad)
+    return [out, q.grad, k.grad, v.grad]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("start", [0, 5])
+def test_blocked_attention_matches_float64_sdpa(dtype, start, monkeypatch):
+    """Blocks of 4 queries over 13 (not a multiple), keys from `start` cached ones: output and the
+    gradients of q, k, v against float64 sdpa with the causal mask; in bf16 no further off than
+    sdpa's own bf16 kernel. Then the same under torch.compile (the custom op's fake and autograd
+    registrations), and with the probabilities too large to keep (sdpa instead)."""
+    torch.manual_seed(0)
+    b, h, t, d = 2, 3, 13, 16
+    q = torch.randn(b, h, t, d, dtype=dtype)
+    k, v = torch.randn(2, b, h, start + t, d, dtype=dtype)
+    grad = torch.randn(b, h, t, d, dtype=dtype)
+    mask = torch.ones(t, start + t, dtype=torch.bool).tril(start)  # query i at position start + i
+    sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
+    blocked = lambda q, k, v: blocked_causal_attention(q, k, v, start, block=4)  # noqa: E731
+    ref = _attention_and_grads(sdpa, q.double(), k.double(), v.double(), grad.double())
+    got = _attention_and_grads(blocked, q, k, v, grad)
+    if dtype == torch.float32:
+        for x, r in zip(got, ref):
+            torch.testing.assert_close(x.double(), r, atol=1e-5, rtol=1e-5)
+    else:
+        theirs = _attention_and_grads(sdpa, q, k, v, grad)
+        for x, y, r in zip(got, theirs, ref):
+            assert (x.double() - r).abs().max() <= 2 * (y.double() - r).abs().max() + 1e-3
+    compiled = _attention_and_grads(torch.compile(blocked, fullgraph=True), q, k, v, grad)
+    for x, y in zip(compiled, got):
+        torch.testing.assert_close(x, y, atol=0, rtol=0)
+    monkeypatch.setattr(blocked_attention, "MAX_SAVED_BYTES", 0)
+    for x, r in zip(_attention_and_grads(blocked, q, k, v, grad), ref):
+        torch.testing.assert_close(x.double(), r, atol=1e-5 if dtype == torch.float32 else 5e-2, rtol=1e-2)
+
+
+def test_blocked_attention_rejects_mismatched_keys():
+    q = torch.randn(1, 2, 5, 8)
+    with pytest.raises(ValueError, match="start \\+ T keys"):
+        blocked_causal_attention(q, torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8), start=0)
 
 
 def test_unknown_attention_backend_is_one_sentence():
