@@ -72,10 +72,12 @@ def build_ours(model: str, batch_size: int, seq_len: int, dtype: str, compile: b
     return Trainer(cfg, make_loader=lambda c, split, r, n, seed: SyntheticLoader(vocab, batch_size, seq_len))
 
 
-def build_hf(ours: torch.nn.Module, args, trainer: Trainer, dtype: str, compile: bool, fused_adamw: bool):
-    """transformers' LlamaForCausalLM with our weights (its default sdpa attention) and a step with
-    the trainer's recipe: autocast, fp32 loss, clip 1.0, the same AdamW."""
-    config = LlamaConfig(**{k: v for k, v in hf_config(args, torch.float32).items() if k != "architectures"})
+def build_hf(ours: torch.nn.Module, args, trainer: Trainer, dtype: str, compile: bool, fused_adamw: bool,
+             attention: str = "sdpa"):
+    """transformers' LlamaForCausalLM with our weights (`attention`: its attn_implementation, sdpa by
+    default) and a step with the trainer's recipe: autocast, fp32 loss, clip 1.0, the same AdamW."""
+    config = LlamaConfig(**{k: v for k, v in hf_config(args, torch.float32).items() if k != "architectures"},
+                         attn_implementation=attention)
     hf = LlamaForCausalLM(config)
     hf.load_state_dict(to_hf(ours.state_dict(), args), strict=True)
     cfg = trainer.cfg

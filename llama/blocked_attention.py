@@ -9,9 +9,10 @@ those shapes for B H T^2 / 2 extra bytes (bf16: 16 MB a layer there). Beyond `MA
 of probabilities a layer (long sequences) it is flash attention again.
 
 Registered as a custom op so that torch.compile calls it as one kernel instead of tracing the
-loop. Scores are rounded to the input dtype before the softmax, as an eager attention in that
-dtype does (flash attention keeps them in fp32); the gradients of keys and values accumulate in
-fp32.
+loop (the copies and casts around it stay outside, where inductor fuses them). The scale 1/sqrt(D)
+is folded into the queries (exact for D = 16, 64, 256; one more rounding of q in bf16 otherwise).
+Scores are rounded to the input dtype before the softmax, as an eager attention in that dtype does
+(flash attention keeps them in fp32); the gradients of keys and values accumulate in fp32.
 """
 
 from __future__ import annotations
@@ -39,21 +40,19 @@ def saved_elements(q_shape, start: int, block: int) -> int:
 
 @torch.library.custom_op("llama::blocked_causal_attention", mutates_args=())
 def _forward(q: Tensor, k: Tensor, v: Tensor, start: int, block: int) -> tuple[Tensor, Tensor]:
-    """q: (B, H, T, D) at positions start.., k/v: (B, H, start + T, D) -> (output (B, H, T, D),
-    the softmax probabilities of every block, flat)."""
-    scale = q.size(-1) ** -0.5
-    qs = q * scale  # the scale folded into the queries (exact for D = 64, 256: a power of 2)
+    """Contiguous q: (B, H, T, D) at positions start.., already scaled, k/v: (B, H, start + T, D)
+    -> (output (B, H, T, D), the softmax probabilities of every block, flat)."""
     out = torch.empty_like(q)
     probs = q.new_empty(saved_elements(q.shape, start, block))
     at = 0
     for i0, i1, n in _blocks(start, q.size(2), block):
-        s = torch.matmul(qs[:, :, i0:i1], k[:, :, :n].transpose(-1, -2))  # (B, H, rows, n)
+        s = torch.matmul(q[:, :, i0:i1], k[:, :, :n].transpose(-1, -2))  # (B, H, rows, n)
         diag = s[..., n - (i1 - i0):]  # query i0 + r sees keys up to start + i0 + r
         diag.masked_fill_(torch.ones(i1 - i0, i1 - i0, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
         p = probs[at:at + s.numel()].view(s.shape)
         at += s.numel()
         torch.softmax(s, -1, out=p)
-        out[:, :, i0:i1] = torch.matmul(p, v[:, :, :n])
+        torch.matmul(p, v[:, :, :n], out=out[:, :, i0:i1])  # bmm writes the strided rows, no copy
     return out, probs
 
 
@@ -65,11 +64,9 @@ def _(q, k, v, start, block):
 @torch.library.custom_op("llama::blocked_causal_attention_backward", mutates_args=())
 def _backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, probs: Tensor, start: int,
               block: int) -> tuple[Tensor, Tensor, Tensor]:
-    scale = q.size(-1) ** -0.5
-    qs = q * scale
-    grad = grad.contiguous()
+    """The gradients of `_forward`'s q, k, v (those of k and v in fp32: sums over blocks)."""
     dq = torch.empty_like(q)
-    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)  # sums over blocks: in fp32
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     at = 0
     for i0, i1, n in _blocks(start, q.size(2), block):
@@ -78,14 +75,14 @@ def _backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, probs: Tensor, star
         at += p.numel()
         dv[:, :, :n] += torch.matmul(p.transpose(-1, -2), g)
         ds = torch._softmax_backward_data(torch.matmul(g, v[:, :, :n].transpose(-1, -2)), p, -1, p.dtype)
-        dq[:, :, i0:i1] = torch.matmul(ds, k[:, :, :n]) * scale
-        dk[:, :, :n] += torch.matmul(ds.transpose(-1, -2), qs[:, :, i0:i1])
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+        torch.matmul(ds, k[:, :, :n], out=dq[:, :, i0:i1])
+        dk[:, :, :n] += torch.matmul(ds.transpose(-1, -2), q[:, :, i0:i1])
+    return dq, dk, dv
 
 
 @_backward.register_fake
 def _(grad, q, k, v, probs, start, block):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return torch.empty_like(q), torch.empty_like(k, dtype=torch.float32), torch.empty_like(v, dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
@@ -95,9 +92,10 @@ def _setup_context(ctx, inputs, output):
     ctx.start, ctx.block = start, block
 
 
-def _autograd_backward(ctx, grad, _grad_probs):
+def _autograd_backward(ctx, grad, _grad_probs):  # traced by torch.compile around the op: the copies fuse
     q, k, v, probs = ctx.saved_tensors
-    return (*_backward(grad, q, k, v, probs, ctx.start, ctx.block), None, None)
+    dq, dk, dv = _backward(grad.contiguous(), q, k, v, probs, ctx.start, ctx.block)
+    return dq, dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -113,5 +111,5 @@ def blocked_causal_attention(q: Tensor, k: Tensor, v: Tensor, start: int = 0, bl
     if saved_elements(q.shape, start, block) * q.element_size() > MAX_SAVED_BYTES:
         mask = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).tril(start)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=None if start == 0 else mask, is_causal=start == 0)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    return _forward(q, k, v, start, block)[0]
+    scale = q.size(-1) ** -0.5  # folded into the queries (exact where D is a power of 4: 16, 64, 256)
+    return _forward((q * scale).contiguous(), k.contiguous(), v.contiguous(), start, block)[0]
