@@ -3,6 +3,7 @@
     python benchmarks/train.py                      # 60M preset, batch 4 x 512, bf16 autocast
     python benchmarks/train.py --hf_compile=False   # without transformers under torch.compile (faster)
     python benchmarks/train.py --profile=True       # + where each row's step spends its time
+    python benchmarks/train.py --attention sdpa     # ours with torch's sdpa instead of its CPU default (blocked)
 
 A step is forward, backward, gradient clipping, AdamW step and zero_grad, for the same weights, batch
 and dtype policy (fp32 master weights, bf16 compute under torch.autocast, fp32 loss). Ours is
@@ -58,7 +59,8 @@ def matmul_flops(n: int = 4096, seconds: float = 0.5, dtype=torch.bfloat16) -> f
     return best
 
 
-def build_ours(model: str, batch_size: int, seq_len: int, dtype: str, compile: bool, ac: str, tmp: Path) -> Trainer:
+def build_ours(model: str, batch_size: int, seq_len: int, dtype: str, compile: bool, ac: str, tmp: Path,
+               attention: str = "auto") -> Trainer:
     """The trainer as a user runs it (compiled blocks and loss with compile=True, fused AdamW), for
     one process on synthetic data."""
     (tmp / "data").mkdir()
@@ -67,7 +69,7 @@ def build_ours(model: str, batch_size: int, seq_len: int, dtype: str, compile: b
                       warmup_steps=10, seq_len=seq_len, micro_batch_size=batch_size,
                       global_batch_tokens=batch_size * seq_len, dtype=dtype, ac=ac, compile=compile,
                       device="cpu", peak_flops=1.0, eval_every=0, eval_batches=0, progress=False,
-                      tensorboard=False, resume="never")
+                      tensorboard=False, resume="never", attention=attention)
     vocab = cfg.model_args().vocab_size
     return Trainer(cfg, make_loader=lambda c, split, r, n, seed: SyntheticLoader(vocab, batch_size, seq_len))
 
@@ -105,7 +107,7 @@ def build_hf(ours: torch.nn.Module, args, trainer: Trainer, dtype: str, compile:
 
 def main(model: str = "60M", batch_size: int = 4, seq_len: int = 512, dtype: str = "bf16", compile: bool = True,
          ac: str = "none", fused_adamw: bool = True, hf_compile: bool = True,
-         repeats: int = 12, threads: int = 0, json_out: str = "", profile: bool = False):
+         repeats: int = 12, threads: int = 0, json_out: str = "", profile: bool = False, attention: str = "auto"):
     """Time one training step of ours and of transformers; print a table of tokens/s, ratio and MFU.
     fused_adamw: transformers' rows use the fused AdamW kernel as ours does. hf_compile: also
     transformers under torch.compile, the strongest peer. profile: then one profiled step per row,
@@ -115,7 +117,7 @@ def main(model: str = "60M", batch_size: int = 4, seq_len: int = 512, dtype: str
 
     amp = torch.bfloat16 if dtype == "bf16" else torch.float32  # MFU against the peak of the computing dtype
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
-    trainer = build_ours(model, batch_size, seq_len, dtype, compile, ac, tmp)
+    trainer = build_ours(model, batch_size, seq_len, dtype, compile, ac, tmp, attention)
     args = trainer.args
     tokens = batch_size * seq_len
     flops_tok = flops_per_token(args, seq_len)
@@ -144,11 +146,11 @@ def main(model: str = "60M", batch_size: int = 4, seq_len: int = 512, dtype: str
 
     base = tokens / best["transformers"]
     result = {"model": model, "params": n_params, "batch": [batch_size, seq_len], "dtype": dtype,
-              "compile": compile, "ac": ac, "fused_adamw": fused_adamw,
+              "compile": compile, "ac": ac, "attention": trainer.attention, "fused_adamw": fused_adamw,
               "peak_tflops": peak / 1e12, "first_loss": first, "rows": {}}
     print(f"\n{model}: {n_params / 1e6:.1f}M parameters, batch {batch_size} x {seq_len} = {tokens} tokens, "
           f"{dtype} autocast over fp32 master weights, {torch.get_num_threads()} threads")
-    print(f"ours: compile={compile} (compiled blocks and loss) ac={ac}, fused AdamW; transformers: fused AdamW={fused_adamw}; "
+    print(f"ours: compile={compile} (compiled blocks and loss) ac={ac}, attention {trainer.attention}, fused AdamW; transformers: fused AdamW={fused_adamw}; "
           f"FLOPs/token {flops_tok / 1e6:.1f}M; {dtype} matmul peak {peak / 1e9:.0f} GFLOP/s")
     print("first losses: " + ", ".join(f"{k} {v:.4f}" for k, v in first.items()))
     print("| row | step s | tokens/s | vs transformers | MFU |")

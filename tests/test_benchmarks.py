@@ -1,6 +1,6 @@
 """benchmarks/generate.py's arithmetic and its llama.cpp runner: the FLOPs per prefill and per
 decoding step against torch's FlopCounterMode, and llama.cpp's greedy tokens on our f32 GGUF
-against our own model's."""
+against our own model's; benchmarks/train.py's rows and MFU on the tiny preset."""
 
 import runpy
 from pathlib import Path
@@ -70,3 +70,22 @@ def test_llama_cpp_runner_decodes_our_greedy_tokens(bench, tmp_path):
     ours, _ = bench["ours_runner"](Llama(model, bench["_NoEos"](), args.max_seq_len, 1), prompt.tolist(), 16)(10)
     assert tokens == ours and len(tokens[0]) == 10
     assert len(stamps) == 10 and stamps == sorted(stamps)
+
+
+def test_train_benchmark_rows_compute_the_same_step(tmp_path):
+    """benchmarks/train.py on the tiny preset, eager: ours (the trainer's CPU default, blocked
+    attention) and transformers start from the same loss (the script raises otherwise) and the
+    table's MFU is tokens/s x FLOPs per token over the peak it measured."""
+    import json
+
+    train = runpy.run_path(str(ROOT / "benchmarks" / "train.py"))
+    out = tmp_path / "train.json"
+    train["main"](model="tiny", batch_size=2, seq_len=32, compile=False, hf_compile=False, repeats=1,
+                  json_out=str(out))
+    result = json.loads(out.read_text())
+    assert result["attention"] == "blocked" and set(result["rows"]) == {"ours", "transformers"}
+    losses = result["first_loss"]
+    assert abs(losses["ours"] - losses["transformers"]) < 1e-3, losses
+    flops = train["flops_per_token"](train["TrainConfig"](model="tiny").model_args(), 32)
+    for row in result["rows"].values():
+        assert row["mfu"] == pytest.approx(row["tokens_per_s"] * flops / (result["peak_tflops"] * 1e12))
