@@ -4,6 +4,7 @@
     python benchmarks/train.py --hf_compile=False   # without transformers under torch.compile (faster)
     python benchmarks/train.py --profile=True       # + where each row's step spends its time
     python benchmarks/train.py --attention sdpa     # ours with torch's sdpa instead of its CPU default (blocked)
+    python benchmarks/train.py --also_attention sdpa   # + a row of ours with sdpa, in the same run
 
 A step is forward, backward, gradient clipping, AdamW step and zero_grad, for the same weights, batch
 and dtype policy (fp32 master weights, bf16 compute under torch.autocast, fp32 loss). Ours is
@@ -63,7 +64,7 @@ def build_ours(model: str, batch_size: int, seq_len: int, dtype: str, compile: b
                attention: str = "auto") -> Trainer:
     """The trainer as a user runs it (compiled blocks and loss with compile=True, fused AdamW), for
     one process on synthetic data."""
-    (tmp / "data").mkdir()
+    (tmp / "data").mkdir(parents=True)
     (tmp / "data" / "synthetic").write_text("tokens come from SyntheticLoader\n")
     cfg = TrainConfig(model=model, data=str(tmp / "data"), out_dir=str(tmp / "run"), steps=10 ** 6,
                       warmup_steps=10, seq_len=seq_len, micro_batch_size=batch_size,
@@ -107,11 +108,13 @@ def build_hf(ours: torch.nn.Module, args, trainer: Trainer, dtype: str, compile:
 
 def main(model: str = "60M", batch_size: int = 4, seq_len: int = 512, dtype: str = "bf16", compile: bool = True,
          ac: str = "none", fused_adamw: bool = True, hf_compile: bool = True,
-         repeats: int = 12, threads: int = 0, json_out: str = "", profile: bool = False, attention: str = "auto"):
+         repeats: int = 12, threads: int = 0, json_out: str = "", profile: bool = False, attention: str = "auto",
+         also_attention: str = ""):
     """Time one training step of ours and of transformers; print a table of tokens/s, ratio and MFU.
     fused_adamw: transformers' rows use the fused AdamW kernel as ours does. hf_compile: also
     transformers under torch.compile, the strongest peer. profile: then one profiled step per row,
-    its time by kind of work (`step_profile`)."""
+    its time by kind of work (`step_profile`). attention: ours' backend (auto: the trainer's choice);
+    also_attention: comma-separated backends, each one more row of ours."""
     if threads:
         torch.set_num_threads(threads)
 
@@ -124,6 +127,10 @@ def main(model: str = "60M", batch_size: int = 4, seq_len: int = 512, dtype: str
     n_params = sum(p.numel() for p in trainer.model.parameters())
     _, hf_step = build_hf(trainer.model, args, trainer, dtype, False, fused_adamw)
     rows = {"ours": lambda: trainer.train_step()["loss"], "transformers": hf_step}
+    extras = also_attention if isinstance(also_attention, (list, tuple)) else str(also_attention).split(",")  # fire: a tuple
+    for extra in [a for a in extras if a]:
+        other = build_ours(model, batch_size, seq_len, dtype, compile, ac, tmp / extra, extra)
+        rows[f"ours ({extra} attention)"] = lambda other=other: other.train_step()["loss"]
     if hf_compile:
         rows["transformers (compiled)"] = build_hf(trainer.model, args, trainer, dtype, True, fused_adamw)[1]
 
