@@ -15,6 +15,7 @@ matmuls timed between the rows. MFU = (6 N + 12 L d T) * tokens/s / peak.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import tempfile
 import time
@@ -46,6 +47,21 @@ class SyntheticLoader:
 
     def load_state_dict(self, state):
         pass
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory in the process (no mmap for large blocks, no trimming),
+    as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1e11 would: every step allocates and frees
+    hundreds of MB of activations, and returning them to the system costs ~100-170k page faults a
+    step (60M), which moved rows by 10-15% from run to run. Applies to every row. False where the
+    C library has no mallopt (not glibc)."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
 
 def matmul_flops(n: int = 4096, seconds: float = 0.5, dtype=torch.bfloat16) -> float:
@@ -109,12 +125,14 @@ def build_hf(ours: torch.nn.Module, args, trainer: Trainer, dtype: str, compile:
 def main(model: str = "60M", batch_size: int = 4, seq_len: int = 512, dtype: str = "bf16", compile: bool = True,
          ac: str = "none", fused_adamw: bool = True, hf_compile: bool = True,
          repeats: int = 12, threads: int = 0, json_out: str = "", profile: bool = False, attention: str = "auto",
-         also_attention: str = ""):
+         also_attention: str = "", keep_memory: bool = True):
     """Time one training step of ours and of transformers; print a table of tokens/s, ratio and MFU.
     fused_adamw: transformers' rows use the fused AdamW kernel as ours does. hf_compile: also
     transformers under torch.compile, the strongest peer. profile: then one profiled step per row,
     its time by kind of work (`step_profile`). attention: ours' backend (auto: the trainer's choice);
-    also_attention: comma-separated backends, each one more row of ours."""
+    also_attention: comma-separated backends, each one more row of ours. keep_memory: the process
+    keeps freed memory (`keep_freed_memory`), for all rows alike."""
+    kept = keep_memory and keep_freed_memory()
     if threads:
         torch.set_num_threads(threads)
 
@@ -153,10 +171,10 @@ def main(model: str = "60M", batch_size: int = 4, seq_len: int = 512, dtype: str
 
     base = tokens / best["transformers"]
     result = {"model": model, "params": n_params, "batch": [batch_size, seq_len], "dtype": dtype,
-              "compile": compile, "ac": ac, "attention": trainer.attention, "fused_adamw": fused_adamw,
+              "compile": compile, "ac": ac, "attention": trainer.attention, "kept_freed_memory": kept, "fused_adamw": fused_adamw,
               "peak_tflops": peak / 1e12, "first_loss": first, "rows": {}}
     print(f"\n{model}: {n_params / 1e6:.1f}M parameters, batch {batch_size} x {seq_len} = {tokens} tokens, "
-          f"{dtype} autocast over fp32 master weights, {torch.get_num_threads()} threads")
+          f"{dtype} autocast over fp32 master weights, {torch.get_num_threads()} threads, freed memory kept: {kept}")
     print(f"ours: compile={compile} (compiled blocks and loss) ac={ac}, attention {trainer.attention}, fused AdamW; transformers: fused AdamW={fused_adamw}; "
           f"FLOPs/token {flops_tok / 1e6:.1f}M; {dtype} matmul peak {peak / 1e9:.0f} GFLOP/s")
     print("first losses: " + ", ".join(f"{k} {v:.4f}" for k, v in first.items()))

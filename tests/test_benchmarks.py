@@ -81,7 +81,7 @@ def test_train_benchmark_rows_compute_the_same_step(tmp_path):
     train = runpy.run_path(str(ROOT / "benchmarks" / "train.py"))
     out = tmp_path / "train.json"
     train["main"](model="tiny", batch_size=2, seq_len=32, compile=False, hf_compile=False, repeats=1,
-                  json_out=str(out))
+                  json_out=str(out), keep_memory=False)  # (it would change this process's malloc for good)
     result = json.loads(out.read_text())
     assert result["attention"] == "blocked" and set(result["rows"]) == {"ours", "transformers"}
     losses = result["first_loss"]
