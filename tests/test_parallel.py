@@ -102,12 +102,16 @@ def test_bad_mode_is_one_clear_error():
         apply_ac(model, "some")
 
 
-def test_modes_really_recompute_and_save_what_they_claim():
+@pytest.mark.parametrize("backend", ["sdpa", "blocked"])
+def test_modes_really_recompute_and_save_what_they_claim(backend):
     """Forward: bytes held for backward, none > selective > full. Backward: full recomputes the
-    matmuls, selective only the elementwise work (SiLU), none nothing."""
+    matmuls and the attention kernel, selective only the elementwise work (SiLU), none nothing."""
     base, inputs, targets = _model_and_batch()
+    base.set_attention_backend(backend)
+    kernel = {"sdpa": torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+              "blocked": torch.ops.llama.blocked_causal_attention.default}[backend]
     n_layers = ARGS["n_layers"]
-    held, mm, silu = {}, {}, {}
+    held, mm, silu, att = {}, {}, {}, {}
     for mode in AC_MODES:
         model = apply_ac(copy.deepcopy(base), mode)
         fwd = _Recorder()
@@ -119,7 +123,9 @@ def test_modes_really_recompute_and_save_what_they_claim():
             loss.backward()
         mm[mode] = bwd.counts.get(torch.ops.aten.mm.default, 0)
         silu[mode] = bwd.counts.get(torch.ops.aten.silu.default, 0)
+        att[mode] = bwd.counts.get(kernel, 0)
     assert held["none"] > held["selective"] > held["full"], held
+    assert att == {"none": 0, "full": n_layers, "selective": 0}, att
     # none: backward runs 2 matmuls per linear (input and weight gradients) and no forward op
     assert mm["none"] == 2 * (7 * n_layers + 1) and silu["none"] == 0, (mm, silu)
     # full: recomputes each block up to its last saved tensor (q, k, v, wo, w1, w3; not w2)
