@@ -50,15 +50,15 @@ class SyntheticLoader:
 
 
 def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory in the process (no mmap for large blocks, no trimming),
-    as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1e11 would: every step allocates and frees
+    """Make glibc's malloc keep freed memory in the process (no mmap for large blocks, trimming only
+    past 2 GB free), as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647 would: every step allocates and frees
     hundreds of MB of activations, and returning them to the system costs ~100-170k page faults a
     step (60M), which moved rows by 10-15% from run to run. Applies to every row. False where the
     C library has no mallopt (not glibc)."""
     try:
         libc = ctypes.CDLL(None)
         mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # TypeError: CDLL(None) on Windows
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
@@ -146,7 +146,7 @@ def main(model: str = "60M", batch_size: int = 4, seq_len: int = 512, dtype: str
     _, hf_step = build_hf(trainer.model, args, trainer, dtype, False, fused_adamw)
     rows = {"ours": lambda: trainer.train_step()["loss"], "transformers": hf_step}
     extras = also_attention if isinstance(also_attention, (list, tuple)) else str(also_attention).split(",")  # fire: a tuple
-    for extra in [a for a in extras if a]:
+    for extra in dict.fromkeys(a for a in extras if a):  # each backend once
         other = build_ours(model, batch_size, seq_len, dtype, compile, ac, tmp / extra, extra)
         rows[f"ours ({extra} attention)"] = lambda other=other: other.train_step()["loss"]
     if hf_compile:

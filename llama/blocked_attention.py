@@ -1,11 +1,12 @@
 """Causal attention as a few large matrix products: the "blocked" attention backend, for CPUs.
 
 torch's CPU flash attention runs at ~18% of the bf16 matmul peak at training shapes (4 x 12 heads
-x 512 positions x 64, forward and backward), ~20% of a 160M training step. Here the queries are
+x 512 positions x 64, forward and backward), ~18% of a 160M training step. Here the queries are
 taken in blocks of `BLOCK` rows; a block's scores against the keys it can see are one batched
 matmul (oneDNN, ~80% of the peak), softmax and its backward are one aten pass each, and the
-probabilities are kept for the backward instead of recomputed: 2x faster than flash attention at
-those shapes for B H T^2 / 2 extra bytes (bf16: 16 MB a layer there). Beyond `MAX_SAVED_BYTES`
+probabilities are kept for the backward instead of recomputed: 1.7-2.3x faster than flash
+attention at those shapes in bf16 (1.5x in fp32; benchmarks/attention.py) for B H T (T + 128) / 2
+more elements kept (bf16: 16 MB a layer there). Beyond `MAX_SAVED_BYTES`
 of probabilities a layer (long sequences) it is flash attention again.
 
 Registered as a custom op so that torch.compile calls it as one kernel instead of tracing the
@@ -33,9 +34,12 @@ def _blocks(start: int, seqlen: int, block: int):
 
 
 def saved_elements(q_shape, start: int, block: int) -> int:
-    """Probabilities kept for the backward: B H sum over blocks of (rows x keys seen)."""
+    """Probabilities kept for the backward: B H sum over blocks of (rows x keys seen), in closed
+    form so that a symbolic T (torch.compile with dynamic shapes) is not pinned to one value."""
     b, h, t, _ = q_shape
-    return b * h * sum((i1 - i0) * n for i0, i1, n in _blocks(start, t, block))
+    m = t // block  # whole blocks; then r leftover rows, all seeing start + t keys
+    r = t - m * block
+    return b * h * (block * block * m * (m + 1) // 2 + r * t + t * start)
 
 
 @torch.library.custom_op("llama::blocked_causal_attention", mutates_args=())
@@ -44,6 +48,12 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, start: int, block: int) -> tuple[T
     -> (output (B, H, T, D), the softmax probabilities of every block, flat)."""
     out = torch.empty_like(q)
     probs = q.new_empty(saved_elements(q.shape, start, block))
+    with torch.autocast(q.device.type, enabled=False):  # in the inputs' dtype, as the buffers are
+        _forward_blocks(q, k, v, start, block, out, probs)
+    return out, probs
+
+
+def _forward_blocks(q, k, v, start, block, out, probs):
     at = 0
     for i0, i1, n in _blocks(start, q.size(2), block):
         s = torch.matmul(q[:, :, i0:i1], k[:, :, :n].transpose(-1, -2))  # (B, H, rows, n)
@@ -51,9 +61,8 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, start: int, block: int) -> tuple[T
         diag.masked_fill_(torch.ones(i1 - i0, i1 - i0, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
         p = probs[at:at + s.numel()].view(s.shape)
         at += s.numel()
-        torch.softmax(s, -1, out=p)
+        torch.softmax(s, -1, out=p)  # (B, H, rows, n)
         torch.matmul(p, v[:, :, :n], out=out[:, :, i0:i1])  # bmm writes the strided rows, no copy
-    return out, probs
 
 
 @_forward.register_fake
@@ -68,21 +77,26 @@ def _backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, probs: Tensor, star
     dq = torch.empty_like(q)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-    at = 0
+    with torch.autocast(q.device.type, enabled=False):
+        _backward_blocks(grad, q, k, v, probs, start, block, dq, dk, dv)
+    return dq, dk, dv
+
+
+def _backward_blocks(grad, q, k, v, probs, start, block, dq, dk, dv):
+    b, h, at = q.size(0), q.size(1), 0
     for i0, i1, n in _blocks(start, q.size(2), block):
-        g = grad[:, :, i0:i1]
-        p = probs[at:at + g.size(0) * g.size(1) * (i1 - i0) * n].view(g.size(0), g.size(1), i1 - i0, n)
+        g = grad[:, :, i0:i1]  # (B, H, rows, D)
+        p = probs[at:at + b * h * (i1 - i0) * n].view(b, h, i1 - i0, n)  # as the forward left it
         at += p.numel()
         dv[:, :, :n] += torch.matmul(p.transpose(-1, -2), g)
-        ds = torch._softmax_backward_data(torch.matmul(g, v[:, :, :n].transpose(-1, -2)), p, -1, p.dtype)
+        ds = torch._softmax_backward_data(torch.matmul(g, v[:, :, :n].transpose(-1, -2)), p, -1, p.dtype)  # (B, H, rows, n)
         torch.matmul(ds, k[:, :, :n], out=dq[:, :, i0:i1])
         dk[:, :, :n] += torch.matmul(ds.transpose(-1, -2), q[:, :, i0:i1])
-    return dq, dk, dv
 
 
 @_backward.register_fake
 def _(grad, q, k, v, probs, start, block):
-    return torch.empty_like(q), torch.empty_like(k, dtype=torch.float32), torch.empty_like(v, dtype=torch.float32)
+    return torch.empty_like(q), k.new_empty(k.shape, dtype=torch.float32), v.new_empty(v.shape, dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
@@ -103,13 +117,21 @@ _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 def blocked_causal_attention(q: Tensor, k: Tensor, v: Tensor, start: int = 0, block: int | None = None) -> Tensor:
     """Causal attention of queries q (B, H, T, D) at positions start.. over keys/values k, v
-    (B, H, start + T, D), as F.scaled_dot_product_attention computes it with that causal mask."""
-    block = block or BLOCK
-    if q.dtype != k.dtype or q.dtype != v.dtype or k.size(2) != start + q.size(2):
-        raise ValueError(f"blocked attention needs q, k, v of one dtype and start + T keys; got q {tuple(q.shape)} "
-                         f"{q.dtype}, k {tuple(k.shape)} {k.dtype}, v {v.dtype}, start {start}")
-    if saved_elements(q.shape, start, block) * q.element_size() > MAX_SAVED_BYTES:
+    (B, H, start + T, D), as F.scaled_dot_product_attention computes it with that causal mask.
+    Grouped-query k/v are expanded to H heads by the caller (llama.model.attention does)."""
+    block = BLOCK if block is None else block
+    if q.dim() != 4 or k.shape != (*q.shape[:2], start + q.size(2), q.size(3)) or v.shape != k.shape:
+        raise ValueError(f"blocked attention takes q (B, H, T, D) and k, v (B, H, start + T, D) with start={start}; "
+                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expand grouped-query "
+                         f"heads to H and pass the start position of the first query")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(f"blocked attention takes q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}: cast them")
+    if block < 1:
+        raise ValueError(f"block must be >= 1 query rows, got {block}")
+    if saved_elements(q.shape, start, block) * q.element_size() > MAX_SAVED_BYTES:  # long sequences
+        if start == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         mask = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).tril(start)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=None if start == 0 else mask, is_causal=start == 0)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     scale = q.size(-1) ** -0.5  # folded into the queries (exact where D is a power of 4: 16, 64, 256)
     return _forward((q * scale).contiguous(), k.contiguous(), v.contiguous(), start, block)[0]

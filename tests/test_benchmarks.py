@@ -89,3 +89,10 @@ def test_train_benchmark_rows_compute_the_same_step(tmp_path):
     flops = train["flops_per_token"](train["TrainConfig"](model="tiny").model_args(), 32)
     for row in result["rows"].values():
         assert row["mfu"] == pytest.approx(row["tokens_per_s"] * flops / (result["peak_tflops"] * 1e12))
+
+
+def test_attention_benchmark_runs_both_kernels(capsys):
+    """benchmarks/attention.py on one tiny shape: a table row with both kernels' times."""
+    runpy.run_path(str(ROOT / "benchmarks" / "attention.py"))["main"](shapes="1,2,16,8", dtype="fp32", repeats=1)
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    assert row.startswith("| 1, 2, 16, 8 |") and row.count("|") == 9, row

@@ -212,10 +212,49 @@ def test_blocked_backend_trains_like_math(monkeypatch):
         torch.testing.assert_close(grads["blocked"][name], g, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_blocked_attention_rejects_mismatched_keys():
-    q = torch.randn(1, 2, 5, 8)
-    with pytest.raises(ValueError, match="start \\+ T keys"):
-        blocked_causal_attention(q, torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8), start=0)
+@pytest.mark.parametrize("q,k,v,start,block,match", [
+    ((1, 2, 5, 8), (1, 2, 6, 8), (1, 2, 6, 8), 0, None, "start \\+ T"),  # one key too many
+    ((1, 2, 5, 8), (1, 1, 5, 8), (1, 1, 5, 8), 0, None, "expand grouped-query"),  # kv heads not expanded
+    ((1, 2, 5, 8), (1, 2, 5, 8), (1, 2, 5, 4), 0, None, "start \\+ T"),  # v's head size
+    ((2, 5, 8), (2, 5, 8), (2, 5, 8), 0, None, "q \\(B, H, T, D\\)"),  # 3-D
+    ((1, 2, 5, 8), (1, 2, 5, 8), (1, 2, 5, 8), 0, 0, "block must be >= 1"),
+])
+def test_blocked_attention_bad_inputs_are_one_sentence(q, k, v, start, block, match):
+    with pytest.raises(ValueError, match=match):
+        blocked_causal_attention(torch.randn(q), torch.randn(k), torch.randn(v), start=start, block=block)
+    with pytest.raises(ValueError, match="one dtype"):
+        blocked_causal_attention(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8).double())
+
+
+def test_blocked_attention_under_autocast_and_changing_lengths():
+    """fp32 inputs under bf16 autocast run in fp32 (the op's buffers are the inputs' dtype), and a
+    compile with dynamic shapes makes one graph for every length (the saved size is closed-form)."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 1, 2, 11, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = blocked_causal_attention(q, k, v, block=4)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+    graphs = []
+    fn = torch.compile(lambda q, k, v: blocked_causal_attention(q, k, v, block=4), dynamic=True,
+                       backend=lambda gm, inputs: graphs.append(gm) or gm.forward)
+    for t in (9, 10, 11, 7):
+        x = [a[:, :, :t].contiguous() for a in (q, k, v)]
+        torch.testing.assert_close(fn(*x), F.scaled_dot_product_attention(*x, is_causal=True), atol=1e-5, rtol=1e-5)
+    assert len(graphs) == 1
+
+
+def test_blocked_attention_falls_back_to_sdpa_past_its_memory_cap(monkeypatch):
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(blocked_attention.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(kw) or sdpa(*a, **kw))
+    q, k, v = torch.randn(3, 1, 2, 6, 8)
+    blocked_causal_attention(q, k, v)
+    assert calls == []
+    monkeypatch.setattr(blocked_attention, "MAX_SAVED_BYTES", 0)
+    blocked_causal_attention(q, k, v)
+    assert calls == [{"is_causal": True}]
 
 
 def test_unknown_attention_backend_is_one_sentence():

@@ -1,0 +1,71 @@
+"""Causal attention alone: the `blocked` backend (llama/blocked_attention.py) against torch's
+F.scaled_dot_product_attention (on CPU its flash attention: what transformers' default sdpa
+attention and our `sdpa` backend call), forward + backward and forward only, one process.
+
+    python benchmarks/attention.py                                   # training shapes of 60M and 160M, bf16
+    python benchmarks/attention.py --shapes 1,12,512,64 --dtype fp32
+
+Inputs come as the model makes them: (B, T, H, D) projections seen as (B, H, T, D). Each cell is
+the best of `repeats` calls, the two taken in turns; % of peak counts the causal half of the score
+matrix (4 B H T^2 D / 2 FLOPs forward, 2.5x that backward) over a (2048, 2048) matmul of the dtype
+timed in the same run.
+"""
+
+from __future__ import annotations
+
+import time
+
+import fire
+import torch
+import torch.nn.functional as F
+
+from llama.blocked_attention import blocked_causal_attention
+from llama.env import parse_dtype
+
+
+def _best(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main(shapes=("4,8,512,64", "4,12,512,64", "1,12,512,64", "1,8,1024,64"), dtype: str = "bf16", repeats: int = 8):
+    dt = parse_dtype(dtype)
+    shapes = [shapes] if isinstance(shapes, str) else shapes
+    a = torch.randn(2048, 2048, dtype=dt)
+    peak = max(2 * 2048 ** 3 / _best(lambda: a @ a, 5) for _ in range(2))
+    kernels = {"sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+               "blocked": blocked_causal_attention}
+    print(f"{dtype}, {torch.get_num_threads()} threads, matmul peak {peak / 1e9:.0f} GFLOP/s")
+    print("| B, H, T, D | sdpa fwd+bwd ms | blocked fwd+bwd ms | ratio | sdpa fwd ms | blocked fwd ms | ratio | blocked fwd+bwd % of peak |")
+    print("|---|---|---|---|---|---|---|---|")
+    for shape in shapes:
+        b, h, t, d = (int(x) for x in (shape.split(",") if isinstance(shape, str) else shape))
+        x = [torch.randn(b, t, h, d, dtype=dt, requires_grad=True) for _ in range(3)]
+        grad = torch.randn(b, h, t, d, dtype=dt)
+
+        def train(kernel):
+            kernel(*(y.transpose(1, 2) for y in x)).backward(grad)
+
+        def forward(kernel):
+            with torch.no_grad():
+                kernel(*(y.transpose(1, 2) for y in x))
+
+        ms = {}
+        for _ in range(2):  # in turns
+            for name, kernel in kernels.items():
+                for kind, run in (("train", train), ("fwd", forward)):
+                    t_ = _best(lambda: run(kernel), repeats) * 1e3
+                    ms[name, kind] = min(ms.get((name, kind), float("inf")), t_)
+        flops = 3.5 * 4 * b * h * t * t * d / 2
+        print(f"| {b}, {h}, {t}, {d} | {ms['sdpa', 'train']:.1f} | {ms['blocked', 'train']:.1f} | "
+              f"{ms['sdpa', 'train'] / ms['blocked', 'train']:.2f}x | {ms['sdpa', 'fwd']:.1f} | {ms['blocked', 'fwd']:.1f} | "
+              f"{ms['sdpa', 'fwd'] / ms['blocked', 'fwd']:.2f}x | {100 * flops / (ms['blocked', 'train'] / 1e3) / peak:.0f}% |")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
