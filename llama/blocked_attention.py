@@ -5,9 +5,9 @@ x 512 positions x 64, forward and backward), ~18% of a 160M training step. Here 
 taken in blocks of `BLOCK` rows; a block's scores against the keys it can see are one batched
 matmul (oneDNN, ~80% of the peak), softmax and its backward are one aten pass each, and the
 probabilities are kept for the backward instead of recomputed: 1.7-2.3x faster than flash
-attention at those shapes in bf16 (1.5x in fp32; benchmarks/attention.py) for B H T (T + 128) / 2
-more elements kept (bf16: 16 MB a layer there). Beyond `MAX_SAVED_BYTES`
-of probabilities a layer (long sequences) it is flash attention again.
+attention at 512 positions in bf16 (1.4x at 1024, 1.5x in fp32; benchmarks/attention.py) for about
+B H T (T + 128) / 2 more elements kept (bf16: 16 MB a layer at 160M). Beyond `MAX_SAVED_BYTES` of
+probabilities a call (long sequences) it is flash attention again.
 
 Registered as a custom op so that torch.compile calls it as one kernel instead of tracing the
 loop (the copies and casts around it stay outside, where inductor fuses them). The scale 1/sqrt(D)
