@@ -2,7 +2,7 @@
 F.scaled_dot_product_attention (on CPU its flash attention: what transformers' default sdpa
 attention and our `sdpa` backend call), forward + backward and forward only, one process.
 
-    python benchmarks/attention.py                                   # training shapes of 60M and 160M, bf16
+    python benchmarks/attention.py      # training shapes of 60M and 160M, bf16
     python benchmarks/attention.py --shapes 1,12,512,64 --dtype fp32
 
 Inputs come as the model makes them: (B, T, H, D) projections seen as (B, H, T, D). Each cell is
@@ -41,7 +41,8 @@ def main(shapes=("4,8,512,64", "4,12,512,64", "1,12,512,64", "1,8,1024,64"), dty
     kernels = {"sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
                "blocked": blocked_causal_attention}
     print(f"{dtype}, {torch.get_num_threads()} threads, matmul peak {peak / 1e9:.0f} GFLOP/s")
-    print("| B, H, T, D | sdpa fwd+bwd ms | blocked fwd+bwd ms | ratio | sdpa fwd ms | blocked fwd ms | ratio | blocked fwd+bwd % of peak |")
+    print("| B, H, T, D | sdpa fwd+bwd ms | blocked fwd+bwd ms | ratio | sdpa fwd ms | blocked fwd ms | ratio "
+          "| blocked fwd+bwd % of peak |")
     print("|---|---|---|---|---|---|---|---|")
     for shape in shapes:
         b, h, t, d = (int(x) for x in (shape.split(",") if isinstance(shape, str) else shape))
@@ -62,9 +63,9 @@ def main(shapes=("4,8,512,64", "4,12,512,64", "1,12,512,64", "1,8,1024,64"), dty
                     t_ = _best(lambda: run(kernel), repeats) * 1e3
                     ms[name, kind] = min(ms.get((name, kind), float("inf")), t_)
         flops = 3.5 * 4 * b * h * t * t * d / 2
-        print(f"| {b}, {h}, {t}, {d} | {ms['sdpa', 'train']:.1f} | {ms['blocked', 'train']:.1f} | "
-              f"{ms['sdpa', 'train'] / ms['blocked', 'train']:.2f}x | {ms['sdpa', 'fwd']:.1f} | {ms['blocked', 'fwd']:.1f} | "
-              f"{ms['sdpa', 'fwd'] / ms['blocked', 'fwd']:.2f}x | {100 * flops / (ms['blocked', 'train'] / 1e3) / peak:.0f}% |")
+        (st, bt), (sf, bf) = (ms["sdpa", "train"], ms["blocked", "train"]), (ms["sdpa", "fwd"], ms["blocked", "fwd"])
+        print(f"| {b}, {h}, {t}, {d} | {st:.1f} | {bt:.1f} | {st / bt:.2f}x | {sf:.1f} | {bf:.1f} | {sf / bf:.2f}x "
+              f"| {100 * flops / (bt / 1e3) / peak:.0f}% |")
 
 
 if __name__ == "__main__":

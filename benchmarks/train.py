@@ -51,8 +51,8 @@ class SyntheticLoader:
 
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory in the process (no mmap for large blocks, trimming only
-    past 2 GB free), as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647 would: every step allocates and frees
-    hundreds of MB of activations, and returning them to the system costs ~100-170k page faults a
+    past 2 GB free), as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647 would: every step
+    allocates and frees hundreds of MB of activations, and returning them to the system costs ~100-170k page faults a
     step (60M), which moved rows by 10-15% from run to run. Applies to every row. False where the
     C library has no mallopt (not glibc)."""
     try:
@@ -145,7 +145,8 @@ def main(model: str = "60M", batch_size: int = 4, seq_len: int = 512, dtype: str
     n_params = sum(p.numel() for p in trainer.model.parameters())
     _, hf_step = build_hf(trainer.model, args, trainer, dtype, False, fused_adamw)
     rows = {"ours": lambda: trainer.train_step()["loss"], "transformers": hf_step}
-    extras = also_attention if isinstance(also_attention, (list, tuple)) else str(also_attention).split(",")  # fire: a tuple
+    # fire hands "a,b" over as a tuple
+    extras = also_attention if isinstance(also_attention, (list, tuple)) else str(also_attention).split(",")
     for extra in dict.fromkeys(a for a in extras if a):  # each backend once
         other = build_ours(model, batch_size, seq_len, dtype, compile, ac, tmp / extra, extra)
         rows[f"ours ({extra} attention)"] = lambda other=other: other.train_step()["loss"]
@@ -171,11 +172,13 @@ def main(model: str = "60M", batch_size: int = 4, seq_len: int = 512, dtype: str
 
     base = tokens / best["transformers"]
     result = {"model": model, "params": n_params, "batch": [batch_size, seq_len], "dtype": dtype,
-              "compile": compile, "ac": ac, "attention": trainer.attention, "kept_freed_memory": kept, "fused_adamw": fused_adamw,
+              "compile": compile, "ac": ac, "attention": trainer.attention, "kept_freed_memory": kept,
+              "fused_adamw": fused_adamw,
               "peak_tflops": peak / 1e12, "first_loss": first, "rows": {}}
     print(f"\n{model}: {n_params / 1e6:.1f}M parameters, batch {batch_size} x {seq_len} = {tokens} tokens, "
           f"{dtype} autocast over fp32 master weights, {torch.get_num_threads()} threads, freed memory kept: {kept}")
-    print(f"ours: compile={compile} (compiled blocks and loss) ac={ac}, attention {trainer.attention}, fused AdamW; transformers: fused AdamW={fused_adamw}; "
+    print(f"ours: compile={compile} (compiled blocks and loss) ac={ac}, attention {trainer.attention}, fused AdamW; "
+          f"transformers: fused AdamW={fused_adamw}; "
           f"FLOPs/token {flops_tok / 1e6:.1f}M; {dtype} matmul peak {peak / 1e9:.0f} GFLOP/s")
     print("first losses: " + ", ".join(f"{k} {v:.4f}" for k, v in first.items()))
     print("| row | step s | tokens/s | vs transformers | MFU |")

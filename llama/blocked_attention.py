@@ -89,7 +89,8 @@ def _backward_blocks(grad, q, k, v, probs, start, block, dq, dk, dv):
         p = probs[at:at + b * h * (i1 - i0) * n].view(b, h, i1 - i0, n)  # as the forward left it
         at += p.numel()
         dv[:, :, :n] += torch.matmul(p.transpose(-1, -2), g)
-        ds = torch._softmax_backward_data(torch.matmul(g, v[:, :, :n].transpose(-1, -2)), p, -1, p.dtype)  # (B, H, rows, n)
+        dp = torch.matmul(g, v[:, :, :n].transpose(-1, -2))  # (B, H, rows, n)
+        ds = torch._softmax_backward_data(dp, p, -1, p.dtype)  # through the softmax: the scores' gradient
         torch.matmul(ds, k[:, :, :n], out=dq[:, :, i0:i1])
         dk[:, :, :n] += torch.matmul(ds.transpose(-1, -2), q[:, :, i0:i1])
 
@@ -102,7 +103,7 @@ def _(grad, q, k, v, probs, start, block):
 def _setup_context(ctx, inputs, output):
     q, k, v, start, block = inputs
     ctx.save_for_backward(q, k, v, output[1])
-    ctx.mark_non_differentiable(output[1])  # no zero gradient made for it
+    ctx.mark_non_differentiable(output[1])  # the probabilities are kept, not learned through
     ctx.start, ctx.block = start, block
 
 

@@ -411,8 +411,8 @@ class Transformer(nn.Module):
     def set_attention_backend(self, backend: str) -> "Transformer":
         """Attention kernel of every block: "sdpa" (default), "math" (plain float32 reference),
         "blocked" (causal attention of several tokens as batched matmuls; on CPUs faster than sdpa
-        for training, about equal for a forward alone; llama/blocked_attention.py) or "xformers" (CUDA, the optional GPU extra; check with
-        llama.env.check_attention_device)."""
+        for training, about equal for a forward alone; llama/blocked_attention.py) or "xformers"
+        (CUDA, the optional GPU extra; check with llama.env.check_attention_device)."""
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
         for layer in self.layers:

@@ -12,8 +12,8 @@ Activation checkpointing (`apply_ac`): `full` keeps only each block's input and 
 whole block in backward; `selective` is the paper's recipe: the recomputation takes the expensive
 results - matmul outputs, the attention kernel's output (sdpa's or the blocked op's), and
 collectives under tensor parallel - from what the forward saved, and only runs the cheap
-elementwise work again. The blocks are not
-wrapped: each block's `forward` is replaced in place, so parameter names stay Meta's keys.
+elementwise work again. The blocks are not wrapped: each block's `forward` is replaced in place,
+so parameter names stay Meta's keys.
 """
 
 from __future__ import annotations
@@ -185,7 +185,8 @@ _SAVE_OPS = _ops(torch.ops.aten, [
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
     "_scaled_dot_product_fused_attention_overrideable",
 ])
-_SAVE_OPS |= _ops(torch.ops.llama, ["blocked_causal_attention"])  # llama/blocked_attention.py (registered by llama.model)
+# the blocked attention op (llama/blocked_attention.py, registered when llama.model is imported)
+_SAVE_OPS |= _ops(torch.ops.llama, ["blocked_causal_attention"])
 # Tensor parallel: recomputing a block must not repeat its collectives.
 _SAVE_OPS |= _ops(torch.ops._c10d_functional, ["all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor"])
 

@@ -222,6 +222,9 @@ def test_blocked_backend_trains_like_math(monkeypatch):
 def test_blocked_attention_bad_inputs_are_one_sentence(q, k, v, start, block, match):
     with pytest.raises(ValueError, match=match):
         blocked_causal_attention(torch.randn(q), torch.randn(k), torch.randn(v), start=start, block=block)
+
+
+def test_blocked_attention_wants_one_dtype():
     with pytest.raises(ValueError, match="one dtype"):
         blocked_causal_attention(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8).double())
 
@@ -248,7 +251,8 @@ def test_blocked_attention_under_autocast_and_changing_lengths():
 def test_blocked_attention_falls_back_to_sdpa_past_its_memory_cap(monkeypatch):
     calls = []
     sdpa = F.scaled_dot_product_attention
-    monkeypatch.setattr(blocked_attention.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(kw) or sdpa(*a, **kw))
+    monkeypatch.setattr(blocked_attention.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(kw) or sdpa(*a, **kw))
     q, k, v = torch.randn(3, 1, 2, 6, 8)
     blocked_causal_attention(q, k, v)
     assert calls == []

@@ -12,7 +12,8 @@ from llama.config import CONFIG_DIR, config_path, names, read_json_object
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "llama"
-CORE = {"llama.model", "llama.blocked_attention", "llama.tokenizer", "llama.bpe_tokenizer", "llama.config", "llama.env", "llama.chat"}
+CORE = {"llama.model", "llama.blocked_attention", "llama.tokenizer", "llama.bpe_tokenizer", "llama.config",
+        "llama.env", "llama.chat"}
 TRANSFORMS = {"llama.parallel", "llama.quantize", "llama.lora"}
 
 
@@ -47,9 +48,9 @@ def package_graph() -> dict[str, set[str]]:
 
 
 def test_core_imports_only_the_core():
-    """llama/model.py (and its attention kernel), tokenizer, config, env and chat import nothing from the package beyond the core;
-    transforms import only the core and other transforms (LoRA wraps int8 projections), formats only
-    the core and other formats."""
+    """llama/model.py (and its attention kernel), tokenizer, config, env and chat import nothing from
+    the package beyond the core; transforms import only the core and other transforms (LoRA wraps
+    int8 projections), formats only the core and other formats."""
     graph = package_graph()
     for mod in CORE:
         assert graph[mod] <= CORE, (mod, graph[mod] - CORE)
