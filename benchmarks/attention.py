@@ -35,7 +35,11 @@ def _best(fn, repeats: int) -> float:
 
 def main(shapes=("4,8,512,64", "4,12,512,64", "1,12,512,64", "1,8,1024,64"), dtype: str = "bf16", repeats: int = 8):
     dt = parse_dtype(dtype)
-    shapes = [shapes] if isinstance(shapes, str) else shapes
+    if isinstance(shapes, str) or all(isinstance(x, int) for x in shapes):  # one shape (fire: 1,2,3,4 is a tuple)
+        shapes = [shapes]
+    shapes = [tuple(int(x) for x in (s.split(",") if isinstance(s, str) else s)) for s in shapes]
+    if any(len(s) != 4 for s in shapes):
+        raise ValueError(f"each shape is B,H,T,D (four numbers), got {shapes}")
     a = torch.randn(2048, 2048, dtype=dt)
     peak = max(2 * 2048 ** 3 / _best(lambda: a @ a, 5) for _ in range(2))
     kernels = {"sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
@@ -45,7 +49,7 @@ def main(shapes=("4,8,512,64", "4,12,512,64", "1,12,512,64", "1,8,1024,64"), dty
           "| blocked fwd+bwd % of peak |")
     print("|---|---|---|---|---|---|---|---|")
     for shape in shapes:
-        b, h, t, d = (int(x) for x in (shape.split(",") if isinstance(shape, str) else shape))
+        b, h, t, d = shape
         x = [torch.randn(b, t, h, d, dtype=dt, requires_grad=True) for _ in range(3)]
         grad = torch.randn(b, h, t, d, dtype=dt)
 

@@ -93,6 +93,10 @@ def test_train_benchmark_rows_compute_the_same_step(tmp_path):
 
 def test_attention_benchmark_runs_both_kernels(capsys):
     """benchmarks/attention.py on one tiny shape: a table row with both kernels' times."""
-    runpy.run_path(str(ROOT / "benchmarks" / "attention.py"))["main"](shapes="1,2,16,8", dtype="fp32", repeats=1)
-    row = capsys.readouterr().out.strip().splitlines()[-1]
-    assert row.startswith("| 1, 2, 16, 8 |") and row.count("|") == 9, row
+    main = runpy.run_path(str(ROOT / "benchmarks" / "attention.py"))["main"]
+    for shapes in ("1,2,16,8", (1, 2, 16, 8), ["1,2,16,8"]):  # a string, and what fire makes of --shapes 1,2,16,8
+        main(shapes=shapes, dtype="fp32", repeats=1)
+        row = capsys.readouterr().out.strip().splitlines()[-1]
+        assert row.startswith("| 1, 2, 16, 8 |") and row.count("|") == 9, row
+    with pytest.raises(ValueError, match="B,H,T,D"):
+        main(shapes="1,2,16", repeats=1)
