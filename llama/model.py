@@ -184,17 +184,40 @@ def precompute_freqs_cis(head_dim: int, end: int, theta: float = 10000.0) -> tor
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Each pair (x[2j], x[2j+1]) of x (B, T, H, D) rotated by the angle of (cos, sin) (T, D/2), in
+    float32, back in x's dtype. Real arithmetic (compile-friendly)."""
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, H, D/2, 2)
+    cos, sin = cos.view(1, xs.size(1), 1, xs.size(3)), sin.view(1, xs.size(1), 1, xs.size(3))
+    re, im = xs[..., 0], xs[..., 1]
+    return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(3).type_as(x)
+
+
+class _Rotary(torch.autograd.Function):
+    """RoPE with its gradient written out: a rotation's gradient is the rotation by minus the angle.
+    autograd's own derivation of `_rotate` goes back through the stack and the strided pair selects,
+    which inductor compiles into a kernel 2.4x slower than the forward (a 60M training step: 20 of
+    its 29 ms of RoPE)."""
+
+    @staticmethod
+    def forward(ctx, x, freqs_cis):
+        cos, sin = freqs_cis[..., 0], freqs_cis[..., 1]
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, -sin), None
+
+
 def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     """Meta's interleaved RoPE: (x[2j], x[2j+1]) is one complex number, rotated by freqs_cis[:, j].
 
-    x: (B, T, H, D); freqs_cis: (T, D/2, 2). Real arithmetic (compile-friendly), in float32.
+    x: (B, T, H, D); freqs_cis: (T, D/2, 2) cos and sin. Computed in float32; no gradient flows to
+    freqs_cis (a fixed table).
     """
-    xs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, H, D/2, 2)
-    fc = freqs_cis.view(1, xs.size(1), 1, xs.size(3), 2)
-    cos, sin = fc[..., 0], fc[..., 1]
-    re, im = xs[..., 0], xs[..., 1]
-    out = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1)  # (B, T, H, D/2, 2)
-    return out.flatten(3).type_as(x)
+    return _Rotary.apply(x, freqs_cis)
 
 
 class KVCache:

@@ -55,6 +55,26 @@ def test_rope_matches_complex_multiplication():
     torch.testing.assert_close(apply_rotary_emb(x, freqs), expected)
 
 
+def test_rope_gradient_is_the_derived_one():
+    # _Rotary writes the backward by hand (rotation by minus the angle): it must equal what autograd
+    # derives from the plain formula (computed in float32 for both), eager and compiled, and in bf16
+    # to rounding
+    from llama.model import _rotate
+
+    torch.manual_seed(0)
+    freqs = precompute_freqs_cis(8, 16)[3:8]  # positions 3..7: angles other than 0
+    for dtype, compiled in ((torch.float64, False), (torch.float64, True), (torch.bfloat16, False)):
+        x = torch.randn(2, 5, 3, 8, dtype=dtype, requires_grad=True)
+        g = torch.randn(2, 5, 3, 8, dtype=dtype)
+        f = torch.compile(apply_rotary_emb, fullgraph=True) if compiled else apply_rotary_emb
+        (got,) = torch.autograd.grad(f(x, freqs), x, g)
+        xr = x.detach().double().requires_grad_()
+        (want,) = torch.autograd.grad(_rotate(xr, freqs[..., 0], freqs[..., 1]), xr, g.double())
+        tol = dict(rtol=0, atol=1e-6) if dtype == torch.float64 else dict(rtol=0.02, atol=0.02)
+        torch.testing.assert_close(got.double(), want, **tol)
+        assert got.dtype == dtype
+
+
 def test_causal_mask_with_offset():
     m = causal_mask(2, 3)
     inf = float("-inf")
