@@ -15,7 +15,10 @@ comes to what this machine allows, measured in the same run:
 - % of roofline: decode tok/s over min(memory ceiling, compute ceiling): memory-bound at batch 1,
   closer to compute-bound at batch 8.
 - prefill % of matmul peak: the prompt's FLOPs (2 x layer parameters x tokens + the output
-  projection of the last position + causal attention) per TTFT over the dtype's matmul peak.
+  projection of the last position + causal attention) per TTFT over the dtype's matmul peak;
+  and over the speed of the prefill's matmuls alone (`measure_prefill_matmuls`: the model's layer
+  weights times the prompt's rows, cold weights, nothing else), which is below that peak at short
+  prompts and so is what prefill could reach with everything around the matmuls free.
 
 The bandwidth and matmul speed of this shared machine move by 2x from minute to minute, so each run
 is compared with its own. Runs alternate between the implementations; the fastest of `repeats` is
@@ -58,6 +61,7 @@ from pathlib import Path
 import fire
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tokenizers import pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -121,6 +125,28 @@ def measure_matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 3) ->
         a @ b
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
+
+
+def measure_prefill_matmuls(model: Transformer, rows: int, repeats: int = 3) -> float:
+    """FLOP/s of a prefill's matrix products alone: every layer weight of `model` in its forward's
+    order, each times a (rows, in_features) input as F.linear does in the model's dtype; the best of
+    `repeats` passes. The weights are as cold as prefill finds them (they do not fit in the cache)
+    and nothing else runs (no attention, norms, RoPE or SiLU): a ceiling for prefill % of peak that
+    the square-matmul peak, with its hot n x n operands, is not."""
+    weights = [p for k, p in model.named_parameters() if k.startswith("layers.") and p.dim() == 2]
+    dtype = weights[0].dtype
+    inputs = {n: torch.randn(rows, n, dtype=dtype) for n in {w.size(1) for w in weights}}
+    flops = 2 * rows * sum(w.numel() for w in weights)
+    best = float("inf")
+    with torch.inference_mode():
+        for w in weights[:2]:  # warm up oneDNN's kernels for these shapes
+            F.linear(inputs[w.size(1)], w)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for w in weights:
+                F.linear(inputs[w.size(1)], w)
+            best = min(best, time.perf_counter() - t0)
+    return flops / best
 
 
 def decode_flops(args: ModelArgs, matmul_params: int, bsz: int, context: float) -> float:
@@ -199,6 +225,7 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
             results = _time_runs(runners, new_tokens, repeats, bw_samples)
             greedy[dt_name, bsz] = results["ours"]["tokens"]
             peaks[dt_name, bsz] = max(peak_before, measure_matmul_flops(dtype))
+            mm_alone = measure_prefill_matmuls(ours, bsz * prompt_len)
             # KV bytes read per step: keys and values of every layer, averaged over the decoded positions
             context = prompt_len + new_tokens / 2
             kv_bytes = 2 * args.n_layers * bsz * context * args.n_kv_heads * args.head_dim * dtype.itemsize
@@ -206,6 +233,7 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
             for name, r in results.items():
                 block.append(_row(name, dt_name, bsz, r, prompt_len, new_tokens, greedy[dt_name, bsz],
                                   mem_bytes=weight_bytes_step + kv_bytes, peak=peaks[dt_name, bsz],
+                                  mm_alone=mm_alone,
                                   step_flops=decode_flops(args, layer_params + output_params, bsz, context),
                                   prompt_flops=prefill_flops(args, layer_params, output_params, bsz, prompt_len)))
             _compare(block)
@@ -404,9 +432,11 @@ def _time_runs(runners: dict, new_tokens: int, repeats: int, bw_samples: list) -
     return results
 
 
-def _row(name, dt_name, bsz, r, prompt_len, new_tokens, reference, mem_bytes, peak, step_flops, prompt_flops) -> dict:
-    """One table row: speeds, both ceilings in decode tok/s, % of the roofline, prefill % of peak,
-    and the share of greedy tokens equal to `reference` (ours at this dtype and batch)."""
+def _row(name, dt_name, bsz, r, prompt_len, new_tokens, reference, mem_bytes, peak, step_flops, prompt_flops,
+         mm_alone: float = float("nan")) -> dict:
+    """One table row: speeds, both ceilings in decode tok/s, % of the roofline, prefill % of peak
+    and of `mm_alone` (`measure_prefill_matmuls`), and the share of greedy tokens equal to
+    `reference` (ours at this dtype and batch)."""
     decode_tps = bsz * (new_tokens - 1) / r["dec"]
     mem_tps = bsz * r["bw"] * 1e9 / mem_bytes
     compute_tps = bsz * peak / step_flops
@@ -414,7 +444,8 @@ def _row(name, dt_name, bsz, r, prompt_len, new_tokens, reference, mem_bytes, pe
     if reference is not None:
         agree = sum(x == y for ra, rb in zip(r["tokens"], reference) for x, y in zip(ra, rb)) / (new_tokens * bsz)
     return dict(impl=name, dtype=dt_name, batch=bsz, ttft_ms=r["ttft"] * 1e3, prefill_tps=bsz * prompt_len / r["ttft"],
-                prefill_pct=100 * prompt_flops / r["ttft"] / peak, decode_tps=decode_tps, bw=r["bw"], peak=peak,
+                prefill_pct=100 * prompt_flops / r["ttft"] / peak, mm_alone=mm_alone,
+                prefill_pct_mm=100 * prompt_flops / r["ttft"] / mm_alone, decode_tps=decode_tps, bw=r["bw"], peak=peak,
                 mem_tps=mem_tps, compute_tps=compute_tps, pct_roofline=100 * decode_tps / min(mem_tps, compute_tps),
                 agree=agree, vs_hf=float("nan"), vs_eager=float("nan"))
 
@@ -437,26 +468,35 @@ def _print_row(r):
     ratios = "".join(f"{r[k]:.2f}x {what}, " for k, what in (("vs_hf", "transformers"), ("vs_eager", "eager"))
                      if r[k] == r[k])  # nan: the block has no such row (int8)
     print(f"{r['impl']:>16} {r['dtype']:>5} b{r['batch']:<2} ttft {r['ttft_ms']:7.1f} ms  prefill {r['prefill_tps']:7.0f} "
-          f"tok/s ({r['prefill_pct']:.0f}% of matmul peak {r['peak'] / 1e9:.0f} GFLOP/s)  "
+          f"tok/s ({r['prefill_pct']:.0f}% of matmul peak {r['peak'] / 1e9:.0f} GFLOP/s"
+          + (f", {r['prefill_pct_mm']:.0f}% of its matmuls alone at {r['mm_alone'] / 1e9:.0f}" if r["mm_alone"] == r["mm_alone"] else "")
+          + ")  "
           f"decode {r['decode_tps']:6.1f} tok/s ({ratios}ceilings: memory {r['mem_tps']:.1f} at {r['bw']:.0f} GB/s, "
           f"compute {r['compute_tps']:.0f} tok/s; {r['pct_roofline']:.0f}% of roofline)  "
           f"greedy agreement {r['agree']:.2f}", flush=True)
 
 
+def _pct_of(pct: float, flops: float) -> str:
+    return "-" if pct != pct else f"{pct:.0f}% ({flops / 1e9:.0f})"
+
+
 def _table(rows, model, prompt_len, new_tokens, bw, used) -> str:
-    lines = ["| impl | dtype | batch | TTFT (ms) | prefill tok/s | prefill % of matmul peak | decode tok/s | "
+    lines = ["| impl | dtype | batch | TTFT (ms) | prefill tok/s | prefill % of matmul peak | "
+             "prefill % of its matmuls alone (GFLOP/s) | decode tok/s | "
              "decode vs transformers | memory ceiling tok/s (GB/s then) | compute ceiling tok/s (GFLOP/s then) | "
              "% of roofline | greedy agreement |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         vs_hf = "-" if r["vs_hf"] != r["vs_hf"] else f"{r['vs_hf']:.2f}x"
         lines.append(f"| {r['impl']} | {r['dtype']} | {r['batch']} | {r['ttft_ms']:.0f} | {r['prefill_tps']:.0f} | "
-                     f"{r['prefill_pct']:.0f}% | {r['decode_tps']:.1f} | {vs_hf} | {r['mem_tps']:.1f} ({r['bw']:.1f}) | "
+                     f"{r['prefill_pct']:.0f}% | {_pct_of(r['prefill_pct_mm'], r['mm_alone'])} | {r['decode_tps']:.1f} | {vs_hf} | {r['mem_tps']:.1f} ({r['bw']:.1f}) | "
                      f"{r['compute_tps']:.0f} ({r['peak'] / 1e9:.0f}) | {r['pct_roofline']:.0f}% | {r['agree']:.2f} |")
     lines.append(f"\n{model}, prompt {prompt_len} tokens, {new_tokens} new tokens (greedy); bandwidth over the run "
                  f"{bw[0]:.0f}-{bw[2]:.0f} GB/s (median {bw[1]:.0f}), read as the fused kernel reads; memory ceiling = "
                  f"bandwidth around that row's fastest run / (weights except the embedding + KV read per step); compute "
                  f"ceiling = the dtype's (2048)^3 matmul speed in that block / FLOPs per step; roofline = the lower. "
+                 f"Prefill's matmuls alone: the model's layer weights times the prompt's rows, nothing else, "
+                 f"the weights cold as prefill finds them. "
                  f"Greedy agreement: share of new tokens equal to ours' (bf16 for int8/Q8_0). \"ours\" decoded with: "
                  + ", ".join(f"{d} batch {b}: {name}" for (d, b), name in used.items()) + ".")
     return "\n".join(lines)

@@ -57,6 +57,39 @@ def test_flop_counts_match_torch_flop_counter(bench):
     assert prefill_att > 0 and decode_att > 0
 
 
+def test_prefill_matmuls_alone_are_the_forwards_layer_matmuls(bench):
+    """measure_prefill_matmuls times the FLOPs of the layers' matmuls in a prefill of `rows` tokens
+    (FlopCounterMode over the forward, less the output projection), and the table prints its column."""
+    torch.manual_seed(0)
+    args = tiny_args(n_kv_heads=2)
+    model = Transformer(args).eval()
+    B, T = 2, 12
+    cache = model.new_cache(B, 32, device="cpu", dtype=torch.float32)
+    forward = _counted(lambda: model(torch.randint(0, args.vocab_size, (B, T)), 0, cache, last_only=True))
+    layers = forward - 2 * B * model.output.weight.numel()
+
+    class Clock:  # every pass over the weights takes exactly one second
+        now = 0.0
+
+        def perf_counter(self):
+            self.now += 1.0
+            return self.now
+
+    fn = bench["measure_prefill_matmuls"]
+    real = fn.__globals__["time"]
+    fn.__globals__["time"] = Clock()
+    try:
+        assert fn(model, B * T, repeats=2) == layers
+    finally:
+        fn.__globals__["time"] = real
+    r = dict(ttft=0.01, dec=0.1, bw=10.0, tokens=[[1] * 4] * B)
+    row = bench["_row"]("ours", "fp32", B, r, T, 4, None, mem_bytes=1e6, peak=1e11, step_flops=1e6,
+                        prompt_flops=5e8, mm_alone=2e11)
+    assert row["prefill_pct"] == pytest.approx(50) and row["prefill_pct_mm"] == pytest.approx(25)
+    table = bench["_table"]([row], "tiny", T, 4, (1, 2, 3), {})
+    assert "prefill % of its matmuls alone" in table and "| 25% (200) |" in table
+
+
 def test_llama_cpp_runner_decodes_our_greedy_tokens(bench, tmp_path):
     """The llama.cpp rows time what they should: on the same weights (f32 GGUF written by the
     benchmark, its made-up vocabulary), llama.cpp's greedy tokens equal ours, one stamp per token."""
