@@ -217,7 +217,9 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     x: (B, T, H, D); freqs_cis: (T, D/2, 2) cos and sin. Computed in float32; no gradient flows to
     freqs_cis (a fixed table).
     """
-    return _Rotary.apply(x, freqs_cis)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Rotary.apply(x, freqs_cis)
+    return _rotate(x, freqs_cis[..., 0], freqs_cis[..., 1])  # inference: no autograd.Function to enter
 
 
 class KVCache:
