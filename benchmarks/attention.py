@@ -5,7 +5,8 @@ attention and our `sdpa` backend call), forward + backward and forward only, one
     python benchmarks/attention.py      # training shapes of 60M and 160M, bf16
     python benchmarks/attention.py --shapes 1,12,512,64 --dtype fp32
 
-Inputs come as the model makes them: (B, T, H, D) projections seen as (B, H, T, D). Each cell is
+Inputs come as the model makes them: (B, T, H, D) projections seen as (B, H, T, D). The script
+refuses to time kernels whose outputs differ beyond the dtype's rounding. Each cell is
 the best of `repeats` calls, the two taken in turns; % of peak counts the causal half of the score
 matrix (4 B H T^2 D / 2 FLOPs forward, 2.5x that backward) over a (2048, 2048) matmul of the dtype
 timed in the same run.
@@ -60,6 +61,11 @@ def main(shapes=("4,8,512,64", "4,12,512,64", "1,12,512,64", "1,8,1024,64"), dty
             with torch.no_grad():
                 kernel(*(y.transpose(1, 2) for y in x))
 
+        with torch.no_grad():  # both kernels compute the same attention, or nothing is reported
+            outs = [kernel(*(y.transpose(1, 2) for y in x)).double() for kernel in kernels.values()]
+        err = (outs[0] - outs[1]).abs().max().item()
+        if err > (1e-4 if dt == torch.float32 else 5e-2):
+            raise RuntimeError(f"blocked and sdpa attention differ by {err:.3g} at shape {shape}: not comparing their times")
         ms = {}
         for _ in range(2):  # in turns
             for name, kernel in kernels.items():

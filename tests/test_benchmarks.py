@@ -133,3 +133,10 @@ def test_attention_benchmark_runs_both_kernels(capsys):
         assert row.startswith("| 1, 2, 16, 8 |") and row.count("|") == 9, row
     with pytest.raises(ValueError, match="B,H,T,D"):
         main(shapes="1,2,16", repeats=1)
+    real = main.__globals__["blocked_causal_attention"]  # a kernel that is off: no times reported
+    main.__globals__["blocked_causal_attention"] = lambda q, k, v: real(q, k, v) * 1.01
+    try:
+        with pytest.raises(RuntimeError, match="differ"):
+            main(shapes="1,2,16,8", dtype="fp32", repeats=1)
+    finally:
+        main.__globals__["blocked_causal_attention"] = real
