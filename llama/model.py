@@ -468,13 +468,16 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=stds[init])
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
-                last_only: bool = False, *, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+                last_only: bool = False, *, input_pos: torch.Tensor | None = None, hidden: bool = False) -> torch.Tensor:
         """(B, T) ids at positions start_pos.. -> (B, T, vocab) logits; (B, 1, vocab) with `last_only`
         (prefill for sampling: skips T-1 rows of the largest matmul).
 
         `input_pos`, a (T,) tensor, gives the positions instead of `start_pos` (with a cache): then
         every shape is fixed whatever the position, and `torch.compile` of this forward is a static
         decoding step (see `KVCache.update`).
+
+        `hidden`: the final normed hidden states (B, T, dim) instead of the logits, for a loss that
+        applies `output` itself (`llama.train.recipe.linear_cross_entropy`).
         """
         bsz, seqlen = tokens.shape
         if input_pos is not None:
@@ -491,7 +494,8 @@ class Transformer(nn.Module):
             h = layer(h, freqs_cis, pos, cache)
         if last_only:
             h = h[:, -1:]  # (B, 1, dim)
-        return self.output(self.norm(h))  # (B, T or 1, vocab)
+        h = self.norm(h)
+        return h if hidden else self.output(h)  # (B, T or 1, vocab)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

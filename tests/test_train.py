@@ -20,7 +20,7 @@ from llama.model import ModelArgs, Transformer
 from llama.train import (CheckpointManager, TrainConfig, Trainer, export_checkpoint, flops_per_token, lr_at,
                          param_groups, read_checkpoint_meta)
 from llama.train.metrics import truncate_metrics
-from llama.train.recipe import cross_entropy
+from llama.train.recipe import cross_entropy, linear_cross_entropy
 from tests.conftest import torchrun
 from tests.helpers import make_pattern_loader
 
@@ -326,6 +326,52 @@ def test_cross_entropy_matches_naive():
     onehot = F.one_hot(targets.flatten(), 64).double()
     grad = ((logp.exp() - onehot) / 16).view(2, 8, 64)
     torch.testing.assert_close(logits.grad.double(), grad, rtol=0.02, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,compile,reduction", [(torch.float32, False, "mean"), (torch.bfloat16, False, "sum"),
+                                                     (torch.bfloat16, True, "sum"), (torch.float32, True, "mean")])
+def test_linear_cross_entropy_matches_the_loss_by_hand(dtype, compile, reduction):
+    """The training loss that applies the output projection itself and writes the logits' gradient over
+    them in the forward (linear_cross_entropy) = log-softmax of h @ W.T by hand in float64: the loss,
+    and the gradients of h and W for a backward scaled by 0.37, with ignored targets (-100). bf16 runs
+    under autocast, as the trainer does; a frozen W (a LoRA run) gets no gradient."""
+    torch.manual_seed(0)
+    h = torch.randn(2, 9, 16, requires_grad=True)
+    w = (torch.randn(50, 16) * 0.5).requires_grad_()
+    targets = torch.randint(0, 50, (2, 9))
+    targets[0, :3] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        loss = linear_cross_entropy(h, w, targets, reduction, compile=compile)
+    (loss * 0.37).backward()
+
+    hd, wd = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    if dtype == torch.bfloat16:  # the logits come from bf16 operands, as under autocast
+        hd, wd = (t.detach().to(dtype).double().requires_grad_() for t in (h, w))
+    logits = hd.flatten(0, 1) @ wd.t()
+    logp = logits - logits.logsumexp(-1, keepdim=True)
+    keep = targets.flatten() != -100
+    want = -logp[keep].gather(-1, targets.flatten()[keep][:, None]).sum()
+    if reduction == "mean":
+        want = want / keep.sum()
+    (want * 0.37).backward()
+    assert loss.dtype == torch.float32
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    # bf16: the logits are rounded to bf16 as autocast's F.linear rounds them (~1e-4 of the loss), the
+    # same logits as the unfused loss's
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5 if dtype == torch.float32 else 1e-3, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        unfused = cross_entropy(F.linear(h, w), targets, reduction)
+    torch.testing.assert_close(loss, unfused, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.grad.double(), hd.grad, **tol)
+    torch.testing.assert_close(w.grad.double(), wd.grad, **tol)
+    assert w.grad.dtype == w.dtype and h.grad.dtype == h.dtype
+
+    frozen = w.detach()
+    h.grad = None
+    linear_cross_entropy(h, frozen, targets, reduction, compile=compile).backward()
+    assert frozen.grad is None and h.grad is not None
+    with pytest.raises(ValueError, match="reduction"):
+        linear_cross_entropy(h, w, targets, "none")
 
 
 def reference_steps(cfg: TrainConfig, model: Transformer, loader, n: int) -> list[dict]:

@@ -6,7 +6,8 @@ weight matrix - the projections, `output` and the `tok_embeddings` table - and n
 weights (the only 1-D parameters; there are no biases); linear warmup over `warmup_steps` then cosine
 decay to `min_lr_ratio` (10%) of the peak at `steps`; gradients clipped to a global norm of 1.0.
 The loss is the mean next-token cross-entropy in fp32; compiled, the fp32 copy of the logits is
-never materialised. AdamW runs its fused kernel where it can (one CPU process, CUDA).
+never materialised. In training on one process the loss applies the output projection itself and
+writes the logits' gradient over them (`linear_cross_entropy`). AdamW runs its fused kernel where it can (one CPU process, CUDA).
 """
 
 from __future__ import annotations
@@ -84,6 +85,77 @@ def compiled_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reductio
     if _compiled_cross_entropy is None:
         _compiled_cross_entropy = torch.compile(cross_entropy)
     return _compiled_cross_entropy(logits, targets, reduction)
+
+
+def _softmax_pass(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """In place, each row of logits (N, V) -> exp(row - its max); returns (the summed loss of the rows
+    whose target is not -100, (N, 1) fp32: 1 / the row's sum of exponentials, 0 where there is no target)."""
+    x = logits.float()  # logits itself when they are fp32: read all of it before the copy_
+    valid = (targets != -100)[:, None]
+    picked = x.gather(1, torch.where(valid, targets[:, None], 0))
+    m = x.amax(-1, keepdim=True)
+    e = torch.exp(x - m)
+    s = e.sum(-1, keepdim=True)
+    logits.copy_(e)
+    loss = torch.where(valid, m + torch.log(s) - picked, 0.0).sum()
+    return loss, torch.where(valid, 1.0 / s, 0.0)
+
+
+def _gradient_pass(e: torch.Tensor, inv: torch.Tensor, targets: torch.Tensor) -> None:
+    """In place, exp(logits - max) (N, V) -> softmax - one_hot(targets): the gradient of the summed loss
+    with respect to the logits (rows without a target: 0)."""
+    onehot = torch.arange(e.size(1), device=e.device)[None, :] == targets[:, None]
+    e.copy_(e.float() * inv - torch.where(inv > 0, onehot, False).float())
+
+
+_compiled_passes = None
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of the logits h @ w.T (in h's dtype), whose gradient is computed in the forward,
+    into the logits' own memory: no second (N, V) tensor, no pass over the logits in the backward."""
+
+    @staticmethod
+    def forward(ctx, h, w, targets, compile: bool):
+        global _compiled_passes
+        passes = (_softmax_pass, _gradient_pass)
+        if compile:
+            if _compiled_passes is None:
+                _compiled_passes = tuple(torch.compile(f) for f in passes)
+            passes = _compiled_passes
+        ctx.w_dtype = w.dtype
+        w = w.to(h.dtype)
+        logits = h @ w.t()  # (N, V)
+        loss, inv = passes[0](logits, targets)
+        passes[1](logits, inv, targets)
+        ctx.save_for_backward(h, w, logits)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, w, g = ctx.saved_tensors  # g: the logits' gradient for a loss gradient of 1
+        dh = (g @ w).mul_(grad.to(h.dtype)) if ctx.needs_input_grad[0] else None
+        dw = (g.t() @ h).to(ctx.w_dtype).mul_(grad) if ctx.needs_input_grad[1] else None
+        return dh, dw, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
+                         compile: bool = False) -> torch.Tensor:
+    """`cross_entropy(F.linear(h, weight), targets, reduction)` in fp32 for training: h (B, T, dim) the
+    final hidden states, weight (vocab, dim) the output projection. The logits are computed in the
+    autocast dtype (or h's), and their gradient - softmax minus the target's one-hot - is written over
+    them in the forward, where the loss already reads them: one (B T, vocab) tensor instead of two
+    (the logits and, in the backward, their gradient), and ~1.5x faster than the compiled
+    `cross_entropy`'s forward and backward (60M, 4 x 512, bf16). compile: the two passes through
+    torch.compile (one fused kernel each)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+    with torch.autocast(h.device.type, enabled=False):
+        loss = _LinearCrossEntropy.apply(h.flatten(0, 1).to(dtype), weight, targets.flatten(), compile)
+    if reduction == "mean":
+        loss = loss / (targets != -100).sum().clamp(min=1)
+    return loss
 
 
 def adamw_kwargs(device: torch.device | str, distributed: bool = False) -> dict:

@@ -54,7 +54,7 @@ from llama.train.checkpoint import CheckpointManager, model_diff, read_checkpoin
 from llama.train.config import TrainConfig
 from llama.train.metrics import Metrics
 from llama.train.recipe import (build_optimizer, clip_grad_norm, compiled_cross_entropy, cross_entropy,
-                                flops_per_token, lr_at, measure_peak_flops, set_lr)
+                                flops_per_token, linear_cross_entropy, lr_at, measure_peak_flops, set_lr)
 
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 BUDGET_PROBE_STEPS = 4  # steps timed before a time budget sizes the schedule (the first compiles)
@@ -169,6 +169,9 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.model = self._build_model()
+        # one process and a plain output projection (not sharded by TP/FSDP, no adapter): the loss applies
+        # it itself and computes the logits' gradient in the forward (`linear_cross_entropy`)
+        self._fused_loss = self.mesh is None and type(self.model.output) is torch.nn.Linear
         self.optimizer = build_optimizer(self.model, cfg, self.device, distributed=self.mesh is not None)
         self.step, self.tokens_seen = 0, 0
         self.flops_per_token = flops_per_token(args, cfg.seq_len)
@@ -251,6 +254,9 @@ class Trainer:
         autocast = (torch.autocast(self.device.type, dtype=self.compute_dtype)
                     if self.mesh is None and self.compute_dtype != torch.float32 else contextlib.nullcontext())
         with autocast:
+            if self._fused_loss and torch.is_grad_enabled():  # training: the logits' gradient computed with the loss
+                h = self.model(inputs, hidden=True)  # (B, T, dim)
+                return linear_cross_entropy(h, self.model.output.weight, targets, reduction, compile=self.cfg.compile)
             logits = self.model(inputs)  # (B, T, vocab)
         return (compiled_cross_entropy if self.cfg.compile else cross_entropy)(logits, targets, reduction)
 
