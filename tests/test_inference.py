@@ -805,6 +805,33 @@ def test_kernel_builds_for_each_instruction_set_this_cpu_runs():
                 assert "vdpbf16ps" in asm
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_training_loss_pass_of_each_build(variant, dtype):
+    """The training loss's pass (softmax_gradient: logits -> softmax - one_hot(target) in place, the
+    summed cross-entropy returned) on each build against float64: 97 columns (no whole number of
+    vector blocks), a row without a target (-100) becomes 0, a target outside the vocabulary is refused
+    with a sentence naming it."""
+    kernel = _kernel_or_skip(variant)
+    torch.manual_seed(0)
+    logits = (torch.randn(5, 97) * 4).to(dtype)
+    targets = torch.tensor([3, -100, 96, 0, 50])
+    x = logits.double()
+    logp = x - x.logsumexp(-1, keepdim=True)
+    keep = targets != -100
+    want_loss = -logp[keep].gather(1, targets[keep][:, None]).sum()
+    want = logp.exp() - torch.nn.functional.one_hot(targets.clamp(min=0), 97).double()
+    want[~keep] = 0
+    got = logits.clone()
+    loss = kernel.softmax_gradient(got, targets)
+    assert loss == pytest.approx(want_loss.item(), rel=1e-6)
+    tol = dict(rtol=0, atol=2e-3) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got.double(), want, **tol)
+    assert (got[1] == 0).all()
+    with pytest.raises(RuntimeError, match="target 97 of row 0 is outside 0..96"):
+        kernel.softmax_gradient(logits.clone(), torch.tensor([97, 0, 0, 0, 0]))
+
+
 def test_read_bandwidth_reads_the_whole_buffer_and_times_itself():
     """The benchmarks' memory probe, on each build this CPU runs: the sum it returns equals the sum
     in double precision (small integers: exact in its fp32 lanes, so every element was read once, the

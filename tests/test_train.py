@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import llama.train.checkpoint as train_checkpoint
+import llama.train.recipe as recipe
 import llama.train.trainer as trainer_module
 from llama.data import prepare_data
 from llama.eval import evaluate_tasks
@@ -328,13 +329,20 @@ def test_cross_entropy_matches_naive():
     torch.testing.assert_close(logits.grad.double(), grad, rtol=0.02, atol=1e-4)
 
 
-@pytest.mark.parametrize("dtype,compile,reduction", [(torch.float32, False, "mean"), (torch.bfloat16, False, "sum"),
-                                                     (torch.bfloat16, True, "sum"), (torch.float32, True, "mean")])
-def test_linear_cross_entropy_matches_the_loss_by_hand(dtype, compile, reduction):
+@pytest.mark.parametrize("dtype,impl,reduction", [
+    (torch.float32, "kernel", "mean"), (torch.bfloat16, "kernel", "sum"), (torch.bfloat16, "torch", "sum"),
+    (torch.bfloat16, "compiled", "mean"), (torch.float32, "compiled", "sum")])
+def test_linear_cross_entropy_matches_the_loss_by_hand(dtype, impl, reduction, monkeypatch):
     """The training loss that applies the output projection itself and writes the logits' gradient over
     them in the forward (linear_cross_entropy) = log-softmax of h @ W.T by hand in float64: the loss,
     and the gradients of h and W for a backward scaled by 0.37, with ignored targets (-100). bf16 runs
-    under autocast, as the trainer does; a frozen W (a LoRA run) gets no gradient."""
+    under autocast, as the trainer does; a frozen W (a LoRA run) gets no gradient. impl: the C++ pass
+    over the logits (CPU), or the torch passes that run without it (eager or compiled)."""
+    if impl == "kernel" and recipe._cpu_kernel() is None:
+        pytest.skip("no fused CPU kernel builds here (no compiler, or a CPU none of its builds runs on)")
+    if impl != "kernel":
+        monkeypatch.setattr(recipe, "_cpu_kernel", lambda: None)
+    compile = impl == "compiled"
     torch.manual_seed(0)
     h = torch.randn(2, 9, 16, requires_grad=True)
     w = (torch.randn(50, 16) * 0.5).requires_grad_()

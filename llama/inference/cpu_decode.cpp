@@ -5,13 +5,15 @@
 //   -DLLAMA_ISA_AVX512BF16 (-mavx512f -mavx512bw -mavx512bf16): 16 fp32 lanes, native bf16 dots
 //   -DLLAMA_ISA_AVX2 (-mavx2 -mfma): 8 lanes; bf16 widened to fp32 in registers, fp32 FMAs
 //   -DLLAMA_ISA_NEON (aarch64): 4 lanes; bf16 as for AVX2
-// Everything below the `V` structs is written once against them.
+// Everything below the `V` structs is written once against them. The build also holds the training
+// loss's pass over the logits (softmax_gradient) and the benchmarks' bandwidth probe (read_bandwidth).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+#include <limits>
 #include <vector>
 
 // [primitives begin] (to the matching end: no torch, so tests/test_inference.py compiles this part
@@ -599,6 +601,70 @@ torch::Tensor decode_step(torch::Tensor h, std::vector<torch::Tensor> layers, to
   return step<float, float>(h, layers, norm_w, out_w, scales, cache_k, cache_v, pos, freqs, eps, n_heads);
 }
 
+// The training loss's forward and the logits' gradient in one pass over the logits (llama/train/recipe.py's
+// linear_cross_entropy): each row x of logits (R, Vn), bf16 or fp32, becomes softmax(x) - one_hot(target)
+// in place (computed in fp32, rounded once), and the summed cross-entropy (max + log sum exp - x[target])
+// of the rows is returned; a row with target -100 becomes 0 and adds nothing. Per row: a max pass, an
+// exp-and-sum pass into a thread's fp32 row buffer (from L2), a scaling pass that writes the row back.
+template <typename T>
+static double softmax_gradient_rows(T* x, const int64_t* targets, int64_t R, int64_t Vn) {
+  std::vector<double> part(at::get_num_threads(), 0.0);
+  const int64_t VB = Vn / N * N;
+  at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+    static thread_local std::vector<float> e;
+    e.resize(Vn);
+    double loss = 0.0;
+    for (int64_t row = r0; row < r1; ++row) {
+      T* xr = x + row * Vn;
+      const int64_t t = targets[row];
+      if (t == -100) {
+        std::fill(xr, xr + Vn, E<T>::from(0.f));
+        continue;
+      }
+      F mv = V::set1(-std::numeric_limits<float>::infinity());
+      for (int64_t k = 0; k < VB; k += N) mv = V::max(mv, E<T>::load(xr + k));
+      alignas(64) float lanes[N];
+      V::store(lanes, mv);
+      float m = -std::numeric_limits<float>::infinity();
+      for (int i = 0; i < N; ++i) m = std::max(m, lanes[i]);
+      for (int64_t k = VB; k < Vn; ++k) m = std::max(m, E<T>::to(xr[k]));
+      const F mb = V::set1(m);
+      F sv = V::zero();
+      for (int64_t k = 0; k < VB; k += N) {
+        const F v = vexp(V::sub(E<T>::load(xr + k), mb));
+        V::store(e.data() + k, v);
+        sv = V::add(sv, v);
+      }
+      double s = V::sum(sv);
+      for (int64_t k = VB; k < Vn; ++k) s += (e[k] = std::exp(E<T>::to(xr[k]) - m));
+      loss += m + std::log(s) - E<T>::to(xr[t]);
+      const float inv = (float)(1.0 / s);
+      const F ib = V::set1(inv);
+      for (int64_t k = 0; k < VB; k += N) E<T>::store(xr + k, V::mul(V::load(e.data() + k), ib));
+      for (int64_t k = VB; k < Vn; ++k) xr[k] = E<T>::from(e[k] * inv);
+      xr[t] = E<T>::from(e[t] * inv - 1.f);
+    }
+    part[at::get_thread_num()] += loss;
+  });
+  double total = 0.0;
+  for (double v : part) total += v;
+  return total;
+}
+
+double softmax_gradient(torch::Tensor logits, torch::Tensor targets) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && (logits.scalar_type() == at::kBFloat16 ||
+              logits.scalar_type() == at::kFloat), "logits: contiguous (rows, vocab), bf16 or fp32");
+  TORCH_CHECK(targets.dim() == 1 && targets.is_contiguous() && targets.scalar_type() == at::kLong &&
+              targets.size(0) == logits.size(0), "targets: contiguous int64 (rows,)");
+  const int64_t R = logits.size(0), Vn = logits.size(1);
+  const int64_t* t = targets.data_ptr<int64_t>();
+  for (int64_t i = 0; i < R; ++i)
+    TORCH_CHECK(t[i] == -100 || (t[i] >= 0 && t[i] < Vn), "target ", t[i], " of row ", i, " is outside 0..", Vn - 1);
+  if (logits.scalar_type() == at::kBFloat16)
+    return softmax_gradient_rows<bf16>(reinterpret_cast<bf16*>(logits.data_ptr<at::BFloat16>()), t, R, Vn);
+  return softmax_gradient_rows<float>(logits.data_ptr<float>(), t, R, Vn);
+}
+
 #include <chrono>
 
 // Read bandwidth as the decoding step reads its weights, for the benchmarks' memory ceiling: this
@@ -639,6 +705,7 @@ std::tuple<double, double> read_bandwidth(torch::Tensor buf) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_step", &decode_step, "one fused decoding step of a LLaMA model (bf16 or fp32)");
+  m.def("softmax_gradient", &softmax_gradient, "in place, logits -> softmax - one_hot(targets); returns the summed loss");
   m.def("read_bandwidth", &read_bandwidth, "(bytes/s, sum) of one read of an fp32 buffer, as decode_step reads");
   m.attr("ISA") = V::ISA;  // the instruction set this build was compiled for
 }

@@ -12,6 +12,9 @@ matrix-vector product streaming contiguous memory; the parameters become views o
 (same keys, same values, no extra memory): the packing is a transform of the built model. Prefill
 (many positions at once) runs the model's own forward.
 
+The same build holds the training loss's pass over the logits (`softmax_gradient`, used by
+llama.train.recipe.linear_cross_entropy) and the bandwidth probe of the benchmarks.
+
 The one source builds as one extension per instruction set (`VARIANTS`): AVX512-BF16 (native bf16
 dot products), AVX2 + FMA (x86 without AVX-512: bf16 widened to fp32 in registers, still half the
 bytes of fp32 weights to read) and NEON (aarch64, likewise). The fastest one this CPU runs is used;
@@ -71,7 +74,10 @@ def cpu_kernel_variants() -> list[str]:
 _modules: dict = {}  # variant -> built module, or False where its build failed
 
 
-def _build(variant: str, then: str = "decoding runs eagerly"):
+WITHOUT = "decoding runs eagerly and the training loss in torch"  # what happens where no variant builds
+
+
+def _build(variant: str, then: str = WITHOUT):
     if variant not in _modules:
         _modules[variant] = False
         name = f"llama_cpu_decode_{variant}_{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]}"
@@ -80,7 +86,7 @@ def _build(variant: str, then: str = "decoding runs eagerly"):
 
             built = Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
             if not built.is_file():  # say why the first generation waits (torch's build cache is per version)
-                print(f"building the fused CPU decoding kernel ({variant}; first use only, ~30 s)...", file=sys.stderr,
+                print(f"building the fused CPU kernels (decoding step, training loss; {variant}; first use only, ~30 s)...", file=sys.stderr,
                       flush=True)
             flags = ["-O3", "-fopenmp", f"-DLLAMA_ISA_{variant.upper()}", *VARIANTS[variant][1]]
             _modules[variant] = load(name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"])
@@ -105,7 +111,7 @@ def decode_kernel(variant: Optional[str] = None):
                              f"kernel; it runs {runnable or 'none of them (decoder=eager)'}")
         return _build(variant)
     for i, v in enumerate(runnable):
-        module = _build(v, f"trying the {runnable[i + 1]} kernel" if i + 1 < len(runnable) else "decoding runs eagerly")
+        module = _build(v, f"trying the {runnable[i + 1]} kernel" if i + 1 < len(runnable) else WITHOUT)
         if module is not None:
             return module
     return None
