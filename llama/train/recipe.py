@@ -151,8 +151,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         h, w, g = ctx.saved_tensors  # g: the logits' gradient for a loss gradient of 1
-        dh = (g @ w).mul_(grad.to(h.dtype)) if ctx.needs_input_grad[0] else None
-        dw = (g.t() @ h).to(ctx.w_dtype).mul_(grad) if ctx.needs_input_grad[1] else None
+        scale = grad.to(h.dtype)  # applied to the (N, dim) operand and result, not to the (vocab, dim) ones
+        dh = (g @ w).mul_(scale) if ctx.needs_input_grad[0] else None
+        dw = (g.t() @ (h * scale)).to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
         return dh, dw, None, None
 
 
