@@ -468,7 +468,8 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=stds[init])
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
-                last_only: bool = False, *, input_pos: torch.Tensor | None = None, hidden: bool = False) -> torch.Tensor:
+                last_only: bool = False, *, input_pos: torch.Tensor | None = None,
+                hidden: bool = False) -> torch.Tensor:
         """(B, T) ids at positions start_pos.. -> (B, T, vocab) logits; (B, 1, vocab) with `last_only`
         (prefill for sampling: skips T-1 rows of the largest matmul).
 

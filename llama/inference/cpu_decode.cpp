@@ -705,7 +705,7 @@ std::tuple<double, double> read_bandwidth(torch::Tensor buf) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_step", &decode_step, "one fused decoding step of a LLaMA model (bf16 or fp32)");
-  m.def("softmax_gradient", &softmax_gradient, "in place, logits -> softmax - one_hot(targets); returns the summed loss");
+  m.def("softmax_gradient", &softmax_gradient, "logits -> softmax - one_hot(targets) in place; the summed loss");
   m.def("read_bandwidth", &read_bandwidth, "(bytes/s, sum) of one read of an fp32 buffer, as decode_step reads");
   m.attr("ISA") = V::ISA;  // the instruction set this build was compiled for
 }

@@ -86,8 +86,8 @@ def _build(variant: str, then: str = WITHOUT):
 
             built = Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
             if not built.is_file():  # say why the first generation waits (torch's build cache is per version)
-                print(f"building the fused CPU kernels (decoding step, training loss; {variant}; first use only, ~30 s)...", file=sys.stderr,
-                      flush=True)
+                print(f"building the fused CPU kernels (decoding step, training loss; {variant}; first use only, "
+                      "~30 s)...", file=sys.stderr, flush=True)
             flags = ["-O3", "-fopenmp", f"-DLLAMA_ISA_{variant.upper()}", *VARIANTS[variant][1]]
             _modules[variant] = load(name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"])
         except Exception as e:  # no compiler, old toolchain...: the next variant, or the eager model decodes

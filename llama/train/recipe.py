@@ -7,7 +7,8 @@ weights (the only 1-D parameters; there are no biases); linear warmup over `warm
 decay to `min_lr_ratio` (10%) of the peak at `steps`; gradients clipped to a global norm of 1.0.
 The loss is the mean next-token cross-entropy in fp32; compiled, the fp32 copy of the logits is
 never materialised. In training on one process the loss applies the output projection itself and
-writes the logits' gradient over them (`linear_cross_entropy`). AdamW runs its fused kernel where it can (one CPU process, CUDA).
+writes the logits' gradient over them (`linear_cross_entropy`). AdamW runs its fused kernel where it
+can (one CPU process, CUDA).
 """
 
 from __future__ import annotations
