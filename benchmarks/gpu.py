@@ -9,8 +9,9 @@ Sections, in order (each in its own try/except: an error is recorded and the nex
   attention    llama.model.attention's backends (sdpa, xformers) against its naive "math" backend:
                forward and backward, bf16 and fp16, MHA and GQA, prefill, a chunk at start_pos > 0
                over a KV cache, and one decoding token; max abs and relative differences
-  training     FSDP2 over a 1-rank process group (nccl, else gloo: both checked against the unsharded
-               model first), then the 1B preset and four layers of the 7B preset's shapes in bf16
+  training     the trainer's one-process loss (linear_cross_entropy) against the unfused one: loss,
+               gradients and time; FSDP2 over a 1-rank process group (nccl, else gloo: both checked
+               against the unsharded model first), then the 1B preset and four layers of the 7B preset's shapes in bf16
                with torch.compile'd blocks, selective activation checkpointing and fused AdamW:
                tokens/s and MFU = flops_per_token * tokens/s / the measured matmul peak
   decode       batch-1 greedy decoding of the 1B preset in bf16: eager, the compiled decoder (on CUDA
@@ -60,7 +61,7 @@ from llama.model import ModelArgs, Transformer, attention
 from llama.parallel import apply_ac, apply_fsdp, compile_blocks
 from llama.quantize import quantize_int8, weight_bytes
 from llama.train import flops_per_token
-from llama.train.recipe import compiled_cross_entropy, cross_entropy
+from llama.train.recipe import compiled_cross_entropy, cross_entropy, linear_cross_entropy
 
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets (no sparsity), to compare MFU with published
 # figures (torchtitan's 33-39% for Llama 3 8B are against these); MFU here is against the measured peak.
@@ -101,6 +102,7 @@ class Sizes:
     decode_compile: dict = field(default_factory=dict)  # torch.compile options of every compiled decode row
     numerics_model: tuple = ("1B", {"n_layers": 4})
     numerics_shape: tuple = (2, 128)
+    loss_shape: tuple = (8192, 2048, 32000)  # (tokens, dim, vocab) of the training-loss check: 1B, 4 x 2048
     # section -> (seconds it may take at most, seconds it needs at least to start)
     shares: dict = field(default_factory=lambda: {"environment": (40, 10), "attention": (50, 10),
                                                   "training": (180, 60), "decode": (400, 40),
@@ -122,7 +124,7 @@ SMOKE = Sizes(
     # dynamo + AOT autograd (graph capture, functionalized cache writes) without inductor's C++ build,
     # which costs ~10-20 s per graph here and is not what a GPU runs (tests/test_generation.py covers it)
     decode_compile={"backend": "aot_eager"},
-    numerics_model=("tiny", {}), numerics_shape=(2, 16),
+    numerics_model=("tiny", {}), numerics_shape=(2, 16), loss_shape=(64, 32, 97),
     # ~5x what each takes on an idle 2-core CPU: a safety net only, so a loaded machine does not fail the test
     shares={"environment": (60, 1), "attention": (60, 1), "training": (120, 1), "decode": (240, 1), "numerics": (60, 1)},
     needs={k: (1, 120) for k in ("train_row", "decode_eager", "decode_compiled", "decode_transformers")},
@@ -603,8 +605,49 @@ def train_row(ctx: Ctx, row: dict, preset: str, overrides: dict, backend: str | 
     del model, opt
 
 
+def loss_check(ctx: Ctx) -> dict:
+    """The trainer's loss in one process (linear_cross_entropy: the logits' gradient written over them in
+    the forward; on CUDA its two torch passes compiled, on CPU the C++ pass) against compiled
+    cross_entropy of F.linear, both under bf16 autocast with the same weights: the loss, the
+    gradients (relative to the unfused ones) and the time of forward + backward."""
+    rows, dim, vocab = ctx.sizes.loss_shape
+    g = torch.Generator().manual_seed(0)
+    h0 = torch.randn(1, rows, dim, generator=g).to(ctx.device)
+    w = (torch.randn(vocab, dim, generator=g) * 0.02).to(ctx.device).requires_grad_()
+    targets = torch.randint(0, vocab, (1, rows), generator=g)
+    targets[0, :3] = -100  # positions without a target
+    targets = targets.to(ctx.device)
+
+    def step(fused: bool):
+        h = h0.clone().requires_grad_()
+        w.grad = None
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16):
+            if fused:  # compiled on CUDA as the trainer compiles; --smoke on CPU leaves inductor out
+                loss = linear_cross_entropy(h, w, targets, "sum", compile=ctx.cuda)
+            else:
+                unfused = compiled_cross_entropy if ctx.cuda else cross_entropy
+                loss = unfused(torch.nn.functional.linear(h, w), targets, "sum")
+        (loss / rows).backward()
+        return loss.detach(), h.grad, w.grad
+
+    (la, ha, wa), (lb, hb, wb) = step(True), step(False)
+    row = {"tokens x dim x vocab": f"{rows} x {dim} x {vocab}",
+           "loss_rel_diff": (abs(la - lb) / abs(lb)).item(),
+           "grad_h_rel_diff": ((ha - hb).norm() / hb.norm()).item(),
+           "grad_w_rel_diff": ((wa - wb).norm() / wb.norm()).item()}
+    # the same bf16 logits: the loss to fp32 rounding; the gradients to bf16's (~0.3% seen on CPU)
+    row["ok"] = bool(row["loss_rel_diff"] < 1e-4 and max(row["grad_h_rel_diff"], row["grad_w_rel_diff"]) < 2e-2)
+    row["fused_ms"] = 1e3 * best_seconds(lambda: step(True), ctx, ctx.sizes.timing_repeats)
+    row["unfused_ms"] = 1e3 * best_seconds(lambda: step(False), ctx, ctx.sizes.timing_repeats)
+    return row
+
+
 def section_training(ctx: Ctx, out: dict):
     s = ctx.sizes
+    loss = out.setdefault("loss", [{}])[0]
+    with recorded(loss):
+        loss.update(loss_check(ctx))
+    ctx.report.save()
     out["loop"] = ("hand loop = Trainer.train_step under a mesh (FSDP2 bf16 params / fp32 reduce, fp32 loss, "
                    "clip 1.0, AdamW); llama.train.Trainer applies FSDP only when world > 1")
     checks = out.setdefault("fsdp_one_rank", [])

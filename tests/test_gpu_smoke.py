@@ -221,3 +221,12 @@ def test_without_cuda_it_asks_for_smoke(capsys):
         gpu.main(["--budget", "1"])
     assert e.value.code == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_training_loss_check_agrees(smoke):
+    """The training section's loss check: the trainer's one-process loss (linear_cross_entropy) against
+    the unfused cross_entropy of F.linear on the same weights agrees, and both were timed."""
+    row = smoke["sections"]["training"]["loss"][0]
+    assert "error" not in row, row.get("traceback")
+    assert row["ok"] and row["loss_rel_diff"] < 1e-4 and row["grad_w_rel_diff"] < 2e-2
+    assert row["fused_ms"] > 0 and row["unfused_ms"] > 0
