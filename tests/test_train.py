@@ -380,6 +380,8 @@ def test_linear_cross_entropy_matches_the_loss_by_hand(dtype, impl, reduction, m
     assert frozen.grad is None and h.grad is not None
     with pytest.raises(ValueError, match="reduction"):
         linear_cross_entropy(h, w, targets, "none")
+    with pytest.raises(ValueError, match=r"target token id 50 is outside the model's vocabulary 0..49"):
+        linear_cross_entropy(h, w, torch.full_like(targets, 50), reduction, compile=compile)
 
 
 def reference_steps(cfg: TrainConfig, model: Transformer, loader, n: int) -> list[dict]:

@@ -169,6 +169,11 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     compile: where the C++ kernel does not run, its two passes through torch.compile."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    vocab = weight.size(0)
+    bad = targets[(targets != -100) & ((targets < 0) | (targets >= vocab))]
+    if bad.numel():
+        raise ValueError(f"target token id {int(bad[0])} is outside the model's vocabulary 0..{vocab - 1} (-100 marks "
+                         f"a position without a target): the data was tokenized for another vocabulary")
     dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
     with torch.autocast(h.device.type, enabled=False):
         loss = _LinearCrossEntropy.apply(h.flatten(0, 1).to(dtype), weight, targets.flatten(), compile)
