@@ -44,7 +44,7 @@ of the decoding forward (generate does that by itself on GPUs; forced here with
 CompileConfig(_compile_all_devices=True)), the strongest transformers configuration.
     LLAMA_CPU_KERNEL=avx2 python benchmarks/generate.py   # "ours" itself on the AVX2 build
 
-`--kernels` adds a row per fused-kernel build named (llama/inference/cpu_decode.py VARIANTS, e.g.
+`--kernels` adds a row per fused-kernel build named (llama/cpu_kernels.py VARIANTS, e.g.
 avx2 on an AVX-512 machine: what a CPU without AVX-512 would run), each on its own copy of the
 weights; LLAMA_CPU_KERNEL forces the build that "ours" (Llama.build) uses.
 """
@@ -71,7 +71,8 @@ from llama.env import resolve_dtype
 from llama.formats.gguf import save_gguf
 from llama.formats.hf import hf_config, to_hf
 from llama.inference import Llama
-from llama.inference.cpu_decode import FusedCpuDecoder, decode_kernel, read_bandwidth
+from llama.cpu_kernels import cpu_kernels
+from llama.inference.cpu_decode import FusedCpuDecoder, read_bandwidth
 from llama.model import ModelArgs, Transformer
 from llama.quantize import quantize_int8, weight_bytes
 
@@ -102,7 +103,7 @@ def measure_bandwidth_gbs(repeats: int = 3) -> float:
     x = _PROBE[0]
     best = 0.0
     for _ in range(repeats):
-        if decode_kernel() is not None:
+        if cpu_kernels() is not None:
             bps, total = read_bandwidth(x)
             if total != x.numel():
                 raise RuntimeError(f"read_bandwidth summed {total} over {x.numel()} ones: it did not read the whole buffer")
@@ -186,7 +187,7 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
     bw_samples = [bw]
     print(f"model {model} ({n_params / 1e6:.0f}M params), prompt {prompt_len}, new {new_tokens}, "
           f"threads {torch.get_num_threads()}, bandwidth {bw:.1f} GB/s now ("
-          f"{'read_bandwidth, the fused kernel build' if decode_kernel() is not None else 'torch sum'} over 256 MB), "
+          f"{'read_bandwidth, the fused kernel build' if cpu_kernels() is not None else 'torch sum'} over 256 MB), "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     prompts = {bsz: torch.randint(3, args.vocab_size, (bsz, prompt_len)) for bsz in batches}
     rows, used, peaks = [], {}, {}  # used: (dtype, batch) -> how "ours" decoded; peaks: dtype -> [FLOP/s samples]

@@ -289,11 +289,11 @@ def attention(q, k, v, pos: int | torch.Tensor = 0, backend: str = "sdpa") -> to
     seqlen, n_keys, n_rep = q.size(1), k.size(1), q.size(2) // k.size(2)
     if backend == "xformers":
         return _xformers_attention(q, k, v, pos)
+    if backend == "blocked" and isinstance(pos, int) and seqlen > 1:  # llama/blocked_attention.py, for CPUs
+        return blocked_causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), pos).transpose(1, 2)
     k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T|S, D)
-    if backend == "blocked" and isinstance(pos, int) and seqlen > 1:  # llama/blocked_attention.py, for CPUs
-        out = blocked_causal_attention(q, k, v, pos)
-    elif backend in ("sdpa", "blocked"):  # blocked: one new token, or positions given by a tensor
+    if backend in ("sdpa", "blocked"):  # blocked: one new token, or positions given by a tensor
         if isinstance(pos, int) and seqlen == 1:
             out = F.scaled_dot_product_attention(q, k, v)  # one new token sees every key
         elif isinstance(pos, int) and pos == 0:
@@ -435,8 +435,8 @@ class Transformer(nn.Module):
 
     def set_attention_backend(self, backend: str) -> "Transformer":
         """Attention kernel of every block: "sdpa" (default), "math" (plain float32 reference),
-        "blocked" (causal attention of several tokens as batched matmuls; on CPUs faster than sdpa
-        for training, about equal for a forward alone; llama/blocked_attention.py) or "xformers"
+        "blocked" (causal attention of several tokens over blocks of queries; on CPUs faster than
+        sdpa for training, a C++ kernel in bf16 with AVX512-BF16; llama/blocked_attention.py) or "xformers"
         (CUDA, the optional GPU extra; check with llama.env.check_attention_device)."""
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")

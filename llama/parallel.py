@@ -185,8 +185,8 @@ _SAVE_OPS = _ops(torch.ops.aten, [
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
     "_scaled_dot_product_fused_attention_overrideable",
 ])
-# the blocked attention op (llama/blocked_attention.py, registered when llama.model is imported)
-_SAVE_OPS |= _ops(torch.ops.llama, ["blocked_causal_attention"])
+# the blocked attention ops (llama/blocked_attention.py, registered when llama.model is imported)
+_SAVE_OPS |= _ops(torch.ops.llama, ["blocked_causal_attention", "cpu_causal_attention"])
 # Tensor parallel: recomputing a block must not repeat its collectives.
 _SAVE_OPS |= _ops(torch.ops._c10d_functional, ["all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor"])
 

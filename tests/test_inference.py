@@ -20,7 +20,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from llama.formats.hf import hf_config, to_hf
 from llama.inference import CompiledDecoder, Llama, make_decoder, sample
-from llama.inference.cpu_decode import VARIANTS, FusedCpuDecoder, cpu_kernel_variants, decode_kernel, read_bandwidth
+from llama.cpu_kernels import VARIANTS, cpu_kernel_variants, cpu_kernels
+from llama.inference.cpu_decode import FusedCpuDecoder, read_bandwidth
 from llama.model import Transformer
 from llama.quantize import Int8Linear, quantize_int8
 from llama.tokenizer import TextStream
@@ -483,7 +484,7 @@ def _kernel_or_skip(variant=None):
         pytest.skip(f"this CPU cannot run the {variant} kernel (it runs {runnable})")
     if not runnable or shutil.which("c++") is None:
         pytest.skip("the fused CPU decoding kernel needs AVX512-BF16, AVX2+FMA or NEON and a C++ compiler")
-    kernel = decode_kernel(variant)
+    kernel = cpu_kernels(variant)
     if kernel is None:
         pytest.fail(f"the fused CPU decoding kernel ({variant or runnable}) did not build on a machine that has what "
                     "it needs (see the warning)")
@@ -646,7 +647,7 @@ def test_fused_cpu_decoder_every_batch_size(int8, variant):
         torch.testing.assert_close(fused_cache.k, eager_cache.k, atol=0.02, rtol=0.02)
 
 
-# The fused kernel's vector primitives (cpu_decode.cpp between "[primitives begin]" and "[primitives
+# The fused kernel's vector primitives (cpu_kernels.cpp between "[primitives begin]" and "[primitives
 # end]", no torch in them) compiled alone for one instruction set and checked against plain scalar
 # code: bf16 rounding (torch's round-to-nearest-even, `f2b`) of arbitrary bit patterns and exact ties,
 # bf16 -> fp32 of every bf16 value, the dot blocks (bf16, fp32, int8 weights against fp32 and bf16
@@ -762,7 +763,7 @@ def test_kernel_vector_primitives_against_scalar_code(variant, tmp_path):
         pytest.skip(f"this CPU cannot run the {variant} kernel")
     if compiler is None or None in run:
         pytest.skip(f"no compiler (or qemu) to check the {variant} primitives here")
-    src = (ROOT / "llama" / "inference" / "cpu_decode.cpp").read_text()
+    src = (ROOT / "llama" / "cpu_kernels.cpp").read_text()
     primitives = src[src.index("// [primitives begin]"):src.index("// [primitives end]")]
     (tmp_path / "check.cpp").write_text(_PRIMITIVES_CHECK.replace("PRIMITIVES", primitives))
     flags = ["-std=c++17", "-O2", f"-DLLAMA_ISA_{variant.upper()}", *VARIANTS[variant][1], *static]
@@ -773,15 +774,15 @@ def test_kernel_vector_primitives_against_scalar_code(variant, tmp_path):
 
 @pytest.mark.slow
 def test_neon_kernel_compiles_for_aarch64():
-    """The whole NEON build of cpu_decode.cpp (with torch's headers) type-checks for aarch64, where
+    """The whole NEON build of cpu_kernels.cpp (with torch's headers) type-checks for aarch64, where
     the cross compiler is installed: this x86 machine cannot build or run it against an aarch64 torch."""
     compiler = shutil.which("aarch64-linux-gnu-g++")
     if compiler is None:
         pytest.skip("no aarch64 cross compiler (apt-get install g++-aarch64-linux-gnu)")
     includes = [f"-I{p}" for p in [*include_paths(), sysconfig.get_paths()["include"]]]
     out = subprocess.run([compiler, "-std=c++20", "-fsyntax-only", "-fopenmp", "-DLLAMA_ISA_NEON",
-                          "-DTORCH_EXTENSION_NAME=llama_cpu_decode_neon", *includes,
-                          str(ROOT / "llama" / "inference" / "cpu_decode.cpp")], capture_output=True, text=True)
+                          "-DTORCH_EXTENSION_NAME=llama_cpu_kernels_neon", *includes,
+                          str(ROOT / "llama" / "cpu_kernels.cpp")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
 
 
@@ -832,6 +833,54 @@ def test_training_loss_pass_of_each_build(variant, dtype):
         kernel.softmax_gradient(logits.clone(), torch.tensor([97, 0, 0, 0, 0]))
 
 
+def _attention_by_hand(q, k, v, start, grad):
+    """Causal attention of q (B, T, H, D) at positions start.. over k, v (B, start + T, Hkv, D) in
+    float64 by definition (grouped-query heads repeated), and the gradients of q, k, v for `grad`."""
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    g = q.size(2) // k.size(2)
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(g, 1), v.transpose(1, 2).repeat_interleave(g, 1)
+    scores = qh @ kh.transpose(-1, -2) / q.size(-1) ** 0.5
+    seen = torch.ones(q.size(1), k.size(1), dtype=torch.bool).tril(start)
+    out = (scores.masked_fill(~seen, float("-inf")).softmax(-1) @ vh).transpose(1, 2)
+    out.backward(grad.double())
+    return [out, q.grad, k.grad, v.grad]
+
+
+@pytest.mark.parametrize("b,t,h,hkv,d,start,block", [
+    (2, 45, 4, 2, 32, 0, 16),  # two whole blocks and 13 rows (odd), grouped-query heads
+    (1, 7, 2, 1, 64, 3, 16),  # one block shorter than `block`, after 3 cached keys (not a multiple of 16)
+    (1, 40, 2, 2, 32, 16, 32),  # after 16 cached keys
+])
+def test_training_attention_pass_matches_float64(b, t, h, hkv, d, start, block):
+    """The bf16 causal attention of the avx512bf16 build (causal_attention_forward/backward, the
+    `blocked` backend's CPU path) against float64 by definition: the output and the gradients of q,
+    k, v no further off than twice torch's own bf16 attention (sdpa) + 1e-3. q comes as a
+    transposed view (strided rows); the probabilities it keeps are the size llama.blocked_attention
+    computes in closed form for torch.compile."""
+    from llama.blocked_attention import kernel_saved_elements
+
+    kernel = _kernel_or_skip("avx512bf16")
+    torch.manual_seed(0)
+    q = torch.randn(b, h, t, d, dtype=torch.bfloat16).transpose(1, 2)
+    k, v = (torch.randn(b, start + t, hkv, d, dtype=torch.bfloat16) for _ in range(2))
+    grad = torch.randn(b, t, h, d, dtype=torch.bfloat16)
+    out, probs = kernel.causal_attention_forward(q, k, v, start, block)
+    got = [out, *kernel.causal_attention_backward(grad, q, k, v, probs, start, block)]
+    assert probs.numel() == b * h * kernel.causal_attention_saved(t, start, block)
+    assert probs.numel() == kernel_saved_elements((b, h, t, d), start, block)
+    want = _attention_by_hand(q, k, v, start, grad)
+    seen = torch.ones(t, start + t, dtype=torch.bool).tril(start)
+    qs, ks, vs = (x.transpose(1, 2).detach().requires_grad_() for x in (q, k.repeat_interleave(h // hkv, 2),
+                                                                     v.repeat_interleave(h // hkv, 2)))
+    sdpa = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=seen)
+    sdpa.backward(grad.transpose(1, 2))
+    fold = lambda x: x.unflatten(2, (hkv, h // hkv)).sum(3)  # noqa: E731  gradients of the repeated heads
+    theirs = [sdpa.transpose(1, 2), qs.grad.transpose(1, 2), fold(ks.grad.transpose(1, 2)), fold(vs.grad.transpose(1, 2))]
+    for name, x, y, r in zip(["out", "dq", "dk", "dv"], got, theirs, want):
+        assert x.shape == r.shape and x.dtype == torch.bfloat16, name
+        assert (x.double() - r).abs().max() <= 2 * (y.double() - r).abs().max() + 1e-3, name
+
+
 def test_read_bandwidth_reads_the_whole_buffer_and_times_itself():
     """The benchmarks' memory probe, on each build this CPU runs: the sum it returns equals the sum
     in double precision (small integers: exact in its fp32 lanes, so every element was read once, the
@@ -867,12 +916,12 @@ def test_kernel_choice_by_cpu_and_environment(monkeypatch):
         assert cpu_kernel_variants() == []
     monkeypatch.setenv("LLAMA_CPU_KERNEL", "sse9")
     with pytest.raises(ValueError, match=r"LLAMA_CPU_KERNEL='sse9' is not a fused CPU decoding kernel; choose one of"):
-        decode_kernel()
+        cpu_kernels()
     missing = next((v for v in VARIANTS if v not in cpu_kernel_variants()), None)
     if missing:
         monkeypatch.setenv("LLAMA_CPU_KERNEL", missing)
         with pytest.raises(ValueError, match="this CPU .* cannot run that kernel"):
-            decode_kernel()
+            cpu_kernels()
     runnable = cpu_kernel_variants()
     if not runnable:
         return
@@ -980,7 +1029,7 @@ def test_decode_dtype_is_measured_and_chosen_once(monkeypatch, tmp_path, ckpts, 
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     env._MEASURED.clear()
-    if decode_kernel() is None:
+    if cpu_kernels() is None:
         pytest.skip("no fused kernel builds here")
     speeds = cpu_decode.decode_speeds(steps=2)
     assert set(speeds) == {"bf16", "fp32"} and all(v > 1 for v in speeds.values())

@@ -215,6 +215,74 @@ def test_blocked_attention_matches_float64_sdpa(dtype, start, monkeypatch):
         torch.testing.assert_close(x.double(), r, atol=1e-5 if dtype == torch.float32 else 5e-2, rtol=1e-2)
 
 
+def _cpu_attention_kernel_or_skip():
+    if not blocked_attention._kernel_available():
+        pytest.skip("no C++ CPU kernel with the bf16 attention here (it needs AVX512-BF16 and a compiler)")
+
+
+@pytest.mark.parametrize("start", [0, 5])
+def test_blocked_attention_bf16_kernel_path(start, monkeypatch):
+    """bf16 on a CPU with the C++ kernel: blocked_causal_attention takes it (spied), with grouped-query
+    k/v as they are (4 query heads, 2 kv heads), 45 queries in blocks of 16; output and gradients
+    against float64 sdpa no further off than twice sdpa's own bf16 kernel + 1e-3; the same values
+    under torch.compile; and the torch path (kernel refused), which rounds the scores to bf16 before
+    the softmax, within three times sdpa's error with the grouped heads expanded."""
+    _cpu_attention_kernel_or_skip()
+    torch.manual_seed(0)
+    b, h, hkv, t, d = 2, 4, 2, 45, 32
+    q = torch.randn(b, h, t, d, dtype=torch.bfloat16)
+    k, v = torch.randn(2, b, hkv, start + t, d, dtype=torch.bfloat16)
+    grad = torch.randn(b, h, t, d, dtype=torch.bfloat16)
+    mask = torch.ones(t, start + t, dtype=torch.bool).tril(start)
+    sdpa = lambda q, k, v: F.scaled_dot_product_attention(  # noqa: E731
+        q, k.repeat_interleave(h // hkv, 1), v.repeat_interleave(h // hkv, 1), attn_mask=mask)
+    blocked = lambda q, k, v: blocked_causal_attention(q, k, v, start, block=16)  # noqa: E731
+    ref = _attention_and_grads(sdpa, q.double(), k.double(), v.double(), grad.double())
+    theirs = _attention_and_grads(sdpa, q, k, v, grad)
+    calls = []
+    forward = blocked_attention._cpu_forward
+    monkeypatch.setattr(blocked_attention, "_cpu_forward", lambda *a: calls.append(a[3:]) or forward(*a))
+    got = _attention_and_grads(blocked, q, k, v, grad)
+    assert calls == [(start, 16)]
+    for x, y, r in zip(got, theirs, ref):
+        assert (x.double() - r).abs().max() <= 2 * (y.double() - r).abs().max() + 1e-3
+    monkeypatch.setattr(blocked_attention, "_cpu_forward", forward)
+    compiled = _attention_and_grads(torch.compile(blocked, fullgraph=True), q, k, v, grad)
+    for x, y in zip(compiled, got):
+        torch.testing.assert_close(x, y, atol=0, rtol=0)
+    monkeypatch.setattr(blocked_attention, "_use_kernel", lambda q, block: False)
+    for x, y, r in zip(_attention_and_grads(blocked, q, k, v, grad), theirs, ref):  # its scores are rounded to bf16
+        assert (x.double() - r).abs().max() <= 3 * (y.double() - r).abs().max() + 1e-3
+
+
+def test_blocked_backend_bf16_training_runs_the_kernel(monkeypatch):
+    """A grouped-query model (head size 32) under bf16 autocast with the blocked backend sends every
+    block's attention to the C++ kernel, and its gradients are as close to the float64 math backend's
+    as those of the sdpa backend under the same autocast (relative error, within 2x + 1e-3)."""
+    _cpu_attention_kernel_or_skip()
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32,
+                                  max_seq_len=64))
+    tokens = torch.randint(0, 256, (2, 41))
+
+    def grads(backend, dtype, autocast):
+        m = Transformer(model.args).to(dtype)
+        m.load_state_dict(model.state_dict())
+        m.set_attention_backend(backend)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = F.cross_entropy(m(tokens[:, :-1]).flatten(0, 1).float(), tokens[:, 1:].flatten())
+        loss.backward()
+        return torch.cat([p.grad.flatten().double() for p in m.parameters()])
+
+    want = grads("math", torch.float64, False)
+    calls = []
+    forward = blocked_attention._cpu_forward
+    monkeypatch.setattr(blocked_attention, "_cpu_forward", lambda *a: calls.append(a[3:]) or forward(*a))
+    err = {b: ((grads(b, torch.float32, True) - want).norm() / want.norm()).item() for b in ["blocked", "sdpa"]}
+    assert len(calls) == model.args.n_layers
+    assert err["blocked"] <= 2 * err["sdpa"] + 1e-3, err
+
+
 def test_blocked_backend_trains_like_math(monkeypatch):
     """The model's gradients with the blocked backend (blocks of 4 over 11 positions, grouped-query
     heads) equal those of the plain fp32 reference."""
@@ -234,7 +302,7 @@ def test_blocked_backend_trains_like_math(monkeypatch):
 
 @pytest.mark.parametrize("q,k,v,start,block,match", [
     ((1, 2, 5, 8), (1, 2, 6, 8), (1, 2, 6, 8), 0, None, "start \\+ T"),  # one key too many
-    ((1, 2, 5, 8), (1, 1, 5, 8), (1, 1, 5, 8), 0, None, "expand grouped-query"),  # kv heads not expanded
+    ((1, 3, 5, 8), (1, 2, 5, 8), (1, 2, 5, 8), 0, None, "Hkv dividing H"),  # 2 kv heads for 3 query heads
     ((1, 2, 5, 8), (1, 2, 5, 8), (1, 2, 5, 4), 0, None, "start \\+ T"),  # v's head size
     ((2, 5, 8), (2, 5, 8), (2, 5, 8), 0, None, "q \\(B, H, T, D\\)"),  # 3-D
     ((1, 2, 5, 8), (1, 2, 5, 8), (1, 2, 5, 8), 0, 0, "block must be >= 1"),

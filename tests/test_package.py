@@ -13,7 +13,7 @@ from llama.config import CONFIG_DIR, config_path, names, read_json_object
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "llama"
 CORE = {"llama.model", "llama.blocked_attention", "llama.tokenizer", "llama.bpe_tokenizer", "llama.config",
-        "llama.env", "llama.chat"}
+        "llama.env", "llama.chat", "llama.cpu_kernels"}
 TRANSFORMS = {"llama.parallel", "llama.quantize", "llama.lora"}
 
 
@@ -55,7 +55,8 @@ def test_core_imports_only_the_core():
     for mod in CORE:
         assert graph[mod] <= CORE, (mod, graph[mod] - CORE)
     assert graph["llama.model"] <= {"llama.config", "llama.blocked_attention"}
-    assert not graph["llama.blocked_attention"]  # an attention kernel: torch only
+    assert graph["llama.blocked_attention"] <= {"llama.cpu_kernels"}  # an attention kernel: torch and its C++
+    assert graph["llama.cpu_kernels"] <= {"llama.env"}
     assert graph["llama.chat"] <= {"llama.tokenizer", "llama.bpe_tokenizer"}
     for mod in TRANSFORMS & set(graph):
         assert graph[mod] <= CORE | TRANSFORMS, (mod, graph[mod] - CORE - TRANSFORMS)
@@ -122,7 +123,7 @@ def test_a_wheel_install_has_the_presets(tmp_path):
     code = ("import llama, llama.config; from llama import ModelArgs, TrainConfig; "
             "import pathlib; assert pathlib.Path(llama.__file__).is_relative_to(pathlib.Path(r'%s')); "
             "a = ModelArgs.from_name('7B'); c = TrainConfig.from_name('demo'); "
-            "assert (pathlib.Path(llama.__file__).parent / 'inference' / 'cpu_decode.cpp').is_file(); "
+            "assert (pathlib.Path(llama.__file__).parent / 'cpu_kernels.cpp').is_file(); "
             "print(a.dim, a.n_layers, c.model)" % target)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})

@@ -5,116 +5,36 @@ Decoding a few rows reads every weight once per token, so its speed is memory ba
 eager model spends as long again on ~25 small ops per layer around the products (norms, RoPE,
 cache writes, attention, SiLU, residual adds), each a dispatch and a thread fork/join.
 `FusedCpuDecoder` runs one whole decoding step - every layer, the final norm and the output projection - in one call
-into the C++ kernel in cpu_decode.cpp (package data, built on first use), with the model's rounding points (in bf16: bf16
+into the C++ kernel in llama/cpu_kernels.cpp (package data, built on first use by llama/cpu_kernels.py), with the model's rounding points (in bf16: bf16
 activations, fp32 norms/RoPE/softmax/accumulation). Each layer's projections are packed into one
 buffer in the order they are read (wq wk wv wo w1 w3 w2), so q/k/v and w1/w3 are each one
 matrix-vector product streaming contiguous memory; the parameters become views of that buffer
 (same keys, same values, no extra memory): the packing is a transform of the built model. Prefill
 (many positions at once) runs the model's own forward.
 
-The same build holds the training loss's pass over the logits (`softmax_gradient`, used by
-llama.train.recipe.linear_cross_entropy) and the bandwidth probe of the benchmarks.
-
-The one source builds as one extension per instruction set (`VARIANTS`): AVX512-BF16 (native bf16
-dot products), AVX2 + FMA (x86 without AVX-512: bf16 widened to fp32 in registers, still half the
-bytes of fp32 weights to read) and NEON (aarch64, likewise). The fastest one this CPU runs is used;
-the environment variable LLAMA_CPU_KERNEL=avx512bf16|avx2|neon forces one (e.g. to measure AVX2 on
-an AVX-512 machine).
+The C++ source and its builds (one per instruction set: AVX512-BF16, AVX2 + FMA, NEON) are
+llama/cpu_kernels.cpp and llama/cpu_kernels.py, which also hold the training loss's pass, the bf16
+blocked attention and the benchmarks' bandwidth probe. LLAMA_CPU_KERNEL=avx512bf16|avx2|neon forces
+one build (e.g. to measure AVX2 on an AVX-512 machine).
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
-import platform
-import sys
 import time
-import warnings
-from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
+from llama.cpu_kernels import ENV_VAR, _modules, cpu_kernel_variants, cpu_kernels
 from llama.env import cached_measurement, cpu_model_name, default_dtype, dtype_name, machine_key
 from llama.inference.decoders import EagerDecoder
 from llama.model import LINEARS, ModelArgs, Transformer
 from llama.quantize import Int8Linear
 
 MAX_ROWS = 8  # batch rows per fused step (the kernel is templated up to 8)
-SOURCE = Path(__file__).with_name("cpu_decode.cpp")
-ENV_VAR = "LLAMA_CPU_KERNEL"
-# variant -> (/proc/cpuinfo flags it needs, compiler flags), fastest first; each builds as the
-# extension "llama_cpu_decode_<variant>_<hash of the source>" with -DLLAMA_ISA_<VARIANT> choosing its
-# vector code (the hash: a build of another version of the source is never loaded in its place)
-VARIANTS = {
-    "avx512bf16": (("avx512f", "avx512bw", "avx512_bf16"), ["-mavx512f", "-mavx512bw", "-mavx512bf16"]),
-    "avx2": (("avx2", "fma"), ["-mavx2", "-mfma"]),
-    "neon": ((), []),  # aarch64: NEON is part of the base instruction set
-}
-
-
-def cpu_kernel_variants() -> list[str]:
-    """The kernel variants this CPU can run, fastest first (x86 from /proc/cpuinfo's flags; every
-    aarch64 CPU runs NEON)."""
-    machine = platform.machine().lower()
-    if machine in ("aarch64", "arm64"):
-        return ["neon"]
-    if machine not in ("x86_64", "amd64"):
-        return []
-    try:
-        flags = {f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
-                 for f in line.split(":", 1)[1].split()}
-    except OSError:
-        return []
-    return [v for v in ("avx512bf16", "avx2") if all(f in flags for f in VARIANTS[v][0])]
-
-
-_modules: dict = {}  # variant -> built module, or False where its build failed
-
-
-WITHOUT = "decoding runs eagerly and the training loss in torch"  # what happens where no variant builds
-
-
-def _build(variant: str, then: str = WITHOUT):
-    if variant not in _modules:
-        _modules[variant] = False
-        name = f"llama_cpu_decode_{variant}_{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]}"
-        try:
-            from torch.utils.cpp_extension import _get_build_directory, load
-
-            built = Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
-            if not built.is_file():  # say why the first generation waits (torch's build cache is per version)
-                print(f"building the fused CPU kernels (decoding step, training loss; {variant}; first use only, "
-                      "~30 s)...", file=sys.stderr, flush=True)
-            flags = ["-O3", "-fopenmp", f"-DLLAMA_ISA_{variant.upper()}", *VARIANTS[variant][1]]
-            _modules[variant] = load(name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"])
-        except Exception as e:  # no compiler, old toolchain...: the next variant, or the eager model decodes
-            warnings.warn(f"fused CPU decoding kernel ({variant}) unavailable, {then} ({type(e).__name__}: {e})")
-    return _modules[variant] or None
-
-
-def decode_kernel(variant: Optional[str] = None):
-    """The compiled C++ extension (built on first use, cached by torch in ~/.cache/torch_extensions)
-    for `variant` (a name in VARIANTS), by default the one $LLAMA_CPU_KERNEL names, else the fastest
-    this CPU runs that builds; None where none does (each failed build warns)."""
-    source = "variant"
-    if variant is None and os.environ.get(ENV_VAR):
-        variant, source = os.environ[ENV_VAR], ENV_VAR
-    runnable = cpu_kernel_variants()
-    if variant is not None:
-        if variant not in VARIANTS:
-            raise ValueError(f"{source}={variant!r} is not a fused CPU decoding kernel; choose one of {list(VARIANTS)}")
-        if variant not in runnable:
-            raise ValueError(f"{source}={variant!r}: this CPU ({cpu_model_name()}, {platform.machine()}) cannot run that "
-                             f"kernel; it runs {runnable or 'none of them (decoder=eager)'}")
-        return _build(variant)
-    for i, v in enumerate(runnable):
-        module = _build(v, f"trying the {runnable[i + 1]} kernel" if i + 1 < len(runnable) else WITHOUT)
-        if module is not None:
-            return module
-    return None
 
 
 def _pack(mods: list, attr: str) -> list[torch.Tensor]:
@@ -143,7 +63,7 @@ class FusedCpuDecoder(EagerDecoder):
     `FusedCpuDecoder.create(model)`, which packs the layers' weights (the parameters become views
     into the packed buffers, keys and values unchanged) and returns None where the model does not
     qualify (not bf16/fp32 on CPU, sharded, Linears replaced by anything but quantize.py's int8, or
-    no kernel). `variant` forces a kernel (see `decode_kernel`); `self.variant` says which one runs.
+    no kernel). `variant` forces a kernel (see `llama.cpu_kernels.cpu_kernels`); `self.variant` says which one runs.
 
     An int8 model (`llama.quantize.quantize_int8`) decodes through the same step with its int8
     weights and per-row scales as they are (half the bytes of bf16 to read per token): activations
@@ -187,7 +107,7 @@ class FusedCpuDecoder(EagerDecoder):
         if kind is Int8Linear and any(m.scales.dtype != params[0].dtype or m.weight.device.type != "cpu"
                                       for m in projections):
             return None
-        if (kernel := decode_kernel(variant)) is None:
+        if (kernel := cpu_kernels(variant)) is None:
             return None
         with torch.inference_mode(False), torch.no_grad():  # packed weights must stay usable outside inference
             return FusedCpuDecoder(model, kernel)
@@ -220,10 +140,10 @@ class FusedCpuDecoder(EagerDecoder):
 
 def read_bandwidth(buf: torch.Tensor, variant: Optional[str] = None) -> tuple[float, float]:
     """(bytes/s, sum of the elements) of one read of `buf` (a contiguous fp32 tensor, best several
-    times the last-level cache) by the fused kernel's build (`decode_kernel(variant)`): its vector
+    times the last-level cache) by the fused kernel's build (`cpu_kernels(variant)`): its vector
     loads on every torch thread, each thread's share read as 4 interleaved streams, as a decoding step
     reads its weights, timed inside the call. The sum is the checksum that the whole buffer was read."""
-    kernel = decode_kernel(variant)
+    kernel = cpu_kernels(variant)
     if kernel is None:
         raise RuntimeError("read_bandwidth: no fused CPU kernel builds on this machine (see the warning above)")
     if buf.dtype != torch.float32 or not buf.is_contiguous() or buf.device.type != "cpu":
@@ -242,7 +162,7 @@ def decode_speeds(variant: Optional[str] = None, steps: int = 6) -> Optional[dic
     (~0.5 s in all). Decoding reads every weight per token, so bf16 weights can win even on CPUs
     whose bf16 matmuls lose to fp32: this measures it. Cached per CPU model, thread count, torch
     and kernel (llama.env.cached_measurement, decode_speeds.json); None where no kernel builds."""
-    kernel = decode_kernel(variant)
+    kernel = cpu_kernels(variant)
     if kernel is None:
         return None
     chosen = variant or os.environ.get(ENV_VAR) or next(v for v in cpu_kernel_variants() if _modules.get(v))

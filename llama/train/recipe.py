@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from llama.env import synchronize
-from llama.inference.cpu_decode import decode_kernel
+from llama.cpu_kernels import cpu_kernels
 from llama.model import ModelArgs
 from llama.train.config import TrainConfig
 
@@ -114,8 +114,8 @@ _compiled_passes = None
 
 
 def _cpu_kernel():
-    """The C++ CPU kernels (llama/inference/cpu_decode.cpp, built on first use), or None."""
-    return decode_kernel()
+    """The C++ CPU kernels (llama/cpu_kernels.cpp, built on first use), or None."""
+    return cpu_kernels()
 
 
 def softmax_gradient_(logits: torch.Tensor, targets: torch.Tensor, compile: bool = False) -> torch.Tensor:
