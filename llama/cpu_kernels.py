@@ -50,7 +50,7 @@ def cpu_kernel_variants() -> list[str]:
 _modules: dict = {}  # variant -> built module, or False where its build failed
 
 
-WITHOUT = "decoding runs eagerly and the training loss in torch"  # what happens where no variant builds
+WITHOUT = "decoding runs eagerly, the training loss and attention in torch ops"  # what happens where no variant builds
 
 
 def _build(variant: str, then: str = WITHOUT):
