@@ -5,8 +5,8 @@ attention and our `sdpa` backend call), forward + backward and forward only, one
     python benchmarks/attention.py      # training shapes of 60M and 160M, bf16
     python benchmarks/attention.py --shapes 1,12,512,64 --dtype fp32
 
-In bf16 on a CPU with AVX512-BF16 `blocked` is its C++ kernel, and its torch-op version (what
-fp32 and other CPUs run) gets two more columns. Inputs come as the model makes them: (B, T, H, D)
+On a CPU with AVX512-BF16 `blocked` is its C++ kernel (bf16 and fp32), and its torch-op version
+(what other CPUs run) gets two more columns. Inputs come as the model makes them: (B, T, H, D)
 projections seen as (B, H, T, D). The script refuses to time kernels whose outputs differ beyond the
 dtype's rounding. Each cell is the best of `repeats` calls, the kernels taken in turns; % of peak counts the causal half of the score
 matrix (4 B H T^2 D / 2 FLOPs forward, 2.5x that backward) over a (2048, 2048) matmul of the dtype
@@ -47,7 +47,7 @@ def main(shapes=("4,8,512,64", "4,12,512,64", "1,12,512,64", "1,8,1024,64"), dty
     peak = max(2 * 2048 ** 3 / _best(lambda: a @ a, 5) for _ in range(2))
     kernels = {"sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
                "blocked": blocked_causal_attention}
-    if dt == torch.bfloat16 and blocked_attention._kernel_available():  # blocked is the C++ kernel; + its torch ops
+    if blocked_attention._kernel_available():  # blocked is the C++ kernel; + its torch ops
         kernels["torch ops"] = lambda q, k, v: blocked_causal_attention(q, k, v, use_kernel=False)
     print(f"{dtype}, {torch.get_num_threads()} threads, matmul peak {peak / 1e9:.0f} GFLOP/s; blocked: "
           f"{'the C++ kernel' if 'torch ops' in kernels else 'torch ops'}")

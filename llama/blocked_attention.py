@@ -7,14 +7,14 @@ and the probabilities are kept for the backward instead of recomputed (about B H
 elements: bf16, 16 MB a layer at 160M). Beyond `MAX_SAVED_BYTES` of probabilities a call (long
 sequences) it is flash attention again. Two implementations:
 
-- bf16 on a CPU with AVX512-BF16 (head size a multiple of 32): one C++ kernel for the forward and one
-  for the backward (llama/cpu_kernels.cpp, `causal_attention_forward/backward`). Per
-  (batch, kv head) it packs K and V once, multiplies on the native bf16 dot instruction with fp32
-  sums, keeps scores and softmax in fp32 and writes the probabilities and their gradient directly
-  in the layout the next product reads: no copies, no aten passes between the products, grouped-query
-  heads read in place. 2.2-2.4x the torch-op version below at 60M's shapes (~65-70% of the matmul
-  peak; benchmarks/attention.py).
-- Otherwise (fp32, other CPUs, GPU), torch ops: each block's scores are one batched matmul (oneDNN),
+- bf16 or fp32 on a CPU with AVX512-BF16 (head size a multiple of 32): one C++ kernel for the
+  forward and one for the backward (llama/cpu_kernels.cpp, `causal_attention_forward/backward`). Per
+  (batch, kv head) it packs K and V once, multiplies with fp32 sums (bf16: on the native bf16 dot
+  instruction; fp32: FMAs), keeps scores and softmax in fp32 and writes the probabilities and their
+  gradient directly in the layout the next product reads: no copies, no aten passes between the
+  products, grouped-query heads read in place. At 60M's shapes, forward + backward: bf16 1.6-1.9x
+  the torch-op version below (3.1-3.4x flash attention), fp32 1.3x (benchmarks/attention.py).
+- Otherwise (other CPUs, GPUs, other head sizes), torch ops: each block's scores are one batched matmul (oneDNN),
   softmax and its backward one aten pass each; 1.7-2.3x faster than flash attention at 512 positions
   in bf16 (1.4x at 1024, 1.5x in fp32). The scale 1/sqrt(D) is folded into the queries (exact for
   D = 16, 64, 256; one more rounding of q in bf16 otherwise); scores are rounded to the input dtype
@@ -129,7 +129,7 @@ _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def _kernel():
-    """The C++ CPU kernels (llama/cpu_kernels.cpp) where they have the bf16 attention (the build for
+    """The C++ CPU kernels (llama/cpu_kernels.cpp) where they have the attention (the build for
     CPUs with AVX512-BF16), else None."""
     module = cpu_kernels()
     return module if hasattr(module, "causal_attention_forward") else None
@@ -140,14 +140,16 @@ def _kernel_available() -> bool:
     return _kernel() is not None
 
 
-def kernel_saved_elements(q_shape, start: int, block: int) -> int:
-    """Probabilities the C++ forward keeps: per (batch, head) and block, its rows rounded up to pairs
-    times the keys it sees rounded up to 16 (`block` a multiple of 16); closed form as saved_elements."""
+def kernel_saved_elements(q_shape, start: int, block: int, pairs: bool = True) -> int:
+    """Probabilities the C++ forward keeps: per (batch, head) and block, its rows (rounded up to pairs
+    in bf16: `pairs`) times the keys it sees rounded up to 16 (`block` a multiple of 16); closed form
+    as saved_elements."""
     b, h, t, _ = q_shape
     m = t // block
     r = t - m * block
     start16 = (start + 15) // 16 * 16
-    return b * h * (block * (m * start16 + block * m * (m + 1) // 2) + (r + 1) // 2 * 2 * ((start + t + 15) // 16 * 16))
+    rows = (r + 1) // 2 * 2 if pairs else r
+    return b * h * (block * (m * start16 + block * m * (m + 1) // 2) + rows * ((start + t + 15) // 16 * 16))
 
 
 def _bthd(t: Tensor) -> Tensor:
@@ -167,7 +169,8 @@ def _cpu_forward(q: Tensor, k: Tensor, v: Tensor, start: int, block: int) -> tup
 @_cpu_forward.register_fake
 def _(q, k, v, start, block):
     b, h, t, d = q.shape
-    return q.new_empty(b, t, h, d).transpose(1, 2), q.new_empty(kernel_saved_elements(q.shape, start, block))
+    return (q.new_empty(b, t, h, d).transpose(1, 2),
+            q.new_empty(kernel_saved_elements(q.shape, start, block, q.dtype == torch.bfloat16)))
 
 
 @torch.library.custom_op("llama::cpu_causal_attention_backward", mutates_args=())
@@ -200,9 +203,10 @@ _cpu_forward.register_autograd(_cpu_autograd_backward, setup_context=_cpu_setup_
 
 
 def _use_kernel(q: Tensor, block: int) -> bool:
-    """The C++ path takes bf16 on CPU, head sizes that are multiples of 32 and blocks of a multiple of 16."""
-    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.size(-1) % 32 == 0 and block % 16 == 0
-            and _kernel_available())
+    """The C++ path takes bf16 or fp32 on CPU, head sizes that are multiples of 32 and blocks of a
+    multiple of 16."""
+    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float32) and q.size(-1) % 32 == 0
+            and block % 16 == 0 and _kernel_available())
 
 
 def blocked_causal_attention(q: Tensor, k: Tensor, v: Tensor, start: int = 0, block: int | None = None,
@@ -223,7 +227,8 @@ def blocked_causal_attention(q: Tensor, k: Tensor, v: Tensor, start: int = 0, bl
     if block < 1:
         raise ValueError(f"block must be >= 1 query rows, got {block}")
     kernel = use_kernel and _use_kernel(q, block)
-    saved = kernel_saved_elements(q.shape, start, block) if kernel else saved_elements(q.shape, start, block)
+    saved = (kernel_saved_elements(q.shape, start, block, q.dtype == torch.bfloat16) if kernel
+             else saved_elements(q.shape, start, block))
     if kernel and saved * q.element_size() <= MAX_SAVED_BYTES:
         return _cpu_forward(q, k, v, start, block)[0]
     if k.size(1) != q.size(1):  # grouped-query heads, expanded

@@ -2,7 +2,7 @@
 // llama/inference/cpu_decode.py - every layer of a LLaMA model, the final norm and the output
 // projection for up to 8 rows of one new token each, in one call, with the model's rounding points
 // (bf16: bf16 activations, fp32 norms / RoPE / softmax / accumulation) - and the training loss's pass
-// over the logits (softmax_gradient), the bf16 causal attention of the blocked backend (AVX512-BF16
+// over the logits (softmax_gradient), the causal attention of the blocked backend (bf16, fp32; AVX512-BF16
 // build only) and the benchmarks' bandwidth probe (read_bandwidth).
 // One source, one build per instruction set (torch.utils.cpp_extension.load):
 //   -DLLAMA_ISA_AVX512BF16 (-mavx512f -mavx512bw -mavx512bf16): 16 fp32 lanes, native bf16 dots
@@ -668,42 +668,58 @@ double softmax_gradient(torch::Tensor logits, torch::Tensor targets) {
 }
 
 #if defined(LLAMA_ISA_AVX512BF16)
-// Causal attention for training, bf16 (llama/blocked_attention.py's CPU path): the "blocked" backend
-// without its copies. Per (batch, kv head), queries are taken in blocks of `block` rows; a block's
-// scores against the keys it can see, its softmax, and its products with V are computed here, the
-// products by one register-tiled kernel on the native bf16 dot (vdpbf16ps: fp32 sums of bf16 pairs).
-// That kernel multiplies A (rows of bf16, pairs along the reduced dimension) by B laid out as pairs of
-// its rows ([K/2][N] 32-bit words, the operand order of the instruction): K and V are laid out once per
-// head, the probabilities and their gradient are written in that layout where they are made. Scores
-// and softmax are fp32 (the probabilities rounded to bf16 once, as flash attention rounds them before
-// their product with V); the gradients of K and V accumulate in fp32 over blocks and query heads.
-// The forward keeps every block's probabilities (rows in pairs, columns padded to 16) for the backward.
+// Causal attention for training, bf16 or fp32 (llama/blocked_attention.py's CPU path): the "blocked"
+// backend without its copies. Per (batch, kv head), queries are taken in blocks of `block` rows; a
+// block's scores against the keys it can see, its softmax, and its products with V are computed
+// here, the products by one register-tiled kernel with fp32 sums: on the native bf16 dot (vdpbf16ps)
+// in bf16, on FMAs in fp32. That kernel multiplies A (rows, its reduced dimension in steps of KS
+// elements: pairs in bf16, the operand order of the instruction) by B laid out as [K/KS][N] 32-bit
+// words. K and V are laid out once per head; the probabilities and their gradient are written in the
+// layout the next product reads. Scores and softmax are fp32 (in bf16 the probabilities are rounded
+// once, as flash attention rounds them before their product with V); the gradients of K and V
+// accumulate in fp32 over blocks and query heads. The forward keeps every block's probabilities
+// (rows rounded up to KS, columns padded to 16) for the backward.
 namespace attn {
 
 constexpr int MR = 4, NV = 4;  // a product tile: 4 rows x 64 fp32 columns = 16 accumulators (measured best of 4x4, 5x4, 6x4, 8x2)
 
 static inline int64_t up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// C (M x 16 W, fp32, ldc) = [C +] A (M x 2 K2) B (K2 x 16 W pairs, ldb). A: bf16 rows (pair p of row i at
-// A + i lda + 2 p), or with AP, pairs of rows as B is laid out (pair p of row i: 32-bit word p lda + i)
-template <int M, int W, bool AP>
-static void tile(const bf16* A, int64_t lda, const uint32_t* B, int64_t ldb, int64_t K2, float* C, int64_t ldc, bool add) {
+// How a product reads its operands: KS elements of A per step, broadcast as one 32-bit word, against
+// one word per column of B
+template <typename T> struct Op;
+template <> struct Op<bf16> {
+  static constexpr int KS = 2;
+  static F a(const bf16* p) { int32_t x; std::memcpy(&x, p, 4); return _mm512_castsi512_ps(_mm512_set1_epi32(x)); }
+  static F fma(F acc, F a, F b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+  static void store(bf16* p, F v) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(v)); }
+};
+template <> struct Op<float> {
+  static constexpr int KS = 1;
+  static F a(const float* p) { return _mm512_set1_ps(*p); }
+  static F fma(F acc, F a, F b) { return _mm512_fmadd_ps(a, b, acc); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+};
+
+// C (M x 16 W, fp32, ldc) = [C +] A (M x KS K) B (K x 16 W words, ldb). A: rows (step p of row i at
+// A + i lda + KS p), or with AP laid out as B is (step p of row i at word p lda + i)
+template <typename T, int M, int W, bool AP>
+static void tile(const T* A, int64_t lda, const uint32_t* B, int64_t ldb, int64_t K, float* C, int64_t ldc, bool add) {
+  constexpr int KS = Op<T>::KS;
   F acc[M][W];
 #pragma GCC unroll 4
   for (int i = 0; i < M; ++i)
 #pragma GCC unroll 4
     for (int v = 0; v < W; ++v) acc[i][v] = add ? _mm512_loadu_ps(C + i * ldc + 16 * v) : V::zero();
-  for (int64_t p = 0; p < K2; ++p) {
-    __m512bh b[W];
+  for (int64_t p = 0; p < K; ++p) {
+    F b[W];
 #pragma GCC unroll 4
-    for (int v = 0; v < W; ++v) b[v] = (__m512bh)_mm512_loadu_si512(B + p * ldb + 16 * v);
+    for (int v = 0; v < W; ++v) b[v] = _mm512_castsi512_ps(_mm512_loadu_si512(B + p * ldb + 16 * v));
 #pragma GCC unroll 4
     for (int i = 0; i < M; ++i) {
-      int32_t a;
-      std::memcpy(&a, AP ? A + 2 * (p * lda + i) : A + i * lda + 2 * p, 4);
-      const __m512bh ab = (__m512bh)_mm512_set1_epi32(a);
+      const F a = Op<T>::a(AP ? A + KS * (p * lda + i) : A + i * lda + KS * p);
 #pragma GCC unroll 4
-      for (int v = 0; v < W; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], ab, b[v]);
+      for (int v = 0; v < W; ++v) acc[i][v] = Op<T>::fma(acc[i][v], a, b[v]);
     }
   }
 #pragma GCC unroll 4
@@ -712,111 +728,110 @@ static void tile(const bf16* A, int64_t lda, const uint32_t* B, int64_t ldb, int
     for (int v = 0; v < W; ++v) _mm512_storeu_ps(C + i * ldc + 16 * v, acc[i][v]);
 }
 
-using Tile = void (*)(const bf16*, int64_t, const uint32_t*, int64_t, int64_t, float*, int64_t, bool);
-static Tile tiles[2][MR + 1][NV + 1];  // by A's layout, rows, 16-column vectors
-template <int M, int W> struct Fill {
+template <typename T>
+using Tile = void (*)(const T*, int64_t, const uint32_t*, int64_t, int64_t, float*, int64_t, bool);
+template <typename T> struct Tiles { static inline Tile<T> at[2][MR + 1][NV + 1]; };  // by A's layout, rows, vectors
+template <typename T, int M, int W> struct Fill {
   static bool run() {
-    tiles[0][M][W] = tile<M, W, false>;
-    tiles[1][M][W] = tile<M, W, true>;
-    if constexpr (W > 1) return Fill<M, W - 1>::run();
-    else if constexpr (M > 1) return Fill<M - 1, NV>::run();
+    Tiles<T>::at[0][M][W] = tile<T, M, W, false>;
+    Tiles<T>::at[1][M][W] = tile<T, M, W, true>;
+    if constexpr (W > 1) return Fill<T, M, W - 1>::run();
+    else if constexpr (M > 1) return Fill<T, M - 1, NV>::run();
     return true;
   }
 };
-static const bool filled = Fill<MR, NV>::run();
+static const bool filled = Fill<bf16, MR, NV>::run() && Fill<float, MR, NV>::run();
 
-// C (M x N, ldc) = [C +] A (M x 2 K2, lda; pairs of rows with ap) B (K2 pairs x N, ldb); N a multiple of 16
-static void gemm(int64_t M, int64_t N, int64_t K2, const bf16* A, int64_t lda, const uint32_t* B, int64_t ldb,
+// C (M x N, ldc) = [C +] A (M x KS K, lda; laid out as B with ap) B (K x N words, ldb); N a multiple of 16
+template <typename T>
+static void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const uint32_t* B, int64_t ldb,
                  float* C, int64_t ldc, bool add, bool ap = false) {
+  constexpr int KS = Op<T>::KS;
   for (int64_t j = 0; j < N; j += 16 * NV) {
     const int w = (int)std::min<int64_t>(NV, (N - j) / 16);
     for (int64_t i = 0; i < M; i += MR)
-      tiles[ap][std::min<int64_t>(MR, M - i)][w](ap ? A + 2 * i : A + i * lda, lda, B + j, ldb, K2, C + i * ldc + j, ldc, add);
+      Tiles<T>::at[ap][std::min<int64_t>(MR, M - i)][w](ap ? A + KS * i : A + i * lda, lda, B + j, ldb, K, C + i * ldc + j, ldc, add);
   }
 }
 
+// X (rows x D, row stride ld) as the B operand of X^T: out[p][j] = word p of row j (X[j][KS p ..]),
+// zero past rows
+template <typename T>
+static void columns(const T* X, int64_t rows, int64_t ld, int64_t D, uint32_t* out, int64_t ldo) {
+  const __m512i at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                        _mm512_set1_epi32((int)(sizeof(T) * ld)));  // byte offsets of 16 rows
+  const int64_t whole = rows / 16 * 16;
+  for (int64_t p = 0; p < D / Op<T>::KS; ++p) {
+    uint32_t* o = out + p * ldo;
+    const T* x = X + Op<T>::KS * p;
+    for (int64_t j = 0; j < whole; j += 16) _mm512_storeu_si512(o + j, _mm512_i32gather_epi32(at, (const void*)(x + j * ld), 1));
+    for (int64_t j = whole; j < rows; ++j) std::memcpy(o + j, x + j * ld, 4);
+    std::fill(o + rows, o + ldo, 0u);
+  }
+}
 // 16 bf16 of row a and of row b -> 16 pairs (a, b)
 static inline __m512i interleave(__m256i a, __m256i b) {
   return _mm512_or_si512(_mm512_cvtepu16_epi32(a), _mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
 }
-// X (rows x D, row stride ld) as the B operand of X^T: out[p][j] = (X[j][2p], X[j][2p+1]), zero past rows
-static void pairs_of_columns(const bf16* X, int64_t rows, int64_t ld, int64_t D, uint32_t* out, int64_t ldo) {
-  const __m512i at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                        _mm512_set1_epi32((int)(2 * ld)));  // byte offsets of 16 rows
-  const int64_t whole = rows / 16 * 16;
-  for (int64_t p = 0; p < D / 2; ++p) {
-    uint32_t* o = out + p * ldo;
-    for (int64_t j = 0; j < whole; j += 16)
-      _mm512_storeu_si512(o + j, _mm512_i32gather_epi32(at, (const void*)(X + j * ld + 2 * p), 1));
-    for (int64_t j = whole; j < rows; ++j) std::memcpy(o + j, X + j * ld + 2 * p, 4);
-    std::fill(o + rows, o + ldo, 0u);
-  }
-}
-// X (rows x D, row stride ld) as the B operand of X: out[q][d] = (X[2q][d], X[2q+1][d]), zero past rows;
-// D a multiple of 16
-static void pairs_of_rows(const bf16* X, int64_t rows, int64_t ld, int64_t D, uint32_t* out) {
+// X (rows x D, row stride ld; D a multiple of 16) as the B operand of X: bf16 rows in pairs,
+// out[q][d] = (X[2q][d], X[2q+1][d]), zero past rows; fp32 rows are that operand as they are
+static const uint32_t* rows_operand(const bf16* X, int64_t rows, int64_t ld, int64_t D, uint32_t* out, int64_t& ldb) {
   for (int64_t q = 0; 2 * q < rows; ++q) {
     const bf16* a = X + 2 * q * ld;
     for (int64_t d = 0; d < D; d += 16)
       _mm512_storeu_si512(out + q * D + d, interleave(_mm256_loadu_si256((const __m256i*)(a + d)),
                           2 * q + 1 < rows ? _mm256_loadu_si256((const __m256i*)(a + ld + d)) : _mm256_setzero_si256()));
   }
+  ldb = D;
+  return out;
 }
-static inline __m256i to_bf16(F v) { return (__m256i)_mm512_cvtneps_pbh(v); }
+static const uint32_t* rows_operand(const float* X, int64_t, int64_t ld, int64_t, uint32_t*, int64_t& ldb) {
+  ldb = ld;
+  return reinterpret_cast<const uint32_t*>(X);
+}
 
-// bf16 elements the forward keeps per (batch, head); block a multiple of 16 (llama/blocked_attention.py
+// elements the forward keeps per (batch, head); block a multiple of 16 (llama/blocked_attention.py
 // computes the same in closed form)
-int64_t saved_per_head(int64_t T, int64_t start, int64_t block) {
+int64_t saved_per_head(int64_t T, int64_t start, int64_t block, int64_t ks) {
   int64_t s = 0;
   for (int64_t i0 = 0; i0 < T; i0 += block) {
     const int64_t r = std::min(block, T - i0);
-    s += up(r, 2) * up(start + i0 + r, 16);
+    s += up(r, ks) * up(start + i0 + r, 16);
   }
   return s;
 }
 
-static void check(const torch::Tensor& t, const char* name, int64_t B, int64_t L, int64_t D) {
-  TORCH_CHECK(t.dim() == 4 && t.scalar_type() == at::kBFloat16 && t.stride(3) == 1 && t.size(0) == B &&
-              t.size(1) == L && t.size(3) == D, "causal_attention: ", name, " must be bf16 (", B, ", ", L,
-              ", heads, ", D, ") with unit stride in the last dimension, got ", t.sizes(), " ", t.scalar_type());
+static void check(const torch::Tensor& t, const char* name, at::ScalarType dt, int64_t B, int64_t L, int64_t D) {
+  TORCH_CHECK(t.dim() == 4 && t.scalar_type() == dt && t.stride(3) == 1 && t.size(0) == B && t.size(1) == L &&
+              t.size(3) == D, "causal_attention: ", name, " must be ", dt, " (", B, ", ", L, ", heads, ", D,
+              ") with unit stride in the last dimension, got ", t.sizes(), " ", t.scalar_type());
 }
 
-}  // namespace attn
-
-// q (B, T, H, D) at positions start.., k and v (B, start + T, Hkv, D) (H a multiple of Hkv), bf16, unit
-// stride in D -> (out (B, T, H, D), the kept probabilities (B H saved_per_head,)); scale 1/sqrt(D)
-std::vector<torch::Tensor> causal_attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t start,
-                                                    int64_t block) {
-  using namespace attn;
-  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3), S = start + T;
-  TORCH_CHECK(block > 0 && block % 16 == 0 && D % 32 == 0 && start >= 0,
-              "causal_attention: block a multiple of 16, head size a multiple of 32, start >= 0");
-  check(q, "q", B, T, D);
-  check(k, "k", B, S, D);
-  check(v, "v", B, S, D);
-  const int64_t Hkv = k.size(2), G = H / std::max<int64_t>(Hkv, 1);
-  TORCH_CHECK(Hkv > 0 && H % Hkv == 0 && v.size(2) == Hkv, "causal_attention: k and v heads must divide q's");
-  auto out = torch::empty({B, T, H, D}, q.options());
-  const int64_t per = saved_per_head(T, start, block);
-  auto probs = torch::empty({B * H * per}, q.options());
-  const bf16 *Q = (const bf16*)q.data_ptr(), *K = (const bf16*)k.data_ptr(), *Vv = (const bf16*)v.data_ptr();
-  bf16 *O = (bf16*)out.data_ptr(), *P = (bf16*)probs.data_ptr();
-  const int64_t S16 = up(S, 16), S2 = up(S, 2);
+template <typename T>
+static void forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, int64_t start, int64_t block,
+                    torch::Tensor& out, torch::Tensor& probs) {
+  constexpr int KS = Op<T>::KS;
+  const int64_t B = q.size(0), T_ = q.size(1), H = q.size(2), D = q.size(3), S = start + T_, Hkv = k.size(2), G = H / Hkv;
+  const int64_t per = saved_per_head(T_, start, block, KS), S16 = up(S, 16), SK = up(S, KS);
+  const T *Q = (const T*)q.data_ptr(), *K = (const T*)k.data_ptr(), *Vv = (const T*)v.data_ptr();
+  T *O = (T*)out.data_ptr(), *P = (T*)probs.data_ptr();
   const float scale = 1.f / std::sqrt((float)D);
   at::parallel_for(0, B * Hkv, 1, [&](int64_t w0, int64_t w1) {
-    std::vector<uint32_t> Kp(D / 2 * S16), Vp(S2 / 2 * D);
+    std::vector<uint32_t> Kp(D / KS * S16), Vb(KS == 2 ? SK / 2 * D : 0);
     std::vector<float> Sc(block * S16), Ot(block * D);
-    std::vector<bf16> Pr(block * S16);
+    std::vector<T> Pr(block * S16);
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t b = w / Hkv, g = w % Hkv;
-      pairs_of_columns(K + b * k.stride(0) + g * k.stride(2), S, k.stride(1), D, Kp.data(), S16);  // for Q K^T
-      pairs_of_rows(Vv + b * v.stride(0) + g * v.stride(2), S, v.stride(1), D, Vp.data());  // for P V
+      columns(K + b * k.stride(0) + g * k.stride(2), S, k.stride(1), D, Kp.data(), S16);  // for Q K^T
+      int64_t ldv;
+      const uint32_t* Vp = rows_operand(Vv + b * v.stride(0) + g * v.stride(2), S, v.stride(1), D, Vb.data(), ldv);  // for P V
       for (int64_t h = g * G; h < (g + 1) * G; ++h) {
-        uint32_t* saved = reinterpret_cast<uint32_t*>(P + (b * H + h) * per);
-        for (int64_t i0 = 0; i0 < T; i0 += block) {
-          const int64_t r = std::min(block, T - i0), n = start + i0 + r, n16 = up(n, 16);
-          gemm(r, n16, D / 2, Q + b * q.stride(0) + i0 * q.stride(1) + h * q.stride(2), q.stride(1), Kp.data(), S16,
-               Sc.data(), n16, false);
+        T* saved = P + (b * H + h) * per;
+        for (int64_t i0 = 0; i0 < T_; i0 += block) {
+          const int64_t r = std::min(block, T_ - i0), n = start + i0 + r, n16 = up(n, 16);
+          T* pr = KS == 2 ? Pr.data() : saved;  // fp32: the kept rows are the A operand of P V as they are
+          gemm<T>(r, n16, D / KS, Q + b * q.stride(0) + i0 * q.stride(1) + h * q.stride(2), q.stride(1), Kp.data(), S16,
+                  Sc.data(), n16, false);
           for (int64_t i = 0; i < r; ++i) {  // softmax of row i over the keys it sees: start + i0 + i + 1
             const int64_t seen = start + i0 + i + 1, whole = seen / 16 * 16, end = up(seen, 16);
             const __mmask16 tail = (__mmask16)((1u << (seen - whole)) - 1);
@@ -833,23 +848,132 @@ std::vector<torch::Tensor> causal_attention_forward(torch::Tensor q, torch::Tens
               sum = V::add(sum, e);
             }
             const F inv = V::set1(1.f / V::sum(sum));
-            bf16* pr = Pr.data() + i * n16;
-            for (int64_t j = 0; j < n16; j += 16)
-              _mm256_storeu_si256((__m256i*)(pr + j), j < end ? to_bf16(V::mul(V::load(s + j), inv)) : _mm256_setzero_si256());
+            T* row = pr + i * n16;
+            for (int64_t j = 0; j < n16; j += 16) Op<T>::store(row + j, j < end ? V::mul(V::load(s + j), inv) : V::zero());
           }
-          gemm(r, D, up(n, 2) / 2, Pr.data(), n16, Vp.data(), D, Ot.data(), D, false);
+          gemm<T>(r, D, up(n, KS) / KS, pr, n16, Vp, ldv, Ot.data(), D, false);
           for (int64_t i = 0; i < r; ++i)
-            for (int64_t d = 0; d < D; d += 16)
-              _mm256_storeu_si256((__m256i*)(O + ((b * T + i0 + i) * H + h) * D + d), to_bf16(V::load(Ot.data() + i * D + d)));
-          for (int64_t i = 0; i < r; i += 2)  // kept as pairs of rows: the A operand of P^T dO in the backward
-            for (int64_t j = 0; j < n16; j += 16)
-              _mm512_storeu_si512(saved + i / 2 * n16 + j, interleave(_mm256_loadu_si256((const __m256i*)(Pr.data() + i * n16 + j)),
-                                  i + 1 < r ? _mm256_loadu_si256((const __m256i*)(Pr.data() + (i + 1) * n16 + j)) : _mm256_setzero_si256()));
-          saved += up(r, 2) / 2 * n16;
+            for (int64_t d = 0; d < D; d += 16) Op<T>::store(O + ((b * T_ + i0 + i) * H + h) * D + d, V::load(Ot.data() + i * D + d));
+          if constexpr (KS == 2) {  // kept as pairs of rows: the A operand of P^T dO in the backward
+            uint32_t* sv = reinterpret_cast<uint32_t*>(saved);
+            for (int64_t i = 0; i < r; i += 2)
+              for (int64_t j = 0; j < n16; j += 16)
+                _mm512_storeu_si512(sv + i / 2 * n16 + j, interleave(_mm256_loadu_si256((const __m256i*)(pr + i * n16 + j)),
+                                    i + 1 < r ? _mm256_loadu_si256((const __m256i*)(pr + (i + 1) * n16 + j)) : _mm256_setzero_si256()));
+          }
+          saved += up(r, KS) * n16;
         }
       }
     }
   });
+}
+
+template <typename T>
+static void backward(const torch::Tensor& grad, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                     const torch::Tensor& probs, int64_t start, int64_t block, torch::Tensor& dq, torch::Tensor& dk,
+                     torch::Tensor& dv) {
+  constexpr int KS = Op<T>::KS;
+  const int64_t B = q.size(0), T_ = q.size(1), H = q.size(2), D = q.size(3), S = start + T_, Hkv = k.size(2), G = H / Hkv;
+  const int64_t per = saved_per_head(T_, start, block, KS), S16 = up(S, 16), SK = up(S, KS);
+  const T *Q = (const T*)q.data_ptr(), *K = (const T*)k.data_ptr(), *Vv = (const T*)v.data_ptr();
+  const T *Gd = (const T*)grad.data_ptr(), *P = (const T*)probs.data_ptr();
+  T *DQ = (T*)dq.data_ptr(), *DK = (T*)dk.data_ptr(), *DV = (T*)dv.data_ptr();
+  const float scale = 1.f / std::sqrt((float)D);
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t w0, int64_t w1) {
+    const bool pairs = KS == 2;
+    std::vector<uint32_t> Kb(pairs ? SK / 2 * D : 0), Vp(D / KS * S16), dSp(pairs ? block / 2 * S16 : 0);
+    std::vector<uint32_t> Qb(pairs ? block / 2 * D : 0), dOb(pairs ? block / 2 * D : 0);
+    std::vector<float> dK(S * D), dV(S * D), dP((block + 1) * S16), dQt(block * D);
+    std::vector<T> dS(block * S16);
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t b = w / Hkv, g = w % Hkv;
+      int64_t ldk;
+      const uint32_t* Kp = rows_operand(K + b * k.stride(0) + g * k.stride(2), S, k.stride(1), D, Kb.data(), ldk);  // for dS K
+      columns(Vv + b * v.stride(0) + g * v.stride(2), S, v.stride(1), D, Vp.data(), S16);  // for dO V^T
+      std::fill(dK.begin(), dK.end(), 0.f);  // fp32, summed over blocks and query heads
+      std::fill(dV.begin(), dV.end(), 0.f);
+      for (int64_t h = g * G; h < (g + 1) * G; ++h) {
+        const T* dO = Gd + b * grad.stride(0) + h * grad.stride(2);
+        const T* saved = P + (b * H + h) * per;
+        for (int64_t i0 = 0; i0 < T_; i0 += block) {
+          const int64_t r = std::min(block, T_ - i0), n = start + i0 + r, n16 = up(n, 16), rk = up(r, KS) / KS;
+          int64_t ldo, ldq;
+          const uint32_t* dOp = rows_operand(dO + i0 * grad.stride(1), r, grad.stride(1), D, dOb.data(), ldo);
+          const uint32_t* Qp = rows_operand(Q + b * q.stride(0) + i0 * q.stride(1) + h * q.stride(2), r, q.stride(1), D, Qb.data(), ldq);
+          gemm<T>(n, D, rk, saved, n16, dOp, ldo, dV.data(), D, true, true);  // dV += P^T dO
+          gemm<T>(r, n16, D / KS, dO + i0 * grad.stride(1), grad.stride(1), Vp.data(), S16, dP.data(), n16, false);
+          const F sc = V::set1(scale);
+          if constexpr (KS == 2) {
+            if (r % 2) std::fill(dP.data() + r * n16, dP.data() + (r + 1) * n16, 0.f);  // the pad row pairs with zeros
+            const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);  // the upper bf16 of a pair, as fp32
+            const uint32_t* sv = reinterpret_cast<const uint32_t*>(saved);
+            for (int64_t i = 0; i < r; i += 2) {  // dS = P (dP - sum_j P dP) scale, rows i and i + 1 at once
+              const uint32_t* p = sv + i / 2 * n16;
+              const float *d0 = dP.data() + i * n16, *d1 = d0 + n16;
+              F s0 = V::zero(), s1 = V::zero();
+              for (int64_t j = 0; j < n16; j += 16) {
+                const __m512i x = _mm512_loadu_si512(p + j);
+                s0 = V::fma(_mm512_castsi512_ps(_mm512_slli_epi32(x, 16)), V::load(d0 + j), s0);
+                s1 = V::fma(_mm512_castsi512_ps(_mm512_and_si512(x, hi)), V::load(d1 + j), s1);
+              }
+              const F m0 = V::set1(V::sum(s0)), m1 = V::set1(V::sum(s1));
+              T* o = dS.data() + i * n16;
+              for (int64_t j = 0; j < n16; j += 16) {
+                const __m512i x = _mm512_loadu_si512(p + j);
+                const __m256i a = (__m256i)_mm512_cvtneps_pbh(V::mul(V::mul(_mm512_castsi512_ps(_mm512_slli_epi32(x, 16)), V::sub(V::load(d0 + j), m0)), sc));
+                const __m256i c = (__m256i)_mm512_cvtneps_pbh(V::mul(V::mul(_mm512_castsi512_ps(_mm512_and_si512(x, hi)), V::sub(V::load(d1 + j), m1)), sc));
+                _mm256_storeu_si256((__m256i*)(o + j), a);
+                if (i + 1 < r) _mm256_storeu_si256((__m256i*)(o + n16 + j), c);
+                _mm512_storeu_si512(dSp.data() + i / 2 * n16 + j, interleave(a, c));  // pairs of rows, for dS^T Q
+              }
+            }
+          } else {
+            for (int64_t i = 0; i < r; ++i) {  // dS = P (dP - sum_j P dP) scale
+              const float *p = saved + i * n16, *d = dP.data() + i * n16;
+              F s = V::zero();
+              for (int64_t j = 0; j < n16; j += 16) s = V::fma(V::load(p + j), V::load(d + j), s);
+              const F m = V::set1(V::sum(s));
+              for (int64_t j = 0; j < n16; j += 16) V::store(dS.data() + i * n16 + j, V::mul(V::mul(V::load(p + j), V::sub(V::load(d + j), m)), sc));
+            }
+          }
+          gemm<T>(r, D, up(n, KS) / KS, dS.data(), n16, Kp, ldk, dQt.data(), D, false);  // dQ = dS K
+          for (int64_t i = 0; i < r; ++i)
+            for (int64_t d = 0; d < D; d += 16) Op<T>::store(DQ + ((b * T_ + i0 + i) * H + h) * D + d, V::load(dQt.data() + i * D + d));
+          const T* dSa = KS == 2 ? reinterpret_cast<const T*>(dSp.data()) : dS.data();  // dS^T, laid out as B
+          gemm<T>(n, D, rk, dSa, n16, Qp, ldq, dK.data(), D, true, true);  // dK += dS^T Q
+          saved += up(r, KS) * n16;
+        }
+      }
+      for (int64_t j = 0; j < S; ++j)
+        for (int64_t d = 0; d < D; d += 16) {
+          Op<T>::store(DK + ((b * S + j) * Hkv + g) * D + d, V::load(dK.data() + j * D + d));
+          Op<T>::store(DV + ((b * S + j) * Hkv + g) * D + d, V::load(dV.data() + j * D + d));
+        }
+    }
+  });
+}
+
+}  // namespace attn
+
+// q (B, T, H, D) at positions start.., k and v (B, start + T, Hkv, D) (H a multiple of Hkv), bf16 or
+// fp32, unit stride in D -> (out (B, T, H, D), the kept probabilities (B H saved,)); scale 1/sqrt(D)
+std::vector<torch::Tensor> causal_attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t start,
+                                                    int64_t block) {
+  using namespace attn;
+  const auto dt = q.scalar_type();
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3), S = start + T;
+  TORCH_CHECK((dt == at::kBFloat16 || dt == at::kFloat) && block > 0 && block % 16 == 0 && D % 32 == 0 && start >= 0,
+              "causal_attention: bf16 or fp32, block a multiple of 16, head size a multiple of 32, start >= 0");
+  check(q, "q", dt, B, T, D);
+  check(k, "k", dt, B, S, D);
+  check(v, "v", dt, B, S, D);
+  const int64_t Hkv = k.size(2);
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0 && v.size(2) == Hkv, "causal_attention: k and v heads must divide q's");
+  auto out = torch::empty({B, T, H, D}, q.options());
+  const int64_t ks = dt == at::kBFloat16 ? 2 : 1;
+  auto probs = torch::empty({B * H * saved_per_head(T, start, block, ks)}, q.options());
+  if (dt == at::kBFloat16) forward<bf16>(q, k, v, start, block, out, probs);
+  else forward<float>(q, k, v, start, block, out, probs);
   return {out, probs};
 }
 
@@ -857,79 +981,23 @@ std::vector<torch::Tensor> causal_attention_forward(torch::Tensor q, torch::Tens
 std::vector<torch::Tensor> causal_attention_backward(torch::Tensor grad, torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                                      torch::Tensor probs, int64_t start, int64_t block) {
   using namespace attn;
+  const auto dt = q.scalar_type();
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3), S = start + T;
-  check(grad, "grad", B, T, D);
-  check(q, "q", B, T, D);
-  check(k, "k", B, S, D);
-  check(v, "v", B, S, D);
-  const int64_t Hkv = k.size(2), G = H / Hkv, per = saved_per_head(T, start, block);
-  TORCH_CHECK(probs.numel() == B * H * per && probs.is_contiguous(), "causal_attention: probs are not the forward's");
+  TORCH_CHECK((dt == at::kBFloat16 || dt == at::kFloat) && block > 0 && block % 16 == 0 && D % 32 == 0 && start >= 0,
+              "causal_attention: bf16 or fp32, block a multiple of 16, head size a multiple of 32, start >= 0");
+  check(grad, "grad", dt, B, T, D);
+  check(q, "q", dt, B, T, D);
+  check(k, "k", dt, B, S, D);
+  check(v, "v", dt, B, S, D);
+  const int64_t Hkv = k.size(2), ks = dt == at::kBFloat16 ? 2 : 1;
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0 && v.size(2) == Hkv, "causal_attention: k and v heads must divide q's");
+  TORCH_CHECK(probs.scalar_type() == dt && probs.is_contiguous() && probs.numel() == B * H * saved_per_head(T, start, block, ks),
+              "causal_attention: probs are not the forward's");
   auto dq = torch::empty({B, T, H, D}, q.options());
   auto dk = torch::empty({B, S, Hkv, D}, q.options());
   auto dv = torch::empty({B, S, Hkv, D}, q.options());
-  const bf16 *Q = (const bf16*)q.data_ptr(), *K = (const bf16*)k.data_ptr(), *Vv = (const bf16*)v.data_ptr();
-  const bf16 *Gd = (const bf16*)grad.data_ptr(), *P = (const bf16*)probs.data_ptr();
-  bf16 *DQ = (bf16*)dq.data_ptr(), *DK = (bf16*)dk.data_ptr(), *DV = (bf16*)dv.data_ptr();
-  const int64_t S16 = up(S, 16), S2 = up(S, 2);
-  const float scale = 1.f / std::sqrt((float)D);
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t w0, int64_t w1) {
-    std::vector<uint32_t> Kp(S2 / 2 * D), Vp(D / 2 * S16), dSp(block / 2 * S16);
-    std::vector<uint32_t> Qp(block / 2 * D), dOp(block / 2 * D);
-    std::vector<float> dK(S * D), dV(S * D), dP((block + 1) * S16), dQt(block * D);
-    std::vector<bf16> dS(block * S16);
-    for (int64_t w = w0; w < w1; ++w) {
-      const int64_t b = w / Hkv, g = w % Hkv;
-      pairs_of_rows(K + b * k.stride(0) + g * k.stride(2), S, k.stride(1), D, Kp.data());  // for dS K
-      pairs_of_columns(Vv + b * v.stride(0) + g * v.stride(2), S, v.stride(1), D, Vp.data(), S16);  // for dO V^T
-      std::fill(dK.begin(), dK.end(), 0.f);  // fp32, summed over blocks and query heads
-      std::fill(dV.begin(), dV.end(), 0.f);
-      for (int64_t h = g * G; h < (g + 1) * G; ++h) {
-        const bf16* dO = Gd + b * grad.stride(0) + h * grad.stride(2);
-        const uint32_t* saved = reinterpret_cast<const uint32_t*>(P + (b * H + h) * per);
-        for (int64_t i0 = 0; i0 < T; i0 += block) {
-          const int64_t r = std::min(block, T - i0), n = start + i0 + r, n16 = up(n, 16), r2 = up(r, 2) / 2;
-          pairs_of_rows(dO + i0 * grad.stride(1), r, grad.stride(1), D, dOp.data());
-          pairs_of_rows(Q + b * q.stride(0) + i0 * q.stride(1) + h * q.stride(2), r, q.stride(1), D, Qp.data());
-          gemm(n, D, r2, reinterpret_cast<const bf16*>(saved), n16, dOp.data(), D, dV.data(), D, true, true);  // dV += P^T dO
-          gemm(r, n16, D / 2, dO + i0 * grad.stride(1), grad.stride(1), Vp.data(), S16, dP.data(), n16, false);
-          if (r % 2) std::fill(dP.data() + r * n16, dP.data() + (r + 1) * n16, 0.f);  // the pad row pairs with zeros
-          const F sc = V::set1(scale);
-          const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);  // the upper bf16 of a pair, as fp32
-          for (int64_t i = 0; i < r; i += 2) {  // dS = P (dP - sum_j P dP) scale, rows i and i + 1 at once
-            const uint32_t* p = saved + i / 2 * n16;
-            const float *d0 = dP.data() + i * n16, *d1 = d0 + n16;
-            F s0 = V::zero(), s1 = V::zero();
-            for (int64_t j = 0; j < n16; j += 16) {
-              const __m512i x = _mm512_loadu_si512(p + j);
-              s0 = V::fma(_mm512_castsi512_ps(_mm512_slli_epi32(x, 16)), V::load(d0 + j), s0);
-              s1 = V::fma(_mm512_castsi512_ps(_mm512_and_si512(x, hi)), V::load(d1 + j), s1);
-            }
-            const F m0 = V::set1(V::sum(s0)), m1 = V::set1(V::sum(s1));
-            bf16* o = dS.data() + i * n16;
-            for (int64_t j = 0; j < n16; j += 16) {
-              const __m512i x = _mm512_loadu_si512(p + j);
-              const __m256i a = to_bf16(V::mul(V::mul(_mm512_castsi512_ps(_mm512_slli_epi32(x, 16)), V::sub(V::load(d0 + j), m0)), sc));
-              const __m256i c = to_bf16(V::mul(V::mul(_mm512_castsi512_ps(_mm512_and_si512(x, hi)), V::sub(V::load(d1 + j), m1)), sc));
-              _mm256_storeu_si256((__m256i*)(o + j), a);
-              if (i + 1 < r) _mm256_storeu_si256((__m256i*)(o + n16 + j), c);
-              _mm512_storeu_si512(dSp.data() + i / 2 * n16 + j, interleave(a, c));  // pairs of rows, for dS^T Q
-            }
-          }
-          gemm(r, D, up(n, 2) / 2, dS.data(), n16, Kp.data(), D, dQt.data(), D, false);  // dQ = dS K
-          for (int64_t i = 0; i < r; ++i)
-            for (int64_t d = 0; d < D; d += 16)
-              _mm256_storeu_si256((__m256i*)(DQ + ((b * T + i0 + i) * H + h) * D + d), to_bf16(V::load(dQt.data() + i * D + d)));
-          gemm(n, D, r2, reinterpret_cast<const bf16*>(dSp.data()), n16, Qp.data(), D, dK.data(), D, true, true);  // dK += dS^T Q
-          saved += r2 * n16;
-        }
-      }
-      for (int64_t j = 0; j < S; ++j)
-        for (int64_t d = 0; d < D; d += 16) {
-          _mm256_storeu_si256((__m256i*)(DK + ((b * S + j) * Hkv + g) * D + d), to_bf16(V::load(dK.data() + j * D + d)));
-          _mm256_storeu_si256((__m256i*)(DV + ((b * S + j) * Hkv + g) * D + d), to_bf16(V::load(dV.data() + j * D + d)));
-        }
-    }
-  });
+  if (dt == at::kBFloat16) backward<bf16>(grad, q, k, v, probs, start, block, dq, dk, dv);
+  else backward<float>(grad, q, k, v, probs, start, block, dq, dk, dv);
   return {dq, dk, dv};
 }
 #endif
@@ -977,9 +1045,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("softmax_gradient", &softmax_gradient, "logits -> softmax - one_hot(targets) in place; the summed loss");
   m.def("read_bandwidth", &read_bandwidth, "(bytes/s, sum) of one read of an fp32 buffer, as decode_step reads");
 #if defined(LLAMA_ISA_AVX512BF16)
-  m.def("causal_attention_forward", &causal_attention_forward, "blocked causal attention, bf16: (out, kept probabilities)");
+  m.def("causal_attention_forward", &causal_attention_forward, "blocked causal attention, bf16 or fp32: (out, kept probabilities)");
   m.def("causal_attention_backward", &causal_attention_backward, "the gradients of q, k, v of causal_attention_forward");
-  m.def("causal_attention_saved", &attn::saved_per_head, "bf16 elements the forward keeps per (batch, head)");
+  m.def("causal_attention_saved", &attn::saved_per_head, "elements the forward keeps per (batch, head): (T, start, block, 2 for bf16 / 1 for fp32)");
 #endif
   m.attr("ISA") = V::ISA;  // the instruction set this build was compiled for
 }

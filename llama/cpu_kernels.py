@@ -1,10 +1,10 @@
 """The C++ CPU kernels (cpu_kernels.cpp, package data): one source built on first use, by torch's
 extension loader, as one extension per instruction set (`VARIANTS`): AVX512-BF16 (native bf16 dot
 products), AVX2 + FMA and NEON. It holds the fused decoding step (llama/inference/cpu_decode.py),
-the training loss's pass over the logits (llama.train.recipe.linear_cross_entropy), the bf16 causal
-attention of the `blocked` backend (llama/blocked_attention.py; AVX512-BF16 build only) and the
-benchmarks' bandwidth probe. The fastest build this CPU runs is used; the environment variable
-LLAMA_CPU_KERNEL=avx512bf16|avx2|neon forces one (e.g. to measure AVX2 on an AVX-512 machine).
+the training loss's pass over the logits (llama.train.recipe.linear_cross_entropy), the causal
+attention of the `blocked` backend (llama/blocked_attention.py; bf16 and fp32, AVX512-BF16 build
+only) and the benchmarks' bandwidth probe. The fastest build this CPU runs is used; the environment
+variable LLAMA_CPU_KERNEL=avx512bf16|avx2|neon forces one (e.g. to measure AVX2 on an AVX-512 machine).
 """
 
 from __future__ import annotations

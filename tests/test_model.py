@@ -220,19 +220,22 @@ def _cpu_attention_kernel_or_skip():
         pytest.skip("no C++ CPU kernel with the bf16 attention here (it needs AVX512-BF16 and a compiler)")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("start", [0, 5])
-def test_blocked_attention_bf16_kernel_path(start, monkeypatch):
-    """bf16 on a CPU with the C++ kernel: blocked_causal_attention takes it (spied), with grouped-query
-    k/v as they are (4 query heads, 2 kv heads), 45 queries in blocks of 16; output and gradients
-    against float64 sdpa no further off than twice sdpa's own bf16 kernel + 1e-3; the same values
-    under torch.compile; and the torch path (kernel refused), which rounds the scores to bf16 before
-    the softmax, within three times sdpa's error with the grouped heads expanded."""
+def test_blocked_attention_kernel_path(start, dtype, monkeypatch):
+    """bf16 and fp32 on a CPU with the C++ kernel: blocked_causal_attention takes it (spied), with
+    grouped-query k/v as they are (4 query heads, 2 kv heads), 45 queries in blocks of 16; output and
+    gradients against float64 sdpa no further off than twice sdpa's own kernel in that dtype + 1e-3
+    (bf16) or 1e-5 (fp32); the same values under torch.compile; and the torch path (kernel refused),
+    which rounds the scores to the dtype before the softmax, within three times sdpa's error with the
+    grouped heads expanded."""
     _cpu_attention_kernel_or_skip()
     torch.manual_seed(0)
     b, h, hkv, t, d = 2, 4, 2, 45, 32
-    q = torch.randn(b, h, t, d, dtype=torch.bfloat16)
-    k, v = torch.randn(2, b, hkv, start + t, d, dtype=torch.bfloat16)
-    grad = torch.randn(b, h, t, d, dtype=torch.bfloat16)
+    slack = 1e-3 if dtype == torch.bfloat16 else 1e-5
+    q = torch.randn(b, h, t, d, dtype=dtype)
+    k, v = torch.randn(2, b, hkv, start + t, d, dtype=dtype)
+    grad = torch.randn(b, h, t, d, dtype=dtype)
     mask = torch.ones(t, start + t, dtype=torch.bool).tril(start)
     sdpa = lambda q, k, v: F.scaled_dot_product_attention(  # noqa: E731
         q, k.repeat_interleave(h // hkv, 1), v.repeat_interleave(h // hkv, 1), attn_mask=mask)
@@ -245,14 +248,14 @@ def test_blocked_attention_bf16_kernel_path(start, monkeypatch):
     got = _attention_and_grads(blocked, q, k, v, grad)
     assert calls == [(start, 16)]
     for x, y, r in zip(got, theirs, ref):
-        assert (x.double() - r).abs().max() <= 2 * (y.double() - r).abs().max() + 1e-3
+        assert (x.double() - r).abs().max() <= 2 * (y.double() - r).abs().max() + slack
     monkeypatch.setattr(blocked_attention, "_cpu_forward", forward)
     compiled = _attention_and_grads(torch.compile(blocked, fullgraph=True), q, k, v, grad)
     for x, y in zip(compiled, got):
         torch.testing.assert_close(x, y, atol=0, rtol=0)
     monkeypatch.setattr(blocked_attention, "_use_kernel", lambda q, block: False)
-    for x, y, r in zip(_attention_and_grads(blocked, q, k, v, grad), theirs, ref):  # its scores are rounded to bf16
-        assert (x.double() - r).abs().max() <= 3 * (y.double() - r).abs().max() + 1e-3
+    for x, y, r in zip(_attention_and_grads(blocked, q, k, v, grad), theirs, ref):  # its scores are rounded
+        assert (x.double() - r).abs().max() <= 3 * (y.double() - r).abs().max() + slack
 
 
 def test_blocked_backend_bf16_training_runs_the_kernel(monkeypatch):
