@@ -742,15 +742,28 @@ template <typename T, int M, int W> struct Fill {
 };
 static const bool filled = Fill<bf16, MR, NV>::run() && Fill<float, MR, NV>::run();
 
+// What a causal product may skip (exactly: the skipped terms are masked or zero). Row i of the
+// product (a query at position off + i, or with KEYS a key at position i):
+//   COLUMNS: its columns are keys; it needs those < off + i + 1 (the scores, dO V^T)
+//   REDUCED: its reduced dimension is keys; it needs those < off + i + 1 (P V, dS K)
+//   QUERIES: it is key i, its reduced dimension is queries at off + r; it needs r >= i - off (P^T dO, dS^T Q)
+enum Skip { NONE, COLUMNS, REDUCED, QUERIES };
+
 // C (M x N, ldc) = [C +] A (M x KS K, lda; laid out as B with ap) B (K x N words, ldb); N a multiple of 16
 template <typename T>
 static void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const uint32_t* B, int64_t ldb,
-                 float* C, int64_t ldc, bool add, bool ap = false) {
+                 float* C, int64_t ldc, bool add, bool ap = false, Skip skip = NONE, int64_t off = 0) {
   constexpr int KS = Op<T>::KS;
-  for (int64_t j = 0; j < N; j += 16 * NV) {
-    const int w = (int)std::min<int64_t>(NV, (N - j) / 16);
-    for (int64_t i = 0; i < M; i += MR)
-      Tiles<T>::at[ap][std::min<int64_t>(MR, M - i)][w](ap ? A + KS * i : A + i * lda, lda, B + j, ldb, K, C + i * ldc + j, ldc, add);
+  for (int64_t i = 0; i < M; i += MR) {
+    const int64_t mr = std::min<int64_t>(MR, M - i);
+    const int64_t n = skip == COLUMNS ? std::min(N, up(off + i + mr, 16)) : N;
+    const int64_t k1 = skip == REDUCED ? std::min(K, up(off + i + mr, KS) / KS) : K;
+    const int64_t k0 = skip == QUERIES ? std::min(k1, std::max<int64_t>(0, i - off) / KS) : 0;
+    const T* a = (ap ? A + KS * i : A + i * lda) + (ap ? KS * k0 * lda : KS * k0);
+    for (int64_t j = 0; j < n; j += 16 * NV) {
+      const int w = (int)std::min<int64_t>(NV, (n - j) / 16);
+      Tiles<T>::at[ap][mr][w](a, lda, B + k0 * ldb + j, ldb, k1 - k0, C + i * ldc + j, ldc, add);
+    }
   }
 }
 
@@ -831,7 +844,7 @@ static void forward(const torch::Tensor& q, const torch::Tensor& k, const torch:
           const int64_t r = std::min(block, T_ - i0), n = start + i0 + r, n16 = up(n, 16);
           T* pr = KS == 2 ? Pr.data() : saved;  // fp32: the kept rows are the A operand of P V as they are
           gemm<T>(r, n16, D / KS, Q + b * q.stride(0) + i0 * q.stride(1) + h * q.stride(2), q.stride(1), Kp.data(), S16,
-                  Sc.data(), n16, false);
+                  Sc.data(), n16, false, false, COLUMNS, start + i0);
           for (int64_t i = 0; i < r; ++i) {  // softmax of row i over the keys it sees: start + i0 + i + 1
             const int64_t seen = start + i0 + i + 1, whole = seen / 16 * 16, end = up(seen, 16);
             const __mmask16 tail = (__mmask16)((1u << (seen - whole)) - 1);
@@ -851,7 +864,7 @@ static void forward(const torch::Tensor& q, const torch::Tensor& k, const torch:
             T* row = pr + i * n16;
             for (int64_t j = 0; j < n16; j += 16) Op<T>::store(row + j, j < end ? V::mul(V::load(s + j), inv) : V::zero());
           }
-          gemm<T>(r, D, up(n, KS) / KS, pr, n16, Vp, ldv, Ot.data(), D, false);
+          gemm<T>(r, D, up(n, KS) / KS, pr, n16, Vp, ldv, Ot.data(), D, false, false, REDUCED, start + i0);
           for (int64_t i = 0; i < r; ++i)
             for (int64_t d = 0; d < D; d += 16) Op<T>::store(O + ((b * T_ + i0 + i) * H + h) * D + d, V::load(Ot.data() + i * D + d));
           if constexpr (KS == 2) {  // kept as pairs of rows: the A operand of P^T dO in the backward
@@ -900,8 +913,9 @@ static void backward(const torch::Tensor& grad, const torch::Tensor& q, const to
           int64_t ldo, ldq;
           const uint32_t* dOp = rows_operand(dO + i0 * grad.stride(1), r, grad.stride(1), D, dOb.data(), ldo);
           const uint32_t* Qp = rows_operand(Q + b * q.stride(0) + i0 * q.stride(1) + h * q.stride(2), r, q.stride(1), D, Qb.data(), ldq);
-          gemm<T>(n, D, rk, saved, n16, dOp, ldo, dV.data(), D, true, true);  // dV += P^T dO
-          gemm<T>(r, n16, D / KS, dO + i0 * grad.stride(1), grad.stride(1), Vp.data(), S16, dP.data(), n16, false);
+          gemm<T>(n, D, rk, saved, n16, dOp, ldo, dV.data(), D, true, true, QUERIES, start + i0);  // dV += P^T dO
+          gemm<T>(r, n16, D / KS, dO + i0 * grad.stride(1), grad.stride(1), Vp.data(), S16, dP.data(), n16, false, false,
+                  COLUMNS, start + i0);  // dP = dO V^T (columns a row does not see are left as they were: P is 0 there)
           const F sc = V::set1(scale);
           if constexpr (KS == 2) {
             if (r % 2) std::fill(dP.data() + r * n16, dP.data() + (r + 1) * n16, 0.f);  // the pad row pairs with zeros
@@ -910,15 +924,16 @@ static void backward(const torch::Tensor& grad, const torch::Tensor& q, const to
             for (int64_t i = 0; i < r; i += 2) {  // dS = P (dP - sum_j P dP) scale, rows i and i + 1 at once
               const uint32_t* p = sv + i / 2 * n16;
               const float *d0 = dP.data() + i * n16, *d1 = d0 + n16;
+              const int64_t end = std::min(n16, up(start + i0 + i + 2, 16));  // past it P is 0 in both rows
               F s0 = V::zero(), s1 = V::zero();
-              for (int64_t j = 0; j < n16; j += 16) {
+              for (int64_t j = 0; j < end; j += 16) {
                 const __m512i x = _mm512_loadu_si512(p + j);
                 s0 = V::fma(_mm512_castsi512_ps(_mm512_slli_epi32(x, 16)), V::load(d0 + j), s0);
                 s1 = V::fma(_mm512_castsi512_ps(_mm512_and_si512(x, hi)), V::load(d1 + j), s1);
               }
               const F m0 = V::set1(V::sum(s0)), m1 = V::set1(V::sum(s1));
               T* o = dS.data() + i * n16;
-              for (int64_t j = 0; j < n16; j += 16) {
+              for (int64_t j = 0; j < end; j += 16) {
                 const __m512i x = _mm512_loadu_si512(p + j);
                 const __m256i a = (__m256i)_mm512_cvtneps_pbh(V::mul(V::mul(_mm512_castsi512_ps(_mm512_slli_epi32(x, 16)), V::sub(V::load(d0 + j), m0)), sc));
                 const __m256i c = (__m256i)_mm512_cvtneps_pbh(V::mul(V::mul(_mm512_castsi512_ps(_mm512_and_si512(x, hi)), V::sub(V::load(d1 + j), m1)), sc));
@@ -926,21 +941,26 @@ static void backward(const torch::Tensor& grad, const torch::Tensor& q, const to
                 if (i + 1 < r) _mm256_storeu_si256((__m256i*)(o + n16 + j), c);
                 _mm512_storeu_si512(dSp.data() + i / 2 * n16 + j, interleave(a, c));  // pairs of rows, for dS^T Q
               }
+              std::fill(o + end, o + n16, (T)0);
+              if (i + 1 < r) std::fill(o + n16 + end, o + 2 * n16, (T)0);
+              std::fill(dSp.data() + i / 2 * n16 + end, dSp.data() + (i / 2 + 1) * n16, 0u);
             }
           } else {
             for (int64_t i = 0; i < r; ++i) {  // dS = P (dP - sum_j P dP) scale
               const float *p = saved + i * n16, *d = dP.data() + i * n16;
+              const int64_t end = std::min(n16, up(start + i0 + i + 1, 16));  // past it P is 0
               F s = V::zero();
-              for (int64_t j = 0; j < n16; j += 16) s = V::fma(V::load(p + j), V::load(d + j), s);
+              for (int64_t j = 0; j < end; j += 16) s = V::fma(V::load(p + j), V::load(d + j), s);
               const F m = V::set1(V::sum(s));
-              for (int64_t j = 0; j < n16; j += 16) V::store(dS.data() + i * n16 + j, V::mul(V::mul(V::load(p + j), V::sub(V::load(d + j), m)), sc));
+              for (int64_t j = 0; j < end; j += 16) V::store(dS.data() + i * n16 + j, V::mul(V::mul(V::load(p + j), V::sub(V::load(d + j), m)), sc));
+              std::fill(dS.data() + i * n16 + end, dS.data() + (i + 1) * n16, 0.f);
             }
           }
-          gemm<T>(r, D, up(n, KS) / KS, dS.data(), n16, Kp, ldk, dQt.data(), D, false);  // dQ = dS K
+          gemm<T>(r, D, up(n, KS) / KS, dS.data(), n16, Kp, ldk, dQt.data(), D, false, false, REDUCED, start + i0);  // dQ = dS K
           for (int64_t i = 0; i < r; ++i)
             for (int64_t d = 0; d < D; d += 16) Op<T>::store(DQ + ((b * T_ + i0 + i) * H + h) * D + d, V::load(dQt.data() + i * D + d));
           const T* dSa = KS == 2 ? reinterpret_cast<const T*>(dSp.data()) : dS.data();  // dS^T, laid out as B
-          gemm<T>(n, D, rk, dSa, n16, Qp, ldq, dK.data(), D, true, true);  // dK += dS^T Q
+          gemm<T>(n, D, rk, dSa, n16, Qp, ldq, dK.data(), D, true, true, QUERIES, start + i0);  // dK += dS^T Q
           saved += up(r, KS) * n16;
         }
       }
