@@ -12,8 +12,8 @@ sequences) it is flash attention again. Two implementations:
   (batch, kv head) it packs K and V once, multiplies with fp32 sums (bf16: on the native bf16 dot
   instruction; fp32: FMAs), keeps scores and softmax in fp32 and writes the probabilities and their
   gradient directly in the layout the next product reads: no copies, no aten passes between the
-  products, grouped-query heads read in place. At 60M's shapes, forward + backward: bf16 1.6-1.9x
-  the torch-op version below (3.1-3.4x flash attention), fp32 1.3x (benchmarks/attention.py).
+  products, grouped-query heads read in place. At 60M's shapes, forward + backward: bf16 1.7-1.9x
+  the torch-op version below (3.2-3.8x flash attention), fp32 1.3x (benchmarks/attention.py).
 - Otherwise (other CPUs, GPUs, other head sizes), torch ops: each block's scores are one batched matmul (oneDNN),
   softmax and its backward one aten pass each; 1.7-2.3x faster than flash attention at 512 positions
   in bf16 (1.4x at 1024, 1.5x in fp32). The scale 1/sqrt(D) is folded into the queries (exact for
