@@ -160,8 +160,8 @@ def _bthd(t: Tensor) -> Tensor:
 
 @torch.library.custom_op("llama::cpu_causal_attention", mutates_args=())
 def _cpu_forward(q: Tensor, k: Tensor, v: Tensor, start: int, block: int) -> tuple[Tensor, Tensor]:
-    """bf16 q (B, H, T, D), k, v (B, H, start + T, D) -> (output (B, H, T, D), the kept probabilities):
-    the C++ kernel, scale 1/sqrt(D) applied inside."""
+    """bf16 or fp32 q (B, H, T, D), k, v (B, Hkv, start + T, D) -> (output (B, H, T, D), the kept
+    probabilities): the C++ kernel, scale 1/sqrt(D) applied inside."""
     out, probs = _kernel().causal_attention_forward(_bthd(q), _bthd(k), _bthd(v), start, block)
     return out.transpose(1, 2), probs
 

@@ -480,11 +480,13 @@ def _launch(tmp_path, base) -> Path:
 
 
 @pytest.mark.slow
-def test_dp2_and_tp2_match_one_rank(tmp_path):
+@pytest.mark.parametrize("dim", [64, 128])  # head size 16: attention in torch ops; 32: the C++ kernel where it builds
+def test_dp2_and_tp2_match_one_rank(tmp_path, dim):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "meta.json").write_text("{}")
     # 4 sequences of 32 tokens per step: 1 rank does 2 micro-batches of 2, dp=2 one of 2 per rank
-    base = dict(model="tiny", data=str(tmp_path / "data"), steps=4, warmup_steps=2, lr=3e-3, seq_len=32,
+    base = dict(model="tiny", model_overrides={"dim": dim}, data=str(tmp_path / "data"), steps=4, warmup_steps=2,
+                lr=3e-3, seq_len=32,
                 global_batch_tokens=128, micro_batch_size=2, dtype="fp32", eval_every=0, eval_batches=2,
                 ckpt_every=100, peak_flops=1e12, progress=False, resume="auto")
     res_file = _launch(tmp_path, base)

@@ -21,14 +21,13 @@ one build (e.g. to measure AVX2 on an AVX-512 machine).
 from __future__ import annotations
 
 import copy
-import os
 import time
 from typing import Optional
 
 import torch
 from torch import nn
 
-from llama.cpu_kernels import ENV_VAR, _modules, cpu_kernel_variants, cpu_kernels
+from llama.cpu_kernels import cpu_kernels
 from llama.env import cached_measurement, cpu_model_name, default_dtype, dtype_name, machine_key
 from llama.inference.decoders import EagerDecoder
 from llama.model import LINEARS, ModelArgs, Transformer
@@ -165,7 +164,7 @@ def decode_speeds(variant: Optional[str] = None, steps: int = 6) -> Optional[dic
     kernel = cpu_kernels(variant)
     if kernel is None:
         return None
-    chosen = variant or os.environ.get(ENV_VAR) or next(v for v in cpu_kernel_variants() if _modules.get(v))
+    chosen = kernel.ISA  # the build that loaded: the variant asked for, $LLAMA_CPU_KERNEL, or the fastest that builds
 
     def measure() -> dict[str, float]:
         torch.manual_seed(0)
