@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama.gpu_kernels import one_row_kernel_on
+
 METHODS = ("int8",)
 
 
@@ -45,6 +47,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (x @ q^T) * scales == x @ (q * scales[:, None])^T; the int8 -> x.dtype cast is per call,
         # so memory stays int8 between calls
+        if torch.compiler.is_compiling() and x.numel() == x.size(-1) and one_row_kernel_on(x):
+            return torch.ops.llama.gemv(x, self.weight, self.scales)  # int8 read once, on a Triton kernel
         if torch.compiler.is_compiling() and x.numel() == x.size(-1):
             # one row (a decoding step under torch.compile): written as a reduction over `in`, which
             # the compiler fuses with the int8 read (one pass over the weight) instead of casting the

@@ -13,7 +13,7 @@ from llama.config import CONFIG_DIR, config_path, names, read_json_object
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "llama"
 CORE = {"llama.model", "llama.blocked_attention", "llama.tokenizer", "llama.bpe_tokenizer", "llama.config",
-        "llama.env", "llama.chat", "llama.cpu_kernels"}
+        "llama.env", "llama.chat", "llama.cpu_kernels", "llama.gpu_kernels"}
 TRANSFORMS = {"llama.parallel", "llama.quantize", "llama.lora"}
 
 

@@ -6,7 +6,8 @@ KV cache. All of them run the one `Transformer.forward`; they differ in how:
     eager     the model's forward as it is (any device, any number of ranks)
     compiled  one-token steps through torch.compile of the same forward with tensor positions
               (fixed shapes: one graph for every position; prefill stays eager); greedy decoding
-              compiles the whole step (model, argmax, bookkeeping), on CUDA as one CUDA graph
+              compiles the whole step (model, argmax, bookkeeping), on CUDA as one CUDA graph,
+              with its one-row products on a Triton kernel (llama/gpu_kernels.py)
     fused     one-token steps in one C++ call on x86 CPUs with AVX512-BF16 or AVX2+FMA, and ARM64 with
               NEON (llama/inference/cpu_decode.py, one source built per instruction set); bf16/fp32
               weights, or int8 ones (llama.quantize)
@@ -15,8 +16,11 @@ KV cache. All of them run the one `Transformer.forward`; they differ in how:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from llama.gpu_kernels import OneRowLinears, available as gemv_available
 from llama.model import KVCache, Transformer
 
 DECODERS = ("auto", "eager", "compiled", "fused")
@@ -143,12 +147,15 @@ class CompiledDecoder(EagerDecoder):
     unless torch.compile's own mode="reduce-overhead" does that): a step is then one graph launch
     with no host work per layer or kernel, so the GPU streams the weights back to back. Logits
     returned by a captured one-token step live in the graph's buffer until the next step.
-    `pack=False` keeps the separate q/k/v and gate/up projections (see PackedProjections)."""
+    `pack=False` keeps the separate q/k/v and gate/up projections (see PackedProjections).
+    `gemv` runs the step's one-row products (bf16/fp16 weights) on llama.gpu_kernels' Triton kernel
+    instead of cuBLAS: default on for CUDA where Triton is installed."""
 
     name = "compiled"
     whole_greedy_steps = True
 
-    def __init__(self, model: Transformer, cuda_graphs: bool | None = None, pack: bool = True, **compile_options):
+    def __init__(self, model: Transformer, cuda_graphs: bool | None = None, pack: bool = True,
+                 gemv: bool | None = None, **compile_options):
         super().__init__(model)
         self.step = torch.compile(_decode_step, fullgraph=True, dynamic=False, **compile_options)
         self.greedy = torch.compile(greedy_step, fullgraph=True, dynamic=False, **compile_options)
@@ -162,6 +169,17 @@ class CompiledDecoder(EagerDecoder):
         self.pack = pack  # PackedProjections for the one-token steps
         self.packs = PackedProjections(model, pack)
         self._weights = _addresses(model)
+        if gemv and not gemv_available():
+            raise ValueError("gemv=True needs Triton and a CUDA device (Triton ships with CUDA builds of torch)")
+        self.gemv = (on_cuda and gemv_available()) if gemv is None else gemv
+
+    def _tracing(self) -> contextlib.ExitStack:
+        """What the one-token steps run inside: the packed projections, and the one-row kernel."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.packs)
+        if self.gemv:
+            stack.enter_context(OneRowLinears())
+        return stack
 
     def decode_state(self, batch, width, device):
         # the same buffers every time, so a captured whole-step graph can be replayed
@@ -175,12 +193,12 @@ class CompiledDecoder(EagerDecoder):
             return super().__call__(tokens, start_pos, cache, last_only)
         pos = torch.full((1,), start_pos, dtype=torch.long, device=tokens.device)  # a fill, not a host copy
         if not self.cuda_graphs:
-            with self.packs:
+            with self._tracing():
                 return self.step(self.model, tokens, cache, pos).float()
         key = ("step", tokens.shape, cache.k.data_ptr(), cache.v.data_ptr())
         if key not in self._graphs:
             inputs = (tokens.clone(), pos.clone())
-            with self.packs:
+            with self._tracing():
                 self._graphs[key] = (*_capture(lambda: self.step(self.model, inputs[0], cache, inputs[1]).float(),
                                                lambda: self.step(self.model, inputs[0].clone(), cache, inputs[1].clone())),
                                      inputs)
@@ -193,7 +211,7 @@ class CompiledDecoder(EagerDecoder):
     def greedy_step(self, cache: KVCache, state: DecodeState, eos: int) -> None:
         """`greedy_step` of the whole batch: compiled; on CUDA one replay of its captured graph."""
         if not self.cuda_graphs:
-            with self.packs:
+            with self._tracing():
                 self.greedy(self.model, cache, state, eos)
             return
         key = ("greedy", state.tokens.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), eos)
@@ -204,7 +222,7 @@ class CompiledDecoder(EagerDecoder):
                 self.greedy(self.model, cache, state, eos)
                 for name, t in saved.__dict__.items():
                     getattr(state, name).copy_(t)
-            with self.packs:
+            with self._tracing():
                 self._graphs[key] = _capture(lambda: self.greedy(self.model, cache, state, eos), warm_up)
         self._graphs[key][0].replay()
 

@@ -1,0 +1,172 @@
+"""llama/gpu_kernels.py: the Triton one-row product that GPU decoding runs its weights through.
+
+There is no GPU here, so the kernel runs under Triton's CPU interpreter (TRITON_INTERPRET=1, set
+before Triton is imported: a subprocess): its results against float64 products, and the compiled
+decoder's one-token steps with it against the eager model's, counting the kernel's launches so a
+step that silently bypassed it would fail. Triton is a test extra here (CUDA builds of torch ship
+it); without it these tests skip.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama import gpu_kernels
+from llama.inference import CompiledDecoder
+from llama.model import Transformer
+from tests.helpers import tiny_args
+
+ROOT = Path(__file__).resolve().parent.parent
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+
+
+def interpret(code: str) -> str:
+    """Run `code` in a fresh interpreter with Triton's CPU interpreter on; returns its stdout."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+@needs_triton
+def test_gemv_matches_float64_products():
+    """bf16 and fp16 weights, and int8 ones with per-row scales; shapes that fill whole tiles and
+    shapes with ragged rows and columns; a row with leading dims of size 1. Each output within its
+    dtype's rounding of the float64 product (the interpreter rounds bf16 toward zero: one unit)."""
+    out = interpret("""
+        import torch
+        from llama.quantize import quantize_per_row
+        torch.manual_seed(0)
+        worst = {}
+        for n, k in [(64, 128), (37, 70), (5, 200), (256, 32)]:
+            for dtype in (torch.bfloat16, torch.float16, torch.int8):
+                x = torch.randn(1, 1, k).to(torch.bfloat16 if dtype is torch.int8 else dtype)
+                w = torch.randn(n, k)
+                if dtype is torch.int8:
+                    q, s = quantize_per_row(w)
+                    y = torch.ops.llama.gemv(x, q, s)
+                    ref = x.double() @ (q.double() * s.double()[:, None]).t()
+                else:
+                    w = w.to(dtype)
+                    y = torch.ops.llama.gemv(x, w)
+                    ref = x.double() @ w.double().t()
+                assert y.shape == (1, 1, n) and y.dtype == x.dtype, (y.shape, y.dtype)
+                unit = 2.0 ** (-10 if x.dtype is torch.float16 else -7)
+                excess = ((y.double() - ref).abs() - unit * ref.abs()) / ref.abs().max()
+                worst[(n, k, str(dtype))] = excess.max().item()
+        print(max(worst.values()))
+    """)
+    assert float(out.split()[-1]) < 1e-5  # fp32 sums: far below one unit of the output
+
+
+def test_gemv_names_what_it_cannot_take():
+    with pytest.raises(ValueError, match=r"one row of 16 values"):
+        gpu_kernels.gemv(torch.randn(2, 16), torch.randn(8, 16))
+    with pytest.raises(ValueError, match=r"per-row scales of shape \(8,\)"):
+        gpu_kernels.gemv(torch.randn(1, 16), torch.randn(8, 16), torch.ones(8))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where there is no GPU")
+def test_gemv_option_needs_a_gpu():
+    with pytest.raises(ValueError, match="gemv=True needs Triton and a CUDA device"):
+        CompiledDecoder(Transformer(tiny_args()), gemv=True)
+
+
+@needs_triton
+def test_compiled_steps_run_their_one_row_products_on_the_kernel():
+    """CompiledDecoder(gemv=True): each one-token step's products go to the kernel - the layers'
+    packed q|k|v, wo, w1|w3, w2 and the output head, 4 x layers + 1 launches; int8 weights (not
+    packed) 7 x layers + 1 - and its logits are the eager model's to bf16 rounding. With gemv=False
+    no launch happens."""
+    out = interpret("""
+        import torch
+        from llama import gpu_kernels
+        from llama.inference import CompiledDecoder
+        from llama.inference.decoders import EagerDecoder
+        from llama.model import KVCache, Transformer
+        from llama.quantize import quantize_int8
+        from tests.helpers import tiny_args
+
+        launches = 0
+        kernel = gpu_kernels._gemv_kernel
+        class Counting:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    global launches
+                    launches += 1
+                    return kernel[grid](*args, **kwargs)
+                return launch
+        gpu_kernels._gemv_kernel = Counting()
+
+        torch.manual_seed(0)
+        model = Transformer(tiny_args(n_kv_heads=2)).to(torch.bfloat16).eval().requires_grad_(False)
+        model.init_weights(std=0.08)
+        L = model.args.n_layers
+        prompt = torch.randint(3, model.args.vocab_size, (1, 5))
+        nxt = torch.randint(3, model.args.vocab_size, (1, 1))
+
+        def step_logits(decoder):
+            a = model.args
+            cache = KVCache(a.n_layers, 1, 16, a.n_kv_heads, a.head_dim, dtype=torch.bfloat16)
+            decoder(prompt, 0, cache)  # prefill: eager in both
+            return decoder(nxt, 5, cache).float()
+
+        for label, want_launches in (("bf16", 4 * L + 1), ("int8", 7 * L + 1)):
+            if label == "int8":
+                quantize_int8(model)
+            want = step_logits(EagerDecoder(model))
+            for gemv in (False, True):
+                torch._dynamo.reset()
+                launches = 0
+                got = step_logits(CompiledDecoder(model, cuda_graphs=False, gemv=gemv, backend="aot_eager"))
+                err = ((got - want).abs().max() / want.abs().max()).item()
+                print(label, gemv, launches, want_launches if gemv else 0, err)
+    """)
+    for line in out.strip().splitlines():
+        label, gemv, launches, want, err = line.split()
+        assert launches == want, line  # every product on the kernel (or none), once per step
+        assert float(err) < 2e-2, line  # bf16 rounding of a few layers
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and gpu_kernels.available()), reason="needs a CUDA device and Triton")
+def test_gemv_on_cuda_and_the_graph_captured_step():
+    """On a GPU (run by the GPU check): the compiled kernel against float64 products (round to nearest:
+    half a unit), and a CUDA-graph-captured one-token step of a bf16 model on it against the eager step."""
+    from llama.inference.decoders import EagerDecoder
+    from llama.model import KVCache
+    from llama.quantize import quantize_per_row
+
+    torch.manual_seed(0)
+    for n, k in [(4096, 4096), (37, 70), (11008, 4096), (4096, 11008)]:
+        for dtype in (torch.bfloat16, torch.float16, torch.int8):
+            x = torch.randn(1, k, device="cuda").to(torch.bfloat16 if dtype is torch.int8 else dtype)
+            w = torch.randn(n, k, device="cuda")
+            if dtype is torch.int8:
+                q, s = quantize_per_row(w)
+                y, ref = torch.ops.llama.gemv(x, q, s), x.double() @ (q.double() * s.double()[:, None]).t()
+            else:
+                y, ref = torch.ops.llama.gemv(x, w.to(dtype)), x.double() @ w.to(dtype).double().t()
+            unit = 2.0 ** (-11 if x.dtype is torch.float16 else -8)
+            excess = ((y.double() - ref).abs() - unit * ref.abs()).max() / ref.abs().max()
+            assert excess < 1e-5, (n, k, dtype, excess.item())
+
+    model = Transformer(tiny_args(n_kv_heads=2)).to("cuda", torch.bfloat16).eval().requires_grad_(False)
+    model.init_weights(std=0.08)
+    a = model.args
+    prompt = torch.randint(3, a.vocab_size, (1, 5), device="cuda")
+    nxt = torch.randint(3, a.vocab_size, (1, 1), device="cuda")
+    logits = []
+    for decoder in (EagerDecoder(model), CompiledDecoder(model)):
+        cache = KVCache(a.n_layers, 1, 16, a.n_kv_heads, a.head_dim, device="cuda", dtype=torch.bfloat16)
+        decoder(prompt, 0, cache)
+        logits.append(decoder(nxt, 5, cache).float().clone())
+    assert decoder.gemv and decoder.cuda_graphs
+    assert ((logits[1] - logits[0]).abs().max() / logits[0].abs().max()).item() < 2e-2
