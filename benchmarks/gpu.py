@@ -5,21 +5,24 @@
 
 Sections, in order (each in its own try/except: an error is recorded and the next section runs):
   environment  versions, the card, a measured bf16 matmul peak (8192^3) and HBM bandwidth (a copy
-               of 2 GiB: bytes read + written / time), both used by the sections below
+               of 2 GiB: bytes read + written / time; also a read-only sum), used by the sections below
+  decode       batch-1 greedy decoding of the 1B preset in bf16: eager, the compiled decoder (on CUDA
+               with its own CUDA graph of the step and its one-row products on llama.gpu_kernels'
+               Triton kernel; then on cuBLAS, gemv=False), transformers' generate with its static
+               cache (compiled by transformers on CUDA), int8 compiled; then the 7B preset, ours on
+               both and transformers (`--decode-big-only`: the 7B rows alone); tokens/s and % of the
+               bandwidth ceiling (bandwidth / bytes read per token); each one-row product of a step
+               alone, cuBLAS against the kernel, in GB/s
   attention    llama.model.attention's backends (sdpa, xformers) against its naive "math" backend:
                forward and backward, bf16 and fp16, MHA and GQA, prefill, a chunk at start_pos > 0
-               over a KV cache, and one decoding token; max abs and relative differences
+               over a KV cache, and one decoding token; max abs and relative differences (and, where
+               xformers declines, its dispatcher's reasons)
+  numerics     our logits against transformers' LlamaForCausalLM on the same weights, fp32 and bf16
   training     the trainer's one-process loss (linear_cross_entropy) against the unfused one: loss,
                gradients and time; FSDP2 over a 1-rank process group (nccl, else gloo: both checked
                against the unsharded model first), then the 1B preset and four layers of the 7B preset's shapes in bf16
                with torch.compile'd blocks, selective activation checkpointing and fused AdamW:
                tokens/s and MFU = flops_per_token * tokens/s / the measured matmul peak
-  decode       batch-1 greedy decoding of the 1B preset in bf16: eager, the compiled decoder (on CUDA
-               with its own CUDA graph of the step; then without packing q/k/v and gate/up as one
-               matrix each), transformers' generate with its static cache (compiled by transformers
-               on CUDA), int8 compiled; then the 7B preset, ours and transformers; tokens/s and % of
-               the bandwidth ceiling (bandwidth / bytes read per token)
-  numerics     our logits against transformers' LlamaForCausalLM on the same weights, fp32 and bf16
 
 A global time budget skips what would not fit; a section that overruns its share, or a compile-
 heavy step its cap, is interrupted (SIGALRM) and recorded as such. Results are written to `--out`
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import importlib.metadata
 import importlib.util
@@ -52,9 +56,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
+from llama.gpu_kernels import available as gemv_available
 from llama.formats.hf import hf_config, to_hf
 from llama.inference import CompiledDecoder, Llama
 from llama.model import ModelArgs, Transformer, attention
@@ -96,6 +102,7 @@ class Sizes:
     decode_model: tuple = ("1B", {})
     decode_big_model: tuple = ("7B", {})
     decode_dtype: torch.dtype = torch.bfloat16
+    decode_small: bool = True  # the 1B rows (and int8); False: the 7B rows only (--decode-big-only)
     prompt_len: int = 128
     new_tokens: int = 256
     agree_tokens: int = 32
@@ -105,7 +112,7 @@ class Sizes:
     loss_shape: tuple = (8192, 2048, 32000)  # (tokens, dim, vocab) of the training-loss check: 1B, 4 x 2048
     # section -> (seconds it may take at most, seconds it needs at least to start)
     shares: dict = field(default_factory=lambda: {"environment": (40, 10), "attention": (50, 10),
-                                                  "training": (180, 60), "decode": (400, 40),
+                                                  "training": (180, 60), "decode": (420, 40),
                                                   "numerics": (45, 15)})
     # sub-step -> (seconds it needs at least to start, seconds after which it is interrupted); the
     # compiles dominate, and a cap keeps one slow compile from taking the rows after it
@@ -385,6 +392,8 @@ def section_environment(ctx: Ctx, out: dict):
         ctx.bandwidth = copy_bandwidth(ctx, s.copy_bytes, s.timing_repeats)
         out["copy_bandwidth_gbs"] = ctx.bandwidth / 1e9
         out["copy"] = f"{s.copy_bytes / 2**30:.2f} GiB device-to-device, (read + written) / time, best of {s.timing_repeats}"
+    with recorded(out, "read"):  # what a decoding step does: read only (percentages stay against the copy)
+        out["read_bandwidth_gbs"] = read_bandwidth(ctx, s.copy_bytes, s.timing_repeats) / 1e9
 
 
 def matmul_flops(ctx: Ctx, n: int, repeats: int) -> float:
@@ -399,6 +408,13 @@ def copy_bandwidth(ctx: Ctx, nbytes: int, repeats: int) -> float:
     src = torch.ones(nbytes // 4, device=ctx.device, dtype=torch.float32)
     dst = torch.empty_like(src)
     return 2 * nbytes / best_seconds(lambda: dst.copy_(src), ctx, repeats)
+
+
+def read_bandwidth(ctx: Ctx, nbytes: int, repeats: int) -> float:
+    """Bytes/s of summing `nbytes` of bf16 on the device: each byte read once, nothing written but the sum."""
+    src = torch.randn(nbytes // 2, device=ctx.device, dtype=torch.bfloat16)
+    total = torch.empty((), device=ctx.device, dtype=torch.float32)
+    return nbytes / best_seconds(lambda: torch.sum(src, dim=0, dtype=torch.float32, out=total), ctx, repeats)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,13 +474,18 @@ def section_attention(ctx: Ctx, out: dict):
                     row = {"backend": backend, "dtype": str(dtype).removeprefix("torch."), "layout": layout,
                            "case": f"{case} (T={seqlen}, start_pos={start_pos})"}
                     with recorded(row):
-                        row.update(compare_attention(backend, dtype, nh, nkv, seqlen, start_pos, s.attn_batch,
-                                                     s.attn_head_dim, ctx.device))
+                        try:
+                            row.update(compare_attention(backend, dtype, nh, nkv, seqlen, start_pos, s.attn_batch,
+                                                         s.attn_head_dim, ctx.device))
+                        except NotImplementedError as e:  # xformers' dispatcher: why each of its kernels declined
+                            row["reasons"] = " ".join(str(e).split())[:1500]
+                            raise
                     rows.append(row)
             ctx.report.save()
     done = [r for r in rows if "ok" in r]
-    out["all_equal"] = bool(done) and all(r["ok"] for r in done)
-    out["failed"] = len(rows) - len(done)
+    out["all_equal"] = bool(done) and all(r["ok"] for r in done)  # of the comparisons that ran
+    out["compared"] = len(done)
+    out["failed"] = len(rows) - len(done)  # could not run (e.g. xformers without its CUDA kernels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -781,22 +802,34 @@ def section_decode(ctx: Ctx, out: dict):
             return lambda n: llama.generate([ids], n, temperature=0.0)[0][0]
         return make
 
-    dense = bytes_read_per_token(model) + kv
-    add("ours, eager", "decode_eager", ours(model, "eager"), dense)
     graphs = " (+ its CUDA graph)" if ctx.cuda else ""
-    add("ours, compiled decoder" + graphs, "decode_compiled", ours(model, "compiled"), dense)
-    add("ours, compiled, q/k/v and gate/up not packed", "decode_compiled", ours(model, "compiled", pack=False), dense)
-    add("transformers", "decode_transformers", lambda: hf_generator(ctx, model, prompt, max_len, out), dense)
-    gc.collect()
-    if ctx.cuda:
-        torch.cuda.empty_cache()
+    kernel = gemv_available() and ctx.cuda  # the compiled decoder's default on CUDA with Triton
+    if not s.decode_small:  # --decode-big-only
+        del model
+        free_memory(ctx)
+    else:
+        dense = bytes_read_per_token(model) + kv
+        add("ours, eager", "decode_eager", ours(model, "eager"), dense)
+        add("ours, compiled decoder" + graphs + (", one-row products on llama.gpu_kernels.gemv" if kernel else ""),
+            "decode_compiled", ours(model, "compiled"), dense)
+        if kernel:
+            add("ours, compiled, one-row products on cuBLAS (gemv=False)", "decode_compiled",
+                ours(model, "compiled", gemv=False), dense)
+        add("transformers", "decode_transformers", lambda: hf_generator(ctx, model, prompt, max_len, out), dense)
+        if kernel:
+            with recorded(out, "one_row_products"):
+                out["one_row_products"] = one_row_products(ctx, model.args, s.decode_dtype)
+        gc.collect()
+        if ctx.cuda:
+            torch.cuda.empty_cache()
 
-    # int8 weight-only (llama.quantize, per-row scales) of the same weights: its greedy tokens need
-    # not equal bf16's, so agreement is informative only
-    q = quantize_int8(model)  # in place: `model` is int8 from here on
-    add("ours, int8, compiled" + graphs, "decode_compiled", ours(q, "compiled"), bytes_read_per_token(q) + kv)
-    del model, q
-    free_memory(ctx)
+        # int8 weight-only (llama.quantize, per-row scales) of the same weights: its greedy tokens need
+        # not equal bf16's, so agreement is informative only
+        q = quantize_int8(model)  # in place: `model` is int8 from here on
+        add("ours, int8, compiled" + graphs + (", on gemv" if kernel else ""), "decode_compiled", ours(q, "compiled"),
+            bytes_read_per_token(q) + kv)
+        del model, q
+        free_memory(ctx)
 
     # the 7B preset (dim 4096, hidden 11008): the model size gpt-fast's published ~82% is measured on
     name, overrides = s.decode_big_model
@@ -807,11 +840,62 @@ def section_decode(ctx: Ctx, out: dict):
     big_bytes = bytes_read_per_token(big) + kv
     label = f"{name} {overrides}" if overrides else name
     out["big_model"] = f"{label}: {big.num_params() / 1e9:.2f}B parameters"
-    add(f"{label}: ours, compiled decoder" + graphs, "decode_compiled", ours(big, "compiled"), big_bytes)
+    add(f"{label}: ours, compiled decoder" + graphs + (", on gemv" if kernel else ""), "decode_compiled",
+        ours(big, "compiled"), big_bytes)
+    if kernel:
+        add(f"{label}: ours, compiled, on cuBLAS (gemv=False)", "decode_compiled", ours(big, "compiled", gemv=False),
+            big_bytes)
     add(f"{label}: transformers", "decode_transformers",
         lambda: hf_generator(ctx, big, prompt, max_len, out), big_bytes)
+    if kernel:
+        with recorded(out, "one_row_products_big"):
+            out["one_row_products_big"] = one_row_products(ctx, a, s.decode_dtype)
+        from llama import gpu_kernels  # the tile sizes Triton's autotuner chose, per (N, K, dtypes)
+        out["gemv_configs"] = {str(k): str(v) for k, v in gpu_kernels._gemv_kernel.cache.items()}
     del big
     free_memory(ctx)
+
+
+def one_row_products(ctx: Ctx, args: ModelArgs, dtype: torch.dtype, pool_bytes: int = 2**30) -> list[dict]:
+    """Each one-row product of a decoding step (a layer's packed projections and the output head)
+    alone: cuBLAS (F.linear) against llama.gpu_kernels.gemv, GB/s of weights read, as CUDA-graph
+    replays over enough copies of the weight (>= `pool_bytes`) that every read comes from HBM, not L2."""
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    shapes = {"wq|wk|wv": (q + 2 * kv, args.dim), "wo": (args.dim, q), "w1|w3": (2 * args.ffn_hidden_dim, args.dim),
+              "w2": (args.dim, args.ffn_hidden_dim), "output": (args.vocab_size, args.dim)}
+    rows = []
+    for name, (n, k) in shapes.items():
+        nbytes = n * k * dtype.itemsize
+        copies = max(2, math.ceil(pool_bytes / nbytes))
+        ws = [torch.randn(n, k, device=ctx.device, dtype=dtype) for _ in range(copies)]
+        x = torch.randn(1, k, device=ctx.device, dtype=dtype)
+        row = {"product": name, "shape": f"{n} x {k}", "mb": nbytes / 1e6}
+        for impl, fn in (("cublas", F.linear), ("gemv", torch.ops.llama.gemv)):
+            with recorded(row, impl):
+                ref = F.linear(x, ws[0]).float()
+                got = fn(x, ws[0]).float()  # autotunes the kernel for this shape
+                row[f"{impl}_max_rel_err"] = ((got - ref).abs().max() / ref.abs().max()).item()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for w in ws:
+                        fn(x, w)
+                seconds = best_seconds(graph.replay, ctx, 10) / copies
+                row[f"{impl}_us"] = 1e6 * seconds
+                row[f"{impl}_gbs"] = nbytes / seconds / 1e9
+                if ctx.bandwidth:
+                    row[f"{impl}_pct_copy_bw"] = 100 * nbytes / seconds / ctx.bandwidth
+        rows.append(row)
+        del ws
+        torch.cuda.empty_cache()
+    # a step's products: each layer's four and the output head, at each implementation's speed
+    products = list(rows)
+    for impl in ("cublas", "gemv"):
+        if all(f"{impl}_us" in r for r in products):
+            per_layer = sum(r[f"{impl}_us"] for r in products if r["product"] != "output")
+            head = next(r[f"{impl}_us"] for r in products if r["product"] == "output")
+            rows.append({"product": f"a step's products, {impl}", "shape": f"{args.n_layers} layers + output",
+                         f"{impl}_us": args.n_layers * per_layer + head})
+    return rows
 
 
 def bytes_read_per_token(model: Transformer) -> int:
@@ -903,8 +987,9 @@ def section_numerics(ctx: Ctx, out: dict):
 # ---------------------------------------------------------------------------------------------
 
 
-SECTIONS = {"environment": section_environment, "attention": section_attention, "training": section_training,
-            "decode": section_decode, "numerics": section_numerics}
+# decode first after the environment: it is what a short lease is most often for
+SECTIONS = {"environment": section_environment, "decode": section_decode, "attention": section_attention,
+            "numerics": section_numerics, "training": section_training}
 
 
 def run(sizes: Sizes, device: torch.device, budget_s: float, out_path: Path, smoke: bool,
@@ -953,6 +1038,7 @@ def main(argv=None):
     default_out = Path(os.environ["OUT"]) / "gpu.json" if os.environ.get("OUT") else Path("gpu.json")
     p.add_argument("--out", type=Path, default=default_out, help=f"JSON results (default {default_out})")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU: the same code paths in well under a minute")
+    p.add_argument("--decode-big-only", action="store_true", help="decode: the 7B rows only (no 1B, no int8)")
     p.add_argument("--sections", default="", help=f"comma-separated subset of {','.join(SECTIONS)}")
     a = p.parse_args(argv)
     only = [x for x in a.sections.split(",") if x]
@@ -965,6 +1051,8 @@ def main(argv=None):
         device, sizes = torch.device("cuda", 0), FULL
     else:
         p.error("no CUDA device: run on a GPU, or pass --smoke for the tiny CPU version")
+    if a.decode_big_only:
+        sizes = dataclasses.replace(sizes, decode_small=False)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     run(sizes, device, a.budget, a.out, a.smoke, only)
 

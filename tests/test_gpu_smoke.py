@@ -127,8 +127,7 @@ def test_decode_figures(smoke):
     dec = smoke["sections"]["decode"]
     rows = {r["impl"]: r for r in dec["rows"]}
     bw = smoke["sections"]["environment"]["copy_bandwidth_gbs"] * 1e9
-    measured = ["ours, eager", "ours, compiled decoder", "ours, compiled, q/k/v and gate/up not packed",
-                "transformers", "ours, int8, compiled"]
+    measured = ["ours, eager", "ours, compiled decoder", "transformers", "ours, int8, compiled"]
     for name in measured:
         r = rows[name]
         assert "error" not in r, r
@@ -136,7 +135,8 @@ def test_decode_figures(smoke):
         assert r["pct_bandwidth_ceiling"] == pytest.approx(100 * r["tokens_per_s"] * r["mb_per_token"] * 1e6 / bw)
     # fp32, same weights: the compiled static step and transformers decode exactly the eager tokens
     assert rows["ours, compiled decoder"]["agree_with_eager"] == 1.0
-    assert rows["ours, compiled, q/k/v and gate/up not packed"]["agree_with_eager"] == 1.0
+    # no Triton kernel on a CPU: its rows and the one-row product timings are CUDA-only
+    assert not any("gemv" in name for name in rows) and "one_row_products" not in dec
     assert rows["transformers"]["agree_with_eager"] == 1.0
     assert dec["big_model"].startswith("tiny")
     big = [r for r in dec["rows"] if r["impl"].startswith("tiny {'n_layers': 1}")]
