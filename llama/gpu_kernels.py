@@ -3,12 +3,12 @@
 A batch-1 decoding step multiplies one activation row by every weight matrix of the model: it reads
 each weight once and does two flops per weight, so the step is as fast as the weights stream from
 memory. cuBLAS runs these one-row products as general matrix kernels: at a 7B model's attention
-output and down projections they read at 59-83% of the copy bandwidth (H200, H100), and some come
-with a second kernel summing split-K partials. `gemv` here is one kernel per product: each program
+output and down projections they read at 59-83% of the copy bandwidth (H200, H100), and a
+profile of an earlier step showed split-K reductions among its kernels. `gemv` here is one kernel per product: each program
 streams a band of weight rows, multiplies by the row held in cache, and writes its band of outputs,
 with no partial sums to combine. Triton's autotuner picks the band and tile sizes once per weight
 shape and dtype. Measured (benchmarks/README.md, 2026-11-27): 74-86% of the copy bandwidth on
-those two shapes, 86-97% on the larger ones; a 7B batch-1 step 12% (H200) and 6% (H100) faster.
+those two shapes, 91-97% on the larger ones; a 7B batch-1 step 12% (H200) and 6.5% (H100) faster.
 
 `OneRowLinears` routes `F.linear(x, w)` with one row, no bias and a half-precision CUDA weight to
 it; `llama.inference.decoders.CompiledDecoder` turns it on around its one-token steps on CUDA, where
@@ -27,21 +27,21 @@ from torch.overrides import TorchFunctionMode
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU builds of torch
+except Exception:  # noqa: BLE001 - CPU builds of torch have none; a broken install is as good as none
     triton = None
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (the tests)
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (the tests)
 
 
 def available() -> bool:
     """Whether the kernel can run here: Triton, and a CUDA device (or Triton's interpreter)."""
-    return triton is not None and (torch.cuda.is_available() or _INTERPRET)
+    return triton is not None and (torch.cuda.is_available() or INTERPRET)
 
 
 if triton is not None:
 
     def _configs():
-        if _INTERPRET:  # one config: the interpreter cannot time candidates
+        if INTERPRET:  # one config: the interpreter cannot time candidates
             return [triton.Config({"BLOCK_N": 4, "BLOCK_K": 32})]
         # (rows per program, columns per load, warps, pipeline stages): a program's rows times
         # columns is 8-32 KiB of bf16 weights in flight per stage
@@ -82,19 +82,36 @@ if triton is not None:
 def gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T for x with one row (any leading dims of size 1): (..., K) x (N, K) -> (..., N),
     fp32 sums, the result in x's dtype. An int8 weight comes with its per-row `scales` (N,)
-    (llama.quantize): then x @ (weight * scales[:, None]).T."""
+    (llama.quantize): then x @ (weight * scales[:, None]).T. Inference only (no gradient)."""
+    _check(x, weight, scales)
     n, k = weight.shape
-    if x.numel() != k or weight.stride(1) != 1:
-        raise ValueError(f"gemv takes one row of {k} values and a weight with unit column stride; got x "
-                         f"{tuple(x.shape)}, weight {tuple(weight.shape)} with strides {weight.stride()}")
-    if (scales is not None) != (weight.dtype == torch.int8) or (scales is not None and scales.shape != (n,)):
-        raise ValueError(f"gemv takes per-row scales of shape ({n},) with an int8 weight and only then; got "
-                         f"weight {weight.dtype}, scales {None if scales is None else tuple(scales.shape)}")
     out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     _gemv_kernel[grid](x.contiguous(), weight, weight if scales is None else scales.contiguous(), out, n,
                        weight.stride(0), k, scales is not None)
     return out
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> None:
+    """One sentence naming what `gemv` cannot take."""
+    if weight.dim() != 2 or weight.stride(1) != 1:
+        raise ValueError(f"gemv takes a 2-D weight with unit column stride; got shape {tuple(weight.shape)}, "
+                         f"strides {weight.stride()}")
+    n, k = weight.shape
+    if x.dim() == 0 or x.size(-1) != k or x.numel() != k:
+        raise ValueError(f"gemv takes one row of {k} values (the weight's columns); got x {tuple(x.shape)}")
+    if weight.dtype == torch.int8:
+        if scales is None or scales.shape != (n,):
+            raise ValueError(f"gemv takes per-row scales of shape ({n},) with an int8 weight; got "
+                             f"{None if scales is None else tuple(scales.shape)}")
+    elif scales is not None or weight.dtype != x.dtype:
+        raise ValueError(f"gemv takes a weight in x's dtype ({x.dtype}) without scales, or an int8 one with them; "
+                         f"got {weight.dtype}{' with scales' if scales is not None else ''}")
+    if len({x.device, weight.device} | ({scales.device} if scales is not None else set())) != 1:
+        raise ValueError(f"gemv takes x, weight and scales on one device; got {x.device} and {weight.device}")
+    if not available() or not (x.device.type == "cuda" or INTERPRET):
+        raise RuntimeError(f"gemv runs on CUDA devices with Triton installed; got a tensor on {x.device}"
+                           + ("" if triton is not None else " and no Triton"))
 
 
 @gemv.register_fake
@@ -106,20 +123,24 @@ _active = 0  # how many OneRowLinears are entered (read by llama.quantize's one-
 
 
 def one_row_kernel_on(x: torch.Tensor) -> bool:
-    """Whether one-row products of `x` go to `gemv` here: inside OneRowLinears, on its devices."""
-    return _active > 0 and available() and (x.device.type == "cuda" or _INTERPRET)
+    """Whether one-row products of `x` go to `gemv` here: inside OneRowLinears, on its devices, and
+    not while recording for a backward pass (the kernel has no gradient)."""
+    return (_active > 0 and available() and (x.device.type == "cuda" or INTERPRET)
+            and not (torch.is_grad_enabled() and x.requires_grad))
 
 
 class OneRowLinears(TorchFunctionMode):
     """While active, `F.linear(x, w)` of one row x, no bias, and x, w of one half-precision dtype on
-    a CUDA device (any device under Triton's interpreter) runs `gemv`; every other call is unchanged.
-    Inert where `available()` is false. llama.quantize's int8 linears take `gemv` too while it is
-    entered (`one_row_kernel_on`)."""
+    a CUDA device (any device under Triton's interpreter) runs `gemv`, unless autograd would need
+    its gradient; every other call is unchanged. Inert where `available()` is false.
+    llama.quantize's int8 linears take `gemv` too while it is entered (`one_row_kernel_on`). The
+    count it keeps is process-wide: enter it on one thread at a time."""
 
     def __enter__(self):
         global _active
+        entered = super().__enter__()
         _active += 1
-        return super().__enter__()
+        return entered
 
     def __exit__(self, *exc):
         global _active
@@ -128,15 +149,18 @@ class OneRowLinears(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear or func is torch._C._nn.linear:
-            x, w = args[0], args[1] if len(args) > 1 else kwargs.get("weight")
+        if func is F.linear:  # (torch._C._nn.linear is the same function)
+            x = args[0] if args else kwargs.get("input")
+            w = args[1] if len(args) > 1 else kwargs.get("weight")
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if bias is None and _fits(x, w):
                 return torch.ops.llama.gemv(x, w)
         return func(*args, **kwargs)
 
 
-def _fits(x: torch.Tensor, w) -> bool:
-    return (one_row_kernel_on(x) and type(w) in (torch.Tensor, torch.nn.Parameter)  # not DTensor shards
-            and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype and w.dim() == 2
+def _fits(x, w) -> bool:
+    return (type(x) is torch.Tensor and type(w) in (torch.Tensor, torch.nn.Parameter)  # not DTensor shards
+            and x.dim() >= 1 and w.dim() == 2 and one_row_kernel_on(x)
+            and not (torch.is_grad_enabled() and w.requires_grad)
+            and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype
             and w.stride(1) == 1 and x.numel() == x.size(-1) == w.size(1) and x.device == w.device)

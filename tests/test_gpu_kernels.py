@@ -39,7 +39,8 @@ def interpret(code: str) -> str:
 @needs_triton
 def test_gemv_matches_float64_products():
     """bf16 and fp16 weights, and int8 ones with per-row scales; shapes that fill whole tiles and
-    shapes with ragged rows and columns; a row with leading dims of size 1. Each output within its
+    shapes with ragged rows and columns; a row with leading dims of size 1; strided views of the
+    weight and of the row. Each output within its
     dtype's rounding of the float64 product (the interpreter rounds bf16 toward zero: one unit)."""
     out = interpret("""
         import torch
@@ -54,6 +55,11 @@ def test_gemv_matches_float64_products():
                     q, s = quantize_per_row(w)
                     y = torch.ops.llama.gemv(x, q, s)
                     ref = x.double() @ (q.double() * s.double()[:, None]).t()
+                elif n % 2:  # views: a weight whose rows are longer than k, and a row with a stride of 2
+                    w = torch.randn(n + 5, k + 9).to(dtype)[3:3 + n, 4:4 + k]
+                    x = torch.randn(1, 1, 2 * k).to(dtype)[..., ::2]
+                    y = torch.ops.llama.gemv(x, w)
+                    ref = x.double() @ w.double().t()
                 else:
                     w = w.to(dtype)
                     y = torch.ops.llama.gemv(x, w)
@@ -68,15 +74,26 @@ def test_gemv_matches_float64_products():
 
 
 def test_gemv_names_what_it_cannot_take():
-    with pytest.raises(ValueError, match=r"one row of 16 values"):
-        gpu_kernels.gemv(torch.randn(2, 16), torch.randn(8, 16))
-    with pytest.raises(ValueError, match=r"per-row scales of shape \(8,\)"):
-        gpu_kernels.gemv(torch.randn(1, 16), torch.randn(8, 16), torch.ones(8))
+    """One sentence for each input the kernel cannot take, before anything runs."""
+    w = torch.randn(8, 16)
+    cases = [((torch.randn(2, 16), w), r"one row of 16 values .* got x \(2, 16\)"),
+             ((torch.randn(16, 1), w), r"one row of 16 values .* got x \(16, 1\)"),
+             ((torch.randn(1, 16), torch.randn(16)), r"2-D weight .* got shape \(16,\)"),
+             ((torch.randn(1, 16), w.t().contiguous().t()), r"unit column stride"),
+             ((torch.randn(1, 16), w.to(torch.int8)), r"per-row scales of shape \(8,\) .* got None"),
+             ((torch.randn(1, 16), w, torch.ones(8)), r"in x's dtype .* got torch.float32 with scales"),
+             ((torch.randn(1, 16).half(), w), r"in x's dtype \(torch.float16\)")]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            gpu_kernels.gemv(*args)
+    if not (torch.cuda.is_available() or gpu_kernels.INTERPRET):
+        with pytest.raises(RuntimeError, match="gemv runs on CUDA devices"):
+            gpu_kernels.gemv(torch.randn(1, 16), w)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where there is no GPU")
+@pytest.mark.skipif(torch.cuda.is_available() or gpu_kernels.INTERPRET, reason="checks the error where there is no GPU")
 def test_gemv_option_needs_a_gpu():
-    with pytest.raises(ValueError, match="gemv=True needs Triton and a CUDA device"):
+    with pytest.raises(ValueError, match="gemv=True needs Triton and the model on a CUDA device"):
         CompiledDecoder(Transformer(tiny_args()), gemv=True)
 
 
@@ -129,6 +146,22 @@ def test_compiled_steps_run_their_one_row_products_on_the_kernel():
                 got = step_logits(CompiledDecoder(model, cuda_graphs=False, gemv=gemv, backend="aot_eager"))
                 err = ((got - want).abs().max() / want.abs().max()).item()
                 print(label, gemv, launches, want_launches if gemv else 0, err)
+
+        # autograd recording (a layer being trained): the kernel has no gradient, so F.linear runs
+        # and the product differentiates (before, a compile of such a step failed for want of one)
+        x, w = torch.randn(1, 32).to(torch.bfloat16), torch.randn(8, 32).to(torch.bfloat16).requires_grad_()
+        launches = 0
+        with gpu_kernels.OneRowLinears():
+            y = torch.nn.functional.linear(x, w)
+        y.sum().backward()
+        print("grad", True, launches, 0, float(w.grad is None))
+
+        # F.linear by keywords, inside the mode: the kernel, once
+        x, w = torch.randn(1, 32).to(torch.bfloat16), torch.randn(8, 32).to(torch.bfloat16)
+        launches = 0
+        with torch.no_grad(), gpu_kernels.OneRowLinears():
+            y = torch.nn.functional.linear(input=x, weight=w)
+        print("keywords", True, launches, 1, ((y - x @ w.t()).abs().max() / (x @ w.t()).abs().max()).item())
     """)
     for line in out.strip().splitlines():
         label, gemv, launches, want, err = line.split()
@@ -169,4 +202,6 @@ def test_gemv_on_cuda_and_the_graph_captured_step():
         decoder(prompt, 0, cache)
         logits.append(decoder(nxt, 5, cache).float().clone())
     assert decoder.gemv and decoder.cuda_graphs
+    tuned = {key[:2] for key in gpu_kernels._gemv_kernel.cache}  # (N, K, dtypes...) of every shape it ran
+    assert (a.vocab_size, a.dim) in tuned and (a.dim, a.ffn_hidden_dim) in tuned  # output head, w2
     assert ((logits[1] - logits[0]).abs().max() / logits[0].abs().max()).item() < 2e-2

@@ -20,7 +20,7 @@ import contextlib
 
 import torch
 
-from llama.gpu_kernels import OneRowLinears, available as gemv_available
+from llama.gpu_kernels import INTERPRET, OneRowLinears, available as gemv_available
 from llama.model import KVCache, Transformer
 
 DECODERS = ("auto", "eager", "compiled", "fused")
@@ -148,8 +148,9 @@ class CompiledDecoder(EagerDecoder):
     with no host work per layer or kernel, so the GPU streams the weights back to back. Logits
     returned by a captured one-token step live in the graph's buffer until the next step.
     `pack=False` keeps the separate q/k/v and gate/up projections (see PackedProjections).
-    `gemv` runs the step's one-row products (bf16/fp16 weights) on llama.gpu_kernels' Triton kernel
-    instead of cuBLAS: default on for CUDA where Triton is installed."""
+    `gemv` runs the step's one-row products (bf16/fp16 weights, and llama.quantize's int8 ones) on
+    llama.gpu_kernels' Triton kernel instead of cuBLAS (or, for int8, a compiled reduction):
+    default on for CUDA where Triton is installed."""
 
     name = "compiled"
     whole_greedy_steps = True
@@ -169,17 +170,16 @@ class CompiledDecoder(EagerDecoder):
         self.pack = pack  # PackedProjections for the one-token steps
         self.packs = PackedProjections(model, pack)
         self._weights = _addresses(model)
-        if gemv and not gemv_available():
-            raise ValueError("gemv=True needs Triton and a CUDA device (Triton ships with CUDA builds of torch)")
+        if gemv and not (gemv_available() and (on_cuda or INTERPRET)):
+            raise ValueError("gemv=True needs Triton and the model on a CUDA device (Triton ships with CUDA builds "
+                             "of torch)")
         self.gemv = (on_cuda and gemv_available()) if gemv is None else gemv
 
-    def _tracing(self) -> contextlib.ExitStack:
+    @contextlib.contextmanager
+    def _tracing(self):
         """What the one-token steps run inside: the packed projections, and the one-row kernel."""
-        stack = contextlib.ExitStack()
-        stack.enter_context(self.packs)
-        if self.gemv:
-            stack.enter_context(OneRowLinears())
-        return stack
+        with self.packs, (OneRowLinears() if self.gemv else contextlib.nullcontext()):
+            yield
 
     def decode_state(self, batch, width, device):
         # the same buffers every time, so a captured whole-step graph can be replayed

@@ -39,8 +39,8 @@ def make_decoder(model: Transformer, kind: str = "auto", world_size: int = 1, **
     """The decoding strategy `kind` for `model`: "auto" is the fused CPU step where it applies (one
     process, a bf16/fp32 model - its projections in that dtype or int8 by llama.quantize.quantize_int8 -
     on a CPU with AVX512-BF16, AVX2+FMA or NEON, the kernel built), else eager.
-    `compile_options` go to the compiled decoder: `cuda_graphs` (default on for CUDA), the rest to
-    torch.compile (e.g. mode="max-autotune")."""
+    `compile_options` go to the compiled decoder: `cuda_graphs` (default on for CUDA), `pack` and
+    `gemv` (see CompiledDecoder), the rest to torch.compile (e.g. mode="max-autotune")."""
     if kind not in DECODERS:
         raise ValueError(f"unknown decoder {kind!r}; choose one of {DECODERS}")
     if kind == "eager":
