@@ -757,13 +757,15 @@ def section_decode(ctx: Ctx, out: dict):
     name, overrides = s.decode_model
     max_len = s.prompt_len + s.new_tokens
     free_memory(ctx)
-    model = build_model(name, overrides, ctx.device, s.decode_dtype, max_seq_len=max_len).eval().requires_grad_(False)
-    args = model.args
+    args = ModelArgs.from_name(name, **overrides, max_seq_len=max_len)
     prompt = torch.randint(3, args.vocab_size, (1, s.prompt_len), generator=torch.Generator().manual_seed(0))
     # bytes read per decoded token: the weights (bytes_read_per_token) and the keys/values of the
     # positions attended, on average prompt + new / 2
     kv = 2 * args.n_layers * (s.prompt_len + s.new_tokens / 2) * args.n_kv_heads * args.head_dim * s.decode_dtype.itemsize
-    out.update(model=name, params=model.num_params(), dtype=str(s.decode_dtype).removeprefix("torch."),
+    if s.decode_small:
+        model = build_model(name, overrides, ctx.device, s.decode_dtype, max_seq_len=max_len).eval().requires_grad_(False)
+        out.update(model=name, params=model.num_params())
+    out.update(dtype=str(s.decode_dtype).removeprefix("torch."),
                prompt=s.prompt_len, new_tokens=s.new_tokens, compile_options=s.decode_compile or "defaults",
                ceiling="% = tokens/s x (weight bytes but the embedding table + KV bytes) / copy bandwidth of environment")
     rows = out.setdefault("rows", [])
@@ -804,10 +806,7 @@ def section_decode(ctx: Ctx, out: dict):
 
     graphs = " (+ its CUDA graph)" if ctx.cuda else ""
     kernel = gemv_available() and ctx.cuda  # the compiled decoder's default on CUDA with Triton
-    if not s.decode_small:  # --decode-big-only
-        del model
-        free_memory(ctx)
-    else:
+    if s.decode_small:  # (not with --decode-big-only)
         dense = bytes_read_per_token(model) + kv
         add("ours, eager", "decode_eager", ours(model, "eager"), dense)
         add("ours, compiled decoder" + graphs + (", one-row products on llama.gpu_kernels.gemv" if kernel else ""),
