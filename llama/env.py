@@ -20,6 +20,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -246,12 +247,28 @@ def auto_attention_backend(device: torch.device | str) -> str:
     if torch.device(device).type == "cpu":
         return "blocked"
     if torch.device(device).type == "cuda":
-        try:
-            import xformers.ops  # noqa: F401
+        reason = xformers_unusable(device)
+        if reason is None:
             return "xformers"
-        except ImportError:
-            pass
+        if reason != "not installed":
+            warnings.warn(f"xformers is installed but cannot run here ({reason}); attention uses sdpa", stacklevel=2)
     return "sdpa"
+
+
+def xformers_unusable(device: torch.device | str) -> str | None:
+    """None where xformers' causal attention runs forward and backward on `device`, else why not.
+    Its wheels are built for one torch and CUDA: elsewhere `xformers.ops` imports, and every kernel
+    declines at the first call (seen: xformers 0.0.35 on torch 2.11 + CUDA 13)."""
+    try:
+        from xformers.ops import fmha
+    except ImportError:
+        return "not installed"
+    try:
+        q = torch.randn(1, 16, 2, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+        fmha.memory_efficient_attention(q, q, q, attn_bias=fmha.attn_bias.LowerTriangularFromBottomRightMask()).sum().backward()
+    except Exception as e:  # noqa: BLE001 - any failure means: do not train on it
+        return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+    return None
 
 
 def synchronize(device: torch.device | str) -> None:

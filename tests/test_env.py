@@ -46,6 +46,44 @@ def test_xformers_is_a_clear_error_where_it_cannot_run():
     check_attention_device("sdpa", "cpu")
 
 
+def test_xformers_that_cannot_run_is_not_chosen(monkeypatch):
+    """An xformers that imports but declines every kernel (a wheel built for another torch or CUDA,
+    as on the GPU image: "xFormers wasn't build with CUDA support") is named and not used; one whose
+    attention runs forward and backward is; none installed says so."""
+    import sys
+    import types
+
+    from llama import env
+
+    def fake(attention):
+        ops = types.ModuleType("xformers.ops")
+        ops.fmha = types.SimpleNamespace(memory_efficient_attention=attention,
+                                         attn_bias=types.SimpleNamespace(LowerTriangularFromBottomRightMask=lambda: None))
+        monkeypatch.setitem(sys.modules, "xformers", types.ModuleType("xformers"))
+        monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+
+    def declines(q, k, v, attn_bias=None):
+        raise NotImplementedError("No operator found for `memory_efficient_attention_forward` with inputs:\n "
+                                  "`fa2F@2.5.7-pt` is not supported because: xFormers wasn't build with CUDA support")
+
+    fake(declines)
+    assert "No operator found" in env.xformers_unusable("cpu")
+    monkeypatch.setattr(env, "xformers_unusable", lambda device: "NotImplementedError: No operator found")
+    with pytest.warns(UserWarning, match=r"xformers is installed but cannot run here \(NotImplementedError"):
+        assert env.auto_attention_backend("cuda") == "sdpa"
+    monkeypatch.undo()
+
+    fake(lambda q, k, v, attn_bias=None: q * 2)  # runs, and differentiates
+    assert env.xformers_unusable("cpu") is None
+    monkeypatch.setattr(env, "xformers_unusable", lambda device: None)
+    assert env.auto_attention_backend("cuda") == "xformers"
+    monkeypatch.undo()
+
+    monkeypatch.setitem(sys.modules, "xformers", None)  # not installed: import fails
+    assert env.xformers_unusable("cpu") == "not installed"
+    assert env.auto_attention_backend("cpu") == "blocked"
+
+
 def test_atomic_write_leaves_the_old_file_when_it_fails(tmp_path, monkeypatch):
     path = tmp_path / "f.txt"
     atomic_write_text("old", path)

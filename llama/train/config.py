@@ -51,7 +51,7 @@ class TrainConfig(JsonConfig):
     # execution
     dtype: str = "auto"  # compute dtype (auto: bf16 on GPUs, the faster one measured on CPUs); master weights fp32
     ac: str = "none"  # activation checkpointing: none | full | selective
-    # auto (xformers on CUDA when installed, blocked on CPU, else sdpa) | sdpa | xformers | math | blocked
+    # auto (xformers on CUDA when installed and runnable, blocked on CPU, else sdpa) | sdpa | xformers | math | blocked
     attention: str = "auto"
     compile: bool = False
     dp: int = 0  # 0: world_size // tp
