@@ -265,7 +265,8 @@ def xformers_unusable(device: torch.device | str) -> str | None:
         return "not installed"
     try:
         q = torch.randn(1, 16, 2, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
-        fmha.memory_efficient_attention(q, q, q, attn_bias=fmha.attn_bias.LowerTriangularFromBottomRightMask()).sum().backward()
+        causal = fmha.attn_bias.LowerTriangularFromBottomRightMask()
+        fmha.memory_efficient_attention(q, q, q, attn_bias=causal).sum().backward()
     except Exception as e:  # noqa: BLE001 - any failure means: do not train on it
         return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
     return None
