@@ -28,8 +28,8 @@ A global time budget skips what would not fit; a section that overruns its share
 heavy step its cap, is interrupted (SIGALRM) and recorded as such. Results are written to `--out`
 after every step, and a markdown table is printed after each section and at the end (also
 written next to the JSON). `--sections decode,numerics` reruns a subset. Nothing here imports fire,
-and xformers only where it is installed; gguf (a dependency the GPU image lacks) travels as a wheel
-in .whl/, which benchmarks/gpu_run.sh installs.
+nor gguf (the GPU image has neither; llama imports gguf at its first GGUF operation only), and
+xformers only where it is installed.
 """
 
 from __future__ import annotations

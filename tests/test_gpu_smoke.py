@@ -26,9 +26,9 @@ _spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
 gpu = sys.modules["gpu_check"] = importlib.util.module_from_spec(_spec)  # dataclasses look it up
 _spec.loader.exec_module(gpu)
 
-# The GPU image has no fire: the run must not import it, even indirectly (gguf, a dependency the
-# image lacks too, travels as a wheel: benchmarks/gpu_run.sh installs what .whl/ holds).
-_BOOT = ("import runpy, sys; sys.modules['fire'] = None; "
+# The GPU image has neither fire nor gguf: the run must not import them, even indirectly (llama
+# imports gguf at the first GGUF operation only).
+_BOOT = ("import runpy, sys; sys.modules['fire'] = None; sys.modules['gguf'] = None; "
          "sys.argv = [sys.argv[1]] + sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')")
 
 

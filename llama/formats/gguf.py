@@ -18,13 +18,13 @@ The `gguf` package (maintained by the llama.cpp project) reads and writes the co
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import warnings
 from pathlib import Path
 from typing import Any
 
-import gguf
 import numpy as np
 import torch
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
@@ -35,6 +35,23 @@ from llama.formats.hf import ffn_fields
 from llama.formats.meta import TOKENIZER, load_consolidated, load_params, save_meta_checkpoint
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import Tokenizer
+
+
+class _Gguf:
+    """The `gguf` package, imported at its first use: `import llama` (and every tokenizer.model
+    load through `load_tokenizer`) works where it is absent, e.g. the GPU image, and a GGUF
+    operation there says what to install."""
+
+    def __getattr__(self, name: str):
+        try:
+            import gguf as module
+        except ImportError as e:
+            raise ImportError(f"reading or writing GGUF files needs the gguf package (pip install 'gguf>=0.17'): "
+                              f"{e}") from None
+        return getattr(module, name)
+
+
+gguf = _Gguf()
 
 ARCH = "llama"
 VOCAB_FILE = "tokenizer.gguf"  # a byte-level BPE vocabulary beside a Meta-layout checkpoint
@@ -53,13 +70,9 @@ _LAYER = {
     "attention_norm.weight": "attn_norm.weight",
     "ffn_norm.weight": "ffn_norm.weight",
 }
-# what save_gguf writes: name -> (GGML type of 2-D weights, general.file_type)
-EXPORT_TYPES = {
-    "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
-    "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
-    "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
-    "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
-}
+# what save_gguf writes: name -> (GGML type of 2-D weights, general.file_type), by gguf's enum names
+EXPORT_TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
+                "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
 _REQUIRED = object()
 
 
@@ -80,33 +93,37 @@ def _meta_keys(args: ModelArgs) -> list[str]:
 # reading
 
 
-class _Reader(gguf.GGUFReader):
+@functools.cache
+def _reader_class() -> type:
     """GGUFReader that names the tensor a truncated file cuts off, or whose type it does not know,
-    instead of failing inside numpy."""
+    instead of failing inside numpy (made at first use, so gguf is imported only then)."""
 
-    def __init__(self, path: Path):
-        self.path = path  # for error messages
-        super().__init__(path)
+    class _Reader(gguf.GGUFReader):
+        def __init__(self, path: Path):
+            self.path = path  # for error messages
+            super().__init__(path)
 
-    def _build_tensors(self, start_offs, fields):
-        size = self.data.size  # bytes in the file
-        for field in fields:
-            try:
-                _, name_data, _, dims, raw_type, offset = field.parts
-                name = bytes(name_data).decode("utf-8", errors="replace")
-                n_elems = int(np.prod(dims))
-            except (ValueError, TypeError):  # another gguf version's layout: let it check itself
-                break
-            try:
-                qtype = gguf.GGMLQuantizationType(int(raw_type[0]))
-            except ValueError:
-                raise _BadTensor(f"tensor {name} has GGML type id {int(raw_type[0])}, which this gguf package "
-                                 f"does not know (pip install -U gguf)") from None
-            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-            end = start_offs + int(offset[0]) + n_elems * type_size // block
-            if end > size:
-                raise _BadTensor(f"it is truncated: tensor {name} needs bytes up to {end}, the file has {size}")
-        super()._build_tensors(start_offs, fields)
+        def _build_tensors(self, start_offs, fields):
+            size = self.data.size  # bytes in the file
+            for field in fields:
+                try:
+                    _, name_data, _, dims, raw_type, offset = field.parts
+                    name = bytes(name_data).decode("utf-8", errors="replace")
+                    n_elems = int(np.prod(dims))
+                except (ValueError, TypeError):  # another gguf version's layout: let it check itself
+                    break
+                try:
+                    qtype = gguf.GGMLQuantizationType(int(raw_type[0]))
+                except ValueError:
+                    raise _BadTensor(f"tensor {name} has GGML type id {int(raw_type[0])}, which this gguf package "
+                                     f"does not know (pip install -U gguf)") from None
+                block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+                end = start_offs + int(offset[0]) + n_elems * type_size // block
+                if end > size:
+                    raise _BadTensor(f"it is truncated: tensor {name} needs bytes up to {end}, the file has {size}")
+            super()._build_tensors(start_offs, fields)
+
+    return _Reader
 
 
 class _BadTensor(ValueError):
@@ -122,8 +139,9 @@ def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
         magic = f.read(4)
     if magic != b"GGUF":
         raise ValueError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    reader = _reader_class()  # (imports gguf: a missing package is its own error, not a corrupt file)
     try:
-        return _Reader(path)
+        return reader(path)
     except _BadTensor as e:
         raise ValueError(f"cannot read {path}: {e}") from None
     except Exception as e:  # a header cut short, a bad field type, ...
@@ -453,7 +471,8 @@ def save_gguf(model_or_state_dict: Transformer | dict[str, torch.Tensor], args: 
         raise ValueError(f"the tokenizer has {tokenizer.n_words} tokens but the model vocab_size is {args.vocab_size}; "
                          f"llama.cpp needs them equal")
     _prepare_path(path, overwrite)
-    qtype, ftype = EXPORT_TYPES[dtype]
+    qtype, ftype = (getattr(enum, name) for enum, name in
+                    zip((gguf.GGMLQuantizationType, gguf.LlamaFileType), EXPORT_TYPES[dtype]))
 
     plan = []  # (gguf name, Meta key, GGML type) in file order
     fallback = []
