@@ -3,12 +3,13 @@
 A batch-1 decoding step multiplies one activation row by every weight matrix of the model: it reads
 each weight once and does two flops per weight, so the step is as fast as the weights stream from
 memory. cuBLAS runs these one-row products as general matrix kernels: at a 7B model's attention
-output and down projections they read at 59-83% of the copy bandwidth (H200, H100), and a
-profile of an earlier step showed split-K reductions among its kernels. `gemv` here is one kernel per product: each program
-streams a band of weight rows, multiplies by the row held in cache, and writes its band of outputs,
-with no partial sums to combine. Triton's autotuner picks the band and tile sizes once per weight
-shape and dtype. Measured (benchmarks/README.md, 2026-11-27): 74-86% of the copy bandwidth on
-those two shapes, 91-97% on the larger ones; a 7B batch-1 step 12% (H200) and 6.5% (H100) faster.
+output and down projections they read at 59-83% of the copy bandwidth (H200, H100), and a profile
+of an earlier step showed split-K reductions among its kernels. `gemv` here is one kernel per
+product: each program streams a band of weight rows, multiplies by the row held in cache, and
+writes its band of outputs, with no partial sums to combine. Triton's autotuner picks the band and
+tile sizes once per weight shape and dtype. Measured (benchmarks/README.md, 2026-11-27): 74-86% of
+the copy bandwidth on those two shapes, 91-97% on the larger ones; a 7B batch-1 step 12% (H200) and
+6.5% (H100) faster.
 
 `OneRowLinears` routes `F.linear(x, w)` with one row, no bias and a half-precision CUDA weight to
 it; `llama.inference.decoders.CompiledDecoder` turns it on around its one-token steps on CUDA, where
