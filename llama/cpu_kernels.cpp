@@ -2,8 +2,8 @@
 // llama/inference/cpu_decode.py - every layer of a LLaMA model, the final norm and the output
 // projection for up to 8 rows of one new token each, in one call, with the model's rounding points
 // (bf16: bf16 activations, fp32 norms / RoPE / softmax / accumulation) - and the training loss's pass
-// over the logits (softmax_gradient), the causal attention of the blocked backend (bf16, fp32; AVX512-BF16
-// build only) and the benchmarks' bandwidth probe (read_bandwidth).
+// over the logits (softmax_gradient), the causal attention of the blocked backend and generation's
+// prefill (bf16, fp32; AVX512-BF16 build only) and the benchmarks' bandwidth probe (read_bandwidth).
 // One source, one build per instruction set (torch.utils.cpp_extension.load):
 //   -DLLAMA_ISA_AVX512BF16 (-mavx512f -mavx512bw -mavx512bf16): 16 fp32 lanes, native bf16 dots
 //   -DLLAMA_ISA_AVX2 (-mavx2 -mfma): 8 lanes; bf16 widened to fp32 in registers, fp32 FMAs
@@ -822,7 +822,7 @@ static void check(const torch::Tensor& t, const char* name, at::ScalarType dt, i
 
 template <typename T>
 static void forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, int64_t start, int64_t block,
-                    torch::Tensor& out, torch::Tensor& probs) {
+                    torch::Tensor& out, torch::Tensor& probs, bool keep = true) {  // keep: write probs for the backward
   constexpr int KS = Op<T>::KS;
   const int64_t B = q.size(0), T_ = q.size(1), H = q.size(2), D = q.size(3), S = start + T_, Hkv = k.size(2), G = H / Hkv;
   const int64_t per = saved_per_head(T_, start, block, KS), S16 = up(S, 16), SK = up(S, KS);
@@ -839,10 +839,10 @@ static void forward(const torch::Tensor& q, const torch::Tensor& k, const torch:
       int64_t ldv;
       const uint32_t* Vp = rows_operand(Vv + b * v.stride(0) + g * v.stride(2), S, v.stride(1), D, Vb.data(), ldv);  // for P V
       for (int64_t h = g * G; h < (g + 1) * G; ++h) {
-        T* saved = P + (b * H + h) * per;
+        T* saved = keep ? P + (b * H + h) * per : nullptr;
         for (int64_t i0 = 0; i0 < T_; i0 += block) {
           const int64_t r = std::min(block, T_ - i0), n = start + i0 + r, n16 = up(n, 16);
-          T* pr = KS == 2 ? Pr.data() : saved;  // fp32: the kept rows are the A operand of P V as they are
+          T* pr = KS == 2 || !keep ? Pr.data() : saved;  // fp32: the kept rows are the A operand of P V as they are
           gemm<T>(r, n16, D / KS, Q + b * q.stride(0) + i0 * q.stride(1) + h * q.stride(2), q.stride(1), Kp.data(), S16,
                   Sc.data(), n16, false, false, COLUMNS, start + i0);
           for (int64_t i = 0; i < r; ++i) {  // softmax of row i over the keys it sees: start + i0 + i + 1
@@ -867,6 +867,7 @@ static void forward(const torch::Tensor& q, const torch::Tensor& k, const torch:
           gemm<T>(r, D, up(n, KS) / KS, pr, n16, Vp, ldv, Ot.data(), D, false, false, REDUCED, start + i0);
           for (int64_t i = 0; i < r; ++i)
             for (int64_t d = 0; d < D; d += 16) Op<T>::store(O + ((b * T_ + i0 + i) * H + h) * D + d, V::load(Ot.data() + i * D + d));
+          if (!keep) continue;
           if constexpr (KS == 2) {  // kept as pairs of rows: the A operand of P^T dO in the backward
             uint32_t* sv = reinterpret_cast<uint32_t*>(saved);
             for (int64_t i = 0; i < r; i += 2)
@@ -1020,6 +1021,150 @@ std::vector<torch::Tensor> causal_attention_backward(torch::Tensor grad, torch::
   else backward<float>(grad, q, k, v, probs, start, block, dq, dk, dv);
   return {dq, dk, dv};
 }
+
+// Prefill: the model's forward over T new positions of B rows in one call (bf16 or fp32 weights and
+// activations), for generation's first chunk. The products are torch's (at::linear: the same oneDNN
+// or MKL kernels as the eager model, on the packed q|k|v and w1|w3); everything between them is here,
+// one pass each over rows in parallel: RMSNorm, RoPE (written into q in place and into the cache for k),
+// the cache write of v, SiLU(a) * b, and the causal attention above (the blocked kernel, over the
+// cache's prefix, nothing kept for a backward). The rounding points are the model's, as in the
+// decoding step. Returns the last position's logits (B, vocab), fp32.
+namespace prefill_ops {
+
+template <typename T>
+static void norm_rows(const T* h, int64_t M, int64_t dim, const T* w, double eps, T* out) {
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const T* x = h + m * dim;
+      F acc = V::zero();
+      int64_t i = 0;
+      for (; i + N <= dim; i += N) { const F v = E<T>::load(x + i); acc = V::fma(v, v, acc); }
+      float ss = V::sum(acc);
+      for (; i < dim; ++i) { const float v = E<T>::to(x[i]); ss += v * v; }
+      const float inv = 1.f / std::sqrt(ss / dim + (float)eps);
+      const F iv = V::set1(inv);
+      T* o = out + m * dim;
+      for (i = 0; i + N <= dim; i += N) E<T>::store(o + i, V::mul(E<T>::rnd(V::mul(E<T>::load(x + i), iv)), E<T>::load(w + i)));
+      for (; i < dim; ++i) o[i] = E<T>::from(E<T>::rnd(E<T>::to(x[i]) * inv) * E<T>::to(w[i]));
+    }
+  });
+}
+
+// y (M = B T, q|k|v) rows: each pair (2j, 2j+1) of every q and k head rotated by its position's angle
+// j in fp32 and rounded (into y for q, into the cache for k); v copied into the cache. freqs (T, D/2, 2)
+// cos, sin; D a multiple of 16 (the pairs of 8 angles per register).
+template <typename T>
+static void rope_rows(T* y, int64_t B, int64_t Tn, int64_t qdim, int64_t kvdim, int64_t D, const float* freqs,
+                      T* ck, T* cv, int64_t S, int64_t start) {
+  const int64_t nqkv = qdim + 2 * kvdim;
+  at::parallel_for(0, B * Tn, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const int64_t b = m / Tn, t = m % Tn;
+      const float* f = freqs + t * D;
+      T* r = y + m * nqkv;
+      T* kc = ck + (b * S + start + t) * kvdim;
+      T* vc = cv + (b * S + start + t) * kvdim;
+      for (int64_t d = 0; d < D; d += 16) {
+        const F fv = V::load(f + d), c = _mm512_moveldup_ps(fv), sh = _mm512_movehdup_ps(fv);
+        const F sn = _mm512_mask_sub_ps(sh, 0x5555, V::zero(), sh);  // (-sin, sin) per pair
+        auto rot = [&](const T* x) {
+          const F v = E<T>::load(x);
+          return V::add(V::mul(v, c), V::mul(_mm512_permute_ps(v, 0xB1), sn));  // (re c - im s, re s + im c)
+        };
+        for (int64_t i = d; i < qdim; i += D) E<T>::store(r + i, rot(r + i));
+        for (int64_t i = d; i < kvdim; i += D) E<T>::store(kc + i, rot(r + qdim + i));
+      }
+      std::memcpy(vc, r + qdim + kvdim, kvdim * sizeof(T));
+    }
+  });
+}
+
+// (M, 2 hidden) rows of a|b -> (M, hidden) rows of round(silu(a)) * b, rounded
+template <typename T>
+static void silu_rows(const T* y, int64_t M, int64_t hidden, T* out) {
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const T* ya = y + m * 2 * hidden;
+      const T* yb = ya + hidden;
+      T* o = out + m * hidden;
+      int64_t i = 0;
+      for (; i + N <= hidden; i += N) {
+        const F a = E<T>::load(ya + i);
+        E<T>::store(o + i, V::mul(E<T>::rnd(V::div(a, V::add(V::set1(1.f), vexp(V::sub(V::zero(), a))))), E<T>::load(yb + i)));
+      }
+      for (; i < hidden; ++i) {
+        const float a = E<T>::to(ya[i]);
+        o[i] = E<T>::from(E<T>::rnd(a / (1.f + std::exp(-a))) * E<T>::to(yb[i]));
+      }
+    }
+  });
+}
+
+template <typename T>
+static torch::Tensor run(torch::Tensor h, const std::vector<torch::Tensor>& layers, const torch::Tensor& norm_w,
+                         const torch::Tensor& out_w, torch::Tensor& cache_k, torch::Tensor& cache_v, int64_t start,
+                         const torch::Tensor& freqs, double eps, int64_t H, int64_t block) {
+  const int64_t B = h.size(0), Tn = h.size(1), dim = h.size(2), M = B * Tn, L = (int64_t)layers.size() / 6;
+  const int64_t S = cache_k.size(2), Hkv = cache_k.size(3), D = cache_k.size(4), qdim = H * D, kvdim = Hkv * D;
+  const int64_t hidden = layers[4].size(0) / 2;
+  auto P = [](const torch::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); };
+  auto x = h.view({M, dim});
+  auto xn = torch::empty_like(x), gated = torch::empty({M, hidden}, x.options());
+  auto att = torch::empty({B, Tn, H, D}, x.options()), none = torch::empty({0}, x.options());
+  for (int64_t l = 0; l < L; ++l) {
+    const torch::Tensor* lw = &layers[6 * l];
+    norm_rows<T>(P(x), M, dim, P(lw[0]), eps, P(xn));
+    auto y = at::linear(xn, lw[1]);  // (M, q|k|v)
+    auto ck = cache_k.select(0, l), cv = cache_v.select(0, l);  // (B_max, S, Hkv, D)
+    rope_rows<T>(P(y), B, Tn, qdim, kvdim, D, freqs.data_ptr<float>(), P(ck), P(cv), S, start);
+    auto q = y.view({B, Tn, qdim + 2 * kvdim}).narrow(2, 0, qdim).view({B, Tn, H, D});
+    auto k = ck.narrow(0, 0, B).narrow(1, 0, start + Tn), v = cv.narrow(0, 0, B).narrow(1, 0, start + Tn);
+    attn::forward<T>(q, k, v, start, block, att, none, false);
+    x.add_(at::linear(att.view({M, qdim}), lw[2]));
+    norm_rows<T>(P(x), M, dim, P(lw[3]), eps, P(xn));
+    auto y13 = at::linear(xn, lw[4]);  // (M, w1|w3)
+    silu_rows<T>(P(y13), M, hidden, P(gated));
+    x.add_(at::linear(gated, lw[5]));
+  }
+  auto last = h.select(1, Tn - 1).contiguous(), lastn = torch::empty_like(last);  // (B, dim)
+  norm_rows<T>(P(last), B, dim, P(norm_w), eps, P(lastn));
+  return at::linear(lastn, out_w).to(at::kFloat);
+}
+
+}  // namespace prefill_ops
+
+// h: (B, T, dim) token embeddings, contiguous, updated in place; layers, norm_w, out_w, cache as for
+// decode_step (bf16 or fp32 weights, not int8); the T positions start at `start`; freqs: (T, D/2, 2)
+// fp32; block: the attention's query rows per block (a multiple of 16); D a multiple of 32.
+torch::Tensor prefill(torch::Tensor h, std::vector<torch::Tensor> layers, torch::Tensor norm_w, torch::Tensor out_w,
+                      torch::Tensor cache_k, torch::Tensor cache_v, int64_t start, torch::Tensor freqs, double eps,
+                      int64_t n_heads, int64_t block) {
+  const auto dt = h.scalar_type();
+  TORCH_CHECK((dt == at::kBFloat16 || dt == at::kFloat) && h.dim() == 3 && h.is_contiguous() && h.size(1) >= 1,
+              "prefill: h must be contiguous (B, T, dim) bf16 or fp32");
+  const int64_t B = h.size(0), Tn = h.size(1), dim = h.size(2), L = (int64_t)layers.size() / 6;
+  TORCH_CHECK(L >= 1 && (int64_t)layers.size() == 6 * L, "prefill: 6 tensors per layer");
+  TORCH_CHECK(cache_k.dim() == 5 && cache_k.size(0) == L && cache_k.size(1) >= B && cache_k.is_contiguous() &&
+              cache_v.is_contiguous() && cache_k.sizes() == cache_v.sizes() && cache_k.scalar_type() == dt &&
+              cache_v.scalar_type() == dt, "prefill: cache must be contiguous (L, B, S, Hkv, D) in the model's dtype");
+  const int64_t S = cache_k.size(2), Hkv = cache_k.size(3), D = cache_k.size(4);
+  TORCH_CHECK(n_heads % Hkv == 0 && n_heads * D == dim && D % 32 == 0 && start >= 0 && start + Tn <= S &&
+              block > 0 && block % 16 == 0, "prefill: shapes (heads, head size a multiple of 32, positions within the cache)");
+  TORCH_CHECK(freqs.scalar_type() == at::kFloat && freqs.is_contiguous() && freqs.numel() == Tn * D,
+              "prefill: freqs must be contiguous fp32 (T, D/2, 2)");
+  const int64_t nqkv = dim + 2 * Hkv * D;
+  for (int64_t l = 0; l < L; ++l) {
+    const torch::Tensor* lw = &layers[6 * l];
+    for (int i = 0; i < 6; ++i) TORCH_CHECK(lw[i].scalar_type() == dt && lw[i].is_contiguous(), "prefill: weights in the model's dtype");
+    TORCH_CHECK(lw[0].numel() == dim && lw[1].size(0) == nqkv && lw[1].size(1) == dim && lw[2].size(0) == dim &&
+                lw[2].size(1) == dim && lw[3].numel() == dim && lw[4].size(1) == dim && lw[4].size(0) % 2 == 0 &&
+                lw[5].size(0) == dim && lw[5].size(1) == lw[4].size(0) / 2, "prefill: layer weight shapes");
+  }
+  TORCH_CHECK(norm_w.scalar_type() == dt && norm_w.numel() == dim && out_w.scalar_type() == dt && out_w.dim() == 2 &&
+              out_w.size(1) == dim, "prefill: final norm and output weight");
+  if (dt == at::kBFloat16) return prefill_ops::run<bf16>(h, layers, norm_w, out_w, cache_k, cache_v, start, freqs, eps, n_heads, block);
+  return prefill_ops::run<float>(h, layers, norm_w, out_w, cache_k, cache_v, start, freqs, eps, n_heads, block);
+}
 #endif
 
 #include <chrono>
@@ -1067,6 +1212,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #if defined(LLAMA_ISA_AVX512BF16)
   m.def("causal_attention_forward", &causal_attention_forward, "blocked causal attention, bf16 or fp32: (out, kept probabilities)");
   m.def("causal_attention_backward", &causal_attention_backward, "the gradients of q, k, v of causal_attention_forward");
+  m.def("prefill", &prefill, "the model's forward over a prompt chunk (bf16 or fp32): the last position's logits");
   m.def("causal_attention_saved", &attn::saved_per_head, "elements the forward keeps per (batch, head): (T, start, block, 2 for bf16 / 1 for fp32)");
 #endif
   m.attr("ISA") = V::ISA;  // the instruction set this build was compiled for

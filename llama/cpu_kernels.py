@@ -2,8 +2,8 @@
 extension loader, as one extension per instruction set (`VARIANTS`): AVX512-BF16 (native bf16 dot
 products), AVX2 + FMA and NEON. It holds the fused decoding step (llama/inference/cpu_decode.py),
 the training loss's pass over the logits (llama.train.recipe.linear_cross_entropy), the causal
-attention of the `blocked` backend (llama/blocked_attention.py; bf16 and fp32, AVX512-BF16 build
-only) and the benchmarks' bandwidth probe. The fastest build this CPU runs is used; the environment
+attention of the `blocked` backend (llama/blocked_attention.py) and generation's prefill (both bf16
+and fp32, AVX512-BF16 build only) and the benchmarks' bandwidth probe. The fastest build this CPU runs is used; the environment
 variable LLAMA_CPU_KERNEL=avx512bf16|avx2|neon forces one (e.g. to measure AVX2 on an AVX-512 machine).
 """
 
@@ -62,7 +62,7 @@ def _build(variant: str, then: str = WITHOUT):
 
             built = Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
             if not built.is_file():  # say why the first generation waits (torch's build cache is per version)
-                print(f"building the C++ CPU kernels (decoding step, training loss, attention; {variant}; first use only, "
+                print(f"building the C++ CPU kernels (decoding, prefill, training loss, attention; {variant}; first use only, "
                       "~30 s)...", file=sys.stderr, flush=True)
             flags = ["-O3", "-fopenmp", f"-DLLAMA_ISA_{variant.upper()}", *VARIANTS[variant][1]]
             _modules[variant] = load(name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"])

@@ -552,6 +552,47 @@ def test_fused_cpu_decoder_matches_the_model(shape, dtype, variant):
     assert not decoder.valid() and FusedCpuDecoder.create(model) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [dict(dim=64, n_heads=2), dict(dim=128, n_heads=4, n_kv_heads=2, multiple_of=16, vocab_size=97)])
+def test_fused_prefill_matches_the_model(shape, dtype):
+    """A prompt chunk through the kernel's `prefill` (AVX512-BF16 build, head size 32) against the
+    eager model and an exact fp64 one: the last position's logits and everything written to the
+    cache. Chunks from position 0 (150 positions: a whole block of 128 queries and a ragged one; 7
+    positions) and after 20 cached ones; 1 and 3 rows; grouped-query heads in the second shape."""
+    kernel = _kernel_or_skip()
+    if not hasattr(kernel, "prefill"):
+        pytest.skip(f"prefill is in the AVX512-BF16 build only (this one: {kernel.ISA})")
+    torch.manual_seed(0)
+    ref = Transformer(tiny_args(n_layers=2, max_seq_len=300, **shape)).double().eval()
+    ref.init_weights(std=0.08)
+    model = Transformer(ref.args).to(dtype).eval()
+    model.load_state_dict(ref.state_dict())
+    decoder = FusedCpuDecoder.create(model)
+    assert decoder.prefills
+    tokens = torch.randint(0, ref.args.vocab_size, (3, 170))
+    tol = 0.02 if dtype == torch.bfloat16 else 1e-5
+    for rows, start, length in ((3, 0, 150), (1, 0, 7), (3, 20, 150)):
+        x = tokens[:rows]
+        logits, caches = {}, {}
+        for name, run, net in (("fused", decoder, model), ("eager", model, model), ("exact", ref, ref)):
+            caches[name] = net.new_cache(rows + 1, 300, dtype=next(net.parameters()).dtype)
+            with torch.inference_mode(), mock.patch.object(decoder, "kernel", wraps=decoder.kernel) as spy:
+                if start:
+                    net(x[:, :start], 0, caches[name])
+                logits[name] = run(x[:, start:start + length], start, caches[name], last_only=True).float()
+            assert spy.prefill.call_count == (name == "fused")
+        fused, eager, want = (logits[k] for k in ("fused", "eager", "exact"))
+        assert fused.shape == (rows, 1, ref.args.vocab_size)
+        scale = want.abs().max()
+        assert (fused - eager).abs().max() < tol * scale
+        assert (fused - want).abs().max() < 1.5 * (eager - want).abs().max() + tol / 2 * scale
+        end = start + length
+        for part in ("k", "v"):  # the chunk's positions, written as the eager model writes them; nothing past them
+            got, exp = getattr(caches["fused"], part), getattr(caches["eager"], part)
+            torch.testing.assert_close(got[:, :rows, :end].float(), exp[:, :rows, :end].float(), atol=tol * 4, rtol=tol)
+            assert not got[:, :, end:].any() and not got[:, rows:].any()
+
+
 def _dequantized_state(model) -> dict:
     """An int8 model's state dict in fp64 with each int8 weight dequantized (q * its row's scale)
     and the scales dropped: the weights an unquantized model computes exactly what int8 stands for."""
@@ -972,6 +1013,32 @@ def test_build_decodes_with_the_fused_kernel_where_it_can(ckpts):
     assert q == ref.generate(ids, GEN_LEN, temperature=0)[0]
     assert make_decoder(ref.model, "auto").name == "fused"  # "auto" picks it for an int8 model
 
+
+
+def test_generation_prefills_through_the_kernel(tmp_path, tiny_tokenizer):
+    """With head size 32 (the AVX512-BF16 build's prefill), Llama.generate sends each prompt's first
+    chunk through the kernel's `prefill` and the rest through its decoding step: fp32 greedy tokens
+    equal transformers' and the eager decoder's, and seeded sampling and streaming equal the eager
+    decoder's too. Prompts with logprobs (every position's logits) prefill eagerly."""
+    kernel = _kernel_or_skip()
+    if not hasattr(kernel, "prefill"):
+        pytest.skip(f"prefill is in the AVX512-BF16 build only (this one: {kernel.ISA})")
+    model = make_checkpoint(tmp_path, tiny_tokenizer.model_path, n_heads=2)
+    build = lambda decoder: Llama.build(str(tmp_path), str(tiny_tokenizer.model_path), 64, 3, dtype="float32",
+                                        decoder=decoder)
+    fused, eager = build("auto"), build("eager")
+    assert fused.decoder.name == "fused" and fused.decoder.prefills
+    ids = [fused.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
+    with mock.patch.object(fused.decoder, "kernel", wraps=fused.decoder.kernel) as spy:
+        got = run_all(fused)
+    assert spy.prefill.call_count >= 4 and spy.decode_step.call_count > GEN_LEN  # each generate prefilled
+    assert got == run_all(eager)
+    assert got["greedy"] == hf_greedy(model, ids, GEN_LEN, fused.tokenizer.eos_id)
+    with mock.patch.object(fused.decoder, "kernel", wraps=fused.decoder.kernel) as spy:
+        tokens, logprobs = fused.generate(ids[:3], GEN_LEN, temperature=0, logprobs=True)
+    want_tokens, want_logprobs = eager.generate(ids[:3], GEN_LEN, temperature=0, logprobs=True)
+    assert spy.prefill.call_count == 0 and tokens == want_tokens
+    torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(want_logprobs), atol=1e-5, rtol=0)  # fp32 sums
 
 # --- tensor parallel: 2 and 4 ranks ---------------------------------------------------------------
 

@@ -9,8 +9,15 @@ into the C++ kernel in llama/cpu_kernels.cpp (package data, built on first use b
 activations, fp32 norms/RoPE/softmax/accumulation). Each layer's projections are packed into one
 buffer in the order they are read (wq wk wv wo w1 w3 w2), so q/k/v and w1/w3 are each one
 matrix-vector product streaming contiguous memory; the parameters become views of that buffer
-(same keys, same values, no extra memory): the packing is a transform of the built model. Prefill
-(many positions at once) runs the model's own forward.
+(same keys, same values, no extra memory): the packing is a transform of the built model.
+
+A prompt (many positions at once) is matrix products, which torch's oneDNN/MKL kernels run near the
+matmul peak; the eager forward spends another ~30% of a prefill around them (RMSNorm, RoPE, SiLU,
+casts and copies, flash attention at T = 128). In the AVX512-BF16 build, `prefill` runs the whole
+forward of a prompt chunk in one call: the same products (at::linear, on the packed q|k|v and
+w1|w3), vectorised passes for the rest, and the blocked attention kernel over the cache
+(llama/blocked_attention.py). Elsewhere, and where every position's logits are wanted (logprobs),
+prefill runs the model's own forward.
 
 The C++ source and its builds (one per instruction set: AVX512-BF16, AVX2 + FMA, NEON) are
 llama/cpu_kernels.cpp and llama/cpu_kernels.py, which also hold the training loss's pass, the bf16
@@ -27,6 +34,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from llama.blocked_attention import BLOCK
 from llama.cpu_kernels import cpu_kernels
 from llama.env import cached_measurement, cpu_model_name, default_dtype, dtype_name, machine_key
 from llama.inference.decoders import EagerDecoder
@@ -58,7 +66,8 @@ def _pack(mods: list, attr: str) -> list[torch.Tensor]:
 
 class FusedCpuDecoder(EagerDecoder):
     """Runs `model(tokens, start_pos, cache)` for one new token per row (up to MAX_ROWS rows) in one
-    call into the fused kernel; prefill and larger batches run eagerly. Build with
+    call into the fused kernel, and prompts through its `prefill` where it has one (`prefills`); the
+    rest (larger batches, prompts wanting every position's logits) runs eagerly. Build with
     `FusedCpuDecoder.create(model)`, which packs the layers' weights (the parameters become views
     into the packed buffers, keys and values unchanged) and returns None where the model does not
     qualify (not bf16/fp32 on CPU, sharded, Linears replaced by anything but quantize.py's int8, or
@@ -90,6 +99,9 @@ class FusedCpuDecoder(EagerDecoder):
         if self.int8:
             self.scales.append(model.output.scales)
         self._ptrs = self._pointers()
+        # prompts in one call too: the build with the attention kernel (AVX512-BF16), bf16/fp32 weights
+        # (int8 prompts run eagerly), head size a multiple of 32
+        self.prefills = hasattr(kernel, "prefill") and not self.int8 and model.args.head_dim % 32 == 0
 
     @staticmethod
     def create(model, variant: Optional[str] = None) -> Optional["FusedCpuDecoder"]:
@@ -126,10 +138,17 @@ class FusedCpuDecoder(EagerDecoder):
 
     def __call__(self, tokens: torch.Tensor, start_pos: int, cache, last_only: bool = False) -> torch.Tensor:
         """(B, T) ids at positions start_pos.. -> float logits, writing the cache; one-token steps of
-        up to MAX_ROWS rows run fused."""
+        up to MAX_ROWS rows run fused, and so do prompts (T > 1) where only the last position's logits
+        are wanted and the kernel has `prefill` (see `prefills`)."""
+        m = self.model
+        if tokens.size(1) > 1 and last_only and self.prefills and start_pos + tokens.size(1) <= m.freqs_cis.size(0):
+            h = m.tok_embeddings(tokens).contiguous()  # (B, T, dim)
+            freqs = m.freqs_cis[start_pos:start_pos + tokens.size(1)].float().contiguous()  # as the model holds them
+            logits = self.kernel.prefill(h, self.layers, m.norm.weight, m.output.weight, cache.k, cache.v, start_pos,
+                                         freqs, m.args.norm_eps, m.args.n_heads, BLOCK)
+            return logits[:, None]
         if tokens.size(1) != 1 or tokens.size(0) > MAX_ROWS:
             return super().__call__(tokens, start_pos, cache, last_only)
-        m = self.model
         h = m.tok_embeddings(tokens[:, 0]).contiguous()  # (B, dim) in the model's dtype (int8 rows: dequantized)
         logits = self.kernel.decode_step(h, self.layers, m.norm.weight, m.output.weight, self.scales, cache.k, cache.v,
                                          start_pos, m.freqs_cis[start_pos].float(), m.args.norm_eps, m.args.n_heads,
