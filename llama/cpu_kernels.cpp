@@ -1022,9 +1022,10 @@ std::vector<torch::Tensor> causal_attention_backward(torch::Tensor grad, torch::
   return {dq, dk, dv};
 }
 
-// Prefill: the model's forward over T new positions of B rows in one call (bf16 or fp32 weights and
-// activations), for generation's first chunk. The products are torch's (at::linear: the same oneDNN
-// or MKL kernels as the eager model, on the packed q|k|v and w1|w3); everything between them is here,
+// Prefill: the model's forward over T new positions of B rows in one call (bf16 or fp32 activations;
+// weights in that dtype or int8 with scales), for generation's first chunk. The products are torch's
+// (at::linear: the same oneDNN or MKL kernels as the eager model, on the packed q|k|v and w1|w3; int8
+// weights cast for the call, as Int8Linear does); everything between them is here,
 // one pass each over rows in parallel: RMSNorm, RoPE (written into q in place and into the cache for k),
 // the cache write of v, SiLU(a) * b, and the causal attention above (the blocked kernel, over the
 // cache's prefix, nothing kept for a backward). The rounding points are the model's, as in the
@@ -1102,43 +1103,48 @@ static void silu_rows(const T* y, int64_t M, int64_t hidden, T* out) {
 
 template <typename T>
 static torch::Tensor run(torch::Tensor h, const std::vector<torch::Tensor>& layers, const torch::Tensor& norm_w,
-                         const torch::Tensor& out_w, torch::Tensor& cache_k, torch::Tensor& cache_v, int64_t start,
-                         const torch::Tensor& freqs, double eps, int64_t H, int64_t block) {
+                         const torch::Tensor& out_w, const std::vector<torch::Tensor>& scales, torch::Tensor& cache_k,
+                         torch::Tensor& cache_v, int64_t start, const torch::Tensor& freqs, double eps, int64_t H, int64_t block) {
   const int64_t B = h.size(0), Tn = h.size(1), dim = h.size(2), M = B * Tn, L = (int64_t)layers.size() / 6;
   const int64_t S = cache_k.size(2), Hkv = cache_k.size(3), D = cache_k.size(4), qdim = H * D, kvdim = Hkv * D;
   const int64_t hidden = layers[4].size(0) / 2;
   auto P = [](const torch::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); };
+  // a product; int8 weights (scales[i]) as Int8Linear computes it: the weight cast for this call, the
+  // product rounded, then scaled
+  auto lin = [&](const torch::Tensor& a, const torch::Tensor& w, int64_t i) {
+    return scales.empty() ? at::linear(a, w) : at::linear(a, w.to(a.scalar_type())).mul_(scales[i]);
+  };
   auto x = h.view({M, dim});
   auto xn = torch::empty_like(x), gated = torch::empty({M, hidden}, x.options());
   auto att = torch::empty({B, Tn, H, D}, x.options()), none = torch::empty({0}, x.options());
   for (int64_t l = 0; l < L; ++l) {
     const torch::Tensor* lw = &layers[6 * l];
     norm_rows<T>(P(x), M, dim, P(lw[0]), eps, P(xn));
-    auto y = at::linear(xn, lw[1]);  // (M, q|k|v)
+    auto y = lin(xn, lw[1], 4 * l);  // (M, q|k|v)
     auto ck = cache_k.select(0, l), cv = cache_v.select(0, l);  // (B_max, S, Hkv, D)
     rope_rows<T>(P(y), B, Tn, qdim, kvdim, D, freqs.data_ptr<float>(), P(ck), P(cv), S, start);
     auto q = y.view({B, Tn, qdim + 2 * kvdim}).narrow(2, 0, qdim).view({B, Tn, H, D});
     auto k = ck.narrow(0, 0, B).narrow(1, 0, start + Tn), v = cv.narrow(0, 0, B).narrow(1, 0, start + Tn);
     attn::forward<T>(q, k, v, start, block, att, none, false);
-    x.add_(at::linear(att.view({M, qdim}), lw[2]));
+    x.add_(lin(att.view({M, qdim}), lw[2], 4 * l + 1));
     norm_rows<T>(P(x), M, dim, P(lw[3]), eps, P(xn));
-    auto y13 = at::linear(xn, lw[4]);  // (M, w1|w3)
+    auto y13 = lin(xn, lw[4], 4 * l + 2);  // (M, w1|w3)
     silu_rows<T>(P(y13), M, hidden, P(gated));
-    x.add_(at::linear(gated, lw[5]));
+    x.add_(lin(gated, lw[5], 4 * l + 3));
   }
   auto last = h.select(1, Tn - 1).contiguous(), lastn = torch::empty_like(last);  // (B, dim)
   norm_rows<T>(P(last), B, dim, P(norm_w), eps, P(lastn));
-  return at::linear(lastn, out_w).to(at::kFloat);
+  return lin(lastn, out_w, 4 * L).to(at::kFloat);
 }
 
 }  // namespace prefill_ops
 
-// h: (B, T, dim) token embeddings, contiguous, updated in place; layers, norm_w, out_w, cache as for
-// decode_step (bf16 or fp32 weights, not int8); the T positions start at `start`; freqs: (T, D/2, 2)
-// fp32; block: the attention's query rows per block (a multiple of 16); D a multiple of 32.
+// h: (B, T, dim) token embeddings, contiguous, updated in place; layers, norm_w, out_w, scales, cache
+// as for decode_step; the T positions start at `start`; freqs: (T, D/2, 2) fp32; block: the
+// attention's query rows per block (a multiple of 16); D a multiple of 32.
 torch::Tensor prefill(torch::Tensor h, std::vector<torch::Tensor> layers, torch::Tensor norm_w, torch::Tensor out_w,
-                      torch::Tensor cache_k, torch::Tensor cache_v, int64_t start, torch::Tensor freqs, double eps,
-                      int64_t n_heads, int64_t block) {
+                      std::vector<torch::Tensor> scales, torch::Tensor cache_k, torch::Tensor cache_v, int64_t start,
+                      torch::Tensor freqs, double eps, int64_t n_heads, int64_t block) {
   const auto dt = h.scalar_type();
   TORCH_CHECK((dt == at::kBFloat16 || dt == at::kFloat) && h.dim() == 3 && h.is_contiguous() && h.size(1) >= 1,
               "prefill: h must be contiguous (B, T, dim) bf16 or fp32");
@@ -1153,17 +1159,26 @@ torch::Tensor prefill(torch::Tensor h, std::vector<torch::Tensor> layers, torch:
   TORCH_CHECK(freqs.scalar_type() == at::kFloat && freqs.is_contiguous() && freqs.numel() == Tn * D,
               "prefill: freqs must be contiguous fp32 (T, D/2, 2)");
   const int64_t nqkv = dim + 2 * Hkv * D;
+  const bool q8 = !scales.empty();
+  const auto wdt = q8 ? at::kChar : dt;
+  TORCH_CHECK(!q8 || (int64_t)scales.size() == 4 * L + 1, "prefill: scales: 4 per layer and the output's");
+  for (auto& s : scales) TORCH_CHECK(s.scalar_type() == dt && s.dim() == 1, "prefill: scales in the model's dtype");
+  const int scale_of[6] = {-1, 0, 1, -1, 2, 3};
   for (int64_t l = 0; l < L; ++l) {
     const torch::Tensor* lw = &layers[6 * l];
-    for (int i = 0; i < 6; ++i) TORCH_CHECK(lw[i].scalar_type() == dt && lw[i].is_contiguous(), "prefill: weights in the model's dtype");
+    for (int i = 0; i < 6; ++i)
+      TORCH_CHECK(lw[i].scalar_type() == (scale_of[i] < 0 ? dt : wdt) && lw[i].is_contiguous() &&
+                  (scale_of[i] < 0 || !q8 || scales[4 * l + scale_of[i]].numel() == lw[i].size(0)),
+                  "prefill: norms in the model's dtype, projections too or int8 with one scale per row");
     TORCH_CHECK(lw[0].numel() == dim && lw[1].size(0) == nqkv && lw[1].size(1) == dim && lw[2].size(0) == dim &&
                 lw[2].size(1) == dim && lw[3].numel() == dim && lw[4].size(1) == dim && lw[4].size(0) % 2 == 0 &&
                 lw[5].size(0) == dim && lw[5].size(1) == lw[4].size(0) / 2, "prefill: layer weight shapes");
   }
-  TORCH_CHECK(norm_w.scalar_type() == dt && norm_w.numel() == dim && out_w.scalar_type() == dt && out_w.dim() == 2 &&
-              out_w.size(1) == dim, "prefill: final norm and output weight");
-  if (dt == at::kBFloat16) return prefill_ops::run<bf16>(h, layers, norm_w, out_w, cache_k, cache_v, start, freqs, eps, n_heads, block);
-  return prefill_ops::run<float>(h, layers, norm_w, out_w, cache_k, cache_v, start, freqs, eps, n_heads, block);
+  TORCH_CHECK(norm_w.scalar_type() == dt && norm_w.numel() == dim && out_w.scalar_type() == wdt && out_w.dim() == 2 &&
+              out_w.size(1) == dim && (!q8 || scales.back().numel() == out_w.size(0)), "prefill: final norm and output weight");
+  if (dt == at::kBFloat16)
+    return prefill_ops::run<bf16>(h, layers, norm_w, out_w, scales, cache_k, cache_v, start, freqs, eps, n_heads, block);
+  return prefill_ops::run<float>(h, layers, norm_w, out_w, scales, cache_k, cache_v, start, freqs, eps, n_heads, block);
 }
 #endif
 

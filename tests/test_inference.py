@@ -552,13 +552,15 @@ def test_fused_cpu_decoder_matches_the_model(shape, dtype, variant):
     assert not decoder.valid() and FusedCpuDecoder.create(model) is None
 
 
+@pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [dict(dim=64, n_heads=2), dict(dim=128, n_heads=4, n_kv_heads=2, multiple_of=16, vocab_size=97)])
-def test_fused_prefill_matches_the_model(shape, dtype):
+def test_fused_prefill_matches_the_model(shape, dtype, int8):
     """A prompt chunk through the kernel's `prefill` (AVX512-BF16 build, head size 32) against the
     eager model and an exact fp64 one: the last position's logits and everything written to the
     cache. Chunks from position 0 (150 positions: a whole block of 128 queries and a ragged one; 7
-    positions) and after 20 cached ones; 1 and 3 rows; grouped-query heads in the second shape."""
+    positions) and after 20 cached ones; 1 and 3 rows; grouped-query heads in the second shape; int8
+    models (the exact model holds the dequantized weights)."""
     kernel = _kernel_or_skip()
     if not hasattr(kernel, "prefill"):
         pytest.skip(f"prefill is in the AVX512-BF16 build only (this one: {kernel.ISA})")
@@ -567,8 +569,11 @@ def test_fused_prefill_matches_the_model(shape, dtype):
     ref.init_weights(std=0.08)
     model = Transformer(ref.args).to(dtype).eval()
     model.load_state_dict(ref.state_dict())
+    if int8:
+        quantize_int8(model)
+        ref.load_state_dict(_dequantized_state(model))
     decoder = FusedCpuDecoder.create(model)
-    assert decoder.prefills
+    assert decoder.prefills and decoder.int8 == int8
     tokens = torch.randint(0, ref.args.vocab_size, (3, 170))
     tol = 0.02 if dtype == torch.bfloat16 else 1e-5
     for rows, start, length in ((3, 0, 150), (1, 0, 7), (3, 20, 150)):

@@ -99,9 +99,8 @@ class FusedCpuDecoder(EagerDecoder):
         if self.int8:
             self.scales.append(model.output.scales)
         self._ptrs = self._pointers()
-        # prompts in one call too: the build with the attention kernel (AVX512-BF16), bf16/fp32 weights
-        # (int8 prompts run eagerly), head size a multiple of 32
-        self.prefills = hasattr(kernel, "prefill") and not self.int8 and model.args.head_dim % 32 == 0
+        # prompts in one call too: the build with the attention kernel (AVX512-BF16), head size a multiple of 32
+        self.prefills = hasattr(kernel, "prefill") and model.args.head_dim % 32 == 0
 
     @staticmethod
     def create(model, variant: Optional[str] = None) -> Optional["FusedCpuDecoder"]:
@@ -144,8 +143,8 @@ class FusedCpuDecoder(EagerDecoder):
         if tokens.size(1) > 1 and last_only and self.prefills and start_pos + tokens.size(1) <= m.freqs_cis.size(0):
             h = m.tok_embeddings(tokens).contiguous()  # (B, T, dim)
             freqs = m.freqs_cis[start_pos:start_pos + tokens.size(1)].float().contiguous()  # as the model holds them
-            logits = self.kernel.prefill(h, self.layers, m.norm.weight, m.output.weight, cache.k, cache.v, start_pos,
-                                         freqs, m.args.norm_eps, m.args.n_heads, BLOCK)
+            logits = self.kernel.prefill(h, self.layers, m.norm.weight, m.output.weight, self.scales, cache.k, cache.v,
+                                         start_pos, freqs, m.args.norm_eps, m.args.n_heads, BLOCK)
             return logits[:, None]
         if tokens.size(1) != 1 or tokens.size(0) > MAX_ROWS:
             return super().__call__(tokens, start_pos, cache, last_only)
