@@ -2,8 +2,9 @@
 // llama/inference/cpu_decode.py - every layer of a LLaMA model, the final norm and the output
 // projection for up to 8 rows of one new token each, in one call, with the model's rounding points
 // (bf16: bf16 activations, fp32 norms / RoPE / softmax / accumulation) - and the training loss's pass
-// over the logits (softmax_gradient), the causal attention of the blocked backend and generation's
-// prefill (bf16, fp32; AVX512-BF16 build only) and the benchmarks' bandwidth probe (read_bandwidth).
+// over the logits (softmax_gradient), generation's prefill (the whole forward of a prompt chunk), the
+// causal attention of the blocked backend (bf16, fp32; AVX512-BF16 build only) and the benchmarks'
+// bandwidth probe (read_bandwidth).
 // One source, one build per instruction set (torch.utils.cpp_extension.load):
 //   -DLLAMA_ISA_AVX512BF16 (-mavx512f -mavx512bw -mavx512bf16): 16 fp32 lanes, native bf16 dots
 //   -DLLAMA_ISA_AVX2 (-mavx2 -mfma): 8 lanes; bf16 widened to fp32 in registers, fp32 FMAs
@@ -1022,14 +1023,16 @@ std::vector<torch::Tensor> causal_attention_backward(torch::Tensor grad, torch::
   return {dq, dk, dv};
 }
 
+#endif
+
 // Prefill: the model's forward over T new positions of B rows in one call (bf16 or fp32 activations;
 // weights in that dtype or int8 with scales), for generation's first chunk. The products are torch's
 // (at::linear: the same oneDNN or MKL kernels as the eager model, on the packed q|k|v and w1|w3; int8
 // weights cast for the call, as Int8Linear does); everything between them is here,
 // one pass each over rows in parallel: RMSNorm, RoPE (written into q in place and into the cache for k),
-// the cache write of v, SiLU(a) * b, and the causal attention above (the blocked kernel, over the
-// cache's prefix, nothing kept for a backward). The rounding points are the model's, as in the
-// decoding step. Returns the last position's logits (B, vocab), fp32.
+// the cache write of v, SiLU(a) * b, and the causal attention over the cache's prefix (the blocked
+// kernel where the build has it, nothing kept for a backward; else torch's sdpa). The rounding points
+// are the model's, as in the decoding step. Returns the last position's logits (B, vocab), fp32.
 namespace prefill_ops {
 
 template <typename T>
@@ -1065,16 +1068,32 @@ static void rope_rows(T* y, int64_t B, int64_t Tn, int64_t qdim, int64_t kvdim, 
       T* r = y + m * nqkv;
       T* kc = ck + (b * S + start + t) * kvdim;
       T* vc = cv + (b * S + start + t) * kvdim;
-      for (int64_t d = 0; d < D; d += 16) {
-        const F fv = V::load(f + d), c = _mm512_moveldup_ps(fv), sh = _mm512_movehdup_ps(fv);
-        const F sn = _mm512_mask_sub_ps(sh, 0x5555, V::zero(), sh);  // (-sin, sin) per pair
-        auto rot = [&](const T* x) {
-          const F v = E<T>::load(x);
-          return V::add(V::mul(v, c), V::mul(_mm512_permute_ps(v, 0xB1), sn));  // (re c - im s, re s + im c)
-        };
-        for (int64_t i = d; i < qdim; i += D) E<T>::store(r + i, rot(r + i));
-        for (int64_t i = d; i < kvdim; i += D) E<T>::store(kc + i, rot(r + qdim + i));
+#if defined(LLAMA_ISA_AVX512BF16)
+      if (D % 16 == 0) {
+        for (int64_t d = 0; d < D; d += 16) {
+          const F fv = V::load(f + d), c = _mm512_moveldup_ps(fv), sh = _mm512_movehdup_ps(fv);
+          const F sn = _mm512_mask_sub_ps(sh, 0x5555, V::zero(), sh);  // (-sin, sin) per pair
+          auto rot = [&](const T* x) {
+            const F v = E<T>::load(x);
+            return V::add(V::mul(v, c), V::mul(_mm512_permute_ps(v, 0xB1), sn));  // (re c - im s, re s + im c)
+          };
+          for (int64_t i = d; i < qdim; i += D) E<T>::store(r + i, rot(r + i));
+          for (int64_t i = d; i < kvdim; i += D) E<T>::store(kc + i, rot(r + qdim + i));
+        }
+        std::memcpy(vc, r + qdim + kvdim, kvdim * sizeof(T));
+        continue;
       }
+#endif
+      auto rot = [&](const T* x, T* out, int64_t n) {  // pairs in scalar code (other ISAs, other head sizes)
+        for (int64_t i = 0; i < n; i += 2) {
+          const int64_t j = (i % D) / 2;
+          const float c = f[2 * j], sn = f[2 * j + 1], re = E<T>::to(x[i]), im = E<T>::to(x[i + 1]);
+          out[i] = E<T>::from(re * c - im * sn);
+          out[i + 1] = E<T>::from(re * sn + im * c);
+        }
+      };
+      rot(r, r, qdim);
+      rot(r + qdim, kc, kvdim);
       std::memcpy(vc, r + qdim + kvdim, kvdim * sizeof(T));
     }
   });
@@ -1101,6 +1120,23 @@ static void silu_rows(const T* y, int64_t M, int64_t hidden, T* out) {
   });
 }
 
+// Causal attention of q (B, T, H, D) at positions start.. over k, v (B, start + T, Hkv, D) into out
+// (B, T, H, D): the blocked kernel where this build has it (AVX512-BF16, D a multiple of 32), else
+// torch's sdpa as the model calls it
+template <typename T>
+static void attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, int64_t start,
+                      int64_t block, torch::Tensor& out, torch::Tensor& none) {
+#if defined(LLAMA_ISA_AVX512BF16)
+  if (q.size(3) % 32 == 0) return attn::forward<T>(q, k, v, start, block, out, none, false);
+#endif
+  const int64_t Tn = q.size(1), G = q.size(2) / k.size(2);
+  auto kh = k.transpose(1, 2), vh = v.transpose(1, 2);  // (B, Hkv, S, D)
+  if (G > 1) { kh = kh.repeat_interleave(G, 1); vh = vh.repeat_interleave(G, 1); }
+  std::optional<torch::Tensor> mask;
+  if (start > 0) mask = torch::ones({Tn, start + Tn}, q.options().dtype(torch::kBool)).tril(start);
+  out.copy_(at::scaled_dot_product_attention(q.transpose(1, 2), kh, vh, mask, 0.0, start == 0).transpose(1, 2));
+}
+
 template <typename T>
 static torch::Tensor run(torch::Tensor h, const std::vector<torch::Tensor>& layers, const torch::Tensor& norm_w,
                          const torch::Tensor& out_w, const std::vector<torch::Tensor>& scales, torch::Tensor& cache_k,
@@ -1125,7 +1161,7 @@ static torch::Tensor run(torch::Tensor h, const std::vector<torch::Tensor>& laye
     rope_rows<T>(P(y), B, Tn, qdim, kvdim, D, freqs.data_ptr<float>(), P(ck), P(cv), S, start);
     auto q = y.view({B, Tn, qdim + 2 * kvdim}).narrow(2, 0, qdim).view({B, Tn, H, D});
     auto k = ck.narrow(0, 0, B).narrow(1, 0, start + Tn), v = cv.narrow(0, 0, B).narrow(1, 0, start + Tn);
-    attn::forward<T>(q, k, v, start, block, att, none, false);
+    attention<T>(q, k, v, start, block, att, none);
     x.add_(lin(att.view({M, qdim}), lw[2], 4 * l + 1));
     norm_rows<T>(P(x), M, dim, P(lw[3]), eps, P(xn));
     auto y13 = lin(xn, lw[4], 4 * l + 2);  // (M, w1|w3)
@@ -1141,7 +1177,7 @@ static torch::Tensor run(torch::Tensor h, const std::vector<torch::Tensor>& laye
 
 // h: (B, T, dim) token embeddings, contiguous, updated in place; layers, norm_w, out_w, scales, cache
 // as for decode_step; the T positions start at `start`; freqs: (T, D/2, 2) fp32; block: the
-// attention's query rows per block (a multiple of 16); D a multiple of 32.
+// attention's query rows per block (a multiple of 16).
 torch::Tensor prefill(torch::Tensor h, std::vector<torch::Tensor> layers, torch::Tensor norm_w, torch::Tensor out_w,
                       std::vector<torch::Tensor> scales, torch::Tensor cache_k, torch::Tensor cache_v, int64_t start,
                       torch::Tensor freqs, double eps, int64_t n_heads, int64_t block) {
@@ -1154,8 +1190,8 @@ torch::Tensor prefill(torch::Tensor h, std::vector<torch::Tensor> layers, torch:
               cache_v.is_contiguous() && cache_k.sizes() == cache_v.sizes() && cache_k.scalar_type() == dt &&
               cache_v.scalar_type() == dt, "prefill: cache must be contiguous (L, B, S, Hkv, D) in the model's dtype");
   const int64_t S = cache_k.size(2), Hkv = cache_k.size(3), D = cache_k.size(4);
-  TORCH_CHECK(n_heads % Hkv == 0 && n_heads * D == dim && D % 32 == 0 && start >= 0 && start + Tn <= S &&
-              block > 0 && block % 16 == 0, "prefill: shapes (heads, head size a multiple of 32, positions within the cache)");
+  TORCH_CHECK(n_heads % Hkv == 0 && n_heads * D == dim && start >= 0 && start + Tn <= S &&
+              block > 0 && block % 16 == 0 && D % 2 == 0, "prefill: shapes (heads, head size, positions within the cache)");
   TORCH_CHECK(freqs.scalar_type() == at::kFloat && freqs.is_contiguous() && freqs.numel() == Tn * D,
               "prefill: freqs must be contiguous fp32 (T, D/2, 2)");
   const int64_t nqkv = dim + 2 * Hkv * D;
@@ -1180,7 +1216,7 @@ torch::Tensor prefill(torch::Tensor h, std::vector<torch::Tensor> layers, torch:
     return prefill_ops::run<bf16>(h, layers, norm_w, out_w, scales, cache_k, cache_v, start, freqs, eps, n_heads, block);
   return prefill_ops::run<float>(h, layers, norm_w, out_w, scales, cache_k, cache_v, start, freqs, eps, n_heads, block);
 }
-#endif
+
 
 #include <chrono>
 
@@ -1224,10 +1260,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_step", &decode_step, "one fused decoding step of a LLaMA model (bf16 or fp32)");
   m.def("softmax_gradient", &softmax_gradient, "logits -> softmax - one_hot(targets) in place; the summed loss");
   m.def("read_bandwidth", &read_bandwidth, "(bytes/s, sum) of one read of an fp32 buffer, as decode_step reads");
+  m.def("prefill", &prefill, "the model's forward over a prompt chunk (bf16 or fp32, or int8 weights): the last position's logits");
 #if defined(LLAMA_ISA_AVX512BF16)
   m.def("causal_attention_forward", &causal_attention_forward, "blocked causal attention, bf16 or fp32: (out, kept probabilities)");
   m.def("causal_attention_backward", &causal_attention_backward, "the gradients of q, k, v of causal_attention_forward");
-  m.def("prefill", &prefill, "the model's forward over a prompt chunk (bf16 or fp32): the last position's logits");
   m.def("causal_attention_saved", &attn::saved_per_head, "elements the forward keeps per (batch, head): (T, start, block, 2 for bf16 / 1 for fp32)");
 #endif
   m.attr("ISA") = V::ISA;  // the instruction set this build was compiled for

@@ -552,18 +552,20 @@ def test_fused_cpu_decoder_matches_the_model(shape, dtype, variant):
     assert not decoder.valid() and FusedCpuDecoder.create(model) is None
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("shape", [dict(dim=64, n_heads=2), dict(dim=128, n_heads=4, n_kv_heads=2, multiple_of=16, vocab_size=97)])
-def test_fused_prefill_matches_the_model(shape, dtype, int8):
-    """A prompt chunk through the kernel's `prefill` (AVX512-BF16 build, head size 32) against the
-    eager model and an exact fp64 one: the last position's logits and everything written to the
-    cache. Chunks from position 0 (150 positions: a whole block of 128 queries and a ragged one; 7
-    positions) and after 20 cached ones; 1 and 3 rows; grouped-query heads in the second shape; int8
-    models (the exact model holds the dequantized weights)."""
-    kernel = _kernel_or_skip()
-    if not hasattr(kernel, "prefill"):
-        pytest.skip(f"prefill is in the AVX512-BF16 build only (this one: {kernel.ISA})")
+@pytest.mark.parametrize("shape", [dict(dim=64, n_heads=2), dict(dim=128, n_heads=4, n_kv_heads=2, multiple_of=16, vocab_size=97),
+                                   dict(dim=40, n_heads=4, n_kv_heads=1, multiple_of=4, vocab_size=97)])
+def test_fused_prefill_matches_the_model(shape, dtype, int8, variant):
+    """A prompt chunk through the kernel's `prefill` (each build this CPU runs) against the eager
+    model and an exact fp64 one: the last position's logits and everything written to the cache.
+    Chunks from position 0 (150 positions: a whole block of 128 queries and a ragged one; 7
+    positions) and after 20 cached ones; 1 and 3 rows. Head size 32 in the first two shapes (the
+    AVX512-BF16 build's attention kernel), grouped-query heads in the second; the third has head
+    size 10 and one kv head (the vector passes' tails; sdpa attention). int8 models too (the exact
+    model holds the dequantized weights)."""
+    _kernel_or_skip(variant)
     torch.manual_seed(0)
     ref = Transformer(tiny_args(n_layers=2, max_seq_len=300, **shape)).double().eval()
     ref.init_weights(std=0.08)
@@ -572,7 +574,7 @@ def test_fused_prefill_matches_the_model(shape, dtype, int8):
     if int8:
         quantize_int8(model)
         ref.load_state_dict(_dequantized_state(model))
-    decoder = FusedCpuDecoder.create(model)
+    decoder = FusedCpuDecoder.create(model, variant)
     assert decoder.prefills and decoder.int8 == int8
     tokens = torch.randint(0, ref.args.vocab_size, (3, 170))
     tol = 0.02 if dtype == torch.bfloat16 else 1e-5
@@ -1021,13 +1023,11 @@ def test_build_decodes_with_the_fused_kernel_where_it_can(ckpts):
 
 
 def test_generation_prefills_through_the_kernel(tmp_path, tiny_tokenizer):
-    """With head size 32 (the AVX512-BF16 build's prefill), Llama.generate sends each prompt's first
-    chunk through the kernel's `prefill` and the rest through its decoding step: fp32 greedy tokens
-    equal transformers' and the eager decoder's, and seeded sampling and streaming equal the eager
-    decoder's too. Prompts with logprobs (every position's logits) prefill eagerly."""
-    kernel = _kernel_or_skip()
-    if not hasattr(kernel, "prefill"):
-        pytest.skip(f"prefill is in the AVX512-BF16 build only (this one: {kernel.ISA})")
+    """Llama.generate sends each prompt's first chunk through the kernel's `prefill` and the rest
+    through its decoding step (head size 32: the AVX512-BF16 build's attention kernel): fp32 greedy
+    tokens equal transformers' and the eager decoder's, and seeded sampling and streaming equal the
+    eager decoder's too. Prompts with logprobs (every position's logits) prefill eagerly."""
+    _kernel_or_skip()
     model = make_checkpoint(tmp_path, tiny_tokenizer.model_path, n_heads=2)
     build = lambda decoder: Llama.build(str(tmp_path), str(tiny_tokenizer.model_path), 64, 3, dtype="float32",
                                         decoder=decoder)

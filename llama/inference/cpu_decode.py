@@ -13,11 +13,11 @@ matrix-vector product streaming contiguous memory; the parameters become views o
 
 A prompt (many positions at once) is matrix products, which torch's oneDNN/MKL kernels run near the
 matmul peak; the eager forward spends another ~30% of a prefill around them (RMSNorm, RoPE, SiLU,
-casts and copies, flash attention at T = 128). In the AVX512-BF16 build, `prefill` runs the whole
-forward of a prompt chunk in one call: the same products (at::linear, on the packed q|k|v and
-w1|w3), vectorised passes for the rest, and the blocked attention kernel over the cache
-(llama/blocked_attention.py). Elsewhere, and where every position's logits are wanted (logprobs),
-prefill runs the model's own forward.
+casts and copies, flash attention at T = 128). The kernel's `prefill` runs the whole forward of a
+prompt chunk in one call: the same products (at::linear, on the packed q|k|v and w1|w3),
+vectorised passes for the rest, and attention over the cache: in the AVX512-BF16 build the blocked
+attention kernel (llama/blocked_attention.py; head sizes a multiple of 32), else torch's sdpa.
+Where every position's logits are wanted (logprobs), prefill runs the model's own forward.
 
 The C++ source and its builds (one per instruction set: AVX512-BF16, AVX2 + FMA, NEON) are
 llama/cpu_kernels.cpp and llama/cpu_kernels.py, which also hold the training loss's pass, the bf16
@@ -99,8 +99,7 @@ class FusedCpuDecoder(EagerDecoder):
         if self.int8:
             self.scales.append(model.output.scales)
         self._ptrs = self._pointers()
-        # prompts in one call too: the build with the attention kernel (AVX512-BF16), head size a multiple of 32
-        self.prefills = hasattr(kernel, "prefill") and model.args.head_dim % 32 == 0
+        self.prefills = hasattr(kernel, "prefill")  # prompts in one call too (a build of this version's source)
 
     @staticmethod
     def create(model, variant: Optional[str] = None) -> Optional["FusedCpuDecoder"]:
