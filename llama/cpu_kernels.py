@@ -63,7 +63,7 @@ def _build(variant: str, then: str = WITHOUT):
             built = Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
             if not built.is_file():  # say why the first generation waits (torch's build cache is per version)
                 print(f"building the C++ CPU kernels (decoding, prefill, training loss, attention; {variant}; first use only, "
-                      "~30 s)...", file=sys.stderr, flush=True)
+                      "~50 s on 2 cores)...", file=sys.stderr, flush=True)
             flags = ["-O3", "-fopenmp", f"-DLLAMA_ISA_{variant.upper()}", *VARIANTS[variant][1]]
             _modules[variant] = load(name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"])
         except Exception as e:  # no compiler, old toolchain...: the next variant, or the eager model decodes
