@@ -1056,7 +1056,8 @@ static void norm_rows(const T* h, int64_t M, int64_t dim, const T* w, double eps
 
 // y (M = B T, q|k|v) rows: each pair (2j, 2j+1) of every q and k head rotated by its position's angle
 // j in fp32 and rounded (into y for q, into the cache for k); v copied into the cache. freqs (T, D/2, 2)
-// cos, sin; D a multiple of 16 (the pairs of 8 angles per register).
+// cos, sin. AVX-512 with D a multiple of 16: 8 pairs per register (the angles duplicated into both
+// lanes of a pair, the pair swapped in-lane); else pair by pair.
 template <typename T>
 static void rope_rows(T* y, int64_t B, int64_t Tn, int64_t qdim, int64_t kvdim, int64_t D, const float* freqs,
                       T* ck, T* cv, int64_t S, int64_t start) {
