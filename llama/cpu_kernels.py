@@ -2,9 +2,10 @@
 extension loader, as one extension per instruction set (`VARIANTS`): AVX512-BF16 (native bf16 dot
 products), AVX2 + FMA and NEON. It holds the fused decoding step (llama/inference/cpu_decode.py),
 the training loss's pass over the logits (llama.train.recipe.linear_cross_entropy), the causal
-attention of the `blocked` backend (llama/blocked_attention.py) and generation's prefill (both bf16
-and fp32, AVX512-BF16 build only) and the benchmarks' bandwidth probe. The fastest build this CPU runs is used; the environment
-variable LLAMA_CPU_KERNEL=avx512bf16|avx2|neon forces one (e.g. to measure AVX2 on an AVX-512 machine).
+attention of the `blocked` backend (llama/blocked_attention.py; bf16 and fp32, AVX512-BF16 build
+only), generation's prefill (the whole forward of a prompt chunk) and the benchmarks' bandwidth
+probe. The fastest build this CPU runs is used; the environment variable
+LLAMA_CPU_KERNEL=avx512bf16|avx2|neon forces one (e.g. to measure AVX2 on an AVX-512 machine).
 """
 
 from __future__ import annotations

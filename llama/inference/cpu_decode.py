@@ -12,7 +12,7 @@ matrix-vector product streaming contiguous memory; the parameters become views o
 (same keys, same values, no extra memory): the packing is a transform of the built model.
 
 A prompt (many positions at once) is matrix products, which torch's oneDNN/MKL kernels run near the
-matmul peak; the eager forward spends another ~30% of a prefill around them (RMSNorm, RoPE, SiLU,
+matmul peak; the eager forward spends about a quarter of a prefill around them (RMSNorm, RoPE, SiLU,
 casts and copies, flash attention at T = 128). The kernel's `prefill` runs the whole forward of a
 prompt chunk in one call: the same products (at::linear, on the packed q|k|v and w1|w3),
 vectorised passes for the rest, and attention over the cache: in the AVX512-BF16 build the blocked
@@ -99,7 +99,7 @@ class FusedCpuDecoder(EagerDecoder):
         if self.int8:
             self.scales.append(model.output.scales)
         self._ptrs = self._pointers()
-        self.prefills = hasattr(kernel, "prefill")  # prompts in one call too (a build of this version's source)
+        self.prefills = hasattr(kernel, "prefill")  # prompts in one call too (every build of this source has it)
 
     @staticmethod
     def create(model, variant: Optional[str] = None) -> Optional["FusedCpuDecoder"]:
