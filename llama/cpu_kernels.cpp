@@ -428,17 +428,48 @@ static inline void axpy(float p, const T* v, float* acc, int64_t D) {
   for (; d < D; ++d) acc[d] += p * E<T>::to(v[d]);
 }
 
-// RMSNorm as the model computes it: statistics in fp32, the normalised value rounded to the
-// model's dtype, times the weight, rounded again
+// RMSNorm as the model computes it, for M rows: statistics in fp32, the normalised value rounded to
+// the model's dtype, times the weight, rounded again. Threads over rows (from 16 rows)
 template <typename T>
-static void rmsnorm(const T* h, int64_t M, int64_t dim, const T* wt, double eps, T* out) {
-  for (int64_t m = 0; m < M; ++m) {
-    const T* x = h + m * dim;
-    float ss = 0.f;
-    for (int64_t i = 0; i < dim; ++i) { float v = E<T>::to(x[i]); ss += v * v; }
-    const float inv = 1.f / std::sqrt(ss / dim + (float)eps);
-    for (int64_t i = 0; i < dim; ++i) out[m * dim + i] = E<T>::from(E<T>::rnd(E<T>::to(x[i]) * inv) * E<T>::to(wt[i]));
-  }
+static void norm_rows(const T* h, int64_t M, int64_t dim, const T* w, double eps, T* out) {
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const T* x = h + m * dim;
+      F acc = V::zero();
+      int64_t i = 0;
+      for (; i + N <= dim; i += N) { const F v = E<T>::load(x + i); acc = V::fma(v, v, acc); }
+      float ss = V::sum(acc);
+      for (; i < dim; ++i) { const float v = E<T>::to(x[i]); ss += v * v; }
+      const float inv = 1.f / std::sqrt(ss / dim + (float)eps);
+      const F iv = V::set1(inv);
+      T* o = out + m * dim;
+      for (i = 0; i + N <= dim; i += N) E<T>::store(o + i, V::mul(E<T>::rnd(V::mul(E<T>::load(x + i), iv)), E<T>::load(w + i)));
+      for (; i < dim; ++i) o[i] = E<T>::from(E<T>::rnd(E<T>::to(x[i]) * inv) * E<T>::to(w[i]));
+    }
+  });
+}
+
+
+// (M, 2 hidden) rows of a|b (Y: the model's type T, or fp32 sums still to be rounded to it) -> (M, hidden)
+// rows of round(silu(a)) * b, rounded: the model's SwiGLU roundings. Threads over rows
+template <typename T, typename Y>
+static void silu_rows(const Y* y, int64_t M, int64_t hidden, T* out) {
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const Y* ya = y + m * 2 * hidden;
+      const Y* yb = ya + hidden;
+      T* o = out + m * hidden;
+      int64_t i = 0;
+      for (; i + N <= hidden; i += N) {
+        const F a = E<T>::rnd(E<Y>::load(ya + i)), b = E<T>::rnd(E<Y>::load(yb + i));
+        E<T>::store(o + i, V::mul(E<T>::rnd(V::div(a, V::add(V::set1(1.f), vexp(V::sub(V::zero(), a))))), b));
+      }
+      for (; i < hidden; ++i) {
+        const float a = E<T>::rnd(E<Y>::to(ya[i])), b = E<T>::rnd(E<Y>::to(yb[i]));
+        o[i] = E<T>::from(E<T>::rnd(a / (1.f + std::exp(-a))) * b);
+      }
+    }
+  });
 }
 
 // h[i] = h[i] + round(y[i]): a residual add in the model's dtype
@@ -474,7 +505,7 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
     TORCH_CHECK(lw[1].size(0) == nqkv && lw[1].size(1) == dim && lw[2].size(0) == dim && lw[2].size(1) == qdim &&
                 lw[4].size(1) == dim && lw[5].size(0) == dim && lw[5].size(1) == hidden, "layer weight shapes");
     // attention: norm, q|k|v in one product, RoPE on q and k (fp32, rounded), k/v into the cache
-    rmsnorm<T>(hp, M, dim, W(lw[0]), eps, xn.data());
+    norm_rows<T>(hp, M, dim, W(lw[0]), eps, xn.data());
     gemv<T, WT>(xn.data(), M, dim, Q(lw[1]), nqkv, y.data(), sc(4 * l));
     for (int64_t m = 0; m < M; ++m) {
       float* r = y.data() + m * nqkv;
@@ -532,27 +563,13 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
     gemv<T, WT>(att.data(), M, qdim, Q(lw[2]), dim, y.data(), sc(4 * l + 1));
     residual<T>(hp, y.data(), M * dim);
     // feed-forward: norm, w1|w3 in one product, silu(a) * b with the model's roundings, w2, residual
-    rmsnorm<T>(hp, M, dim, W(lw[3]), eps, xn.data());
+    norm_rows<T>(hp, M, dim, W(lw[3]), eps, xn.data());
     gemv<T, WT>(xn.data(), M, dim, Q(lw[4]), 2 * hidden, y.data(), sc(4 * l + 2));
-    for (int64_t m = 0; m < M; ++m) {
-      const float* ya = y.data() + m * 2 * hidden;
-      const float* yb = ya + hidden;
-      T* out = xn.data() + m * hidden;
-      int64_t i = 0;
-      for (; i + N <= hidden; i += N) {
-        const F a = E<T>::rnd(V::load(ya + i)), b = E<T>::rnd(V::load(yb + i));
-        const F sa = V::div(a, V::add(V::set1(1.f), vexp(V::sub(V::zero(), a))));
-        E<T>::store(out + i, V::mul(E<T>::rnd(sa), b));
-      }
-      for (; i < hidden; ++i) {
-        const float a = E<T>::rnd(ya[i]), b = E<T>::rnd(yb[i]);
-        out[i] = E<T>::from(E<T>::rnd(a / (1.f + std::exp(-a))) * b);
-      }
-    }
+    silu_rows<T, float>(y.data(), M, hidden, xn.data());
     gemv<T, WT>(xn.data(), M, hidden, Q(lw[5]), dim, y.data(), sc(4 * l + 3));
     residual<T>(hp, y.data(), M * dim);
   }
-  rmsnorm<T>(hp, M, dim, W(norm_w), eps, xn.data());
+  norm_rows<T>(hp, M, dim, W(norm_w), eps, xn.data());
   const int64_t NV = out_w.size(0);
   auto logits = torch::empty({M, NV}, torch::dtype(torch::kFloat32));
   float* lp = logits.data_ptr<float>();
@@ -1035,25 +1052,6 @@ std::vector<torch::Tensor> causal_attention_backward(torch::Tensor grad, torch::
 // are the model's, as in the decoding step. Returns the last position's logits (B, vocab), fp32.
 namespace prefill_ops {
 
-template <typename T>
-static void norm_rows(const T* h, int64_t M, int64_t dim, const T* w, double eps, T* out) {
-  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      const T* x = h + m * dim;
-      F acc = V::zero();
-      int64_t i = 0;
-      for (; i + N <= dim; i += N) { const F v = E<T>::load(x + i); acc = V::fma(v, v, acc); }
-      float ss = V::sum(acc);
-      for (; i < dim; ++i) { const float v = E<T>::to(x[i]); ss += v * v; }
-      const float inv = 1.f / std::sqrt(ss / dim + (float)eps);
-      const F iv = V::set1(inv);
-      T* o = out + m * dim;
-      for (i = 0; i + N <= dim; i += N) E<T>::store(o + i, V::mul(E<T>::rnd(V::mul(E<T>::load(x + i), iv)), E<T>::load(w + i)));
-      for (; i < dim; ++i) o[i] = E<T>::from(E<T>::rnd(E<T>::to(x[i]) * inv) * E<T>::to(w[i]));
-    }
-  });
-}
-
 // y (M = B T, q|k|v) rows: each pair (2j, 2j+1) of every q and k head rotated by its position's angle
 // j in fp32 and rounded (into y for q, into the cache for k); v copied into the cache. freqs (T, D/2, 2)
 // cos, sin. AVX-512 with D a multiple of 16: 8 pairs per register (the angles duplicated into both
@@ -1096,27 +1094,6 @@ static void rope_rows(T* y, int64_t B, int64_t Tn, int64_t qdim, int64_t kvdim, 
       rot(r, r, qdim);
       rot(r + qdim, kc, kvdim);
       std::memcpy(vc, r + qdim + kvdim, kvdim * sizeof(T));
-    }
-  });
-}
-
-// (M, 2 hidden) rows of a|b -> (M, hidden) rows of round(silu(a)) * b, rounded
-template <typename T>
-static void silu_rows(const T* y, int64_t M, int64_t hidden, T* out) {
-  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      const T* ya = y + m * 2 * hidden;
-      const T* yb = ya + hidden;
-      T* o = out + m * hidden;
-      int64_t i = 0;
-      for (; i + N <= hidden; i += N) {
-        const F a = E<T>::load(ya + i);
-        E<T>::store(o + i, V::mul(E<T>::rnd(V::div(a, V::add(V::set1(1.f), vexp(V::sub(V::zero(), a))))), E<T>::load(yb + i)));
-      }
-      for (; i < hidden; ++i) {
-        const float a = E<T>::to(ya[i]);
-        o[i] = E<T>::from(E<T>::rnd(a / (1.f + std::exp(-a))) * E<T>::to(yb[i]));
-      }
     }
   });
 }
@@ -1166,7 +1143,7 @@ static torch::Tensor run(torch::Tensor h, const std::vector<torch::Tensor>& laye
     x.add_(lin(att.view({M, qdim}), lw[2], 4 * l + 1));
     norm_rows<T>(P(x), M, dim, P(lw[3]), eps, P(xn));
     auto y13 = lin(xn, lw[4], 4 * l + 2);  // (M, w1|w3)
-    silu_rows<T>(P(y13), M, hidden, P(gated));
+    silu_rows<T, T>(P(y13), M, hidden, P(gated));
     x.add_(lin(gated, lw[5], 4 * l + 3));
   }
   auto last = h.select(1, Tn - 1).contiguous(), lastn = torch::empty_like(last);  // (B, dim)
