@@ -994,6 +994,174 @@ static void backward(const torch::Tensor& grad, const torch::Tensor& q, const to
 
 }  // namespace attn
 
+// Prefill's products (AVX-512; bf16 or fp32 weights): Y (M x N) = X (M x K) W^T with W (N x K) read as
+// the model stores it. The attention's tile scheme, turned around: each step broadcasts one word of a
+// weight row (a bf16 pair or one fp32) against 16 positions of X laid out as columns, so the
+// positions are the lanes and the weights are never repacked (torch's oneDNN packs every weight for
+// every call). A tile is 4 weight rows x 64 positions; while it runs it prefetches the same columns
+// of the next 4 rows at the pace of its own reads, so the weights stream from memory under the
+// products. X is laid out and Y written by 16 x 16 word transposes in registers (a 16-row gather
+// thrashes L1 where the row stride is a power of two). Threads split the weight rows.
+namespace rowlin {
+constexpr int R = 4, W = 4, CB = 16 * W, CHUNK = 48;  // tile: R weight rows x W vectors of positions; rows per task
+
+// o[k] = (r[0][k], ..., r[15][k]): 16 registers of 16 words transposed
+static inline void transpose16(const __m512i* r, __m512i* o) {
+  __m512i a[16], b[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 8; ++i) {  // pairs of rows interleaved: a[2i] lane l = r[2i][4l], r[2i+1][4l], r[2i][4l+1], ...
+    a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < 4; ++i) {  // b[4i+c] lane l: rows 4i..4i+3 of word 4l+c
+    b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+    b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+  }
+#pragma GCC unroll 16
+  for (int c = 0; c < 4; ++c) {  // lane l of b[c], b[4+c], b[8+c], b[12+c] -> word 4l+c of all 16 rows
+    const __m512i e0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44), e1 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xEE);
+    const __m512i e2 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44), e3 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xEE);
+    o[c] = _mm512_shuffle_i32x4(e0, e2, 0x88);
+    o[4 + c] = _mm512_shuffle_i32x4(e0, e2, 0xDD);
+    o[8 + c] = _mm512_shuffle_i32x4(e1, e3, 0x88);
+    o[12 + c] = _mm512_shuffle_i32x4(e1, e3, 0xDD);
+  }
+}
+
+// X (rows x kw words, row stride ld words) as columns: out[p][j] (row stride cb) = word p of row j, zero
+// past rows (cb a multiple of 16)
+static void pack(const uint32_t* X, int64_t rows, int64_t ld, int64_t kw, uint32_t* out, int64_t cb) {
+  for (int64_t j = 0; j < cb; j += 16)
+    for (int64_t p0 = 0; p0 < kw; p0 += 16) {
+      const int64_t kn = std::min<int64_t>(16, kw - p0);
+      const __mmask16 km = (__mmask16)((1u << kn) - 1);
+      __m512i r[16], o[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i)
+        r[i] = j + i < rows ? _mm512_maskz_loadu_epi32(km, X + (j + i) * ld + p0) : _mm512_setzero_si512();
+      transpose16(r, o);
+      for (int k = 0; k < kn; ++k) _mm512_storeu_si512(out + (p0 + k) * cb + j, o[k]);
+    }
+}
+
+// C (RR x 16 WW fp32, row stride ldc) = w (RR rows, stride ldw) . B (kp x 16 WW words); pf: RR rows
+// whose same columns the tile prefetches, a cache line of each per 16 steps (or null)
+template <typename T, int RR, int WW>
+static void tile(const T* w, int64_t ldw, const uint32_t* B, int64_t kp, float* C, int64_t ldc, const T* pf) {
+  using Op = attn::Op<T>;
+  F acc[RR][WW];
+#pragma GCC unroll 16
+  for (int i = 0; i < RR; ++i)
+#pragma GCC unroll 16
+    for (int v = 0; v < WW; ++v) acc[i][v] = V::zero();
+  for (int64_t p0 = 0; p0 < kp; p0 += 16) {
+    if (pf)
+#pragma GCC unroll 16
+      for (int i = 0; i < RR; ++i) _mm_prefetch((const char*)(pf + i * ldw + Op::KS * p0), _MM_HINT_T0);
+    const int64_t p1 = std::min(kp, p0 + 16);
+    for (int64_t p = p0; p < p1; ++p) {
+      F b[WW];
+#pragma GCC unroll 16
+      for (int v = 0; v < WW; ++v) b[v] = _mm512_castsi512_ps(_mm512_loadu_si512(B + p * 16 * WW + 16 * v));
+#pragma GCC unroll 16
+      for (int i = 0; i < RR; ++i) {
+        const F a = Op::a(w + i * ldw + Op::KS * p);
+#pragma GCC unroll 16
+        for (int v = 0; v < WW; ++v) acc[i][v] = Op::fma(acc[i][v], a, b[v]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < RR; ++i)
+#pragma GCC unroll 16
+    for (int v = 0; v < WW; ++v) _mm512_storeu_ps(C + i * ldc + 16 * v, acc[i][v]);
+}
+template <typename T, int RR>
+static void tile_w(int ww, const T* w, int64_t ldw, const uint32_t* B, int64_t kp, float* C, int64_t ldc, const T* pf) {
+  switch (ww) {
+    case 1: return tile<T, RR, 1>(w, ldw, B, kp, C, ldc, pf);
+    case 2: return tile<T, RR, 2>(w, ldw, B, kp, C, ldc, pf);
+    case 3: return tile<T, RR, 3>(w, ldw, B, kp, C, ldc, pf);
+    default: return tile<T, RR, W>(w, ldw, B, kp, C, ldc, pf);
+  }
+}
+template <typename T>
+static void tile_rw(int rr, int ww, const T* w, int64_t ldw, const uint32_t* B, int64_t kp, float* C, int64_t ldc, const T* pf) {
+  switch (rr) {
+    case 1: return tile_w<T, 1>(ww, w, ldw, B, kp, C, ldc, pf);
+    case 2: return tile_w<T, 2>(ww, w, ldw, B, kp, C, ldc, pf);
+    case 3: return tile_w<T, 3>(ww, w, ldw, B, kp, C, ldc, pf);
+    default: return tile_w<T, R>(ww, w, ldw, B, kp, C, ldc, pf);
+  }
+}
+
+// Y rows (row stride ldy) at the columns of C's nr rows (C: nr x gq fp32, positions < gm valid) =
+// round(C^T), or with add round(Y + round(C^T)), as the model's residual add rounds
+template <typename T>
+static void write(const float* C, int64_t nr, int64_t gq, int64_t gm, T* Y, int64_t ldy, bool add) {
+  for (int64_t n0 = 0; n0 < nr; n0 += 16) {
+    const int64_t nn = std::min<int64_t>(16, nr - n0);
+    for (int64_t m0 = 0; m0 < gm; m0 += 16) {
+      __m512i r[16], o[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i)
+        r[i] = i < nn ? _mm512_loadu_si512(C + (n0 + i) * gq + m0) : _mm512_setzero_si512();
+      transpose16(r, o);
+      for (int64_t k = 0; k < std::min<int64_t>(16, gm - m0); ++k) {
+        T* y = Y + (m0 + k) * ldy + n0;
+        if (nn == 16) {
+          const F v = E<T>::rnd(_mm512_castsi512_ps(o[k]));
+          E<T>::store(y, add ? V::add(E<T>::load(y), v) : v);
+        } else {
+          for (int64_t e = 0; e < nn; ++e) {
+            const float v = E<T>::rnd(C[(n0 + e) * gq + m0 + k]);
+            y[e] = E<T>::from(add ? E<T>::to(y[e]) + v : v);
+          }
+        }
+      }
+    }
+  }
+}
+
+// Y (M x N, row stride ldy) = round(X (M x K, contiguous) W^T), or with add round(Y + round(X W^T)); W
+// (N x K) contiguous; bf16 needs K even. Positions go in groups whose columns (K x group words) stay
+// within half of L2
+template <typename T>
+static void linear(const T* X, int64_t M, int64_t K, const T* Wt, int64_t N, T* Y, int64_t ldy, bool add) {
+  constexpr int KS = attn::Op<T>::KS;
+  const int64_t kp = K / KS, G = std::max<int64_t>(CB, (512 * 1024 / (4 * kp)) / CB * CB);
+  std::vector<uint32_t> cols(kp * attn::up(std::min(M, G), CB));
+  const uint32_t* xw = reinterpret_cast<const uint32_t*>(X);
+  for (int64_t g0 = 0; g0 < M; g0 += G) {
+    const int64_t gm = std::min(G, M - g0), gq = attn::up(gm, 16), nb = (gq + CB - 1) / CB;
+    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {  // block b: kp x min(CB, gq - b CB) words
+      for (int64_t b = b0; b < b1; ++b)
+        pack(xw + (g0 + b * CB) * kp, std::min<int64_t>(CB, gm - b * CB), kp, kp, cols.data() + b * kp * CB,
+             std::min<int64_t>(CB, gq - b * CB));
+    });
+    at::parallel_for(0, (N + CHUNK - 1) / CHUNK, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<float> ct(CHUNK * gq);
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t n0 = c * CHUNK, nr = std::min<int64_t>(CHUNK, N - n0);
+        for (int64_t i = 0; i < nr; i += R) {
+          const int rr = (int)std::min<int64_t>(R, nr - i);
+          const T* w = Wt + (n0 + i) * K;
+          const T* pf = n0 + i + 2 * R <= N ? w + R * K : nullptr;
+          for (int64_t b = 0; b < nb; ++b)
+            tile_rw<T>(rr, (int)(std::min<int64_t>(CB, gq - b * CB) / 16), w, K, cols.data() + b * kp * CB, kp,
+                       ct.data() + i * gq + b * CB, gq, b == 0 ? pf : nullptr);
+        }
+        write<T>(ct.data(), nr, gq, gm, Y + g0 * ldy + n0, ldy, add);
+      }
+    });
+  }
+}
+
+}  // namespace rowlin
+
 // q (B, T, H, D) at positions start.., k and v (B, start + T, Hkv, D) (H a multiple of Hkv), bf16 or
 // fp32, unit stride in D -> (out (B, T, H, D), the kept probabilities (B H saved,)); scale 1/sqrt(D)
 std::vector<torch::Tensor> causal_attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t start,
@@ -1043,10 +1211,11 @@ std::vector<torch::Tensor> causal_attention_backward(torch::Tensor grad, torch::
 #endif
 
 // Prefill: the model's forward over T new positions of B rows in one call (bf16 or fp32 activations;
-// weights in that dtype or int8 with scales), for generation's first chunk. The products are torch's
-// (at::linear: the same oneDNN or MKL kernels as the eager model, on the packed q|k|v and w1|w3; int8
-// weights cast for the call, as Int8Linear does); everything between them is here,
-// one pass each over rows in parallel: RMSNorm, RoPE (written into q in place and into the cache for k),
+// weights in that dtype or int8 with scales), for generation's first chunk. The products take the
+// packed q|k|v and w1|w3: in the AVX512-BF16 build rowlin::linear (the residual add fused into wo's and
+// w2's), elsewhere and for int8 weights torch's at::linear (int8 weights cast for the call, as
+// Int8Linear does); the output product of up to 8 rows is the decoding step's. Everything between
+// the products is here, one pass each over rows in parallel: RMSNorm, RoPE (written into q in place and into the cache for k),
 // the cache write of v, SiLU(a) * b, and the causal attention over the cache's prefix (the blocked
 // kernel where the build has it, nothing kept for a backward; else torch's sdpa). The rounding points
 // are the model's, as in the decoding step. Returns the last position's logits (B, vocab), fp32.
@@ -1125,8 +1294,18 @@ static torch::Tensor run(torch::Tensor h, const std::vector<torch::Tensor>& laye
   auto P = [](const torch::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); };
   // a product; int8 weights (scales[i]) as Int8Linear computes it: the weight cast for this call, the
   // product rounded, then scaled
-  auto lin = [&](const torch::Tensor& a, const torch::Tensor& w, int64_t i) {
-    return scales.empty() ? at::linear(a, w) : at::linear(a, w.to(a.scalar_type())).mul_(scales[i]);
+  // product i of a (rows) with w, into a new tensor, or with `into` added into it (the residual add,
+  // round(into + round(a w^T))); on AVX-512 bf16 and fp32 weights go through rowlin::linear
+  auto lin = [&](const torch::Tensor& a, const torch::Tensor& w, int64_t i, torch::Tensor* into = nullptr) {
+#if defined(LLAMA_ISA_AVX512BF16)
+    if (scales.empty() && (std::is_same<T, float>::value || a.size(1) % 2 == 0)) {
+      auto y = into ? *into : torch::empty({a.size(0), w.size(0)}, a.options());
+      rowlin::linear<T>(P(a), a.size(0), a.size(1), P(w), w.size(0), P(y), w.size(0), into != nullptr);
+      return y;
+    }
+#endif
+    auto y = scales.empty() ? at::linear(a, w) : at::linear(a, w.to(a.scalar_type())).mul_(scales[i]);
+    return into ? into->add_(y) : y;
   };
   auto x = h.view({M, dim});
   auto xn = torch::empty_like(x), gated = torch::empty({M, hidden}, x.options());
@@ -1140,15 +1319,23 @@ static torch::Tensor run(torch::Tensor h, const std::vector<torch::Tensor>& laye
     auto q = y.view({B, Tn, qdim + 2 * kvdim}).narrow(2, 0, qdim).view({B, Tn, H, D});
     auto k = ck.narrow(0, 0, B).narrow(1, 0, start + Tn), v = cv.narrow(0, 0, B).narrow(1, 0, start + Tn);
     attention<T>(q, k, v, start, block, att, none);
-    x.add_(lin(att.view({M, qdim}), lw[2], 4 * l + 1));
+    lin(att.view({M, qdim}), lw[2], 4 * l + 1, &x);
     norm_rows<T>(P(x), M, dim, P(lw[3]), eps, P(xn));
     auto y13 = lin(xn, lw[4], 4 * l + 2);  // (M, w1|w3)
     silu_rows<T, T>(P(y13), M, hidden, P(gated));
-    x.add_(lin(gated, lw[5], 4 * l + 3));
+    lin(gated, lw[5], 4 * l + 3, &x);
   }
   auto last = h.select(1, Tn - 1).contiguous(), lastn = torch::empty_like(last);  // (B, dim)
   norm_rows<T>(P(last), B, dim, P(norm_w), eps, P(lastn));
-  return lin(lastn, out_w, 4 * L).to(at::kFloat);
+  if (B > 8) return lin(lastn, out_w, 4 * L).to(at::kFloat);
+  // up to 8 rows: the decoding step's output product (fp32 sums, rounded as the model rounds them)
+  const int64_t NV = out_w.size(0);
+  auto logits = torch::empty({B, NV}, torch::dtype(torch::kFloat32));
+  float* lp = logits.data_ptr<float>();
+  if (scales.empty()) gemv<T, T>(P(lastn), B, dim, P(out_w), NV, lp);
+  else gemv<T, int8_t>(P(lastn), B, dim, out_w.data_ptr<int8_t>(), NV, lp, P(scales.back()));
+  for (int64_t i = 0; i < B * NV; ++i) lp[i] = E<T>::rnd(lp[i]);
+  return logits;
 }
 
 }  // namespace prefill_ops

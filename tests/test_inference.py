@@ -556,7 +556,7 @@ def test_fused_cpu_decoder_matches_the_model(shape, dtype, variant):
 @pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [dict(dim=64, n_heads=2), dict(dim=128, n_heads=4, n_kv_heads=2, multiple_of=16, vocab_size=97),
-                                   dict(dim=40, n_heads=4, n_kv_heads=1, multiple_of=4, vocab_size=97)])
+                                   dict(dim=30, n_heads=3, n_kv_heads=1, multiple_of=27, vocab_size=97)])
 def test_fused_prefill_matches_the_model(shape, dtype, int8, variant):
     """A prompt chunk through the kernel's `prefill` (each build this CPU runs) against the eager
     model and an exact fp64 one: the last position's logits and everything written to the cache.

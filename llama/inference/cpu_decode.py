@@ -11,12 +11,14 @@ buffer in the order they are read (wq wk wv wo w1 w3 w2), so q/k/v and w1/w3 are
 matrix-vector product streaming contiguous memory; the parameters become views of that buffer
 (same keys, same values, no extra memory): the packing is a transform of the built model.
 
-A prompt (many positions at once) is matrix products, which torch's oneDNN/MKL kernels run near the
-matmul peak; the eager forward spends about a quarter of a prefill around them (RMSNorm, RoPE, SiLU,
-casts and copies, flash attention at T = 128). The kernel's `prefill` runs the whole forward of a
-prompt chunk in one call: the same products (at::linear, on the packed q|k|v and w1|w3),
-vectorised passes for the rest, and attention over the cache: in the AVX512-BF16 build the blocked
-attention kernel (llama/blocked_attention.py; head sizes a multiple of 32), else torch's sdpa.
+A prompt (many positions at once) is matrix products; the eager forward spends about a quarter of a
+prefill around them (RMSNorm, RoPE, SiLU, casts and copies, flash attention at T = 128), and torch's
+oneDNN repacks every weight for every product. The kernel's `prefill` runs the whole forward of a
+prompt chunk in one call: the products on the packed q|k|v and w1|w3 (in the AVX512-BF16 build its
+own, reading the weights as stored with the positions as vector lanes; elsewhere, and for int8
+weights, torch's at::linear), vectorised passes for the rest, and attention over the cache: in the
+AVX512-BF16 build the blocked attention kernel (llama/blocked_attention.py; head sizes a multiple of
+32), else torch's sdpa.
 Where every position's logits are wanted (logprobs), prefill runs the model's own forward.
 
 The C++ source and its builds (one per instruction set: AVX512-BF16, AVX2 + FMA, NEON) are
