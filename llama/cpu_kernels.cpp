@@ -1208,6 +1208,22 @@ std::vector<torch::Tensor> causal_attention_backward(torch::Tensor grad, torch::
   return {dq, dk, dv};
 }
 
+// out (M, N) = round(x (M, K) w (N, K)^T), or with add round(out + round(x w^T)): prefill's product
+// (rowlin::linear), bf16 or fp32, all contiguous; bf16 needs K even
+void linear_rows(torch::Tensor x, torch::Tensor w, torch::Tensor out, bool add) {
+  const auto dt = x.scalar_type();
+  TORCH_CHECK((dt == at::kBFloat16 || dt == at::kFloat) && x.dim() == 2 && w.dim() == 2 && out.dim() == 2 &&
+              w.scalar_type() == dt && out.scalar_type() == dt && x.is_contiguous() && w.is_contiguous() &&
+              out.is_contiguous() && w.size(1) == x.size(1) && out.size(0) == x.size(0) && out.size(1) == w.size(0) &&
+              (dt == at::kFloat || x.size(1) % 2 == 0), "linear_rows: contiguous x (M, K), w (N, K), out (M, N) of one dtype");
+  if (dt == at::kBFloat16)
+    rowlin::linear<bf16>(reinterpret_cast<const bf16*>(x.data_ptr()), x.size(0), x.size(1), reinterpret_cast<const bf16*>(w.data_ptr()),
+                         w.size(0), reinterpret_cast<bf16*>(out.data_ptr()), out.size(1), add);
+  else
+    rowlin::linear<float>(x.data_ptr<float>(), x.size(0), x.size(1), w.data_ptr<float>(), w.size(0), out.data_ptr<float>(),
+                          out.size(1), add);
+}
+
 #endif
 
 // Prefill: the model's forward over T new positions of B rows in one call (bf16 or fp32 activations;
@@ -1429,6 +1445,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #if defined(LLAMA_ISA_AVX512BF16)
   m.def("causal_attention_forward", &causal_attention_forward, "blocked causal attention, bf16 or fp32: (out, kept probabilities)");
   m.def("causal_attention_backward", &causal_attention_backward, "the gradients of q, k, v of causal_attention_forward");
+  m.def("linear_rows", &linear_rows, "prefill's product: out = x w^T (or out + x w^T with add), rounded as the model rounds");
   m.def("causal_attention_saved", &attn::saved_per_head, "elements the forward keeps per (batch, head): (T, start, block, 2 for bf16 / 1 for fp32)");
 #endif
   m.attr("ISA") = V::ISA;  // the instruction set this build was compiled for

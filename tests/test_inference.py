@@ -600,6 +600,30 @@ def test_fused_prefill_matches_the_model(shape, dtype, int8, variant):
             assert not got[:, :, end:].any() and not got[:, rows:].any()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_prefill_products_match_fp64(dtype):
+    """The AVX512-BF16 build's prefill product (`linear_rows`) against the fp64 product rounded once to
+    the dtype, and with `add` against the residual add the model rounds (out + round(x w^T)). Shapes:
+    300 positions at K = 2048 (groups of positions: 128 in bf16, 64 in fp32, the last ragged), 102
+    weight rows (a task of 6: a tile of 2 rows, Y columns narrower than 16); 7 positions at K = 64 (a
+    single 16-position vector)."""
+    kernel = _kernel_or_skip("avx512bf16")
+    torch.manual_seed(0)
+    half_ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-24  # of a result rounded to the dtype
+    for M, K, N in ((300, 2048, 102), (7, 64, 48)):
+        x, w = torch.randn(M, K).to(dtype), (torch.randn(N, K) / K**0.5).to(dtype)
+        exact = x.double() @ w.double().T
+        sums = 2.0**-20 * (x.double().abs() @ w.double().abs().T)  # fp32 accumulation over K terms, a loose bound
+        out = torch.full((M, N), float("nan"), dtype=dtype)
+        kernel.linear_rows(x, w, out, False)
+        assert ((out.double() - exact).abs() <= half_ulp * exact.abs() + sums).all()
+        y0 = torch.randn(M, N).to(dtype)
+        out = y0.clone()
+        kernel.linear_rows(x, w, out, True)
+        want = y0.double() + exact
+        assert ((out.double() - want).abs() <= half_ulp * (2 * want.abs() + 2 * exact.abs()) + sums).all()
+
+
 def _dequantized_state(model) -> dict:
     """An int8 model's state dict in fp64 with each int8 weight dequantized (q * its row's scale)
     and the scales dropped: the weights an unquantized model computes exactly what int8 stands for."""
