@@ -1048,9 +1048,11 @@ static void pack(const uint32_t* X, int64_t rows, int64_t ld, int64_t kw, uint32
 }
 
 // C (RR x 16 WW fp32, row stride ldc) = w (RR rows, stride ldw) . B (kp x 16 WW words); pf: RR rows
-// whose same columns the tile prefetches, a cache line of each per 16 steps (or null)
+// (pfl bytes apart, pfs bytes a step) whose same columns the tile prefetches, a cache line of each per
+// 16 steps (or null)
 template <typename T, int RR, int WW>
-static void tile(const T* w, int64_t ldw, const uint32_t* B, int64_t kp, float* C, int64_t ldc, const T* pf) {
+static void tile(const T* w, int64_t ldw, const uint32_t* B, int64_t kp, float* C, int64_t ldc, const char* pf,
+                 int64_t pfl, int64_t pfs) {
   using Op = attn::Op<T>;
   F acc[RR][WW];
 #pragma GCC unroll 16
@@ -1060,7 +1062,7 @@ static void tile(const T* w, int64_t ldw, const uint32_t* B, int64_t kp, float* 
   for (int64_t p0 = 0; p0 < kp; p0 += 16) {
     if (pf)
 #pragma GCC unroll 16
-      for (int i = 0; i < RR; ++i) _mm_prefetch((const char*)(pf + i * ldw + Op::KS * p0), _MM_HINT_T0);
+      for (int i = 0; i < RR; ++i) _mm_prefetch(pf + i * pfl + pfs * p0, _MM_HINT_T0);
     const int64_t p1 = std::min(kp, p0 + 16);
     for (int64_t p = p0; p < p1; ++p) {
       F b[WW];
@@ -1079,29 +1081,41 @@ static void tile(const T* w, int64_t ldw, const uint32_t* B, int64_t kp, float* 
 #pragma GCC unroll 16
     for (int v = 0; v < WW; ++v) _mm512_storeu_ps(C + i * ldc + 16 * v, acc[i][v]);
 }
+#define LLAMA_TILE_ARGS const T *w, int64_t ldw, const uint32_t *B, int64_t kp, float *C, int64_t ldc, const char *pf, int64_t pfl, int64_t pfs
 template <typename T, int RR>
-static void tile_w(int ww, const T* w, int64_t ldw, const uint32_t* B, int64_t kp, float* C, int64_t ldc, const T* pf) {
+static void tile_w(int ww, LLAMA_TILE_ARGS) {
   switch (ww) {
-    case 1: return tile<T, RR, 1>(w, ldw, B, kp, C, ldc, pf);
-    case 2: return tile<T, RR, 2>(w, ldw, B, kp, C, ldc, pf);
-    case 3: return tile<T, RR, 3>(w, ldw, B, kp, C, ldc, pf);
-    default: return tile<T, RR, W>(w, ldw, B, kp, C, ldc, pf);
+    case 1: return tile<T, RR, 1>(w, ldw, B, kp, C, ldc, pf, pfl, pfs);
+    case 2: return tile<T, RR, 2>(w, ldw, B, kp, C, ldc, pf, pfl, pfs);
+    case 3: return tile<T, RR, 3>(w, ldw, B, kp, C, ldc, pf, pfl, pfs);
+    default: return tile<T, RR, W>(w, ldw, B, kp, C, ldc, pf, pfl, pfs);
   }
 }
 template <typename T>
-static void tile_rw(int rr, int ww, const T* w, int64_t ldw, const uint32_t* B, int64_t kp, float* C, int64_t ldc, const T* pf) {
+static void tile_rw(int rr, int ww, LLAMA_TILE_ARGS) {
   switch (rr) {
-    case 1: return tile_w<T, 1>(ww, w, ldw, B, kp, C, ldc, pf);
-    case 2: return tile_w<T, 2>(ww, w, ldw, B, kp, C, ldc, pf);
-    case 3: return tile_w<T, 3>(ww, w, ldw, B, kp, C, ldc, pf);
-    default: return tile_w<T, R>(ww, w, ldw, B, kp, C, ldc, pf);
+    case 1: return tile_w<T, 1>(ww, w, ldw, B, kp, C, ldc, pf, pfl, pfs);
+    case 2: return tile_w<T, 2>(ww, w, ldw, B, kp, C, ldc, pf, pfl, pfs);
+    case 3: return tile_w<T, 3>(ww, w, ldw, B, kp, C, ldc, pf, pfl, pfs);
+    default: return tile_w<T, R>(ww, w, ldw, B, kp, C, ldc, pf, pfl, pfs);
   }
+}
+#undef LLAMA_TILE_ARGS
+
+// n int8 weights -> T (exact: |q| <= 127 fits bf16's significand)
+template <typename T>
+static void widen(const int8_t* q, T* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    E<T>::store(out + i, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + i)))));
+  for (; i < n; ++i) out[i] = E<T>::from((float)q[i]);
 }
 
 // Y rows (row stride ldy) at the columns of C's nr rows (C: nr x gq fp32, positions < gm valid) =
-// round(C^T), or with add round(Y + round(C^T)), as the model's residual add rounds
+// round(C^T), or with add round(Y + round(C^T)), as the model's residual add rounds; with int8 weights
+// each column's product rounded, times its scale (sc: the nr columns'), rounded, as Int8Linear computes it
 template <typename T>
-static void write(const float* C, int64_t nr, int64_t gq, int64_t gm, T* Y, int64_t ldy, bool add) {
+static void write(const float* C, int64_t nr, int64_t gq, int64_t gm, T* Y, int64_t ldy, bool add, const T* sc) {
   for (int64_t n0 = 0; n0 < nr; n0 += 16) {
     const int64_t nn = std::min<int64_t>(16, nr - n0);
     for (int64_t m0 = 0; m0 < gm; m0 += 16) {
@@ -1110,14 +1124,17 @@ static void write(const float* C, int64_t nr, int64_t gq, int64_t gm, T* Y, int6
       for (int i = 0; i < 16; ++i)
         r[i] = i < nn ? _mm512_loadu_si512(C + (n0 + i) * gq + m0) : _mm512_setzero_si512();
       transpose16(r, o);
+      const F s = sc && nn == 16 ? E<T>::load(sc + n0) : V::zero();
       for (int64_t k = 0; k < std::min<int64_t>(16, gm - m0); ++k) {
         T* y = Y + (m0 + k) * ldy + n0;
         if (nn == 16) {
-          const F v = E<T>::rnd(_mm512_castsi512_ps(o[k]));
+          F v = E<T>::rnd(_mm512_castsi512_ps(o[k]));
+          if (sc) v = E<T>::rnd(V::mul(v, s));
           E<T>::store(y, add ? V::add(E<T>::load(y), v) : v);
         } else {
           for (int64_t e = 0; e < nn; ++e) {
-            const float v = E<T>::rnd(C[(n0 + e) * gq + m0 + k]);
+            float v = E<T>::rnd(C[(n0 + e) * gq + m0 + k]);
+            if (sc) v = E<T>::rnd(v * E<T>::to(sc[n0 + e]));
             y[e] = E<T>::from(add ? E<T>::to(y[e]) + v : v);
           }
         }
@@ -1127,10 +1144,11 @@ static void write(const float* C, int64_t nr, int64_t gq, int64_t gm, T* Y, int6
 }
 
 // Y (M x N, row stride ldy) = round(X (M x K, contiguous) W^T), or with add round(Y + round(X W^T)); W
-// (N x K) contiguous; bf16 needs K even. Positions go in groups whose columns (K x group words) stay
-// within half of L2
-template <typename T>
-static void linear(const T* X, int64_t M, int64_t K, const T* Wt, int64_t N, T* Y, int64_t ldy, bool add) {
+// (N x K) contiguous, in T or int8 with `scales` (N, in T; each tile's rows widened to T first); bf16
+// needs K even. Positions go in groups whose columns (K x group words) stay within half of L2
+template <typename T, typename WT = T>
+static void linear(const T* X, int64_t M, int64_t K, const WT* Wt, int64_t N, T* Y, int64_t ldy, bool add,
+                   const T* scales = nullptr) {
   constexpr int KS = attn::Op<T>::KS;
   const int64_t kp = K / KS, G = std::max<int64_t>(CB, (512 * 1024 / (4 * kp)) / CB * CB);
   std::vector<uint32_t> cols(kp * attn::up(std::min(M, G), CB));
@@ -1144,17 +1162,21 @@ static void linear(const T* X, int64_t M, int64_t K, const T* Wt, int64_t N, T* 
     });
     at::parallel_for(0, (N + CHUNK - 1) / CHUNK, 1, [&](int64_t c0, int64_t c1) {
       std::vector<float> ct(CHUNK * gq);
+      std::vector<T> wide(std::is_same<WT, T>::value ? 0 : R * K);
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t n0 = c * CHUNK, nr = std::min<int64_t>(CHUNK, N - n0);
         for (int64_t i = 0; i < nr; i += R) {
           const int rr = (int)std::min<int64_t>(R, nr - i);
-          const T* w = Wt + (n0 + i) * K;
-          const T* pf = n0 + i + 2 * R <= N ? w + R * K : nullptr;
+          const WT* q = Wt + (n0 + i) * K;
+          const T* w;
+          if constexpr (std::is_same<WT, T>::value) w = q;
+          else { widen<T>(q, wide.data(), rr * K); w = wide.data(); }
+          const char* pf = n0 + i + 2 * R <= N ? (const char*)(q + R * K) : nullptr;
           for (int64_t b = 0; b < nb; ++b)
             tile_rw<T>(rr, (int)(std::min<int64_t>(CB, gq - b * CB) / 16), w, K, cols.data() + b * kp * CB, kp,
-                       ct.data() + i * gq + b * CB, gq, b == 0 ? pf : nullptr);
+                       ct.data() + i * gq + b * CB, gq, b == 0 ? pf : nullptr, K * sizeof(WT), KS * sizeof(WT));
         }
-        write<T>(ct.data(), nr, gq, gm, Y + g0 * ldy + n0, ldy, add);
+        write<T>(ct.data(), nr, gq, gm, Y + g0 * ldy + n0, ldy, add, scales ? scales + n0 : nullptr);
       }
     });
   }
@@ -1208,29 +1230,37 @@ std::vector<torch::Tensor> causal_attention_backward(torch::Tensor grad, torch::
   return {dq, dk, dv};
 }
 
-// out (M, N) = round(x (M, K) w (N, K)^T), or with add round(out + round(x w^T)): prefill's product
-// (rowlin::linear), bf16 or fp32, all contiguous; bf16 needs K even
-void linear_rows(torch::Tensor x, torch::Tensor w, torch::Tensor out, bool add) {
-  const auto dt = x.scalar_type();
-  TORCH_CHECK((dt == at::kBFloat16 || dt == at::kFloat) && x.dim() == 2 && w.dim() == 2 && out.dim() == 2 &&
-              w.scalar_type() == dt && out.scalar_type() == dt && x.is_contiguous() && w.is_contiguous() &&
-              out.is_contiguous() && w.size(1) == x.size(1) && out.size(0) == x.size(0) && out.size(1) == w.size(0) &&
-              (dt == at::kFloat || x.size(1) % 2 == 0), "linear_rows: contiguous x (M, K), w (N, K), out (M, N) of one dtype");
-  if (dt == at::kBFloat16)
-    rowlin::linear<bf16>(reinterpret_cast<const bf16*>(x.data_ptr()), x.size(0), x.size(1), reinterpret_cast<const bf16*>(w.data_ptr()),
-                         w.size(0), reinterpret_cast<bf16*>(out.data_ptr()), out.size(1), add);
+template <typename T>
+static void linear_rows_as(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& out, bool add, const torch::Tensor& scales) {
+  auto P = [](const torch::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); };
+  if (scales.numel())
+    rowlin::linear<T, int8_t>(P(x), x.size(0), x.size(1), w.data_ptr<int8_t>(), w.size(0), P(out), out.size(1), add, P(scales));
   else
-    rowlin::linear<float>(x.data_ptr<float>(), x.size(0), x.size(1), w.data_ptr<float>(), w.size(0), out.data_ptr<float>(),
-                          out.size(1), add);
+    rowlin::linear<T>(P(x), x.size(0), x.size(1), P(w), w.size(0), P(out), out.size(1), add);
+}
+// out (M, N) = round(x (M, K) w (N, K)^T), or with add round(out + round(x w^T)): prefill's product
+// (rowlin::linear), bf16 or fp32, all contiguous; bf16 needs K even. w in x's dtype, or int8 with
+// `scales` (N,) in x's dtype (an empty tensor otherwise), as Int8Linear computes it
+void linear_rows(torch::Tensor x, torch::Tensor w, torch::Tensor out, bool add, torch::Tensor scales) {
+  const auto dt = x.scalar_type();
+  const bool q8 = scales.numel() > 0;
+  TORCH_CHECK((dt == at::kBFloat16 || dt == at::kFloat) && x.dim() == 2 && w.dim() == 2 && out.dim() == 2 &&
+              w.scalar_type() == (q8 ? at::kChar : dt) && out.scalar_type() == dt && x.is_contiguous() && w.is_contiguous() &&
+              out.is_contiguous() && w.size(1) == x.size(1) && out.size(0) == x.size(0) && out.size(1) == w.size(0) &&
+              (dt == at::kFloat || x.size(1) % 2 == 0) &&
+              (!q8 || (scales.scalar_type() == dt && scales.is_contiguous() && scales.numel() == w.size(0))),
+              "linear_rows: contiguous x (M, K), w (N, K), out (M, N) of one dtype (or int8 w with N scales)");
+  if (dt == at::kBFloat16) linear_rows_as<bf16>(x, w, out, add, scales);
+  else linear_rows_as<float>(x, w, out, add, scales);
 }
 
 #endif
 
 // Prefill: the model's forward over T new positions of B rows in one call (bf16 or fp32 activations;
 // weights in that dtype or int8 with scales), for generation's first chunk. The products take the
-// packed q|k|v and w1|w3: in the AVX512-BF16 build rowlin::linear (the residual add fused into wo's and
-// w2's), elsewhere and for int8 weights torch's at::linear (int8 weights cast for the call, as
-// Int8Linear does); the output product of up to 8 rows is the decoding step's. Everything between
+// packed q|k|v and w1|w3: in the AVX512-BF16 build rowlin::linear (int8 weights widened a tile's rows at
+// a time; the residual add fused into wo's and w2's), elsewhere torch's at::linear (int8 weights cast
+// for the call, as Int8Linear does); the output product of up to 8 rows is the decoding step's. Everything between
 // the products is here, one pass each over rows in parallel: RMSNorm, RoPE (written into q in place and into the cache for k),
 // the cache write of v, SiLU(a) * b, and the causal attention over the cache's prefix (the blocked
 // kernel where the build has it, nothing kept for a backward; else torch's sdpa). The rounding points
@@ -1311,12 +1341,14 @@ static torch::Tensor run(torch::Tensor h, const std::vector<torch::Tensor>& laye
   // a product; int8 weights (scales[i]) as Int8Linear computes it: the weight cast for this call, the
   // product rounded, then scaled
   // product i of a (rows) with w, into a new tensor, or with `into` added into it (the residual add,
-  // round(into + round(a w^T))); on AVX-512 bf16 and fp32 weights go through rowlin::linear
+  // round(into + round(a w^T))); on AVX-512 through rowlin::linear (int8 weights too)
   auto lin = [&](const torch::Tensor& a, const torch::Tensor& w, int64_t i, torch::Tensor* into = nullptr) {
 #if defined(LLAMA_ISA_AVX512BF16)
-    if (scales.empty() && (std::is_same<T, float>::value || a.size(1) % 2 == 0)) {
+    if (std::is_same<T, float>::value || a.size(1) % 2 == 0) {
       auto y = into ? *into : torch::empty({a.size(0), w.size(0)}, a.options());
-      rowlin::linear<T>(P(a), a.size(0), a.size(1), P(w), w.size(0), P(y), w.size(0), into != nullptr);
+      if (scales.empty()) rowlin::linear<T>(P(a), a.size(0), a.size(1), P(w), w.size(0), P(y), w.size(0), into != nullptr);
+      else rowlin::linear<T, int8_t>(P(a), a.size(0), a.size(1), w.data_ptr<int8_t>(), w.size(0), P(y), w.size(0),
+                                     into != nullptr, P(scales[i]));
       return y;
     }
 #endif

@@ -606,7 +606,7 @@ def test_prefill_products_match_fp64(dtype):
     the dtype, and with `add` against the residual add the model rounds (out + round(x w^T)). Shapes:
     300 positions at K = 2048 (groups of positions: 128 in bf16, 64 in fp32, the last ragged), 102
     weight rows (a task of 6: a tile of 2 rows, Y columns narrower than 16); 7 positions at K = 64 (a
-    single 16-position vector)."""
+    single 16-position vector). int8 weights with a scale per row too (each tile's rows widened)."""
     kernel = _kernel_or_skip("avx512bf16")
     torch.manual_seed(0)
     half_ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-24  # of a result rounded to the dtype
@@ -615,13 +615,20 @@ def test_prefill_products_match_fp64(dtype):
         exact = x.double() @ w.double().T
         sums = 2.0**-20 * (x.double().abs() @ w.double().abs().T)  # fp32 accumulation over K terms, a loose bound
         out = torch.full((M, N), float("nan"), dtype=dtype)
-        kernel.linear_rows(x, w, out, False)
+        kernel.linear_rows(x, w, out, False, torch.empty(0))
         assert ((out.double() - exact).abs() <= half_ulp * exact.abs() + sums).all()
         y0 = torch.randn(M, N).to(dtype)
         out = y0.clone()
-        kernel.linear_rows(x, w, out, True)
+        kernel.linear_rows(x, w, out, True, torch.empty(0))
         want = y0.double() + exact
         assert ((out.double() - want).abs() <= half_ulp * (2 * want.abs() + 2 * exact.abs()) + sums).all()
+        # int8 weights with a scale per row: Int8Linear's round(round(x q^T) * scale)
+        q, scales = torch.randint(-127, 128, (N, K), dtype=torch.int8), (torch.rand(N) / K**0.5).to(dtype)
+        exact = (x.double() @ q.double().T) * scales.double()
+        sums = 2.0**-20 * (x.double().abs() @ q.double().abs().T) * scales.double()
+        out = torch.full((M, N), float("nan"), dtype=dtype)
+        kernel.linear_rows(x, q, out, False, scales)
+        assert ((out.double() - exact).abs() <= 2 * half_ulp * exact.abs() + sums).all()
 
 
 def _dequantized_state(model) -> dict:
