@@ -299,6 +299,40 @@ static inline F vexp(F x) {
   p = V::fma(p, V::mul(r, r), V::add(r, V::set1(1.f)));
   return V::ldexp(p, n);
 }
+
+// out[i] = the sum of the lanes of a[i], i < n. AVX-512 sums 16 (or 4) registers at once by a tree of
+// shuffles and adds, each level halving the lanes per register (46 instructions for 16 sums, against
+// ~9 each alone); the order of the additions is a tree either way
+#if defined(LLAMA_ISA_AVX512BF16)
+static inline __m512 halves(__m512 x, __m512 y) {  // (x.q0 + x.q2, x.q1 + x.q3, y.q0 + y.q2, y.q1 + y.q3)
+  return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x44), _mm512_shuffle_f32x4(x, y, 0xEE));
+}
+static inline __m512 quarters(__m512 x, __m512 y) {  // (x.q0 + x.q1, x.q2 + x.q3, y.q0 + y.q1, y.q2 + y.q3)
+  return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xDD));
+}
+#endif
+static inline void lane_sums(const F* a, int n, float* out) {
+#if defined(LLAMA_ISA_AVX512BF16)
+  for (; n >= 16; n -= 16, a += 16, out += 16) {
+    __m512 c[4];
+    for (int i = 0; i < 4; ++i)  // quarter j of c[i]: 4 lanes summing to a[4i + j]'s sum
+      c[i] = quarters(halves(a[4 * i], a[4 * i + 1]), halves(a[4 * i + 2], a[4 * i + 3]));
+    __m512 d[2];
+    for (int i = 0; i < 2; ++i)  // quarter j: (c[2i] lanes 0+2, c[2i+1] lanes 0+2, c[2i] 1+3, c[2i+1] 1+3)
+      d[i] = _mm512_add_ps(_mm512_unpacklo_ps(c[2 * i], c[2 * i + 1]), _mm512_unpackhi_ps(c[2 * i], c[2 * i + 1]));
+    // quarter j: the sums of a[j], a[4 + j], a[8 + j], a[12 + j]: lane 4j + k holds a[4k + j]'s
+    const __m512 f = _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], 0x44), _mm512_shuffle_ps(d[0], d[1], 0xEE));
+    _mm512_storeu_ps(out, _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), f));
+  }
+  for (; n >= 4; n -= 4, a += 4, out += 4) {
+    __m512 c = quarters(halves(a[0], a[1]), halves(a[2], a[3]));  // quarter j: 4 lanes of a[j]
+    c = _mm512_add_ps(c, _mm512_permute_ps(c, 0x4E));
+    c = _mm512_add_ps(c, _mm512_permute_ps(c, 0xB1));  // every lane of quarter j: a[j]'s sum
+    _mm_storeu_ps(out, _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), c)));
+  }
+#endif
+  for (int i = 0; i < n; ++i) out[i] = V::sum(a[i]);
+}
 // [primitives end]
 
 // y[m, n + i s] (at y[m * ldy + n + i s]) = sum_k x[m, k] w[n + i s, k] for one tile: R weight rows
@@ -328,9 +362,11 @@ static inline void gemv_tile(const typename D::X* x, int64_t K, const WT* w, int
 #pragma GCC unroll 4
       for (int i = 0; i < R; ++i) a[i][m] = D::dot(a[i][m], r[i] + k, x + m * K + k);
   }
+  float sums[R * M];
+  lane_sums(&a[0][0], R * M, sums);
   for (int i = 0; i < R; ++i)
     for (int m = 0; m < M; ++m) {
-      float v = V::sum(a[i][m]);
+      float v = sums[i * M + m];
       for (int64_t kk = KB; kk < K; ++kk) v += D::w(r[i][kk]) * D::x(x[m * K + kk]);
       y[m * ldy + n + i * s] = v;
     }
@@ -367,8 +403,11 @@ static void gemv_streams(const typename D::X* x, int64_t K, const WT* w, int64_t
       }
     if (K2 < KB)  // one whole block left
       for (int s = 0; s < S; ++s) a[s] = D::dot(a[s], r[s] + K2, x + K2);
+    float sums[S];
+    for (int s = 0; s < S; ++s) a[s] = V::add(a[s], b[s]);
+    lane_sums(a, S, sums);
     for (int s = 0; s < S; ++s) {
-      float v = V::sum(V::add(a[s], b[s]));
+      float v = sums[s];
       for (int64_t k = KB; k < K; ++k) v += D::w(r[s][k]) * D::x(x[k]);
       y[n0 + s * step + i] = v;
     }

@@ -561,7 +561,8 @@ def test_fused_prefill_matches_the_model(shape, dtype, int8, variant):
     """A prompt chunk through the kernel's `prefill` (each build this CPU runs) against the eager
     model and an exact fp64 one: the last position's logits and everything written to the cache.
     Chunks from position 0 (150 positions: a whole block of 128 queries and a ragged one; 7
-    positions) and after 20 cached ones; 1 and 3 rows. Head size 32 in the first two shapes (the
+    positions) and after 20 cached ones; 1 and 3 rows, and 9 (more than the decoding step's output
+    product takes: the last positions' logits through the prefill products). Head size 32 in the first two shapes (the
     AVX512-BF16 build's attention kernel), grouped-query heads in the second; the third has head
     size 10 and one kv head (the vector passes' tails; sdpa attention). int8 models too (the exact
     model holds the dequantized weights)."""
@@ -576,9 +577,9 @@ def test_fused_prefill_matches_the_model(shape, dtype, int8, variant):
         ref.load_state_dict(_dequantized_state(model))
     decoder = FusedCpuDecoder.create(model, variant)
     assert decoder.prefills and decoder.int8 == int8
-    tokens = torch.randint(0, ref.args.vocab_size, (3, 170))
+    tokens = torch.randint(0, ref.args.vocab_size, (9, 170))
     tol = 0.02 if dtype == torch.bfloat16 else 1e-5
-    for rows, start, length in ((3, 0, 150), (1, 0, 7), (3, 20, 150)):
+    for rows, start, length in ((3, 0, 150), (1, 0, 7), (3, 20, 150), (9, 0, 5)):
         x = tokens[:rows]
         logits, caches = {}, {}
         for name, run, net in (("fused", decoder, model), ("eager", model, model), ("exact", ref, ref)):
@@ -730,7 +731,7 @@ def test_fused_cpu_decoder_every_batch_size(int8, variant):
 # end]", no torch in them) compiled alone for one instruction set and checked against plain scalar
 # code: bf16 rounding (torch's round-to-nearest-even, `f2b`) of arbitrary bit patterns and exact ties,
 # bf16 -> fp32 of every bf16 value, the dot blocks (bf16, fp32, int8 weights against fp32 and bf16
-# inputs) against a double sum,
+# inputs) against a double sum, the lane sums of 1-37 registers against double sums,
 # exp against std::exp.
 _PRIMITIVES_CHECK = r"""
 #include <cmath>
@@ -818,6 +819,18 @@ int main() {
     V::store(e, vexp(V::load(x)));
     for (int j = 0; j < N; ++j)
       CHECK(std::fabs(e[j] / std::exp((double)x[j]) - 1) < 5e-7, "exp(%.9g) = %.9g", x[j], e[j]);
+  }
+  for (int n = 1; n <= 37; ++n) {  // lane sums of n registers (AVX-512: trees of 16 and of 4, then one by one)
+    std::vector<F> regs(n);
+    std::vector<double> want(n, 0.0), mag(n, 0.0);
+    for (int i = 0; i < n; ++i) {
+      float lanes[N];
+      for (int j = 0; j < N; ++j) { lanes[j] = normal(g); want[i] += lanes[j]; mag[i] += std::fabs(lanes[j]); }
+      regs[i] = V::load(lanes);
+    }
+    std::vector<float> got(n);
+    lane_sums(regs.data(), n, got.data());
+    for (int i = 0; i < n; ++i) CHECK(std::fabs(got[i] - want[i]) <= 1e-6 * mag[i], "lane_sums of %d: [%d] %g, want %g", n, i, got[i], want[i]);
   }
   float big[N], tiny[N];
   V::store(big, vexp(V::set1(1000.f)));
