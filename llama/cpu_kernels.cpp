@@ -2,9 +2,9 @@
 // llama/inference/cpu_decode.py - every layer of a LLaMA model, the final norm and the output
 // projection for up to 8 rows of one new token each, in one call, with the model's rounding points
 // (bf16: bf16 activations, fp32 norms / RoPE / softmax / accumulation) - and the training loss's pass
-// over the logits (softmax_gradient), generation's prefill (the whole forward of a prompt chunk), the
-// causal attention of the blocked backend (bf16, fp32; AVX512-BF16 build only) and the benchmarks'
-// bandwidth probe (read_bandwidth).
+// over the logits (softmax_gradient), generation's prefill (the whole forward of a prompt chunk; its
+// matrix products, rowlin, and the causal attention of the blocked backend are AVX512-BF16 only, bf16
+// and fp32) and the benchmarks' bandwidth probe (read_bandwidth).
 // One source, one build per instruction set (torch.utils.cpp_extension.load):
 //   -DLLAMA_ISA_AVX512BF16 (-mavx512f -mavx512bw -mavx512bf16): 16 fp32 lanes, native bf16 dots
 //   -DLLAMA_ISA_AVX2 (-mavx2 -mfma): 8 lanes; bf16 widened to fp32 in registers, fp32 FMAs
