@@ -1033,8 +1033,8 @@ static void backward(const torch::Tensor& grad, const torch::Tensor& q, const to
 
 }  // namespace attn
 
-// Prefill's products (AVX-512; bf16 or fp32 weights): Y (M x N) = X (M x K) W^T with W (N x K) read as
-// the model stores it. The attention's tile scheme, turned around: each step broadcasts one word of a
+// Prefill's products (AVX-512; bf16 or fp32, weights in that dtype or int8): Y (M x N) = X (M x K) W^T
+// with W (N x K) read as the model stores it. The attention's tile scheme, turned around: each step broadcasts one word of a
 // weight row (a bf16 pair or one fp32) against 16 positions of X laid out as columns, so the
 // positions are the lanes and the weights are never repacked (torch's oneDNN packs every weight for
 // every call). A tile is 4 weight rows x 64 positions; while it runs it prefetches the same columns
@@ -1297,12 +1297,13 @@ void linear_rows(torch::Tensor x, torch::Tensor w, torch::Tensor out, bool add, 
 
 // Prefill: the model's forward over T new positions of B rows in one call (bf16 or fp32 activations;
 // weights in that dtype or int8 with scales), for generation's first chunk. The products take the
-// packed q|k|v and w1|w3: in the AVX512-BF16 build rowlin::linear (int8 weights widened a tile's rows at
-// a time; the residual add fused into wo's and w2's), elsewhere torch's at::linear (int8 weights cast
-// for the call, as Int8Linear does); the output product of up to 8 rows is the decoding step's. Everything between
-// the products is here, one pass each over rows in parallel: RMSNorm, RoPE (written into q in place and into the cache for k),
-// the cache write of v, SiLU(a) * b, and the causal attention over the cache's prefix (the blocked
-// kernel where the build has it, nothing kept for a backward; else torch's sdpa). The rounding points
+// packed q|k|v and w1|w3: in the AVX512-BF16 build rowlin::linear (int8 weights widened a tile's rows
+// at a time; the residual add fused into wo's and w2's), elsewhere torch's at::linear (int8 weights
+// cast for the call, as Int8Linear does); the output product of up to 8 rows is the decoding step's.
+// Everything between the products is here, one pass each over rows in parallel: RMSNorm, RoPE
+// (written into q in place and into the cache for k), the cache write of v, SiLU(a) * b, and the
+// causal attention over the cache's prefix (the blocked kernel where the build has it, nothing kept
+// for a backward; else torch's sdpa). The rounding points
 // are the model's, as in the decoding step. Returns the last position's logits (B, vocab), fp32.
 namespace prefill_ops {
 
@@ -1377,10 +1378,9 @@ static torch::Tensor run(torch::Tensor h, const std::vector<torch::Tensor>& laye
   const int64_t S = cache_k.size(2), Hkv = cache_k.size(3), D = cache_k.size(4), qdim = H * D, kvdim = Hkv * D;
   const int64_t hidden = layers[4].size(0) / 2;
   auto P = [](const torch::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); };
-  // a product; int8 weights (scales[i]) as Int8Linear computes it: the weight cast for this call, the
-  // product rounded, then scaled
   // product i of a (rows) with w, into a new tensor, or with `into` added into it (the residual add,
-  // round(into + round(a w^T))); on AVX-512 through rowlin::linear (int8 weights too)
+  // round(into + round(a w^T))); on AVX-512 through rowlin::linear, else at::linear. int8 weights
+  // (scales[i]) as Int8Linear computes them: the product rounded, then scaled
   auto lin = [&](const torch::Tensor& a, const torch::Tensor& w, int64_t i, torch::Tensor* into = nullptr) {
 #if defined(LLAMA_ISA_AVX512BF16)
     if (std::is_same<T, float>::value || a.size(1) % 2 == 0) {

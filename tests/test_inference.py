@@ -562,10 +562,11 @@ def test_fused_prefill_matches_the_model(shape, dtype, int8, variant):
     model and an exact fp64 one: the last position's logits and everything written to the cache.
     Chunks from position 0 (150 positions: a whole block of 128 queries and a ragged one; 7
     positions) and after 20 cached ones; 1 and 3 rows, and 9 (more than the decoding step's output
-    product takes: the last positions' logits through the prefill products). Head size 32 in the first two shapes (the
-    AVX512-BF16 build's attention kernel), grouped-query heads in the second; the third has head
-    size 10 and one kv head (the vector passes' tails; sdpa attention). int8 models too (the exact
-    model holds the dequantized weights)."""
+    product takes: the last positions' logits through the prefill products). Head size 32 in the
+    first two shapes (the AVX512-BF16 build's attention kernel), grouped-query heads in the second;
+    the third has head size 10, one kv head and hidden size 81 (the vector passes' tails, sdpa
+    attention, tails of the product tiles, an odd K). int8 models too (the exact model holds the
+    dequantized weights)."""
     _kernel_or_skip(variant)
     torch.manual_seed(0)
     ref = Transformer(tiny_args(n_layers=2, max_seq_len=300, **shape)).double().eval()

@@ -15,8 +15,8 @@ A prompt (many positions at once) is matrix products; the eager forward spends a
 prefill around them (RMSNorm, RoPE, SiLU, casts and copies, flash attention at T = 128), and torch's
 oneDNN repacks every weight for every product. The kernel's `prefill` runs the whole forward of a
 prompt chunk in one call: the products on the packed q|k|v and w1|w3 (in the AVX512-BF16 build its
-own, reading the weights as stored with the positions as vector lanes; elsewhere, and for int8
-weights, torch's at::linear), vectorised passes for the rest, and attention over the cache: in the
+own, for int8 weights too, reading the weights as stored with the positions as vector lanes;
+elsewhere torch's at::linear), vectorised passes for the rest, and attention over the cache: in the
 AVX512-BF16 build the blocked attention kernel (llama/blocked_attention.py; head sizes a multiple of
 32), else torch's sdpa.
 Where every position's logits are wanted (logprobs), prefill runs the model's own forward.
