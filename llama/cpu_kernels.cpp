@@ -522,7 +522,7 @@ static void residual(T* h, const float* y, int64_t n) {
 template <typename T, typename WT>
 static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& layers, torch::Tensor norm_w,
                           torch::Tensor out_w, const std::vector<torch::Tensor>& scales, torch::Tensor cache_k, torch::Tensor cache_v, int64_t pos,
-                          torch::Tensor freqs, double eps, int64_t n_heads) {
+                          const float* fc, double eps, int64_t n_heads) {
   const int64_t M = h.size(0), dim = h.size(1), L = (int64_t)layers.size() / 6;
   const int64_t Bmax = cache_k.size(1), S = cache_k.size(2), Hkv = cache_k.size(3), D = cache_k.size(4);
   const int64_t H = n_heads, rep = H / Hkv, qdim = H * D, kvdim = Hkv * D, hidden = layers[4].size(0) / 2;
@@ -531,9 +531,8 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
   T* hp = reinterpret_cast<T*>(h.data_ptr());
   T* ckp = reinterpret_cast<T*>(cache_k.data_ptr());
   T* cvp = reinterpret_cast<T*>(cache_v.data_ptr());
-  const float* fc = freqs.data_ptr<float>();
   std::vector<T> xn(M * std::max(dim, hidden)), att(M * qdim);
-  std::vector<float> y(M * std::max(nqkv, 2 * hidden)), p(M * H * (pos + 1)), acc(M * qdim);
+  std::vector<float> y(M * std::max(nqkv, 2 * hidden)), p, acc, stats;  // attention's: sized below
   auto W = [](const torch::Tensor& t) { return reinterpret_cast<const T*>(t.data_ptr()); };  // norms, scales
   auto Q = [](const torch::Tensor& t) { return reinterpret_cast<const WT*>(t.data_ptr()); };  // projections
   // int8 weights: 4 scale vectors per layer (q|k|v, wo, w1|w3, w2) and the output's; else none
@@ -561,44 +560,70 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
         cvp[off + i] = E<T>::from(r[qdim + kvdim + i]);
       }
     }
-    // attention of each query head of each row over positions 0..pos of its kv head, fp32. Threads
-    // take ranges of the M H (row, head) pairs (once there is enough work to pay for waking them: a
-    // batch of 8 is 8 times the work of one row); within a row each reads the cache in memory order
-    // (position by position), so it streams. p: (M, H, NT) scores; acc: (M, qdim) outputs
-    const int64_t NT = pos + 1, heads_grain = M * NT * qdim >= (1 << 18) ? 1 : M * H;
-    at::parallel_for(0, M * H, heads_grain, [&](int64_t i0, int64_t i1) {
-      for (int64_t m = i0 / H; m * H < i1; ++m) {  // this range's heads h0..h1 of row m
-        const int64_t h0 = std::max(i0 - m * H, (int64_t)0), h1 = std::min(i1 - m * H, H);
-        const T* kb = ckp + (l * Bmax + m) * S * kvdim;
-        const T* vb = cvp + (l * Bmax + m) * S * kvdim;
+    // attention of each query head of each row over positions 0..pos of its kv head, fp32, in work
+    // items (row m, chunk j of its positions, head). With fewer rows than threads each row's
+    // positions are cut into P chunks, so that each thread streams its own contiguous part of the
+    // cache (split by heads, the threads read alternate pieces of every position: 2x slower here
+    // than one thread). An item keeps its chunk's largest score, the sum of exp(score - that) and
+    // the values summed with those weights; a row's chunks are merged after. Within a chunk the cache
+    // is read in memory order (position by position). Threads take ranges of the items once there is
+    // enough work to pay for waking them (a batch of 8 is 8 times the work of one row)
+    const int64_t NT = pos + 1, nth = at::get_num_threads();
+    const int64_t P = M < nth ? std::max<int64_t>(1, std::min((nth + M - 1) / M, NT / 32)) : 1;
+    const int64_t grain = M * NT * qdim >= (1 << 15) ? 1 : M * P * H;
+    if ((int64_t)p.size() < M * P * H * NT) p.resize(M * P * H * NT);
+    if ((int64_t)acc.size() < M * P * qdim) { acc.resize(M * P * qdim); stats.resize(2 * M * P * H); }
+    at::parallel_for(0, M * P * H, grain, [&](int64_t i0, int64_t i1) {
+      for (int64_t g = i0 / H; g * H < i1; ++g) {  // this range's heads h0..h1 of item group g = (m, j)
+        const int64_t m = g / P, j = g % P, t0 = NT * j / P, nt = NT * (j + 1) / P - t0;
+        const int64_t h0 = std::max(i0 - g * H, (int64_t)0), h1 = std::min(i1 - g * H, H);
+        const T* kb = ckp + ((l * Bmax + m) * S + t0) * kvdim;
+        const T* vb = cvp + ((l * Bmax + m) * S + t0) * kvdim;
         const float* q = y.data() + m * nqkv;
-        float* pm = p.data() + m * H * NT;
-        float* am = acc.data() + m * qdim;
-        for (int64_t t = 0; t < NT; ++t)
+        float* pg = p.data() + g * H * NT;
+        float* ag = acc.data() + g * qdim;
+        for (int64_t t = 0; t < nt; ++t)
           for (int64_t hd = h0; hd < h1; ++hd)
-            pm[hd * NT + t] = dot_f32<T>(q + hd * D, kb + t * kvdim + hd / rep * D, D) * scale;
+            pg[hd * NT + t] = dot_f32<T>(q + hd * D, kb + t * kvdim + hd / rep * D, D) * scale;
         for (int64_t hd = h0; hd < h1; ++hd) {
-          float* ph = pm + hd * NT;
-          const float mx = *std::max_element(ph, ph + NT);
+          float* ph = pg + hd * NT;
+          const float mx = *std::max_element(ph, ph + nt);
           const F mxv = V::set1(mx);
           F sv = V::zero();
           int64_t t = 0;
-          for (; t + N <= NT; t += N) {
+          for (; t + N <= nt; t += N) {
             const F e = vexp(V::sub(V::load(ph + t), mxv));
             V::store(ph + t, e);
             sv = V::add(sv, e);
           }
           float sum = V::sum(sv);
-          for (; t < NT; ++t) { ph[t] = std::exp(ph[t] - mx); sum += ph[t]; }
-          for (t = 0; t < NT; ++t) ph[t] /= sum;
+          for (; t < nt; ++t) { ph[t] = std::exp(ph[t] - mx); sum += ph[t]; }
+          if (P == 1)  // the probabilities themselves; else kept for the merge
+            for (t = 0; t < nt; ++t) ph[t] /= sum;
+          stats[2 * (g * H + hd)] = mx;
+          stats[2 * (g * H + hd) + 1] = sum;
         }
-        std::fill(am + h0 * D, am + h1 * D, 0.f);
-        for (int64_t t = 0; t < NT; ++t)
+        std::fill(ag + h0 * D, ag + h1 * D, 0.f);
+        for (int64_t t = 0; t < nt; ++t)
           for (int64_t hd = h0; hd < h1; ++hd)
-            axpy<T>(pm[hd * NT + t], vb + t * kvdim + hd / rep * D, am + hd * D, D);
-        for (int64_t i = h0 * D; i < h1 * D; ++i) att[m * qdim + i] = E<T>::from(am[i]);
+            axpy<T>(pg[hd * NT + t], vb + t * kvdim + hd / rep * D, ag + hd * D, D);
+        if (P == 1)
+          for (int64_t i = h0 * D; i < h1 * D; ++i) att[m * qdim + i] = E<T>::from(ag[i]);
       }
     });
+    std::vector<float> w(P);
+    for (int64_t m = 0; m < M && P > 1; ++m)  // merge each head's chunks: sum_j w_j acc_j / sum_j w_j sum_j, w_j = exp(max_j - max)
+      for (int64_t hd = 0; hd < H; ++hd) {
+        const float* st = stats.data() + 2 * (m * P * H + hd);
+        float mx = st[0], den = 0.f;
+        for (int64_t j = 1; j < P; ++j) mx = std::max(mx, st[2 * j * H]);
+        for (int64_t j = 0; j < P; ++j) den += (w[j] = std::exp(st[2 * j * H] - mx)) * st[2 * j * H + 1];
+        for (int64_t i = hd * D; i < (hd + 1) * D; ++i) {
+          float o = 0.f;
+          for (int64_t j = 0; j < P; ++j) o += w[j] * acc[(m * P + j) * qdim + i];
+          att[m * qdim + i] = E<T>::from(o / den);
+        }
+      }
     gemv<T, WT>(att.data(), M, qdim, Q(lw[2]), dim, y.data(), sc(4 * l + 1));
     residual<T>(hp, y.data(), M * dim);
     // feed-forward: norm, w1|w3 in one product, silu(a) * b with the model's roundings, w2, residual
@@ -619,6 +644,42 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
   return logits;
 }
 
+// The checks of a decoding step's weights and cache (decode_step's and greedy_step's) for M rows of
+// model dtype dt and width dim at position pos; true where the projections are int8 (with scales)
+static bool check_step(at::ScalarType dt, int64_t M, int64_t dim, const std::vector<torch::Tensor>& layers,
+                       const torch::Tensor& norm_w, const torch::Tensor& out_w, const std::vector<torch::Tensor>& scales,
+                       const torch::Tensor& cache_k, const torch::Tensor& cache_v, int64_t pos, int64_t n_heads, int64_t n_kv_heads) {
+  const int64_t L = (int64_t)layers.size() / 6;
+  TORCH_CHECK(dt == at::kBFloat16 || dt == at::kFloat, "decoding step: the model's dtype must be bf16 or fp32");
+  TORCH_CHECK(M >= 1 && M <= 8 && L >= 1 && (int64_t)layers.size() == 6 * L, "decoding step: 1..8 rows and 6 tensors per layer");
+  TORCH_CHECK(cache_k.dim() == 5 && cache_k.size(0) == L && cache_k.size(1) >= M && cache_k.is_contiguous() &&
+              cache_v.is_contiguous() && cache_k.sizes() == cache_v.sizes() && cache_k.scalar_type() == dt &&
+              cache_v.scalar_type() == dt, "decoding step: the cache must be contiguous (L, B, S, Hkv, D) in the model's dtype");
+  const int64_t S = cache_k.size(2), D = cache_k.size(4);
+  TORCH_CHECK(cache_k.size(3) == n_kv_heads && n_heads % n_kv_heads == 0 && n_heads * D == dim && pos >= 0 && pos < S,
+              "decoding step: shapes (heads, head size, position ", pos, " within the cache's ", S, ")");
+  const bool q8 = !scales.empty();  // int8 projections
+  const auto wdt = q8 ? at::kChar : dt;
+  TORCH_CHECK(!q8 || (int64_t)scales.size() == 4 * L + 1, "decoding step: scales: 4 per layer and the output's");
+  const int scale_of[6] = {-1, 0, 1, -1, 2, 3};  // a layer's tensor -> its scales (-1: a norm)
+  for (int64_t i = 0; i < (int64_t)layers.size(); ++i) {
+    const int j = scale_of[i % 6];
+    TORCH_CHECK(layers[i].scalar_type() == (j < 0 ? dt : wdt) && layers[i].is_contiguous(),
+                "decoding step: weights contiguous; norms in the model's dtype, projections too or int8 with scales");
+    TORCH_CHECK(!q8 || j < 0 || scales[i / 6 * 4 + j].numel() == layers[i].size(0), "decoding step: one scale per int8 weight row");
+  }
+  for (auto& s : scales) TORCH_CHECK(s.scalar_type() == dt && s.is_contiguous(), "decoding step: scales in the model's dtype");
+  TORCH_CHECK(norm_w.scalar_type() == dt && out_w.scalar_type() == wdt && out_w.is_contiguous() && out_w.size(1) == dim &&
+              (!q8 || scales.back().numel() == out_w.size(0)), "decoding step: the output weight as the layers' projections");
+  return q8;
+}
+
+template <typename... A>
+static torch::Tensor run_step(at::ScalarType dt, bool q8, A&&... a) {
+  if (dt == at::kBFloat16) return q8 ? step<bf16, int8_t>(a...) : step<bf16, bf16>(a...);
+  return q8 ? step<float, int8_t>(a...) : step<float, float>(a...);
+}
+
 // One decoding step of the whole model for M rows at position `pos` (the same for every row).
 // h: (M, dim) token embeddings, updated in place. layers: 6 tensors per layer (attention_norm,
 // wq|wk|wv packed, wo, ffn_norm, w1|w3 packed, w2). cache_k/v: (L, B_max, S, Hkv, D). All of them
@@ -629,35 +690,85 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
 torch::Tensor decode_step(torch::Tensor h, std::vector<torch::Tensor> layers, torch::Tensor norm_w, torch::Tensor out_w,
                           std::vector<torch::Tensor> scales, torch::Tensor cache_k, torch::Tensor cache_v, int64_t pos, torch::Tensor freqs,
                           double eps, int64_t n_heads, int64_t n_kv_heads) {
-  const auto dt = h.scalar_type();
-  TORCH_CHECK((dt == at::kBFloat16 || dt == at::kFloat) && h.dim() == 2 && h.is_contiguous(), "h: contiguous (M, dim)");
-  const int64_t M = h.size(0), dim = h.size(1), L = (int64_t)layers.size() / 6;
-  TORCH_CHECK(M >= 1 && M <= 8 && (int64_t)layers.size() == 6 * L, "1..8 rows and 6 tensors per layer");
-  TORCH_CHECK(cache_k.dim() == 5 && cache_k.size(0) == L && cache_k.size(1) >= M && cache_k.is_contiguous() &&
-              cache_v.is_contiguous() && cache_k.sizes() == cache_v.sizes() && cache_k.scalar_type() == dt &&
-              cache_v.scalar_type() == dt, "cache: contiguous (L, B, S, Hkv, D) in the model's dtype");
-  const int64_t S = cache_k.size(2), D = cache_k.size(4);
-  TORCH_CHECK(cache_k.size(3) == n_kv_heads && n_heads % n_kv_heads == 0 && n_heads * D == dim && pos >= 0 && pos < S &&
-              freqs.numel() == D && freqs.scalar_type() == at::kFloat && freqs.is_contiguous(), "shapes");
-  const bool q8 = !scales.empty();  // int8 projections
-  const auto wdt = q8 ? at::kChar : dt;
-  TORCH_CHECK(!q8 || (int64_t)scales.size() == 4 * L + 1, "scales: 4 per layer and the output's");
-  const int scale_of[6] = {-1, 0, 1, -1, 2, 3};  // a layer's tensor -> its scales (-1: a norm)
-  for (int64_t i = 0; i < (int64_t)layers.size(); ++i) {
-    const int j = scale_of[i % 6];
-    TORCH_CHECK(layers[i].scalar_type() == (j < 0 ? dt : wdt) && layers[i].is_contiguous(),
-                "weights: contiguous; norms in the model's dtype, projections too or int8 with scales");
-    TORCH_CHECK(!q8 || j < 0 || scales[i / 6 * 4 + j].numel() == layers[i].size(0), "one scale per int8 weight row");
+  TORCH_CHECK(h.dim() == 2 && h.is_contiguous(), "decode_step: h must be contiguous (M, dim)");
+  const bool q8 = check_step(h.scalar_type(), h.size(0), h.size(1), layers, norm_w, out_w, scales, cache_k, cache_v, pos,
+                             n_heads, n_kv_heads);
+  TORCH_CHECK(freqs.numel() == cache_k.size(4) && freqs.scalar_type() == at::kFloat && freqs.is_contiguous(),
+              "decode_step: freqs must be contiguous fp32 (D/2, 2)");
+  return run_step(h.scalar_type(), q8, h, layers, norm_w, out_w, scales, cache_k, cache_v, pos, freqs.data_ptr<float>(), eps, n_heads);
+}
+
+// A whole greedy step of the batch in one call, in place, as llama.inference.decoders.greedy_step
+// computes it: c = cur[0]; each row's token at c - 1 (pads, -1, as 0) is looked up in the embedding
+// `emb` ((V, dim) in the model's dtype, or int8 with `emb_scales` (V,): Int8Embedding's row times its
+// scale, rounded), decoded at position c - 1, and the first index of the row's largest logit is
+// written at c, except that a row still inside its prompt (in_prompt[b, c]) or already done keeps
+// its own token there; a row becomes done when it writes `eos` outside its prompt or reaches its end
+// (c + 1 >= ends[b]); cur becomes c + 1. tokens, in_prompt: (B, W) int64, bool; done (B,) bool; ends
+// (B,) int64; cur (1,) int64; freqs: the table (P, D/2, 2) fp32 of every position; the rest as
+// decode_step's. One call in place of the dozen small torch operations of a step in Python, each
+// slow right after a step has streamed the weights through the caches
+void greedy_step(torch::Tensor tokens, torch::Tensor in_prompt, torch::Tensor done, torch::Tensor ends, torch::Tensor cur,
+                 torch::Tensor emb, torch::Tensor emb_scales, std::vector<torch::Tensor> layers, torch::Tensor norm_w,
+                 torch::Tensor out_w, std::vector<torch::Tensor> scales, torch::Tensor cache_k, torch::Tensor cache_v,
+                 torch::Tensor freqs, double eps, int64_t n_heads, int64_t n_kv_heads, int64_t eos) {
+  TORCH_CHECK(tokens.dim() == 2 && tokens.scalar_type() == at::kLong && tokens.is_contiguous() &&
+              in_prompt.sizes() == tokens.sizes() && in_prompt.scalar_type() == at::kBool && in_prompt.is_contiguous(),
+              "greedy_step: tokens and in_prompt must be contiguous (B, W) int64 and bool");
+  const int64_t M = tokens.size(0), W = tokens.size(1);
+  TORCH_CHECK(done.numel() == M && done.scalar_type() == at::kBool && done.is_contiguous() && ends.numel() == M &&
+              ends.scalar_type() == at::kLong && ends.is_contiguous() && cur.numel() == 1 && cur.scalar_type() == at::kLong,
+              "greedy_step: done (B,) bool, ends (B,) int64 and cur (1,) int64");
+  const int64_t c = cur.data_ptr<int64_t>()[0], pos = c - 1;
+  TORCH_CHECK(c >= 1 && c < W, "greedy_step: cur ", c, " must be within 1..", W - 1, ", the tokens' width");
+  const auto dt = norm_w.scalar_type();
+  const bool q8e = emb.scalar_type() == at::kChar;
+  TORCH_CHECK(emb.dim() == 2 && emb.is_contiguous() && (q8e ? emb_scales.scalar_type() == dt && emb_scales.is_contiguous() &&
+              emb_scales.numel() == emb.size(0) : emb.scalar_type() == dt),
+              "greedy_step: the embedding must be contiguous (V, dim) in the model's dtype, or int8 with (V,) scales in it");
+  const int64_t V = emb.size(0), dim = emb.size(1);
+  const bool q8 = check_step(dt, M, dim, layers, norm_w, out_w, scales, cache_k, cache_v, pos, n_heads, n_kv_heads);
+  const int64_t D = cache_k.size(4);
+  TORCH_CHECK(freqs.scalar_type() == at::kFloat && freqs.is_contiguous() && freqs.dim() == 3 && freqs.size(0) > pos &&
+              freqs.size(1) * freqs.size(2) == D, "greedy_step: freqs must be contiguous fp32 (positions, D/2, 2) covering position ", pos);
+  int64_t* tk = tokens.data_ptr<int64_t>();
+  const bool* ip = in_prompt.data_ptr<bool>();
+  bool* dn = done.data_ptr<bool>();
+  const int64_t* en = ends.data_ptr<int64_t>();
+  auto h = torch::empty({M, dim}, torch::dtype(dt));
+  const int64_t es = h.element_size();
+  for (int64_t b = 0; b < M; ++b) {
+    const int64_t t = std::max<int64_t>(tk[b * W + pos], 0);
+    TORCH_CHECK(t < V, "greedy_step: token id ", t, " of row ", b, " is outside the embedding's ", V, " rows");
+    char* row = (char*)h.data_ptr() + b * dim * es;
+    if (!q8e) {
+      std::memcpy(row, (const char*)emb.data_ptr() + t * dim * es, dim * es);
+      continue;
+    }
+    const int8_t* q = emb.data_ptr<int8_t>() + t * dim;
+    if (dt == at::kBFloat16) {
+      const float s = b2f(reinterpret_cast<const bf16*>(emb_scales.data_ptr())[t]);
+      for (int64_t d = 0; d < dim; ++d) reinterpret_cast<bf16*>(row)[d] = f2b((float)q[d] * s);
+    } else {
+      const float s = emb_scales.data_ptr<float>()[t];
+      for (int64_t d = 0; d < dim; ++d) reinterpret_cast<float*>(row)[d] = (float)q[d] * s;
+    }
   }
-  for (auto& s : scales) TORCH_CHECK(s.scalar_type() == dt && s.is_contiguous(), "scales: the model's dtype");
-  TORCH_CHECK(norm_w.scalar_type() == dt && out_w.scalar_type() == wdt && out_w.is_contiguous() && out_w.size(1) == dim &&
-              (!q8 || scales.back().numel() == out_w.size(0)), "output weight: as the layers' projections");
-  if (dt == at::kBFloat16) {
-    if (q8) return step<bf16, int8_t>(h, layers, norm_w, out_w, scales, cache_k, cache_v, pos, freqs, eps, n_heads);
-    return step<bf16, bf16>(h, layers, norm_w, out_w, scales, cache_k, cache_v, pos, freqs, eps, n_heads);
+  const auto logits = run_step(dt, q8, h, layers, norm_w, out_w, scales, cache_k, cache_v, pos,
+                               freqs.data_ptr<float>() + pos * D, eps, n_heads);
+  const int64_t NV = logits.size(1);
+  const float* lp = logits.data_ptr<float>();
+  for (int64_t b = 0; b < M; ++b) {
+    const float* r = lp + b * NV;  // torch.argmax: the first largest, a NaN counting as the largest
+    int64_t best = 0;
+    for (int64_t i = 1; i < NV && !std::isnan(r[best]); ++i)
+      if (r[i] > r[best] || std::isnan(r[i])) best = i;
+    const bool prompt = ip[b * W + c];
+    const int64_t nxt = prompt || dn[b] ? tk[b * W + c] : best;
+    tk[b * W + c] = nxt;
+    dn[b] = dn[b] || (!prompt && nxt == eos) || c + 1 >= en[b];
   }
-  if (q8) return step<float, int8_t>(h, layers, norm_w, out_w, scales, cache_k, cache_v, pos, freqs, eps, n_heads);
-  return step<float, float>(h, layers, norm_w, out_w, scales, cache_k, cache_v, pos, freqs, eps, n_heads);
+  cur.data_ptr<int64_t>()[0] = c + 1;
 }
 
 // The training loss's forward and the logits' gradient in one pass over the logits (llama/train/recipe.py's
@@ -1510,6 +1621,7 @@ std::tuple<double, double> read_bandwidth(torch::Tensor buf) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_step", &decode_step, "one fused decoding step of a LLaMA model (bf16 or fp32)");
+  m.def("greedy_step", &greedy_step, "a whole greedy step of the batch in place: look-up, decoding step, argmax, bookkeeping");
   m.def("softmax_gradient", &softmax_gradient, "logits -> softmax - one_hot(targets) in place; the summed loss");
   m.def("read_bandwidth", &read_bandwidth, "(bytes/s, sum) of one read of an fp32 buffer, as decode_step reads");
   m.def("prefill", &prefill, "the model's forward over a prompt chunk (bf16 or fp32, or int8 weights): the last position's logits");

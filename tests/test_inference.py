@@ -728,6 +728,104 @@ def test_fused_cpu_decoder_every_batch_size(int8, variant):
         torch.testing.assert_close(fused_cache.k, eager_cache.k, atol=0.02, rtol=0.02)
 
 
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_decoder_attention_over_long_contexts(dtype, variant):
+    """Rows fewer than the threads: each row's cache positions are cut into chunks, one per thread,
+    whose partial softmax sums are merged (from 64 positions). 1 and 3 rows decoding positions 4 to
+    150 with 4 threads (chunks of 2 to 4, ragged; at dim 256 the threads split the (row, chunk,
+    head) items mid-row) against the same decoder on one thread (one chunk): the same logits to the
+    dtype's resolution, as close to an exact (fp64) model as the eager model's are, and in fp32 the
+    eager model's cache (in bf16, 146 steps of other sum orders drift a few cache values by more
+    than a bf16 step, on one thread as well)."""
+    torch.manual_seed(0)
+    ref = Transformer(tiny_args(dim=256, n_heads=4, n_kv_heads=2, multiple_of=32, vocab_size=97, n_layers=2)).double().eval()
+    ref.init_weights(std=0.08)
+    model = Transformer(ref.args).to(dtype).eval()
+    model.load_state_dict(ref.state_dict())
+    _kernel_or_skip(variant)
+    decoder = FusedCpuDecoder.create(model, variant)
+    tokens = torch.randint(0, ref.args.vocab_size, (3, 150))
+    tol = 0.02 if dtype == torch.bfloat16 else 1e-5
+    threads = torch.get_num_threads()
+    try:
+        for rows in (1, 3):
+            torch.set_num_threads(1)
+            one, _ = _decode_logits(model, tokens[:rows], decoder)
+            torch.set_num_threads(4)
+            fused, fused_cache = _decode_logits(model, tokens[:rows], decoder)
+            eager, eager_cache = _decode_logits(model, tokens[:rows])
+            want, _ = _decode_logits(ref, tokens[:rows])
+            scale = want.abs().max()
+            assert (fused - one).abs().max() < tol * scale
+            assert (fused - want).abs().max() < 1.5 * (eager - want).abs().max() + tol / 2 * scale
+            if dtype == torch.float32:
+                torch.testing.assert_close(fused_cache.k, eager_cache.k, atol=tol, rtol=tol)
+                torch.testing.assert_close(fused_cache.v, eager_cache.v, atol=tol, rtol=tol)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_greedy_step_is_the_python_step(dtype, int8, variant):
+    """The kernel's whole greedy step (look-up, decoding step, argmax, bookkeeping in one call)
+    against decoders.greedy_step run on the same kernel's logits: the same tokens, done flags,
+    position and cache after every step, bit for bit, for rows of different prompt lengths, one
+    reaching its end early and one stopping at eos, int8 embeddings and projections included; 9
+    rows (over MAX_ROWS) go through the eager model. A token id outside the vocabulary is an error
+    that says so."""
+    from llama.inference.decoders import DecodeState, greedy_step
+    torch.manual_seed(0)
+    model = Transformer(tiny_args(dim=48, n_heads=4, n_kv_heads=2, multiple_of=8, vocab_size=97)).to(dtype).eval()
+    model.init_weights(std=0.08)
+    if int8:
+        quantize_int8(model)
+    _kernel_or_skip(variant)
+    decoder = FusedCpuDecoder.create(model, variant)
+    assert decoder.whole_greedy_steps
+
+    def by_python(x, cache=None, input_pos=None):  # decoders.greedy_step's model call, through the kernel
+        return decoder(x, int(input_pos[0]), cache)
+
+    def run(rows, eos, step):
+        prompts = [torch.randint(0, 97, (n,)).tolist() for n in (3, 5, 8, 4, 6, 3, 7, 5, 4)[:rows]]
+        ends = [min(len(p) + 12, 20) for p in prompts]
+        ends[1] = len(prompts[1]) + 2  # row 1 reaches its end early
+        state = DecodeState(rows, 24, "cpu")
+        state.start(prompts, ends)
+        cache = model.new_cache(rows, 24, dtype=dtype)
+        history = []
+        with torch.inference_mode():
+            model(state.tokens[:, :3], 0, cache)  # the shortest prompt
+            state.cur.fill_(3)
+            for _ in range(16):
+                step(cache, state, eos)
+                history.append([t.clone() for t in (state.tokens, state.done, state.cur, cache.k, cache.v)])
+        return history
+
+    torch.manual_seed(1)
+    free = run(3, -1, decoder.greedy_step)
+    eos = int(free[-1][0][0, 5])  # row 0's token at position 5 (written by step 2) becomes eos: it stops there
+    for rows, e in ((3, -1), (9, eos), (3, eos)):
+        torch.manual_seed(1)
+        got = run(rows, e, decoder.greedy_step)
+        torch.manual_seed(1)
+        want = run(rows, e, lambda c, s, e: greedy_step(model if rows > 8 else by_python, c, s, e))
+        for g, w in zip(got, want):
+            assert all(torch.equal(a, b) for a, b in zip(g, w))
+    done = torch.stack([h[1] for h in got])  # (step, row) of the last case
+    assert done[2:, 0].all() and not done[:2, 0].any()  # row 0 stopped at eos (position 5)
+    assert done[3:, 1].all() and not done[:3, 1].any()  # row 1 reached its end (position 6, step 3)
+    assert not done[:8, 2].any() and got[-1][0][0, 6] == -1  # row 2 goes on; past eos row 0 writes nothing
+    state = DecodeState(1, 8, "cpu")
+    state.start([[1, 200]], [6])
+    state.cur.fill_(2)
+    with pytest.raises(RuntimeError, match="token id 200 of row 0 is outside the embedding's 97 rows"):
+        decoder.greedy_step(model.new_cache(1, 8, dtype=dtype), state, -1)
+
 # The fused kernel's vector primitives (cpu_kernels.cpp between "[primitives begin]" and "[primitives
 # end]", no torch in them) compiled alone for one instruction set and checked against plain scalar
 # code: bf16 rounding (torch's round-to-nearest-even, `f2b`) of arbitrary bit patterns and exact ties,
@@ -1044,7 +1142,7 @@ def test_build_decodes_with_the_fused_kernel_where_it_can(ckpts):
     ids = [fused.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS[:3]]
     with mock.patch.object(fused.decoder, "kernel", wraps=fused.decoder.kernel) as spy:
         out = fused.generate(ids, GEN_LEN, temperature=0)[0]
-    assert spy.decode_step.call_count >= GEN_LEN - 1  # every decoding step went through the kernel
+    assert spy.greedy_step.call_count >= GEN_LEN - 1  # every greedy step went through the kernel, whole
     # every greedy token is the exact (fp32) model's best, or within bf16 noise of it (near-ties)
     exact = ckpts["model"].eval()
     for prompt, gen in zip(ids, out):
@@ -1059,7 +1157,7 @@ def test_build_decodes_with_the_fused_kernel_where_it_can(ckpts):
     assert fused.decoder.name == "fused" and fused.decoder.int8
     with mock.patch.object(fused.decoder, "kernel", wraps=fused.decoder.kernel) as spy:
         q = fused.generate(ids, GEN_LEN, temperature=0)[0]
-    assert spy.decode_step.call_count >= GEN_LEN - 1
+    assert spy.greedy_step.call_count >= GEN_LEN - 1
     ref = Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 64, 3, dtype="bf16", decoder="eager")
     quantize_int8(ref.model)
     assert q == ref.generate(ids, GEN_LEN, temperature=0)[0]
@@ -1081,7 +1179,8 @@ def test_generation_prefills_through_the_kernel(tmp_path, tiny_tokenizer):
     ids = [fused.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
     with mock.patch.object(fused.decoder, "kernel", wraps=fused.decoder.kernel) as spy:
         got = run_all(fused)
-    assert spy.prefill.call_count >= 4 and spy.decode_step.call_count > GEN_LEN  # each generate prefilled
+    # each generate prefilled; greedy steps whole, sampled ones through the decoding step
+    assert spy.prefill.call_count >= 4 and spy.greedy_step.call_count >= GEN_LEN - 1 and spy.decode_step.call_count > GEN_LEN
     assert got == run_all(eager)
     assert got["greedy"] == hf_greedy(model, ids, GEN_LEN, fused.tokenizer.eos_id)
     with mock.patch.object(fused.decoder, "kernel", wraps=fused.decoder.kernel) as spy:
