@@ -519,6 +519,32 @@ static void residual(T* h, const float* y, int64_t n) {
   for (; i < n; ++i) h[i] = E<T>::from(E<T>::to(h[i]) + E<T>::rnd(y[i]));
 }
 
+// torch.argmax of n floats: the first index of the largest, a NaN counting as larger than any number
+// (so the first NaN). A vector max, then a scan for its first index; where a NaN or an infinity is
+// among them (some x - x not 0) the scalar loop decides
+static int64_t argmax(const float* r, int64_t n) {
+  if (n >= N) {
+    F mx = V::load(r), bad = V::zero();
+    int64_t i = 0;
+    for (; i + N <= n; i += N) {
+      const F v = V::load(r + i);
+      mx = V::max(mx, v);
+      bad = V::add(bad, V::sub(v, v));
+    }
+    float lanes[N], m, check = V::sum(bad);
+    V::store(lanes, mx);
+    m = *std::max_element(lanes, lanes + N);
+    for (; i < n; ++i) { m = std::max(m, r[i]); check += r[i] - r[i]; }
+    if (check == 0.f)
+      for (i = 0; i < n; ++i)
+        if (r[i] == m) return i;
+  }
+  int64_t best = 0;
+  for (int64_t i = 1; i < n && !std::isnan(r[best]); ++i)
+    if (r[i] > r[best] || std::isnan(r[i])) best = i;
+  return best;
+}
+
 template <typename T, typename WT>
 static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& layers, torch::Tensor norm_w,
                           torch::Tensor out_w, const std::vector<torch::Tensor>& scales, torch::Tensor cache_k, torch::Tensor cache_v, int64_t pos,
@@ -644,34 +670,46 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
   return logits;
 }
 
-// The checks of a decoding step's weights and cache (decode_step's and greedy_step's) for M rows of
-// model dtype dt and width dim at position pos; true where the projections are int8 (with scales)
-static bool check_step(at::ScalarType dt, int64_t M, int64_t dim, const std::vector<torch::Tensor>& layers,
-                       const torch::Tensor& norm_w, const torch::Tensor& out_w, const std::vector<torch::Tensor>& scales,
-                       const torch::Tensor& cache_k, const torch::Tensor& cache_v, int64_t pos, int64_t n_heads, int64_t n_kv_heads) {
+// The checks of a decoding step's weights for a model of dtype dt and width dim; true where the
+// projections are int8 (with scales)
+static bool check_weights(at::ScalarType dt, int64_t dim, const std::vector<torch::Tensor>& layers, const torch::Tensor& norm_w,
+                          const torch::Tensor& out_w, const std::vector<torch::Tensor>& scales) {
   const int64_t L = (int64_t)layers.size() / 6;
   TORCH_CHECK(dt == at::kBFloat16 || dt == at::kFloat, "decoding step: the model's dtype must be bf16 or fp32");
-  TORCH_CHECK(M >= 1 && M <= 8 && L >= 1 && (int64_t)layers.size() == 6 * L, "decoding step: 1..8 rows and 6 tensors per layer");
-  TORCH_CHECK(cache_k.dim() == 5 && cache_k.size(0) == L && cache_k.size(1) >= M && cache_k.is_contiguous() &&
-              cache_v.is_contiguous() && cache_k.sizes() == cache_v.sizes() && cache_k.scalar_type() == dt &&
-              cache_v.scalar_type() == dt, "decoding step: the cache must be contiguous (L, B, S, Hkv, D) in the model's dtype");
-  const int64_t S = cache_k.size(2), D = cache_k.size(4);
-  TORCH_CHECK(cache_k.size(3) == n_kv_heads && n_heads % n_kv_heads == 0 && n_heads * D == dim && pos >= 0 && pos < S,
-              "decoding step: shapes (heads, head size, position ", pos, " within the cache's ", S, ")");
+  TORCH_CHECK(L >= 1 && (int64_t)layers.size() == 6 * L, "decoding step: 6 tensors per layer");
   const bool q8 = !scales.empty();  // int8 projections
   const auto wdt = q8 ? at::kChar : dt;
   TORCH_CHECK(!q8 || (int64_t)scales.size() == 4 * L + 1, "decoding step: scales: 4 per layer and the output's");
   const int scale_of[6] = {-1, 0, 1, -1, 2, 3};  // a layer's tensor -> its scales (-1: a norm)
   for (int64_t i = 0; i < (int64_t)layers.size(); ++i) {
     const int j = scale_of[i % 6];
-    TORCH_CHECK(layers[i].scalar_type() == (j < 0 ? dt : wdt) && layers[i].is_contiguous(),
-                "decoding step: weights contiguous; norms in the model's dtype, projections too or int8 with scales");
+    TORCH_CHECK(layers[i].scalar_type() == (j < 0 ? dt : wdt) && layers[i].is_contiguous() && layers[i].device().is_cpu(),
+                "decoding step: weights contiguous on the CPU; norms in the model's dtype, projections too or int8 with scales");
     TORCH_CHECK(!q8 || j < 0 || scales[i / 6 * 4 + j].numel() == layers[i].size(0), "decoding step: one scale per int8 weight row");
   }
+  for (int64_t l = 0; l < L; ++l)
+    TORCH_CHECK(layers[6 * l].numel() == dim && layers[6 * l + 1].dim() == 2 && layers[6 * l + 1].size(1) == dim &&
+                layers[6 * l + 2].dim() == 2 && layers[6 * l + 2].size(0) == dim && layers[6 * l + 3].numel() == dim &&
+                layers[6 * l + 4].dim() == 2 && layers[6 * l + 4].size(1) == dim && layers[6 * l + 4].size(0) % 2 == 0 &&
+                layers[6 * l + 5].dim() == 2 && layers[6 * l + 5].size(0) == dim &&
+                layers[6 * l + 5].size(1) == layers[6 * l + 4].size(0) / 2, "decoding step: layer ", l, "'s weight shapes");
   for (auto& s : scales) TORCH_CHECK(s.scalar_type() == dt && s.is_contiguous(), "decoding step: scales in the model's dtype");
-  TORCH_CHECK(norm_w.scalar_type() == dt && out_w.scalar_type() == wdt && out_w.is_contiguous() && out_w.size(1) == dim &&
-              (!q8 || scales.back().numel() == out_w.size(0)), "decoding step: the output weight as the layers' projections");
+  TORCH_CHECK(norm_w.scalar_type() == dt && norm_w.numel() == dim && out_w.scalar_type() == wdt && out_w.is_contiguous() &&
+              out_w.dim() == 2 && out_w.size(1) == dim && (!q8 || scales.back().numel() == out_w.size(0)),
+              "decoding step: the final norm, and the output weight as the layers' projections");
   return q8;
+}
+
+// The checks of a decoding step's cache for M rows at position pos
+static void check_cache(at::ScalarType dt, int64_t M, int64_t dim, int64_t L, const torch::Tensor& cache_k, const torch::Tensor& cache_v,
+                        int64_t pos, int64_t n_heads, int64_t n_kv_heads) {
+  TORCH_CHECK(M >= 1 && M <= 8, "decoding step: 1..8 rows, not ", M);
+  TORCH_CHECK(cache_k.dim() == 5 && cache_k.size(0) == L && cache_k.size(1) >= M && cache_k.is_contiguous() &&
+              cache_v.is_contiguous() && cache_k.sizes() == cache_v.sizes() && cache_k.scalar_type() == dt &&
+              cache_v.scalar_type() == dt, "decoding step: the cache must be contiguous (L, B, S, Hkv, D) in the model's dtype");
+  const int64_t S = cache_k.size(2), D = cache_k.size(4);
+  TORCH_CHECK(cache_k.size(3) == n_kv_heads && n_heads % n_kv_heads == 0 && n_heads * D == dim && pos >= 0 && pos < S,
+              "decoding step: shapes (heads, head size, position ", pos, " within the cache's ", S, ")");
 }
 
 template <typename... A>
@@ -691,27 +729,53 @@ torch::Tensor decode_step(torch::Tensor h, std::vector<torch::Tensor> layers, to
                           std::vector<torch::Tensor> scales, torch::Tensor cache_k, torch::Tensor cache_v, int64_t pos, torch::Tensor freqs,
                           double eps, int64_t n_heads, int64_t n_kv_heads) {
   TORCH_CHECK(h.dim() == 2 && h.is_contiguous(), "decode_step: h must be contiguous (M, dim)");
-  const bool q8 = check_step(h.scalar_type(), h.size(0), h.size(1), layers, norm_w, out_w, scales, cache_k, cache_v, pos,
-                             n_heads, n_kv_heads);
+  const auto dt = h.scalar_type();
+  const bool q8 = check_weights(dt, h.size(1), layers, norm_w, out_w, scales);
+  check_cache(dt, h.size(0), h.size(1), (int64_t)layers.size() / 6, cache_k, cache_v, pos, n_heads, n_kv_heads);
   TORCH_CHECK(freqs.numel() == cache_k.size(4) && freqs.scalar_type() == at::kFloat && freqs.is_contiguous(),
               "decode_step: freqs must be contiguous fp32 (D/2, 2)");
-  return run_step(h.scalar_type(), q8, h, layers, norm_w, out_w, scales, cache_k, cache_v, pos, freqs.data_ptr<float>(), eps, n_heads);
+  return run_step(dt, q8, h, layers, norm_w, out_w, scales, cache_k, cache_v, pos, freqs.data_ptr<float>(), eps, n_heads);
 }
+
+// A model as a whole greedy step reads it, checked once: decode_step's weights, the token embedding
+// `emb` ((V, dim) in the model's dtype, or int8 with `emb_scales` (V,): quantize.py's Int8Embedding),
+// the RoPE table `freqs` (positions, D/2, 2) fp32, the norms' eps and the heads. Held by the Python
+// decoder, so that a step converts no list of ~100 tensors (~0.1 ms a call, right after a step)
+struct Weights {
+  std::vector<torch::Tensor> layers, scales;
+  torch::Tensor norm_w, out_w, emb, emb_scales, freqs;
+  double eps;
+  int64_t n_heads, n_kv_heads, dim, L;
+  at::ScalarType dt;
+  bool q8;
+  Weights(std::vector<torch::Tensor> layers_, torch::Tensor norm_w_, torch::Tensor out_w_, std::vector<torch::Tensor> scales_,
+          torch::Tensor emb_, torch::Tensor emb_scales_, torch::Tensor freqs_, double eps_, int64_t n_heads_, int64_t n_kv_heads_)
+      : layers(std::move(layers_)), scales(std::move(scales_)), norm_w(norm_w_), out_w(out_w_), emb(emb_), emb_scales(emb_scales_),
+        freqs(freqs_), eps(eps_), n_heads(n_heads_), n_kv_heads(n_kv_heads_) {
+    dt = norm_w.scalar_type();
+    TORCH_CHECK(emb.dim() == 2 && emb.is_contiguous() && (emb.scalar_type() == at::kChar ? emb_scales.scalar_type() == dt &&
+                emb_scales.is_contiguous() && emb_scales.numel() == emb.size(0) : emb.scalar_type() == dt),
+                "Weights: the embedding must be contiguous (V, dim) in the model's dtype, or int8 with (V,) scales in it");
+    dim = emb.size(1);
+    L = (int64_t)layers.size() / 6;
+    q8 = check_weights(dt, dim, layers, norm_w, out_w, scales);
+    TORCH_CHECK(n_heads > 0 && n_kv_heads > 0 && n_heads % n_kv_heads == 0 && dim % n_heads == 0 && freqs.scalar_type() == at::kFloat &&
+                freqs.is_contiguous() && freqs.dim() == 3 && freqs.size(1) * freqs.size(2) == dim / n_heads,
+                "Weights: heads, and freqs contiguous fp32 (positions, head size / 2, 2)");
+  }
+};
 
 // A whole greedy step of the batch in one call, in place, as llama.inference.decoders.greedy_step
 // computes it: c = cur[0]; each row's token at c - 1 (pads, -1, as 0) is looked up in the embedding
-// `emb` ((V, dim) in the model's dtype, or int8 with `emb_scales` (V,): Int8Embedding's row times its
-// scale, rounded), decoded at position c - 1, and the first index of the row's largest logit is
-// written at c, except that a row still inside its prompt (in_prompt[b, c]) or already done keeps
-// its own token there; a row becomes done when it writes `eos` outside its prompt or reaches its end
-// (c + 1 >= ends[b]); cur becomes c + 1. tokens, in_prompt: (B, W) int64, bool; done (B,) bool; ends
-// (B,) int64; cur (1,) int64; freqs: the table (P, D/2, 2) fp32 of every position; the rest as
+// (Int8Embedding's: the row times its scale, rounded), decoded at position c - 1, and the first index
+// of the row's largest logit is written at c, except that a row still inside its prompt
+// (in_prompt[b, c]) or already done keeps its own token there; a row becomes done when it writes
+// `eos` outside its prompt or reaches its end (c + 1 >= ends[b]); cur becomes c + 1. tokens,
+// in_prompt: (B, W) int64, bool; done (B,) bool; ends (B,) int64; cur (1,) int64; the cache as
 // decode_step's. One call in place of the dozen small torch operations of a step in Python, each
 // slow right after a step has streamed the weights through the caches
-void greedy_step(torch::Tensor tokens, torch::Tensor in_prompt, torch::Tensor done, torch::Tensor ends, torch::Tensor cur,
-                 torch::Tensor emb, torch::Tensor emb_scales, std::vector<torch::Tensor> layers, torch::Tensor norm_w,
-                 torch::Tensor out_w, std::vector<torch::Tensor> scales, torch::Tensor cache_k, torch::Tensor cache_v,
-                 torch::Tensor freqs, double eps, int64_t n_heads, int64_t n_kv_heads, int64_t eos) {
+void greedy_step(const Weights& w, torch::Tensor tokens, torch::Tensor in_prompt, torch::Tensor done, torch::Tensor ends,
+                 torch::Tensor cur, torch::Tensor cache_k, torch::Tensor cache_v, int64_t eos) {
   TORCH_CHECK(tokens.dim() == 2 && tokens.scalar_type() == at::kLong && tokens.is_contiguous() &&
               in_prompt.sizes() == tokens.sizes() && in_prompt.scalar_type() == at::kBool && in_prompt.is_contiguous(),
               "greedy_step: tokens and in_prompt must be contiguous (B, W) int64 and bool");
@@ -721,16 +785,10 @@ void greedy_step(torch::Tensor tokens, torch::Tensor in_prompt, torch::Tensor do
               "greedy_step: done (B,) bool, ends (B,) int64 and cur (1,) int64");
   const int64_t c = cur.data_ptr<int64_t>()[0], pos = c - 1;
   TORCH_CHECK(c >= 1 && c < W, "greedy_step: cur ", c, " must be within 1..", W - 1, ", the tokens' width");
-  const auto dt = norm_w.scalar_type();
-  const bool q8e = emb.scalar_type() == at::kChar;
-  TORCH_CHECK(emb.dim() == 2 && emb.is_contiguous() && (q8e ? emb_scales.scalar_type() == dt && emb_scales.is_contiguous() &&
-              emb_scales.numel() == emb.size(0) : emb.scalar_type() == dt),
-              "greedy_step: the embedding must be contiguous (V, dim) in the model's dtype, or int8 with (V,) scales in it");
-  const int64_t V = emb.size(0), dim = emb.size(1);
-  const bool q8 = check_step(dt, M, dim, layers, norm_w, out_w, scales, cache_k, cache_v, pos, n_heads, n_kv_heads);
-  const int64_t D = cache_k.size(4);
-  TORCH_CHECK(freqs.scalar_type() == at::kFloat && freqs.is_contiguous() && freqs.dim() == 3 && freqs.size(0) > pos &&
-              freqs.size(1) * freqs.size(2) == D, "greedy_step: freqs must be contiguous fp32 (positions, D/2, 2) covering position ", pos);
+  TORCH_CHECK(pos < w.freqs.size(0), "greedy_step: position ", pos, " is beyond the RoPE table's ", w.freqs.size(0));
+  const auto dt = w.dt;
+  const int64_t V = w.emb.size(0), dim = w.dim, D = dim / w.n_heads;
+  check_cache(dt, M, dim, w.L, cache_k, cache_v, pos, w.n_heads, w.n_kv_heads);
   int64_t* tk = tokens.data_ptr<int64_t>();
   const bool* ip = in_prompt.data_ptr<bool>();
   bool* dn = done.data_ptr<bool>();
@@ -741,28 +799,25 @@ void greedy_step(torch::Tensor tokens, torch::Tensor in_prompt, torch::Tensor do
     const int64_t t = std::max<int64_t>(tk[b * W + pos], 0);
     TORCH_CHECK(t < V, "greedy_step: token id ", t, " of row ", b, " is outside the embedding's ", V, " rows");
     char* row = (char*)h.data_ptr() + b * dim * es;
-    if (!q8e) {
-      std::memcpy(row, (const char*)emb.data_ptr() + t * dim * es, dim * es);
+    if (w.emb.scalar_type() != at::kChar) {
+      std::memcpy(row, (const char*)w.emb.data_ptr() + t * dim * es, dim * es);
       continue;
     }
-    const int8_t* q = emb.data_ptr<int8_t>() + t * dim;
+    const int8_t* q = w.emb.data_ptr<int8_t>() + t * dim;
     if (dt == at::kBFloat16) {
-      const float s = b2f(reinterpret_cast<const bf16*>(emb_scales.data_ptr())[t]);
+      const float s = b2f(reinterpret_cast<const bf16*>(w.emb_scales.data_ptr())[t]);
       for (int64_t d = 0; d < dim; ++d) reinterpret_cast<bf16*>(row)[d] = f2b((float)q[d] * s);
     } else {
-      const float s = emb_scales.data_ptr<float>()[t];
+      const float s = w.emb_scales.data_ptr<float>()[t];
       for (int64_t d = 0; d < dim; ++d) reinterpret_cast<float*>(row)[d] = (float)q[d] * s;
     }
   }
-  const auto logits = run_step(dt, q8, h, layers, norm_w, out_w, scales, cache_k, cache_v, pos,
-                               freqs.data_ptr<float>() + pos * D, eps, n_heads);
+  const auto logits = run_step(dt, w.q8, h, w.layers, w.norm_w, w.out_w, w.scales, cache_k, cache_v, pos,
+                               w.freqs.data_ptr<float>() + pos * D, w.eps, w.n_heads);
   const int64_t NV = logits.size(1);
   const float* lp = logits.data_ptr<float>();
   for (int64_t b = 0; b < M; ++b) {
-    const float* r = lp + b * NV;  // torch.argmax: the first largest, a NaN counting as the largest
-    int64_t best = 0;
-    for (int64_t i = 1; i < NV && !std::isnan(r[best]); ++i)
-      if (r[i] > r[best] || std::isnan(r[i])) best = i;
+    const int64_t best = argmax(lp + b * NV, NV);
     const bool prompt = ip[b * W + c];
     const int64_t nxt = prompt || dn[b] ? tk[b * W + c] : best;
     tk[b * W + c] = nxt;
@@ -1621,6 +1676,9 @@ std::tuple<double, double> read_bandwidth(torch::Tensor buf) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_step", &decode_step, "one fused decoding step of a LLaMA model (bf16 or fp32)");
+  py::class_<Weights>(m, "Weights", py::module_local())  // one per build: several builds load in one process
+      .def(py::init<std::vector<torch::Tensor>, torch::Tensor, torch::Tensor, std::vector<torch::Tensor>, torch::Tensor,
+                    torch::Tensor, torch::Tensor, double, int64_t, int64_t>());
   m.def("greedy_step", &greedy_step, "a whole greedy step of the batch in place: look-up, decoding step, argmax, bookkeeping");
   m.def("softmax_gradient", &softmax_gradient, "logits -> softmax - one_hot(targets) in place; the summed loss");
   m.def("read_bandwidth", &read_bandwidth, "(bytes/s, sum) of one read of an fp32 buffer, as decode_step reads");

@@ -820,6 +820,17 @@ def test_fused_greedy_step_is_the_python_step(dtype, int8, variant):
     assert done[2:, 0].all() and not done[:2, 0].any()  # row 0 stopped at eos (position 5)
     assert done[3:, 1].all() and not done[:3, 1].any()  # row 1 reached its end (position 6, step 3)
     assert not done[:8, 2].any() and got[-1][0][0, 6] == -1  # row 2 goes on; past eos row 0 writes nothing
+    if not int8:  # torch.argmax's ties (the first) and NaN (the first, above any number)
+        for row, fill, want_id in ((None, 0.0, 0), (7, float("nan"), 7)):
+            with torch.no_grad():
+                model.output.weight.zero_()
+                if row is not None:
+                    model.output.weight[row:row + 2] = fill
+            torch.manual_seed(1)
+            got = run(3, -1, decoder.greedy_step)
+            torch.manual_seed(1)
+            assert all(torch.equal(a, b) for a, b in zip(got[-1], run(3, -1, lambda c, s, e: greedy_step(by_python, c, s, e))[-1]))
+            assert (got[-1][0][2, 8:19] == want_id).all()  # row 2's generated tokens
     state = DecodeState(1, 8, "cpu")
     state.start([[1, 200]], [6])
     state.cur.fill_(2)

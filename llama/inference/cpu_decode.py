@@ -109,10 +109,15 @@ class FusedCpuDecoder(EagerDecoder):
         # greedy steps whole in one call (look-up, step, argmax, bookkeeping) where the embedding is
         # one the kernel reads: the model's dtype, or quantize.py's int8 rows and scales
         emb = model.tok_embeddings
-        self._freqs: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (the model's RoPE table, as fp32)
+        dtype = next(model.parameters()).dtype
         self.whole_greedy_steps = hasattr(kernel, "greedy_step") and (
-            (type(emb) is nn.Embedding and emb.weight.dtype == next(model.parameters()).dtype) or
-            (type(emb) is Int8Embedding and emb.scales.dtype == next(model.parameters()).dtype))
+            (type(emb) is nn.Embedding and emb.weight.dtype == dtype) or
+            (type(emb) is Int8Embedding and emb.scales.dtype == dtype))
+        if self.whole_greedy_steps:  # what a greedy step reads, checked once (the RoPE table as fp32 values)
+            a = model.args
+            self._weights = kernel.Weights(self.layers, model.norm.weight, model.output.weight, self.scales, emb.weight,
+                                           emb.scales if type(emb) is Int8Embedding else emb.weight.new_empty(0),
+                                           model.freqs_cis.float().contiguous(), a.norm_eps, a.n_heads, a.n_kv_heads)
 
     @staticmethod
     def create(model, variant: Optional[str] = None) -> Optional["FusedCpuDecoder"]:
@@ -170,19 +175,10 @@ class FusedCpuDecoder(EagerDecoder):
         """`decoders.greedy_step` of the whole batch in one call into the kernel (eager beyond
         MAX_ROWS rows). Between steps the dozen small torch operations of a Python step each find
         the caches full of weights: ~0.6 ms a token here, 5-10% of a 160M model's step."""
-        m = self.model
         if state.tokens.size(0) > MAX_ROWS:
-            return greedy_step(m, cache, state, eos)
-        emb = m.tok_embeddings
-        scales = emb.scales if isinstance(emb, Int8Embedding) else emb.weight.new_empty(0)
-        freqs = m.freqs_cis  # the model's (bf16 in a bf16 model), as fp32 values; converted once
-        if freqs.dtype != torch.float32 or not freqs.is_contiguous():
-            if self._freqs is None or self._freqs[0] is not freqs:
-                self._freqs = (freqs, freqs.float().contiguous())
-            freqs = self._freqs[1]
-        self.kernel.greedy_step(state.tokens, state.in_prompt, state.done, state.ends, state.cur, emb.weight, scales,
-                                self.layers, m.norm.weight, m.output.weight, self.scales, cache.k, cache.v, freqs,
-                                m.args.norm_eps, m.args.n_heads, m.args.n_kv_heads, eos)
+            return greedy_step(self.model, cache, state, eos)
+        self.kernel.greedy_step(self._weights, state.tokens, state.in_prompt, state.done, state.ends, state.cur,
+                                cache.k, cache.v, eos)
 
 
 def read_bandwidth(buf: torch.Tensor, variant: Optional[str] = None) -> tuple[float, float]:
