@@ -577,15 +577,21 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
     gemv<T, WT>(xn.data(), M, dim, Q(lw[1]), nqkv, y.data(), sc(4 * l));
     for (int64_t m = 0; m < M; ++m) {
       float* r = y.data() + m * nqkv;
-      for (int64_t i = 0; i < nqkv; ++i) r[i] = E<T>::rnd(r[i]);
-      for (int64_t i = 0; i < qdim + kvdim; i += 2) {  // q then k: pairs (2j, 2j+1) rotate by freqs[pos, j]
-        const int64_t j = (i % D) / 2;
-        const float c = fc[2 * j], s = fc[2 * j + 1], re = r[i], im = r[i + 1];
-        r[i] = E<T>::rnd(re * c - im * s);
-        r[i + 1] = E<T>::rnd(re * s + im * c);
+      int64_t i = 0;
+      for (; i + N <= nqkv; i += N) V::store(r + i, E<T>::rnd(V::load(r + i)));
+      for (; i < nqkv; ++i) r[i] = E<T>::rnd(r[i]);
+      for (int64_t h0 = 0; h0 < qdim + kvdim; h0 += D)  // each head of q, then of k: pairs (2j, 2j+1) rotate by freqs[pos, j]
+        for (int64_t j = 0; j < D / 2; ++j) {
+          const float c = fc[2 * j], s = fc[2 * j + 1], re = r[h0 + 2 * j], im = r[h0 + 2 * j + 1];
+          r[h0 + 2 * j] = E<T>::rnd(re * c - im * s);
+          r[h0 + 2 * j + 1] = E<T>::rnd(re * s + im * c);
+        }
+      const int64_t off = ((l * Bmax + m) * S + pos) * kvdim;  // the rounded k and v, exact in T
+      for (i = 0; i + N <= kvdim; i += N) {
+        E<T>::store(ckp + off + i, V::load(r + qdim + i));
+        E<T>::store(cvp + off + i, V::load(r + qdim + kvdim + i));
       }
-      const int64_t off = ((l * Bmax + m) * S + pos) * kvdim;
-      for (int64_t i = 0; i < kvdim; ++i) {
+      for (; i < kvdim; ++i) {
         ckp[off + i] = E<T>::from(r[qdim + i]);
         cvp[off + i] = E<T>::from(r[qdim + kvdim + i]);
       }
