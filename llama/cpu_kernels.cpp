@@ -782,9 +782,9 @@ struct Weights {
 // (in_prompt[b, c]) or already done keeps its own token there; a row becomes done when it writes
 // `eos` outside its prompt or reaches its end (c + 1 >= ends[b]); cur becomes c + 1. tokens,
 // in_prompt: (B, W) int64, bool; done (B,) bool; ends (B,) int64; cur (1,) int64; the cache as
-// decode_step's. One call in place of the dozen small torch operations of a step in Python, each
-// slow right after a step has streamed the weights through the caches
-void greedy_step(const Weights& w, torch::Tensor tokens, torch::Tensor in_prompt, torch::Tensor done, torch::Tensor ends,
+// decode_step's. Returns whether every row is done. One call in place of the dozen small torch
+// operations of a step in Python, each slow right after a step has streamed the weights through the caches
+bool greedy_step(const Weights& w, torch::Tensor tokens, torch::Tensor in_prompt, torch::Tensor done, torch::Tensor ends,
                  torch::Tensor cur, torch::Tensor cache_k, torch::Tensor cache_v, int64_t eos) {
   TORCH_CHECK(tokens.dim() == 2 && tokens.scalar_type() == at::kLong && tokens.is_contiguous() &&
               in_prompt.sizes() == tokens.sizes() && in_prompt.scalar_type() == at::kBool && in_prompt.is_contiguous(),
@@ -826,14 +826,17 @@ void greedy_step(const Weights& w, torch::Tensor tokens, torch::Tensor in_prompt
                                w.freqs.data_ptr<float>() + pos * D, w.eps, w.n_heads);
   const int64_t NV = logits.size(1);
   const float* lp = logits.data_ptr<float>();
+  bool all = true;
   for (int64_t b = 0; b < M; ++b) {
     const int64_t best = argmax(lp + b * NV, NV);
     const bool prompt = ip[b * W + c];
     const int64_t nxt = prompt || dn[b] ? tk[b * W + c] : best;
     tk[b * W + c] = nxt;
     dn[b] = dn[b] || (!prompt && nxt == eos) || c + 1 >= en[b];
+    all = all && dn[b];
   }
   cur.data_ptr<int64_t>()[0] = c + 1;
+  return all;
 }
 
 // The training loss's forward and the logits' gradient in one pass over the logits (llama/train/recipe.py's

@@ -794,6 +794,7 @@ def test_fused_greedy_step_is_the_python_step(dtype, int8, variant):
         prompts = [torch.randint(0, 97, (n,)).tolist() for n in (3, 5, 8, 4, 6, 3, 7, 5, 4)[:rows]]
         ends = [min(len(p) + 12, 20) for p in prompts]
         ends[1] = len(prompts[1]) + 2  # row 1 reaches its end early
+        ends[2] = len(prompts[2]) + 8  # and with it every row is done by step 12
         state = DecodeState(rows, 24, "cpu")
         state.start(prompts, ends)
         cache = model.new_cache(rows, 24, dtype=dtype)
@@ -802,7 +803,8 @@ def test_fused_greedy_step_is_the_python_step(dtype, int8, variant):
             model(state.tokens[:, :3], 0, cache)  # the shortest prompt
             state.cur.fill_(3)
             for _ in range(16):
-                step(cache, state, eos)
+                finished = step(cache, state, eos)  # the kernel's says whether every row is done
+                assert finished is None or (step == decoder.greedy_step and finished == bool(state.done.all()))
                 history.append([t.clone() for t in (state.tokens, state.done, state.cur, cache.k, cache.v)])
         return history
 
@@ -820,6 +822,7 @@ def test_fused_greedy_step_is_the_python_step(dtype, int8, variant):
     assert done[2:, 0].all() and not done[:2, 0].any()  # row 0 stopped at eos (position 5)
     assert done[3:, 1].all() and not done[:3, 1].any()  # row 1 reached its end (position 6, step 3)
     assert not done[:8, 2].any() and got[-1][0][0, 6] == -1  # row 2 goes on; past eos row 0 writes nothing
+    assert done[12:].all() and not done[11].all()
     if not int8:  # torch.argmax's ties (the first) and NaN (the first, above any number)
         for row, fill, want_id in ((None, 0.0, 0), (7, float("nan"), 7)):
             with torch.no_grad():
@@ -830,7 +833,7 @@ def test_fused_greedy_step_is_the_python_step(dtype, int8, variant):
             got = run(3, -1, decoder.greedy_step)
             torch.manual_seed(1)
             assert all(torch.equal(a, b) for a, b in zip(got[-1], run(3, -1, lambda c, s, e: greedy_step(by_python, c, s, e))[-1]))
-            assert (got[-1][0][2, 8:19] == want_id).all()  # row 2's generated tokens
+            assert (got[-1][0][2, 8:16] == want_id).all()  # row 2's generated tokens
     state = DecodeState(1, 8, "cpu")
     state.start([[1, 200]], [6])
     state.cur.fill_(2)

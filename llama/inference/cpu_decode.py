@@ -171,13 +171,15 @@ class FusedCpuDecoder(EagerDecoder):
                                          m.args.n_kv_heads)
         return logits[:, None]
 
-    def greedy_step(self, cache: KVCache, state: DecodeState, eos: int) -> None:
+    def greedy_step(self, cache: KVCache, state: DecodeState, eos: int) -> Optional[bool]:
         """`decoders.greedy_step` of the whole batch in one call into the kernel (eager beyond
-        MAX_ROWS rows). Between steps the dozen small torch operations of a Python step each find
-        the caches full of weights: ~0.6 ms a token here, 5-10% of a 160M model's step."""
+        MAX_ROWS rows); returns whether every row is done (None from the eager step). Between steps
+        the dozen small torch operations of a Python step each find the caches full of weights:
+        ~0.6 ms a token here, 5-10% of a 160M model's step."""
         if state.tokens.size(0) > MAX_ROWS:
-            return greedy_step(self.model, cache, state, eos)
-        self.kernel.greedy_step(self._weights, state.tokens, state.in_prompt, state.done, state.ends, state.cur,
+            greedy_step(self.model, cache, state, eos)
+            return None
+        return self.kernel.greedy_step(self._weights, state.tokens, state.in_prompt, state.done, state.ends, state.cur,
                                 cache.k, cache.v, eos)
 
 

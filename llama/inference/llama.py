@@ -228,15 +228,16 @@ class Llama:
         check_every = 1 if dev.type == "cpu" or streams is not None else 16
         start, prev = min(lens), 0
         for cur in range(start, total_len):
+            finished = None  # every row done: what a whole step may say without a device read
             if whole and cur > start:
-                self.decoder.greedy_step(self.kv_cache(), state, eos)  # reads and moves state.cur == cur
+                finished = self.decoder.greedy_step(self.kv_cache(), state, eos)  # reads and moves state.cur == cur
             else:
                 self._step(state, prev, cur, temperature, top_p, top_k, lp, streams, batch)
                 if whole:
                     state.cur.fill_(cur + 1)
             prev = cur
             yield batch, cur
-            if (cur + 1 - start) % check_every == 0 and bool(done.all()):
+            if (cur + 1 - start) % check_every == 0 and (bool(done.all()) if finished is None else finished):
                 break
 
     def _step(self, state, prev: int, cur: int, temperature, top_p, top_k, lp, streams, batch: _Batch) -> None:
