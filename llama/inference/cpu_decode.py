@@ -180,7 +180,7 @@ class FusedCpuDecoder(EagerDecoder):
             greedy_step(self.model, cache, state, eos)
             return None
         return self.kernel.greedy_step(self._weights, state.tokens, state.in_prompt, state.done, state.ends, state.cur,
-                                cache.k, cache.v, eos)
+                                       cache.k, cache.v, eos)
 
 
 def read_bandwidth(buf: torch.Tensor, variant: Optional[str] = None) -> tuple[float, float]:
