@@ -775,6 +775,46 @@ struct Weights {
   }
 };
 
+// The embedding rows of M token ids (row b's id at ids[b * stride]; each must be within the table)
+// as the model looks them up: Int8Embedding's row times its scale, rounded to the model's dtype
+static torch::Tensor embed(const Weights& w, const int64_t* ids, int64_t stride, int64_t M, const char* who) {
+  const int64_t V = w.emb.size(0), dim = w.dim;
+  auto h = torch::empty({M, dim}, torch::dtype(w.dt));
+  const int64_t es = h.element_size();
+  for (int64_t b = 0; b < M; ++b) {
+    const int64_t t = ids[b * stride];
+    TORCH_CHECK(t >= 0 && t < V, who, ": token id ", t, " of row ", b, " is outside the embedding's ", V, " rows");
+    char* row = (char*)h.data_ptr() + b * dim * es;
+    if (w.emb.scalar_type() != at::kChar) {
+      std::memcpy(row, (const char*)w.emb.data_ptr() + t * dim * es, dim * es);
+      continue;
+    }
+    const int8_t* q = w.emb.data_ptr<int8_t>() + t * dim;
+    if (w.dt == at::kBFloat16) {
+      const float s = b2f(reinterpret_cast<const bf16*>(w.emb_scales.data_ptr())[t]);
+      for (int64_t d = 0; d < dim; ++d) reinterpret_cast<bf16*>(row)[d] = f2b((float)q[d] * s);
+    } else {
+      const float s = w.emb_scales.data_ptr<float>()[t];
+      for (int64_t d = 0; d < dim; ++d) reinterpret_cast<float*>(row)[d] = (float)q[d] * s;
+    }
+  }
+  return h;
+}
+
+// decode_step for a model held as Weights: ids (B,) or (B, 1) int64 looked up here, at position pos
+// (the RoPE row from the table). The Python decoder's one-token step when it samples (a greedy one
+// runs greedy_step): one look-up and no list of weights converted per call
+torch::Tensor decode_ids(const Weights& w, torch::Tensor ids, int64_t pos, torch::Tensor cache_k, torch::Tensor cache_v) {
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous() && ids.numel() >= 1 && ids.size(0) == ids.numel(),
+              "decode_ids: token ids must be contiguous int64, one per row");
+  const int64_t M = ids.numel(), D = w.dim / w.n_heads;
+  TORCH_CHECK(pos >= 0 && pos < w.freqs.size(0), "decode_ids: position ", pos, " is beyond the RoPE table's ", w.freqs.size(0));
+  check_cache(w.dt, M, w.dim, w.L, cache_k, cache_v, pos, w.n_heads, w.n_kv_heads);
+  auto h = embed(w, ids.data_ptr<int64_t>(), 1, M, "decode_ids");
+  return run_step(w.dt, w.q8, h, w.layers, w.norm_w, w.out_w, w.scales, cache_k, cache_v, pos,
+                  w.freqs.data_ptr<float>() + pos * D, w.eps, w.n_heads);
+}
+
 // A whole greedy step of the batch in one call, in place, as llama.inference.decoders.greedy_step
 // computes it: c = cur[0]; each row's token at c - 1 (pads, -1, as 0) is looked up in the embedding
 // (Int8Embedding's: the row times its scale, rounded), decoded at position c - 1, and the first index
@@ -797,31 +837,15 @@ bool greedy_step(const Weights& w, torch::Tensor tokens, torch::Tensor in_prompt
   TORCH_CHECK(c >= 1 && c < W, "greedy_step: cur ", c, " must be within 1..", W - 1, ", the tokens' width");
   TORCH_CHECK(pos < w.freqs.size(0), "greedy_step: position ", pos, " is beyond the RoPE table's ", w.freqs.size(0));
   const auto dt = w.dt;
-  const int64_t V = w.emb.size(0), dim = w.dim, D = dim / w.n_heads;
+  const int64_t dim = w.dim, D = dim / w.n_heads;
   check_cache(dt, M, dim, w.L, cache_k, cache_v, pos, w.n_heads, w.n_kv_heads);
   int64_t* tk = tokens.data_ptr<int64_t>();
   const bool* ip = in_prompt.data_ptr<bool>();
   bool* dn = done.data_ptr<bool>();
   const int64_t* en = ends.data_ptr<int64_t>();
-  auto h = torch::empty({M, dim}, torch::dtype(dt));
-  const int64_t es = h.element_size();
-  for (int64_t b = 0; b < M; ++b) {
-    const int64_t t = std::max<int64_t>(tk[b * W + pos], 0);
-    TORCH_CHECK(t < V, "greedy_step: token id ", t, " of row ", b, " is outside the embedding's ", V, " rows");
-    char* row = (char*)h.data_ptr() + b * dim * es;
-    if (w.emb.scalar_type() != at::kChar) {
-      std::memcpy(row, (const char*)w.emb.data_ptr() + t * dim * es, dim * es);
-      continue;
-    }
-    const int8_t* q = w.emb.data_ptr<int8_t>() + t * dim;
-    if (dt == at::kBFloat16) {
-      const float s = b2f(reinterpret_cast<const bf16*>(w.emb_scales.data_ptr())[t]);
-      for (int64_t d = 0; d < dim; ++d) reinterpret_cast<bf16*>(row)[d] = f2b((float)q[d] * s);
-    } else {
-      const float s = w.emb_scales.data_ptr<float>()[t];
-      for (int64_t d = 0; d < dim; ++d) reinterpret_cast<float*>(row)[d] = (float)q[d] * s;
-    }
-  }
+  std::vector<int64_t> ids(M);  // the pads (-1) as 0
+  for (int64_t b = 0; b < M; ++b) ids[b] = std::max<int64_t>(tk[b * W + pos], 0);
+  auto h = embed(w, ids.data(), 1, M, "greedy_step");
   const auto logits = run_step(dt, w.q8, h, w.layers, w.norm_w, w.out_w, w.scales, cache_k, cache_v, pos,
                                w.freqs.data_ptr<float>() + pos * D, w.eps, w.n_heads);
   const int64_t NV = logits.size(1);
@@ -1692,6 +1716,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Weights>(m, "Weights", py::module_local())  // one per build: several builds load in one process
       .def(py::init<std::vector<torch::Tensor>, torch::Tensor, torch::Tensor, std::vector<torch::Tensor>, torch::Tensor,
                     torch::Tensor, torch::Tensor, double, int64_t, int64_t>());
+  m.def("decode_ids", &decode_ids, "decode_step for a model held as Weights, from token ids");
   m.def("greedy_step", &greedy_step, "a whole greedy step of the batch in place: look-up, decoding step, argmax, bookkeeping");
   m.def("softmax_gradient", &softmax_gradient, "logits -> softmax - one_hot(targets) in place; the summed loss");
   m.def("read_bandwidth", &read_bandwidth, "(bytes/s, sum) of one read of an fp32 buffer, as decode_step reads");

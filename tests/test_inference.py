@@ -823,6 +823,20 @@ def test_fused_greedy_step_is_the_python_step(dtype, int8, variant):
     assert done[3:, 1].all() and not done[:3, 1].any()  # row 1 reached its end (position 6, step 3)
     assert not done[:8, 2].any() and got[-1][0][0, 6] == -1  # row 2 goes on; past eos row 0 writes nothing
     assert done[12:].all() and not done[11].all()
+    # a one-token step from the ids (what sampling runs) is decode_step on the looked-up rows, bit for bit
+    tokens = torch.randint(0, 97, (3, 6))
+    caches = [model.new_cache(3, 8, dtype=dtype) for _ in range(2)]
+    with torch.inference_mode():
+        for cache in caches:
+            model(tokens[:, :5], 0, cache)
+        by_ids = decoder(tokens[:, 5:], 5, caches[0])
+        m = model
+        by_rows = decoder.kernel.decode_step(m.tok_embeddings(tokens[:, 5]).contiguous(), decoder.layers, m.norm.weight,
+                                             m.output.weight, decoder.scales, caches[1].k, caches[1].v, 5,
+                                             m.freqs_cis[5].float(), m.args.norm_eps, m.args.n_heads, m.args.n_kv_heads)
+    assert torch.equal(by_ids[:, 0], by_rows) and torch.equal(caches[0].k, caches[1].k)
+    with pytest.raises(RuntimeError, match="decode_ids: token id 97 of row 0 is outside the embedding's 97 rows"):
+        decoder(torch.tensor([[97]]), 5, caches[0])
     if not int8:  # torch.argmax's ties (the first) and NaN (the first, above any number)
         for row, fill, want_id in ((None, 0.0, 0), (7, float("nan"), 7)):
             with torch.no_grad():
@@ -1194,7 +1208,7 @@ def test_generation_prefills_through_the_kernel(tmp_path, tiny_tokenizer):
     with mock.patch.object(fused.decoder, "kernel", wraps=fused.decoder.kernel) as spy:
         got = run_all(fused)
     # each generate prefilled; greedy steps whole, sampled ones through the decoding step
-    assert spy.prefill.call_count >= 4 and spy.greedy_step.call_count >= GEN_LEN - 1 and spy.decode_step.call_count > GEN_LEN
+    assert spy.prefill.call_count >= 4 and spy.greedy_step.call_count >= GEN_LEN - 1 and spy.decode_ids.call_count > GEN_LEN
     assert got == run_all(eager)
     assert got["greedy"] == hf_greedy(model, ids, GEN_LEN, fused.tokenizer.eos_id)
     with mock.patch.object(fused.decoder, "kernel", wraps=fused.decoder.kernel) as spy:

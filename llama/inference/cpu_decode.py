@@ -106,8 +106,9 @@ class FusedCpuDecoder(EagerDecoder):
             self.scales.append(model.output.scales)
         self._ptrs = self._pointers()
         self.prefills = hasattr(kernel, "prefill")  # prompts in one call too (every build of this source has it)
-        # greedy steps whole in one call (look-up, step, argmax, bookkeeping) where the embedding is
-        # one the kernel reads: the model's dtype, or quantize.py's int8 rows and scales
+        # greedy steps whole in one call (look-up, step, argmax, bookkeeping), and one-token steps
+        # from the ids, where the embedding is one the kernel reads: the model's dtype, or
+        # quantize.py's int8 rows and scales
         emb = model.tok_embeddings
         dtype = next(model.parameters()).dtype
         self.whole_greedy_steps = hasattr(kernel, "greedy_step") and (
@@ -165,6 +166,8 @@ class FusedCpuDecoder(EagerDecoder):
             return logits[:, None]
         if tokens.size(1) != 1 or tokens.size(0) > MAX_ROWS:
             return super().__call__(tokens, start_pos, cache, last_only)
+        if self.whole_greedy_steps:  # the kernel holds the weights: the ids go in as they are
+            return self.kernel.decode_ids(self._weights, tokens[:, 0].contiguous(), start_pos, cache.k, cache.v)[:, None]
         h = m.tok_embeddings(tokens[:, 0]).contiguous()  # (B, dim) in the model's dtype (int8 rows: dequantized)
         logits = self.kernel.decode_step(h, self.layers, m.norm.weight, m.output.weight, self.scales, cache.k, cache.v,
                                          start_pos, m.freqs_cis[start_pos].float(), m.args.norm_eps, m.args.n_heads,
