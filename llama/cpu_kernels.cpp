@@ -570,8 +570,10 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
 
   for (int64_t l = 0; l < L; ++l) {
     const torch::Tensor* lw = &layers[6 * l];
-    TORCH_CHECK(lw[1].size(0) == nqkv && lw[1].size(1) == dim && lw[2].size(0) == dim && lw[2].size(1) == qdim &&
-                lw[4].size(1) == dim && lw[5].size(0) == dim && lw[5].size(1) == hidden, "layer weight shapes");
+    // each layer's shapes alone were checked on the way in (check_weights); here against the
+    // cache's heads and layer 0's hidden size, which size the buffers above
+    TORCH_CHECK(lw[1].size(0) == nqkv && lw[2].size(1) == qdim && lw[5].size(1) == hidden,
+                "decoding step: layer ", l, "'s q|k|v, wo or w2 do not match the cache's heads or layer 0's hidden size");
     // attention: norm, q|k|v in one product, RoPE on q and k (fp32, rounded), k/v into the cache
     norm_rows<T>(hp, M, dim, W(lw[0]), eps, xn.data());
     gemv<T, WT>(xn.data(), M, dim, Q(lw[1]), nqkv, y.data(), sc(4 * l));
@@ -747,7 +749,7 @@ torch::Tensor decode_step(torch::Tensor h, std::vector<torch::Tensor> layers, to
   return run_step(dt, q8, h, layers, norm_w, out_w, scales, cache_k, cache_v, pos, freqs.data_ptr<float>(), eps, n_heads);
 }
 
-// A model as a whole greedy step reads it, checked once: decode_step's weights, the token embedding
+// A model as greedy_step and decode_ids read it, checked once: decode_step's weights, the token embedding
 // `emb` ((V, dim) in the model's dtype, or int8 with `emb_scales` (V,): quantize.py's Int8Embedding),
 // the RoPE table `freqs` (positions, D/2, 2) fp32, the norms' eps and the heads. Held by the Python
 // decoder, so that a step converts no list of ~100 tensors (~0.1 ms a call, right after a step)
@@ -775,14 +777,14 @@ struct Weights {
   }
 };
 
-// The embedding rows of M token ids (row b's id at ids[b * stride]; each must be within the table)
-// as the model looks them up: Int8Embedding's row times its scale, rounded to the model's dtype
-static torch::Tensor embed(const Weights& w, const int64_t* ids, int64_t stride, int64_t M, const char* who) {
+// The embedding rows of M token ids (each must be within the table) as the model looks them up:
+// Int8Embedding's row times its scale, rounded to the model's dtype
+static torch::Tensor embed(const Weights& w, const int64_t* ids, int64_t M, const char* who) {
   const int64_t V = w.emb.size(0), dim = w.dim;
   auto h = torch::empty({M, dim}, torch::dtype(w.dt));
   const int64_t es = h.element_size();
   for (int64_t b = 0; b < M; ++b) {
-    const int64_t t = ids[b * stride];
+    const int64_t t = ids[b];
     TORCH_CHECK(t >= 0 && t < V, who, ": token id ", t, " of row ", b, " is outside the embedding's ", V, " rows");
     char* row = (char*)h.data_ptr() + b * dim * es;
     if (w.emb.scalar_type() != at::kChar) {
@@ -810,7 +812,7 @@ torch::Tensor decode_ids(const Weights& w, torch::Tensor ids, int64_t pos, torch
   const int64_t M = ids.numel(), D = w.dim / w.n_heads;
   TORCH_CHECK(pos >= 0 && pos < w.freqs.size(0), "decode_ids: position ", pos, " is beyond the RoPE table's ", w.freqs.size(0));
   check_cache(w.dt, M, w.dim, w.L, cache_k, cache_v, pos, w.n_heads, w.n_kv_heads);
-  auto h = embed(w, ids.data_ptr<int64_t>(), 1, M, "decode_ids");
+  auto h = embed(w, ids.data_ptr<int64_t>(), M, "decode_ids");
   return run_step(w.dt, w.q8, h, w.layers, w.norm_w, w.out_w, w.scales, cache_k, cache_v, pos,
                   w.freqs.data_ptr<float>() + pos * D, w.eps, w.n_heads);
 }
@@ -845,7 +847,7 @@ bool greedy_step(const Weights& w, torch::Tensor tokens, torch::Tensor in_prompt
   const int64_t* en = ends.data_ptr<int64_t>();
   std::vector<int64_t> ids(M);  // the pads (-1) as 0
   for (int64_t b = 0; b < M; ++b) ids[b] = std::max<int64_t>(tk[b * W + pos], 0);
-  auto h = embed(w, ids.data(), 1, M, "greedy_step");
+  auto h = embed(w, ids.data(), M, "greedy_step");
   const auto logits = run_step(dt, w.q8, h, w.layers, w.norm_w, w.out_w, w.scales, cache_k, cache_v, pos,
                                w.freqs.data_ptr<float>() + pos * D, w.eps, w.n_heads);
   const int64_t NV = logits.size(1);
