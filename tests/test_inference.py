@@ -1269,7 +1269,8 @@ def test_example_script_on_two_ranks(setup):
 
 def test_decode_dtype_is_measured_and_chosen_once(monkeypatch, tmp_path, ckpts, capsys):
     """The CPU's weight dtype for decoding comes from timing the fused step in bf16 and fp32
-    (cached per machine), and Llama.build without a dtype takes the faster and says so once."""
+    (cached per machine), and Llama.build without a dtype takes the faster and says so once; built
+    for eager forwards (evaluation) it takes the faster dtype of the matmul measurement instead."""
     import llama.env as env
     from llama.inference import cpu_decode
 
@@ -1292,6 +1293,14 @@ def test_decode_dtype_is_measured_and_chosen_once(monkeypatch, tmp_path, ckpts, 
         said = capsys.readouterr().err
         assert said.count("weights in") == 1 and f"weights in {faster}: measured" in said and "--dtype overrides" in said
         assert Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 32, 1, device="cpu", dtype="fp32").dtype is torch.float32
+        # without the fused step (scoring, evaluation: whole forwards) the matmul measurement decides,
+        # here the other way round
+        other = "fp32" if faster == "bf16" else "bf16"
+        monkeypatch.setattr(env, "cpu_matmul_speeds", lambda: {"bf16": 2e11 if other == "bf16" else 1e11,
+                                                               "fp32": 2e11 if other == "fp32" else 1e11})
+        eager = Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 32, 1, device="cpu", decoder="eager")
+        assert eager.dtype is {"bf16": torch.bfloat16, "fp32": torch.float32}[other]
+        assert f"weights in {other}: measured" in capsys.readouterr().err
     monkeypatch.setattr(cpu_decode, "decode_speeds", lambda: None)  # no kernel: the flag rule
     assert cpu_decode.decode_dtype()[0] is env.default_dtype("cpu")
     monkeypatch.setattr(cpu_decode, "decode_speeds", lambda: {"bf16": 100.0, "fp32": 102.0})  # a near-tie: likewise

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from llama.chat import check_dialog, encode_dialog, has_special_tags
-from llama.env import init_distributed, resolve_device, resolve_dtype, say_once, torchrun_ranks
+from llama.env import compute_dtype, init_distributed, resolve_device, resolve_dtype, say_once, torchrun_ranks
 from llama.formats.gguf import load_gguf, load_tokenizer
 from llama.formats.meta import load_model, load_params, load_tp_slice
 from llama.inference.cpu_decode import FusedCpuDecoder, decode_dtype
@@ -89,7 +89,9 @@ class Llama:
         Without torchrun it runs in this process; under torchrun each of the WORLD_SIZE ranks holds
         a tensor-parallel slice (world size must divide the heads). `device` defaults to cuda, then
         mps, then cpu; `dtype` to bf16 where the hardware has it, fp16 on older GPUs; on a CPU (one
-        process) the faster for decoding as measured once per machine (`cpu_decode.decode_dtype`).
+        process) the faster as measured once per machine: for the fused decoding step's weights
+        (`cpu_decode.decode_dtype`) where that step decodes (decoder "auto" or "fused"), else for whole
+        forwards (`env.compute_dtype`'s matmuls: what scoring and evaluation run, decoder "eager").
         `decoder`: "auto" (the fused CPU step where it applies, else eager), "eager", "compiled"
         or "fused" (see llama/inference/decoders.py).
         A `.gguf` file (llama.cpp's format) as `ckpt_dir` runs on one process; its tokenizer comes
@@ -102,8 +104,8 @@ class Llama:
             raise ValueError(f"unknown decoder {decoder!r}; choose one of {DECODERS}")
         device = resolve_device(device)
         world = torchrun_ranks().world
-        if dtype is None and device.type == "cpu" and world == 1:  # decoding's own measurement
-            dtype, why = decode_dtype()
+        if dtype is None and device.type == "cpu" and world == 1:  # the measurement of what will run
+            dtype, why = decode_dtype() if decoder in ("auto", "fused") else compute_dtype("cpu")
             say_once(f"llama: weights in {why}; --dtype overrides")
         dtype = resolve_dtype(dtype, device)
         if model_parallel_size is not None and model_parallel_size != world:
