@@ -11,14 +11,17 @@ comes to what this machine allows, measured in the same run:
   thread, 4 streams per thread, over a 256 MB buffer), so the fused step cannot beat it.
 - compute ceiling (decode tok/s): FLOPs per step (2 x matmul parameters x batch + attention) over
   the dtype's matmul peak (`measure_matmul_flops`: a fresh (2048, 2048) @ (2048, 2048) product,
-  measured before and after each dtype/batch block, the higher kept).
+  measured before and after each dtype/batch block, the higher kept). For bf16 (and int8) weights
+  the peak is the faster of bf16 and fp32 products (`compute_peak`): they widen exactly to fp32,
+  which is how a CPU without native bf16 products computes them fastest (our kernel does), so
+  where fp32 multiplies faster the ceiling is fp32's.
 - % of roofline: decode tok/s over min(memory ceiling, compute ceiling): memory-bound at batch 1,
   closer to compute-bound at batch 8.
 - prefill % of matmul peak: the prompt's FLOPs (2 x layer parameters x tokens + the output
   projection of the last position + causal attention) per TTFT over the dtype's matmul peak;
   and over the speed of the prefill's matmuls alone (`measure_prefill_matmuls`: the model's layer
-  weights times the prompt's rows, cold weights, nothing else; before and after each block, the
-  higher kept), which is below that peak at short prompts and so is what prefill could reach with
+  weights times the prompt's rows, cold weights, nothing else, bf16 weights also as fp32 with the
+  faster kept; before and after each block, the higher kept), which is below that peak at short prompts and so is what prefill could reach with
   everything around the matmuls free.
 
 The bandwidth and matmul speed of this shared machine move by 2x from minute to minute, so each run
@@ -129,6 +132,13 @@ def measure_matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 3) ->
     return 2 * n**3 / best
 
 
+def compute_peak(dtype: torch.dtype) -> float:
+    """The matmul peak of weights in `dtype` (FLOP/s): bf16's is the faster of bf16 and fp32
+    products, bf16 weights being exactly fp32 numbers (see the module docstring)."""
+    peak = measure_matmul_flops(dtype)
+    return max(peak, measure_matmul_flops(torch.float32)) if dtype == torch.bfloat16 else peak
+
+
 def measure_prefill_matmuls(model: Transformer, rows: int, repeats: int = 3) -> float:
     """FLOP/s of a prefill's matrix products alone: every layer weight of `model` in its forward's
     order, each times a (rows, in_features) input as F.linear does in the model's dtype; the best of
@@ -136,6 +146,12 @@ def measure_prefill_matmuls(model: Transformer, rows: int, repeats: int = 3) -> 
     and nothing else runs (no attention, norms, RoPE or SiLU): a ceiling for prefill % of peak that
     the square-matmul peak, with its hot n x n operands, is not."""
     weights = [p for k, p in model.named_parameters() if k.startswith("layers.") and p.dim() == 2]
+    if weights[0].dtype == torch.bfloat16:  # bf16 weights as fp32 too (see compute_peak): the faster
+        return max(_prefill_matmuls(weights, rows, repeats), _prefill_matmuls([w.float() for w in weights], rows, repeats))
+    return _prefill_matmuls(weights, rows, repeats)
+
+
+def _prefill_matmuls(weights: list[torch.Tensor], rows: int, repeats: int) -> float:
     dtype = weights[0].dtype
     inputs = {n: torch.randn(rows, n, dtype=dtype) for n in {w.size(1) for w in weights}}
     flops = 2 * rows * sum(w.numel() for w in weights)
@@ -210,7 +226,7 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
         weight_bytes_step = sum(p.numel() * p.element_size() for k, p in ours.named_parameters()
                                 if "tok_embeddings" not in k)
         for bsz in batches:
-            peak_before = measure_matmul_flops(dtype)
+            peak_before = compute_peak(dtype)
             mm_before = measure_prefill_matmuls(ours, bsz * prompt_len)
             llamas = {name: Llama(kind.model if isinstance(kind, FusedCpuDecoder) else ours, _NoEos(), args.max_seq_len,
                                   bsz, decoder=kind) for name, kind in variants.items()}
@@ -227,7 +243,7 @@ def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_le
                                                                        kv_dtype=dt_name)
             results = _time_runs(runners, new_tokens, repeats, bw_samples)
             greedy[dt_name, bsz] = results["ours"]["tokens"]
-            peaks[dt_name, bsz] = max(peak_before, measure_matmul_flops(dtype))
+            peaks[dt_name, bsz] = max(peak_before, compute_peak(dtype))
             mm_alone = max(mm_before, measure_prefill_matmuls(ours, bsz * prompt_len))  # as the peak: the higher
             # KV bytes read per step: keys and values of every layer, averaged over the decoded positions
             context = prompt_len + new_tokens / 2
@@ -275,7 +291,7 @@ def _int8_rows(base, args, prompt, prompt_len, new_tokens, repeats, bw_samples, 
         runners["llama.cpp Q8_0"] = llama_cpp_runner(path, ids[0], args, kv_dtype="bf16")
         # Q8_0 stores 32 int8 weights and one f16 scale per block: 34 bytes per 32 weights
         q8_bytes = sum(p.numel() for k, p in base.named_parameters() if p.dim() == 2 and "tok_embeddings" not in k) * 34 / 32
-    peak = measure_matmul_flops(torch.bfloat16)  # int8 weights are widened to bf16 (ours) / int8 dots (llama.cpp)
+    peak = compute_peak(torch.bfloat16)  # int8 weights are widened to bf16 or fp32 (ours) / int8 dots (llama.cpp)
     results = _time_runs(runners, new_tokens, repeats, bw_samples)
     context = prompt_len + new_tokens / 2
     kv_bytes = 2 * args.n_layers * context * args.n_kv_heads * args.head_dim * 2

@@ -7,10 +7,10 @@ and the probabilities are kept for the backward instead of recomputed (about B H
 elements: bf16, 16 MB a layer at 160M). Beyond `MAX_SAVED_BYTES` of probabilities a call (long
 sequences) it is flash attention again. Two implementations:
 
-- bf16 or fp32 on a CPU with AVX512-BF16 (head size a multiple of 32): one C++ kernel for the
+- bf16 or fp32 on a CPU with AVX-512 (head size a multiple of 32): one C++ kernel for the
   forward and one for the backward (llama/cpu_kernels.cpp, `causal_attention_forward/backward`). Per
   (batch, kv head) it packs K and V once, multiplies with fp32 sums (bf16: on the native bf16 dot
-  instruction; fp32: FMAs), keeps scores and softmax in fp32 and writes the probabilities and their
+  instruction where the CPU has AVX512-BF16, else the pairs widened to fp32; fp32: FMAs), keeps scores and softmax in fp32 and writes the probabilities and their
   gradient directly in the layout the next product reads: no copies, no aten passes between the
   products, grouped-query heads read in place. At 60M's shapes, forward + backward: bf16 1.7-1.9x
   the torch-op version below (3.2-3.8x flash attention), fp32 1.3x (benchmarks/attention.py).
@@ -129,8 +129,8 @@ _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def _kernel():
-    """The C++ CPU kernels (llama/cpu_kernels.cpp) where they have the attention (the build for
-    CPUs with AVX512-BF16), else None."""
+    """The C++ CPU kernels (llama/cpu_kernels.cpp) where they have the attention (the builds for
+    CPUs with AVX-512), else None."""
     module = cpu_kernels()
     return module if hasattr(module, "causal_attention_forward") else None
 

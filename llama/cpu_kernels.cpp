@@ -3,13 +3,16 @@
 // projection for up to 8 rows of one new token each, in one call, with the model's rounding points
 // (bf16: bf16 activations, fp32 norms / RoPE / softmax / accumulation) - and the training loss's pass
 // over the logits (softmax_gradient), generation's prefill (the whole forward of a prompt chunk; its
-// matrix products, rowlin, and the causal attention of the blocked backend are AVX512-BF16 only, bf16
+// matrix products, rowlin, and the causal attention of the blocked backend are AVX-512 only, bf16
 // and fp32) and the benchmarks' bandwidth probe (read_bandwidth).
 // One source, one build per instruction set (torch.utils.cpp_extension.load):
 //   -DLLAMA_ISA_AVX512BF16 (-mavx512f -mavx512bw -mavx512bf16): 16 fp32 lanes, native bf16 dots
+//   -DLLAMA_ISA_AVX512 (-mavx512f -mavx512bw): 16 lanes; bf16 widened to fp32 in registers (the
+//     native dot's pairs too: dot_pairs), rounding to bf16 in integer code
 //   -DLLAMA_ISA_AVX2 (-mavx2 -mfma): 8 lanes; bf16 widened to fp32 in registers, fp32 FMAs
 //   -DLLAMA_ISA_NEON (aarch64): 4 lanes; bf16 as for AVX2
-// Everything below the `V` structs is written once against them, except the attention (AVX-512 only).
+// Everything below the `V` structs is written once against them, except rowlin and the attention
+// (16-lane code, LLAMA_AVX512: both AVX-512 builds).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -17,6 +20,7 @@
 #include <cstring>
 #include <type_traits>
 #include <limits>
+#include <new>
 #include <vector>
 
 // [primitives begin] (to the matching end: no torch, so tests/test_inference.py compiles this part
@@ -40,15 +44,13 @@ static inline bf16 f2b(float f) {  // round to nearest even, as torch does
 // per-weight-row work is widening the weights only. ACC: how many accumulators a product tile keeps
 // in registers (the rest of REGS holds the weight blocks, widened where the ISA must, and an input
 // block). I8_BF16: int8 weights meet a bf16 input in the native bf16 dot (dot_i8_bf16).
-#if defined(LLAMA_ISA_AVX512BF16)
+#if defined(LLAMA_ISA_AVX512BF16) || defined(LLAMA_ISA_AVX512)
+#define LLAMA_AVX512 1  // the 16-lane code below the V structs (rowlin, attention, lane sums): both builds
 #include <immintrin.h>
 struct V {
   using F = __m512;
   static constexpr int N = 16, REGS = 32, BF16_BLOCK = 32, ACC = 24;
   static constexpr float EXP_HI = 88.7f;  // scalef takes 2^128 (e^88.7 < FLT_MAX)
-  static constexpr const char* ISA = "avx512bf16";
-  using BF16X = bf16;
-  static void split_bf16(const bf16* x, bf16* out) { std::memcpy(out, x, BF16_BLOCK * sizeof(bf16)); }
   static F zero() { return _mm512_setzero_ps(); }
   static F set1(float f) { return _mm512_set1_ps(f); }
   static F load(const float* p) { return _mm512_loadu_ps(p); }
@@ -67,17 +69,23 @@ struct V {
   static F load_bf16(const bf16* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
   }
-  static void store_bf16(bf16* p, F v) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(v)); }
-  static F rnd_bf16(F v) {  // round to nearest even in hardware
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
-  }
-  static F dot_bf16(F acc, const bf16* w, const bf16* x) {  // 32 products in one instruction
-    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(w), (__m512bh)_mm512_loadu_si512(x));
-  }
+  // the even (low) and odd (high) bf16 of each 32-bit word as fp32
+  static F even_bf16(__m512i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
+  static F odd_bf16(__m512i v) { return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u))); }
   static F dot_f32(F acc, const float* w, const float* x) { return fma(load(w), load(x), acc); }
   static F dot_i8(F acc, const int8_t* w, const float* x) {  // 16 int8 sign-extended, exact in fp32
     return fma(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)w))), load(x), acc);
   }
+#if defined(LLAMA_ISA_AVX512BF16)
+  static constexpr const char* ISA = "avx512bf16";
+  using BF16X = bf16;
+  static void split_bf16(const bf16* x, bf16* out) { std::memcpy(out, x, BF16_BLOCK * sizeof(bf16)); }
+  static __m256i bf16_bits(F v) { return (__m256i)_mm512_cvtneps_pbh(v); }  // 16 bf16, rounded to nearest even
+  static F dot_bf16(F acc, const bf16* w, const bf16* x) {  // 32 products in one instruction
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(w), (__m512bh)_mm512_loadu_si512(x));
+  }
+  // the native bf16 dot of pairs: acc + a.even b.even + a.odd b.odd per lane (a, b: 16 bf16 pairs)
+  static F dot_pairs(F acc, F a, F b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
   // 32 int8 weights against 32 bf16 inputs in the native bf16 dot: the int8 values widen to fp32 and
   // pack to bf16 exactly (8 significant bits hold any int8), so this is dot_i8 on the bf16 input with
   // half the multiply instructions and half the input bytes
@@ -87,6 +95,33 @@ struct V {
     const F hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + 16))));
     return _mm512_dpbf16_ps(acc, _mm512_cvtne2ps_pbh(hi, lo), (__m512bh)_mm512_loadu_si512(x));  // (hi, lo): lo first
   }
+#else  // AVX-512 without its bf16 instructions: bf16 widened to fp32 in registers, as in the AVX2 build
+  static constexpr const char* ISA = "avx512";
+  static constexpr bool I8_BF16 = false;  // int8 weights meet an fp32-widened input (dot_i8)
+  using BF16X = float;
+  static void split_bf16(const bf16* x, float* out) {  // 32 bf16 -> 16 even, 16 odd as fp32
+    const __m512i v = _mm512_loadu_si512(x);
+    store(out, even_bf16(v));
+    store(out + 16, odd_bf16(v));
+  }
+  static __m256i bf16_bits(F v) {  // 16 bf16 rounded to nearest even as f2b (every NaN to 0x7fc0, as torch)
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+    return _mm512_cvtepi32_epi16(r);
+  }
+  static F dot_bf16(F acc, const bf16* w, const float* x) {  // 32 bf16 = 16 pairs: two FMAs
+    const __m512i wv = _mm512_loadu_si512(w);
+    return fma(odd_bf16(wv), load(x + 16), fma(even_bf16(wv), load(x), acc));
+  }
+  static F dot_pairs(F acc, F a, F b) {  // as the native bf16 dot: the even products, then the odd
+    const __m512i ai = _mm512_castps_si512(a), bi = _mm512_castps_si512(b);
+    return fma(odd_bf16(ai), odd_bf16(bi), fma(even_bf16(ai), even_bf16(bi), acc));
+  }
+#endif
+  static void store_bf16(bf16* p, F v) { _mm256_storeu_si256((__m256i*)p, bf16_bits(v)); }
+  static F rnd_bf16(F v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_bits(v)), 16)); }
 };
 #elif defined(LLAMA_ISA_AVX2)
 #include <immintrin.h>
@@ -210,11 +245,25 @@ struct V {
   }
 };
 #else
-#error "build with -DLLAMA_ISA_AVX512BF16, -DLLAMA_ISA_AVX2 or -DLLAMA_ISA_NEON (see llama/cpu_kernels.py)"
+#error "build with -DLLAMA_ISA_AVX512BF16, -DLLAMA_ISA_AVX512, -DLLAMA_ISA_AVX2 or -DLLAMA_ISA_NEON (see llama/cpu_kernels.py)"
 #endif
 using F = V::F;
 constexpr int N = V::N;
 constexpr int I8_BLOCK = 16;  // int8 weights per dot_i8 block, every ISA
+
+// Buffers the products read as rows: 64-byte aligned, so that a row of whole vectors never splits a
+// cache line (malloc's large blocks start 16 bytes into a page: on Intel every AVX-512 load of such
+// a row straddled two lines and the batch-8 step ran at half the speed)
+template <typename T> struct Aligned {
+  using value_type = T;
+  Aligned() = default;
+  template <typename U> Aligned(const Aligned<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U> bool operator==(const Aligned<U>&) const { return true; }
+  template <typename U> bool operator!=(const Aligned<U>&) const { return false; }
+};
+template <typename T> using avec = std::vector<T, Aligned<T>>;
 
 // What the step needs from an element type (bf16 or fp32 weights and activations): N-lane fp32
 // loads/stores, the round trip that the model's dtype imposes (none in fp32), and a dot block of a
@@ -305,7 +354,7 @@ static inline F vexp(F x) {
 // ~9 each alone); the order of the additions is a tree either way. Inlined and unrolled whole, so that
 // a product tile's accumulators go into the tree from registers (called on them as an array, they
 // were stored and loaded again: batch-8 bf16 products 2-15% slower with weights in cache)
-#if defined(LLAMA_ISA_AVX512BF16)
+#if defined(LLAMA_AVX512)
 static inline __m512 halves(__m512 x, __m512 y) {  // (x.q0 + x.q2, x.q1 + x.q3, y.q0 + y.q2, y.q1 + y.q3)
   return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x44), _mm512_shuffle_f32x4(x, y, 0xEE));
 }
@@ -314,7 +363,7 @@ static inline __m512 quarters(__m512 x, __m512 y) {  // (x.q0 + x.q1, x.q2 + x.q
 }
 #endif
 __attribute__((always_inline)) static inline void lane_sums(const F* a, int n, float* out) {
-#if defined(LLAMA_ISA_AVX512BF16)
+#if defined(LLAMA_AVX512)
 #pragma GCC unroll 4
   for (; n >= 16; n -= 16, a += 16, out += 16) {
     __m512 c[4];
@@ -431,7 +480,7 @@ static void gemv(const T* xt, int64_t M, int64_t K, const WT* w, int64_t N, floa
   if constexpr (std::is_same<X, T>::value) {
     x = xt;
   } else {  // the input rows as the dot blocks read them, once per product (M K elements, from L1/L2)
-    static thread_local std::vector<X> buf;
+    static thread_local avec<X> buf;
     buf.resize(M * K);
     D::prep(xt, M, K, buf.data());
     x = buf.data();
@@ -561,8 +610,8 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
   T* hp = reinterpret_cast<T*>(h.data_ptr());
   T* ckp = reinterpret_cast<T*>(cache_k.data_ptr());
   T* cvp = reinterpret_cast<T*>(cache_v.data_ptr());
-  std::vector<T> xn(M * std::max(dim, hidden)), att(M * qdim);
-  std::vector<float> y(M * std::max(nqkv, 2 * hidden)), p, acc, stats;  // attention's: sized below
+  avec<T> xn(M * std::max(dim, hidden)), att(M * qdim);
+  avec<float> y(M * std::max(nqkv, 2 * hidden)), p, acc, stats;  // attention's: sized below
   auto W = [](const torch::Tensor& t) { return reinterpret_cast<const T*>(t.data_ptr()); };  // norms, scales
   auto Q = [](const torch::Tensor& t) { return reinterpret_cast<const WT*>(t.data_ptr()); };  // projections
   // int8 weights: 4 scale vectors per layer (q|k|v, wo, w1|w3, w2) and the output's; else none
@@ -929,7 +978,7 @@ double softmax_gradient(torch::Tensor logits, torch::Tensor targets) {
   return softmax_gradient_rows<float>(logits.data_ptr<float>(), t, R, Vn);
 }
 
-#if defined(LLAMA_ISA_AVX512BF16)
+#if defined(LLAMA_AVX512)
 // Causal attention for training, bf16 or fp32 (llama/blocked_attention.py's CPU path): the "blocked"
 // backend without its copies. Per (batch, kv head), queries are taken in blocks of `block` rows; a
 // block's scores against the keys it can see, its softmax, and its products with V are computed
@@ -953,8 +1002,8 @@ template <typename T> struct Op;
 template <> struct Op<bf16> {
   static constexpr int KS = 2;
   static F a(const bf16* p) { int32_t x; std::memcpy(&x, p, 4); return _mm512_castsi512_ps(_mm512_set1_epi32(x)); }
-  static F fma(F acc, F a, F b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
-  static void store(bf16* p, F v) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(v)); }
+  static F fma(F acc, F a, F b) { return V::dot_pairs(acc, a, b); }
+  static void store(bf16* p, F v) { V::store_bf16(p, v); }
 };
 template <> struct Op<float> {
   static constexpr int KS = 1;
@@ -1198,8 +1247,8 @@ static void backward(const torch::Tensor& grad, const torch::Tensor& q, const to
               T* o = dS.data() + i * n16;
               for (int64_t j = 0; j < end; j += 16) {
                 const __m512i x = _mm512_loadu_si512(p + j);
-                const __m256i a = (__m256i)_mm512_cvtneps_pbh(V::mul(V::mul(_mm512_castsi512_ps(_mm512_slli_epi32(x, 16)), V::sub(V::load(d0 + j), m0)), sc));
-                const __m256i c = (__m256i)_mm512_cvtneps_pbh(V::mul(V::mul(_mm512_castsi512_ps(_mm512_and_si512(x, hi)), V::sub(V::load(d1 + j), m1)), sc));
+                const __m256i a = V::bf16_bits(V::mul(V::mul(_mm512_castsi512_ps(_mm512_slli_epi32(x, 16)), V::sub(V::load(d0 + j), m0)), sc));
+                const __m256i c = V::bf16_bits(V::mul(V::mul(_mm512_castsi512_ps(_mm512_and_si512(x, hi)), V::sub(V::load(d1 + j), m1)), sc));
                 _mm256_storeu_si256((__m256i*)(o + j), a);
                 if (i + 1 < r) _mm256_storeu_si256((__m256i*)(o + n16 + j), c);
                 _mm512_storeu_si512(dSp.data() + i / 2 * n16 + j, interleave(a, c));  // pairs of rows, for dS^T Q
@@ -1527,7 +1576,7 @@ static void rope_rows(T* y, int64_t B, int64_t Tn, int64_t qdim, int64_t kvdim, 
       T* r = y + m * nqkv;
       T* kc = ck + (b * S + start + t) * kvdim;
       T* vc = cv + (b * S + start + t) * kvdim;
-#if defined(LLAMA_ISA_AVX512BF16)
+#if defined(LLAMA_AVX512)
       if (D % 16 == 0) {
         for (int64_t d = 0; d < D; d += 16) {
           const F fv = V::load(f + d), c = _mm512_moveldup_ps(fv), sh = _mm512_movehdup_ps(fv);
@@ -1564,7 +1613,7 @@ static void rope_rows(T* y, int64_t B, int64_t Tn, int64_t qdim, int64_t kvdim, 
 template <typename T>
 static void attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, int64_t start,
                       int64_t block, torch::Tensor& out, torch::Tensor& none) {
-#if defined(LLAMA_ISA_AVX512BF16)
+#if defined(LLAMA_AVX512)
   if (q.size(3) % 32 == 0) return attn::forward<T>(q, k, v, start, block, out, none, false);
 #endif
   const int64_t Tn = q.size(1), G = q.size(2) / k.size(2);
@@ -1585,10 +1634,18 @@ static torch::Tensor run(torch::Tensor h, const std::vector<torch::Tensor>& laye
   auto P = [](const torch::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); };
   // product i of a (rows) with w, into a new tensor, or with `into` added into it (the residual add,
   // round(into + round(a w^T))); on AVX-512 through rowlin::linear, else at::linear. int8 weights
-  // (scales[i]) as Int8Linear computes them: the product rounded, then scaled
+  // (scales[i]) as Int8Linear computes them: the product rounded, then scaled. The AVX-512 build
+  // without bf16 dots leaves fp32 weights to at::linear: oneDNN's fp32 products were faster there
+  // (a 2-core Xeon, 160M at batch 8: 926 against 700 prompt tokens/s; batch 1 even), its bf16 ones
+  // 3.5x slower than rowlin's pairs widened to fp32
   auto lin = [&](const torch::Tensor& a, const torch::Tensor& w, int64_t i, torch::Tensor* into = nullptr) {
+#if defined(LLAMA_AVX512)
 #if defined(LLAMA_ISA_AVX512BF16)
-    if (std::is_same<T, float>::value || a.size(1) % 2 == 0) {
+    constexpr bool fp32_rowlin = true;
+#else
+    constexpr bool fp32_rowlin = false;
+#endif
+    if (std::is_same<T, float>::value ? (fp32_rowlin || !scales.empty()) : a.size(1) % 2 == 0) {
       auto y = into ? *into : torch::empty({a.size(0), w.size(0)}, a.options());
       if (scales.empty()) rowlin::linear<T>(P(a), a.size(0), a.size(1), P(w), w.size(0), P(y), w.size(0), into != nullptr);
       else rowlin::linear<T, int8_t>(P(a), a.size(0), a.size(1), w.data_ptr<int8_t>(), w.size(0), P(y), w.size(0),
@@ -1723,7 +1780,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("softmax_gradient", &softmax_gradient, "logits -> softmax - one_hot(targets) in place; the summed loss");
   m.def("read_bandwidth", &read_bandwidth, "(bytes/s, sum) of one read of an fp32 buffer, as decode_step reads");
   m.def("prefill", &prefill, "the model's forward over a prompt chunk (bf16 or fp32, or int8 weights): the last position's logits");
-#if defined(LLAMA_ISA_AVX512BF16)
+#if defined(LLAMA_AVX512)
   m.def("causal_attention_forward", &causal_attention_forward, "blocked causal attention, bf16 or fp32: (out, kept probabilities)");
   m.def("causal_attention_backward", &causal_attention_backward, "the gradients of q, k, v of causal_attention_forward");
   m.def("linear_rows", &linear_rows, "prefill's product: out = x w^T (or out + x w^T with add), rounded as the model rounds");

@@ -436,7 +436,7 @@ class Transformer(nn.Module):
     def set_attention_backend(self, backend: str) -> "Transformer":
         """Attention kernel of every block: "sdpa" (default), "math" (plain float32 reference),
         "blocked" (causal attention of several tokens over blocks of queries; on CPUs faster than
-        sdpa for training; a C++ kernel in bf16 and fp32 on AVX512-BF16 CPUs; llama/blocked_attention.py) or "xformers"
+        sdpa for training; a C++ kernel in bf16 and fp32 on AVX-512 CPUs; llama/blocked_attention.py) or "xformers"
         (CUDA, the optional GPU extra; check with llama.env.check_attention_device)."""
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")

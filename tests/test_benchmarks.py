@@ -144,3 +144,20 @@ def test_attention_benchmark_runs_both_kernels(capsys):
             main(shapes="1,2,16,8", dtype="fp32", repeats=1)
     finally:
         main.__globals__["blocked_causal_attention"] = real
+
+
+def test_bf16_ceiling_is_the_faster_of_bf16_and_fp32_products(bench, monkeypatch):
+    """bf16 weights are exact fp32 numbers, so where fp32 multiplies faster (a CPU without native bf16
+    products, whose fused kernel widens bf16 to fp32) the bf16 rows' compute ceiling is fp32's matmul
+    peak, not the slower bf16 one; fp32's own ceiling and a faster bf16 peak are left as measured."""
+    speeds = {}
+    monkeypatch.setitem(bench["compute_peak"].__globals__, "measure_matmul_flops", lambda dtype: speeds[dtype])
+    speeds.update({torch.bfloat16: 50e9, torch.float32: 260e9})  # a Xeon without AVX512-BF16
+    assert bench["compute_peak"](torch.bfloat16) == 260e9 and bench["compute_peak"](torch.float32) == 260e9
+    speeds.update({torch.bfloat16: 440e9, torch.float32: 200e9})  # native bf16 products
+    assert bench["compute_peak"](torch.bfloat16) == 440e9 and bench["compute_peak"](torch.float32) == 200e9
+    model = Transformer(tiny_args()).to(torch.bfloat16)
+    monkeypatch.setitem(bench["measure_prefill_matmuls"].__globals__, "_prefill_matmuls",
+                        lambda weights, rows, repeats: {torch.bfloat16: 1.0, torch.float32: 3.0}[weights[0].dtype])
+    assert bench["measure_prefill_matmuls"](model, 8) == 3.0
+    assert bench["measure_prefill_matmuls"](model.float(), 8) == 3.0

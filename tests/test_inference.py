@@ -602,14 +602,15 @@ def test_fused_prefill_matches_the_model(shape, dtype, int8, variant):
             assert not got[:, :, end:].any() and not got[:, rows:].any()
 
 
+@pytest.mark.parametrize("variant", ["avx512bf16", "avx512"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_prefill_products_match_fp64(dtype):
-    """The AVX512-BF16 build's prefill product (`linear_rows`) against the fp64 product rounded once to
+def test_prefill_products_match_fp64(dtype, variant):
+    """The AVX-512 builds' prefill product (bf16 pairs in the native bf16 dot, or widened to fp32) (`linear_rows`) against the fp64 product rounded once to
     the dtype, and with `add` against the residual add the model rounds (out + round(x w^T)). Shapes:
     300 positions at K = 2048 (groups of positions: 128 in bf16, 64 in fp32, the last ragged), 102
     weight rows (a task of 6: a tile of 2 rows, Y columns narrower than 16); 7 positions at K = 64 (a
     single 16-position vector). int8 weights with a scale per row too (each tile's rows widened)."""
-    kernel = _kernel_or_skip("avx512bf16")
+    kernel = _kernel_or_skip(variant)
     torch.manual_seed(0)
     half_ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-24  # of a result rounded to the dtype
     for M, K, N in ((300, 2048, 102), (7, 64, 48)):
@@ -1008,21 +1009,22 @@ def test_neon_kernel_compiles_for_aarch64():
 def test_kernel_builds_for_each_instruction_set_this_cpu_runs():
     """Every build this CPU can run must build where there is a compiler (an AVX-512 machine builds
     the AVX2 one too; a failure here is a failure, not a skip), and is compiled for its instruction
-    set: the AVX2 build holds no AVX-512 register (so it runs on CPUs without it), the AVX512-BF16
-    build the native bf16 dot product."""
+    set: the AVX2 build holds no AVX-512 register (so it runs on CPUs without it), the AVX-512 builds
+    do, and the native bf16 dot product is in the AVX512-BF16 build only (the other runs on AVX-512
+    CPUs without it)."""
     runnable = cpu_kernel_variants()
     if not runnable or shutil.which("c++") is None:
         pytest.skip("this CPU runs none of the fused kernel builds, or there is no C++ compiler")
     for variant in runnable:
         kernel = _kernel_or_skip(variant)
         assert kernel.ISA == variant
-        if shutil.which("objdump") and variant in ("avx2", "avx512bf16"):
+        if shutil.which("objdump") and variant != "neon":
             asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", kernel.__file__], capture_output=True,
                                  text=True, check=True).stdout
             if variant == "avx2":
                 assert "%zmm" not in asm and "%ymm" in asm
-            else:
-                assert "vdpbf16ps" in asm
+            else:  # AVX-512 registers; the bf16 dot only where the CPU has it
+                assert "%zmm" in asm and ("vdpbf16ps" in asm) == (variant == "avx512bf16")
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -1071,15 +1073,16 @@ def _attention_by_hand(q, k, v, start, grad):
     (1, 7, 2, 1, 64, 3, 16),  # one block shorter than `block`, after 3 cached keys (not a multiple of 16)
     (1, 40, 2, 2, 32, 16, 32),  # after 16 cached keys
 ])
-def test_training_attention_pass_matches_float64(b, t, h, hkv, d, start, block, dtype):
-    """The causal attention of the avx512bf16 build (causal_attention_forward/backward, the `blocked`
+@pytest.mark.parametrize("variant", ["avx512bf16", "avx512"])
+def test_training_attention_pass_matches_float64(b, t, h, hkv, d, start, block, dtype, variant):
+    """The causal attention of the AVX-512 builds (causal_attention_forward/backward, the `blocked`
     backend's CPU path), bf16 and fp32, against float64 by definition: the output and the gradients
     of q, k, v no further off than twice torch's own attention (sdpa) in that dtype + 1e-3 (bf16) or
     1e-5 (fp32). q comes as a transposed view (strided rows); the probabilities it keeps are the size
     llama.blocked_attention computes in closed form for torch.compile."""
     from llama.blocked_attention import kernel_saved_elements
 
-    kernel = _kernel_or_skip("avx512bf16")
+    kernel = _kernel_or_skip(variant)
     torch.manual_seed(0)
     q = torch.randn(b, h, t, d, dtype=dtype).transpose(1, 2)
     k, v = (torch.randn(b, start + t, hkv, d, dtype=dtype) for _ in range(2))

@@ -1,5 +1,5 @@
 """The fused CPU decoding strategy: one C++ call per token (bf16 or fp32, weights in that dtype or
-int8; AVX512-BF16, AVX2 or NEON).
+int8; AVX512-BF16, AVX-512, AVX2 or NEON).
 
 Decoding a few rows reads every weight once per token, so its speed is memory bandwidth, and the
 eager model spends as long again on ~25 small ops per layer around the products (norms, RoPE,
@@ -18,17 +18,19 @@ caches full of weights (~0.6 ms a token on a 160M model in Python, ~5-10% of its
 A prompt (many positions at once) is matrix products; the eager forward spends about a quarter of a
 prefill around them (RMSNorm, RoPE, SiLU, casts and copies, flash attention at T = 128), and torch's
 oneDNN repacks every weight for every product. The kernel's `prefill` runs the whole forward of a
-prompt chunk in one call: the products on the packed q|k|v and w1|w3 (in the AVX512-BF16 build its
-own, for int8 weights too, reading the weights as stored with the positions as vector lanes;
-elsewhere torch's at::linear), vectorised passes for the rest, and attention over the cache: in the
-AVX512-BF16 build the blocked attention kernel (llama/blocked_attention.py; head sizes a multiple of
-32), else torch's sdpa.
+prompt chunk in one call: the products on the packed q|k|v and w1|w3 (in the AVX-512 builds its
+own, for int8 weights too, reading the weights as stored with the positions as vector lanes - except
+fp32 weights in the build without bf16 dots, where oneDNN's were faster; elsewhere torch's
+at::linear), vectorised passes for the rest, and attention over the cache: in the AVX-512 builds
+the blocked attention kernel (llama/blocked_attention.py; head sizes a multiple of 32), else torch's
+sdpa.
 Where every position's logits are wanted (logprobs), prefill runs the model's own forward.
 
-The C++ source and its builds (one per instruction set: AVX512-BF16, AVX2 + FMA, NEON) are
-llama/cpu_kernels.cpp and llama/cpu_kernels.py, which also hold the training loss's pass, the bf16
-blocked attention and the benchmarks' bandwidth probe. LLAMA_CPU_KERNEL=avx512bf16|avx2|neon forces
-one build (e.g. to measure AVX2 on an AVX-512 machine).
+The C++ source and its builds (one per instruction set: AVX512-BF16, AVX-512 without its bf16
+instructions, AVX2 + FMA, NEON) are llama/cpu_kernels.cpp and llama/cpu_kernels.py, which also hold
+the training loss's pass, the blocked attention and the benchmarks' bandwidth probe.
+LLAMA_CPU_KERNEL=avx512bf16|avx512|avx2|neon forces one build (e.g. to measure AVX2 on an AVX-512
+machine).
 """
 
 from __future__ import annotations

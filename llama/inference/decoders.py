@@ -8,7 +8,7 @@ KV cache. All of them run the one `Transformer.forward`; they differ in how:
               (fixed shapes: one graph for every position; prefill stays eager); greedy decoding
               compiles the whole step (model, argmax, bookkeeping), on CUDA as one CUDA graph,
               with its one-row products on a Triton kernel (llama/gpu_kernels.py)
-    fused     one-token steps in one C++ call on x86 CPUs with AVX512-BF16 or AVX2+FMA, and ARM64 with
+    fused     one-token steps in one C++ call on x86 CPUs with AVX-512 (BF16) or AVX2+FMA, and ARM64 with
               NEON (llama/inference/cpu_decode.py, one source built per instruction set); bf16/fp32
               weights, or int8 ones (llama.quantize)
 `Llama.build` picks one once, for the machine and the model.

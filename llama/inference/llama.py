@@ -38,7 +38,7 @@ UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."  # M
 def make_decoder(model: Transformer, kind: str = "auto", world_size: int = 1, **compile_options) -> EagerDecoder:
     """The decoding strategy `kind` for `model`: "auto" is the fused CPU step where it applies (one
     process, a bf16/fp32 model - its projections in that dtype or int8 by llama.quantize.quantize_int8 -
-    on a CPU with AVX512-BF16, AVX2+FMA or NEON, the kernel built), else eager.
+    on a CPU with AVX-512, AVX2+FMA or NEON, the kernel built), else eager.
     `compile_options` go to the compiled decoder: `cuda_graphs` (default on for CUDA), `pack` and
     `gemv` (see CompiledDecoder), the rest to torch.compile (e.g. mode="max-autotune")."""
     if kind not in DECODERS:
@@ -52,7 +52,7 @@ def make_decoder(model: Transformer, kind: str = "auto", world_size: int = 1, **
     fused = FusedCpuDecoder.create(model) if world_size == 1 else None
     if fused is None and kind == "fused":
         raise ValueError("the fused CPU decoder needs one process, a bf16 or fp32 model on a CPU with "
-                         "AVX512-BF16, AVX2+FMA or NEON and a C++ compiler; use decoder='auto' to fall back to eager")
+                         "AVX-512, AVX2+FMA or NEON and a C++ compiler; use decoder='auto' to fall back to eager")
     return fused or EagerDecoder(model)
 
 
