@@ -4,6 +4,7 @@ compiled, fused CPU); and tensor-parallel generation on 2 and 4 ranks (tests/wor
 
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -1002,6 +1003,21 @@ def test_neon_kernel_compiles_for_aarch64():
     includes = [f"-I{p}" for p in [*include_paths(), sysconfig.get_paths()["include"]]]
     out = subprocess.run([compiler, "-std=c++20", "-fsyntax-only", "-fopenmp", "-DLLAMA_ISA_NEON",
                           "-DTORCH_EXTENSION_NAME=llama_cpu_kernels_neon", *includes,
+                          str(ROOT / "llama" / "cpu_kernels.cpp")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_avx512bf16_kernel_compiles_where_the_cpu_cannot_run_it():
+    """The AVX512-BF16 build of cpu_kernels.cpp (with torch's headers) type-checks on an x86 CPU
+    without those instructions (where it runs, the other tests build and run it): the code the
+    builds share is changed on whichever machine a session gets."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or shutil.which("c++") is None:
+        pytest.skip("needs an x86 machine with a C++ compiler")
+    if "avx512bf16" in cpu_kernel_variants():
+        pytest.skip("this CPU builds and runs the AVX512-BF16 kernel itself (the tests above)")
+    includes = [f"-I{p}" for p in [*include_paths(), sysconfig.get_paths()["include"]]]
+    out = subprocess.run(["c++", "-std=c++17", "-fsyntax-only", "-fopenmp", "-DLLAMA_ISA_AVX512BF16",
+                          *VARIANTS["avx512bf16"][1], "-DTORCH_EXTENSION_NAME=llama_cpu_kernels_avx512bf16", *includes,
                           str(ROOT / "llama" / "cpu_kernels.cpp")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
 
