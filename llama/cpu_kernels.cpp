@@ -441,13 +441,14 @@ static void gemv_rows(const typename D::X* x, int64_t K, const WT* w, int64_t n0
 // One input row: the thread's rows are walked as S interleaved sub-ranges, S weight streams at
 // once (more reads in flight: ~10% more bandwidth than one stream here), two accumulators each to
 // hide the dot latency
-// PF: bytes ahead that each stream prefetches into L2, or 0. Measured on the Xeon without
+// STREAM_PF: bytes ahead that each stream prefetches into L2, or 0. Measured on the Xeon without
 // AVX512-BF16 (the AVX-512 build), at batch 1 on a 12-layer dim-768 model: bf16 weights 4 KB ahead
-// read 22.6 against 21.0 GB/s, 8 KB 22.3; fp32 weights 1-2% slower with it. Unmeasured elsewhere
-// (on the AMD EPYC, non-temporal prefetches had lost), so nowhere else
+// read 22.6 against 21.0 GB/s (8 KB: 22.3), int8 weights 21.2-22.0 against 19.3-19.6; fp32 weights
+// 1-2% slower with it. Unmeasured elsewhere (on the AMD EPYC, non-temporal prefetches had lost), so
+// nowhere else. One prefetch per cache line the step reads
 template <typename WT>
 #if defined(LLAMA_ISA_AVX512)
-constexpr int64_t STREAM_PF = sizeof(WT) == 2 ? 4096 : 0;
+constexpr int64_t STREAM_PF = sizeof(WT) <= 2 ? 4096 : 0;
 #else
 constexpr int64_t STREAM_PF = 0;
 #endif
@@ -461,9 +462,9 @@ static void gemv_streams(const typename D::X* x, int64_t K, const WT* w, int64_t
     for (int s = 0; s < S; ++s) { a[s] = V::zero(); b[s] = a[s]; r[s] = w + (n0 + s * step + i) * K; }
     for (int64_t k = 0; k < K2; k += 2 * B)
       for (int s = 0; s < S; ++s) {
-        if constexpr (STREAM_PF<WT> > 0) {  // the two cache lines of this step's weights, STREAM_PF on
+        if constexpr (STREAM_PF<WT> > 0) {  // this step's weights (one or two cache lines), STREAM_PF on
           __builtin_prefetch((const char*)(r[s] + k) + STREAM_PF<WT>, 0, 2);
-          __builtin_prefetch((const char*)(r[s] + k + B) + STREAM_PF<WT>, 0, 2);
+          if constexpr (2 * B * sizeof(WT) > 64) __builtin_prefetch((const char*)(r[s] + k + B) + STREAM_PF<WT>, 0, 2);
         }
         a[s] = D::dot(a[s], r[s] + k, x + k);
         b[s] = D::dot(b[s], r[s] + k + B, x + k + B);
