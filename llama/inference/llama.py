@@ -91,7 +91,8 @@ class Llama:
         mps, then cpu; `dtype` to bf16 where the hardware has it, fp16 on older GPUs; on a CPU (one
         process) the faster as measured once per machine: for the fused decoding step's weights
         (`cpu_decode.decode_dtype`) where that step decodes (decoder "auto" or "fused"), else for whole
-        forwards (`env.compute_dtype`'s matmuls: what scoring and evaluation run, decoder "eager").
+        forwards (`env.compute_dtype`'s matmuls; decoder "eager", as scoring and evaluation build, or
+        "compiled").
         `decoder`: "auto" (the fused CPU step where it applies, else eager), "eager", "compiled"
         or "fused" (see llama/inference/decoders.py).
         A `.gguf` file (llama.cpp's format) as `ckpt_dir` runs on one process; its tokenizer comes
