@@ -253,7 +253,7 @@ constexpr int I8_BLOCK = 16;  // int8 weights per dot_i8 block, every ISA
 
 // Buffers the products read as rows: 64-byte aligned, so that a row of whole vectors never splits a
 // cache line (malloc's large blocks start 16 bytes into a page: on Intel every AVX-512 load of such
-// a row straddled two lines and the batch-8 step ran at half the speed)
+// a row straddled two lines: the batch-8 step of an 85M-parameter model, 16.5 against 12.1 ms in bf16)
 template <typename T> struct Aligned {
   using value_type = T;
   Aligned() = default;
@@ -998,8 +998,8 @@ double softmax_gradient(torch::Tensor logits, torch::Tensor targets) {
 // backend without its copies. Per (batch, kv head), queries are taken in blocks of `block` rows; a
 // block's scores against the keys it can see, its softmax, and its products with V are computed
 // here, the products by one register-tiled kernel with fp32 sums: on the native bf16 dot (vdpbf16ps)
-// in bf16, on FMAs in fp32. That kernel multiplies A (rows, its reduced dimension in steps of KS
-// elements: pairs in bf16, the operand order of the instruction) by B laid out as [K/KS][N] 32-bit
+// in bf16 (its pairs widened to fp32 in the AVX-512 build without it: V::dot_pairs), on FMAs in
+// fp32. That kernel multiplies A (rows, its reduced dimension in steps of KS elements: pairs in bf16, the operand order of the instruction) by B laid out as [K/KS][N] 32-bit
 // words. K and V are laid out once per head; the probabilities and their gradient are written in the
 // layout the next product reads. Scores and softmax are fp32 (in bf16 the probabilities are rounded
 // once, as flash attention rounds them before their product with V); the gradients of K and V
