@@ -1000,8 +1000,9 @@ double softmax_gradient(torch::Tensor logits, torch::Tensor targets) {
 // here, the products by one register-tiled kernel with fp32 sums: on the native bf16 dot (vdpbf16ps)
 // in bf16 (its pairs widened to fp32 in the AVX-512 build without it: V::dot_pairs), on FMAs in
 // fp32. That kernel multiplies A (rows, its reduced dimension in steps of KS elements: pairs in
-// bf16, the operand order of the instruction) by B laid out as [K/KS][N] 32-bit words. K and V are laid out once per head; the probabilities and their gradient are written in the
-// layout the next product reads. Scores and softmax are fp32 (in bf16 the probabilities are rounded
+// bf16, the operand order of the instruction) by B laid out as [K/KS][N] 32-bit words. K and V are
+// laid out once per head; the probabilities and their gradient are written in the layout the next
+// product reads. Scores and softmax are fp32 (in bf16 the probabilities are rounded
 // once, as flash attention rounds them before their product with V); the gradients of K and V
 // accumulate in fp32 over blocks and query heads. The forward keeps every block's probabilities
 // (rows rounded up to KS, columns padded to 16) for the backward.
