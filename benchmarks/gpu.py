@@ -10,9 +10,9 @@ Sections, in order (each in its own try/except: an error is recorded and the nex
                with its own CUDA graph of the step and its one-row products on llama.gpu_kernels'
                Triton kernel; then on cuBLAS, gemv=False), transformers' generate with its static
                cache (compiled by transformers on CUDA), int8 compiled; then the 7B preset, ours on
-               both and transformers (`--decode-big-only`: the 7B rows alone); tokens/s and % of the
-               bandwidth ceiling (bandwidth / bytes read per token); each one-row product of a step
-               alone, cuBLAS against the kernel, in GB/s
+               both and transformers (`--decode-big-only`: the 7B rows alone; `--decode-small-only`:
+               the 1B rows alone); tokens/s and % of the bandwidth ceiling (bandwidth / bytes read per
+               token); each one-row product of a step alone, cuBLAS against the kernel, in GB/s
   attention    llama.model.attention's backends (sdpa, xformers) against its naive "math" backend:
                forward and backward, bf16 and fp16, MHA and GQA, prefill, a chunk at start_pos > 0
                over a KV cache, and one decoding token; max abs and relative differences (and, where
@@ -103,6 +103,7 @@ class Sizes:
     decode_big_model: tuple = ("7B", {})
     decode_dtype: torch.dtype = torch.bfloat16
     decode_small: bool = True  # the 1B rows (and int8); False: the 7B rows only (--decode-big-only)
+    decode_big: bool = True  # the 7B rows; False: the 1B rows only (--decode-small-only)
     prompt_len: int = 128
     new_tokens: int = 256
     agree_tokens: int = 32
@@ -830,6 +831,8 @@ def section_decode(ctx: Ctx, out: dict):
         del model, q
         free_memory(ctx)
 
+    if not s.decode_big:  # --decode-small-only
+        return
     # the 7B preset (dim 4096, hidden 11008): the model size gpt-fast's published ~82% is measured on
     name, overrides = s.decode_big_model
     state["reference"] = None
@@ -1038,6 +1041,7 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=default_out, help=f"JSON results (default {default_out})")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU: the same code paths in well under a minute")
     p.add_argument("--decode-big-only", action="store_true", help="decode: the 7B rows only (no 1B, no int8)")
+    p.add_argument("--decode-small-only", action="store_true", help="decode: the 1B rows and int8 only (no 7B)")
     p.add_argument("--sections", default="", help=f"comma-separated subset of {','.join(SECTIONS)}")
     a = p.parse_args(argv)
     only = [x for x in a.sections.split(",") if x]
@@ -1050,8 +1054,9 @@ def main(argv=None):
         device, sizes = torch.device("cuda", 0), FULL
     else:
         p.error("no CUDA device: run on a GPU, or pass --smoke for the tiny CPU version")
-    if a.decode_big_only:
-        sizes = dataclasses.replace(sizes, decode_small=False)
+    if a.decode_big_only and a.decode_small_only:
+        p.error("--decode-big-only and --decode-small-only exclude each other")
+    sizes = dataclasses.replace(sizes, decode_small=not a.decode_big_only, decode_big=not a.decode_small_only)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     run(sizes, device, a.budget, a.out, a.smoke, only)
 

@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_run.sh                              # every section
 #   bash benchmarks/gpu_run.sh --sections environment,decode  # arguments go on to gpu.py
 #   bash benchmarks/gpu_run.sh --sections environment,decode --decode-big-only  # 7B rows only (~3 min)
+#   bash benchmarks/gpu_run.sh --decode-small-only          # every section, decode without the 7B rows
 #
 # Optional: an xformers wheel left untracked in the repository root (e.g. xformers-0.0.35-py39-none-
 # manylinux_2_28_x86_64.whl, 3.1 MiB; never commit it) travels with the working tree and is

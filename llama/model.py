@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -340,8 +340,9 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.backend = "sdpa"
-        # wq, wk, wv stacked as one matrix, set only while a decoder runs (llama.inference.decoders.PackedProjections)
-        self.wqkv: torch.Tensor | None = None
+        # wq, wk, wv as one product of their stacked rows, set only while a decoder runs
+        # (llama.inference.decoders.PackedProjections)
+        self.wqkv: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x, freqs_cis, pos: int | torch.Tensor = 0, cache: KVCache | None = None):
         bsz, seqlen, _ = x.shape
@@ -349,7 +350,7 @@ class Attention(nn.Module):
         if self.wqkv is None:
             xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
         else:  # one matrix product instead of three
-            xq, xk, xv = F.linear(x, self.wqkv).split([self.wq.weight.size(0), self.wk.weight.size(0), self.wv.weight.size(0)], -1)
+            xq, xk, xv = self.wqkv(x).split([self.wq.weight.size(0), self.wk.weight.size(0), self.wv.weight.size(0)], -1)
         xq = xq.view(bsz, seqlen, -1, self.head_dim)  # (B, T, H, D)
         xk = xk.view(bsz, seqlen, -1, self.head_dim)  # (B, T, Hkv, D)
         xv = xv.view(bsz, seqlen, -1, self.head_dim)  # (B, T, Hkv, D)
@@ -368,13 +369,13 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w13: torch.Tensor | None = None  # w1 and w3 stacked, like Attention.wqkv
+        self.w13: Callable[[torch.Tensor], torch.Tensor] | None = None  # w1 and w3 stacked, like Attention.wqkv
 
     def forward(self, x):
         if self.w13 is None:
             gate, up = self.w1(x), self.w3(x)
         else:
-            gate, up = F.linear(x, self.w13).chunk(2, -1)
+            gate, up = self.w13(x).chunk(2, -1)
         return self.w2(F.silu(gate) * up)
 
 

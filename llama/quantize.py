@@ -26,6 +26,21 @@ def quantize_per_row(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scales
 
 
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x @ (weight * scales[:, None]).T for an int8 `weight` (out, in) and its per-row `scales`."""
+    # (x @ q^T) * scales == x @ (q * scales[:, None])^T; the int8 -> x.dtype cast is per call, so
+    # memory stays int8 between calls
+    if torch.compiler.is_compiling() and x.numel() == x.size(-1) and one_row_kernel_on(x):
+        return torch.ops.llama.gemv(x, weight, scales)  # int8 read once, on a Triton kernel
+    if torch.compiler.is_compiling() and x.numel() == x.size(-1):
+        # one row (a decoding step under torch.compile): written as a reduction over `in`, which
+        # the compiler fuses with the int8 read (one pass over the weight) instead of casting the
+        # whole weight to a new tensor for a matmul
+        y = (x.float().unsqueeze(-2) * weight.float()).sum(-1)  # (..., out), fp32 accumulation
+        return y.to(x.dtype) * scales.to(x.dtype)
+    return F.linear(x, weight.to(x.dtype)) * scales.to(x.dtype)
+
+
 class Int8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, device=None):
         super().__init__()
@@ -45,17 +60,7 @@ class Int8Linear(nn.Module):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (x @ q^T) * scales == x @ (q * scales[:, None])^T; the int8 -> x.dtype cast is per call,
-        # so memory stays int8 between calls
-        if torch.compiler.is_compiling() and x.numel() == x.size(-1) and one_row_kernel_on(x):
-            return torch.ops.llama.gemv(x, self.weight, self.scales)  # int8 read once, on a Triton kernel
-        if torch.compiler.is_compiling() and x.numel() == x.size(-1):
-            # one row (a decoding step under torch.compile): written as a reduction over `in`, which
-            # the compiler fuses with the int8 read (one pass over the weight) instead of casting the
-            # whole weight to a new tensor for a matmul
-            y = (x.float().unsqueeze(-2) * self.weight.float()).sum(-1)  # (..., out), fp32 accumulation
-            return y.to(x.dtype) * self.scales.to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        return int8_linear(x, self.weight, self.scales)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"

@@ -44,7 +44,7 @@ def test_gemv_matches_float64_products():
     dtype's rounding of the float64 product (the interpreter rounds bf16 toward zero: one unit)."""
     out = interpret("""
         import torch
-        from llama.quantize import quantize_per_row
+        from llama.quantize import quantize_int8, quantize_per_row
         torch.manual_seed(0)
         worst = {}
         for n, k in [(64, 128), (37, 70), (5, 200), (256, 32)]:
@@ -100,8 +100,8 @@ def test_gemv_option_needs_a_gpu():
 @needs_triton
 def test_compiled_steps_run_their_one_row_products_on_the_kernel():
     """CompiledDecoder(gemv=True): each one-token step's products go to the kernel - the layers'
-    packed q|k|v, wo, w1|w3, w2 and the output head, 4 x layers + 1 launches; int8 weights (not
-    packed) 7 x layers + 1 - and its logits are the eager model's to bf16 rounding. With gemv=False
+    packed q|k|v, wo, w1|w3, w2 and the output head, 4 x layers + 1 launches, int8 weights too
+    (packed with their scales) - and its logits are the eager model's to bf16 rounding. With gemv=False
     no launch happens."""
     out = interpret("""
         import torch
@@ -136,7 +136,7 @@ def test_compiled_steps_run_their_one_row_products_on_the_kernel():
             decoder(prompt, 0, cache)  # prefill: eager in both
             return decoder(nxt, 5, cache).float()
 
-        for label, want_launches in (("bf16", 4 * L + 1), ("int8", 7 * L + 1)):
+        for label, want_launches in (("bf16", 4 * L + 1), ("int8", 4 * L + 1)):
             if label == "int8":
                 quantize_int8(model)
             want = step_logits(EagerDecoder(model))
@@ -172,10 +172,11 @@ def test_compiled_steps_run_their_one_row_products_on_the_kernel():
 @pytest.mark.skipif(not (torch.cuda.is_available() and gpu_kernels.available()), reason="needs a CUDA device and Triton")
 def test_gemv_on_cuda_and_the_graph_captured_step():
     """On a GPU (run by the GPU check): the compiled kernel against float64 products (round to nearest:
-    half a unit), and a CUDA-graph-captured one-token step of a bf16 model on it against the eager step."""
+    half a unit), and a CUDA-graph-captured one-token step of a bf16 model on it against the eager step,
+    then of the same model in int8."""
     from llama.inference.decoders import EagerDecoder
     from llama.model import KVCache
-    from llama.quantize import quantize_per_row
+    from llama.quantize import quantize_int8, quantize_per_row
 
     torch.manual_seed(0)
     for n, k in [(4096, 4096), (37, 70), (11008, 4096), (4096, 11008)]:
@@ -196,12 +197,15 @@ def test_gemv_on_cuda_and_the_graph_captured_step():
     a = model.args
     prompt = torch.randint(3, a.vocab_size, (1, 5), device="cuda")
     nxt = torch.randint(3, a.vocab_size, (1, 1), device="cuda")
-    logits = []
-    for decoder in (EagerDecoder(model), CompiledDecoder(model)):
-        cache = KVCache(a.n_layers, 1, 16, a.n_kv_heads, a.head_dim, device="cuda", dtype=torch.bfloat16)
-        decoder(prompt, 0, cache)
-        logits.append(decoder(nxt, 5, cache).float().clone())
-    assert decoder.gemv and decoder.cuda_graphs
-    tuned = {key[:2] for key in gpu_kernels._gemv_kernel.cache}  # (N, K, dtypes...) of every shape it ran
-    assert (a.vocab_size, a.dim) in tuned and (a.dim, a.ffn_hidden_dim) in tuned  # output head, w2
-    assert ((logits[1] - logits[0]).abs().max() / logits[0].abs().max()).item() < 2e-2
+    for int8 in (False, True):
+        if int8:
+            quantize_int8(model)
+        logits = []
+        for decoder in (EagerDecoder(model), CompiledDecoder(model)):
+            cache = KVCache(a.n_layers, 1, 16, a.n_kv_heads, a.head_dim, device="cuda", dtype=torch.bfloat16)
+            decoder(prompt, 0, cache)
+            logits.append(decoder(nxt, 5, cache).float().clone())
+        assert decoder.gemv and decoder.cuda_graphs and len(decoder.packs.packed) == 2 * a.n_layers
+        tuned = {key[:2] for key in gpu_kernels._gemv_kernel.cache}  # (N, K, dtypes...) of every shape it ran
+        assert (a.vocab_size, a.dim) in tuned and (a.dim, a.ffn_hidden_dim) in tuned  # output head, w2
+        assert ((logits[1] - logits[0]).abs().max() / logits[0].abs().max()).item() < 2e-2, int8

@@ -367,10 +367,13 @@ def test_compiled_decoder_gives_the_same_tokens(llama):
 def test_packed_projections_compute_what_the_separate_ones_do():
     """The compiled decoder's packing (wq|wk|wv and w1|w3 as one matrix each): the same logits as the
     unpacked model to rounding, no memory added (the parameters are views of the packed matrices, so
-    an in-place update reaches both), the model unchanged outside the decoder's calls, and LoRA or
-    int8 layers left as they are."""
+    an in-place update reaches both), the model unchanged outside the decoder's calls, LoRA layers
+    left as they are; int8 layers packed with their scales, to the same logits."""
     from llama.inference.decoders import PackedProjections
     from llama.lora import apply_lora
+
+    def storage_bytes(tensors):
+        return sum(t.untyped_storage().nbytes() for t in {t.untyped_storage().data_ptr(): t for t in tensors}.values())
 
     torch.manual_seed(0)
     model = Transformer(tiny_args(n_kv_heads=2)).eval()  # grouped-query: wk, wv narrower than wq
@@ -379,18 +382,17 @@ def test_packed_projections_compute_what_the_separate_ones_do():
     with torch.no_grad():
         want = model(tokens)
         names = list(model.state_dict())
-        nbytes = sum(t.untyped_storage().nbytes() for t in {p.untyped_storage().data_ptr(): p for p in model.parameters()}.values())
+        nbytes = storage_bytes(model.parameters())
         packs = PackedProjections(model)
         assert len(packs.packed) == 2 * model.args.n_layers
         att = model.layers[0].attention
         with packs:
-            assert att.wqkv is not None and att.wqkv.data_ptr() == att.wq.weight.data_ptr()
+            assert att.wqkv is not None and att.wqkv.weight.data_ptr() == att.wq.weight.data_ptr()
             got = model(tokens)
         assert att.wqkv is None and model.layers[0].feed_forward.w13 is None  # unchanged outside
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert list(model.state_dict()) == names
-        storages = {p.untyped_storage().data_ptr(): p for p in model.parameters()}.values()
-        assert sum(t.untyped_storage().nbytes() for t in storages) == nbytes
+        assert storage_bytes(model.parameters()) == nbytes
         att.wk.weight.mul_(2.0)  # an in-place change of a parameter is what the packed matrix holds
         with packs:
             changed = model(tokens)
@@ -404,7 +406,24 @@ def test_packed_projections_compute_what_the_separate_ones_do():
 
     lora = apply_lora(Transformer(tiny_args()), r=2, targets=("wq", "wv"))
     assert len(PackedProjections(lora).packed) == lora.args.n_layers  # the feed-forwards only
-    assert PackedProjections(quantize_int8(Transformer(tiny_args()))).packed == []
+
+    int8 = quantize_int8(model.requires_grad_(False))
+    with torch.no_grad():
+        want, names, nbytes = int8(tokens), list(int8.state_dict()), storage_bytes(int8.buffers())
+        packs = PackedProjections(int8)
+        assert len(packs.packed) == 2 * int8.args.n_layers
+        w13 = int8.layers[1].feed_forward.w13
+        with packs:
+            w13 = int8.layers[1].feed_forward.w13
+            got = int8(tokens)
+        assert w13.weight.dtype == torch.int8 and w13.scales.data_ptr() == int8.layers[1].feed_forward.w1.scales.data_ptr()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert list(int8.state_dict()) == names and storage_bytes(int8.buffers()) == nbytes
+        int8.layers[1].feed_forward.w3.scales.mul_(0.5)  # the packed scales are the layers' own
+        with packs:
+            changed = int8(tokens)
+        torch.testing.assert_close(changed, int8(tokens), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(changed, want)
 
 
 def test_compiled_step_writes_the_kv_cache_in_place():

@@ -19,9 +19,11 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 
 from llama.gpu_kernels import INTERPRET, OneRowLinears, available as gemv_available
 from llama.model import KVCache, Transformer
+from llama.quantize import Int8Linear, int8_linear
 
 DECODERS = ("auto", "eager", "compiled", "fused")
 
@@ -88,27 +90,27 @@ class EagerDecoder:
 
 
 class PackedProjections:
-    """wq, wk, wv of each attention and w1, w3 of each feed-forward as one matrix each, so a
+    """wq, wk, wv of each attention and w1, w3 of each feed-forward as one product each, so a
     one-token step runs 4 matrix-vector products per layer instead of 7: fewer and larger kernels,
-    which is what bounds a GPU's batch-1 step. The parameters become views of the packed matrices,
-    so no memory is added and in-place updates (load_state_dict, an optimizer) reach both. The model
-    uses them only inside `with packs:` (the decoder's own calls); elsewhere it is unchanged. Layers
-    whose projections are not plain bias-free nn.Linear of one dtype and device (LoRA, int8, tensor
-    parallel shards) stay as they are."""
+    which is what bounds a GPU's batch-1 step. The weights (and int8 scales) become views of the
+    stacked matrices, so no memory is added and in-place updates (load_state_dict, an optimizer)
+    reach both. The model uses them only inside `with packs:` (the decoder's own calls); elsewhere it
+    is unchanged. Plain bias-free nn.Linear layers of one dtype and device pack, and so do
+    llama.quantize's Int8Linear ones; others (LoRA, tensor-parallel shards) stay as they are."""
 
     def __init__(self, model: Transformer, pack: bool = True):
-        self.packed: list[tuple[torch.nn.Module, str, torch.Tensor]] = []
+        self.packed: list[tuple[torch.nn.Module, str, Stacked]] = []
         with torch.inference_mode(False), torch.no_grad():  # the parameters must stay usable for training
             for block in model.layers if pack else ():
                 for module, names, attr in ((block.attention, ("wq", "wk", "wv"), "wqkv"),
                                             (block.feed_forward, ("w1", "w3"), "w13")):
                     linears = [getattr(module, n, None) for n in names]
                     if _packable(linears):
-                        self.packed.append((module, attr, _pack([lin.weight for lin in linears])))
+                        self.packed.append((module, attr, Stacked(linears)))
 
     def __enter__(self):
-        for module, attr, weight in self.packed:
-            setattr(module, attr, weight)
+        for module, attr, stacked in self.packed:
+            setattr(module, attr, stacked)
         return self
 
     def __exit__(self, *exc):
@@ -116,7 +118,21 @@ class PackedProjections:
             setattr(module, attr, None)
 
 
+class Stacked:
+    """The product of several bias-free linears of one input as one: their weight rows (and int8
+    scales) stacked; each layer's own tensors then views of its rows."""
+
+    def __init__(self, linears):
+        self.weight = _stack([lin.weight for lin in linears])
+        self.scales = _stack([lin.scales for lin in linears]) if type(linears[0]) is Int8Linear else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight) if self.scales is None else int8_linear(x, self.weight, self.scales)
+
+
 def _packable(linears) -> bool:
+    if all(type(lin) is Int8Linear for lin in linears):
+        return len({(lin.scales.dtype, lin.weight.device, lin.in_features) for lin in linears}) == 1
     if not all(type(lin) is torch.nn.Linear and lin.bias is None and type(lin.weight.data) is torch.Tensor
                for lin in linears):
         return False
@@ -124,14 +140,14 @@ def _packable(linears) -> bool:
     return len({(t.dtype, t.device, t.size(1)) for t in w}) == 1
 
 
-def _pack(weights: list[torch.Tensor]) -> torch.Tensor:
-    """The weights concatenated along their rows; each parameter's data then a view of its rows."""
-    packed = torch.cat([w.data for w in weights])
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors concatenated along their rows; each one's data then a view of its rows."""
+    stacked = torch.cat([t.data for t in tensors])
     row = 0
-    for w in weights:
-        w.data = packed[row:row + w.size(0)]
-        row += w.size(0)
-    return packed
+    for t in tensors:
+        t.data = stacked[row:row + t.size(0)]
+        row += t.size(0)
+    return stacked
 
 
 def _decode_step(model: Transformer, tokens: torch.Tensor, cache: KVCache, input_pos: torch.Tensor) -> torch.Tensor:
