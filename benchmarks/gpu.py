@@ -753,6 +753,33 @@ def decode_rate(ctx: Ctx, generate, n: int, repeats: int = 3) -> tuple[float, li
     return (n - 1) / (best[n] - best[1]), tokens, warm
 
 
+def step_kernels(ctx: Ctx, generate, n: int = 65, top: int = 12) -> list[dict]:
+    """Where a decoding step's time goes: the profiler's device time per kernel name (CPU: per op)
+    of an n-token run minus a 1-token run (the prefill and first sample), per step; the `top`
+    largest, then the rest as one row."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def totals(k: int) -> dict[str, tuple[float, int]]:
+        with profile(activities=[ProfilerActivity.CUDA if ctx.cuda else ProfilerActivity.CPU]) as prof:
+            generate(k)
+            ctx.sync()
+        return {e.key: (e.self_device_time_total if ctx.cuda else e.self_cpu_time_total, e.count)
+                for e in prof.key_averages()}
+
+    generate(n)  # anything first-call out of the way
+    long, short = totals(n), totals(1)
+    steps = n - 1
+    per = sorted(((name, (us - short.get(name, (0, 0))[0]) / steps, (c - short.get(name, (0, 0))[1]) / steps)
+                  for name, (us, c) in long.items()), key=lambda r: -r[1])
+    per = [r for r in per if r[1] > 0]
+    rows = [{"kernel": name[:90], "us_per_step": us, "calls_per_step": calls} for name, us, calls in per[:top]]
+    rest = per[top:]
+    rows.append({"kernel": f"the other {len(rest)}", "us_per_step": sum(r[1] for r in rest),
+                 "calls_per_step": sum(r[2] for r in rest)})
+    rows.append({"kernel": "all", "us_per_step": sum(r[1] for r in per), "calls_per_step": sum(r[2] for r in per)})
+    return rows
+
+
 def section_decode(ctx: Ctx, out: dict):
     s = ctx.sizes
     name, overrides = s.decode_model
@@ -773,8 +800,9 @@ def section_decode(ctx: Ctx, out: dict):
     state = {"reference": None}  # the eager row's tokens
     datasheet_bw = ctx.report.section("environment").get("datasheet_hbm_gbs")
 
-    def add(label: str, step: str, make_run, bytes_per_token: float):
-        """One row: make_run() -> generate(n) returning n token ids, timed by decode_rate."""
+    def add(label: str, step: str, make_run, bytes_per_token: float, profile: bool = False):
+        """One row: make_run() -> generate(n) returning n token ids, timed by decode_rate; with
+        `profile`, where its step's time goes (step_kernels) in out["step_kernels"]."""
         row = {"impl": label}
         rows.append(row)
         if ctx.skip_reason(step):
@@ -782,7 +810,8 @@ def section_decode(ctx: Ctx, out: dict):
             ctx.report.save()
             return
         with recorded(row), ctx.capped(step):
-            tps, tokens, warm = decode_rate(ctx, make_run(), s.new_tokens)
+            generate = make_run()
+            tps, tokens, warm = decode_rate(ctx, generate, s.new_tokens)
             row.update(tokens_per_s=tps, ms_per_token=1e3 / tps, first_calls_s=warm, mb_per_token=bytes_per_token / 1e6)
             if ctx.bandwidth:
                 row["pct_bandwidth_ceiling"] = 100 * tps * bytes_per_token / ctx.bandwidth
@@ -793,6 +822,10 @@ def section_decode(ctx: Ctx, out: dict):
             else:
                 k = min(s.agree_tokens, len(tokens))
                 row["agree_with_eager"] = sum(a == b for a, b in zip(tokens[:k], state["reference"][:k])) / k
+        if profile and "tokens_per_s" in row:
+            with recorded(row, "step_kernels"):
+                kernels = out.setdefault("step_kernels", [])
+                kernels += [{"row": label, **k} for k in step_kernels(ctx, generate, min(65, s.new_tokens))]
         ctx.report.save()
 
     def ours(m, decoder, **options):
@@ -811,7 +844,7 @@ def section_decode(ctx: Ctx, out: dict):
         dense = bytes_read_per_token(model) + kv
         add("ours, eager", "decode_eager", ours(model, "eager"), dense)
         add("ours, compiled decoder" + graphs + (", one-row products on llama.gpu_kernels.gemv" if kernel else ""),
-            "decode_compiled", ours(model, "compiled"), dense)
+            "decode_compiled", ours(model, "compiled"), dense, profile=True)
         if kernel:
             add("ours, compiled, one-row products on cuBLAS (gemv=False)", "decode_compiled",
                 ours(model, "compiled", gemv=False), dense)
@@ -827,7 +860,7 @@ def section_decode(ctx: Ctx, out: dict):
         # not equal bf16's, so agreement is informative only
         q = quantize_int8(model)  # in place: `model` is int8 from here on
         add("ours, int8, compiled" + graphs + (", on gemv" if kernel else ""), "decode_compiled", ours(q, "compiled"),
-            bytes_read_per_token(q) + kv)
+            bytes_read_per_token(q) + kv, profile=True)
         del model, q
         free_memory(ctx)
 
@@ -860,21 +893,39 @@ def section_decode(ctx: Ctx, out: dict):
 
 def one_row_products(ctx: Ctx, args: ModelArgs, dtype: torch.dtype, pool_bytes: int = 2**30) -> list[dict]:
     """Each one-row product of a decoding step (a layer's packed projections and the output head)
-    alone: cuBLAS (F.linear) against llama.gpu_kernels.gemv, GB/s of weights read, as CUDA-graph
-    replays over enough copies of the weight (>= `pool_bytes`) that every read comes from HBM, not L2."""
+    alone: cuBLAS (F.linear) against llama.gpu_kernels.gemv, and gemv on int8 weights with its two
+    ways of widening them; GB/s of weights read, as CUDA-graph replays over enough copies of the
+    weight (>= `pool_bytes`) that every read comes from HBM, not L2."""
     q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
     shapes = {"wq|wk|wv": (q + 2 * kv, args.dim), "wo": (args.dim, q), "w1|w3": (2 * args.ffn_hidden_dim, args.dim),
               "w2": (args.dim, args.ffn_hidden_dim), "output": (args.vocab_size, args.dim)}
+    from llama import gpu_kernels
+
+    def int8_gemv(bits: bool):
+        def fn(x, w):
+            gpu_kernels.INT8_BITS = bits
+            return torch.ops.llama.gemv(x, *w)
+        return fn
+
     rows = []
     for name, (n, k) in shapes.items():
-        nbytes = n * k * dtype.itemsize
-        copies = max(2, math.ceil(pool_bytes / nbytes))
-        ws = [torch.randn(n, k, device=ctx.device, dtype=dtype) for _ in range(copies)]
-        x = torch.randn(1, k, device=ctx.device, dtype=dtype)
-        row = {"product": name, "shape": f"{n} x {k}", "mb": nbytes / 1e6}
-        for impl, fn in (("cublas", F.linear), ("gemv", torch.ops.llama.gemv)):
+        row = {"product": name, "shape": f"{n} x {k}", "mb": n * k * dtype.itemsize / 1e6}
+        # bf16 on cuBLAS and on gemv; int8 (per-row scales) on gemv, its int8 widened by conversion
+        # instructions and by integer ops (gpu_kernels.INT8_BITS)
+        for impl, fn, int8 in (("cublas", F.linear, False), ("gemv", torch.ops.llama.gemv, False),
+                               ("int8_cvt", int8_gemv(False), True), ("int8_bits", int8_gemv(True), True)):
+            nbytes = n * k + n * dtype.itemsize if int8 else n * k * dtype.itemsize
+            copies = max(2, math.ceil(pool_bytes / nbytes))
+            if int8:
+                ws = [(torch.randint(-127, 128, (n, k), device=ctx.device, dtype=torch.int8),
+                       (torch.rand(n, device=ctx.device) / k**0.5).to(dtype)) for _ in range(copies)]
+            else:
+                ws = [torch.randn(n, k, device=ctx.device, dtype=dtype) for _ in range(copies)]
+            x = torch.randn(1, k, device=ctx.device, dtype=dtype)
             with recorded(row, impl):
-                ref = F.linear(x, ws[0]).float()
+                ref = F.linear(x, ws[0][0].to(dtype)) * ws[0][1] if int8 else F.linear(x, ws[0])
+                ref = ref.float()
+                gpu_kernels._gemv_kernel.cache.clear()  # each variant autotuned for itself
                 got = fn(x, ws[0]).float()  # autotunes the kernel for this shape
                 row[f"{impl}_max_rel_err"] = ((got - ref).abs().max() / ref.abs().max()).item()
                 graph = torch.cuda.CUDAGraph()
@@ -886,12 +937,13 @@ def one_row_products(ctx: Ctx, args: ModelArgs, dtype: torch.dtype, pool_bytes: 
                 row[f"{impl}_gbs"] = nbytes / seconds / 1e9
                 if ctx.bandwidth:
                     row[f"{impl}_pct_copy_bw"] = 100 * nbytes / seconds / ctx.bandwidth
+            del ws
+            torch.cuda.empty_cache()
+        gpu_kernels.INT8_BITS = True
         rows.append(row)
-        del ws
-        torch.cuda.empty_cache()
     # a step's products: each layer's four and the output head, at each implementation's speed
     products = list(rows)
-    for impl in ("cublas", "gemv"):
+    for impl in ("cublas", "gemv", "int8_cvt", "int8_bits"):
         if all(f"{impl}_us" in r for r in products):
             per_layer = sum(r[f"{impl}_us"] for r in products if r["product"] != "output")
             head = next(r[f"{impl}_us"] for r in products if r["product"] == "output")

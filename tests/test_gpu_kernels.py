@@ -38,12 +38,14 @@ def interpret(code: str) -> str:
 
 @needs_triton
 def test_gemv_matches_float64_products():
-    """bf16 and fp16 weights, and int8 ones with per-row scales; shapes that fill whole tiles and
+    """bf16 and fp16 weights, and int8 ones with per-row scales (both ways of widening them: the same
+    results); shapes that fill whole tiles and
     shapes with ragged rows and columns; a row with leading dims of size 1; strided views of the
     weight and of the row. Each output within its
     dtype's rounding of the float64 product (the interpreter rounds bf16 toward zero: one unit)."""
     out = interpret("""
         import torch
+        from llama import gpu_kernels
         from llama.quantize import quantize_int8, quantize_per_row
         torch.manual_seed(0)
         worst = {}
@@ -54,6 +56,9 @@ def test_gemv_matches_float64_products():
                 if dtype is torch.int8:
                     q, s = quantize_per_row(w)
                     y = torch.ops.llama.gemv(x, q, s)
+                    gpu_kernels.INT8_BITS = False  # the other way of widening int8 gives the same
+                    assert torch.equal(torch.ops.llama.gemv(x, q, s), y)
+                    gpu_kernels.INT8_BITS = True
                     ref = x.double() @ (q.double() * s.double()[:, None]).t()
                 elif n % 2:  # views: a weight whose rows are longer than k, and a row with a stride of 2
                     w = torch.randn(n + 5, k + 9).to(dtype)[3:3 + n, 4:4 + k]
