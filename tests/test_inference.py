@@ -97,6 +97,35 @@ def test_sampling_by_hand():
     torch.testing.assert_close(torch.bincount(s, minlength=4).float() / len(s), want / want.sum(), atol=0.03, rtol=0)
 
 
+def test_sampling_draws_what_a_full_sort_draws():
+    """top-k and top-p sample without sorting the whole vocabulary (topk of the k largest; for top-p
+    alone, a prefix grown until it holds the nucleus): the same tokens as a full descending sort
+    (the previous way, and Meta's) for the same generator state, over a 32000-token vocabulary,
+    for peaked and flat distributions (a flat one needs the whole sort) and a batch of rows."""
+    def by_full_sort(logits, temperature, top_p, top_k, generator):
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        probs_sorted, idx = probs.sort(dim=-1, descending=True)
+        if top_k is not None:
+            probs_sorted, idx = probs_sorted[:, :top_k], idx[:, :top_k]
+        mass_before = probs_sorted.cumsum(dim=-1) - probs_sorted
+        probs_sorted = probs_sorted.masked_fill(mass_before >= top_p, 0.0)
+        probs_sorted = probs_sorted / probs_sorted.sum(dim=-1, keepdim=True)
+        return idx.gather(-1, torch.multinomial(probs_sorted, 1, generator=generator)).squeeze(-1)
+
+    logits = torch.randn(64, 32000, generator=torch.Generator().manual_seed(1)) * 3
+    for temperature, top_p, top_k in ((0.8, 1.0, 40), (0.8, 0.9, 40), (0.8, 0.5, 1000), (0.6, 0.9, None),
+                                      (0.3, 0.95, None), (1.0, 0.9, None), (20.0, 0.9, None)):
+        for seed in range(3):
+            got = sample(logits, temperature, top_p, top_k, generator=torch.Generator().manual_seed(seed))
+            want = by_full_sort(logits, temperature, top_p, top_k, torch.Generator().manual_seed(seed))
+            assert torch.equal(got, want), (temperature, top_p, top_k, seed)
+        assert len(set(got.tolist())) > 8  # real draws, not one token
+    # one row at a time too (generation's usual batch), with its generator carrying on
+    g, g_ref = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for row in logits[:16]:
+        assert torch.equal(sample(row[None], 0.7, 0.9, generator=g), by_full_sort(row[None], 0.7, 0.9, None, g_ref))
+
+
 def test_seeded_sampling_is_reproducible(llama):
     llama.generator.manual_seed(5)
     a = llama.text_completion(PROMPTS[:2], temperature=1.0, top_p=0.95, max_gen_len=8)

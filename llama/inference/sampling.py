@@ -24,9 +24,13 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: 
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    probs_sorted, idx = probs.sort(dim=-1, descending=True)  # (B, V)
     if top_k is not None and top_k < probs.size(-1):
-        probs_sorted, idx = probs_sorted[:, :top_k], idx[:, :top_k]
+        # the first top_k of a descending sort, without sorting the rest
+        probs_sorted, idx = probs.topk(top_k, dim=-1)  # (B, top_k)
+    elif top_p < 1.0:
+        probs_sorted, idx = _nucleus_prefix(probs, top_p)  # (B, V), zeros past a prefix of the sort
+    else:
+        probs_sorted, idx = probs.sort(dim=-1, descending=True)  # (B, V)
     if top_p < 1.0:
         # keep token i if the mass strictly before it is < top_p: the smallest prefix reaching top_p
         mass_before = probs_sorted.cumsum(dim=-1) - probs_sorted
@@ -34,3 +38,36 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: 
     probs_sorted = probs_sorted / probs_sorted.sum(dim=-1, keepdim=True)
     choice = torch.multinomial(probs_sorted, 1, generator=generator)  # (B, 1) index into sorted
     return idx.gather(-1, choice).squeeze(-1)
+
+
+def _nucleus_prefix(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of `probs` (B, V) sorted descending, exact for every token top-p keeps and
+    zero past them, without sorting the whole vocabulary (2.5 of a sampled token's 4.3 ms at 32000
+    on a 2-core CPU): how many of the largest probabilities hold top_p of each row's mass is read
+    from their mass by octave below the row's largest (one pass), and only those are taken (topk).
+    The tokens drawn are the full sort's for the same generator: the kept prefix and the arrays'
+    lengths are the same, the rest zeros either way (ties in probability aside). A flat distribution,
+    whose nucleus is a large part of the vocabulary, is sorted whole."""
+    B, vocab = probs.shape
+    bins = 64
+    octave = torch.log2(probs.amax(dim=-1, keepdim=True) / probs.clamp_min(1e-30)).floor_().clamp_(0, bins - 1).long()
+    flat = (octave + torch.arange(B, device=probs.device)[:, None] * bins).flatten()
+    mass = torch.bincount(flat, weights=probs.flatten().double(), minlength=B * bins).view(B, bins).cumsum(-1)
+    count = torch.bincount(flat, minlength=B * bins).view(B, bins).cumsum(-1)
+    # the first octave at which the mass from the top passes top_p (with a margin of rounding, so the
+    # full sort's cumulative sums past the prefix stay >= top_p): every token up to it
+    reach = (mass < top_p + 1e-5).sum(dim=-1, keepdim=True).clamp_(max=bins - 1)
+    k = int(count.gather(-1, reach).max())
+    if 4 * k < vocab:
+        values, idx = probs.topk(k, dim=-1)
+        if bool((values.sum(dim=-1) >= top_p + 1e-5).all()):
+            return _padded(values, idx, vocab)
+    return probs.sort(dim=-1, descending=True)
+
+
+def _padded(values: torch.Tensor, idx: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, k) values and indices as (B, vocab) ones, zeros after the first k."""
+    full_values, full_idx = values.new_zeros(values.size(0), vocab), idx.new_zeros(idx.size(0), vocab)
+    full_values[:, :values.size(1)] = values
+    full_idx[:, :idx.size(1)] = idx
+    return full_values, full_idx
