@@ -572,6 +572,42 @@ def test_time_budget_sizes_the_schedule(tmp_path, data_dir, capsys):
     assert fit(tiny_cfg(tmp_path / "b", data_dir, steps=6, time_budget_s=1e6))["step"] == 6
 
 
+def test_time_budget_follows_a_machine_that_slows_down(tmp_path, data_dir, capsys, monkeypatch):
+    """Steps that become slow midway (a shared machine): the schedule is cut again at the next
+    re-fit, from the latest steps' time, so the run still ends within its budget, the last step
+    is evaluated and checkpointed, and the learning rate ends at the schedule's floor."""
+    import dataclasses
+    import time
+
+    monkeypatch.setattr(trainer_module, "BUDGET_REFIT_EVERY", 3)
+    slow_after, sleep = 8, 0.4
+    original = Trainer.train_step
+
+    def train_step(self):
+        rec = original(self)
+        if self.step > slow_after:
+            time.sleep(sleep)
+        return rec
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    cfg = tiny_cfg(tmp_path, data_dir, steps=60, time_budget_s=4.0, eval_every=0, eval_batches=1)
+    t0 = time.perf_counter()
+    summary = fit(cfg)
+    wall = time.perf_counter() - t0
+    out = capsys.readouterr().out
+    # fast steps alone would fit all 60; 52 slow ones cannot (21 s): cut once the slowdown is timed
+    assert slow_after < summary["step"] < slow_after + 3.6 / sleep + 2, out
+    assert "steps instead of 60" in out and f"so {summary['step']} steps instead of" in out
+    assert summary["val_loss"] is not None and read_checkpoint_meta(summary["checkpoint"])["step"] == summary["step"]
+    last = summary["history"][-1]
+    assert last["step"] == summary["step"]
+    # the last step's rate is the shortened schedule's last (the cosine's end), not the 60-step one's
+    end = dataclasses.replace(cfg, steps=summary["step"])
+    assert last["lr"] == pytest.approx(lr_at(summary["step"] - 1, end), rel=1e-6)
+    assert last["lr"] < lr_at(summary["step"] - 1, cfg) * 0.5
+    assert wall < 60  # (not a timing test: only that the 60-step schedule was not run)
+
+
 def test_empty_validation_split_fails_before_any_step(tmp_path, tiny_tokenizer):
     (tmp_path / "a.txt").write_text("the model returns a value for the data. " * 200)
     data = tmp_path / "prepared"

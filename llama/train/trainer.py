@@ -58,6 +58,7 @@ from llama.train.recipe import (build_optimizer, clip_grad_norm, compiled_cross_
 
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 BUDGET_PROBE_STEPS = 4  # steps timed before a time budget sizes the schedule (the first compiles)
+BUDGET_REFIT_EVERY = 10  # then every this many steps, timed afresh: a machine that slows down shortens it again
 
 
 def check_data_path(data) -> None:
@@ -365,9 +366,16 @@ class Trainer:
                 synchronize(self.device)
                 if self.step == first_step + 1:
                     after_first = time.perf_counter()  # the first step compiles: time the ones after it
-                if cfg.time_budget_s and self.step == first_step + BUDGET_PROBE_STEPS and not self.resume_from:
+                done = self.step - first_step
+                if cfg.time_budget_s and not self.resume_from and done >= BUDGET_PROBE_STEPS \
+                        and (done - BUDGET_PROBE_STEPS) % BUDGET_REFIT_EVERY == 0:
+                    # the probe's steps after the first, then the last BUDGET_REFIT_EVERY (evaluations
+                    # and checkpoints among them count: they are in the budget too)
                     now = time.perf_counter()
-                    self.fit_to_budget((now - after_first) / (BUDGET_PROBE_STEPS - 1), now - start, metrics)
+                    window = BUDGET_PROBE_STEPS - 1 if done == BUDGET_PROBE_STEPS else BUDGET_REFIT_EVERY
+                    self.fit_to_budget((now - (after_first if done == BUDGET_PROBE_STEPS else fitted)) / window,
+                                       now - start, metrics)
+                    fitted, cfg = time.perf_counter(), self.cfg  # (this step may now be the last)
                 bad_in_a_row = bad_in_a_row + 1 if rec["skipped"] else 0
                 if bad_in_a_row >= cfg.max_bad_steps:
                     raise FloatingPointError(
@@ -402,7 +410,8 @@ class Trainer:
 
     def fit_to_budget(self, per_step: float, elapsed: float, metrics: Metrics) -> None:
         """Lower `steps` so that the run ends within `time_budget_s`, given the seconds a step takes
-        (measured after the first one); the same decision on every rank (the slowest rank's time)."""
+        now (measured after the first one, then over the latest steps); never raises it. The same
+        decision on every rank (the slowest rank's time)."""
         t = torch.tensor([per_step], dtype=torch.float64, device=self.device)
         if self.mesh is not None:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -410,7 +419,8 @@ class Trainer:
         left = 0.9 * self.cfg.time_budget_s - elapsed  # 10% for evaluations, checkpoints and export
         fits = self.step + max(0, int(left / per_step))
         if fits < self.cfg.steps:
-            metrics.write(f"time budget {self.cfg.time_budget_s:.0f} s: {per_step:.2f} s a step "
+            metrics.write(f"time budget {self.cfg.time_budget_s:.0f} s, {elapsed:.0f} s spent at step {self.step}: "
+                          f"{per_step:.2f} s a step "
                           f"({self.cfg.global_batch_tokens / per_step:,.0f} tokens/s), so {fits} steps instead of "
                           f"{self.cfg.steps}; the learning-rate schedule ends there")
             self.cfg = dataclasses.replace(self.cfg, steps=fits)
