@@ -8,7 +8,8 @@ Sections, in order (each in its own try/except: an error is recorded and the nex
                of 2 GiB: bytes read + written / time; also a read-only sum), used by the sections below
   decode       batch-1 greedy decoding of the 1B preset in bf16: eager, the compiled decoder (on CUDA
                with its own CUDA graph of the step and its one-row products on llama.gpu_kernels'
-               Triton kernel; then on cuBLAS, gemv=False), transformers' generate with its static
+               Triton kernel; then on cuBLAS, gemv=False; then with the "math" attention compiled
+               by inductor instead of sdpa's kernel), transformers' generate with its static
                cache (compiled by transformers on CUDA), int8 compiled; then the 7B preset, ours on
                both and transformers (`--decode-big-only`: the 7B rows alone; `--decode-small-only`:
                the 1B rows alone); tokens/s and % of the bandwidth ceiling (bandwidth / bytes read per
@@ -828,10 +829,11 @@ def section_decode(ctx: Ctx, out: dict):
                 kernels += [{"row": label, **k} for k in step_kernels(ctx, generate, min(65, s.new_tokens))]
         ctx.report.save()
 
-    def ours(m, decoder, **options):
+    def ours(m, decoder, attention="sdpa", **options):
         options = {**s.decode_compile, **options} if decoder == "compiled" else options
 
         def make():
+            m.set_attention_backend(attention)  # (every row sets it: a row's choice ends with it)
             torch._dynamo.reset()  # each compiled variant from scratch (no cache entries of another mode)
             llama = our_decoder(m, max_len, decoder, **options)
             ids = prompt[0].tolist()
@@ -848,6 +850,10 @@ def section_decode(ctx: Ctx, out: dict):
         if kernel:
             add("ours, compiled, one-row products on cuBLAS (gemv=False)", "decode_compiled",
                 ours(model, "compiled", gemv=False), dense)
+            # the one-token attention as plain products and a softmax, compiled by inductor, against
+            # sdpa's kernel (cuDNN's flash attention took 8.4 us a layer of a 1B step on an H200)
+            add("ours, compiled, on gemv, attention 'math' (inductor's kernels)", "decode_compiled",
+                ours(model, "compiled", attention="math"), dense, profile=True)
         add("transformers", "decode_transformers", lambda: hf_generator(ctx, model, prompt, max_len, out), dense)
         if kernel:
             with recorded(out, "one_row_products"):

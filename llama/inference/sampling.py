@@ -27,7 +27,7 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: 
     if top_k is not None and top_k < probs.size(-1):
         # the first top_k of a descending sort, without sorting the rest
         probs_sorted, idx = probs.topk(top_k, dim=-1)  # (B, top_k)
-    elif top_p < 1.0:
+    elif top_p < 1.0 and probs.device.type == "cpu":  # (a GPU sorts: no size read back to the host)
         probs_sorted, idx = _nucleus_prefix(probs, top_p)  # (B, V), zeros past a prefix of the sort
     else:
         probs_sorted, idx = probs.sort(dim=-1, descending=True)  # (B, V)
