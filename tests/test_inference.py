@@ -98,13 +98,14 @@ def test_sampling_by_hand():
 
 
 def test_sampling_draws_what_a_full_sort_draws():
-    """top-k and top-p sample without sorting the whole vocabulary (topk of the k largest; for top-p
-    alone, a prefix grown until it holds the nucleus): the same tokens as a full descending sort
-    (the previous way, and Meta's) for the same generator state, over a 32000-token vocabulary,
-    for peaked and flat distributions (a flat one needs the whole sort) and a batch of rows."""
+    """top-k and top-p sample without sorting the whole vocabulary (the k largest by topk; for top-p
+    alone, a prefix grown until it holds the nucleus): the same tokens as a full stable descending
+    sort for the same generator state, over a 32000-token vocabulary, for peaked and flat
+    distributions (a flat one needs the whole sort), a batch of rows, and bf16 logits, whose many
+    equal probabilities a sort may order any way (stable: by token id)."""
     def by_full_sort(logits, temperature, top_p, top_k, generator):
         probs = torch.softmax(logits.float() / temperature, dim=-1)
-        probs_sorted, idx = probs.sort(dim=-1, descending=True)
+        probs_sorted, idx = probs.sort(dim=-1, descending=True, stable=True)
         if top_k is not None:
             probs_sorted, idx = probs_sorted[:, :top_k], idx[:, :top_k]
         mass_before = probs_sorted.cumsum(dim=-1) - probs_sorted
@@ -113,17 +114,21 @@ def test_sampling_draws_what_a_full_sort_draws():
         return idx.gather(-1, torch.multinomial(probs_sorted, 1, generator=generator)).squeeze(-1)
 
     logits = torch.randn(64, 32000, generator=torch.Generator().manual_seed(1)) * 3
-    for temperature, top_p, top_k in ((0.8, 1.0, 40), (0.8, 0.9, 40), (0.8, 0.5, 1000), (0.6, 0.9, None),
-                                      (0.3, 0.95, None), (1.0, 0.9, None), (20.0, 0.9, None)):
-        for seed in range(3):
-            got = sample(logits, temperature, top_p, top_k, generator=torch.Generator().manual_seed(seed))
-            want = by_full_sort(logits, temperature, top_p, top_k, torch.Generator().manual_seed(seed))
-            assert torch.equal(got, want), (temperature, top_p, top_k, seed)
-        assert len(set(got.tolist())) > 8  # real draws, not one token
+    ties = logits.to(torch.bfloat16).float()  # ~250 values per octave: long runs of equal probabilities
+    assert ties[0].unique().numel() < 4000
+    for x in (logits, ties):
+        for temperature, top_p, top_k in ((0.8, 1.0, 40), (0.8, 0.9, 40), (0.8, 0.5, 1000), (0.6, 0.9, None),
+                                          (0.3, 0.95, None), (1.0, 0.9, None), (20.0, 0.9, None)):
+            for seed in range(3):
+                got = sample(x, temperature, top_p, top_k, generator=torch.Generator().manual_seed(seed))
+                want = by_full_sort(x, temperature, top_p, top_k, torch.Generator().manual_seed(seed))
+                assert torch.equal(got, want), (x.dtype, temperature, top_p, top_k, seed)
+            assert len(set(got.tolist())) > 8  # real draws, not one token
     # one row at a time too (generation's usual batch), with its generator carrying on
     g, g_ref = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    for row in logits[:16]:
-        assert torch.equal(sample(row[None], 0.7, 0.9, generator=g), by_full_sort(row[None], 0.7, 0.9, None, g_ref))
+    for row in ties[:16]:
+        for top_k in (None, 40):
+            assert torch.equal(sample(row[None], 0.7, 0.9, top_k, generator=g), by_full_sort(row[None], 0.7, 0.9, top_k, g_ref))
 
 
 def test_seeded_sampling_is_reproducible(llama):

@@ -20,17 +20,19 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: 
            generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Next token per row from (B, vocab) logits: argmax at temperature 0, else softmax(logits / T)
     restricted to the top-k tokens and then to the smallest prefix (by probability) whose mass
-    reaches top_p, renormalised and sampled."""
+    reaches top_p, renormalised and sampled. The candidates are ordered as a stable descending sort
+    orders them (equal probabilities, common with bf16 logits, by token id), so a seeded draw does
+    not depend on how they were found."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
+    on_cpu = probs.device.type == "cpu"  # (a GPU sorts whole: nothing read back to the host)
     if top_k is not None and top_k < probs.size(-1):
-        # the first top_k of a descending sort, without sorting the rest
-        probs_sorted, idx = probs.topk(top_k, dim=-1)  # (B, top_k)
-    elif top_p < 1.0 and probs.device.type == "cpu":  # (a GPU sorts: no size read back to the host)
+        probs_sorted, idx = _largest(probs, top_k) if on_cpu else _sorted(probs, top_k)  # (B, top_k)
+    elif top_p < 1.0 and on_cpu:
         probs_sorted, idx = _nucleus_prefix(probs, top_p)  # (B, V), zeros past a prefix of the sort
     else:
-        probs_sorted, idx = probs.sort(dim=-1, descending=True)  # (B, V)
+        probs_sorted, idx = _sorted(probs)  # (B, V)
     if top_p < 1.0:
         # keep token i if the mass strictly before it is < top_p: the smallest prefix reaching top_p
         mass_before = probs_sorted.cumsum(dim=-1) - probs_sorted
@@ -40,14 +42,34 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: 
     return idx.gather(-1, choice).squeeze(-1)
 
 
+def _sorted(probs: torch.Tensor, k: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's probabilities (the first k) and token ids, largest first, ties by token id."""
+    values, idx = probs.sort(dim=-1, descending=True, stable=True)
+    return (values, idx) if k is None else (values[:, :k], idx[:, :k])
+
+
+def _largest(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_sorted(probs, k)` without sorting the whole vocabulary: each row's k-th largest probability
+    (topk), every token at or above it (ids ascending: all of a tie at the k-th place, whichever of
+    them topk returned), those sorted stably."""
+    kth = probs.topk(k, dim=-1).values[:, -1:]
+    values, idx = [], []
+    for row, at_least in zip(probs, kth):
+        ids = (row >= at_least).nonzero().squeeze(-1)
+        v, order = row[ids].sort(descending=True, stable=True)
+        values.append(v[:k])
+        idx.append(ids[order[:k]])
+    return torch.stack(values), torch.stack(idx)
+
+
 def _nucleus_prefix(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, indices) of `probs` (B, V) sorted descending, exact for every token top-p keeps and
-    zero past them, without sorting the whole vocabulary (2.5 of a sampled token's 4.3 ms at 32000
-    on a 2-core CPU): how many of the largest probabilities hold top_p of each row's mass is read
-    from their mass by octave below the row's largest (one pass), and only those are taken (topk).
-    The tokens drawn are the full sort's for the same generator: the kept prefix and the arrays'
-    lengths are the same, the rest zeros either way (ties in probability aside). A flat distribution,
-    whose nucleus is a large part of the vocabulary, is sorted whole."""
+    """`_sorted(probs)`, exact for every token top-p keeps and zero past them, without sorting the
+    whole vocabulary (2.5 of a sampled token's 4.3 ms at 32000 on a 2-core CPU): how many of the
+    largest probabilities hold top_p of each row's mass is read from their mass by octave below the
+    row's largest (one pass), and only those are taken (`_largest`). The tokens drawn are the full
+    sort's for the same generator: the kept prefix and the arrays' lengths are the same, the rest
+    zeros either way. A flat distribution, whose nucleus is a large part of the vocabulary, is
+    sorted whole."""
     B, vocab = probs.shape
     bins = 64
     octave = torch.log2(probs.amax(dim=-1, keepdim=True) / probs.clamp_min(1e-30)).floor_().clamp_(0, bins - 1).long()
@@ -59,10 +81,10 @@ def _nucleus_prefix(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, to
     reach = (mass < top_p + 1e-5).sum(dim=-1, keepdim=True).clamp_(max=bins - 1)
     k = int(count.gather(-1, reach).max())
     if 4 * k < vocab:
-        values, idx = probs.topk(k, dim=-1)
+        values, idx = _largest(probs, k)
         if bool((values.sum(dim=-1) >= top_p + 1e-5).all()):
             return _padded(values, idx, vocab)
-    return probs.sort(dim=-1, descending=True)
+    return _sorted(probs)
 
 
 def _padded(values: torch.Tensor, idx: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
