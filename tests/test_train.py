@@ -591,9 +591,7 @@ def test_time_budget_follows_a_machine_that_slows_down(tmp_path, data_dir, capsy
 
     monkeypatch.setattr(Trainer, "train_step", train_step)
     cfg = tiny_cfg(tmp_path, data_dir, steps=60, time_budget_s=4.0, eval_every=0, eval_batches=1)
-    t0 = time.perf_counter()
     summary = fit(cfg)
-    wall = time.perf_counter() - t0
     out = capsys.readouterr().out
     # fast steps alone would fit all 60; 52 slow ones cannot (21 s): cut once the slowdown is timed
     assert slow_after < summary["step"] < slow_after + 3.6 / sleep + 2, out
@@ -605,7 +603,6 @@ def test_time_budget_follows_a_machine_that_slows_down(tmp_path, data_dir, capsy
     end = dataclasses.replace(cfg, steps=summary["step"])
     assert last["lr"] == pytest.approx(lr_at(summary["step"] - 1, end), rel=1e-6)
     assert last["lr"] < lr_at(summary["step"] - 1, cfg) * 0.5
-    assert wall < 60  # (not a timing test: only that the 60-step schedule was not run)
 
 
 def test_empty_validation_split_fails_before_any_step(tmp_path, tiny_tokenizer):
