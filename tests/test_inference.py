@@ -557,7 +557,8 @@ def _decode_logits(model, tokens, decoder=None, prefill=4):
 
 def _fused_step_agrees(model, exact, decoder, tokens, tol) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode `tokens` with the fused `decoder`, the eager `model` and the fp64 `exact` model: the fused
-    logits and cache equal the eager ones to `tol` of the logits' scale, and the fused logits are as
+    logits and cache equal the eager ones to `tol` of their scale (bf16: a layer's keys round one ulp
+    apart where the layer below differed by one), and the fused logits are as
     close to the exact ones as the eager model's are. Returns (fused logits, exact logits)."""
     fused, fused_cache = _decode_logits(model, tokens, decoder)
     eager, eager_cache = _decode_logits(model, tokens)
@@ -565,22 +566,25 @@ def _fused_step_agrees(model, exact, decoder, tokens, tol) -> tuple[torch.Tensor
     scale = want.abs().max()
     assert (fused - eager).abs().max() < tol * scale
     assert (fused - want).abs().max() < 1.5 * (eager - want).abs().max() + tol / 2 * scale
-    torch.testing.assert_close(fused_cache.k, eager_cache.k, atol=tol, rtol=tol)
-    torch.testing.assert_close(fused_cache.v, eager_cache.v, atol=tol, rtol=tol)
+    for got, ref in ((fused_cache.k, eager_cache.k), (fused_cache.v, eager_cache.v)):  # to tol of the cache's scale
+        torch.testing.assert_close(got, ref, atol=tol * ref.abs().max().item(), rtol=tol)
     return fused, want
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [dict(), dict(dim=48, n_heads=4, n_kv_heads=2, multiple_of=8, vocab_size=97),
-                                   dict(dim=40, n_heads=4, n_kv_heads=1, multiple_of=4, vocab_size=97)])
+                                   dict(dim=40, n_heads=4, n_kv_heads=1, multiple_of=4, vocab_size=97),
+                                   dict(dim=320, n_heads=20, n_kv_heads=4, multiple_of=32, vocab_size=97)])
 def test_fused_cpu_decoder_matches_the_model(shape, dtype, variant):
     """The fused C++ decoding step (each instruction-set build this CPU runs: an AVX-512 machine
     checks its AVX2 build too) against the eager model: same rounding points in bf16, so the logits
     and cache agree to bf16 resolution, and both are as close to an exact (fp64) run; in fp32 it
     agrees with the model to fp32 accuracy. The second shape has grouped-query heads, head_dim 12,
     K = 48 (the kernels' tails) and a vocabulary of 97 rows; the third one kv head, head_dim 10 and
-    K = 40 and 108 (no whole number of 16- or 32-element blocks)."""
+    K = 40 and 108 (no whole number of 16- or 32-element blocks); the fourth 20 query heads on 4 kv
+    heads (the attention's scores go 16 heads at a time, then 4, and a kv head's 5 query heads straddle
+    the two groups). 20 positions: the values' blocks of 8 positions end in a part-block."""
     torch.manual_seed(0)
     ref = Transformer(tiny_args(**shape)).double().eval()
     ref.init_weights(std=0.08)
