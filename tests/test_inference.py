@@ -1051,6 +1051,28 @@ def test_kernel_vector_primitives_against_scalar_code(variant, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "neon"])
+def test_x86_kernel_builds_that_this_cpu_cannot_run_compile(variant, tmp_path):
+    """An x86 build this CPU cannot run (e.g. AVX512-BF16 on a Xeon without it) still compiles here,
+    intrinsics and all (-O0: the instruction-set checks of the intrinsics happen when they are
+    inlined, which -fsyntax-only skips): the builds this CPU runs are built and checked by the tests
+    above, and this one would otherwise first be compiled on its users' machines."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("not an x86 machine")
+    if variant in cpu_kernel_variants():
+        pytest.skip(f"this CPU runs the {variant} kernel: the tests above build and check it")
+    compiler = shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    includes = [f"-I{p}" for p in [*include_paths(), sysconfig.get_paths()["include"]]]
+    out = subprocess.run([compiler, "-std=c++20", "-O0", "-c", "-fPIC", "-fopenmp", f"-DLLAMA_ISA_{variant.upper()}",
+                          *VARIANTS[variant][1], f"-DTORCH_EXTENSION_NAME=llama_cpu_kernels_{variant}", *includes,
+                          str(ROOT / "llama" / "cpu_kernels.cpp"), "-o", str(tmp_path / "kernels.o")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.mark.slow
 def test_neon_kernel_compiles_for_aarch64():
     """The whole NEON build of cpu_kernels.cpp (with torch's headers) type-checks for aarch64, where
     the cross compiler is installed: this x86 machine cannot build or run it against an aarch64 torch."""
