@@ -1402,7 +1402,9 @@ static void backward(const torch::Tensor& grad, const torch::Tensor& q, const to
 // products. X is laid out and Y written by 16 x 16 word transposes in registers (a 16-row gather
 // thrashes L1 where the row stride is a power of two). Threads split the weight rows.
 namespace rowlin {
-constexpr int R = 4, W = 4, CB = 16 * W, CHUNK = 48;  // tile: R weight rows x W vectors of positions; rows per task
+// tile: R weight rows x W vectors of positions; rows per task; a weight panel's words (KC: its B
+// block, KC x CB words, stays in L1 while the tile walks the task's rows)
+constexpr int R = 4, W = 4, CB = 16 * W, CHUNK = 48, KC = 64;
 
 // o[k] = (r[0][k], ..., r[15][k]): 16 registers of 16 words transposed
 static inline void transpose16(const __m512i* r, __m512i* o) {
@@ -1446,33 +1448,24 @@ static void pack(const uint32_t* X, int64_t rows, int64_t ld, int64_t kw, uint32
     }
 }
 
-// C (RR x 16 WW fp32, row stride ldc) = w (RR rows, stride ldw) . B (kp x 16 WW words); pf: RR rows
-// (pfl bytes apart, pfs bytes a step) whose same columns the tile prefetches, a cache line of each per
-// 16 steps (or null)
+// C (RR x 16 WW fp32, row stride ldc) = [C +] w (RR rows, stride ldw) . B (kp x 16 WW words)
 template <typename T, int RR, int WW>
-static void tile(const T* w, int64_t ldw, const uint32_t* B, int64_t kp, float* C, int64_t ldc, const char* pf,
-                 int64_t pfl, int64_t pfs) {
+static void tile(const T* w, int64_t ldw, const uint32_t* B, int64_t kp, float* C, int64_t ldc, bool add) {
   using Op = attn::Op<T>;
   F acc[RR][WW];
 #pragma GCC unroll 16
   for (int i = 0; i < RR; ++i)
 #pragma GCC unroll 16
-    for (int v = 0; v < WW; ++v) acc[i][v] = V::zero();
-  for (int64_t p0 = 0; p0 < kp; p0 += 16) {
-    if (pf)
+    for (int v = 0; v < WW; ++v) acc[i][v] = add ? _mm512_loadu_ps(C + i * ldc + 16 * v) : V::zero();
+  for (int64_t p = 0; p < kp; ++p) {
+    F b[WW];
 #pragma GCC unroll 16
-      for (int i = 0; i < RR; ++i) _mm_prefetch(pf + i * pfl + pfs * p0, _MM_HINT_T0);
-    const int64_t p1 = std::min(kp, p0 + 16);
-    for (int64_t p = p0; p < p1; ++p) {
-      F b[WW];
+    for (int v = 0; v < WW; ++v) b[v] = _mm512_castsi512_ps(_mm512_loadu_si512(B + p * 16 * WW + 16 * v));
 #pragma GCC unroll 16
-      for (int v = 0; v < WW; ++v) b[v] = _mm512_castsi512_ps(_mm512_loadu_si512(B + p * 16 * WW + 16 * v));
+    for (int i = 0; i < RR; ++i) {
+      const F a = Op::a(w + i * ldw + Op::KS * p);
 #pragma GCC unroll 16
-      for (int i = 0; i < RR; ++i) {
-        const F a = Op::a(w + i * ldw + Op::KS * p);
-#pragma GCC unroll 16
-        for (int v = 0; v < WW; ++v) acc[i][v] = Op::fma(acc[i][v], a, b[v]);
-      }
+      for (int v = 0; v < WW; ++v) acc[i][v] = Op::fma(acc[i][v], a, b[v]);
     }
   }
 #pragma GCC unroll 16
@@ -1480,34 +1473,69 @@ static void tile(const T* w, int64_t ldw, const uint32_t* B, int64_t kp, float* 
 #pragma GCC unroll 16
     for (int v = 0; v < WW; ++v) _mm512_storeu_ps(C + i * ldc + 16 * v, acc[i][v]);
 }
-#define LLAMA_TILE_ARGS const T *w, int64_t ldw, const uint32_t *B, int64_t kp, float *C, int64_t ldc, const char *pf, int64_t pfl, int64_t pfs
+#define LLAMA_TILE_ARGS const T *w, int64_t ldw, const uint32_t *B, int64_t kp, float *C, int64_t ldc, bool add
 template <typename T, int RR>
 static void tile_w(int ww, LLAMA_TILE_ARGS) {
   switch (ww) {
-    case 1: return tile<T, RR, 1>(w, ldw, B, kp, C, ldc, pf, pfl, pfs);
-    case 2: return tile<T, RR, 2>(w, ldw, B, kp, C, ldc, pf, pfl, pfs);
-    case 3: return tile<T, RR, 3>(w, ldw, B, kp, C, ldc, pf, pfl, pfs);
-    default: return tile<T, RR, W>(w, ldw, B, kp, C, ldc, pf, pfl, pfs);
+    case 1: return tile<T, RR, 1>(w, ldw, B, kp, C, ldc, add);
+    case 2: return tile<T, RR, 2>(w, ldw, B, kp, C, ldc, add);
+    case 3: return tile<T, RR, 3>(w, ldw, B, kp, C, ldc, add);
+    default: return tile<T, RR, W>(w, ldw, B, kp, C, ldc, add);
   }
 }
 template <typename T>
 static void tile_rw(int rr, int ww, LLAMA_TILE_ARGS) {
   switch (rr) {
-    case 1: return tile_w<T, 1>(ww, w, ldw, B, kp, C, ldc, pf, pfl, pfs);
-    case 2: return tile_w<T, 2>(ww, w, ldw, B, kp, C, ldc, pf, pfl, pfs);
-    case 3: return tile_w<T, 3>(ww, w, ldw, B, kp, C, ldc, pf, pfl, pfs);
-    default: return tile_w<T, R>(ww, w, ldw, B, kp, C, ldc, pf, pfl, pfs);
+    case 1: return tile_w<T, 1>(ww, w, ldw, B, kp, C, ldc, add);
+    case 2: return tile_w<T, 2>(ww, w, ldw, B, kp, C, ldc, add);
+    case 3: return tile_w<T, 3>(ww, w, ldw, B, kp, C, ldc, add);
+    default: return tile_w<T, R>(ww, w, ldw, B, kp, C, ldc, add);
   }
 }
 #undef LLAMA_TILE_ARGS
 
-// n int8 weights -> T (exact: |q| <= 127 fits bf16's significand)
+// The type a product multiplies in: bf16 pairs where the build has the native bf16 dot, else fp32
+// (bf16 widens exactly; the sums' order is the pairs' either way: k, k + 1, ...)
 template <typename T>
-static void widen(const int8_t* q, T* out, int64_t n) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    E<T>::store(out + i, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + i)))));
-  for (; i < n; ++i) out[i] = E<T>::from((float)q[i]);
+#if defined(LLAMA_ISA_AVX512BF16)
+using Compute = T;
+#else
+using Compute = float;
+#endif
+
+// One element of a weight (T or int8) as the compute type CT (exact: bf16 widens, |int8| <= 127 fits
+// bf16's significand)
+template <typename CT, typename WT>
+static inline CT as(WT v) {
+  if constexpr (std::is_same<CT, WT>::value) return v;
+  else if constexpr (std::is_same<WT, bf16>::value) return b2f(v);
+  else return E<CT>::from((float)v);
+}
+
+// rows (nr x K, contiguous, WT) -> out: panels of KS KC columns, each (nr x KS KC) with the rows'
+// words of that panel contiguous (the last panel narrower), in the compute type CT. One sequential
+// pass over the rows: the hardware prefetchers follow it, where a tile's strided reads left it
+// waiting on memory
+template <typename CT, typename WT>
+static void panels(const WT* rows, int64_t nr, int64_t K, CT* out) {
+  constexpr int64_t KS = attn::Op<CT>::KS, PW = KS * KC;
+  for (int64_t n = 0; n < nr; ++n) {
+    const WT* r = rows + n * K;
+    for (int64_t k0 = 0; k0 < K; k0 += PW) {
+      const int64_t kn = std::min<int64_t>(PW, K - k0);
+      CT* o = out + k0 * nr + n * kn;
+      if constexpr (std::is_same<CT, WT>::value) std::memcpy(o, r + k0, kn * sizeof(CT));
+      else if constexpr (std::is_same<CT, float>::value && std::is_same<WT, bf16>::value) {
+        int64_t k = 0;
+        for (; k + 16 <= kn; k += 16) V::store(o + k, V::load_bf16(r + k0 + k));
+        for (; k < kn; ++k) o[k] = b2f(r[k0 + k]);
+      } else if constexpr (std::is_same<WT, int8_t>::value) {
+        int64_t k = 0;
+        for (; k + 16 <= kn; k += 16) E<CT>::store(o + k, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(r + k0 + k)))));
+        for (; k < kn; ++k) o[k] = as<CT>(r[k0 + k]);
+      }
+    }
+  }
 }
 
 // Y rows (row stride ldy) at the columns of C's nr rows (C: nr x gq fp32, positions < gm valid) =
@@ -1543,37 +1571,52 @@ static void write(const float* C, int64_t nr, int64_t gq, int64_t gm, T* Y, int6
 }
 
 // Y (M x N, row stride ldy) = round(X (M x K, contiguous) W^T), or with add round(Y + round(X W^T)); W
-// (N x K) contiguous, in T or int8 with `scales` (N, in T; each tile's rows widened to T first); bf16
-// needs K even. Positions go in groups whose columns (K x group words) stay within half of L2
+// (N x K) contiguous, in T or int8 with `scales` (N, in T), multiplied in Compute<T> (the rows widened to
+// fp32 once per group where the build has no bf16 dots); bf16 needs K even. Positions go in groups
+// whose columns (kp x group words) stay within half of L2; each task's rows are first laid out as
+// panels (`panels`), then for each panel and block of 64 positions the tile walks the task's rows,
+// the block's KC x 64 words in L1 (sums carried across panels in C, in order: the same sums as
+// without panels). Unpanelled, the tiles read their B from L2 and ran at ~55% of the FMA peak
+// (M = 1024 on the Xeon without AVX512-BF16: 126-156 GFLOP/s against oneDNN's fp32 176-244)
 template <typename T, typename WT = T>
 static void linear(const T* X, int64_t M, int64_t K, const WT* Wt, int64_t N, T* Y, int64_t ldy, bool add,
                    const T* scales = nullptr) {
-  constexpr int KS = attn::Op<T>::KS;
+  using CT = Compute<T>;
+  constexpr int KS = attn::Op<CT>::KS;
   const int64_t kp = K / KS, G = std::max<int64_t>(CB, (512 * 1024 / (4 * kp)) / CB * CB);
   std::vector<uint32_t> cols(kp * attn::up(std::min(M, G), CB));
-  const uint32_t* xw = reinterpret_cast<const uint32_t*>(X);
+  std::vector<float> wide(std::is_same<CT, T>::value ? 0 : std::min(M, G) * K);  // a group's rows in fp32
   for (int64_t g0 = 0; g0 < M; g0 += G) {
     const int64_t gm = std::min(G, M - g0), gq = attn::up(gm, 16), nb = (gq + CB - 1) / CB;
+    const uint32_t* xw = reinterpret_cast<const uint32_t*>(X + g0 * K);
+    if constexpr (!std::is_same<CT, T>::value) {
+      at::parallel_for(0, gm * K, 4096, [&](int64_t i0, int64_t i1) {  // the rows as they are, in fp32
+        int64_t i = i0;
+        for (; i + 16 <= i1; i += 16) V::store(wide.data() + i, E<T>::load(X + g0 * K + i));
+        for (; i < i1; ++i) wide[i] = E<T>::to(X[g0 * K + i]);
+      });
+      xw = reinterpret_cast<const uint32_t*>(wide.data());
+    }
     at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {  // block b: kp x min(CB, gq - b CB) words
       for (int64_t b = b0; b < b1; ++b)
-        pack(xw + (g0 + b * CB) * kp, std::min<int64_t>(CB, gm - b * CB), kp, kp, cols.data() + b * kp * CB,
+        pack(xw + b * CB * kp, std::min<int64_t>(CB, gm - b * CB), kp, kp, cols.data() + b * kp * CB,
              std::min<int64_t>(CB, gq - b * CB));
     });
     at::parallel_for(0, (N + CHUNK - 1) / CHUNK, 1, [&](int64_t c0, int64_t c1) {
       std::vector<float> ct(CHUNK * gq);
-      std::vector<T> wide(std::is_same<WT, T>::value ? 0 : R * K);
+      static thread_local avec<CT> pw;
+      pw.resize(CHUNK * K);
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t n0 = c * CHUNK, nr = std::min<int64_t>(CHUNK, N - n0);
-        for (int64_t i = 0; i < nr; i += R) {
-          const int rr = (int)std::min<int64_t>(R, nr - i);
-          const WT* q = Wt + (n0 + i) * K;
-          const T* w;
-          if constexpr (std::is_same<WT, T>::value) w = q;
-          else { widen<T>(q, wide.data(), rr * K); w = wide.data(); }
-          const char* pf = n0 + i + 2 * R <= N ? (const char*)(q + R * K) : nullptr;
-          for (int64_t b = 0; b < nb; ++b)
-            tile_rw<T>(rr, (int)(std::min<int64_t>(CB, gq - b * CB) / 16), w, K, cols.data() + b * kp * CB, kp,
-                       ct.data() + i * gq + b * CB, gq, b == 0 ? pf : nullptr, K * sizeof(WT), KS * sizeof(WT));
+        panels<CT, WT>(Wt + n0 * K, nr, K, pw.data());
+        for (int64_t k0 = 0; k0 < kp; k0 += KC) {
+          const int64_t kn = std::min<int64_t>(KC, kp - k0);
+          for (int64_t b = 0; b < nb; ++b) {
+            const int64_t ww = std::min<int64_t>(CB, gq - b * CB);
+            for (int64_t i = 0; i < nr; i += R)
+              tile_rw<CT>((int)std::min<int64_t>(R, nr - i), (int)(ww / 16), pw.data() + KS * (k0 * nr + i * kn), KS * kn,
+                          cols.data() + b * kp * CB + k0 * ww, kn, ct.data() + i * gq + b * CB, gq, k0 > 0);
+          }
         }
         write<T>(ct.data(), nr, gq, gm, Y + g0 * ldy + n0, ldy, add, scales ? scales + n0 : nullptr);
       }
@@ -1657,9 +1700,10 @@ void linear_rows(torch::Tensor x, torch::Tensor w, torch::Tensor out, bool add, 
 
 // Prefill: the model's forward over T new positions of B rows in one call (bf16 or fp32 activations;
 // weights in that dtype or int8 with scales), for generation's first chunk. The products take the
-// packed q|k|v and w1|w3: in the AVX512-BF16 build rowlin::linear (int8 weights widened a tile's rows
-// at a time; the residual add fused into wo's and w2's), elsewhere torch's at::linear (int8 weights
-// cast for the call, as Int8Linear does); the output product of up to 8 rows is the decoding step's.
+// packed q|k|v and w1|w3: in the AVX-512 builds rowlin::linear (int8 weights widened into panels a
+// task's rows at a time; the residual add fused into wo's and w2's) except where oneDNN's fp32 product
+// is faster (see `lin`), elsewhere torch's at::linear (int8 weights cast for the call, as Int8Linear
+// does); the output product of up to 8 rows is the decoding step's.
 // Everything between the products is here, one pass each over rows in parallel: RMSNorm, RoPE
 // (written into q in place and into the cache for k), the cache write of v, SiLU(a) * b, and the
 // causal attention over the cache's prefix (the blocked kernel where the build has it, nothing kept
@@ -1730,6 +1774,32 @@ static void attention(const torch::Tensor& q, const torch::Tensor& k, const torc
   out.copy_(at::scaled_dot_product_attention(q.transpose(1, 2), kh, vh, mask, 0.0, start == 0).transpose(1, 2));
 }
 
+// a (M, K) w (N, K)^T into a new tensor, or with `into` round(into + round(a w^T)), through oneDNN's
+// fp32 product: w (bf16, or int8 with `scales`: round(round(a w^T) scales), as Int8Linear computes
+// it) widened to fp32 a slice of rows at a time (up to 8 MB), a once. For the AVX-512 build without
+// bf16 dots from WIDE_ROWS rows on, where oneDNN's fp32 products beat rowlin's (on that 2-core Xeon,
+// 160M's layer products at 1024 rows: 1.2-1.4x; at 256 rows rowlin's were faster). Each sum is fp32
+// over exact products, as rowlin's and the model's are, in oneDNN's order
+constexpr int64_t WIDE_ROWS = 512;
+static torch::Tensor wide_linear(const torch::Tensor& a, const torch::Tensor& w, torch::Tensor* into,
+                                 const torch::Tensor* scales) {
+  const int64_t N = w.size(0), K = w.size(1), NS = std::max<int64_t>(64, (8 << 20) / (4 * K));
+  auto af = a.to(at::kFloat);
+  auto y = into ? *into : torch::empty({a.size(0), N}, a.options());
+  auto ws = torch::empty({std::min(N, NS), K}, af.options());
+  for (int64_t n0 = 0; n0 < N; n0 += NS) {
+    const int64_t nn = std::min(NS, N - n0);
+    auto wn = ws.narrow(0, 0, nn);
+    wn.copy_(w.narrow(0, n0, nn));
+    auto part = at::linear(af, wn).to(a.scalar_type());  // (M, nn), rounded to nearest even
+    if (scales) part.mul_(scales->narrow(0, n0, nn));  // rounded again
+    auto out = y.narrow(1, n0, nn);
+    if (into) out.add_(part);  // round(into + round(product)), as the model's residual add
+    else out.copy_(part);
+  }
+  return y;
+}
+
 template <typename T>
 static torch::Tensor run(torch::Tensor h, const std::vector<torch::Tensor>& layers, const torch::Tensor& norm_w,
                          const torch::Tensor& out_w, const std::vector<torch::Tensor>& scales, torch::Tensor& cache_k,
@@ -1741,15 +1811,18 @@ static torch::Tensor run(torch::Tensor h, const std::vector<torch::Tensor>& laye
   // product i of a (rows) with w, into a new tensor, or with `into` added into it (the residual add,
   // round(into + round(a w^T))); on AVX-512 through rowlin::linear, else at::linear. int8 weights
   // (scales[i]) as Int8Linear computes them: the product rounded, then scaled. The AVX-512 build
-  // without bf16 dots leaves fp32 weights to at::linear: oneDNN's fp32 products were faster there
-  // (a 2-core Xeon, 160M at batch 8: 926 against 700 prompt tokens/s; batch 1 even), its bf16 ones
-  // 3.5x slower than rowlin's pairs widened to fp32
+  // without bf16 dots leaves fp32 weights to at::linear (oneDNN's fp32 products were faster there: a
+  // 2-core Xeon, 160M at batch 8, 926 against 700 prompt tokens/s; batch 1 even), and bf16 weights
+  // too from WIDE_ROWS rows on, widened (`wide_linear`: 160M at batch 8, 1.47x rowlin's), int8 ones
+  // likewise; oneDNN's own bf16 products were 3.5x slower than rowlin's widened to fp32
   auto lin = [&](const torch::Tensor& a, const torch::Tensor& w, int64_t i, torch::Tensor* into = nullptr) {
 #if defined(LLAMA_AVX512)
 #if defined(LLAMA_ISA_AVX512BF16)
     constexpr bool fp32_rowlin = true;
 #else
     constexpr bool fp32_rowlin = false;
+    if ((std::is_same<T, bf16>::value || !scales.empty()) && a.size(0) >= WIDE_ROWS)
+      return wide_linear(a, w, into, scales.empty() ? nullptr : &scales[i]);
 #endif
     if (std::is_same<T, float>::value ? (fp32_rowlin || !scales.empty()) : a.size(1) % 2 == 0) {
       auto y = into ? *into : torch::empty({a.size(0), w.size(0)}, a.options());

@@ -619,8 +619,9 @@ def test_fused_prefill_matches_the_model(shape, dtype, int8, variant):
     """A prompt chunk through the kernel's `prefill` (each build this CPU runs) against the eager
     model and an exact fp64 one: the last position's logits and everything written to the cache.
     Chunks from position 0 (150 positions: a whole block of 128 queries and a ragged one; 7
-    positions) and after 20 cached ones; 1 and 3 rows, and 9 (more than the decoding step's output
-    product takes: the last positions' logits through the prefill products). Head size 32 in the
+    positions) and after 20 cached ones; 1 and 3 rows, 4 (600 positions: the bf16 products of the
+    AVX-512 build without bf16 dots go through oneDNN's fp32 ones from 512 on), and 9 (more than the
+    decoding step's output product takes: the last positions' logits through the prefill products). Head size 32 in the
     first two shapes (the AVX512-BF16 build's attention kernel), grouped-query heads in the second;
     the third has head size 10, one kv head and hidden size 81 (the vector passes' tails, sdpa
     attention, tails of the product tiles, an odd K). int8 models too (the exact model holds the
@@ -638,7 +639,7 @@ def test_fused_prefill_matches_the_model(shape, dtype, int8, variant):
     assert decoder.prefills and decoder.int8 == int8
     tokens = torch.randint(0, ref.args.vocab_size, (9, 170))
     tol = 0.02 if dtype == torch.bfloat16 else 1e-5
-    for rows, start, length in ((3, 0, 150), (1, 0, 7), (3, 20, 150), (9, 0, 5)):
+    for rows, start, length in ((3, 0, 150), (1, 0, 7), (4, 20, 150), (9, 0, 5)):
         x = tokens[:rows]
         logits, caches = {}, {}
         for name, run, net in (("fused", decoder, model), ("eager", model, model), ("exact", ref, ref)):
@@ -665,9 +666,10 @@ def test_fused_prefill_matches_the_model(shape, dtype, int8, variant):
 def test_prefill_products_match_fp64(dtype, variant):
     """The AVX-512 builds' prefill product (bf16 pairs in the native bf16 dot, or widened to fp32) (`linear_rows`) against the fp64 product rounded once to
     the dtype, and with `add` against the residual add the model rounds (out + round(x w^T)). Shapes:
-    300 positions at K = 2048 (groups of positions: 128 in bf16, 64 in fp32, the last ragged), 102
-    weight rows (a task of 6: a tile of 2 rows, Y columns narrower than 16); 7 positions at K = 64 (a
-    single 16-position vector). int8 weights with a scale per row too (each tile's rows widened)."""
+    300 positions at K = 2048 (groups of positions: 128 in bf16 pairs, 64 in fp32, the last ragged;
+    32 panels of K), 102 weight rows (a task of 6: a tile of 2 rows, Y columns narrower than 16); 7
+    positions at K = 64 (a single 16-position vector, one panel). int8 weights with a scale per row
+    too (each task's rows widened into panels)."""
     kernel = _kernel_or_skip(variant)
     torch.manual_seed(0)
     half_ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-24  # of a result rounded to the dtype

@@ -19,8 +19,9 @@ A prompt (many positions at once) is matrix products; the eager forward spends a
 prefill around them (RMSNorm, RoPE, SiLU, casts and copies, flash attention at T = 128), and torch's
 oneDNN repacks every weight for every product. The kernel's `prefill` runs the whole forward of a
 prompt chunk in one call: the products on the packed q|k|v and w1|w3 (in the AVX-512 builds its
-own, for int8 weights too, reading the weights as stored with the positions as vector lanes - except
-fp32 weights in the build without bf16 dots, where oneDNN's were faster; elsewhere torch's
+own, for int8 weights too, with the positions as vector lanes and the weights laid out in panels a
+few rows at a time - except in the build without bf16 dots fp32 weights, and bf16 ones from 512
+prompt rows on (widened a slice at a time), where oneDNN's fp32 products were faster; elsewhere torch's
 at::linear), vectorised passes for the rest, and attention over the cache: in the AVX-512 builds
 the blocked attention kernel (llama/blocked_attention.py; head sizes a multiple of 32), else torch's
 sdpa.
