@@ -1448,24 +1448,33 @@ static void pack(const uint32_t* X, int64_t rows, int64_t ld, int64_t kw, uint32
     }
 }
 
-// C (RR x 16 WW fp32, row stride ldc) = [C +] w (RR rows, stride ldw) . B (kp x 16 WW words)
+// C (RR x 16 WW fp32, row stride ldc) = [C +] w (RR rows, stride ldw) . B (kp x 16 WW words); pf: RR
+// rows (pfl bytes apart, pfs bytes a step) whose same columns the tile prefetches, a cache line of
+// each per 16 steps (or null)
 template <typename T, int RR, int WW>
-static void tile(const T* w, int64_t ldw, const uint32_t* B, int64_t kp, float* C, int64_t ldc, bool add) {
+static void tile(const T* w, int64_t ldw, const uint32_t* B, int64_t kp, float* C, int64_t ldc, const char* pf,
+                 int64_t pfl, int64_t pfs, bool add) {
   using Op = attn::Op<T>;
   F acc[RR][WW];
 #pragma GCC unroll 16
   for (int i = 0; i < RR; ++i)
 #pragma GCC unroll 16
     for (int v = 0; v < WW; ++v) acc[i][v] = add ? _mm512_loadu_ps(C + i * ldc + 16 * v) : V::zero();
-  for (int64_t p = 0; p < kp; ++p) {
-    F b[WW];
+  for (int64_t p0 = 0; p0 < kp; p0 += 16) {
+    if (pf)
 #pragma GCC unroll 16
-    for (int v = 0; v < WW; ++v) b[v] = _mm512_castsi512_ps(_mm512_loadu_si512(B + p * 16 * WW + 16 * v));
+      for (int i = 0; i < RR; ++i) _mm_prefetch(pf + i * pfl + pfs * p0, _MM_HINT_T0);
+    const int64_t p1 = std::min(kp, p0 + 16);
+    for (int64_t p = p0; p < p1; ++p) {
+      F b[WW];
 #pragma GCC unroll 16
-    for (int i = 0; i < RR; ++i) {
-      const F a = Op::a(w + i * ldw + Op::KS * p);
+      for (int v = 0; v < WW; ++v) b[v] = _mm512_castsi512_ps(_mm512_loadu_si512(B + p * 16 * WW + 16 * v));
 #pragma GCC unroll 16
-      for (int v = 0; v < WW; ++v) acc[i][v] = Op::fma(acc[i][v], a, b[v]);
+      for (int i = 0; i < RR; ++i) {
+        const F a = Op::a(w + i * ldw + Op::KS * p);
+#pragma GCC unroll 16
+        for (int v = 0; v < WW; ++v) acc[i][v] = Op::fma(acc[i][v], a, b[v]);
+      }
     }
   }
 #pragma GCC unroll 16
@@ -1473,34 +1482,34 @@ static void tile(const T* w, int64_t ldw, const uint32_t* B, int64_t kp, float* 
 #pragma GCC unroll 16
     for (int v = 0; v < WW; ++v) _mm512_storeu_ps(C + i * ldc + 16 * v, acc[i][v]);
 }
-#define LLAMA_TILE_ARGS const T *w, int64_t ldw, const uint32_t *B, int64_t kp, float *C, int64_t ldc, bool add
+#define LLAMA_TILE_ARGS const T *w, int64_t ldw, const uint32_t *B, int64_t kp, float *C, int64_t ldc, const char *pf, int64_t pfl, int64_t pfs, bool add
 template <typename T, int RR>
 static void tile_w(int ww, LLAMA_TILE_ARGS) {
   switch (ww) {
-    case 1: return tile<T, RR, 1>(w, ldw, B, kp, C, ldc, add);
-    case 2: return tile<T, RR, 2>(w, ldw, B, kp, C, ldc, add);
-    case 3: return tile<T, RR, 3>(w, ldw, B, kp, C, ldc, add);
-    default: return tile<T, RR, W>(w, ldw, B, kp, C, ldc, add);
+    case 1: return tile<T, RR, 1>(w, ldw, B, kp, C, ldc, pf, pfl, pfs, add);
+    case 2: return tile<T, RR, 2>(w, ldw, B, kp, C, ldc, pf, pfl, pfs, add);
+    case 3: return tile<T, RR, 3>(w, ldw, B, kp, C, ldc, pf, pfl, pfs, add);
+    default: return tile<T, RR, W>(w, ldw, B, kp, C, ldc, pf, pfl, pfs, add);
   }
 }
 template <typename T>
 static void tile_rw(int rr, int ww, LLAMA_TILE_ARGS) {
   switch (rr) {
-    case 1: return tile_w<T, 1>(ww, w, ldw, B, kp, C, ldc, add);
-    case 2: return tile_w<T, 2>(ww, w, ldw, B, kp, C, ldc, add);
-    case 3: return tile_w<T, 3>(ww, w, ldw, B, kp, C, ldc, add);
-    default: return tile_w<T, R>(ww, w, ldw, B, kp, C, ldc, add);
+    case 1: return tile_w<T, 1>(ww, w, ldw, B, kp, C, ldc, pf, pfl, pfs, add);
+    case 2: return tile_w<T, 2>(ww, w, ldw, B, kp, C, ldc, pf, pfl, pfs, add);
+    case 3: return tile_w<T, 3>(ww, w, ldw, B, kp, C, ldc, pf, pfl, pfs, add);
+    default: return tile_w<T, R>(ww, w, ldw, B, kp, C, ldc, pf, pfl, pfs, add);
   }
 }
 #undef LLAMA_TILE_ARGS
 
-// The type a product multiplies in: bf16 pairs where the build has the native bf16 dot, else fp32
-// (bf16 widens exactly; the sums' order is the pairs' either way: k, k + 1, ...)
-template <typename T>
+// The type a product of T inputs and WT weights multiplies in: T, except int8 weights against bf16
+// inputs in the build without bf16 dots, where both widen to fp32 (bf16 and int8 widen exactly; the
+// sums' order is the bf16 pairs' either way: k, k + 1, ...)
 #if defined(LLAMA_ISA_AVX512BF16)
-using Compute = T;
+template <typename T, typename WT> using Compute = T;
 #else
-using Compute = float;
+template <typename T, typename WT> using Compute = typename std::conditional<std::is_same<WT, int8_t>::value, float, T>::type;
 #endif
 
 // One element of a weight (T or int8) as the compute type CT (exact: bf16 widens, |int8| <= 127 fits
@@ -1513,9 +1522,8 @@ static inline CT as(WT v) {
 }
 
 // rows (nr x K, contiguous, WT) -> out: panels of KS KC columns, each (nr x KS KC) with the rows'
-// words of that panel contiguous (the last panel narrower), in the compute type CT. One sequential
-// pass over the rows: the hardware prefetchers follow it, where a tile's strided reads left it
-// waiting on memory
+// words of that panel contiguous (the last panel narrower), in the compute type CT: int8 weights
+// widened once per task (a tile's rows widened for every block of positions cost ~15% at 1024 rows)
 template <typename CT, typename WT>
 static void panels(const WT* rows, int64_t nr, int64_t K, CT* out) {
   constexpr int64_t KS = attn::Op<CT>::KS, PW = KS * KC;
@@ -1571,17 +1579,20 @@ static void write(const float* C, int64_t nr, int64_t gq, int64_t gm, T* Y, int6
 }
 
 // Y (M x N, row stride ldy) = round(X (M x K, contiguous) W^T), or with add round(Y + round(X W^T)); W
-// (N x K) contiguous, in T or int8 with `scales` (N, in T), multiplied in Compute<T> (the rows widened to
-// fp32 once per group where the build has no bf16 dots); bf16 needs K even. Positions go in groups
-// whose columns (kp x group words) stay within half of L2; each task's rows are first laid out as
-// panels (`panels`), then for each panel and block of 64 positions the tile walks the task's rows,
-// the block's KC x 64 words in L1 (sums carried across panels in C, in order: the same sums as
-// without panels). Unpanelled, the tiles read their B from L2 and ran at ~55% of the FMA peak
-// (M = 1024 on the Xeon without AVX512-BF16: 126-156 GFLOP/s against oneDNN's fp32 176-244)
+// (N x K) contiguous, in T or int8 with `scales` (N, in T), multiplied in Compute<T, WT> (X's rows
+// widened to fp32 once per group where that is fp32 and T is not); bf16 needs K even. Positions go in
+// groups whose columns (kp x group words) stay within half of L2; threads take tasks of CHUNK weight
+// rows. A task walks K in panels of KC words: for each panel and block of 64 positions, the tile
+// walks the task's rows with the block's KC x 64 words in L1, the sums carried in C from panel to
+// panel (the same sums, in the same order, as without panels). Without panels the tiles read their
+// whole block from L2: on the Xeon without AVX512-BF16 at 1024 rows, 1.15-1.3x slower in fp32.
+// Weights in the compute type are read in place (each tile prefetching the next tile's rows); int8
+// ones are first widened into panels (`panels`)
 template <typename T, typename WT = T>
 static void linear(const T* X, int64_t M, int64_t K, const WT* Wt, int64_t N, T* Y, int64_t ldy, bool add,
                    const T* scales = nullptr) {
-  using CT = Compute<T>;
+  using CT = Compute<T, WT>;
+  constexpr bool in_place = std::is_same<CT, WT>::value;
   constexpr int KS = attn::Op<CT>::KS;
   const int64_t kp = K / KS, G = std::max<int64_t>(CB, (512 * 1024 / (4 * kp)) / CB * CB);
   std::vector<uint32_t> cols(kp * attn::up(std::min(M, G), CB));
@@ -1604,18 +1615,27 @@ static void linear(const T* X, int64_t M, int64_t K, const WT* Wt, int64_t N, T*
     });
     at::parallel_for(0, (N + CHUNK - 1) / CHUNK, 1, [&](int64_t c0, int64_t c1) {
       std::vector<float> ct(CHUNK * gq);
-      static thread_local avec<CT> pw;
-      pw.resize(CHUNK * K);
+      std::vector<CT> pw(in_place ? 0 : CHUNK * K);
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t n0 = c * CHUNK, nr = std::min<int64_t>(CHUNK, N - n0);
-        panels<CT, WT>(Wt + n0 * K, nr, K, pw.data());
+        if constexpr (!in_place) panels<CT, WT>(Wt + n0 * K, nr, K, pw.data());
         for (int64_t k0 = 0; k0 < kp; k0 += KC) {
           const int64_t kn = std::min<int64_t>(KC, kp - k0);
           for (int64_t b = 0; b < nb; ++b) {
             const int64_t ww = std::min<int64_t>(CB, gq - b * CB);
-            for (int64_t i = 0; i < nr; i += R)
-              tile_rw<CT>((int)std::min<int64_t>(R, nr - i), (int)(ww / 16), pw.data() + KS * (k0 * nr + i * kn), KS * kn,
-                          cols.data() + b * kp * CB + k0 * ww, kn, ct.data() + i * gq + b * CB, gq, k0 > 0);
+            for (int64_t i = 0; i < nr; i += R) {
+              const int rr = (int)std::min<int64_t>(R, nr - i);
+              float* C = ct.data() + i * gq + b * CB;
+              const uint32_t* B = cols.data() + b * kp * CB + k0 * ww;
+              if constexpr (in_place) {  // row n0 + i, panel k0; the next R rows prefetched while the first block runs
+                const CT* w = reinterpret_cast<const CT*>(Wt) + (n0 + i) * K + KS * k0;
+                const char* pf = b == 0 && n0 + i + 2 * R <= N ? (const char*)(w + R * K) : nullptr;
+                tile_rw<CT>(rr, (int)(ww / 16), w, K, B, kn, C, gq, pf, K * sizeof(CT), KS * sizeof(CT), k0 > 0);
+              } else {
+                tile_rw<CT>(rr, (int)(ww / 16), pw.data() + KS * (k0 * nr + i * kn), KS * kn, B, kn, C, gq, nullptr, 0, 0,
+                            k0 > 0);
+              }
+            }
           }
         }
         write<T>(ct.data(), nr, gq, gm, Y + g0 * ldy + n0, ldy, add, scales ? scales + n0 : nullptr);
