@@ -1721,7 +1721,7 @@ void linear_rows(torch::Tensor x, torch::Tensor w, torch::Tensor out, bool add, 
 // Prefill: the model's forward over T new positions of B rows in one call (bf16 or fp32 activations;
 // weights in that dtype or int8 with scales), for generation's first chunk. The products take the
 // packed q|k|v and w1|w3: in the AVX-512 builds rowlin::linear (int8 weights widened into panels a
-// task's rows at a time; the residual add fused into wo's and w2's) except where oneDNN's fp32 product
+// task's rows at a time; the residual add fused into wo's and w2's) except where torch's fp32 product
 // is faster (see `lin`), elsewhere torch's at::linear (int8 weights cast for the call, as Int8Linear
 // does); the output product of up to 8 rows is the decoding step's.
 // Everything between the products is here, one pass each over rows in parallel: RMSNorm, RoPE
@@ -1794,12 +1794,13 @@ static void attention(const torch::Tensor& q, const torch::Tensor& k, const torc
   out.copy_(at::scaled_dot_product_attention(q.transpose(1, 2), kh, vh, mask, 0.0, start == 0).transpose(1, 2));
 }
 
-// a (M, K) w (N, K)^T into a new tensor, or with `into` round(into + round(a w^T)), through oneDNN's
-// fp32 product: w (bf16, or int8 with `scales`: round(round(a w^T) scales), as Int8Linear computes
-// it) widened to fp32 a slice of rows at a time (up to 8 MB), a once. For the AVX-512 build without
-// bf16 dots from WIDE_ROWS rows on, where oneDNN's fp32 products beat rowlin's (on that 2-core Xeon,
-// 160M's layer products at 1024 rows: 1.2-1.4x; at 256 rows rowlin's were faster). Each sum is fp32
-// over exact products, as rowlin's and the model's are, in oneDNN's order
+// a (M, K) w (N, K)^T into a new tensor, or with `into` round(into + round(a w^T)), through torch's
+// fp32 product (at::linear: MKL's sgemm in torch's CPU wheels): w (bf16, or int8 with `scales`:
+// round(round(a w^T) scales), as Int8Linear computes it) widened to fp32 a slice of rows at a time
+// (up to 8 MB), a once. For the AVX-512 build without bf16 dots from WIDE_ROWS rows on, where those
+// products beat rowlin's (on that 2-core Xeon, 160M's layer products at 1024 rows: 1.2-1.4x; at 256
+// rows rowlin's were faster). Each sum is fp32 over exact products, as rowlin's and the model's are,
+// in sgemm's order
 constexpr int64_t WIDE_ROWS = 512;
 static torch::Tensor wide_linear(const torch::Tensor& a, const torch::Tensor& w, torch::Tensor* into,
                                  const torch::Tensor* scales) {
@@ -1831,9 +1832,9 @@ static torch::Tensor run(torch::Tensor h, const std::vector<torch::Tensor>& laye
   // product i of a (rows) with w, into a new tensor, or with `into` added into it (the residual add,
   // round(into + round(a w^T))); on AVX-512 through rowlin::linear, else at::linear. int8 weights
   // (scales[i]) as Int8Linear computes them: the product rounded, then scaled. The AVX-512 build
-  // without bf16 dots leaves fp32 weights to at::linear (oneDNN's fp32 products were faster there: a
+  // without bf16 dots leaves fp32 weights to at::linear (its fp32 products, MKL's, were faster there: a
   // 2-core Xeon, 160M at batch 8, 926 against 700 prompt tokens/s; batch 1 even), and bf16 weights
-  // too from WIDE_ROWS rows on, widened (`wide_linear`: 160M at batch 8, 1.47x rowlin's), int8 ones
+  // too from WIDE_ROWS rows on, widened (`wide_linear`: 160M's prefill at batch 8, 1.37x with rowlin's), int8 ones
   // likewise; oneDNN's own bf16 products were 3.5x slower than rowlin's widened to fp32
   auto lin = [&](const torch::Tensor& a, const torch::Tensor& w, int64_t i, torch::Tensor* into = nullptr) {
 #if defined(LLAMA_AVX512)

@@ -19,10 +19,10 @@ A prompt (many positions at once) is matrix products; the eager forward spends a
 prefill around them (RMSNorm, RoPE, SiLU, casts and copies, flash attention at T = 128), and torch's
 oneDNN repacks every weight for every product. The kernel's `prefill` runs the whole forward of a
 prompt chunk in one call: the products on the packed q|k|v and w1|w3 (in the AVX-512 builds its
-own, for int8 weights too, with the positions as vector lanes and the weights laid out in panels a
-few rows at a time - except in the build without bf16 dots fp32 weights, and bf16 ones from 512
-prompt rows on (widened a slice at a time), where oneDNN's fp32 products were faster; elsewhere torch's
-at::linear), vectorised passes for the rest, and attention over the cache: in the AVX-512 builds
+own, for int8 weights too, with the positions as vector lanes, K walked in panels that keep a block
+of positions in L1 - except in the build without bf16 dots fp32 weights, and bf16 and int8 ones
+from 512 prompt rows on (widened a slice at a time), where torch's fp32 products (MKL's) were
+faster; elsewhere torch's at::linear), vectorised passes for the rest, and attention over the cache: in the AVX-512 builds
 the blocked attention kernel (llama/blocked_attention.py; head sizes a multiple of 32), else torch's
 sdpa.
 Where every position's logits are wanted (logprobs), prefill runs the model's own forward.
