@@ -1512,36 +1512,21 @@ template <typename T, typename WT> using Compute = T;
 template <typename T, typename WT> using Compute = typename std::conditional<std::is_same<WT, int8_t>::value, float, T>::type;
 #endif
 
-// One element of a weight (T or int8) as the compute type CT (exact: bf16 widens, |int8| <= 127 fits
-// bf16's significand)
-template <typename CT, typename WT>
-static inline CT as(WT v) {
-  if constexpr (std::is_same<CT, WT>::value) return v;
-  else if constexpr (std::is_same<WT, bf16>::value) return b2f(v);
-  else return E<CT>::from((float)v);
-}
-
-// rows (nr x K, contiguous, WT) -> out: panels of KS KC columns, each (nr x KS KC) with the rows'
-// words of that panel contiguous (the last panel narrower), in the compute type CT: int8 weights
-// widened once per task (a tile's rows widened for every block of positions cost ~15% at 1024 rows)
-template <typename CT, typename WT>
-static void panels(const WT* rows, int64_t nr, int64_t K, CT* out) {
-  constexpr int64_t KS = attn::Op<CT>::KS, PW = KS * KC;
+// int8 rows (nr x K, contiguous) -> out: panels of KS KC columns, each (nr x KS KC) with the rows'
+// words of that panel contiguous (the last panel narrower), widened to the compute type CT (exact:
+// |int8| <= 127 fits bf16's significand), once per task (a tile's rows widened again for every block
+// of positions cost ~15% at 1024 rows)
+template <typename CT>
+static void panels(const int8_t* rows, int64_t nr, int64_t K, CT* out) {
+  constexpr int64_t PW = attn::Op<CT>::KS * KC;
   for (int64_t n = 0; n < nr; ++n) {
-    const WT* r = rows + n * K;
+    const int8_t* r = rows + n * K;
     for (int64_t k0 = 0; k0 < K; k0 += PW) {
       const int64_t kn = std::min<int64_t>(PW, K - k0);
       CT* o = out + k0 * nr + n * kn;
-      if constexpr (std::is_same<CT, WT>::value) std::memcpy(o, r + k0, kn * sizeof(CT));
-      else if constexpr (std::is_same<CT, float>::value && std::is_same<WT, bf16>::value) {
-        int64_t k = 0;
-        for (; k + 16 <= kn; k += 16) V::store(o + k, V::load_bf16(r + k0 + k));
-        for (; k < kn; ++k) o[k] = b2f(r[k0 + k]);
-      } else if constexpr (std::is_same<WT, int8_t>::value) {
-        int64_t k = 0;
-        for (; k + 16 <= kn; k += 16) E<CT>::store(o + k, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(r + k0 + k)))));
-        for (; k < kn; ++k) o[k] = as<CT>(r[k0 + k]);
-      }
+      int64_t k = 0;
+      for (; k + 16 <= kn; k += 16) E<CT>::store(o + k, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(r + k0 + k)))));
+      for (; k < kn; ++k) o[k] = E<CT>::from((float)r[k0 + k]);
     }
   }
 }
@@ -1618,7 +1603,7 @@ static void linear(const T* X, int64_t M, int64_t K, const WT* Wt, int64_t N, T*
       std::vector<CT> pw(in_place ? 0 : CHUNK * K);
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t n0 = c * CHUNK, nr = std::min<int64_t>(CHUNK, N - n0);
-        if constexpr (!in_place) panels<CT, WT>(Wt + n0 * K, nr, K, pw.data());
+        if constexpr (!in_place) panels<CT>(Wt + n0 * K, nr, K, pw.data());
         for (int64_t k0 = 0; k0 < kp; k0 += KC) {
           const int64_t kn = std::min<int64_t>(KC, kp - k0);
           for (int64_t b = 0; b < nb; ++b) {
@@ -1801,6 +1786,7 @@ static void attention(const torch::Tensor& q, const torch::Tensor& k, const torc
 // products beat rowlin's (on that 2-core Xeon, 160M's layer products at 1024 rows: 1.2-1.4x; at 256
 // rows rowlin's were faster). Each sum is fp32 over exact products, as rowlin's and the model's are,
 // in sgemm's order
+#if defined(LLAMA_AVX512) && !defined(LLAMA_ISA_AVX512BF16)
 constexpr int64_t WIDE_ROWS = 512;
 static torch::Tensor wide_linear(const torch::Tensor& a, const torch::Tensor& w, torch::Tensor* into,
                                  const torch::Tensor* scales) {
@@ -1820,6 +1806,7 @@ static torch::Tensor wide_linear(const torch::Tensor& a, const torch::Tensor& w,
   }
   return y;
 }
+#endif
 
 template <typename T>
 static torch::Tensor run(torch::Tensor h, const std::vector<torch::Tensor>& layers, const torch::Tensor& norm_w,
@@ -1832,10 +1819,10 @@ static torch::Tensor run(torch::Tensor h, const std::vector<torch::Tensor>& laye
   // product i of a (rows) with w, into a new tensor, or with `into` added into it (the residual add,
   // round(into + round(a w^T))); on AVX-512 through rowlin::linear, else at::linear. int8 weights
   // (scales[i]) as Int8Linear computes them: the product rounded, then scaled. The AVX-512 build
-  // without bf16 dots leaves fp32 weights to at::linear (its fp32 products, MKL's, were faster there: a
-  // 2-core Xeon, 160M at batch 8, 926 against 700 prompt tokens/s; batch 1 even), and bf16 weights
-  // too from WIDE_ROWS rows on, widened (`wide_linear`: 160M's prefill at batch 8, 1.37x with rowlin's), int8 ones
-  // likewise; oneDNN's own bf16 products were 3.5x slower than rowlin's widened to fp32
+  // without bf16 dots leaves fp32 weights to at::linear (its fp32 products, MKL's, were faster
+  // there: a 2-core Xeon, 160M at batch 8, 926 against 700 prompt tokens/s; batch 1 even), and bf16
+  // and int8 weights too from WIDE_ROWS rows on, widened (`wide_linear`: 160M's bf16 prefill at
+  // batch 8, 1.37x rowlin's); oneDNN's own bf16 products were 3.5x slower than rowlin's
   auto lin = [&](const torch::Tensor& a, const torch::Tensor& w, int64_t i, torch::Tensor* into = nullptr) {
 #if defined(LLAMA_AVX512)
 #if defined(LLAMA_ISA_AVX512BF16)
