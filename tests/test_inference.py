@@ -619,10 +619,10 @@ def test_fused_prefill_matches_the_model(shape, dtype, int8, variant):
     """A prompt chunk through the kernel's `prefill` (each build this CPU runs) against the eager
     model and an exact fp64 one: the last position's logits and everything written to the cache.
     Chunks from position 0 (150 positions: a whole block of 128 queries and a ragged one; 7
-    positions) and after 20 cached ones; 1 and 3 rows, 4 (600 positions: the bf16 products of the
-    AVX-512 build without bf16 dots go through oneDNN's fp32 ones from 512 on), and 9 (more than the
-    decoding step's output product takes: the last positions' logits through the prefill products). Head size 32 in the
-    first two shapes (the AVX512-BF16 build's attention kernel), grouped-query heads in the second;
+    positions) and after 20 cached ones; 1 and 3 rows, 4 (600 positions: the bf16 and int8 products
+    of the AVX-512 build without bf16 dots go through torch's fp32 ones from 512 on), and 9 (more
+    than the decoding step's output product takes: the last positions' logits through the prefill
+    products). Head size 32 in the first two shapes (the AVX512-BF16 build's attention kernel), grouped-query heads in the second;
     the third has head size 10, one kv head and hidden size 81 (the vector passes' tails, sdpa
     attention, tails of the product tiles, an odd K). int8 models too (the exact model holds the
     dequantized weights)."""

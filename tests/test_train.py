@@ -194,7 +194,8 @@ def test_a_peak_measured_low_is_measured_again(tmp_path, data_dir, monkeypatch):
     """MFU is against the measured peak; a step faster than that peak (measured while the cores were
     busy) has the peak measured again, at most 3 times, keeping the highest. A configured peak stays."""
     import llama.train.trainer as trainer_module
-    peaks = iter([1.0, 2.0, 3.0, 1e18, 1e18])  # FLOP/s: start-up, then each measurement again
+    # FLOP/s: start-up, then each measurement again; the last, the last trainer's start-up
+    peaks = iter([1.0, 2.0, 3.0, 1e18, 1e18])
     calls = []
     monkeypatch.setattr(trainer_module, "measure_peak_flops", lambda *a, **k: calls.append(1) or next(peaks))
     t = Trainer(tiny_cfg(tmp_path, data_dir, peak_flops=None), make_loader=make_pattern_loader)
@@ -204,9 +205,11 @@ def test_a_peak_measured_low_is_measured_again(tmp_path, data_dir, monkeypatch):
     assert t._mfu(100.0) == pytest.approx(100.0 * fpt / 3.0)
     assert t._mfu(100.0) == pytest.approx(100.0 * fpt / 1e18) and t.peak_flops == 1e18
     assert t._mfu(1e30 / fpt) == pytest.approx(1e12) and len(calls) == 4  # 3 times at most, then as it is
-    # below 100% nothing is measured again; a peak from the config is never replaced
+    # a peak from the config is never replaced; below 100% nothing is measured again
     t = Trainer(tiny_cfg(tmp_path / "b", data_dir, peak_flops=1e3), make_loader=make_pattern_loader)
     assert t._mfu(1e6) == pytest.approx(1e6 * fpt / 1e3) and t.peak_flops == 1e3 and len(calls) == 4
+    t = Trainer(tiny_cfg(tmp_path / "d", data_dir, peak_flops=None), make_loader=make_pattern_loader)
+    assert len(calls) == 5 and t._mfu(100.0) == pytest.approx(100.0 * fpt / 1e18) and len(calls) == 5
     record = fit(tiny_cfg(tmp_path / "c", data_dir, steps=2))
     assert all(r["mfu"] == pytest.approx(r["tokens_per_s"] * fpt / 1e12) for r in record["history"])
 

@@ -22,9 +22,9 @@ prompt chunk in one call: the products on the packed q|k|v and w1|w3 (in the AVX
 own, for int8 weights too, with the positions as vector lanes, K walked in panels that keep a block
 of positions in L1 - except in the build without bf16 dots fp32 weights, and bf16 and int8 ones
 from 512 prompt rows on (widened a slice at a time), where torch's fp32 products (MKL's) were
-faster; elsewhere torch's at::linear), vectorised passes for the rest, and attention over the cache: in the AVX-512 builds
-the blocked attention kernel (llama/blocked_attention.py; head sizes a multiple of 32), else torch's
-sdpa.
+faster; elsewhere torch's at::linear), vectorised passes for the rest, and attention over the
+cache: in the AVX-512 builds the blocked attention kernel (llama/blocked_attention.py; head sizes a
+multiple of 32), else torch's sdpa.
 Where every position's logits are wanted (logprobs), prefill runs the model's own forward.
 
 The C++ source and its builds (one per instruction set: AVX512-BF16, AVX-512 without its bf16
