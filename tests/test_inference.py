@@ -575,7 +575,8 @@ def _fused_step_agrees(model, exact, decoder, tokens, tol) -> tuple[torch.Tensor
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [dict(), dict(dim=48, n_heads=4, n_kv_heads=2, multiple_of=8, vocab_size=97),
                                    dict(dim=40, n_heads=4, n_kv_heads=1, multiple_of=4, vocab_size=97),
-                                   dict(dim=320, n_heads=20, n_kv_heads=4, multiple_of=32, vocab_size=97)])
+                                   dict(dim=320, n_heads=20, n_kv_heads=4, multiple_of=32, vocab_size=97),
+                                   dict(dim=96, n_heads=2, n_kv_heads=1, multiple_of=32, vocab_size=97)])
 def test_fused_cpu_decoder_matches_the_model(shape, dtype, variant):
     """The fused C++ decoding step (each instruction-set build this CPU runs: an AVX-512 machine
     checks its AVX2 build too) against the eager model: same rounding points in bf16, so the logits
@@ -584,7 +585,8 @@ def test_fused_cpu_decoder_matches_the_model(shape, dtype, variant):
     K = 48 (the kernels' tails) and a vocabulary of 97 rows; the third one kv head, head_dim 10 and
     K = 40 and 108 (no whole number of 16- or 32-element blocks); the fourth 20 query heads on 4 kv
     heads (the attention's scores go 16 heads at a time, then 4, and a kv head's 5 query heads straddle
-    the two groups). 20 positions: the values' blocks of 8 positions end in a part-block."""
+    the two groups); the fifth head_dim 48 (attention's bf16 blocks of 32 or 16 in slot order, then
+    a tail of 16 on AVX-512). 20 positions: the values' blocks of 8 positions end in a part-block."""
     torch.manual_seed(0)
     ref = Transformer(tiny_args(**shape)).double().eval()
     ref.init_weights(std=0.08)
@@ -918,7 +920,7 @@ def test_fused_greedy_step_is_the_python_step(dtype, int8, variant):
 # The fused kernel's vector primitives (cpu_kernels.cpp between "[primitives begin]" and "[primitives
 # end]", no torch in them) compiled alone for one instruction set and checked against plain scalar
 # code: bf16 rounding (torch's round-to-nearest-even, `f2b`) of arbitrary bit patterns and exact ties,
-# bf16 -> fp32 of every bf16 value, the dot blocks (bf16, fp32, int8 weights against fp32 and bf16
+# bf16 -> fp32 of every bf16 value (in order and as even/odd pairs), the dot blocks (bf16, fp32, int8 weights against fp32 and bf16
 # inputs) against a double sum, the lane sums of 1-37 registers against double sums,
 # exp against std::exp.
 _PRIMITIVES_CHECK = r"""
@@ -960,6 +962,14 @@ int main() {
     for (int j = 0; j < N; ++j) in[j] = (bf16)(b + j);
     V::store(o, V::load_bf16(in));
     for (int j = 0; j < N; ++j) CHECK(bits(o[j]) == (b + j) << 16, "load_bf16(%04x) = %08x", b + j, bits(o[j]));
+  }
+  for (uint32_t b = 0; b < 65536; b += 2 * N) {  // pair_part: 2N bf16 as the even ones, then the odd ones
+    bf16 in[2 * N]; float e[N], o[N];
+    for (int j = 0; j < 2 * N; ++j) in[j] = (bf16)((b + 2731u * j) & 0xffffu);
+    V::store(e, V::pair_part(in, 0));
+    V::store(o, V::pair_part(in, 1));
+    for (int j = 0; j < N; ++j)
+      CHECK(bits(e[j]) == (uint32_t)in[2 * j] << 16 && bits(o[j]) == (uint32_t)in[2 * j + 1] << 16, "pair_part at %04x", in[2 * j]);
   }
   std::normal_distribution<float> normal;
   for (int blocks = 1; blocks <= 9; ++blocks) {
