@@ -817,7 +817,9 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
     const int64_t NT = pos + 1, nth = at::get_num_threads();
     // the keys are read ahead of head_scores by pf_rows positions, ~3 KB (at least one): on the Xeon
     // without AVX512-BF16, 207 -> 170 ns a position at batch 8 in bf16 (1.5-12 KB ahead: within 5%
-    // of that; the values, read in blocks of positions, gained nothing from it)
+    // of that). Past the chunk's last key the same stream goes on into its first values, so the
+    // values start in cache; nothing past the chunk is touched. Prefetching the values within their
+    // own loop (4-16 positions ahead) gained nothing
     const int64_t row_bytes = kvdim * (int64_t)sizeof(T), pf_rows = std::max<int64_t>(1, (3072 + row_bytes - 1) / row_bytes);
     const int64_t P = M < nth ? std::max<int64_t>(1, std::min((nth + M - 1) / M, NT / 32)) : 1;
     const int64_t grain = M * NT * qdim >= (1 << 15) ? 1 : M * P * H;
@@ -832,9 +834,12 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
         const float* q = qs.data() + m * qdim;
         float* pg = p.data() + g * H * NT;
         float* ag = acc.data() + g * qdim;
-        for (int64_t t = 0; t < nt; ++t) {  // the keys of a position ~3 KB ahead prefetched first (pf_rows)
-          const char* ahead = (const char*)(kb + (t + pf_rows) * kvdim);
-          for (int64_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(ahead + o, 0, 3);
+        for (int64_t t = 0; t < nt; ++t) {  // the keys pf_rows positions ahead prefetched first, then the values' first ones
+          const int64_t u = t + pf_rows;
+          if (u < 2 * nt) {
+            const char* ahead = (const char*)(u < nt ? kb + u * kvdim : vb + (u - nt) * kvdim);
+            for (int64_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(ahead + o, 0, 3);
+          }
           head_scores<T>(q, kb + t * kvdim, D, rep, h0, h1, scale, pg + t, NT);
         }
         for (int64_t hd = h0; hd < h1; ++hd) {
