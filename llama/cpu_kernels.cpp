@@ -614,8 +614,8 @@ template <> struct Wide<float> {
 // The decoding step's attention, for query heads h0..h1 of one row; query head hd reads kv head
 // hd / rep, found by counting (a division per head and position was ~30% of the attention's time).
 // head_scores: out[hd os] = scale q_hd . k_(hd / rep) against one position's keys k (kv head j at
-// k + j D), fp32 q in slot order (head hd at q + hd D). Up to 16 heads at once, their
-// lanes summed together
+// k + j D), fp32 q in slot order (head hd at q + hd D). Up to 16 heads at once, their lanes
+// summed together
 template <typename T>
 static inline void head_scores(const float* q, const T* k, int64_t D, int64_t rep, int64_t h0, int64_t h1, float scale,
                                float* out, int64_t os) {
@@ -646,8 +646,8 @@ static inline void head_scores(const float* q, const T* k, int64_t D, int64_t re
   }
 }
 // head_values: acc[hd D + d] += sum_t p[hd ps + t] v[t vs + (hd / rep) D + d], t ascending, for
-// positions t < nt, acc in slot order, in blocks of TB positions: a block's value rows
-// are read from memory once (into L1) and each head's sums stay in registers across the block
+// positions t < nt, acc in slot order, in blocks of TB positions: a block's value rows are read
+// from memory once (into L1) and each head's sums stay in registers across the block
 template <typename T>
 static inline void head_values(const float* p, int64_t ps, int64_t nt, const T* v, int64_t vs, int64_t D, int64_t rep,
                                int64_t h0, int64_t h1, float* acc) {

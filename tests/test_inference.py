@@ -624,8 +624,8 @@ def test_fused_prefill_matches_the_model(shape, dtype, int8, variant):
     positions) and after 20 cached ones; 1 and 3 rows, 4 (600 positions: the bf16 and int8 products
     of the AVX-512 build without bf16 dots go through torch's fp32 ones from 512 on), and 9 (more
     than the decoding step's output product takes: the last positions' logits through the prefill
-    products). Head size 32 in the first two shapes (the AVX512-BF16 build's attention kernel), grouped-query heads in the second;
-    the third has head size 10, one kv head and hidden size 81 (the vector passes' tails, sdpa
+    products). Head size 32 in the first two shapes (the AVX512-BF16 build's attention kernel),
+    grouped-query heads in the second; the third has head size 10, one kv head and hidden size 81 (the vector passes' tails, sdpa
     attention, tails of the product tiles, an odd K). int8 models too (the exact model holds the
     dequantized weights)."""
     _kernel_or_skip(variant)
@@ -920,9 +920,9 @@ def test_fused_greedy_step_is_the_python_step(dtype, int8, variant):
 # The fused kernel's vector primitives (cpu_kernels.cpp between "[primitives begin]" and "[primitives
 # end]", no torch in them) compiled alone for one instruction set and checked against plain scalar
 # code: bf16 rounding (torch's round-to-nearest-even, `f2b`) of arbitrary bit patterns and exact ties,
-# bf16 -> fp32 of every bf16 value (in order and as even/odd pairs), the dot blocks (bf16, fp32, int8 weights against fp32 and bf16
-# inputs) against a double sum, the lane sums of 1-37 registers against double sums,
-# exp against std::exp.
+# bf16 -> fp32 of every bf16 value (in order and as even/odd pairs), the dot blocks (bf16, fp32,
+# int8 weights against fp32 and bf16 inputs) against a double sum, the lane sums of 1-37 registers
+# against double sums, exp against std::exp.
 _PRIMITIVES_CHECK = r"""
 #include <cmath>
 #include <cstdint>
