@@ -20,6 +20,7 @@
 #include <cstring>
 #include <type_traits>
 #include <limits>
+#include <memory>
 #include <new>
 #include <vector>
 
@@ -1572,30 +1573,32 @@ static void tile_rw(int rr, int ww, LLAMA_TILE_ARGS) {
 }
 #undef LLAMA_TILE_ARGS
 
-// The type a product of T inputs and WT weights multiplies in: T, except int8 weights against bf16
-// inputs in the build without bf16 dots, where both widen to fp32 (bf16 and int8 widen exactly; the
-// sums' order is the bf16 pairs' either way: k, k + 1, ...)
+// The type a product of T inputs and WT weights multiplies in: T with bf16 dots, else fp32 (bf16 and
+// int8 widen exactly; the sums' order is the bf16 pairs' either way: k, k + 1, ...). Without bf16 dots a
+// bf16 pair's product takes two fp32 multiplies and four integer ops to widen both sides in registers,
+// which bound rowlin's bf16 tile; widened beforehand (the weights a panel at a time, the inputs once),
+// 160M's products at 128 rows on the Xeon without AVX512-BF16 ran 1.08-1.15x faster
 #if defined(LLAMA_ISA_AVX512BF16)
 template <typename T, typename WT> using Compute = T;
 #else
-template <typename T, typename WT> using Compute = typename std::conditional<std::is_same<WT, int8_t>::value, float, T>::type;
+template <typename T, typename WT> using Compute = float;
 #endif
 
-// int8 rows (nr x K, contiguous) -> out: panels of KS KC columns, each (nr x KS KC) with the rows'
-// words of that panel contiguous (the last panel narrower), widened to the compute type CT (exact:
-// |int8| <= 127 fits bf16's significand), once per task (a tile's rows widened again for every block
-// of positions cost ~15% at 1024 rows)
-template <typename CT>
-static void panels(const int8_t* rows, int64_t nr, int64_t K, CT* out) {
-  constexpr int64_t PW = attn::Op<CT>::KS * KC;
+// Elements k0 .. k0 + kn of nr weight rows (row stride K; int8, or bf16 where the compute type is fp32) ->
+// out (nr x kn, contiguous), widened exactly to the compute type CT (|int8| <= 127 fits bf16's
+// significand)
+template <typename CT, typename WT>
+static void panel(const WT* rows, int64_t nr, int64_t K, int64_t k0, int64_t kn, CT* out) {
   for (int64_t n = 0; n < nr; ++n) {
-    const int8_t* r = rows + n * K;
-    for (int64_t k0 = 0; k0 < K; k0 += PW) {
-      const int64_t kn = std::min<int64_t>(PW, K - k0);
-      CT* o = out + k0 * nr + n * kn;
-      int64_t k = 0;
-      for (; k + 16 <= kn; k += 16) E<CT>::store(o + k, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(r + k0 + k)))));
-      for (; k < kn; ++k) o[k] = E<CT>::from((float)r[k0 + k]);
+    const WT* r = rows + n * K + k0;
+    CT* o = out + n * kn;
+    int64_t k = 0;
+    if constexpr (std::is_same<WT, int8_t>::value) {
+      for (; k + 16 <= kn; k += 16) E<CT>::store(o + k, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(r + k)))));
+      for (; k < kn; ++k) o[k] = E<CT>::from((float)r[k]);
+    } else {
+      for (; k + 16 <= kn; k += 16) E<CT>::store(o + k, E<WT>::load(r + k));
+      for (; k < kn; ++k) o[k] = E<CT>::from(E<WT>::to(r[k]));
     }
   }
 }
@@ -1635,64 +1638,74 @@ static void write(const float* C, int64_t nr, int64_t gq, int64_t gm, T* Y, int6
 // Y (M x N, row stride ldy) = round(X (M x K, contiguous) W^T), or with add round(Y + round(X W^T)); W
 // (N x K) contiguous, in T or int8 with `scales` (N, in T), multiplied in Compute<T, WT> (X's rows
 // widened to fp32 once per group where that is fp32 and T is not); bf16 needs K even. Positions go in
-// groups whose columns (kp x group words) stay within half of L2; threads take tasks of CHUNK weight
-// rows. A task walks K in panels of KC words: for each panel and block of 64 positions, the tile
-// walks the task's rows with the block's KC x 64 words in L1, the sums carried in C from panel to
-// panel (the same sums, in the same order, as without panels). Without panels the tiles read their
-// whole block from L2: on the Xeon without AVX512-BF16 at 1024 rows, 1.15-1.3x slower in fp32.
-// Weights in the compute type are read in place (each tile prefetching the next tile's rows); int8
-// ones are first widened into panels (`panels`)
+// groups whose columns (kp x group words) stay within L2 (1 MB: 128 positions at K = 2048 in fp32);
+// threads take tasks of CHUNK weight rows. A task walks K in panels of KC words: for each panel and
+// block of 64 positions, the tile walks the task's rows with the block's KC x 64 words in L1, the sums
+// carried in C from panel to panel (the same sums, in the same order, as without panels). Without
+// panels the tiles read their whole block from L2: on the Xeon without AVX512-BF16 at 1024 rows,
+// 1.15-1.3x slower in fp32. Weights in the compute type are read in place (each tile prefetching the
+// next tile's rows); others are widened a panel of the task's rows at a time (`panel`), the next
+// panel's rows prefetched while the first block's tiles run (widening a whole task at once, unfetched,
+// stalled on memory: ~10% of the product)
 template <typename T, typename WT = T>
 static void linear(const T* X, int64_t M, int64_t K, const WT* Wt, int64_t N, T* Y, int64_t ldy, bool add,
                    const T* scales = nullptr) {
   using CT = Compute<T, WT>;
   constexpr bool in_place = std::is_same<CT, WT>::value;
   constexpr int KS = attn::Op<CT>::KS;
-  const int64_t kp = K / KS, G = std::max<int64_t>(CB, (512 * 1024 / (4 * kp)) / CB * CB);
-  std::vector<uint32_t> cols(kp * attn::up(std::min(M, G), CB));
-  std::vector<float> wide(std::is_same<CT, T>::value ? 0 : std::min(M, G) * K);  // a group's rows in fp32
+  const int64_t kp = K / KS, G = std::max<int64_t>(CB, (1024 * 1024 / (4 * kp)) / CB * CB);
+  // every word of these is written before it is read: left uninitialized (zeroing them was ~2% of prefill)
+  std::unique_ptr<uint32_t[]> cols(new uint32_t[kp * attn::up(std::min(M, G), CB)]);
+  std::unique_ptr<float[]> wide(new float[std::is_same<CT, T>::value ? 0 : std::min(M, G) * K]);  // a group's rows in fp32
   for (int64_t g0 = 0; g0 < M; g0 += G) {
     const int64_t gm = std::min(G, M - g0), gq = attn::up(gm, 16), nb = (gq + CB - 1) / CB;
     const uint32_t* xw = reinterpret_cast<const uint32_t*>(X + g0 * K);
     if constexpr (!std::is_same<CT, T>::value) {
       at::parallel_for(0, gm * K, 4096, [&](int64_t i0, int64_t i1) {  // the rows as they are, in fp32
         int64_t i = i0;
-        for (; i + 16 <= i1; i += 16) V::store(wide.data() + i, E<T>::load(X + g0 * K + i));
+        for (; i + 16 <= i1; i += 16) V::store(wide.get() + i, E<T>::load(X + g0 * K + i));
         for (; i < i1; ++i) wide[i] = E<T>::to(X[g0 * K + i]);
       });
-      xw = reinterpret_cast<const uint32_t*>(wide.data());
+      xw = reinterpret_cast<const uint32_t*>(wide.get());
     }
     at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {  // block b: kp x min(CB, gq - b CB) words
       for (int64_t b = b0; b < b1; ++b)
-        pack(xw + b * CB * kp, std::min<int64_t>(CB, gm - b * CB), kp, kp, cols.data() + b * kp * CB,
+        pack(xw + b * CB * kp, std::min<int64_t>(CB, gm - b * CB), kp, kp, cols.get() + b * kp * CB,
              std::min<int64_t>(CB, gq - b * CB));
     });
     at::parallel_for(0, (N + CHUNK - 1) / CHUNK, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<float> ct(CHUNK * gq);
-      std::vector<CT> pw(in_place ? 0 : CHUNK * K);
+      std::unique_ptr<float[]> ct(new float[CHUNK * gq]);
+      std::vector<CT> pw(in_place ? 0 : CHUNK * KS * KC);  // a panel of the task's rows, widened
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t n0 = c * CHUNK, nr = std::min<int64_t>(CHUNK, N - n0);
-        if constexpr (!in_place) panels<CT>(Wt + n0 * K, nr, K, pw.data());
         for (int64_t k0 = 0; k0 < kp; k0 += KC) {
           const int64_t kn = std::min<int64_t>(KC, kp - k0);
+          // where weights are widened, the next panel's rows (this task's at k0 + KC, or the next task's
+          // first): row nx0 + i onwards, element nxk, nxb bytes each
+          const bool last = k0 + KC >= kp;
+          const int64_t nx0 = last ? n0 + CHUNK : n0, nxk = last ? 0 : KS * (k0 + KC);
+          const int64_t nxb = KS * std::min<int64_t>(KC, last ? kp : kp - k0 - KC) * (int64_t)sizeof(WT);
+          if constexpr (!in_place) panel<CT, WT>(Wt + n0 * K, nr, K, KS * k0, KS * kn, pw.data());
           for (int64_t b = 0; b < nb; ++b) {
             const int64_t ww = std::min<int64_t>(CB, gq - b * CB);
             for (int64_t i = 0; i < nr; i += R) {
               const int rr = (int)std::min<int64_t>(R, nr - i);
-              float* C = ct.data() + i * gq + b * CB;
-              const uint32_t* B = cols.data() + b * kp * CB + k0 * ww;
+              float* C = ct.get() + i * gq + b * CB;
+              const uint32_t* B = cols.get() + b * kp * CB + k0 * ww;
               if constexpr (in_place) {  // row n0 + i, panel k0; the next R rows prefetched while the first block runs
                 const CT* w = reinterpret_cast<const CT*>(Wt) + (n0 + i) * K + KS * k0;
                 const char* pf = b == 0 && n0 + i + 2 * R <= N ? (const char*)(w + R * K) : nullptr;
                 tile_rw<CT>(rr, (int)(ww / 16), w, K, B, kn, C, gq, pf, K * sizeof(CT), KS * sizeof(CT), k0 > 0);
               } else {
-                tile_rw<CT>(rr, (int)(ww / 16), pw.data() + KS * (k0 * nr + i * kn), KS * kn, B, kn, C, gq, nullptr, 0, 0,
-                            k0 > 0);
+                if (b == 0)
+                  for (int64_t r = nx0 + i; r < std::min<int64_t>(nx0 + i + R, N); ++r)
+                    for (int64_t o = 0; o < nxb; o += 64) _mm_prefetch((const char*)(Wt + r * K + nxk) + o, _MM_HINT_T0);
+                tile_rw<CT>(rr, (int)(ww / 16), pw.data() + KS * i * kn, KS * kn, B, kn, C, gq, nullptr, 0, 0, k0 > 0);
               }
             }
           }
         }
-        write<T>(ct.data(), nr, gq, gm, Y + g0 * ldy + n0, ldy, add, scales ? scales + n0 : nullptr);
+        write<T>(ct.get(), nr, gq, gm, Y + g0 * ldy + n0, ldy, add, scales ? scales + n0 : nullptr);
       }
     });
   }
@@ -1774,8 +1787,8 @@ void linear_rows(torch::Tensor x, torch::Tensor w, torch::Tensor out, bool add, 
 
 // Prefill: the model's forward over T new positions of B rows in one call (bf16 or fp32 activations;
 // weights in that dtype or int8 with scales), for generation's first chunk. The products take the
-// packed q|k|v and w1|w3: in the AVX-512 builds rowlin::linear (int8 weights widened into panels a
-// task's rows at a time; the residual add fused into wo's and w2's) except where torch's fp32 product
+// packed q|k|v and w1|w3: in the AVX-512 builds rowlin::linear (weights not in the compute type
+// widened a panel at a time; the residual add fused into wo's and w2's) except where torch's fp32 product
 // is faster (see `lin`), elsewhere torch's at::linear (int8 weights cast for the call, as Int8Linear
 // does); the output product of up to 8 rows is the decoding step's.
 // Everything between the products is here, one pass each over rows in parallel: RMSNorm, RoPE
