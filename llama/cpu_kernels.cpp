@@ -1645,8 +1645,8 @@ static void write(const float* C, int64_t nr, int64_t gq, int64_t gm, T* Y, int6
 // panels the tiles read their whole block from L2: on the Xeon without AVX512-BF16 at 1024 rows,
 // 1.15-1.3x slower in fp32. Weights in the compute type are read in place (each tile prefetching the
 // next tile's rows); others are widened a panel of the task's rows at a time (`panel`), the next
-// panel's rows prefetched while the first block's tiles run (widening a whole task at once, unfetched,
-// stalled on memory: ~10% of the product)
+// panel's rows prefetched while the last block's tiles run (while the first block's: 2-3% slower;
+// widening a whole task at once, unfetched, stalled on memory: ~10% of the product)
 template <typename T, typename WT = T>
 static void linear(const T* X, int64_t M, int64_t K, const WT* Wt, int64_t N, T* Y, int64_t ldy, bool add,
                    const T* scales = nullptr) {
@@ -1681,7 +1681,7 @@ static void linear(const T* X, int64_t M, int64_t K, const WT* Wt, int64_t N, T*
         for (int64_t k0 = 0; k0 < kp; k0 += KC) {
           const int64_t kn = std::min<int64_t>(KC, kp - k0);
           // where weights are widened, the next panel's rows (this task's at k0 + KC, or the next task's
-          // first): row nx0 + i onwards, element nxk, nxb bytes each
+          // first): rows from nx0, from element nxk, nxb bytes each
           const bool last = k0 + KC >= kp;
           const int64_t nx0 = last ? n0 + CHUNK : n0, nxk = last ? 0 : KS * (k0 + KC);
           const int64_t nxb = KS * std::min<int64_t>(KC, last ? kp : kp - k0 - KC) * (int64_t)sizeof(WT);
@@ -1697,7 +1697,7 @@ static void linear(const T* X, int64_t M, int64_t K, const WT* Wt, int64_t N, T*
                 const char* pf = b == 0 && n0 + i + 2 * R <= N ? (const char*)(w + R * K) : nullptr;
                 tile_rw<CT>(rr, (int)(ww / 16), w, K, B, kn, C, gq, pf, K * sizeof(CT), KS * sizeof(CT), k0 > 0);
               } else {
-                if (b == 0)
+                if (b == nb - 1)
                   for (int64_t r = nx0 + i; r < std::min<int64_t>(nx0 + i + R, N); ++r)
                     for (int64_t o = 0; o < nxb; o += 64) _mm_prefetch((const char*)(Wt + r * K + nxk) + o, _MM_HINT_T0);
                 tile_rw<CT>(rr, (int)(ww / 16), pw.data() + KS * i * kn, KS * kn, B, kn, C, gq, nullptr, 0, 0, k0 > 0);
