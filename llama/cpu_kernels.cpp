@@ -1502,17 +1502,22 @@ static inline void transpose16(const __m512i* r, __m512i* o) {
   }
 }
 
-// X (rows x kw words, row stride ld words) as columns: out[p][j] (row stride cb) = word p of row j, zero
-// past rows (cb a multiple of 16)
-static void pack(const uint32_t* X, int64_t rows, int64_t ld, int64_t kw, uint32_t* out, int64_t cb) {
+// X (rows x kw words, row stride ld words; or kw bf16, each widened to an fp32 word) as columns:
+// out[p][j] (row stride cb) = word p of row j, zero past rows (cb a multiple of 16)
+static inline __m512i words16(const uint32_t* p, __mmask16 km) { return _mm512_maskz_loadu_epi32(km, p); }
+static inline __m512i words16(const bf16* p, __mmask16 km) {
+  const __m256i h = _mm512_castsi512_si256(_mm512_maskz_loadu_epi16((__mmask32)km, p));
+  return _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+}
+template <typename S>
+static void pack(const S* X, int64_t rows, int64_t ld, int64_t kw, uint32_t* out, int64_t cb) {
   for (int64_t j = 0; j < cb; j += 16)
     for (int64_t p0 = 0; p0 < kw; p0 += 16) {
       const int64_t kn = std::min<int64_t>(16, kw - p0);
       const __mmask16 km = (__mmask16)((1u << kn) - 1);
       __m512i r[16], o[16];
 #pragma GCC unroll 16
-      for (int i = 0; i < 16; ++i)
-        r[i] = j + i < rows ? _mm512_maskz_loadu_epi32(km, X + (j + i) * ld + p0) : _mm512_setzero_si512();
+      for (int i = 0; i < 16; ++i) r[i] = j + i < rows ? words16(X + (j + i) * ld + p0, km) : _mm512_setzero_si512();
       transpose16(r, o);
       for (int k = 0; k < kn; ++k) _mm512_storeu_si512(out + (p0 + k) * cb + j, o[k]);
     }
@@ -1637,7 +1642,7 @@ static void write(const float* C, int64_t nr, int64_t gq, int64_t gm, T* Y, int6
 
 // Y (M x N, row stride ldy) = round(X (M x K, contiguous) W^T), or with add round(Y + round(X W^T)); W
 // (N x K) contiguous, in T or int8 with `scales` (N, in T), multiplied in Compute<T, WT> (X's rows
-// widened to fp32 once per group where that is fp32 and T is not); bf16 needs K even. Positions go in
+// widened to fp32 as they are laid out where that is fp32 and T is not); bf16 needs K even. Positions go in
 // groups whose columns (kp x group words) stay within L2 (1 MB: 128 positions at K = 2048 in fp32);
 // threads take tasks of CHUNK weight rows. A task walks K in panels of KC words: for each panel and
 // block of 64 positions, the tile walks the task's rows with the block's KC x 64 words in L1, the sums
@@ -1656,22 +1661,15 @@ static void linear(const T* X, int64_t M, int64_t K, const WT* Wt, int64_t N, T*
   const int64_t kp = K / KS, G = std::max<int64_t>(CB, (1024 * 1024 / (4 * kp)) / CB * CB);
   // every word of these is written before it is read: left uninitialized (zeroing them was ~2% of prefill)
   std::unique_ptr<uint32_t[]> cols(new uint32_t[kp * attn::up(std::min(M, G), CB)]);
-  std::unique_ptr<float[]> wide(new float[std::is_same<CT, T>::value ? 0 : std::min(M, G) * K]);  // a group's rows in fp32
   for (int64_t g0 = 0; g0 < M; g0 += G) {
     const int64_t gm = std::min(G, M - g0), gq = attn::up(gm, 16), nb = (gq + CB - 1) / CB;
-    const uint32_t* xw = reinterpret_cast<const uint32_t*>(X + g0 * K);
-    if constexpr (!std::is_same<CT, T>::value) {
-      at::parallel_for(0, gm * K, 4096, [&](int64_t i0, int64_t i1) {  // the rows as they are, in fp32
-        int64_t i = i0;
-        for (; i + 16 <= i1; i += 16) V::store(wide.get() + i, E<T>::load(X + g0 * K + i));
-        for (; i < i1; ++i) wide[i] = E<T>::to(X[g0 * K + i]);
-      });
-      xw = reinterpret_cast<const uint32_t*>(wide.get());
-    }
     at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {  // block b: kp x min(CB, gq - b CB) words
-      for (int64_t b = b0; b < b1; ++b)
-        pack(xw + b * CB * kp, std::min<int64_t>(CB, gm - b * CB), kp, kp, cols.get() + b * kp * CB,
-             std::min<int64_t>(CB, gq - b * CB));
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t rows = std::min<int64_t>(CB, gm - b * CB), cb = std::min<int64_t>(CB, gq - b * CB);
+        const T* x = X + (g0 + b * CB) * K;
+        if constexpr (std::is_same<CT, T>::value) pack(reinterpret_cast<const uint32_t*>(x), rows, kp, kp, cols.get() + b * kp * CB, cb);
+        else pack(x, rows, K, K, cols.get() + b * kp * CB, cb);  // bf16 rows widened to fp32 words
+      }
     });
     at::parallel_for(0, (N + CHUNK - 1) / CHUNK, 1, [&](int64_t c0, int64_t c1) {
       std::unique_ptr<float[]> ct(new float[CHUNK * gq]);
