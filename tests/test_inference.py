@@ -666,12 +666,13 @@ def test_fused_prefill_matches_the_model(shape, dtype, int8, variant):
 @pytest.mark.parametrize("variant", ["avx512bf16", "avx512"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_prefill_products_match_fp64(dtype, variant):
-    """The AVX-512 builds' prefill product (bf16 pairs in the native bf16 dot, or widened to fp32) (`linear_rows`) against the fp64 product rounded once to
+    """The AVX-512 builds' prefill product (`linear_rows`: bf16 pairs in the native bf16 dot, or
+    everything widened to fp32 in the build without it) against the fp64 product rounded once to
     the dtype, and with `add` against the residual add the model rounds (out + round(x w^T)). Shapes:
-    300 positions at K = 2048 (groups of positions: 128 in bf16 pairs, 64 in fp32, the last ragged;
-    32 panels of K), 102 weight rows (a task of 6: a tile of 2 rows, Y columns narrower than 16); 7
-    positions at K = 64 (a single 16-position vector, one panel). int8 weights with a scale per row
-    too (each task's rows widened into panels)."""
+    300 positions at K = 2048 (groups of positions: 256 in bf16 pairs, 128 in fp32, the last ragged;
+    16 or 32 panels of K), 102 weight rows (a task of 6: a tile of 2 rows, Y columns narrower than
+    16; the next task's panels prefetched); 7 positions at K = 64 (a single 16-position vector, one
+    panel). int8 weights with a scale per row too (widened a panel of a task's rows at a time)."""
     kernel = _kernel_or_skip(variant)
     torch.manual_seed(0)
     half_ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-24  # of a result rounded to the dtype

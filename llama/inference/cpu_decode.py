@@ -20,7 +20,8 @@ prefill around them (RMSNorm, RoPE, SiLU, casts and copies, flash attention at T
 oneDNN repacks every weight for every product. The kernel's `prefill` runs the whole forward of a
 prompt chunk in one call: the products on the packed q|k|v and w1|w3 (in the AVX-512 builds its
 own, for int8 weights too, with the positions as vector lanes, K walked in panels that keep a block
-of positions in L1 - except in the build without bf16 dots fp32 weights, and bf16 and int8 ones
+of positions in L1; without bf16 dots every product multiplies in fp32, weights not in fp32 widened
+a panel at a time - except in the build without bf16 dots fp32 weights, and bf16 and int8 ones
 from 512 prompt rows on (widened a slice at a time), where torch's fp32 products (MKL's) were
 faster; elsewhere torch's at::linear), vectorised passes for the rest, and attention over the
 cache: in the AVX-512 builds the blocked attention kernel (llama/blocked_attention.py; head sizes a
