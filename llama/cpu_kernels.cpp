@@ -1582,7 +1582,8 @@ static void tile_rw(int rr, int ww, LLAMA_TILE_ARGS) {
 // int8 widen exactly; the sums' order is the bf16 pairs' either way: k, k + 1, ...). Without bf16 dots a
 // bf16 pair's product takes two fp32 multiplies and four integer ops to widen both sides in registers,
 // which bound rowlin's bf16 tile; widened beforehand (the weights a panel at a time, the inputs once),
-// 160M's products at 128 rows on the Xeon without AVX512-BF16 ran 1.08-1.15x faster
+// 160M's products at 128 rows on the Xeon without AVX512-BF16 ran 1.10-1.17x faster (best of 150
+// interleaved calls), its batch-1 prefill 1.13x
 #if defined(LLAMA_ISA_AVX512BF16)
 template <typename T, typename WT> using Compute = T;
 #else

@@ -18,14 +18,14 @@ caches full of weights (~0.6 ms a token on a 160M model in Python, ~5-10% of its
 A prompt (many positions at once) is matrix products; the eager forward spends about a quarter of a
 prefill around them (RMSNorm, RoPE, SiLU, casts and copies, flash attention at T = 128), and torch's
 oneDNN repacks every weight for every product. The kernel's `prefill` runs the whole forward of a
-prompt chunk in one call: the products on the packed q|k|v and w1|w3 (in the AVX-512 builds its
-own, for int8 weights too, with the positions as vector lanes, K walked in panels that keep a block
-of positions in L1; without bf16 dots every product multiplies in fp32, weights not in fp32 widened
-a panel at a time - except in the build without bf16 dots fp32 weights, and bf16 and int8 ones
-from 512 prompt rows on (widened a slice at a time), where torch's fp32 products (MKL's) were
-faster; elsewhere torch's at::linear), vectorised passes for the rest, and attention over the
-cache: in the AVX-512 builds the blocked attention kernel (llama/blocked_attention.py; head sizes a
-multiple of 32), else torch's sdpa.
+prompt chunk in one call: the products on the packed q|k|v and w1|w3, vectorised passes for the
+rest, and attention over the cache (in the AVX-512 builds the blocked attention kernel,
+llama/blocked_attention.py, for head sizes a multiple of 32; else torch's sdpa). In the AVX-512
+builds the products are its own, for int8 weights too: the positions as vector lanes, K walked in
+panels that keep a block of positions in L1, multiplied in fp32 where the CPU has no bf16 dots
+(weights widened a panel at a time). In that build fp32 weights, and bf16 and int8 ones from 512
+prompt rows on (widened a slice at a time), go to torch's fp32 products (MKL's), which were faster
+there. Other builds use torch's at::linear.
 Where every position's logits are wanted (logprobs), prefill runs the model's own forward.
 
 The C++ source and its builds (one per instruction set: AVX512-BF16, AVX-512 without its bf16
