@@ -438,7 +438,10 @@ static inline void in_register(F& v) {
 // register and used for R dots (untiled, a batch of 8 loads 9 blocks per 8 dots and the load ports,
 // not the multiplies, set the pace; with the input parts folded into the multiplies as memory
 // operands, the batch-8 step of a 12-layer dim-768 model on the Xeon without AVX512-BF16 was ~10%
-// slower in bf16, ~5% in fp32)
+// slower in bf16, ~5% in fp32). x holds the input rows block by block: dot block k / B of row m at
+// x[k M + m B] (the M rows' blocks side by side, so one pointer reaches them all and x streams in
+// order; with the rows apart, their M pointers spilled from the registers: 5-15% slower with the
+// weights in cache), then the K % B tails row after row
 template <typename D, typename WT, int M, int R>
 static inline void gemv_tile(const typename D::X* x, int64_t K, const WT* w, int64_t n, int64_t s, float* y, int64_t ldy) {
   constexpr int B = D::W;
@@ -462,7 +465,7 @@ static inline void gemv_tile(const typename D::X* x, int64_t K, const WT* w, int
       for (int i = 0; i < R; ++i) wv[i] = D::wpart(r[i] + k, p);
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) {
-        F xv = D::xpart(x + m * K + k, p);
+        F xv = D::xpart(x + k * M + m * B, p);
         if constexpr (M > 1) in_register(xv);
 #pragma GCC unroll 4
         for (int i = 0; i < R; ++i) a[i][m] = D::mac(a[i][m], wv[i], xv);
@@ -474,7 +477,7 @@ static inline void gemv_tile(const typename D::X* x, int64_t K, const WT* w, int
   for (int i = 0; i < R; ++i)
     for (int m = 0; m < M; ++m) {
       float v = sums[i * M + m];
-      for (int64_t kk = KB; kk < K; ++kk) v += D::w(r[i][kk]) * D::x(x[m * K + kk]);
+      for (int64_t kk = KB; kk < K; ++kk) v += D::w(r[i][kk]) * D::x(x[KB * M + m * (K - KB) + kk - KB]);
       y[m * ldy + n + i * s] = v;
     }
 }
@@ -545,13 +548,20 @@ template <typename T, typename WT = T>
 static void gemv(const T* xt, int64_t M, int64_t K, const WT* w, int64_t N, float* y, const T* scales = nullptr) {
   using D = Dot<WT, T>;
   using X = typename D::X;
-  const X* x;
-  if constexpr (std::is_same<X, T>::value) {
-    x = xt;
-  } else {  // the input rows as the dot blocks read them, once per product (M K elements, from L1/L2)
-    static thread_local avec<X> buf;
+  const X* x = nullptr;
+  if constexpr (std::is_same<X, T>::value)
+    if (M == 1) x = xt;  // one row: its blocks in order are already the layout below
+  if (!x) {  // the input rows as the tiles read them (gemv_tile), laid out once per product
+    constexpr int64_t B = D::W;
+    const int64_t KB = K / B * B;
+    static thread_local avec<X> buf, row;
     buf.resize(M * K);
-    D::prep(xt, M, K, buf.data());
+    row.resize(K);
+    for (int64_t m = 0; m < M; ++m) {
+      D::prep(xt + m * K, 1, K, row.data());
+      for (int64_t k = 0; k < KB; k += B) std::memcpy(buf.data() + k * M + m * B, row.data() + k, B * sizeof(X));
+      std::memcpy(buf.data() + KB * M + m * (K - KB), row.data() + KB, (K - KB) * sizeof(X));
+    }
     x = buf.data();
   }
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
