@@ -711,20 +711,25 @@ static void norm_rows(const T* h, int64_t M, int64_t dim, const T* w, double eps
 
 
 // (M, 2 hidden) rows of a|b (Y: the model's type T, or fp32 sums still to be rounded to it) -> (M, hidden)
-// rows of round(silu(a)) * b, rounded: the model's SwiGLU roundings. Threads over rows
+// rows of round(silu(a)) * b, rounded: the model's SwiGLU roundings. Threads over pieces of C columns
+// of every row, from 16 pieces (a decoding step's few rows are shared too: 8 rows of 2048 on one
+// thread were ~2.5% of the bf16 batch-8 step on the Xeon without AVX512-BF16)
 template <typename T, typename Y>
 static void silu_rows(const Y* y, int64_t M, int64_t hidden, T* out) {
-  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
+  constexpr int64_t C = 512;
+  const int64_t pieces = (hidden + C - 1) / C;
+  at::parallel_for(0, M * pieces, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t m = it / pieces, c1 = std::min(hidden, (it % pieces + 1) * C);
       const Y* ya = y + m * 2 * hidden;
       const Y* yb = ya + hidden;
       T* o = out + m * hidden;
-      int64_t i = 0;
-      for (; i + N <= hidden; i += N) {
+      int64_t i = it % pieces * C;
+      for (; i + N <= c1; i += N) {
         const F a = E<T>::rnd(E<Y>::load(ya + i)), b = E<T>::rnd(E<Y>::load(yb + i));
         E<T>::store(o + i, V::mul(E<T>::rnd(V::div(a, V::add(V::set1(1.f), vexp(V::sub(V::zero(), a))))), b));
       }
-      for (; i < hidden; ++i) {
+      for (; i < c1; ++i) {
         const float a = E<T>::rnd(E<Y>::to(ya[i])), b = E<T>::rnd(E<Y>::to(yb[i]));
         o[i] = E<T>::from(E<T>::rnd(a / (1.f + std::exp(-a))) * b);
       }
