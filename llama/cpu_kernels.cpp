@@ -16,6 +16,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -486,18 +487,22 @@ static inline void gemv_tile(const typename D::X* x, int64_t K, const WT* w, int
 // up to 4: AVX-512 holds 3 rows x 8 inputs). The rows are cut into R equal sub-ranges and tile j
 // takes row j of each, so the tiles read R weight streams, each contiguous from its sub-range's
 // first row to its last: the hardware prefetchers follow long streams (here 2.5x the bandwidth of
-// adjacent rows tile by tile, whose R streams jump every row). The last < R rows one by one
+// adjacent rows tile by tile, whose R streams jump every row). Here tiles a..b of the range's
+// unit_rows(M) = R, and with `rest` its last < R rows one by one
+constexpr int unit_rows(int64_t M) { return M == 1 ? 4 : std::max(1, std::min(4, V::ACC / (int)M)); }
 template <typename D, typename WT, int M>
-static void gemv_rows(const typename D::X* x, int64_t K, const WT* w, int64_t n0, int64_t n1, float* y, int64_t ldy) {
-  constexpr int R = std::max(1, std::min(4, V::ACC / M));
+static void gemv_rows(const typename D::X* x, int64_t K, const WT* w, int64_t n0, int64_t n1, int64_t a, int64_t b, bool rest,
+                      float* y, int64_t ldy) {
+  constexpr int R = unit_rows(M);
   const int64_t step = (n1 - n0) / R;
-  for (int64_t j = 0; j < step; ++j) gemv_tile<D, WT, M, R>(x, K, w, n0 + j, step, y, ldy);
-  for (int64_t n = n0 + R * step; n < n1; ++n) gemv_tile<D, WT, M, 1>(x, K, w, n, 0, y, ldy);
+  for (int64_t j = a; j < b; ++j) gemv_tile<D, WT, M, R>(x, K, w, n0 + j, step, y, ldy);
+  if (rest)
+    for (int64_t n = n0 + R * step; n < n1; ++n) gemv_tile<D, WT, M, 1>(x, K, w, n, 0, y, ldy);
 }
 
 // One input row: the thread's rows are walked as S interleaved sub-ranges, S weight streams at
 // once (more reads in flight: ~10% more bandwidth than one stream here), two accumulators each to
-// hide the dot latency
+// hide the dot latency. Here steps a..b (of S rows, S = unit_rows(1)), and with `rest` the last < S rows
 // STREAM_PF: bytes ahead that each stream prefetches into L2, or 0. Measured on the Xeon without
 // AVX512-BF16 (the AVX-512 build), at batch 1 on a 12-layer dim-768 model: bf16 weights 4 KB ahead
 // read 22.6 against 21.0 GB/s (8 KB: 22.3), int8 weights 21.2-22.0 against 19.3-19.6; fp32 weights
@@ -509,11 +514,12 @@ constexpr int64_t STREAM_PF = sizeof(WT) <= 2 ? 4096 : 0;
 #else
 constexpr int64_t STREAM_PF = 0;
 #endif
-template <typename D, typename WT, int S>
-static void gemv_streams(const typename D::X* x, int64_t K, const WT* w, int64_t n0, int64_t n1, float* y) {
-  constexpr int B = D::W;
+template <typename D, typename WT>
+static void gemv_streams(const typename D::X* x, int64_t K, const WT* w, int64_t n0, int64_t n1, int64_t i0, int64_t i1, bool rest,
+                         float* y) {
+  constexpr int B = D::W, S = unit_rows(1);
   const int64_t step = (n1 - n0) / S, KB = K / B * B, K2 = K / (2 * B) * (2 * B);
-  for (int64_t i = 0; i < step; ++i) {
+  for (int64_t i = i0; i < i1; ++i) {
     F a[S], b[S];
     const WT* r[S];
     for (int s = 0; s < S; ++s) { a[s] = V::zero(); b[s] = a[s]; r[s] = w + (n0 + s * step + i) * K; }
@@ -537,7 +543,54 @@ static void gemv_streams(const typename D::X* x, int64_t K, const WT* w, int64_t
       y[n0 + s * step + i] = v;
     }
   }
-  for (int64_t n = n0 + S * step; n < n1; ++n) gemv_tile<D, WT, 1, 1>(x, K, w, n, 0, y, 0);  // the last < S rows
+  if (rest)
+    for (int64_t n = n0 + S * step; n < n1; ++n) gemv_tile<D, WT, 1, 1>(x, K, w, n, 0, y, 0);
+}
+
+// Units 0..units(lo, hi) of every thread's rows lo..hi (N / threads of them, in order) run through
+// run(lo, hi, a, b, rest) (units a..b; rest: also the rows past the last whole unit, once). A
+// thread takes its own units from the front, C at a time, then helps: C at a time from the back of
+// whichever other range has the most left. Split once, by halves, a core slowed by another tenant
+// of the machine left the other waiting: 1-6 ms of a ~20 ms bf16 batch-8 step on the 2-core Xeon
+template <typename U, typename F>
+static void shared_rows(int64_t N, int64_t grain, U units, F run) {
+  constexpr int64_t C = 4;
+  const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / grain));
+  if (nth == 1 || at::in_parallel_region()) return run(0, N, 0, units(0, N), true);
+  struct alignas(64) Left { std::atomic<uint64_t> v; };  // the unclaimed units: front (low half), back (high)
+  std::unique_ptr<Left[]> left(new Left[nth]);
+  auto lo = [&](int64_t t) { return N * t / nth; };
+  for (int64_t t = 0; t < nth; ++t) left[t].v = (uint64_t)units(lo(t), lo(t + 1)) << 32;
+  auto take = [&](int64_t t, bool back, int64_t& a, int64_t& b) {
+    uint64_t v = left[t].v.load();
+    for (;;) {
+      const uint64_t f = v & 0xffffffffu, k = v >> 32;
+      if (f >= k) return false;
+      const uint64_t nf = back ? f : std::min(f + C, k), nk = back ? std::max<uint64_t>(f, k >= C ? k - C : 0) : k;
+      if (left[t].v.compare_exchange_weak(v, nk << 32 | nf)) {
+        a = back ? (int64_t)nk : (int64_t)f;
+        b = back ? (int64_t)k : (int64_t)nf;
+        return true;
+      }
+    }
+  };
+  at::parallel_for(0, nth, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t a, b;
+      run(lo(t), lo(t + 1), 0, 0, true);  // the range's last rows
+      while (take(t, false, a, b)) run(lo(t), lo(t + 1), a, b, false);
+      for (;;) {
+        int64_t u = -1, most = 0;
+        for (int64_t o = 0; o < nth; ++o) {
+          const uint64_t v = left[o].v.load();
+          const int64_t n = (int64_t)(v >> 32) - (int64_t)(v & 0xffffffffu);
+          if (o != t && n > most) { most = n; u = o; }
+        }
+        if (u < 0) break;
+        if (take(u, true, a, b)) run(lo(u), lo(u + 1), a, b, false);
+      }
+    }
+  });
 }
 
 // y (M, N) float = x (M, K) @ w (N, K)^T, split over threads by output rows. x is in the model's
@@ -564,21 +617,24 @@ static void gemv(const T* xt, int64_t M, int64_t K, const WT* w, int64_t N, floa
     }
     x = buf.data();
   }
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+  const int64_t R = unit_rows(M);
+  shared_rows(N, 64, [&](int64_t n0, int64_t n1) { return (n1 - n0) / R; }, [&](int64_t n0, int64_t n1, int64_t a, int64_t b, bool rest) {
     switch (M) {
-      case 1: gemv_streams<D, WT, 4>(x, K, w, n0, n1, y); break;
-      case 2: gemv_rows<D, WT, 2>(x, K, w, n0, n1, y, N); break;
-      case 3: gemv_rows<D, WT, 3>(x, K, w, n0, n1, y, N); break;
-      case 4: gemv_rows<D, WT, 4>(x, K, w, n0, n1, y, N); break;
-      case 5: gemv_rows<D, WT, 5>(x, K, w, n0, n1, y, N); break;
-      case 6: gemv_rows<D, WT, 6>(x, K, w, n0, n1, y, N); break;
-      case 7: gemv_rows<D, WT, 7>(x, K, w, n0, n1, y, N); break;
-      default: gemv_rows<D, WT, 8>(x, K, w, n0, n1, y, N); break;
+      case 1: gemv_streams<D, WT>(x, K, w, n0, n1, a, b, rest, y); break;
+      case 2: gemv_rows<D, WT, 2>(x, K, w, n0, n1, a, b, rest, y, N); break;
+      case 3: gemv_rows<D, WT, 3>(x, K, w, n0, n1, a, b, rest, y, N); break;
+      case 4: gemv_rows<D, WT, 4>(x, K, w, n0, n1, a, b, rest, y, N); break;
+      case 5: gemv_rows<D, WT, 5>(x, K, w, n0, n1, a, b, rest, y, N); break;
+      case 6: gemv_rows<D, WT, 6>(x, K, w, n0, n1, a, b, rest, y, N); break;
+      case 7: gemv_rows<D, WT, 7>(x, K, w, n0, n1, a, b, rest, y, N); break;
+      default: gemv_rows<D, WT, 8>(x, K, w, n0, n1, a, b, rest, y, N); break;
     }
-    if (scales)  // this thread's rows, still in cache
+  });
+  if (scales)
+    at::parallel_for(0, N, 2048, [&](int64_t n0, int64_t n1) {
       for (int64_t m = 0; m < M; ++m)
         for (int64_t n = n0; n < n1; ++n) y[m * N + n] = E<T>::rnd(y[m * N + n]) * E<T>::to(scales[n]);
-  });
+    });
 }
 
 // The cache's elements as the decoding step's attention widens them to fp32: a head's whole blocks
