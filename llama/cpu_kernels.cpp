@@ -885,7 +885,8 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
     // the values summed with those weights; a row's chunks are merged after. Within a chunk the cache
     // is read in memory order: the keys position by position (head_scores), the values in blocks of
     // positions (head_values). Threads take ranges of the items once there is enough work to pay for
-    // waking them (a batch of 8 is 8 times the work of one row)
+    // waking them (a batch of 8 is 8 times the work of one row); with at least two groups (m, j) a
+    // thread, whole groups one at a time from a shared counter
     const int64_t NT = pos + 1, nth = at::get_num_threads();
     // the keys are read ahead of head_scores by pf_rows positions, ~3 KB (at least one): on the Xeon
     // without AVX512-BF16, 207 -> 170 ns a position at batch 8 in bf16 (1.5-12 KB ahead: within 5%
@@ -897,10 +898,9 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
     const int64_t grain = M * NT * qdim >= (1 << 15) ? 1 : M * P * H;
     if ((int64_t)p.size() < M * P * H * NT) p.resize(M * P * H * NT);
     if ((int64_t)acc.size() < M * P * qdim) { acc.resize(M * P * qdim); stats.resize(2 * M * P * H); }
-    at::parallel_for(0, M * P * H, grain, [&](int64_t i0, int64_t i1) {
-      for (int64_t g = i0 / H; g * H < i1; ++g) {  // this range's heads h0..h1 of item group g = (m, j)
+    auto items = [&](int64_t g, int64_t h0, int64_t h1) {  // heads h0..h1 of item group g = (m, j)
+      {
         const int64_t m = g / P, j = g % P, t0 = NT * j / P, nt = NT * (j + 1) / P - t0;
-        const int64_t h0 = std::max(i0 - g * H, (int64_t)0), h1 = std::min(i1 - g * H, H);
         const T* kb = ckp + ((l * Bmax + m) * S + t0) * kvdim;
         const T* vb = cvp + ((l * Bmax + m) * S + t0) * kvdim;
         const float* q = qs.data() + m * qdim;
@@ -943,7 +943,17 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
         if (P == 1)  // the sums back in memory order
           for (int64_t hd = h0; hd < h1; ++hd) Wide<T>::join(ag + hd * D, D, att.data() + m * qdim + hd * D);
       }
-    });
+    };
+    if (grain == 1 && nth > 1 && M * P >= 2 * nth) {  // whole groups from a shared counter: a core slowed by another tenant takes fewer
+      std::atomic<int64_t> next{0};
+      at::parallel_for(0, nth, 1, [&](int64_t, int64_t) {
+        for (int64_t g; (g = next.fetch_add(1)) < M * P;) items(g, 0, H);
+      });
+    } else {
+      at::parallel_for(0, M * P * H, grain, [&](int64_t i0, int64_t i1) {
+        for (int64_t g = i0 / H; g * H < i1; ++g) items(g, std::max(i0 - g * H, (int64_t)0), std::min(i1 - g * H, H));
+      });
+    }
     std::vector<float> w(P);
     for (int64_t m = 0; m < M && P > 1; ++m)  // merge each head's chunks: sum_j w_j acc_j / sum_j w_j sum_j, w_j = exp(max_j - max)
       for (int64_t hd = 0; hd < H; ++hd) {

@@ -613,6 +613,28 @@ def test_fused_cpu_decoder_matches_the_model(shape, dtype, variant):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_cpu_decoder_shares_work_between_threads(dtype, variant):
+    """On two threads with 5 rows and up to 40 positions, the step's attention hands whole rows out
+    from a shared counter and its products share their rows' units (a thread helps from the back of
+    the other's): the logits and cache still match the eager model, as with one thread."""
+    torch.manual_seed(0)
+    ref = Transformer(tiny_args(dim=256, n_heads=4, multiple_of=64)).double().eval()
+    ref.init_weights(std=0.08)
+    model = Transformer(ref.args).to(dtype).eval()
+    model.load_state_dict(ref.state_dict())
+    _kernel_or_skip(variant)
+    decoder = FusedCpuDecoder.create(model, variant)
+    tokens = torch.randint(0, ref.args.vocab_size, (5, 40))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _fused_step_agrees(model, ref, decoder, tokens, 0.02 if dtype == torch.bfloat16 else 1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [dict(dim=64, n_heads=2), dict(dim=128, n_heads=4, n_kv_heads=2, multiple_of=16, vocab_size=97),
