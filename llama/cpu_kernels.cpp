@@ -593,7 +593,7 @@ static void shared_rows(int64_t N, int64_t grain, U units, F run) {
   });
 }
 
-// y (M, N) float = x (M, K) @ w (N, K)^T, split over threads by output rows. x is in the model's
+// y (M, N) float = x (M, K) @ w (N, K)^T, output rows shared between threads (shared_rows). x is in the model's
 // type T; the weights WT are T too, or int8 with `scales` (N,) in T, where y[m, n] =
 // round_T(x[m] . w[n]) * scales[n]: Int8Linear's rounding of the product to the model's dtype before
 // its scale (the caller rounds the result again, as it does for every product)
