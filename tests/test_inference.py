@@ -555,6 +555,17 @@ def _decode_logits(model, tokens, decoder=None, prefill=4):
     return torch.cat(steps, 1), cache
 
 
+def _fused_tiny(dtype, variant, **shape):
+    """A tiny fp64 model (weights at std 0.08: peaked next-token distributions), its copy in `dtype`,
+    and the fused decoder (`variant`'s build) of that copy; skips where the build cannot run."""
+    ref = Transformer(tiny_args(**shape)).double().eval()
+    ref.init_weights(std=0.08)
+    model = Transformer(ref.args).to(dtype).eval()
+    model.load_state_dict(ref.state_dict())
+    _kernel_or_skip(variant)
+    return ref, model, FusedCpuDecoder.create(model, variant)
+
+
 def _fused_step_agrees(model, exact, decoder, tokens, tol) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode `tokens` with the fused `decoder`, the eager `model` and the fp64 `exact` model: the fused
     logits and cache equal the eager ones to `tol` of their scale (bf16: a layer's keys round one ulp
@@ -619,12 +630,7 @@ def test_fused_cpu_decoder_shares_work_between_threads(dtype, variant):
     from a shared counter and its products share their rows' units (a thread helps from the back of
     the other's): the logits and cache still match the eager model, as with one thread."""
     torch.manual_seed(0)
-    ref = Transformer(tiny_args(dim=256, n_heads=4, multiple_of=64)).double().eval()
-    ref.init_weights(std=0.08)
-    model = Transformer(ref.args).to(dtype).eval()
-    model.load_state_dict(ref.state_dict())
-    _kernel_or_skip(variant)
-    decoder = FusedCpuDecoder.create(model, variant)
+    ref, model, decoder = _fused_tiny(dtype, variant, dim=256, n_heads=4, multiple_of=64)
     tokens = torch.randint(0, ref.args.vocab_size, (5, 40))
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -826,12 +832,7 @@ def test_fused_decoder_attention_over_long_contexts(dtype, variant):
     eager model's cache (in bf16, 146 steps of other sum orders drift a few cache values by more
     than a bf16 step, on one thread as well)."""
     torch.manual_seed(0)
-    ref = Transformer(tiny_args(dim=256, n_heads=4, n_kv_heads=2, multiple_of=32, vocab_size=97, n_layers=2)).double().eval()
-    ref.init_weights(std=0.08)
-    model = Transformer(ref.args).to(dtype).eval()
-    model.load_state_dict(ref.state_dict())
-    _kernel_or_skip(variant)
-    decoder = FusedCpuDecoder.create(model, variant)
+    ref, model, decoder = _fused_tiny(dtype, variant, dim=256, n_heads=4, n_kv_heads=2, multiple_of=32, vocab_size=97, n_layers=2)
     tokens = torch.randint(0, ref.args.vocab_size, (3, 150))
     tol = 0.02 if dtype == torch.bfloat16 else 1e-5
     threads = torch.get_num_threads()
