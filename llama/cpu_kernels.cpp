@@ -899,50 +899,48 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
     if ((int64_t)p.size() < M * P * H * NT) p.resize(M * P * H * NT);
     if ((int64_t)acc.size() < M * P * qdim) { acc.resize(M * P * qdim); stats.resize(2 * M * P * H); }
     auto items = [&](int64_t g, int64_t h0, int64_t h1) {  // heads h0..h1 of item group g = (m, j)
-      {
-        const int64_t m = g / P, j = g % P, t0 = NT * j / P, nt = NT * (j + 1) / P - t0;
-        const T* kb = ckp + ((l * Bmax + m) * S + t0) * kvdim;
-        const T* vb = cvp + ((l * Bmax + m) * S + t0) * kvdim;
-        const float* q = qs.data() + m * qdim;
-        float* pg = p.data() + g * H * NT;
-        float* ag = acc.data() + g * qdim;
-        for (int64_t t = 0; t < nt; ++t) {  // the keys pf_rows positions ahead prefetched first, then the values' first ones
-          const int64_t u = t + pf_rows;
-          if (u < 2 * nt) {
-            const char* ahead = (const char*)(u < nt ? kb + u * kvdim : vb + (u - nt) * kvdim);
-            for (int64_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(ahead + o, 0, 3);
-          }
-          head_scores<T>(q, kb + t * kvdim, D, rep, h0, h1, scale, pg + t, NT);
+      const int64_t m = g / P, j = g % P, t0 = NT * j / P, nt = NT * (j + 1) / P - t0;
+      const T* kb = ckp + ((l * Bmax + m) * S + t0) * kvdim;
+      const T* vb = cvp + ((l * Bmax + m) * S + t0) * kvdim;
+      const float* q = qs.data() + m * qdim;
+      float* pg = p.data() + g * H * NT;
+      float* ag = acc.data() + g * qdim;
+      for (int64_t t = 0; t < nt; ++t) {  // the keys pf_rows positions ahead prefetched first, then the values' first ones
+        const int64_t u = t + pf_rows;
+        if (u < 2 * nt) {
+          const char* ahead = (const char*)(u < nt ? kb + u * kvdim : vb + (u - nt) * kvdim);
+          for (int64_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(ahead + o, 0, 3);
         }
-        for (int64_t hd = h0; hd < h1; ++hd) {
-          float* ph = pg + hd * NT;
-          F mv = V::set1(-INFINITY);
-          int64_t t = 0;
-          for (; t + N <= nt; t += N) mv = V::max(mv, V::load(ph + t));
-          float lanes[N], mx = -INFINITY;
-          V::store(lanes, mv);
-          for (int i = 0; i < N; ++i) mx = std::max(mx, lanes[i]);
-          for (; t < nt; ++t) mx = std::max(mx, ph[t]);
-          const F mxv = V::set1(mx);
-          F sv = V::zero();
-          t = 0;
-          for (; t + N <= nt; t += N) {
-            const F e = vexp(V::sub(V::load(ph + t), mxv));
-            V::store(ph + t, e);
-            sv = V::add(sv, e);
-          }
-          float sum = V::sum(sv);
-          for (; t < nt; ++t) { ph[t] = std::exp(ph[t] - mx); sum += ph[t]; }
-          if (P == 1)  // the probabilities themselves; else kept for the merge
-            for (t = 0; t < nt; ++t) ph[t] /= sum;
-          stats[2 * (g * H + hd)] = mx;
-          stats[2 * (g * H + hd) + 1] = sum;
-        }
-        std::fill(ag + h0 * D, ag + h1 * D, 0.f);
-        head_values<T>(pg, NT, nt, vb, kvdim, D, rep, h0, h1, ag);
-        if (P == 1)  // the sums back in memory order
-          for (int64_t hd = h0; hd < h1; ++hd) Wide<T>::join(ag + hd * D, D, att.data() + m * qdim + hd * D);
+        head_scores<T>(q, kb + t * kvdim, D, rep, h0, h1, scale, pg + t, NT);
       }
+      for (int64_t hd = h0; hd < h1; ++hd) {
+        float* ph = pg + hd * NT;
+        F mv = V::set1(-INFINITY);
+        int64_t t = 0;
+        for (; t + N <= nt; t += N) mv = V::max(mv, V::load(ph + t));
+        float lanes[N], mx = -INFINITY;
+        V::store(lanes, mv);
+        for (int i = 0; i < N; ++i) mx = std::max(mx, lanes[i]);
+        for (; t < nt; ++t) mx = std::max(mx, ph[t]);
+        const F mxv = V::set1(mx);
+        F sv = V::zero();
+        t = 0;
+        for (; t + N <= nt; t += N) {
+          const F e = vexp(V::sub(V::load(ph + t), mxv));
+          V::store(ph + t, e);
+          sv = V::add(sv, e);
+        }
+        float sum = V::sum(sv);
+        for (; t < nt; ++t) { ph[t] = std::exp(ph[t] - mx); sum += ph[t]; }
+        if (P == 1)  // the probabilities themselves; else kept for the merge
+          for (t = 0; t < nt; ++t) ph[t] /= sum;
+        stats[2 * (g * H + hd)] = mx;
+        stats[2 * (g * H + hd) + 1] = sum;
+      }
+      std::fill(ag + h0 * D, ag + h1 * D, 0.f);
+      head_values<T>(pg, NT, nt, vb, kvdim, D, rep, h0, h1, ag);
+      if (P == 1)  // the sums back in memory order
+        for (int64_t hd = h0; hd < h1; ++hd) Wide<T>::join(ag + hd * D, D, att.data() + m * qdim + hd * D);
     };
     if (grain == 1 && nth > 1 && M * P >= 2 * nth) {  // whole groups from a shared counter: a core slowed by another tenant takes fewer
       std::atomic<int64_t> next{0};

@@ -628,7 +628,8 @@ def test_fused_cpu_decoder_matches_the_model(shape, dtype, variant):
 def test_fused_cpu_decoder_shares_work_between_threads(dtype, variant):
     """On two threads with 5 rows and up to 40 positions, the step's attention hands whole rows out
     from a shared counter and its products share their rows' units (a thread helps from the back of
-    the other's): the logits and cache still match the eager model, as with one thread."""
+    the other's): the logits and cache still match the eager model's (the mutations of either kind
+    of sharing tried, a head or a unit left out, fail here)."""
     torch.manual_seed(0)
     ref, model, decoder = _fused_tiny(dtype, variant, dim=256, n_heads=4, multiple_of=64)
     tokens = torch.randint(0, ref.args.vocab_size, (5, 40))
