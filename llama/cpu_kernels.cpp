@@ -642,7 +642,7 @@ static void gemv(const T* xt, int64_t M, int64_t K, const WT* w, int64_t N, floa
 // elements, part 0 the even ones and part 1 the odd ones, one instruction a register (the pairs
 // shifted or masked in place; widening N in order took two). So the query heads and the values'
 // sums are kept in that slot order: `split` lays a head out so (from fp32 values exact in T), `join`
-// lays it back and rounds it to T, `slot` says where element d sits. fp32: N as they are
+// lays it back and rounds it to T. fp32: N as they are
 template <typename T> struct Wide;
 template <> struct Wide<bf16> {
   static constexpr int W = 2 * N, PARTS = 2;
@@ -668,14 +668,12 @@ template <> struct Wide<bf16> {
     }
     for (; d < D; ++d) out[d] = f2b(x[d]);
   }
-  static int64_t slot(int64_t d, int64_t D) { return d / W * W + W <= D ? d / W * W + d % 2 * N + d % W / 2 : d; }
 };
 template <> struct Wide<float> {
   static constexpr int W = N, PARTS = 1;
   static inline F part(const float* v, int) { return V::load(v); }
   static void split(const float* x, int64_t D, float* out) { std::copy(x, x + D, out); }
   static void join(const float* x, int64_t D, float* out) { std::copy(x, x + D, out); }
-  static int64_t slot(int64_t d, int64_t) { return d; }
 };
 
 // The decoding step's attention, for query heads h0..h1 of one row; query head hd reads kv head
@@ -952,18 +950,28 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
         for (int64_t g = i0 / H; g * H < i1; ++g) items(g, std::max(i0 - g * H, (int64_t)0), std::min(i1 - g * H, H));
       });
     }
-    std::vector<float> w(P);
-    for (int64_t m = 0; m < M && P > 1; ++m)  // merge each head's chunks: sum_j w_j acc_j / sum_j w_j sum_j, w_j = exp(max_j - max)
+    // merge each head's chunks: sum_j w_j acc_j / sum_j w_j sum_j, w_j = exp(max_j - max), on one thread,
+    // vectorised (element by element it took 15 us a layer at batch 1, a quarter of the attention's time)
+    std::vector<float> w(P), o(D);
+    for (int64_t m = 0; m < M && P > 1; ++m)
       for (int64_t hd = 0; hd < H; ++hd) {
         const float* st = stats.data() + 2 * (m * P * H + hd);
         float mx = st[0], den = 0.f;
         for (int64_t j = 1; j < P; ++j) mx = std::max(mx, st[2 * j * H]);
         for (int64_t j = 0; j < P; ++j) den += (w[j] = std::exp(st[2 * j * H] - mx)) * st[2 * j * H + 1];
-        for (int64_t d = 0; d < D; ++d) {  // acc in slot order
-          float o = 0.f;
-          for (int64_t j = 0; j < P; ++j) o += w[j] * acc[(m * P + j) * qdim + hd * D + Wide<T>::slot(d, D)];
-          att[m * qdim + hd * D + d] = E<T>::from(o / den);
+        const float* a = acc.data() + m * P * qdim + hd * D;  // chunk j's sums at a + j qdim, in slot order, as o
+        int64_t d = 0;
+        for (; d + N <= D; d += N) {
+          F v = V::zero();
+          for (int64_t j = 0; j < P; ++j) v = V::add(v, V::mul(V::set1(w[j]), V::load(a + j * qdim + d)));
+          V::store(o.data() + d, V::div(v, V::set1(den)));
         }
+        for (; d < D; ++d) {
+          float v = 0.f;
+          for (int64_t j = 0; j < P; ++j) v += w[j] * a[j * qdim + d];
+          o[d] = v / den;
+        }
+        Wide<T>::join(o.data(), D, att.data() + m * qdim + hd * D);  // memory order, rounded to T
       }
     gemv<T, WT>(att.data(), M, qdim, Q(lw[2]), dim, y.data(), sc(4 * l + 1));
     residual<T>(hp, y.data(), M * dim);
