@@ -853,28 +853,32 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
     // attention: norm, q|k|v in one product, RoPE on q and k (fp32, rounded), k/v into the cache
     norm_rows<T>(hp, M, dim, W(lw[0]), eps, xn.data());
     gemv<T, WT>(xn.data(), M, dim, Q(lw[1]), nqkv, y.data(), sc(4 * l));
-    for (int64_t m = 0; m < M; ++m) {
-      float* r = y.data() + m * nqkv;
-      int64_t i = 0;
-      for (; i + N <= nqkv; i += N) V::store(r + i, E<T>::rnd(V::load(r + i)));
-      for (; i < nqkv; ++i) r[i] = E<T>::rnd(r[i]);
-      for (int64_t h0 = 0; h0 < qdim + kvdim; h0 += D)  // each head of q, then of k: pairs (2j, 2j+1) rotate by freqs[pos, j]
-        for (int64_t j = 0; j < D / 2; ++j) {
-          const float c = fc[2 * j], s = fc[2 * j + 1], re = r[h0 + 2 * j], im = r[h0 + 2 * j + 1];
-          r[h0 + 2 * j] = E<T>::rnd(re * c - im * s);
-          r[h0 + 2 * j + 1] = E<T>::rnd(re * s + im * c);
+    // RoPE, the rounding and the cache writes of 4 rows or more on both threads (on one, the batch-8
+    // step's 0.33 ms, on two 0.24)
+    at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        float* r = y.data() + m * nqkv;
+        int64_t i = 0;
+        for (; i + N <= nqkv; i += N) V::store(r + i, E<T>::rnd(V::load(r + i)));
+        for (; i < nqkv; ++i) r[i] = E<T>::rnd(r[i]);
+        for (int64_t h0 = 0; h0 < qdim + kvdim; h0 += D)  // each head of q, then of k: pairs (2j, 2j+1) rotate by freqs[pos, j]
+          for (int64_t j = 0; j < D / 2; ++j) {
+            const float c = fc[2 * j], s = fc[2 * j + 1], re = r[h0 + 2 * j], im = r[h0 + 2 * j + 1];
+            r[h0 + 2 * j] = E<T>::rnd(re * c - im * s);
+            r[h0 + 2 * j + 1] = E<T>::rnd(re * s + im * c);
+          }
+        for (int64_t h0 = 0; h0 < qdim; h0 += D) Wide<T>::split(r + h0, D, qs.data() + m * qdim + h0);  // as head_scores reads q
+        const int64_t off = ((l * Bmax + m) * S + pos) * kvdim;  // the rounded k and v, exact in T
+        for (i = 0; i + N <= kvdim; i += N) {
+          E<T>::store(ckp + off + i, V::load(r + qdim + i));
+          E<T>::store(cvp + off + i, V::load(r + qdim + kvdim + i));
         }
-      for (int64_t h0 = 0; h0 < qdim; h0 += D) Wide<T>::split(r + h0, D, qs.data() + m * qdim + h0);  // as head_scores reads q
-      const int64_t off = ((l * Bmax + m) * S + pos) * kvdim;  // the rounded k and v, exact in T
-      for (i = 0; i + N <= kvdim; i += N) {
-        E<T>::store(ckp + off + i, V::load(r + qdim + i));
-        E<T>::store(cvp + off + i, V::load(r + qdim + kvdim + i));
+        for (; i < kvdim; ++i) {
+          ckp[off + i] = E<T>::from(r[qdim + i]);
+          cvp[off + i] = E<T>::from(r[qdim + kvdim + i]);
+        }
       }
-      for (; i < kvdim; ++i) {
-        ckp[off + i] = E<T>::from(r[qdim + i]);
-        cvp[off + i] = E<T>::from(r[qdim + kvdim + i]);
-      }
-    }
+    });
     // attention of each query head of each row over positions 0..pos of its kv head, fp32, in work
     // items (row m, chunk j of its positions, head). With fewer rows than threads each row's
     // positions are cut into P chunks, so that each thread streams its own contiguous part of the
