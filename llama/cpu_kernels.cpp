@@ -895,6 +895,11 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
     // of that). Past the chunk's last key the same stream goes on into its first values, so the
     // values start in cache; nothing past the chunk is touched. Prefetching the values within their
     // own loop (4-16 positions ahead) gained nothing
+    // Where a chunk's values fit in 256 KB (half of the smallest L2 these CPUs have), they are also
+    // prefetched into L2 while the keys are read, 4 pf_rows ahead: the scores' loop then reads both at
+    // the bandwidth of one thread, and the values' loop finds them in L2. Batch 8 in bf16, 136-144
+    // positions (204 KB of values a row), per thread: scores 1.62 -> 2.45 ms a step, values 1.46 ->
+    // 0.48, the attention's items 5% shorter. Longer chunks would lose their first values from L2
     const int64_t row_bytes = kvdim * (int64_t)sizeof(T), pf_rows = std::max<int64_t>(1, (3072 + row_bytes - 1) / row_bytes);
     const int64_t P = M < nth ? std::max<int64_t>(1, std::min((nth + M - 1) / M, NT / 32)) : 1;
     const int64_t grain = M * NT * qdim >= (1 << 15) ? 1 : M * P * H;
@@ -907,11 +912,16 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
       const float* q = qs.data() + m * qdim;
       float* pg = p.data() + g * H * NT;
       float* ag = acc.data() + g * qdim;
+      const bool values_l2 = nt * row_bytes <= 256 * 1024;
       for (int64_t t = 0; t < nt; ++t) {  // the keys pf_rows positions ahead prefetched first, then the values' first ones
         const int64_t u = t + pf_rows;
         if (u < 2 * nt) {
           const char* ahead = (const char*)(u < nt ? kb + u * kvdim : vb + (u - nt) * kvdim);
           for (int64_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(ahead + o, 0, 3);
+        }
+        if (values_l2 && t + 4 * pf_rows < nt) {
+          const char* va = (const char*)(vb + (t + 4 * pf_rows) * kvdim);
+          for (int64_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(va + o, 0, 2);
         }
         head_scores<T>(q, kb + t * kvdim, D, rep, h0, h1, scale, pg + t, NT);
       }
