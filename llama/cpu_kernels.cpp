@@ -895,8 +895,8 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
     // of that). Past the chunk's last key the same stream goes on into its first values, so the
     // values start in cache; nothing past the chunk is touched. Prefetching the values within their
     // own loop (4-16 positions ahead) gained nothing
-    // Where a chunk's values fit in 256 KB (half of the smallest L2 these CPUs have), they are also
-    // prefetched into L2 while the keys are read, 4 pf_rows ahead: the scores' loop then reads both at
+    // Where a chunk's values fit in 256 KB (a quarter of the Xeon's 1 MB L2; half of a 512 KB one), they
+    // are also prefetched into L2 while the keys are read, 4 pf_rows ahead: the scores' loop then reads both at
     // the bandwidth of one thread, and the values' loop finds them in L2. Batch 8 in bf16, 136-144
     // positions (204 KB of values a row), per thread: scores 1.62 -> 2.45 ms a step, values 1.46 ->
     // 0.48, the attention's items 5% shorter. Longer chunks would lose their first values from L2
