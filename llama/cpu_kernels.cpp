@@ -1483,13 +1483,14 @@ static void backward(const torch::Tensor& grad, const torch::Tensor& q, const to
   const T *Gd = (const T*)grad.data_ptr(), *P = (const T*)probs.data_ptr();
   T *DQ = (T*)dq.data_ptr(), *DK = (T*)dk.data_ptr(), *DV = (T*)dv.data_ptr();
   const float scale = 1.f / std::sqrt((float)D);
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t w0, int64_t w1) {
+  std::atomic<int64_t> next{0};  // units from a shared counter, as in the forward
+  at::parallel_for(0, std::min<int64_t>(B * Hkv, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     const bool pairs = KS == 2;
     std::vector<uint32_t> Kb(pairs ? SK / 2 * D : 0), Vp(D / KS * S16), dSp(pairs ? block / 2 * S16 : 0);
     std::vector<uint32_t> Qb(pairs ? block / 2 * D : 0), dOb(pairs ? block / 2 * D : 0);
     std::vector<float> dK(S * D), dV(S * D), dP((block + 1) * S16), dQt(block * D);
     std::vector<T> dS(block * S16);
-    for (int64_t w = w0; w < w1; ++w) {
+    for (int64_t w; (w = next.fetch_add(1)) < B * Hkv;) {
       const int64_t b = w / Hkv, g = w % Hkv;
       int64_t ldk;
       const uint32_t* Kp = rows_operand(K + b * k.stride(0) + g * k.stride(2), S, k.stride(1), D, Kb.data(), ldk);  // for dS K
