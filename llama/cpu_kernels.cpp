@@ -514,37 +514,43 @@ constexpr int64_t STREAM_PF = sizeof(WT) <= 2 ? 4096 : 0;
 #else
 constexpr int64_t STREAM_PF = 0;
 #endif
+// Rows first, first + step, ... (S of them) as S streams; step 0: S copies of one row, whose sums are
+// then those the row gets in any unit (lane_sums reduces every register alike)
+template <typename D, typename WT>
+static inline void stream_rows(const typename D::X* x, int64_t K, const WT* w, int64_t first, int64_t step, float* y) {
+  constexpr int B = D::W, S = unit_rows(1);
+  const int64_t KB = K / B * B, K2 = K / (2 * B) * (2 * B);
+  F a[S], b[S];
+  const WT* r[S];
+  for (int s = 0; s < S; ++s) { a[s] = V::zero(); b[s] = a[s]; r[s] = w + (first + s * step) * K; }
+  for (int64_t k = 0; k < K2; k += 2 * B)
+    for (int s = 0; s < S; ++s) {
+      if constexpr (STREAM_PF<WT> > 0) {  // this step's weights (one or two cache lines), STREAM_PF on
+        __builtin_prefetch((const char*)(r[s] + k) + STREAM_PF<WT>, 0, 2);
+        if constexpr (2 * B * sizeof(WT) > 64) __builtin_prefetch((const char*)(r[s] + k + B) + STREAM_PF<WT>, 0, 2);
+      }
+      a[s] = D::dot(a[s], r[s] + k, x + k);
+      b[s] = D::dot(b[s], r[s] + k + B, x + k + B);
+    }
+  if (K2 < KB)  // one whole block left
+    for (int s = 0; s < S; ++s) a[s] = D::dot(a[s], r[s] + K2, x + K2);
+  float sums[S];
+  for (int s = 0; s < S; ++s) a[s] = V::add(a[s], b[s]);
+  lane_sums(a, S, sums);
+  for (int s = 0; s < S; ++s) {
+    float v = sums[s];
+    for (int64_t k = KB; k < K; ++k) v += D::w(r[s][k]) * D::x(x[k]);
+    y[first + s * step] = v;
+  }
+}
 template <typename D, typename WT>
 static void gemv_streams(const typename D::X* x, int64_t K, const WT* w, int64_t n0, int64_t n1, int64_t i0, int64_t i1, bool rest,
                          float* y) {
-  constexpr int B = D::W, S = unit_rows(1);
-  const int64_t step = (n1 - n0) / S, KB = K / B * B, K2 = K / (2 * B) * (2 * B);
-  for (int64_t i = i0; i < i1; ++i) {
-    F a[S], b[S];
-    const WT* r[S];
-    for (int s = 0; s < S; ++s) { a[s] = V::zero(); b[s] = a[s]; r[s] = w + (n0 + s * step + i) * K; }
-    for (int64_t k = 0; k < K2; k += 2 * B)
-      for (int s = 0; s < S; ++s) {
-        if constexpr (STREAM_PF<WT> > 0) {  // this step's weights (one or two cache lines), STREAM_PF on
-          __builtin_prefetch((const char*)(r[s] + k) + STREAM_PF<WT>, 0, 2);
-          if constexpr (2 * B * sizeof(WT) > 64) __builtin_prefetch((const char*)(r[s] + k + B) + STREAM_PF<WT>, 0, 2);
-        }
-        a[s] = D::dot(a[s], r[s] + k, x + k);
-        b[s] = D::dot(b[s], r[s] + k + B, x + k + B);
-      }
-    if (K2 < KB)  // one whole block left
-      for (int s = 0; s < S; ++s) a[s] = D::dot(a[s], r[s] + K2, x + K2);
-    float sums[S];
-    for (int s = 0; s < S; ++s) a[s] = V::add(a[s], b[s]);
-    lane_sums(a, S, sums);
-    for (int s = 0; s < S; ++s) {
-      float v = sums[s];
-      for (int64_t k = KB; k < K; ++k) v += D::w(r[s][k]) * D::x(x[k]);
-      y[n0 + s * step + i] = v;
-    }
-  }
-  if (rest)
-    for (int64_t n = n0 + S * step; n < n1; ++n) gemv_tile<D, WT, 1, 1>(x, K, w, n, 0, y, 0);
+  constexpr int S = unit_rows(1);
+  const int64_t step = (n1 - n0) / S;
+  for (int64_t i = i0; i < i1; ++i) stream_rows<D, WT>(x, K, w, n0 + i, step, y);
+  if (rest)  // each row summed as in a unit, so that no result depends on the threads' ranges
+    for (int64_t n = n0 + S * step; n < n1; ++n) stream_rows<D, WT>(x, K, w, n, 0, y);
 }
 
 // Units 0..units(lo, hi) of every thread's rows lo..hi (N / threads of them, in order) run through
@@ -828,7 +834,7 @@ static int64_t argmax(const float* r, int64_t n) {
 template <typename T, typename WT>
 static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& layers, torch::Tensor norm_w,
                           torch::Tensor out_w, const std::vector<torch::Tensor>& scales, torch::Tensor cache_k, torch::Tensor cache_v, int64_t pos,
-                          const float* fc, double eps, int64_t n_heads) {
+                          const float* fc, double eps, int64_t n_heads, int64_t split = 0) {
   const int64_t M = h.size(0), dim = h.size(1), L = (int64_t)layers.size() / 6;
   const int64_t Bmax = cache_k.size(1), S = cache_k.size(2), Hkv = cache_k.size(3), D = cache_k.size(4);
   const int64_t H = n_heads, rep = H / Hkv, qdim = H * D, kvdim = Hkv * D, hidden = layers[4].size(0) / 2;
@@ -901,7 +907,10 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
     // positions (204 KB of values a row), per thread: scores 1.62 -> 2.45 ms a step, values 1.46 ->
     // 0.48, the attention's items 5% shorter. Longer chunks would lose their first values from L2
     const int64_t row_bytes = kvdim * (int64_t)sizeof(T), pf_rows = std::max<int64_t>(1, (3072 + row_bytes - 1) / row_bytes);
-    const int64_t P = M < nth ? std::max<int64_t>(1, std::min((nth + M - 1) / M, NT / 32)) : 1;
+    // the chunks follow `split` where given (a thread count fixed by the caller: the sums then do not
+    // depend on how many threads run this step), else the threads
+    const int64_t ns = split > 0 ? split : nth;
+    const int64_t P = M < ns ? std::max<int64_t>(1, std::min((ns + M - 1) / M, NT / 32)) : 1;
     const int64_t grain = M * NT * qdim >= (1 << 15) ? 1 : M * P * H;
     if ((int64_t)p.size() < M * P * H * NT) p.resize(M * P * H * NT);
     if ((int64_t)acc.size() < M * P * qdim) { acc.resize(M * P * qdim); stats.resize(2 * M * P * H); }
@@ -1083,6 +1092,7 @@ struct Weights {
   torch::Tensor norm_w, out_w, emb, emb_scales, freqs;
   double eps;
   int64_t n_heads, n_kv_heads, dim, L;
+  int64_t split = 0;  // the thread count the attention's position chunks follow (0: the threads of each step)
   at::ScalarType dt;
   bool q8;
   Weights(std::vector<torch::Tensor> layers_, torch::Tensor norm_w_, torch::Tensor out_w_, std::vector<torch::Tensor> scales_,
@@ -1139,7 +1149,7 @@ torch::Tensor decode_ids(const Weights& w, torch::Tensor ids, int64_t pos, torch
   check_cache(w.dt, M, w.dim, w.L, cache_k, cache_v, pos, w.n_heads, w.n_kv_heads);
   auto h = embed(w, ids.data_ptr<int64_t>(), M, "decode_ids");
   return run_step(w.dt, w.q8, h, w.layers, w.norm_w, w.out_w, w.scales, cache_k, cache_v, pos,
-                  w.freqs.data_ptr<float>() + pos * D, w.eps, w.n_heads);
+                  w.freqs.data_ptr<float>() + pos * D, w.eps, w.n_heads, w.split);
 }
 
 // A whole greedy step of the batch in one call, in place, as llama.inference.decoders.greedy_step
@@ -1174,7 +1184,7 @@ bool greedy_step(const Weights& w, torch::Tensor tokens, torch::Tensor in_prompt
   for (int64_t b = 0; b < M; ++b) ids[b] = std::max<int64_t>(tk[b * W + pos], 0);
   auto h = embed(w, ids.data(), M, "greedy_step");
   const auto logits = run_step(dt, w.q8, h, w.layers, w.norm_w, w.out_w, w.scales, cache_k, cache_v, pos,
-                               w.freqs.data_ptr<float>() + pos * D, w.eps, w.n_heads);
+                               w.freqs.data_ptr<float>() + pos * D, w.eps, w.n_heads, w.split);
   const int64_t NV = logits.size(1);
   const float* lp = logits.data_ptr<float>();
   bool all = true;
@@ -2151,7 +2161,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_step", &decode_step, "one fused decoding step of a LLaMA model (bf16 or fp32)");
   py::class_<Weights>(m, "Weights", py::module_local())  // one per build: several builds load in one process
       .def(py::init<std::vector<torch::Tensor>, torch::Tensor, torch::Tensor, std::vector<torch::Tensor>, torch::Tensor,
-                    torch::Tensor, torch::Tensor, double, int64_t, int64_t>());
+                    torch::Tensor, torch::Tensor, double, int64_t, int64_t>())
+      .def_readwrite("split", &Weights::split);
   m.def("decode_ids", &decode_ids, "decode_step for a model held as Weights, from token ids");
   m.def("greedy_step", &greedy_step, "a whole greedy step of the batch in place: look-up, decoding step, argmax, bookkeeping");
   m.def("softmax_gradient", &softmax_gradient, "logits -> softmax - one_hot(targets) in place; the summed loss");

@@ -161,3 +161,19 @@ def test_bf16_ceiling_is_the_faster_of_bf16_and_fp32_products(bench, monkeypatch
                         lambda weights, rows, repeats: {torch.bfloat16: 1.0, torch.float32: 3.0}[weights[0].dtype])
     assert bench["measure_prefill_matmuls"](model, 8) == 3.0
     assert bench["measure_prefill_matmuls"](model.float(), 8) == 3.0
+
+
+def test_busy_core_benchmark_compares_the_rows(capsys):
+    """benchmarks/busy_core.py on the tiny preset (a busy process really pinned to the last core for
+    the second block): a table row per implementation and condition, each with the tokens ours
+    decoded (the same weights, greedy); skipped where the fused step cannot build."""
+    from tests.test_inference import _kernel_or_skip
+
+    _kernel_or_skip()
+    main = runpy.run_path(str(ROOT / "benchmarks" / "busy_core.py"))["main"]
+    main(model="tiny", dtype="fp32", prompt_len=8, new_tokens=6, repeats=1, hf_compile=False)
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and "---" not in r][1:]
+    names = ["ours (threads measured)", "ours, all threads", "transformers"]
+    assert [(r.split(" | ")[0][2:], r.split(" | ")[1]) for r in rows] == [
+        (c, n) for c in ("cores free", "one core busy") for n in names]
+    assert all(r.endswith("| yes |") for r in rows), rows

@@ -22,7 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from llama.formats.hf import hf_config, to_hf
 from llama.inference import CompiledDecoder, Llama, make_decoder, sample
 from llama.cpu_kernels import VARIANTS, cpu_kernel_variants, cpu_kernels
-from llama.inference.cpu_decode import FusedCpuDecoder, read_bandwidth
+from llama.inference.cpu_decode import FusedCpuDecoder, ThreadCount, read_bandwidth
 from llama.model import Transformer
 from llama.quantize import Int8Linear, quantize_int8
 from llama.tokenizer import TextStream
@@ -639,6 +639,72 @@ def test_fused_cpu_decoder_shares_work_between_threads(dtype, variant):
         _fused_step_agrees(model, ref, decoder, tokens, 0.02 if dtype == torch.bfloat16 else 1e-5)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_steps_do_not_depend_on_the_thread_count(dtype, variant):
+    """With the attention's chunks held at 2 threads (Weights.split, as ThreadCount's decoder holds
+    them), a step on one thread gives the logits of a step on two to the last bit: 1 and 3 rows at
+    100 positions (one row's positions in 2 chunks on 2 threads), a vocabulary of 198 (each thread's
+    range of output rows leaves rows outside its units of 4). Then the decoder's own steps on a
+    count forced to 1 give its steps' logits on 2."""
+    torch.manual_seed(0)
+    ref, model, decoder = _fused_tiny(dtype, variant, dim=256, n_heads=4, multiple_of=64, vocab_size=198, max_seq_len=128)
+    kernel, threads = decoder.kernel, torch.get_num_threads()
+    decoder._weights.split = 2
+    try:
+        for rows in (1, 3):
+            cache = model.new_cache(rows, 128, dtype=dtype)
+            cache.k.normal_()
+            cache.v.normal_()
+            ids = torch.randint(0, 198, (rows,))
+            got = []
+            for n in (2, 1):
+                torch.set_num_threads(n)
+                k, v = cache.k.clone(), cache.v.clone()
+                got.append(kernel.decode_ids(decoder._weights, ids, 100, k, v))
+            assert torch.equal(got[0], got[1]), (rows, (got[0] - got[1]).abs().max())
+        torch.set_num_threads(2)
+        tokens = torch.randint(0, 198, (1, 90))
+        want, _ = _decode_logits(model, tokens, decoder, prefill=60)
+        decoder.threads.cur = 1  # as if another process had made one thread faster,
+        decoder.threads.left = 10**9  # and kept it so (no trial of both threads)
+        got, _ = _decode_logits(model, tokens, decoder, prefill=60)
+        assert decoder.threads.cur == 1 and torch.equal(got, want)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_thread_count_follows_the_measured_step_times():
+    """ThreadCount on 4 threads, fed step times: steady steps stay on 4; three steps 2x slower than
+    the best start a trial of 3 and 1 threads (a step each), and the fastest is kept; on fewer
+    threads, all 4 are tried again after 16 steps, then 32 while they lose, and taken back once
+    faster. One slow step alone starts nothing."""
+    tc = ThreadCount(4)
+    chosen = []
+
+    def steps(times: dict, n: int) -> None:  # n steps, each taking times[threads it ran on]
+        for _ in range(n):
+            k = tc.trial[0] if tc.trial else tc.cur
+            chosen.append(k)
+            tc.observe(k, times[k])
+
+    calm = {4: 10.0, 3: 12.0, 1: 30.0}
+    steps(calm, 10)
+    tc.observe(4, 25.0)  # one hiccup
+    steps(calm, 5)
+    assert set(chosen) == {4} and tc.cur == 4 and not tc.trial
+    busy = {4: 100.0, 3: 40.0, 1: 27.0}  # another process on one core
+    chosen.clear()
+    steps(busy, 3 + 2)  # three slow steps, then a step on 3 and one on 1
+    assert chosen == [4, 4, 4, 3, 1] and tc.cur == 1
+    chosen.clear()
+    steps(busy, 16 + 1 + 32 + 1)  # retried after 16 steps (4 loses), then after 32
+    assert chosen == [1] * 16 + [4] + [1] * 32 + [4] and tc.cur == 1 and tc.retry == 64
+    chosen.clear()
+    steps(calm, 64 + 1 + 3)  # the other process gone: 4 wins its next trial and stays
+    assert chosen[64] == 4 and tc.cur == 4 and set(chosen[65:]) == {4}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -33,13 +33,19 @@ instructions, AVX2 + FMA, NEON) are llama/cpu_kernels.cpp and llama/cpu_kernels.
 the training loss's pass, the blocked attention and the benchmarks' bandwidth probe.
 LLAMA_CPU_KERNEL=avx512bf16|avx512|avx2|neon forces one build (e.g. to measure AVX2 on an AVX-512
 machine).
+
+Where another process keeps a core busy, a step's ~100 fork/joins each wait for the thread that
+shares that core: on a 2-core Xeon, 160M's bf16 step took 104 ms on both threads against 27 ms on
+one (14.5 ms with both cores free). `ThreadCount` times the steps and moves them to fewer threads
+while that is faster, without changing a single logit.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -52,6 +58,69 @@ from llama.model import LINEARS, KVCache, ModelArgs, Transformer
 from llama.quantize import Int8Embedding, Int8Linear
 
 MAX_ROWS = 8  # batch rows per fused step (the kernel is templated up to 8)
+
+
+class ThreadCount:
+    """How many threads the fused decoding steps run on: all of torch's (`full`), unless fewer
+    measured faster. The steps are timed. After 3 steps in a row slower than SLOWER times the fastest
+    seen on all threads, each other count (full - 1, 1) runs one step, and the fastest of those and
+    the recent all-thread steps is kept. On fewer threads, all of them get one step again after 16
+    steps, then 32, 64, ... 256 while they keep losing. The caller holds the attention's chunks at
+    `full` (the kernel's Weights.split): the count then changes no result."""
+
+    SLOWER = 1.5
+    FIRST_RETRY, LAST_RETRY = 16, 256
+
+    def __init__(self, full: int, clock: Callable[[], float] = time.perf_counter):
+        self.full, self.clock = full, clock
+        self.counts = sorted({full, max(1, full - 1), 1}, reverse=True)
+        self.cur = full
+        self.best = math.inf  # fastest step on all threads since the last trial
+        self.recent: list[float] = []  # the current count's last steps
+        self.trial: list[int] = []  # counts still to try, one step each
+        self.tried: dict[int, float] = {}
+        self.retry = self.left = self.FIRST_RETRY
+
+    def run(self, step: Callable):
+        """step() on the chosen number of threads (torch's count restored after), timed."""
+        n = self.trial[0] if self.trial else self.cur
+        before = torch.get_num_threads()
+        if n != before:
+            torch.set_num_threads(n)
+        try:
+            t = self.clock()
+            out = step()
+            self.observe(n, self.clock() - t)
+        finally:
+            if n != before:
+                torch.set_num_threads(before)
+        return out
+
+    def observe(self, n: int, seconds: float) -> None:
+        if self.trial:
+            self.tried[self.trial.pop(0)] = seconds
+            if not self.trial:
+                self._choose()
+            return
+        self.recent = (self.recent + [seconds])[-3:]
+        if self.cur == self.full:
+            self.best = min(self.best, seconds)
+            if len(self.recent) == 3 and min(self.recent) > self.SLOWER * self.best:
+                self.trial = [c for c in self.counts if c != self.cur]
+        else:
+            self.left -= 1
+            if self.left <= 0:
+                self.trial = [self.full]
+
+    def _choose(self) -> None:
+        times = dict(self.tried)
+        times.setdefault(self.cur, sorted(self.recent)[len(self.recent) // 2])  # the current count: its recent median
+        was, self.cur = self.cur, min(times, key=times.get)
+        if self.cur == self.full:
+            self.best, self.retry = times[self.full], self.FIRST_RETRY  # the new normal: e.g. a longer context
+        else:
+            self.retry = self.FIRST_RETRY if was == self.full else min(2 * self.retry, self.LAST_RETRY)
+        self.left, self.recent, self.tried = self.retry, [], {}
 
 
 def _pack(mods: list, attr: str) -> list[torch.Tensor]:
@@ -123,6 +192,17 @@ class FusedCpuDecoder(EagerDecoder):
             self._weights = kernel.Weights(self.layers, model.norm.weight, model.output.weight, self.scales, emb.weight,
                                            emb.scales if type(emb) is Int8Embedding else emb.weight.new_empty(0),
                                            model.freqs_cis.float().contiguous(), a.norm_eps, a.n_heads, a.n_kv_heads)
+        self.threads: Optional[ThreadCount] = None  # for the steps that go through _weights
+
+    def _steps(self) -> Optional[ThreadCount]:
+        """The thread count for steps through _weights, anew whenever torch's count changed."""
+        if not self.whole_greedy_steps or not hasattr(self._weights, "split"):
+            return None
+        full = torch.get_num_threads()
+        if self.threads is None or self.threads.full != full:
+            self.threads = ThreadCount(full)
+            self._weights.split = full  # the attention's chunks as on all threads, whatever count runs
+        return self.threads
 
     @staticmethod
     def create(model, variant: Optional[str] = None) -> Optional["FusedCpuDecoder"]:
@@ -165,13 +245,25 @@ class FusedCpuDecoder(EagerDecoder):
         if tokens.size(1) > 1 and last_only and self.prefills and start_pos + tokens.size(1) <= m.freqs_cis.size(0):
             h = m.tok_embeddings(tokens).contiguous()  # (B, T, dim)
             freqs = m.freqs_cis[start_pos:start_pos + tokens.size(1)].float().contiguous()  # as the model holds them
-            logits = self.kernel.prefill(h, self.layers, m.norm.weight, m.output.weight, self.scales, cache.k, cache.v,
-                                         start_pos, freqs, m.args.norm_eps, m.args.n_heads, BLOCK)
+            threads, before = self._steps(), torch.get_num_threads()
+            n = threads.cur if threads is not None else before  # as many threads as the steps found fastest
+            if n != before:
+                torch.set_num_threads(n)
+            try:
+                logits = self.kernel.prefill(h, self.layers, m.norm.weight, m.output.weight, self.scales, cache.k,
+                                             cache.v, start_pos, freqs, m.args.norm_eps, m.args.n_heads, BLOCK)
+            finally:
+                if n != before:
+                    torch.set_num_threads(before)
             return logits[:, None]
         if tokens.size(1) != 1 or tokens.size(0) > MAX_ROWS:
             return super().__call__(tokens, start_pos, cache, last_only)
         if self.whole_greedy_steps:  # the kernel holds the weights: the ids go in as they are
-            return self.kernel.decode_ids(self._weights, tokens[:, 0].contiguous(), start_pos, cache.k, cache.v)[:, None]
+            ids, threads = tokens[:, 0].contiguous(), self._steps()
+
+            def step():
+                return self.kernel.decode_ids(self._weights, ids, start_pos, cache.k, cache.v)
+            return (threads.run(step) if threads else step())[:, None]
         h = m.tok_embeddings(tokens[:, 0]).contiguous()  # (B, dim) in the model's dtype (int8 rows: dequantized)
         logits = self.kernel.decode_step(h, self.layers, m.norm.weight, m.output.weight, self.scales, cache.k, cache.v,
                                          start_pos, m.freqs_cis[start_pos].float(), m.args.norm_eps, m.args.n_heads,
@@ -186,8 +278,12 @@ class FusedCpuDecoder(EagerDecoder):
         if state.tokens.size(0) > MAX_ROWS:
             greedy_step(self.model, cache, state, eos)
             return None
-        return self.kernel.greedy_step(self._weights, state.tokens, state.in_prompt, state.done, state.ends, state.cur,
-                                       cache.k, cache.v, eos)
+        threads = self._steps()
+
+        def step():
+            return self.kernel.greedy_step(self._weights, state.tokens, state.in_prompt, state.done, state.ends,
+                                           state.cur, cache.k, cache.v, eos)
+        return threads.run(step) if threads else step()
 
 
 def read_bandwidth(buf: torch.Tensor, variant: Optional[str] = None) -> tuple[float, float]:
