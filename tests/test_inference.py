@@ -678,7 +678,7 @@ def test_fused_steps_do_not_depend_on_the_thread_count(dtype, variant):
 
 def test_thread_count_follows_the_measured_step_times():
     """ThreadCount on 4 threads, fed step times: steady steps stay on 4; three steps 2x slower than
-    the best start a trial of 3 and 1 threads (a step each), and the fastest is kept; on fewer
+    the best start a trial of 3, 2 and 1 threads (a step each), and the fastest is kept; on fewer
     threads, all 4 are tried again after 16 steps, then 32 while they lose, and taken back once
     faster. One slow step alone starts nothing."""
     tc = ThreadCount(4)
@@ -690,15 +690,15 @@ def test_thread_count_follows_the_measured_step_times():
             chosen.append(k)
             tc.observe(k, times[k])
 
-    calm = {4: 10.0, 3: 12.0, 1: 30.0}
+    calm = {4: 10.0, 3: 12.0, 2: 16.0, 1: 30.0}
     steps(calm, 10)
     tc.observe(4, 25.0)  # one hiccup
     steps(calm, 5)
     assert set(chosen) == {4} and tc.cur == 4 and not tc.trial
-    busy = {4: 100.0, 3: 40.0, 1: 27.0}  # another process on one core
+    busy = {4: 100.0, 3: 40.0, 2: 45.0, 1: 27.0}  # another process on one core
     chosen.clear()
-    steps(busy, 3 + 2)  # three slow steps, then a step on 3 and one on 1
-    assert chosen == [4, 4, 4, 3, 1] and tc.cur == 1
+    steps(busy, 3 + 3)  # three slow steps, then a step on each of 3, 2 and 1
+    assert chosen == [4, 4, 4, 3, 2, 1] and tc.cur == 1
     chosen.clear()
     steps(busy, 16 + 1 + 32 + 1)  # retried after 16 steps (4 loses), then after 32
     assert chosen == [1] * 16 + [4] + [1] * 32 + [4] and tc.cur == 1 and tc.retry == 64

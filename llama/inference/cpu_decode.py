@@ -63,7 +63,7 @@ MAX_ROWS = 8  # batch rows per fused step (the kernel is templated up to 8)
 class ThreadCount:
     """How many threads the fused decoding steps run on: all of torch's (`full`), unless fewer
     measured faster. The steps are timed. After 3 steps in a row slower than SLOWER times the fastest
-    seen on all threads, each other count (full - 1, 1) runs one step, and the fastest of those and
+    seen on all threads, each other count (full - 1, full / 2, 1) runs one step, and the fastest of those and
     the recent all-thread steps is kept. On fewer threads, all of them get one step again after 16
     steps, then 32, 64, ... 256 while they keep losing. The caller holds the attention's chunks at
     `full` (the kernel's Weights.split): the count then changes no result."""
@@ -73,7 +73,7 @@ class ThreadCount:
 
     def __init__(self, full: int, clock: Callable[[], float] = time.perf_counter):
         self.full, self.clock = full, clock
-        self.counts = sorted({full, max(1, full - 1), 1}, reverse=True)
+        self.counts = sorted({full, max(1, full - 1), max(1, full // 2), 1}, reverse=True)
         self.cur = full
         self.best = math.inf  # fastest step on all threads since the last trial
         self.recent: list[float] = []  # the current count's last steps
