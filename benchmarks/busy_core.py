@@ -41,6 +41,9 @@ class _AllThreads(ThreadCount):
 
 def _busy_core() -> subprocess.Popen:
     """A busy loop pinned to the last CPU this process may use."""
+    if not hasattr(os, "sched_getaffinity"):
+        raise SystemExit("benchmarks/busy_core.py pins its busy loop to a core with os.sched_getaffinity, which "
+                         "this OS does not have (Linux only)")
     cpu = max(os.sched_getaffinity(0))
     code = f"import os; os.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"
     return subprocess.Popen([sys.executable, "-c", code])

@@ -196,7 +196,7 @@ class FusedCpuDecoder(EagerDecoder):
 
     def _steps(self) -> Optional[ThreadCount]:
         """The thread count for steps through _weights, anew whenever torch's count changed."""
-        if not self.whole_greedy_steps or not hasattr(self._weights, "split"):
+        if not self.whole_greedy_steps:
             return None
         full = torch.get_num_threads()
         if self.threads is None or self.threads.full != full:
