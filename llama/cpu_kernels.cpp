@@ -503,14 +503,15 @@ static void gemv_rows(const typename D::X* x, int64_t K, const WT* w, int64_t n0
 // One input row: the thread's rows are walked as S interleaved sub-ranges, S weight streams at
 // once (more reads in flight: ~10% more bandwidth than one stream here), two accumulators each to
 // hide the dot latency. Here steps a..b (of S rows, S = unit_rows(1)), and with `rest` the last < S rows
-// STREAM_PF: bytes ahead that each stream prefetches into L2, or 0. Measured on the Xeon without
-// AVX512-BF16 (the AVX-512 build), at batch 1 on a 12-layer dim-768 model: bf16 weights 4 KB ahead
-// read 22.6 against 21.0 GB/s (8 KB: 22.3), int8 weights 21.2-22.0 against 19.3-19.6; fp32 weights
-// 1-2% slower with it. Unmeasured elsewhere (on the AMD EPYC, non-temporal prefetches had lost), so
-// nowhere else. One prefetch per cache line the step reads
-template <typename WT>
-#if defined(LLAMA_ISA_AVX512)
-constexpr int64_t STREAM_PF = sizeof(WT) <= 2 ? 4096 : 0;
+// STREAM_PF: bytes ahead that each stream prefetches into L1 (prefetcht0), or 0; one prefetch per
+// cache line the step reads. Measured on the Xeon without AVX512-BF16 (2 cores), the 160M shapes'
+// batch-1 step (16 layers, dim 768, vocab 32000), paired over 16-20 interleaved rounds against the
+// earlier 4 KB ahead into L2 for bf16/int8 and none for fp32: AVX-512 build bf16 1.08x, fp32 1.08x,
+// int8 1.10x; AVX2 build (no prefetch before) bf16 1.17x, fp32 1.14x. 512 B to 2 KB ahead were within
+// 2% of each other; 2 KB ahead into L2, 1.015x. Unmeasured on the AVX512-BF16 build's CPUs (on the
+// AMD EPYC, non-temporal prefetches had lost), so not there
+#if defined(LLAMA_ISA_AVX512) || defined(LLAMA_ISA_AVX2)
+constexpr int64_t STREAM_PF = 1024;
 #else
 constexpr int64_t STREAM_PF = 0;
 #endif
@@ -525,9 +526,9 @@ static inline void stream_rows(const typename D::X* x, int64_t K, const WT* w, i
   for (int s = 0; s < S; ++s) { a[s] = V::zero(); b[s] = a[s]; r[s] = w + (first + s * step) * K; }
   for (int64_t k = 0; k < K2; k += 2 * B)
     for (int s = 0; s < S; ++s) {
-      if constexpr (STREAM_PF<WT> > 0) {  // this step's weights (one or two cache lines), STREAM_PF on
-        __builtin_prefetch((const char*)(r[s] + k) + STREAM_PF<WT>, 0, 2);
-        if constexpr (2 * B * sizeof(WT) > 64) __builtin_prefetch((const char*)(r[s] + k + B) + STREAM_PF<WT>, 0, 2);
+      if constexpr (STREAM_PF > 0) {  // this step's weights (one or two cache lines), STREAM_PF on
+        __builtin_prefetch((const char*)(r[s] + k) + STREAM_PF, 0, 3);
+        if constexpr (2 * B * sizeof(WT) > 64) __builtin_prefetch((const char*)(r[s] + k + B) + STREAM_PF, 0, 3);
       }
       a[s] = D::dot(a[s], r[s] + k, x + k);
       b[s] = D::dot(b[s], r[s] + k + B, x + k + B);
