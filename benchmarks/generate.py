@@ -8,7 +8,8 @@ comes to what this machine allows, measured in the same run:
   the KV cache of the positions attended) over the read bandwidth measured right before and right
   after that timed run (the higher of the two). The bandwidth is read the way the fused decoding
   step reads its weights (`measure_bandwidth_gbs`: the kernel's own build, its vector loads on every
-  thread, 4 streams per thread, over a 256 MB buffer), so the fused step cannot beat it.
+  thread, 4 streams per thread with their software prefetches, over a 256 MB buffer), so the fused
+  step cannot beat it.
 - compute ceiling (decode tok/s): FLOPs per step (2 x matmul parameters x batch + attention) over
   the dtype's matmul peak (`measure_matmul_flops`: a fresh (2048, 2048) @ (2048, 2048) product,
   measured before and after each dtype/batch block, the higher kept). For bf16 (and int8) weights

@@ -2124,8 +2124,8 @@ torch::Tensor prefill(torch::Tensor h, std::vector<torch::Tensor> layers, torch:
 
 // Read bandwidth as the decoding step reads its weights, for the benchmarks' memory ceiling: this
 // build's vector loads (V::load), on every thread at::parallel_for runs, each thread's share walked as
-// 4 interleaved streams with 2 accumulators each (as gemv_streams walks a one-row product). buf: a
-// contiguous fp32 tensor (make it several times the last-level cache). Returns (bytes/s over the timed
+// 4 interleaved streams with 2 accumulators each, prefetched STREAM_PF ahead (as gemv_streams walks a
+// one-row product). buf: a contiguous fp32 tensor (make it several times the last-level cache). Returns (bytes/s over the timed
 // read, the sum of every element: the result the loads feed, so they cannot be optimised away, and a
 // checksum that the whole buffer was read; lanes are summed in fp32, threads' partials in double).
 std::tuple<double, double> read_bandwidth(torch::Tensor buf) {
@@ -2143,6 +2143,10 @@ std::tuple<double, double> read_bandwidth(torch::Tensor buf) {
     for (int s = 0; s < S; ++s) { a[s] = V::zero(); b[s] = a[s]; r[s] = x + (b0 + s * step) * 2 * N; }
     for (int64_t i = 0; i < step * 2 * N; i += 2 * N)
       for (int s = 0; s < S; ++s) {
+        if constexpr (STREAM_PF > 0) {  // as stream_rows prefetches (1.03x here with it)
+          __builtin_prefetch((const char*)(r[s] + i) + STREAM_PF, 0, 3);
+          if constexpr (2 * N * 4 > 64) __builtin_prefetch((const char*)(r[s] + i + N) + STREAM_PF, 0, 3);
+        }
         a[s] = V::add(a[s], V::load(r[s] + i));
         b[s] = V::add(b[s], V::load(r[s] + i + N));
       }
