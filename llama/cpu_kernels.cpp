@@ -433,6 +433,26 @@ static inline void in_register(F& v) {
 #endif
 }
 
+// The products' software prefetches of their weight streams, one per cache line read: STREAM_PF
+// bytes ahead in a one-row product's streams (stream_rows; 0: none), TILE_PF in a batch tile's
+// (gemv_tile), with locality hint PF_HINT (3: into L1, 2: into L2). Measured on the Xeon without
+// AVX512-BF16 (2 cores), the 160M shapes' step (16 layers, dim 768, vocab 32000), paired over 12-20
+// interleaved rounds against 4 KB ahead into L2 at batch 1 for bf16/int8, none for fp32, and 8 KB
+// ahead into L2 in the tiles: 1 KB ahead into L1 took the AVX-512 build's batch 1 1.08x (bf16),
+// 1.08x (fp32), 1.10x (int8), batch 2 1.06x, batch 4 1.09x (bf16) and 1.07x (fp32), batch 6 1.03x,
+// batch 8 1.00x; the AVX2 build's batch 1 (no prefetch before) 1.17x (bf16), 1.14x (fp32). 512 B to
+// 2 KB ahead were within 2% of each other at batch 1; 2 KB ahead into L2 1.015x. At batch 8 the
+// tiles multiply about as long as they read, and with no software prefetch the hardware prefetchers
+// alone left them waiting (1.7x slower). Unmeasured on the AVX512-BF16 and NEON builds' CPUs (on the
+// AMD EPYC, non-temporal prefetches had lost), which keep the earlier choice
+#if defined(LLAMA_ISA_AVX512) || defined(LLAMA_ISA_AVX2)
+constexpr int64_t STREAM_PF = 1024, TILE_PF = 1024;
+constexpr int PF_HINT = 3;
+#else
+constexpr int64_t STREAM_PF = 0, TILE_PF = 8192;
+constexpr int PF_HINT = 2;
+#endif
+
 // y[m, n + i s] (at y[m * ldy + n + i s]) = sum_k x[m, k] w[n + i s, k] for one tile: R weight rows
 // s apart by M input rows. The R x M accumulators stay in registers while K is walked once, part by
 // part of each dot block: the R weight parts widened once, then each input part loaded once into a
@@ -453,12 +473,10 @@ static inline void gemv_tile(const typename D::X* x, int64_t K, const WT* w, int
     r[i] = w + (n + i * s) * K;
     for (int m = 0; m < M; ++m) a[i][m] = V::zero();
   }
-  // unrolled whole (the accumulators are registers only so). Each stream is prefetched 8 KB ahead (into its next rows) into L2 (read once: no need for L1):
-  // with 8 inputs a core multiplies about as fast as it reads, and the hardware prefetchers alone
-  // leave it waiting (1.7x slower here; 4 KB ahead into L1: 1.15x slower)
+  // unrolled whole (the accumulators are registers only so); each stream prefetched TILE_PF ahead, into its next rows
   for (int64_t k = 0; k < KB; k += B) {
 #pragma GCC unroll 4
-    for (int i = 0; i < R; ++i) __builtin_prefetch((const char*)(r[i] + k) + 8192, 0, 2);
+    for (int i = 0; i < R; ++i) __builtin_prefetch((const char*)(r[i] + k) + TILE_PF, 0, PF_HINT);
 #pragma GCC unroll 4
     for (int p = 0; p < D::PARTS; ++p) {
       F wv[R];
@@ -503,18 +521,6 @@ static void gemv_rows(const typename D::X* x, int64_t K, const WT* w, int64_t n0
 // One input row: the thread's rows are walked as S interleaved sub-ranges, S weight streams at
 // once (more reads in flight: ~10% more bandwidth than one stream here), two accumulators each to
 // hide the dot latency. Here steps a..b (of S rows, S = unit_rows(1)), and with `rest` the last < S rows
-// STREAM_PF: bytes ahead that each stream prefetches into L1 (prefetcht0), or 0; one prefetch per
-// cache line the step reads. Measured on the Xeon without AVX512-BF16 (2 cores), the 160M shapes'
-// batch-1 step (16 layers, dim 768, vocab 32000), paired over 16-20 interleaved rounds against the
-// earlier 4 KB ahead into L2 for bf16/int8 and none for fp32: AVX-512 build bf16 1.08x, fp32 1.08x,
-// int8 1.10x; AVX2 build (no prefetch before) bf16 1.17x, fp32 1.14x. 512 B to 2 KB ahead were within
-// 2% of each other; 2 KB ahead into L2, 1.015x. Unmeasured on the AVX512-BF16 build's CPUs (on the
-// AMD EPYC, non-temporal prefetches had lost), so not there
-#if defined(LLAMA_ISA_AVX512) || defined(LLAMA_ISA_AVX2)
-constexpr int64_t STREAM_PF = 1024;
-#else
-constexpr int64_t STREAM_PF = 0;
-#endif
 // Rows first, first + step, ... (S of them) as S streams; step 0: S copies of one row, whose sums are
 // then those the row gets in any unit (lane_sums reduces every register alike)
 template <typename D, typename WT>
@@ -527,8 +533,8 @@ static inline void stream_rows(const typename D::X* x, int64_t K, const WT* w, i
   for (int64_t k = 0; k < K2; k += 2 * B)
     for (int s = 0; s < S; ++s) {
       if constexpr (STREAM_PF > 0) {  // this step's weights (one or two cache lines), STREAM_PF on
-        __builtin_prefetch((const char*)(r[s] + k) + STREAM_PF, 0, 3);
-        if constexpr (2 * B * sizeof(WT) > 64) __builtin_prefetch((const char*)(r[s] + k + B) + STREAM_PF, 0, 3);
+        __builtin_prefetch((const char*)(r[s] + k) + STREAM_PF, 0, PF_HINT);
+        if constexpr (2 * B * sizeof(WT) > 64) __builtin_prefetch((const char*)(r[s] + k + B) + STREAM_PF, 0, PF_HINT);
       }
       a[s] = D::dot(a[s], r[s] + k, x + k);
       b[s] = D::dot(b[s], r[s] + k + B, x + k + B);
@@ -2144,8 +2150,8 @@ std::tuple<double, double> read_bandwidth(torch::Tensor buf) {
     for (int64_t i = 0; i < step * 2 * N; i += 2 * N)
       for (int s = 0; s < S; ++s) {
         if constexpr (STREAM_PF > 0) {  // as stream_rows prefetches (1.03x here with it)
-          __builtin_prefetch((const char*)(r[s] + i) + STREAM_PF, 0, 3);
-          if constexpr (2 * N * 4 > 64) __builtin_prefetch((const char*)(r[s] + i + N) + STREAM_PF, 0, 3);
+          __builtin_prefetch((const char*)(r[s] + i) + STREAM_PF, 0, PF_HINT);
+          if constexpr (2 * N * 4 > 64) __builtin_prefetch((const char*)(r[s] + i + N) + STREAM_PF, 0, PF_HINT);
         }
         a[s] = V::add(a[s], V::load(r[s] + i));
         b[s] = V::add(b[s], V::load(r[s] + i + N));
