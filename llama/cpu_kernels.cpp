@@ -473,7 +473,8 @@ static inline void gemv_tile(const typename D::X* x, int64_t K, const WT* w, int
     r[i] = w + (n + i * s) * K;
     for (int m = 0; m < M; ++m) a[i][m] = V::zero();
   }
-  // unrolled whole (the accumulators are registers only so); each stream prefetched TILE_PF ahead, into its next rows
+  // unrolled whole (the accumulators are registers only so); each stream prefetched TILE_PF ahead,
+  // on into its next rows
   for (int64_t k = 0; k < KB; k += B) {
 #pragma GCC unroll 4
     for (int i = 0; i < R; ++i) __builtin_prefetch((const char*)(r[i] + k) + TILE_PF, 0, PF_HINT);
@@ -2131,9 +2132,10 @@ torch::Tensor prefill(torch::Tensor h, std::vector<torch::Tensor> layers, torch:
 // Read bandwidth as the decoding step reads its weights, for the benchmarks' memory ceiling: this
 // build's vector loads (V::load), on every thread at::parallel_for runs, each thread's share walked as
 // 4 interleaved streams with 2 accumulators each, prefetched STREAM_PF ahead (as gemv_streams walks a
-// one-row product). buf: a contiguous fp32 tensor (make it several times the last-level cache). Returns (bytes/s over the timed
-// read, the sum of every element: the result the loads feed, so they cannot be optimised away, and a
-// checksum that the whole buffer was read; lanes are summed in fp32, threads' partials in double).
+// one-row product). buf: a contiguous fp32 tensor (make it several times the last-level cache).
+// Returns (bytes/s over the timed read, the sum of every element: the result the loads feed, so they
+// cannot be optimised away, and a checksum that the whole buffer was read; lanes are summed in fp32,
+// threads' partials in double).
 std::tuple<double, double> read_bandwidth(torch::Tensor buf) {
   TORCH_CHECK(buf.scalar_type() == at::kFloat && buf.is_contiguous() && buf.numel() >= 4 * N,
               "read_bandwidth: a contiguous fp32 tensor of at least ", 4 * N, " elements");
