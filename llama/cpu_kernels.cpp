@@ -443,10 +443,17 @@ static inline void in_register(F& v) {
 // batch 8 1.00x; the AVX2 build's batch 1 (no prefetch before) 1.17x (bf16), 1.14x (fp32). 512 B to
 // 2 KB ahead were within 2% of each other at batch 1; 2 KB ahead into L2 1.015x. At batch 8 the
 // tiles multiply about as long as they read, and with no software prefetch the hardware prefetchers
-// alone left them waiting (1.7x slower). Unmeasured on the AVX512-BF16 and NEON builds' CPUs (on the
-// AMD EPYC, non-temporal prefetches had lost), which keep the earlier choice
+// alone left them waiting (1.7x slower). On the AMD EPYC with AVX512-BF16 (2 cores, same shapes,
+// both builds over the same weights), against no stream prefetch and 8 KB into L2 in the tiles:
+// the tiles 2 KB ahead into L1 took batch 2 1.06x, batch 4 1.07x (fp32 1.10x, int8 1.06x), batch
+// 6 1.22x, batch 8 1.06x (fp32 1.04x); 1 KB 1.03x and 3-4 KB 1.01-1.02x at batch 8, 2 KB into L2
+// 1.06x. Its one-row streams keep no prefetch: 1 KB ahead into L1 was 1.01x, 2 KB 0.96x, 2-4 KB
+// into L2 0.90-0.93x. Unmeasured on NEON, which keeps the earlier choice
 #if defined(LLAMA_ISA_AVX512) || defined(LLAMA_ISA_AVX2)
 constexpr int64_t STREAM_PF = 1024, TILE_PF = 1024;
+constexpr int PF_HINT = 3;
+#elif defined(LLAMA_ISA_AVX512BF16)
+constexpr int64_t STREAM_PF = 0, TILE_PF = 2048;
 constexpr int PF_HINT = 3;
 #else
 constexpr int64_t STREAM_PF = 0, TILE_PF = 8192;
