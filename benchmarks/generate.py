@@ -11,8 +11,9 @@ comes to what this machine allows, measured in the same run:
   thread, 4 streams per thread with their software prefetches, over a 256 MB buffer), so the fused
   step cannot beat it.
 - compute ceiling (decode tok/s): FLOPs per step (2 x matmul parameters x batch + attention) over
-  the dtype's matmul peak (`measure_matmul_flops`: a fresh (2048, 2048) @ (2048, 2048) product,
-  measured before and after each dtype/batch block, the higher kept). For bf16 (and int8) weights
+  the dtype's matmul peak (`measure_matmul_flops`: a fresh (2048, 2048) @ (2048, 2048) product by
+  torch and by the fused kernel build's own product, the faster, measured before and after each
+  dtype/batch block, the higher kept). For bf16 (and int8) weights
   the peak is the faster of bf16 and fp32 products (`compute_peak`): they widen exactly to fp32,
   which is how a CPU without native bf16 products computes them fastest (our kernel does), so
   where fp32 multiplies faster the ceiling is fp32's.
@@ -21,8 +22,8 @@ comes to what this machine allows, measured in the same run:
 - prefill % of matmul peak: the prompt's FLOPs (2 x layer parameters x tokens + the output
   projection of the last position + causal attention) per TTFT over the dtype's matmul peak;
   and over the speed of the prefill's matmuls alone (`measure_prefill_matmuls`: the model's layer
-  weights times the prompt's rows, cold weights, nothing else, bf16 weights also as fp32 with the
-  faster kept; before and after each block, the higher kept), which is below that peak at short prompts and so is what prefill could reach with
+  weights times the prompt's rows, cold weights, nothing else, by F.linear and by the kernel's own
+  product, bf16 weights also as fp32 with the faster kept; before and after each block, the higher kept), which is below that peak at short prompts and so is what prefill could reach with
   everything around the matmuls free.
 
 The bandwidth and matmul speed of this shared machine move by 2x from minute to minute, so each run
@@ -120,17 +121,48 @@ def measure_bandwidth_gbs(repeats: int = 3) -> float:
 
 
 def measure_matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
-    """The dtype's matmul peak now (FLOP/s): the best of `repeats` (n, n) @ (n, n) products with
-    torch's matmul on all threads, measured afresh (llama.env.cpu_matmul_speeds caches its figure on
-    disk per CPU model and uses n = 1024, where this CPU reaches ~2/3 of its 2048 speed)."""
+    """The dtype's matmul peak now (FLOP/s): the best of `repeats` (n, n) @ (n, n) products on all
+    threads, measured afresh (llama.env.cpu_matmul_speeds caches its figure on disk per CPU model
+    and uses n = 1024, where this CPU reaches ~2/3 of its 2048 speed), by torch's matmul and, where
+    the fused kernel build has it, by prefill's own product (`linear_rows`): the faster. On the AMD
+    EPYC with AVX512-BF16 torch's fp32 product ran at ~220 GFLOP/s and the kernel's at ~2x that, so
+    a ceiling from torch's alone let our fp32 prefill read 190% of its peak."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b  # warm up
+    return max(_torch_matmul_flops(a, b, repeats), _kernel_matmul_flops(a, b, repeats))
+
+
+def _best_flops(run, flops: float, repeats: int) -> float:
+    run()  # warm up
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        a @ b
+        run()
         best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+    return flops / best
+
+
+def _torch_matmul_flops(a: torch.Tensor, b: torch.Tensor, repeats: int) -> float:
+    return _best_flops(lambda: a @ b, 2 * a.size(0) * a.size(1) * b.size(1), repeats)
+
+
+def _kernel_matmul_flops(a: torch.Tensor, b: torch.Tensor, repeats: int) -> float:
+    """FLOP/s of a @ b by the fused kernel build's `linear_rows` (0 where the build has none); it must
+    give torch's product (to the dtype's rounding), or the figure is refused."""
+    kernel = cpu_kernels()
+    if kernel is None or not hasattr(kernel, "linear_rows"):
+        return 0.0
+    w = b.t().contiguous()  # linear_rows takes the weight as (out, in)
+    out = torch.empty(a.size(0), w.size(0), dtype=a.dtype)
+    none = a.new_empty(0)
+    with torch.inference_mode():
+        kernel.linear_rows(a, w, out, False, none)
+        expected = (a.float() @ b.float()).to(a.dtype)
+        if not torch.allclose(out.float(), expected.float(), rtol=2e-2, atol=2e-2 * expected.float().abs().max().item()):
+            raise RuntimeError(f"the fused kernel's linear_rows differs from torch's {a.dtype} matmul "
+                               f"(max difference {(out.float() - expected.float()).abs().max().item():.3g}): "
+                               "its speed is not a matmul peak")
+        return _best_flops(lambda: kernel.linear_rows(a, w, out, False, none), 2 * a.size(0) * a.size(1) * w.size(0),
+                           repeats)
 
 
 def compute_peak(dtype: torch.dtype) -> float:
@@ -153,18 +185,27 @@ def measure_prefill_matmuls(model: Transformer, rows: int, repeats: int = 3) -> 
 
 
 def _prefill_matmuls(weights: list[torch.Tensor], rows: int, repeats: int) -> float:
+    """FLOP/s of the layer products of `rows` inputs by F.linear and, where the fused kernel build
+    has it, by prefill's own product (`linear_rows`, what our prefill runs): the faster."""
     dtype = weights[0].dtype
     inputs = {n: torch.randn(rows, n, dtype=dtype) for n in {w.size(1) for w in weights}}
     flops = 2 * rows * sum(w.numel() for w in weights)
+    kernel = cpu_kernels()
+    products = [lambda x, w: F.linear(x, w)]
+    if kernel is not None and hasattr(kernel, "linear_rows"):
+        outs = {w.size(0): torch.empty(rows, w.size(0), dtype=dtype) for w in weights}
+        none = torch.empty(0, dtype=dtype)
+        products.append(lambda x, w: kernel.linear_rows(x, w, outs[w.size(0)], False, none))
     best = float("inf")
     with torch.inference_mode():
-        for w in weights[:2]:  # warm up oneDNN's kernels for these shapes
-            F.linear(inputs[w.size(1)], w)
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for w in weights:
-                F.linear(inputs[w.size(1)], w)
-            best = min(best, time.perf_counter() - t0)
+        for product in products:
+            for w in weights[:2]:  # warm up the shapes' kernels
+                product(inputs[w.size(1)], w)
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for w in weights:
+                    product(inputs[w.size(1)], w)
+                best = min(best, time.perf_counter() - t0)
     return flops / best
 
 

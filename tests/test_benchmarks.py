@@ -163,6 +163,37 @@ def test_bf16_ceiling_is_the_faster_of_bf16_and_fp32_products(bench, monkeypatch
     assert bench["measure_prefill_matmuls"](model.float(), 8) == 3.0
 
 
+def test_matmul_peak_is_the_faster_of_torch_and_the_kernels_product(bench, monkeypatch):
+    """The compute ceiling is the fastest product this process runs: torch's matmul or the fused
+    kernel's own (`linear_rows`, where the build has it; on the AMD EPYC torch's fp32 product ran at
+    half the kernel's speed). The kernel's figure counts only where its product equals torch's: a
+    product that is wrong is refused. Where the build has `linear_rows`, it is really timed."""
+    g = bench["measure_matmul_flops"].__globals__
+    speeds = {"torch": 200e9, "kernel": 410e9}
+    monkeypatch.setitem(g, "_torch_matmul_flops", lambda a, b, r: speeds["torch"])
+    monkeypatch.setitem(g, "_kernel_matmul_flops", lambda a, b, r: speeds["kernel"])
+    assert bench["measure_matmul_flops"](torch.float32, n=64) == 410e9
+    speeds.update(kernel=0.0)  # no kernel build
+    assert bench["measure_matmul_flops"](torch.float32, n=64) == 200e9
+    monkeypatch.undo()
+
+    a, b = torch.randn(64, 96), torch.randn(96, 32)
+
+    class Wrong:  # a build whose product leaves its output at zero
+        @staticmethod
+        def linear_rows(x, w, out, add, scales):
+            out.zero_()
+    monkeypatch.setitem(g, "cpu_kernels", lambda: Wrong)
+    with pytest.raises(RuntimeError, match="differs from torch"):
+        bench["_kernel_matmul_flops"](a, b, 1)
+    monkeypatch.undo()
+    from tests.test_inference import _kernel_or_skip
+    if not hasattr(_kernel_or_skip(), "linear_rows"):
+        pytest.skip("this CPU's kernel build has no linear_rows (AVX-512 builds only)")
+    for dtype in (torch.float32, torch.bfloat16):
+        assert bench["_kernel_matmul_flops"](a.to(dtype), b.to(dtype), 1) > 0
+
+
 def test_busy_core_benchmark_compares_the_rows(capsys):
     """benchmarks/busy_core.py on the tiny preset (a busy process really pinned to the last core for
     the second block): a table row per implementation and condition, each with the tokens ours
