@@ -13,17 +13,18 @@ comes to what this machine allows, measured in the same run:
 - compute ceiling (decode tok/s): FLOPs per step (2 x matmul parameters x batch + attention) over
   the dtype's matmul peak (`measure_matmul_flops`: a fresh (2048, 2048) @ (2048, 2048) product by
   torch and by the fused kernel build's own product, the faster, measured before and after each
-  dtype/batch block, the higher kept). For bf16 (and int8) weights
-  the peak is the faster of bf16 and fp32 products (`compute_peak`): they widen exactly to fp32,
-  which is how a CPU without native bf16 products computes them fastest (our kernel does), so
-  where fp32 multiplies faster the ceiling is fp32's.
+  dtype/batch block, the higher kept). For bf16 (and int8) weights the peak is the faster of bf16
+  and fp32 products (`compute_peak`): they widen exactly to fp32, which is how a CPU without native
+  bf16 products computes them fastest (our kernel does), so where fp32 multiplies faster the
+  ceiling is fp32's.
 - % of roofline: decode tok/s over min(memory ceiling, compute ceiling): memory-bound at batch 1,
   closer to compute-bound at batch 8.
 - prefill % of matmul peak: the prompt's FLOPs (2 x layer parameters x tokens + the output
   projection of the last position + causal attention) per TTFT over the dtype's matmul peak;
   and over the speed of the prefill's matmuls alone (`measure_prefill_matmuls`: the model's layer
   weights times the prompt's rows, cold weights, nothing else, by F.linear and by the kernel's own
-  product, bf16 weights also as fp32 with the faster kept; before and after each block, the higher kept), which is below that peak at short prompts and so is what prefill could reach with
+  product, bf16 weights also as fp32 with the faster kept; before and after each block, the higher
+  kept), which is below that peak at short prompts and so is what prefill could reach with
   everything around the matmuls free.
 
 The bandwidth and matmul speed of this shared machine move by 2x from minute to minute, so each run
