@@ -800,8 +800,9 @@ static void silu_rows(const Y* y, int64_t M, int64_t hidden, T* out) {
       const Y* yb = ya + hidden;
       T* o = out + m * hidden;
       int64_t i = it % pieces * C;
-      for (; i + N <= c1; i += N) {
-        const F a = E<T>::rnd(E<Y>::load(ya + i)), b = E<T>::rnd(E<Y>::load(yb + i));
+      for (; i + N <= c1; i += N) {  // (Y in T already: its values need no rounding)
+        F a = E<Y>::load(ya + i), b = E<Y>::load(yb + i);
+        if constexpr (!std::is_same<Y, T>::value) { a = E<T>::rnd(a); b = E<T>::rnd(b); }
         E<T>::store(o + i, V::mul(E<T>::rnd(V::div(a, V::add(V::set1(1.f), vexp(V::sub(V::zero(), a))))), b));
       }
       for (; i < c1; ++i) {
@@ -2050,7 +2051,10 @@ static torch::Tensor run(torch::Tensor h, const std::vector<torch::Tensor>& laye
   // there: a 2-core Xeon, 160M at batch 8, 926 against 700 prompt tokens/s; batch 1 even), and bf16
   // and int8 weights too from WIDE_ROWS rows on, widened (`wide_linear`: 160M's bf16 prefill at
   // batch 8, 1.37x rowlin's); oneDNN's own bf16 products were 3.5x slower than rowlin's
-  auto lin = [&](const torch::Tensor& a, const torch::Tensor& w, int64_t i, torch::Tensor* into = nullptr) {
+  // products, q|k|v's and w1|w3's written into buffers kept over the layers (`to`): into fresh
+  // ones each layer, the 16 layers' products ran 2-3% slower here (their first writes)
+  auto lin = [&](const torch::Tensor& a, const torch::Tensor& w, int64_t i, torch::Tensor* into = nullptr,
+                 torch::Tensor* to = nullptr) {
 #if defined(LLAMA_AVX512)
 #if defined(LLAMA_ISA_AVX512BF16)
     constexpr bool fp32_rowlin = true;
@@ -2060,7 +2064,7 @@ static torch::Tensor run(torch::Tensor h, const std::vector<torch::Tensor>& laye
       return wide_linear(a, w, into, scales.empty() ? nullptr : &scales[i]);
 #endif
     if (std::is_same<T, float>::value ? (fp32_rowlin || !scales.empty()) : a.size(1) % 2 == 0) {
-      auto y = into ? *into : torch::empty({a.size(0), w.size(0)}, a.options());
+      auto y = into ? *into : to ? *to : torch::empty({a.size(0), w.size(0)}, a.options());
       if (scales.empty()) rowlin::linear<T>(P(a), a.size(0), a.size(1), P(w), w.size(0), P(y), w.size(0), into != nullptr);
       else rowlin::linear<T, int8_t>(P(a), a.size(0), a.size(1), w.data_ptr<int8_t>(), w.size(0), P(y), w.size(0),
                                      into != nullptr, P(scales[i]));
@@ -2072,11 +2076,12 @@ static torch::Tensor run(torch::Tensor h, const std::vector<torch::Tensor>& laye
   };
   auto x = h.view({M, dim});
   auto xn = torch::empty_like(x), gated = torch::empty({M, hidden}, x.options());
+  auto yqkv = torch::empty({M, qdim + 2 * kvdim}, x.options()), yff = torch::empty({M, 2 * hidden}, x.options());
   auto att = torch::empty({B, Tn, H, D}, x.options()), none = torch::empty({0}, x.options());
   for (int64_t l = 0; l < L; ++l) {
     const torch::Tensor* lw = &layers[6 * l];
     norm_rows<T>(P(x), M, dim, P(lw[0]), eps, P(xn));
-    auto y = lin(xn, lw[1], 4 * l);  // (M, q|k|v)
+    auto y = lin(xn, lw[1], 4 * l, nullptr, &yqkv);  // (M, q|k|v)
     auto ck = cache_k.select(0, l), cv = cache_v.select(0, l);  // (B_max, S, Hkv, D)
     rope_rows<T>(P(y), B, Tn, qdim, kvdim, D, freqs.data_ptr<float>(), P(ck), P(cv), S, start);
     auto q = y.view({B, Tn, qdim + 2 * kvdim}).narrow(2, 0, qdim).view({B, Tn, H, D});
@@ -2084,7 +2089,7 @@ static torch::Tensor run(torch::Tensor h, const std::vector<torch::Tensor>& laye
     attention<T>(q, k, v, start, block, att, none);
     lin(att.view({M, qdim}), lw[2], 4 * l + 1, &x);
     norm_rows<T>(P(x), M, dim, P(lw[3]), eps, P(xn));
-    auto y13 = lin(xn, lw[4], 4 * l + 2);  // (M, w1|w3)
+    auto y13 = lin(xn, lw[4], 4 * l + 2, nullptr, &yff);  // (M, w1|w3)
     silu_rows<T, T>(P(y13), M, hidden, P(gated));
     lin(gated, lw[5], 4 * l + 3, &x);
   }
