@@ -7,6 +7,8 @@
 // and fp32) and the benchmarks' bandwidth probe (read_bandwidth).
 // One source, one build per instruction set (torch.utils.cpp_extension.load):
 //   -DLLAMA_ISA_AVX512BF16 (-mavx512f -mavx512bw -mavx512bf16): 16 fp32 lanes, native bf16 dots
+//   -DLLAMA_ISA_AVX512BF16_VBMI (the same and -mavx512vbmi): as AVX512BF16, int8 weights widened to
+//     bf16 by byte-permute table look-ups (V::i8_bf16_lut)
 //   -DLLAMA_ISA_AVX512 (-mavx512f -mavx512bw): 16 lanes; bf16 widened to fp32 in registers (the
 //     native dot's pairs too: dot_pairs), rounding to bf16 in integer code
 //   -DLLAMA_ISA_AVX2 (-mavx2 -mfma): 8 lanes; bf16 widened to fp32 in registers, fp32 FMAs
@@ -48,9 +50,28 @@ static inline bf16 f2b(float f) {  // round to nearest even, as torch does
 // per-weight-row work is widening the weights only. ACC: how many accumulators a product tile keeps
 // in registers (the rest of REGS holds the weight parts, widened where the ISA must, and an input
 // part). I8_BF16: int8 weights meet a bf16 input in the native bf16 dot (i8_bf16_part).
+#if defined(LLAMA_ISA_AVX512BF16_VBMI)  // the AVX512-BF16 build, its int8 weights widened by VBMI's byte permutes
+#define LLAMA_ISA_AVX512BF16 1
+#define LLAMA_VBMI 1
+#endif
 #if defined(LLAMA_ISA_AVX512BF16) || defined(LLAMA_ISA_AVX512)
 #define LLAMA_AVX512 1  // the 16-lane code below the V structs (rowlin, attention, lane sums): both builds
 #include <immintrin.h>
+#if defined(LLAMA_VBMI)
+struct I8Lut {  // the low and the high byte of bf16(i), i < 128 (V::i8_bf16_lut)
+  alignas(64) uint8_t lo[128], hi[128];
+  constexpr I8Lut() : lo(), hi() {
+    for (int i = 1; i < 128; ++i) {  // exponent 127 + e (i in [2^e, 2^(e+1))), 7 fraction bits: exact
+      int e = 0;
+      while ((i >> (e + 1)) != 0) ++e;
+      const int bits = (127 + e) << 7 | ((i << (7 - e)) & 0x7f);
+      lo[i] = (uint8_t)(bits & 0xff);
+      hi[i] = (uint8_t)(bits >> 8);
+    }
+  }
+};
+inline constexpr I8Lut I8_LUT_TABLE{};
+#endif
 struct V {
   using F = __m512;
   static constexpr int N = 16, REGS = 32, BF16_BLOCK = 32, ACC = 24;
@@ -85,7 +106,11 @@ struct V {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)w)));
   }
 #if defined(LLAMA_ISA_AVX512BF16)
+#if defined(LLAMA_VBMI)
+  static constexpr const char* ISA = "avx512bf16_vbmi";
+#else
   static constexpr const char* ISA = "avx512bf16";
+#endif
   using BF16X = bf16;
   static void split_bf16(const bf16* x, bf16* out) { std::memcpy(out, x, BF16_BLOCK * sizeof(bf16)); }
   static __m256i bf16_bits(F v) { return (__m256i)_mm512_cvtneps_pbh(v); }  // 16 bf16, rounded to nearest even
@@ -103,9 +128,33 @@ struct V {
     const F lo = i8_part(w, 0), hi = i8_part(w + 16, 0);
     return (F)_mm512_cvtne2ps_pbh(hi, lo);  // (hi, lo): lo first
   }
+#if defined(LLAMA_VBMI)
+  // 64 int8 weights as 64 bf16 by table look-up (VBMI byte permutes; the build for CPUs with them):
+  // the low and the high byte of bf16(|v|) looked up for the 64 values at once (|v| < 128: 7 index
+  // bits, two tables of 128 bytes), v's sign put into the high byte, -128 (|v| = 128) set whole,
+  // then the bytes interleaved into words: 6-8 instructions for 64 weights, against 10 for
+  // i8_bf16_part's two (1.5-1.65x the one-row product's speed with the weights in L2 here). The
+  // interleave works within each 128-bit lane, so part 0 holds elements 0-7, 16-23, 32-39, 48-55 and
+  // part 1 the rest: the input is laid out to match (LUT_ORDER)
+  static constexpr bool I8_LUT = true;
+  static void i8_bf16_lut(const int8_t* w, F& a, F& b) {
+    const __m512i v = _mm512_loadu_si512(w), m = _mm512_abs_epi8(v);  // -128 stays 0x80: index 0, mended below
+    const __m512i lo = _mm512_permutex2var_epi8(_mm512_load_si512(I8_LUT_TABLE.lo), m, _mm512_load_si512(I8_LUT_TABLE.lo + 64));
+    __m512i hi = _mm512_permutex2var_epi8(_mm512_load_si512(I8_LUT_TABLE.hi), m, _mm512_load_si512(I8_LUT_TABLE.hi + 64));
+    hi = _mm512_ternarylogic_epi32(hi, v, _mm512_set1_epi8((char)0x80), 0xF8);  // hi | (v & 0x80)
+    hi = _mm512_mask_blend_epi8(_mm512_movepi8_mask(m), hi, _mm512_set1_epi8((char)0xC3));  // bf16(-128) = 0xC300 (lo 0)
+    a = (F)_mm512_unpacklo_epi8(lo, hi);
+    b = (F)_mm512_unpackhi_epi8(lo, hi);
+  }
+  // element j of the input's 64-element blocks as LUT_ORDER lays them out: part 0's elements in
+  // register order, then part 1's
+  static constexpr int lut_order(int j) { return (j >> 3 & 3) * 16 + (j >> 5) * 8 + (j & 7); }
+#else
+  static constexpr bool I8_LUT = false;
+#endif
 #else  // AVX-512 without its bf16 instructions: bf16 widened to fp32 in registers, as in the AVX2 build
   static constexpr const char* ISA = "avx512";
-  static constexpr bool I8_BF16 = false;  // int8 weights meet an fp32-widened input (i8_part)
+  static constexpr bool I8_BF16 = false, I8_LUT = false;  // int8 weights meet an fp32-widened input (i8_part)
   using BF16X = float;
   static void split_bf16(const bf16* x, float* out) {  // 32 bf16 -> 16 even, 16 odd as fp32
     const __m512i v = _mm512_loadu_si512(x);
@@ -136,7 +185,7 @@ struct V {
 struct V {
   using F = __m256;
   static constexpr int N = 8, REGS = 16, BF16_BLOCK = 16, ACC = 8;
-  static constexpr bool I8_BF16 = false;  // int8 weights meet an fp32-widened input (i8_part)
+  static constexpr bool I8_BF16 = false, I8_LUT = false;  // int8 weights meet an fp32-widened input (i8_part)
   static constexpr float EXP_HI = 88.3762626f;  // n = round(x log2 e) <= 127: 2^n built in the exponent field
   static constexpr const char* ISA = "avx2";
   using BF16X = float;
@@ -203,7 +252,7 @@ struct V {
 struct V {
   using F = float32x4_t;
   static constexpr int N = 4, REGS = 32, BF16_BLOCK = 8, ACC = 16;
-  static constexpr bool I8_BF16 = false;  // as for AVX2
+  static constexpr bool I8_BF16 = false, I8_LUT = false;  // as for AVX2
   static constexpr float EXP_HI = 88.3762626f;  // as for AVX2
   static constexpr const char* ISA = "neon";
   using BF16X = float;
@@ -255,7 +304,7 @@ struct V {
   }
 };
 #else
-#error "build with -DLLAMA_ISA_AVX512BF16, -DLLAMA_ISA_AVX512, -DLLAMA_ISA_AVX2 or -DLLAMA_ISA_NEON (see llama/cpu_kernels.py)"
+#error "build with -DLLAMA_ISA_AVX512BF16(_VBMI), -DLLAMA_ISA_AVX512, -DLLAMA_ISA_AVX2 or -DLLAMA_ISA_NEON (see llama/cpu_kernels.py)"
 #endif
 using F = V::F;
 constexpr int N = V::N;
@@ -282,6 +331,7 @@ template <typename T> using avec = std::vector<T, Aligned<T>>;
 template <typename T> struct E;
 template <> struct E<bf16> {
   static constexpr int W = V::BF16_BLOCK;
+  static constexpr bool IN_ORDER = true;  // prep keeps the elements' order
   using X = V::BF16X;
   static inline float xto(bf16 v) { return b2f(v); }
   static inline float xto(float v) { return v; }
@@ -312,6 +362,7 @@ template <> struct E<bf16> {
 };
 template <> struct E<float> {
   static constexpr int W = N;
+  static constexpr bool IN_ORDER = true;
   using X = float;
   static inline float xto(float v) { return v; }
   static void prep(const float* x, int64_t M, int64_t K, float* out) { std::memcpy(out, x, M * K * sizeof(float)); }
@@ -333,28 +384,53 @@ template <> struct E<float> {
 // fp32 (the K % W tail). int8 weights: on AVX512-BF16 against the bf16 rows as they are, through
 // the native bf16 dot; else against the rows widened to fp32, each weight block widened in
 // registers (exact either way: gemv applies the scales after the sums)
-template <typename WT, typename T> struct Dot : E<T> {  // WT = T
+template <typename WT, typename T, bool ONE_ROW = false> struct Dot : E<T> {  // WT = T
+  static constexpr bool LUT = false;
   static inline float w(T v) { return E<T>::to(v); }
   static inline float x(typename E<T>::X v) { return E<T>::xto(v); }
 };
-template <typename T> struct Dot<int8_t, T> {
+template <typename T, bool ONE_ROW> struct Dot<int8_t, T, ONE_ROW> {
   static constexpr bool BF16 = V::I8_BF16 && std::is_same<T, bf16>::value;
-  static constexpr int W = BF16 ? 2 * I8_BLOCK : I8_BLOCK;
+  // 64 weights a block by table look-up (i8_bf16_lut) for a one-row product (ONE_ROW): batch tiles,
+  // whose accumulators take most registers, ran slower with the tables (batch 8 with the weights in
+  // L2: 31 against 41 GB/s)
+  static constexpr bool LUT = BF16 && V::I8_LUT && ONE_ROW;
+  static constexpr bool IN_ORDER = !LUT;  // the input as prep lays it out: its elements in order
+  static constexpr int W = LUT ? 4 * I8_BLOCK : BF16 ? 2 * I8_BLOCK : I8_BLOCK;
   using X = typename std::conditional<BF16, bf16, float>::type;
-  static void prep(const T* x, int64_t M, int64_t K, X* out) {  // (M, K): bf16 as is, else fp32
-    if constexpr (std::is_same<X, T>::value) std::memcpy(out, x, M * K * sizeof(T));
+  static void prep(const T* x, int64_t M, int64_t K, X* out) {  // (M, K): bf16 as is (LUT: each block reordered), else fp32
+    if constexpr (LUT) {
+      for (int64_t m = 0; m < M; ++m) {
+        const T* r = x + m * K;
+        X* o = out + m * K;
+        int64_t k = 0;
+        for (; k + W <= K; k += W)
+          for (int j = 0; j < W; ++j) o[k + j] = r[k + lut_order(j)];
+        for (; k < K; ++k) o[k] = r[k];
+      }
+    } else if constexpr (std::is_same<X, T>::value) std::memcpy(out, x, M * K * sizeof(T));
     else for (int64_t i = 0; i < M * K; ++i) out[i] = E<T>::to(x[i]);
+  }
+  template <typename U = V>
+  static constexpr int lut_order(int j) {
+    if constexpr (LUT) return U::lut_order(j);
+    else return j;
   }
   static inline float w(int8_t v) { return v; }
   static inline float x(X v) { return E<T>::xto(v); }  // bf16 or fp32
-  static constexpr int PARTS = BF16 ? 1 : V::I8_PARTS;
+  static constexpr int PARTS = LUT ? 2 : BF16 ? 1 : V::I8_PARTS;
   template <typename U = V>  // U: V, named through a parameter so ISAs without i8_bf16_part compile this
   static inline F wpart(const int8_t* w, int p) {
-    if constexpr (BF16) return U::i8_bf16_part(w);
+    if constexpr (LUT) {
+      F a, b;
+      U::i8_bf16_lut(w, a, b);  // both parts each time: the compiler keeps one look-up where a caller takes both
+      return p ? b : a;
+    } else if constexpr (BF16) return U::i8_bf16_part(w);
     else return V::i8_part(w, p);
   }
   static inline F xpart(const X* x, int p) {
-    if constexpr (BF16) return V::bf16_x(x, 0);  // the bf16 as they are
+    if constexpr (LUT) return V::bf16_x(x + 32 * p, 0);
+    else if constexpr (BF16) return V::bf16_x(x, 0);  // the bf16 as they are
     else return V::load(x + p * N);
   }
   static inline F mac(F acc, F w, F x) {
@@ -618,12 +694,11 @@ static void shared_rows(int64_t N, int64_t grain, U units, F run) {
 // type T; the weights WT are T too, or int8 with `scales` (N,) in T, where y[m, n] =
 // round_T(x[m] . w[n]) * scales[n]: Int8Linear's rounding of the product to the model's dtype before
 // its scale (the caller rounds the result again, as it does for every product)
-template <typename T, typename WT = T>
-static void gemv(const T* xt, int64_t M, int64_t K, const WT* w, int64_t N, float* y, const T* scales = nullptr) {
-  using D = Dot<WT, T>;
+template <typename D, typename T, typename WT>
+static void gemv_as(const T* xt, int64_t M, int64_t K, const WT* w, int64_t N, float* y, const T* scales) {
   using X = typename D::X;
   const X* x = nullptr;
-  if constexpr (std::is_same<X, T>::value)
+  if constexpr (std::is_same<X, T>::value && D::IN_ORDER)
     if (M == 1) x = xt;  // one row: its blocks in order are already the layout below
   if (!x) {  // the input rows as the tiles read them (gemv_tile), laid out once per product
     constexpr int64_t B = D::W;
@@ -640,6 +715,7 @@ static void gemv(const T* xt, int64_t M, int64_t K, const WT* w, int64_t N, floa
   }
   const int64_t R = unit_rows(M);
   shared_rows(N, 64, [&](int64_t n0, int64_t n1) { return (n1 - n0) / R; }, [&](int64_t n0, int64_t n1, int64_t a, int64_t b, bool rest) {
+    if constexpr (D::LUT) return gemv_streams<D, WT>(x, K, w, n0, n1, a, b, rest, y);  // one row only
     switch (M) {
       case 1: gemv_streams<D, WT>(x, K, w, n0, n1, a, b, rest, y); break;
       case 2: gemv_rows<D, WT, 2>(x, K, w, n0, n1, a, b, rest, y, N); break;
@@ -656,6 +732,13 @@ static void gemv(const T* xt, int64_t M, int64_t K, const WT* w, int64_t N, floa
       for (int64_t m = 0; m < M; ++m)
         for (int64_t n = n0; n < n1; ++n) y[m * N + n] = E<T>::rnd(y[m * N + n]) * E<T>::to(scales[n]);
     });
+}
+
+template <typename T, typename WT = T>
+static void gemv(const T* xt, int64_t M, int64_t K, const WT* w, int64_t N, float* y, const T* scales = nullptr) {
+  if constexpr (Dot<WT, T, true>::LUT)
+    if (M == 1) return gemv_as<Dot<WT, T, true>>(xt, M, K, w, N, y, scales);
+  gemv_as<Dot<WT, T>>(xt, M, K, w, N, y, scales);
 }
 
 // The cache's elements as the decoding step's attention widens them to fp32: a head's whole blocks

@@ -1095,14 +1095,25 @@ int main() {
       want_b += (double)wq[k] * b2f(xb[k]); mag_b += std::fabs((double)wq[k] * b2f(xb[k]));
     }
     using DF = Dot<int8_t, float>;
-    using DB = Dot<int8_t, bf16>;  // AVX512-BF16: the bf16 dot on int8 widened to bf16; else as DF
-    std::vector<DB::X> xp(K);  // the bf16 input as the products prepare it
-    DB::prep(xb.data(), 1, K, xp.data());
-    F a = V::zero(), ab = V::zero();
+    F a = V::zero();
     for (int k = 0; k < K; k += DF::W) a = DF::dot(a, &wq[k], &xf[k]);
-    for (int k = 0; k < K; k += DB::W) ab = DB::dot(ab, &wq[k], &xp[k]);
     CHECK(std::fabs(V::sum(a) - want) <= 1e-6 * mag, "int8 dot of %d: %g, want %g", K, V::sum(a), want);
-    CHECK(std::fabs(V::sum(ab) - want_b) <= 1e-6 * mag_b, "int8 . bf16 dot of %d: %g, want %g", K, V::sum(ab), want_b);
+    // AVX512-BF16: the bf16 dot on int8 widened to bf16 (one-row products with VBMI: by look-up, 64
+    // weights a block, the input reordered by prep); else as DF. Whole blocks, then the tail as is
+    auto bf16_dot = [&](auto d) {
+      using DB = decltype(d);
+      std::vector<typename DB::X> xp(K);  // the bf16 input as the products prepare it
+      DB::prep(xb.data(), 1, K, xp.data());
+      F ab = V::zero();
+      int k = 0;
+      for (; k + DB::W <= K; k += DB::W) ab = DB::dot(ab, &wq[k], &xp[k]);
+      double got = V::sum(ab);
+      for (; k < K; ++k) got += DB::w(wq[k]) * DB::x(xp[k]);
+      return got;
+    };
+    const double got_b = bf16_dot(Dot<int8_t, bf16>()), got_r = bf16_dot(Dot<int8_t, bf16, true>());
+    CHECK(std::fabs(got_b - want_b) <= 1e-6 * mag_b, "int8 . bf16 dot of %d: %g, want %g", K, got_b, want_b);
+    CHECK(std::fabs(got_r - want_b) <= 1e-6 * mag_b, "int8 . bf16 one-row dot of %d: %g, want %g", K, got_r, want_b);
   }
   for (int i = 0; i < 200000; i += N) {
     float x[N], e[N];
@@ -1210,8 +1221,9 @@ def test_kernel_builds_for_each_instruction_set_this_cpu_runs():
     """Every build this CPU can run must build where there is a compiler (an AVX-512 machine builds
     the AVX2 one too; a failure here is a failure, not a skip), and is compiled for its instruction
     set: the AVX2 build holds no AVX-512 register (so it runs on CPUs without it), the AVX-512 builds
-    do, and the native bf16 dot product is in the AVX512-BF16 build only (the other runs on AVX-512
-    CPUs without it)."""
+    do, the native bf16 dot product is in the AVX512-BF16 builds only (the other runs on AVX-512 CPUs
+    without it) and VBMI's byte permutes in the one for VBMI only (AVX512-BF16 CPUs without VBMI,
+    e.g. Cooper Lake Xeons, run the other)."""
     runnable = cpu_kernel_variants()
     if not runnable or shutil.which("c++") is None:
         pytest.skip("this CPU runs none of the fused kernel builds, or there is no C++ compiler")
@@ -1223,8 +1235,9 @@ def test_kernel_builds_for_each_instruction_set_this_cpu_runs():
                                  text=True, check=True).stdout
             if variant == "avx2":
                 assert "%zmm" not in asm and "%ymm" in asm
-            else:  # AVX-512 registers; the bf16 dot only where the CPU has it
-                assert "%zmm" in asm and ("vdpbf16ps" in asm) == (variant == "avx512bf16")
+            else:  # AVX-512 registers; the bf16 dot only where the CPU has it, VBMI's byte look-ups with VBMI
+                assert "%zmm" in asm and ("vdpbf16ps" in asm) == variant.startswith("avx512bf16")
+                assert ("vpermi2b" in asm or "vpermt2b" in asm) == (variant == "avx512bf16_vbmi")
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -31,7 +31,7 @@ Where every position's logits are wanted (logprobs), prefill runs the model's ow
 The C++ source and its builds (one per instruction set: AVX512-BF16, AVX-512 without its bf16
 instructions, AVX2 + FMA, NEON) are llama/cpu_kernels.cpp and llama/cpu_kernels.py, which also hold
 the training loss's pass, the blocked attention and the benchmarks' bandwidth probe.
-LLAMA_CPU_KERNEL=avx512bf16|avx512|avx2|neon forces one build (e.g. to measure AVX2 on an AVX-512
+LLAMA_CPU_KERNEL=avx512bf16_vbmi|avx512bf16|avx512|avx2|neon forces one build (e.g. to measure AVX2 on an AVX-512
 machine).
 
 Where another process keeps a core busy, a step's ~100 fork/joins each wait for the thread that
