@@ -135,7 +135,7 @@ struct V {
   // then the bytes interleaved into words: 6-8 instructions for 64 weights, against 10 for
   // i8_bf16_part's two (1.5-1.65x the one-row product's speed with the weights in L2 here). The
   // interleave works within each 128-bit lane, so part 0 holds elements 0-7, 16-23, 32-39, 48-55 and
-  // part 1 the rest: the input is laid out to match (LUT_ORDER)
+  // part 1 the rest: the input is laid out to match (lut_block)
   static constexpr bool I8_LUT = true;
   static void i8_bf16_lut(const int8_t* w, F& a, F& b) {
     const __m512i v = _mm512_loadu_si512(w), m = _mm512_abs_epi8(v);  // -128 stays 0x80: index 0, mended below
@@ -146,9 +146,19 @@ struct V {
     a = (F)_mm512_unpacklo_epi8(lo, hi);
     b = (F)_mm512_unpackhi_epi8(lo, hi);
   }
-  // element j of the input's 64-element blocks as LUT_ORDER lays them out: part 0's elements in
+  // element j of the input's 64-element blocks as lut_block lays them out: part 0's elements in
   // register order, then part 1's
   static constexpr int lut_order(int j) { return (j >> 3 & 3) * 16 + (j >> 5) * 8 + (j & 7); }
+  static void lut_block(const bf16* r, bf16* o) {  // 64 input elements in lut_order: two word permutes
+    struct Idx {
+      alignas(64) uint16_t v[64];
+      constexpr Idx() : v() { for (int j = 0; j < 64; ++j) v[j] = (uint16_t)lut_order(j); }
+    };
+    static constexpr Idx idx{};
+    const __m512i lo = _mm512_loadu_si512(r), hi = _mm512_loadu_si512(r + 32);
+    _mm512_storeu_si512(o, _mm512_permutex2var_epi16(lo, _mm512_load_si512(idx.v), hi));
+    _mm512_storeu_si512(o + 32, _mm512_permutex2var_epi16(lo, _mm512_load_si512(idx.v + 32), hi));
+  }
 #else
   static constexpr bool I8_LUT = false;
 #endif
@@ -404,18 +414,14 @@ template <typename T, bool ONE_ROW> struct Dot<int8_t, T, ONE_ROW> {
         const T* r = x + m * K;
         X* o = out + m * K;
         int64_t k = 0;
-        for (; k + W <= K; k += W)
-          for (int j = 0; j < W; ++j) o[k + j] = r[k + lut_order(j)];
+        for (; k + W <= K; k += W) lut_block<>(r + k, o + k);
         for (; k < K; ++k) o[k] = r[k];
       }
     } else if constexpr (std::is_same<X, T>::value) std::memcpy(out, x, M * K * sizeof(T));
     else for (int64_t i = 0; i < M * K; ++i) out[i] = E<T>::to(x[i]);
   }
-  template <typename U = V>
-  static constexpr int lut_order(int j) {
-    if constexpr (LUT) return U::lut_order(j);
-    else return j;
-  }
+  template <typename U = V>  // U: V, named through a parameter so ISAs without lut_block compile this
+  static void lut_block(const T* r, X* o) { U::lut_block(r, o); }
   static inline float w(int8_t v) { return v; }
   static inline float x(X v) { return E<T>::xto(v); }  // bf16 or fp32
   static constexpr int PARTS = LUT ? 2 : BF16 ? 1 : V::I8_PARTS;
@@ -706,7 +712,8 @@ static void gemv_as(const T* xt, int64_t M, int64_t K, const WT* w, int64_t N, f
     static thread_local avec<X> buf, row;
     buf.resize(M * K);
     row.resize(K);
-    for (int64_t m = 0; m < M; ++m) {
+    if (M == 1) D::prep(xt, 1, K, buf.data());  // one row: the layout is prep's
+    else for (int64_t m = 0; m < M; ++m) {
       D::prep(xt + m * K, 1, K, row.data());
       for (int64_t k = 0; k < KB; k += B) std::memcpy(buf.data() + k * M + m * B, row.data() + k, B * sizeof(X));
       std::memcpy(buf.data() + KB * M + m * (K - KB), row.data() + KB, (K - KB) * sizeof(X));
