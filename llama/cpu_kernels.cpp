@@ -49,7 +49,8 @@ static inline bf16 f2b(float f) {  // round to nearest even, as torch does
 // once per product (each block: its even elements, then its odd ones: two parts), so the
 // per-weight-row work is widening the weights only. ACC: how many accumulators a product tile keeps
 // in registers (the rest of REGS holds the weight parts, widened where the ISA must, and an input
-// part). I8_BF16: int8 weights meet a bf16 input in the native bf16 dot (i8_bf16_part).
+// part). I8_BF16: int8 weights meet a bf16 input in the native bf16 dot (i8_bf16_part); I8_LUT:
+// with VBMI, one-row products widen them by table look-up instead (i8_bf16_lut).
 #if defined(LLAMA_ISA_AVX512BF16_VBMI)  // the AVX512-BF16 build, its int8 weights widened by VBMI's byte permutes
 #define LLAMA_ISA_AVX512BF16 1
 #define LLAMA_VBMI 1
@@ -132,8 +133,9 @@ struct V {
   // 64 int8 weights as 64 bf16 by table look-up (VBMI byte permutes; the build for CPUs with them):
   // the low and the high byte of bf16(|v|) looked up for the 64 values at once (|v| < 128: 7 index
   // bits, two tables of 128 bytes), v's sign put into the high byte, -128 (|v| = 128) set whole,
-  // then the bytes interleaved into words: 6-8 instructions for 64 weights, against 10 for
-  // i8_bf16_part's two (1.5-1.65x the one-row product's speed with the weights in L2 here). The
+  // then the bytes interleaved into words: 8 instructions for 64 weights, against 10 for
+  // i8_bf16_part's two (a one-core loop over weights in L2: 1.5-1.65x; the one-row product with its
+  // weights in cache 1.15-1.25x; the batch-1 int8 step 1.02x at ~80 GB/s, as the bandwidth limits). The
   // interleave works within each 128-bit lane, so part 0 holds elements 0-7, 16-23, 32-39, 48-55 and
   // part 1 the rest: the input is laid out to match (lut_block)
   static constexpr bool I8_LUT = true;
@@ -1701,9 +1703,9 @@ static void backward(const torch::Tensor& grad, const torch::Tensor& q, const to
 // weight row (a bf16 pair or one fp32) against 16 positions of X laid out as columns, so the
 // positions are the lanes and the weights are never repacked (torch's oneDNN packs every weight for
 // every call). A tile is 6 weight rows x 64 positions (24 accumulators; on the AMD EPYC with
-// AVX512-BF16, 1-2% faster than the 4 rows before); while it runs
-// it prefetches the same columns of the next 6 rows at the pace of its own reads, so the weights
-// stream from memory under the products. X is laid out and Y written by 16 x 16 word transposes in registers (a 16-row gather
+// AVX512-BF16, 1-2% faster than the 4 rows before); while it runs it prefetches the same columns of
+// the next tile's rows at the pace of its own reads, so the weights stream from memory under the
+// products. X is laid out and Y written by 16 x 16 word transposes in registers (a 16-row gather
 // thrashes L1 where the row stride is a power of two). Threads split the weight rows.
 namespace rowlin {
 // tile: R weight rows x W vectors of positions; rows per task (96: at 1024 positions 2-4% faster
