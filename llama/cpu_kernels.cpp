@@ -602,13 +602,16 @@ static inline void gemv_tile(const typename D::X* x, int64_t K, const WT* w, int
 // batch 2 1.065x, 3 1.090x, 4 1.054x, fp32 batch 2 1.022x, 4 1.068x, int8 batch 4 1.020x; at batch 6
 // and 8 two were no faster (8: 1.025x in a low-bandwidth minute, 0.967x in a high one; fp32 0.893x).
 // Here tiles a..b of the range's unit_rows(M) = R, and with `rest` its last < R rows one by one
+// One input row (stream_rows) is read as ONE_ROW_STREAMS streams a thread: 2 in the AVX512-BF16
+// builds (against 4 on the AMD EPYC, paired: bf16 1.040x, int8 1.065x, fp32 1.026x at a probe of
+// 74-85 GB/s; 1.022x, 1.008x, 0.998x at 48-51; 3 streams: 1.011-1.015x), 4 elsewhere
 #if defined(LLAMA_ISA_AVX512BF16)
-constexpr int FEW_ROWS_TILE = 2;
+constexpr int FEW_ROWS_TILE = 2, ONE_ROW_STREAMS = 2;
 #else
-constexpr int FEW_ROWS_TILE = 4;  // (unmeasured elsewhere: the choice before)
+constexpr int FEW_ROWS_TILE = 4, ONE_ROW_STREAMS = 4;  // (unmeasured elsewhere: the choice before)
 #endif
 constexpr int unit_rows(int64_t M) {
-  return M == 1 ? 4 : std::max(1, std::min(M <= 4 ? FEW_ROWS_TILE : 4, V::ACC / (int)M));
+  return M == 1 ? ONE_ROW_STREAMS : std::max(1, std::min(M <= 4 ? FEW_ROWS_TILE : 4, V::ACC / (int)M));
 }
 template <typename D, typename WT, int M>
 static void gemv_rows(const typename D::X* x, int64_t K, const WT* w, int64_t n0, int64_t n1, int64_t a, int64_t b, bool rest,
@@ -621,7 +624,7 @@ static void gemv_rows(const typename D::X* x, int64_t K, const WT* w, int64_t n0
 }
 
 // One input row: the thread's rows are walked as S interleaved sub-ranges, S weight streams at
-// once (more reads in flight: ~10% more bandwidth than one stream here), two accumulators each to
+// once (more reads in flight: on the Xeon ~10% more bandwidth than one stream), two accumulators each to
 // hide the dot latency. Here steps a..b (of S rows, S = unit_rows(1)), and with `rest` the last < S rows
 // Rows first, first + step, ... (S of them) as S streams; step 0: S copies of one row, whose sums are
 // then those the row gets in any unit (lane_sums reduces every register alike)
@@ -2309,15 +2312,15 @@ torch::Tensor prefill(torch::Tensor h, std::vector<torch::Tensor> layers, torch:
 
 // Read bandwidth as the decoding step reads its weights, for the benchmarks' memory ceiling: this
 // build's vector loads (V::load), on every thread at::parallel_for runs, each thread's share walked as
-// 4 interleaved streams with 2 accumulators each, prefetched STREAM_PF ahead (as gemv_streams walks a
-// one-row product). buf: a contiguous fp32 tensor (make it several times the last-level cache).
+// unit_rows(1) interleaved streams with 2 accumulators each, prefetched STREAM_PF ahead (as
+// gemv_streams walks a one-row product). buf: a contiguous fp32 tensor (make it several times the last-level cache).
 // Returns (bytes/s over the timed read, the sum of every element: the result the loads feed, so they
 // cannot be optimised away, and a checksum that the whole buffer was read; lanes are summed in fp32,
 // threads' partials in double).
 std::tuple<double, double> read_bandwidth(torch::Tensor buf) {
   TORCH_CHECK(buf.scalar_type() == at::kFloat && buf.is_contiguous() && buf.numel() >= 4 * N,
               "read_bandwidth: a contiguous fp32 tensor of at least ", 4 * N, " elements");
-  constexpr int S = 4;
+  constexpr int S = unit_rows(1);
   const float* x = buf.data_ptr<float>();
   const int64_t n = buf.numel(), blocks = n / (2 * N);  // whole blocks of 2 registers; the tail scalar
   std::vector<double> part(at::get_num_threads() + 1, 0.0);

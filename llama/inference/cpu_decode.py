@@ -289,8 +289,8 @@ class FusedCpuDecoder(EagerDecoder):
 def read_bandwidth(buf: torch.Tensor, variant: Optional[str] = None) -> tuple[float, float]:
     """(bytes/s, sum of the elements) of one read of `buf` (a contiguous fp32 tensor, best several
     times the last-level cache) by the fused kernel's build (`cpu_kernels(variant)`): its vector
-    loads on every torch thread, each thread's share read as 4 interleaved streams, as a decoding step
-    reads its weights, timed inside the call. The sum is the checksum that the whole buffer was read."""
+    loads on every torch thread, each thread's share read as interleaved streams (2 or 4 by build),
+    as a decoding step reads its weights, timed inside the call. The sum is the checksum that the whole buffer was read."""
     kernel = cpu_kernels(variant)
     if kernel is None:
         raise RuntimeError("read_bandwidth: no fused CPU kernel builds on this machine (see the warning above)")
