@@ -102,7 +102,8 @@ def measure_bandwidth_gbs(repeats: int = 3) -> float:
     llama.inference.cpu_decode.read_bandwidth, compiled in the kernel's own build (the ISA "ours"
     decodes with), sums a 256 MB fp32 buffer of ones with vector loads on every torch thread
     (at::parallel_for), each thread's half walked as interleaved streams (as many as a one-row
-    product reads), timed inside the C++ call; the best of `repeats`. The sum must come back as the element count (every byte read).
+    product reads), timed inside the C++ call; the best of `repeats`. The sum must come back as the
+    element count (every byte read).
     Where no fused kernel builds: torch's sum over the same buffer, timed around the call."""
     if not _PROBE:
         _PROBE.append(torch.ones(256 * 2**20 // 4, dtype=torch.float32))  # touched, so the pages are real

@@ -141,8 +141,9 @@ struct V {
   static constexpr bool I8_LUT = true;
   static void i8_bf16_lut(const int8_t* w, F& a, F& b) {
     const __m512i v = _mm512_loadu_si512(w), m = _mm512_abs_epi8(v);  // -128 stays 0x80: index 0, mended below
-    const __m512i lo = _mm512_permutex2var_epi8(_mm512_load_si512(I8_LUT_TABLE.lo), m, _mm512_load_si512(I8_LUT_TABLE.lo + 64));
-    __m512i hi = _mm512_permutex2var_epi8(_mm512_load_si512(I8_LUT_TABLE.hi), m, _mm512_load_si512(I8_LUT_TABLE.hi + 64));
+    const uint8_t *tl = I8_LUT_TABLE.lo, *th = I8_LUT_TABLE.hi;
+    const __m512i lo = _mm512_permutex2var_epi8(_mm512_load_si512(tl), m, _mm512_load_si512(tl + 64));
+    __m512i hi = _mm512_permutex2var_epi8(_mm512_load_si512(th), m, _mm512_load_si512(th + 64));
     hi = _mm512_ternarylogic_epi32(hi, v, _mm512_set1_epi8((char)0x80), 0xF8);  // hi | (v & 0x80)
     hi = _mm512_mask_blend_epi8(_mm512_movepi8_mask(m), hi, _mm512_set1_epi8((char)0xC3));  // bf16(-128) = 0xC300 (lo 0)
     a = (F)_mm512_unpacklo_epi8(lo, hi);
@@ -1936,7 +1937,8 @@ static void linear(const T* X, int64_t M, int64_t K, const WT* Wt, int64_t N, T*
                    const T* scales = nullptr, int64_t gate = 0) {
   using CT = Compute<T, WT>;
   constexpr bool in_place = std::is_same<CT, WT>::value;
-  TORCH_CHECK(!gate || (in_place && !add && !scales && N == 2 * gate), "rowlin::linear: a gated product takes w1|w3 in the compute type");
+  TORCH_CHECK(!gate || (in_place && !add && !scales && N == 2 * gate),
+              "rowlin::linear: a gated product takes w1|w3 in the compute type");
   // a task's Y columns (gated: half a task's weight rows are w1's, half w3's) and Y's width
   const int64_t TC = gate ? CHUNK / 2 : CHUNK, NY = gate ? gate : N;
   constexpr int KS = attn::Op<CT>::KS;
@@ -1973,10 +1975,12 @@ static void linear(const T* X, int64_t M, int64_t K, const WT* Wt, int64_t N, T*
               const int rr = (int)std::min<int64_t>(R, nr - i);
               float* C = ct.get() + (h * nr + i) * gq + b * CB;
               const uint32_t* B = cols.get() + b * kp * CB + k0 * ww;
-              if constexpr (in_place) {  // weight row `row`, panel k0; the next tile's rows prefetched while the first block runs
+              if constexpr (in_place) {  // weight row `row`, panel k0; the next tile's rows (from `next`)
+                                         // prefetched while the first block runs
                 const int64_t row = h * gate + n0 + i, next = i + R < nr ? row + R : gate && !h ? gate + n0 : n0 + TC;
                 const CT* w = reinterpret_cast<const CT*>(Wt) + row * K + KS * k0;
-                const char* pf = b == 0 && next + R <= N ? (const char*)(reinterpret_cast<const CT*>(Wt) + next * K + KS * k0) : nullptr;
+                const CT* nw = reinterpret_cast<const CT*>(Wt) + next * K + KS * k0;
+                const char* pf = b == 0 && next + R <= N ? (const char*)nw : nullptr;
                 tile_rw<CT>(rr, (int)(ww / 16), w, K, B, kn, C, gq, pf, K * sizeof(CT), KS * sizeof(CT), k0 > 0);
               } else {
                 if (b == nb - 1)
@@ -2313,7 +2317,8 @@ torch::Tensor prefill(torch::Tensor h, std::vector<torch::Tensor> layers, torch:
 // Read bandwidth as the decoding step reads its weights, for the benchmarks' memory ceiling: this
 // build's vector loads (V::load), on every thread at::parallel_for runs, each thread's share walked as
 // unit_rows(1) interleaved streams with 2 accumulators each, prefetched STREAM_PF ahead (as
-// gemv_streams walks a one-row product). buf: a contiguous fp32 tensor (make it several times the last-level cache).
+// gemv_streams walks a one-row product). buf: a contiguous fp32 tensor (make it several times the
+// last-level cache).
 // Returns (bytes/s over the timed read, the sum of every element: the result the loads feed, so they
 // cannot be optimised away, and a checksum that the whole buffer was read; lanes are summed in fp32,
 // threads' partials in double).

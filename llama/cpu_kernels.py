@@ -1,12 +1,13 @@
 """The C++ CPU kernels (cpu_kernels.cpp, package data): one source built on first use, by torch's
 extension loader, as one extension per instruction set (`VARIANTS`): AVX512-BF16 (native bf16 dot
-products; with VBMI, int8 weights widened to bf16 by byte look-ups), AVX-512 without them (bf16 widened to fp32 in registers; e.g. Skylake and Cascade Lake
-Xeons), AVX2 + FMA and NEON. It holds the fused decoding step (llama/inference/cpu_decode.py),
+products; with VBMI, int8 weights widened to bf16 by byte look-ups), AVX-512 without them (bf16
+widened to fp32 in registers; e.g. Skylake and Cascade Lake Xeons), AVX2 + FMA and NEON. It holds the fused decoding step (llama/inference/cpu_decode.py),
 the training loss's pass over the logits (llama.train.recipe.linear_cross_entropy), the causal
 attention of the `blocked` backend (llama/blocked_attention.py; bf16 and fp32, AVX-512 builds
 only), generation's prefill (the whole forward of a prompt chunk) and the benchmarks' bandwidth
 probe. The fastest build this CPU runs is used; the environment variable
-LLAMA_CPU_KERNEL=avx512bf16_vbmi|avx512bf16|avx512|avx2|neon forces one (e.g. to measure AVX2 on an AVX-512 machine).
+LLAMA_CPU_KERNEL=avx512bf16_vbmi|avx512bf16|avx512|avx2|neon forces one (e.g. to measure AVX2 on an
+AVX-512 machine).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ VARIANTS = {
     # AVX512-BF16 with VBMI (e.g. AMD Zen 4/5, Intel Sapphire Rapids): int8 weights widened by byte look-ups
     "avx512bf16_vbmi": (("avx512f", "avx512bw", "avx512_bf16", "avx512vbmi"),
                         ["-mavx512f", "-mavx512bw", "-mavx512bf16", "-mavx512vbmi"]),
-    "avx512bf16": (("avx512f", "avx512bw", "avx512_bf16"), ["-mavx512f", "-mavx512bw", "-mavx512bf16"]),  # e.g. Cooper Lake
+    # AVX512-BF16 without VBMI (e.g. Cooper Lake Xeons)
+    "avx512bf16": (("avx512f", "avx512bw", "avx512_bf16"), ["-mavx512f", "-mavx512bw", "-mavx512bf16"]),
     "avx512": (("avx512f", "avx512bw"), ["-mavx512f", "-mavx512bw"]),  # e.g. Skylake/Cascade Lake Xeons
     "avx2": (("avx2", "fma"), ["-mavx2", "-mfma"]),
     "neon": ((), []),  # aarch64: NEON is part of the base instruction set
@@ -50,7 +52,8 @@ def cpu_kernel_variants() -> list[str]:
                  for f in line.split(":", 1)[1].split()}
     except OSError:
         return []
-    return [v for v in ("avx512bf16_vbmi", "avx512bf16", "avx512", "avx2") if all(f in flags for f in VARIANTS[v][0])]
+    x86 = ("avx512bf16_vbmi", "avx512bf16", "avx512", "avx2")
+    return [v for v in x86 if all(f in flags for f in VARIANTS[v][0])]
 
 
 _modules: dict = {}  # variant -> built module, or False where its build failed

@@ -765,11 +765,11 @@ def test_prefill_products_match_fp64(dtype, variant):
     everything widened to fp32 in the build without it) against the fp64 product rounded once to
     the dtype, and with `add` against the residual add the model rounds (out + round(x w^T)). Shapes:
     300 positions at K = 2000 (groups of positions: 256 in bf16 pairs, 128 in fp32, the last ragged;
-    8 or 16 panels of K, the last short), 202 weight rows (a last task of 10: tiles of 6 and 4 rows, Y columns
-    narrower than 16; the next task's panels prefetched); 7 positions at K = 64 (a single 16-position
-    vector, one panel); 1013 weight rows (11 tasks: threads take their own range's tasks a few at a
-    time, then another's from its back; a task dropped leaves NaN, one run twice adds twice). int8 weights with
-    a scale per row too (widened a panel of a task's rows at a time)."""
+    8 or 16 panels of K, the last short), 202 weight rows (a last task of 10: tiles of 6 and 4 rows,
+    Y columns narrower than 16; the next task's panels prefetched); 7 positions at K = 64 (a single
+    16-position vector, one panel); 1013 weight rows (11 tasks: threads take their own range's tasks
+    a few at a time, then another's from its back; a task dropped leaves NaN, one run twice adds
+    twice). int8 weights with a scale per row too (widened a panel of a task's rows at a time)."""
     kernel = _kernel_or_skip(variant)
     torch.manual_seed(0)
     half_ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-24  # of a result rounded to the dtype

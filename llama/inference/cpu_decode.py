@@ -28,11 +28,11 @@ prompt rows on (widened a slice at a time), go to torch's fp32 products (MKL's),
 there. Other builds use torch's at::linear.
 Where every position's logits are wanted (logprobs), prefill runs the model's own forward.
 
-The C++ source and its builds (one per instruction set: AVX512-BF16, AVX-512 without its bf16
-instructions, AVX2 + FMA, NEON) are llama/cpu_kernels.cpp and llama/cpu_kernels.py, which also hold
+The C++ source and its builds (one per instruction set: AVX512-BF16 with and without VBMI, AVX-512
+without its bf16 instructions, AVX2 + FMA, NEON) are llama/cpu_kernels.cpp and llama/cpu_kernels.py, which also hold
 the training loss's pass, the blocked attention and the benchmarks' bandwidth probe.
-LLAMA_CPU_KERNEL=avx512bf16_vbmi|avx512bf16|avx512|avx2|neon forces one build (e.g. to measure AVX2 on an AVX-512
-machine).
+LLAMA_CPU_KERNEL=avx512bf16_vbmi|avx512bf16|avx512|avx2|neon forces one build (e.g. to measure AVX2
+on an AVX-512 machine).
 
 Where another process keeps a core busy, a step's ~100 fork/joins each wait for the thread that
 shares that core: on a 2-core Xeon, 160M's bf16 step took 104 ms on both threads against 27 ms on
@@ -290,7 +290,8 @@ def read_bandwidth(buf: torch.Tensor, variant: Optional[str] = None) -> tuple[fl
     """(bytes/s, sum of the elements) of one read of `buf` (a contiguous fp32 tensor, best several
     times the last-level cache) by the fused kernel's build (`cpu_kernels(variant)`): its vector
     loads on every torch thread, each thread's share read as interleaved streams (2 or 4 by build),
-    as a decoding step reads its weights, timed inside the call. The sum is the checksum that the whole buffer was read."""
+    as a decoding step reads its weights, timed inside the call. The sum is the checksum that the
+    whole buffer was read."""
     kernel = cpu_kernels(variant)
     if kernel is None:
         raise RuntimeError("read_bandwidth: no fused CPU kernel builds on this machine (see the warning above)")
