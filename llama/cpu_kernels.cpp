@@ -575,13 +575,14 @@ constexpr int PF_HINT = 2;
 // From TRANSPOSED_FROM input rows on, a tile writes each weight row's M sums side by side (y then
 // is (N, M), gemv_as transposes it). Into y's rows (M, N) directly, a tile's R x M sums went to M
 // rows N floats apart, where N is a multiple of 1024 all in one L1 set, and those stores stalled the
-// next tile's loads: on the AMD EPYC with AVX512-BF16, paired over the 160M step, batch 8 1.085-1.099x
+// next tile's loads: on the AMD EPYC with AVX512-BF16, paired over the 160M step, batch 8 1.085-1.112x
 // (bf16), 1.135x (fp32), 1.049x (int8), batch 6 1.079x side by side; batch 4 even, batch 2 0.971-0.983x
 constexpr int TRANSPOSED_FROM = 5;
 
-// y[m, n + i s] = sum_k x[m, k] w[n + i s, k] for one tile: R weight rows
-// s apart by M input rows. The R x M accumulators stay in registers while K is walked once, part by
-// part of each dot block: the R weight parts widened once, then each input part loaded once into a
+// y[m, n + i s] = sum_k x[m, k] w[n + i s, k] for one tile (at y[m ldy + n + i s], or from
+// TRANSPOSED_FROM rows on at y[(n + i s) M + m]): R weight rows s apart by M input rows. The R x M
+// accumulators stay in registers while K is walked once, part by part of each dot block: the R
+// weight parts widened once, then each input part loaded once into a
 // register and used for R dots (untiled, a batch of 8 loads 9 blocks per 8 dots and the load ports,
 // not the multiplies, set the pace; with the input parts folded into the multiplies as memory
 // operands, the batch-8 step of a 12-layer dim-768 model on the Xeon without AVX512-BF16 was ~10%
