@@ -1,8 +1,9 @@
 """The C++ CPU kernels (cpu_kernels.cpp, package data): one source built on first use, by torch's
 extension loader, as one extension per instruction set (`VARIANTS`): AVX512-BF16 (native bf16 dot
 products; with VBMI, int8 weights widened to bf16 by byte look-ups), AVX-512 without them (bf16
-widened to fp32 in registers; e.g. Skylake and Cascade Lake Xeons), AVX2 + FMA and NEON. It holds the fused decoding step (llama/inference/cpu_decode.py),
-the training loss's pass over the logits (llama.train.recipe.linear_cross_entropy), the causal
+widened to fp32 in registers; e.g. Skylake and Cascade Lake Xeons), AVX2 + FMA and NEON. It holds
+the fused decoding step (llama/inference/cpu_decode.py), the training loss's pass over the logits
+(llama.train.recipe.linear_cross_entropy), the causal
 attention of the `blocked` backend (llama/blocked_attention.py; bf16 and fp32, AVX-512 builds
 only), generation's prefill (the whole forward of a prompt chunk) and the benchmarks' bandwidth
 probe. The fastest build this CPU runs is used; the environment variable

@@ -29,8 +29,8 @@ there. Other builds use torch's at::linear.
 Where every position's logits are wanted (logprobs), prefill runs the model's own forward.
 
 The C++ source and its builds (one per instruction set: AVX512-BF16 with and without VBMI, AVX-512
-without its bf16 instructions, AVX2 + FMA, NEON) are llama/cpu_kernels.cpp and llama/cpu_kernels.py, which also hold
-the training loss's pass, the blocked attention and the benchmarks' bandwidth probe.
+without its bf16 instructions, AVX2 + FMA, NEON) are llama/cpu_kernels.cpp and llama/cpu_kernels.py,
+which also hold the training loss's pass, the blocked attention and the benchmarks' bandwidth probe.
 LLAMA_CPU_KERNEL=avx512bf16_vbmi|avx512bf16|avx512|avx2|neon forces one build (e.g. to measure AVX2
 on an AVX-512 machine).
 
