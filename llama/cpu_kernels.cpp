@@ -703,12 +703,17 @@ static void gemv_streams(const typename D::X* x, int64_t K, const WT* w, int64_t
 
 // Units 0..units(lo, hi) of every thread's rows lo..hi (N / threads of them, in order) run through
 // run(lo, hi, a, b, rest) (units a..b; rest: also the rows past the last whole unit, once). A
-// thread takes its own units from the front, C at a time, then helps: C at a time from the back of
-// whichever other range has the most left. Split once, by halves, a core slowed by another tenant
-// of the machine left the other waiting: 1-6 ms of a ~20 ms bf16 batch-8 step on the 2-core Xeon
-template <typename U, typename F>
+// thread takes its own units from the front, a quarter of what it has left at a time (at least C),
+// then helps: half of what is left at the back of whichever other range has the most, while that
+// is at least 2C. Split once, by halves, a core slowed by another tenant of the machine left the
+// other waiting: 1-6 ms of a ~20 ms bf16 batch-8 step on the 2-core Xeon. Each take is a locked
+// exchange and a call; taking C at a time (a batch-1 bf16 take: 12 KB of weights, ~0.3 us of one
+// thread's reading) and stealing C from any range with units left, the AMD EPYC with AVX512-BF16
+// decoded slower: this way, paired over the 160M step in its high-bandwidth minutes (probe 75-85
+// GB/s), bf16 batch 1 1.09-1.10x, batch 8 1.03x (fp32 and int8 1.00x at batch 1, 1.03-1.04x at 8;
+// in the low minutes 1.00-1.02x); one call a thread without help was 1.00-1.02x faster still
+template <int64_t C, typename U, typename F>
 static void shared_rows(int64_t N, int64_t grain, U units, F run) {
-  constexpr int64_t C = 4;
   const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / grain));
   if (nth == 1 || at::in_parallel_region()) return run(0, N, 0, units(0, N), true);
   struct alignas(64) Left { std::atomic<uint64_t> v; };  // the unclaimed units: front (low half), back (high)
@@ -720,7 +725,10 @@ static void shared_rows(int64_t N, int64_t grain, U units, F run) {
     for (;;) {
       const uint64_t f = v & 0xffffffffu, k = v >> 32;
       if (f >= k) return false;
-      const uint64_t nf = back ? f : std::min(f + C, k), nk = back ? std::max<uint64_t>(f, k >= C ? k - C : 0) : k;
+      const uint64_t n = k - f;
+      if (back && n < 2 * C) return false;
+      const uint64_t h = back ? n / 2 : std::min(n, std::max<uint64_t>(C, n / 4));
+      const uint64_t nf = back ? f : f + h, nk = back ? k - h : k;
       if (left[t].v.compare_exchange_weak(v, nk << 32 | nf)) {
         a = back ? (int64_t)nk : (int64_t)f;
         b = back ? (int64_t)k : (int64_t)nf;
@@ -738,7 +746,7 @@ static void shared_rows(int64_t N, int64_t grain, U units, F run) {
         for (int64_t o = 0; o < nth; ++o) {
           const uint64_t v = left[o].v.load();
           const int64_t n = (int64_t)(v >> 32) - (int64_t)(v & 0xffffffffu);
-          if (o != t && n > most) { most = n; u = o; }
+          if (o != t && n >= 2 * C && n > most) { most = n; u = o; }
         }
         if (u < 0) break;
         if (take(u, true, a, b)) run(lo(u), lo(u + 1), a, b, false);
@@ -796,7 +804,7 @@ static void gemv_as(const T* xt, int64_t M, int64_t K, const WT* w, int64_t N, f
   if (tr) ytb.resize(N * M);
   float* yt = tr ? ytb.data() : y;
   const int64_t R = unit_rows(M);
-  shared_rows(N, 64, [&](int64_t n0, int64_t n1) { return (n1 - n0) / R; }, [&](int64_t n0, int64_t n1, int64_t a, int64_t b, bool rest) {
+  shared_rows<4>(N, 64, [&](int64_t n0, int64_t n1) { return (n1 - n0) / R; }, [&](int64_t n0, int64_t n1, int64_t a, int64_t b, bool rest) {
     if constexpr (D::LUT) return gemv_streams<D, WT>(x, K, w, n0, n1, a, b, rest, y);  // one row only
     switch (M) {
       case 1: gemv_streams<D, WT>(x, K, w, n0, n1, a, b, rest, y); break;
@@ -2038,8 +2046,9 @@ static void linear(const T* X, int64_t M, int64_t K, const WT* Wt, int64_t N, T*
     };
     // each thread takes its own range's tasks from the front, then helps with the back of another's
     // (shared_rows): split once, by halves, a core slowed by another tenant of the machine left the
-    // other waiting (160M's batch-1 bf16 prefill on the 2-core Xeon: 1.03-1.17x, paired medians)
-    shared_rows((NY + TC - 1) / TC, 1, [](int64_t lo, int64_t hi) { return hi - lo; },
+    // other waiting (160M's batch-1 bf16 prefill on the 2-core Xeon: 1.03-1.17x, paired medians).
+    // A task is long enough to be taken one at a time (C = 1; against 4: prefill 0.98-1.01x, AMD EPYC)
+    shared_rows<1>((NY + TC - 1) / TC, 1, [](int64_t lo, int64_t hi) { return hi - lo; },
                 [&](int64_t lo, int64_t, int64_t a, int64_t b, bool) { tasks(lo + a, lo + b); });
   }
 }
@@ -2397,6 +2406,36 @@ std::tuple<double, double> read_bandwidth(torch::Tensor buf) {
   return {n * 4.0 / secs, total};
 }
 
+// For the tests: which thread ran each of N rows when shared_rows hands them out as a batch product
+// does (units of R rows, C = 4), the thread numbered 1 spinning slow_us before each of its units (a
+// core another process slows); -2 marks a row run twice, -1 one never run
+static torch::Tensor shared_rows_owners(int64_t N, int64_t R, double slow_us) {
+  TORCH_CHECK(N > 0 && R > 0, "shared_rows_owners: N and R must be positive, got ", N, " and ", R);
+  std::unique_ptr<std::atomic<int>[]> who(new std::atomic<int>[N]);
+  for (int64_t n = 0; n < N; ++n) who[n] = -1;
+  auto mark = [&](int64_t n, int me) {
+    int none = -1;
+    if (!who[n].compare_exchange_strong(none, me)) who[n] = -2;
+  };
+  shared_rows<4>(N, 1, [&](int64_t n0, int64_t n1) { return (n1 - n0) / R; }, [&](int64_t n0, int64_t n1, int64_t a, int64_t b, bool rest) {
+    const int me = at::get_thread_num();
+    const int64_t step = (n1 - n0) / R;
+    for (int64_t j = a; j < b; ++j) {
+      if (me == 1 && slow_us > 0) {
+        const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double, std::micro>(slow_us);
+        while (std::chrono::steady_clock::now() < until) {}
+      }
+      for (int64_t i = 0; i < R; ++i) mark(n0 + j + i * step, me);
+    }
+    if (rest)
+      for (int64_t n = n0 + R * step; n < n1; ++n) mark(n, me);
+  });
+  auto out = torch::empty({N}, torch::kInt32);
+  int* o = out.data_ptr<int>();
+  for (int64_t n = 0; n < N; ++n) o[n] = who[n].load();
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_step", &decode_step, "one fused decoding step of a LLaMA model (bf16 or fp32)");
   py::class_<Weights>(m, "Weights", py::module_local())  // one per build: several builds load in one process
@@ -2407,6 +2446,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("greedy_step", &greedy_step, "a whole greedy step of the batch in place: look-up, decoding step, argmax, bookkeeping");
   m.def("softmax_gradient", &softmax_gradient, "logits -> softmax - one_hot(targets) in place; the summed loss");
   m.def("read_bandwidth", &read_bandwidth, "(bytes/s, sum) of one read of an fp32 buffer, as decode_step reads");
+  m.def("shared_rows_owners", &shared_rows_owners, "for the tests: the thread that ran each row as shared_rows hands out a product's rows");
   m.def("prefill", &prefill, "the model's forward over a prompt chunk (bf16 or fp32, or int8 weights): the last position's logits");
 #if defined(LLAMA_AVX512)
   m.def("causal_attention_forward", &causal_attention_forward, "blocked causal attention, bf16 or fp32: (out, kept probabilities)");

@@ -641,6 +641,27 @@ def test_fused_cpu_decoder_shares_work_between_threads(dtype, variant):
         torch.set_num_threads(threads)
 
 
+def test_products_hand_out_every_row_once_and_help_a_slow_thread():
+    """shared_rows on two threads, units of 3 rows: every row runs exactly once (-1: never, -2: twice),
+    with both threads at full speed and with thread 1 spinning 50 us before each of its units (a core
+    another process slows). Then thread 0, done with its half at once, takes halves of what thread 1
+    has left from the back: thread 1 keeps its first take (a quarter of its 166 units) and a few
+    more, thread 0 runs ~860 of the 1000 rows; split once by halves (no help), it would run 500."""
+    kernel = _kernel_or_skip()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for n in (7, 1000, 1001):
+            who = kernel.shared_rows_owners(n, 3, 0.0)
+            assert ((who == 0) | (who == 1)).all(), (n, who[(who != 0) & (who != 1)])
+        who = kernel.shared_rows_owners(1000, 3, 50.0)
+        assert ((who == 0) | (who == 1)).all(), who[(who != 0) & (who != 1)]
+        ran = [(who == t).sum().item() for t in (0, 1)]
+        assert ran[0] > 750, ran
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fused_steps_do_not_depend_on_the_thread_count(dtype, variant):
