@@ -711,7 +711,8 @@ static void gemv_streams(const typename D::X* x, int64_t K, const WT* w, int64_t
 // thread's reading) and stealing C from any range with units left, the AMD EPYC with AVX512-BF16
 // decoded slower: this way, paired over the 160M step in its high-bandwidth minutes (probe 75-85
 // GB/s), bf16 batch 1 1.09-1.10x, batch 8 1.03x (fp32 and int8 1.00x at batch 1, 1.03-1.04x at 8;
-// in the low minutes 1.00-1.02x); one call a thread without help was 1.00-1.02x faster still
+// in the low minutes 0.96-1.04x, mostly 1.00-1.02x); one call a thread without help was ~1.01x
+// faster still
 template <int64_t C, typename U, typename F>
 static void shared_rows(int64_t N, int64_t grain, U units, F run) {
   const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / grain));
