@@ -646,7 +646,8 @@ def test_products_hand_out_every_row_once_and_help_a_slow_thread():
     with both threads at full speed and with thread 1 spinning 50 us before each of its units (a core
     another process slows). Then thread 0, done with its half at once, takes halves of what thread 1
     has left from the back: thread 1 keeps its first take (a quarter of its 166 units) and a few
-    more, thread 0 runs ~860 of the 1000 rows; split once by halves (no help), it would run 500."""
+    more, thread 0 runs ~860 of the 1000 rows; split once by halves (no help), it would run 500
+    whatever the timing, so more than 600 (a margin for a busy machine's scheduling) means help."""
     kernel = _kernel_or_skip()
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -657,7 +658,7 @@ def test_products_hand_out_every_row_once_and_help_a_slow_thread():
         who = kernel.shared_rows_owners(1000, 3, 50.0)
         assert ((who == 0) | (who == 1)).all(), who[(who != 0) & (who != 1)]
         ran = [(who == t).sum().item() for t in (0, 1)]
-        assert ran[0] > 750, ran
+        assert ran[0] > 600, ran
     finally:
         torch.set_num_threads(threads)
 
