@@ -587,7 +587,8 @@ def _fused_step_agrees(model, exact, decoder, tokens, tol) -> tuple[torch.Tensor
 @pytest.mark.parametrize("shape", [dict(), dict(dim=48, n_heads=4, n_kv_heads=2, multiple_of=8, vocab_size=97),
                                    dict(dim=40, n_heads=4, n_kv_heads=1, multiple_of=4, vocab_size=97),
                                    dict(dim=320, n_heads=20, n_kv_heads=4, multiple_of=32, vocab_size=97),
-                                   dict(dim=96, n_heads=2, n_kv_heads=1, multiple_of=32, vocab_size=97)])
+                                   dict(dim=96, n_heads=2, n_kv_heads=1, multiple_of=32, vocab_size=97),
+                                   dict(dim=256, n_heads=2, n_kv_heads=1, multiple_of=32, vocab_size=97)])
 def test_fused_cpu_decoder_matches_the_model(shape, dtype, variant):
     """The fused C++ decoding step (each instruction-set build this CPU runs: an AVX-512 machine
     checks its AVX2 build too) against the eager model: same rounding points in bf16, so the logits
@@ -597,7 +598,8 @@ def test_fused_cpu_decoder_matches_the_model(shape, dtype, variant):
     K = 40 and 108 (no whole number of 16- or 32-element blocks); the fourth 20 query heads on 4 kv
     heads (the attention's scores go 16 heads at a time, then 4, and a kv head's 5 query heads straddle
     the two groups); the fifth head_dim 48 (attention's bf16 blocks of 32 or 16 in slot order, then
-    a tail of 16 on AVX-512). 20 positions: the values' blocks of 8 positions end in a part-block."""
+    a tail of 16 on AVX-512); the sixth head_dim 128 (the scores' dot blocks unrolled for D = 4 W,
+    as 64 is for 2 W). 20 positions: the values' blocks of 8 positions end in a part-block."""
     torch.manual_seed(0)
     ref = Transformer(tiny_args(**shape)).double().eval()
     ref.init_weights(std=0.08)
