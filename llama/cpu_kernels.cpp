@@ -911,7 +911,11 @@ static inline void head_scores(const typename E<T>::X* q, const T* k, int64_t D,
 }
 // head_values: acc[hd D + d] += sum_t p[hd ps + t] v[t vs + (hd / rep) D + d], t ascending, for
 // positions t < nt, acc in slot order, in blocks of TB positions: a block's value rows are read
-// from memory once (into L1) and each head's sums stay in registers across the block
+// from memory once (into L1) and each head's sums stay in registers across the block. The block's
+// rows are read head by head (D elements of each), so the hardware sees no stream in them: while a
+// block is summed, the next one is asked for into L1, a share with each head (the values are
+// already in L2 where the keys' pass fetched them). Without it, the 160M model's batch-8 bf16 step
+// on the AMD EPYC with AVX512-BF16 spent 1.20 ms a step in its attention, with it 1.12 (paired)
 template <typename T>
 static inline void head_values(const float* p, int64_t ps, int64_t nt, const T* v, int64_t vs, int64_t D, int64_t rep,
                                int64_t h0, int64_t h1, float* acc) {
@@ -921,7 +925,13 @@ static inline void head_values(const float* p, int64_t ps, int64_t nt, const T* 
   for (int64_t t0 = 0; t0 < nt; t0 += TB) {
     const int tb = (int)std::min<int64_t>(TB, nt - t0);
     int64_t kh = h0 / rep, r = h0 % rep;
+    // the next block's rows (contiguous) asked for into L1 a share a head
+    const char* next = (const char*)(v + (t0 + TB) * vs);
+    const int64_t bytes = std::max<int64_t>(0, std::min<int64_t>(TB, nt - t0 - TB)) * vs * (int64_t)sizeof(T);
+    const int64_t share = (bytes / 64 + (h1 - h0) - 1) / (h1 - h0) * 64;
+    int64_t asked = 0;
     for (int64_t hd = h0; hd < h1; ++hd) {
+      for (const int64_t upto = std::min(bytes, asked + share); asked < upto; asked += 64) __builtin_prefetch(next + asked, 0, 3);
       const T* vh = v + t0 * vs + kh * D;
       const float* ph = p + hd * ps + t0;
       float* ah = acc + hd * D;
