@@ -1220,9 +1220,13 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
   auto logits = torch::empty({M, NV}, torch::dtype(torch::kFloat32));
   float* lp = logits.data_ptr<float>();
   gemv<T, WT>(xn.data(), M, dim, Q(out_w), NV, lp, sc(4 * L));
-  int64_t i = 0;
-  for (; i + N <= M * NV; i += N) V::store(lp + i, E<T>::rnd(V::load(lp + i)));
-  for (; i < M * NV; ++i) lp[i] = E<T>::rnd(lp[i]);
+  // the logits rounded as the model's output is; on both threads from 64K (batch 8: 256K floats)
+  at::parallel_for(0, (M * NV + N - 1) / N, 4096, [&](int64_t b0, int64_t b1) {
+    int64_t i = b0 * N;
+    const int64_t e = std::min(b1 * N, M * NV);
+    for (; i + N <= e; i += N) V::store(lp + i, E<T>::rnd(V::load(lp + i)));
+    for (; i < e; ++i) lp[i] = E<T>::rnd(lp[i]);
+  });
   return logits;
 }
 

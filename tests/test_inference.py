@@ -700,6 +700,28 @@ def test_fused_steps_do_not_depend_on_the_thread_count(dtype, variant):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fused_step_rounds_every_logit(variant):
+    """A batch-8 bf16 step over a vocabulary of 20000 (the logits' rounding to bf16 is shared between
+    the threads from 64K values): every logit is a bf16 value, and on two threads the logits equal
+    those of one (a range rounded twice or left out would show)."""
+    torch.manual_seed(0)
+    _, model, decoder = _fused_tiny(torch.bfloat16, variant, vocab_size=20000, max_seq_len=16)
+    kernel, threads = decoder.kernel, torch.get_num_threads()
+    decoder._weights.split = 2
+    cache = model.new_cache(8, 16, dtype=torch.bfloat16)
+    ids = torch.randint(0, 20000, (8,))
+    try:
+        got = []
+        for n in (2, 1):
+            torch.set_num_threads(n)
+            got.append(kernel.decode_ids(decoder._weights, ids, 0, cache.k.clone(), cache.v.clone()))
+        assert got[0].shape == (8, 20000) and torch.equal(got[0], got[0].bfloat16().float())
+        assert torch.equal(got[0], got[1])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_thread_count_follows_the_measured_step_times():
     """ThreadCount on 4 threads, fed step times: steady steps stay on 4; three steps 2x slower than
     the best start a trial of 3, 2 and 1 threads (a step each), and the fastest is kept; on fewer
