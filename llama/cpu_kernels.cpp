@@ -1220,7 +1220,8 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
   auto logits = torch::empty({M, NV}, torch::dtype(torch::kFloat32));
   float* lp = logits.data_ptr<float>();
   gemv<T, WT>(xn.data(), M, dim, Q(out_w), NV, lp, sc(4 * L));
-  // the logits rounded as the model's output is; on both threads from 64K (batch 8: 256K floats)
+  // the logits rounded as the model's output is; on both threads past 4096 vectors (64K floats with
+  // AVX-512: batch 8 has 256K)
   at::parallel_for(0, (M * NV + N - 1) / N, 4096, [&](int64_t b0, int64_t b1) {
     int64_t i = b0 * N;
     const int64_t e = std::min(b1 * N, M * NV);
