@@ -703,8 +703,9 @@ def test_fused_steps_do_not_depend_on_the_thread_count(dtype, variant):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_fused_step_rounds_every_logit(variant):
     """A batch-8 bf16 step over a vocabulary of 20000 (the logits' rounding to bf16 is shared between
-    the threads from 64K values): every logit is a bf16 value, and on two threads the logits equal
-    those of one (a range rounded twice or left out would show)."""
+    the threads past 64K values with AVX-512, 32K with AVX2): every logit is a bf16 value (a range
+    left unrounded would show; rounding is idempotent, so one rounded twice would not), and on two
+    threads the logits equal those of one."""
     torch.manual_seed(0)
     _, model, decoder = _fused_tiny(torch.bfloat16, variant, vocab_size=20000, max_seq_len=16)
     kernel, threads = decoder.kernel, torch.get_num_threads()
