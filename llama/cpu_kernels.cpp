@@ -572,15 +572,17 @@ constexpr int64_t STREAM_PF = 0, TILE_PF = 8192;
 constexpr int PF_HINT = 2;
 #endif
 
-// From TRANSPOSED_FROM input rows on, a tile writes each weight row's M sums side by side (y then
-// is (N, M), gemv_as transposes it). Into y's rows (M, N) directly, a tile's R x M sums went to M
+// From TRANSPOSED_FROM input rows on, a tile writes each weight row's M sums side by side, TS = 8
+// floats apart whatever M (y then is (N, TS), its first M columns the sums: column_block reads 16
+// rows of it as 8 whole registers). Into y's rows (M, N) directly, a tile's R x M sums went to M
 // rows N floats apart, where N is a multiple of 1024 all in one L1 set, and those stores stalled the
 // next tile's loads: on the AMD EPYC with AVX512-BF16, paired over the 160M step, batch 8 1.085-1.112x
 // (bf16), 1.135x (fp32), 1.049x (int8), batch 6 1.079x side by side; batch 4 even, batch 2 0.971-0.983x
 constexpr int TRANSPOSED_FROM = 5;
+constexpr int64_t TS = 8;  // (the decoding step takes up to 8 rows)
 
 // y[m, n + i s] = sum_k x[m, k] w[n + i s, k] for one tile (at y[m ldy + n + i s], or from
-// TRANSPOSED_FROM rows on at y[(n + i s) M + m]): R weight rows s apart by M input rows. The R x M
+// TRANSPOSED_FROM rows on at y[(n + i s) TS + m]): R weight rows s apart by M input rows. The R x M
 // accumulators stay in registers while K is walked once, part by part of each dot block: the R
 // weight parts widened once, then each input part loaded once into a
 // register and used for R dots (untiled, a batch of 8 loads 9 blocks per 8 dots and the load ports,
@@ -625,7 +627,7 @@ static inline void gemv_tile(const typename D::X* x, int64_t K, const WT* w, int
     for (int m = 0; m < M; ++m) {
       float v = sums[i * M + m];
       for (int64_t kk = KB; kk < K; ++kk) v += D::w(r[i][kk]) * D::x(x[KB * M + m * (K - KB) + kk - KB]);
-      y[M >= TRANSPOSED_FROM ? (n + i * s) * M + m : m * ldy + n + i * s] = v;
+      y[M >= TRANSPOSED_FROM ? (n + i * s) * TS + m : m * ldy + n + i * s] = v;
     }
 }
 
@@ -756,31 +758,86 @@ static void shared_rows(int64_t N, int64_t grain, U units, F run) {
   });
 }
 
-// y (M, N) = yt (N, M) transposed (M <= 16); AVX-512: 16 rows of yt at a time by a 16 x 16 transpose
-static void rows_of(const float* yt, int64_t N, int64_t M, float* y) {
-  at::parallel_for(0, N, 1024, [&](int64_t n0, int64_t n1) {
-    int64_t n = n0;
+// Columns n..n+c (c <= 16) of the transposed sums yt (columns, TS) (gemv_tile), their first M <= TS
+// as rows 16 floats apart: b[m 16 + i] = yt[(n + i) TS + m]. AVX-512: a whole block is 8 registers
+// (2 columns each), turned around by 3 rounds of 8 two-register permutes (a 16 x 16 transpose of
+// M-float columns, 16 masked loads and 64 shuffles, left the 160M batch-8 bf16 step on the AMD EPYC
+// with AVX512-BF16 1.017-1.028x slower, paired)
+static inline void column_block(const float* yt, int64_t M, int64_t n, int64_t c, float* b) {
 #if defined(LLAMA_AVX512)
-    const __mmask16 km = (__mmask16)((1u << M) - 1);
-    for (; n + 16 <= n1; n += 16) {
-      __m512i r[16], o[16];
-#pragma GCC unroll 16
-      for (int i = 0; i < 16; ++i) r[i] = _mm512_maskz_loadu_epi32(km, yt + (n + i) * M);
-      transpose16(r, o);
-      for (int64_t m = 0; m < M; ++m) _mm512_storeu_si512(y + m * N + n, o[m]);
+  if (c == 16) {
+    static_assert(TS == 8, "column_block's permutes take 2 columns of 8 a register");
+    struct alignas(64) Ix { int32_t v[3][2][16]; };  // round s, half h: lane l's source (16 + i: the second register's lane i)
+    static const Ix ix = [] {
+      Ix x;
+      for (int h = 0; h < 2; ++h)
+        for (int l = 0; l < 16; ++l) {
+          x.v[0][h][l] = (l % 4 / 2) * 16 + (l % 2) * 8 + 4 * h + l / 4;  // rows 4h..4h+3 of 4 columns: lane 4 row + column
+          x.v[1][h][l] = (l % 8 / 4) * 16 + (2 * h + l / 8) * 4 + l % 4;   // rows 2h, 2h+1 of those: lane 8 row + column of 8
+          x.v[2][h][l] = (l / 8) * 16 + h * 8 + l % 8;                    // row h of those two: 16 columns
+        }
+      return x;
+    }();
+    const __m512i i00 = _mm512_load_si512(ix.v[0][0]), i01 = _mm512_load_si512(ix.v[0][1]), i10 = _mm512_load_si512(ix.v[1][0]),
+                  i11 = _mm512_load_si512(ix.v[1][1]), i20 = _mm512_load_si512(ix.v[2][0]), i21 = _mm512_load_si512(ix.v[2][1]);
+    __m512 r[8], t[8], u[8];
+    for (int j = 0; j < 8; ++j) r[j] = _mm512_loadu_ps(yt + (n + 2 * j) * TS);
+    for (int k = 0; k < 4; ++k) {  // t[2k + h]: rows 4h..4h+3 of columns 4k..4k+3
+      t[2 * k] = _mm512_permutex2var_ps(r[2 * k], i00, r[2 * k + 1]);
+      t[2 * k + 1] = _mm512_permutex2var_ps(r[2 * k], i01, r[2 * k + 1]);
     }
+    for (int p = 0; p < 2; ++p)  // u[4p + 2h + g]: rows 4h + 2g, +1 of columns 8p..8p+7
+      for (int h = 0; h < 2; ++h) {
+        u[4 * p + 2 * h] = _mm512_permutex2var_ps(t[4 * p + h], i10, t[4 * p + 2 + h]);
+        u[4 * p + 2 * h + 1] = _mm512_permutex2var_ps(t[4 * p + h], i11, t[4 * p + 2 + h]);
+      }
+    for (int q = 0; q < 4; ++q) {  // rows 2q, 2q + 1: columns 0..7 from u[q], 8..15 from u[4 + q]
+      if (2 * q < M) _mm512_store_ps(b + 2 * q * 16, _mm512_permutex2var_ps(u[q], i20, u[4 + q]));
+      if (2 * q + 1 < M) _mm512_store_ps(b + (2 * q + 1) * 16, _mm512_permutex2var_ps(u[q], i21, u[4 + q]));
+    }
+    return;
+  }
 #endif
-    for (; n < n1; ++n)
-      for (int64_t m = 0; m < M; ++m) y[m * N + n] = yt[n * M + m];
+  for (int64_t i = 0; i < c; ++i)
+    for (int64_t m = 0; m < M; ++m) b[m * 16 + i] = yt[(n + i) * TS + m];
+}
+// f(n, c, b) for the blocks of 16 columns of yt (cols, TS) (b: column_block's), threads over blocks
+template <typename Fn>
+static void by_columns(const float* yt, int64_t cols, int64_t M, int64_t grain, Fn f) {
+  at::parallel_for(0, (cols + 15) / 16, grain, [&](int64_t j0, int64_t j1) {
+    alignas(64) float b[16 * 16];
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t n = 16 * j, c = std::min<int64_t>(16, cols - n);
+      column_block(yt, M, n, c, b);
+      f(n, c, b);
+    }
   });
 }
+// y (M, cols) = the first M columns of yt (cols, TS) transposed, with `round` rounded to T
+template <typename T>
+static void rows_of(const float* yt, int64_t cols, int64_t M, float* y, bool round) {
+  by_columns(yt, cols, M, 64, [&](int64_t n, int64_t c, const float* b) {
+    for (int64_t m = 0; m < M; ++m) {
+      float* o = y + m * cols + n;
+      const float* bm = b + m * 16;
+      int64_t i = 0;
+      for (; i + N <= c; i += N) V::store(o + i, round ? E<T>::rnd(V::load(bm + i)) : V::load(bm + i));
+      for (; i < c; ++i) o[i] = round ? E<T>::rnd(bm[i]) : bm[i];
+    }
+  });
+}
+
+// What a product's caller takes (gemv): its rows y (M, N); those rows rounded to the model's dtype
+// (the logits); or, from TRANSPOSED_FROM rows on, the tiles' (N, TS) sums as they are (y then needs
+// room for N TS floats), for a consumer that reads them by column_block (silu_t)
+enum class Out { ROWS, ROUNDED, EITHER };
 
 // y (M, N) float = x (M, K) @ w (N, K)^T, output rows shared between threads (shared_rows). x is in the model's
 // type T; the weights WT are T too, or int8 with `scales` (N,) in T, where y[m, n] =
 // round_T(x[m] . w[n]) * scales[n]: Int8Linear's rounding of the product to the model's dtype before
 // its scale (the caller rounds the result again, as it does for every product)
 template <typename D, typename T, typename WT>
-static void gemv_as(const T* xt, int64_t M, int64_t K, const WT* w, int64_t N, float* y, const T* scales) {
+static bool gemv_as(const T* xt, int64_t M, int64_t K, const WT* w, int64_t N, float* y, const T* scales, Out out) {
   using X = typename D::X;
   const X* x = nullptr;
   if constexpr (std::is_same<X, T>::value && D::IN_ORDER)
@@ -799,11 +856,12 @@ static void gemv_as(const T* xt, int64_t M, int64_t K, const WT* w, int64_t N, f
     }
     x = buf.data();
   }
-  // From TRANSPOSED_FROM rows on (gemv_tile) the sums go to yt (N, M), then into y
+  // From TRANSPOSED_FROM rows on (gemv_tile) the sums go to yt (N, TS): y itself where the caller
+  // takes them so (Out::EITHER), else a buffer, then into y
   static thread_local avec<float> ytb;
-  const bool tr = M >= TRANSPOSED_FROM;
-  if (tr) ytb.resize(N * M);
-  float* yt = tr ? ytb.data() : y;
+  const bool tr = M >= TRANSPOSED_FROM, keep = tr && out == Out::EITHER;
+  if (tr && !keep) ytb.resize(N * TS);
+  float* yt = tr && !keep ? ytb.data() : y;
   const int64_t R = unit_rows(M);
   shared_rows<4>(N, 64, [&](int64_t n0, int64_t n1) { return (n1 - n0) / R; }, [&](int64_t n0, int64_t n1, int64_t a, int64_t b, bool rest) {
     if constexpr (D::LUT) return gemv_streams<D, WT>(x, K, w, n0, n1, a, b, rest, y);  // one row only
@@ -818,19 +876,33 @@ static void gemv_as(const T* xt, int64_t M, int64_t K, const WT* w, int64_t N, f
       default: gemv_rows<D, WT, 8>(x, K, w, n0, n1, a, b, rest, yt, N); break;
     }
   });
-  if (tr) rows_of(yt, N, M, y);
   if (scales)
     at::parallel_for(0, N, 2048, [&](int64_t n0, int64_t n1) {
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = n0; n < n1; ++n) y[m * N + n] = E<T>::rnd(y[m * N + n]) * E<T>::to(scales[n]);
+      if (tr)  // (N, TS)
+        for (int64_t n = n0; n < n1; ++n)
+          for (int64_t m = 0; m < M; ++m) yt[n * TS + m] = E<T>::rnd(yt[n * TS + m]) * E<T>::to(scales[n]);
+      else
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t n = n0; n < n1; ++n) y[m * N + n] = E<T>::rnd(y[m * N + n]) * E<T>::to(scales[n]);
     });
+  if (tr && !keep) rows_of<T>(yt, N, M, y, out == Out::ROUNDED);
+  else if (!tr && out == Out::ROUNDED)  // on both threads past 4096 vectors
+    at::parallel_for(0, (M * N + ::N - 1) / ::N, 4096, [&](int64_t b0, int64_t b1) {
+      int64_t i = b0 * ::N;
+      const int64_t e = std::min(b1 * ::N, M * N);
+      for (; i + ::N <= e; i += ::N) V::store(y + i, E<T>::rnd(V::load(y + i)));
+      for (; i < e; ++i) y[i] = E<T>::rnd(y[i]);
+    });
+  return keep;
 }
 
+// (true: y holds the (N, TS) sums, as Out::EITHER allows)
 template <typename T, typename WT = T>
-static void gemv(const T* xt, int64_t M, int64_t K, const WT* w, int64_t N, float* y, const T* scales = nullptr) {
+static bool gemv(const T* xt, int64_t M, int64_t K, const WT* w, int64_t N, float* y, const T* scales = nullptr,
+                 Out out = Out::ROWS) {
   if constexpr (Dot<WT, T, true>::LUT)
-    if (M == 1) return gemv_as<Dot<WT, T, true>>(xt, M, K, w, N, y, scales);
-  gemv_as<Dot<WT, T>>(xt, M, K, w, N, y, scales);
+    if (M == 1) return gemv_as<Dot<WT, T, true>>(xt, M, K, w, N, y, scales, out);
+  return gemv_as<Dot<WT, T>>(xt, M, K, w, N, y, scales, out);
 }
 
 // The cached values as the decoding step's attention widens them to fp32: a head's whole blocks
@@ -1004,6 +1076,31 @@ static void silu_rows(const Y* y, int64_t M, int64_t hidden, T* out) {
   });
 }
 
+// silu_rows of the w1|w3 product's (2 hidden, TS) sums as gemv leaves them (Out::EITHER), read by
+// column_block: the same vector and scalar columns, so the same values. With column_block's
+// permutes, against the 16 x 16 transpose in rows_of then silu_rows (one pass and one parallel
+// region more), the 160M batch-8 bf16 step on the AMD EPYC with AVX512-BF16 ran 1.017x in a
+// high-bandwidth minute (probes 76-86 GB/s), 1.006x in a low one (paired; batch 5 1.008x, 6 1.004x,
+// fp32 and int8 even). The residual adds read the same way were even (kept on rows)
+template <typename T>
+static void silu_t(const float* yt, int64_t M, int64_t hidden, T* out) {
+  at::parallel_for(0, (hidden + 15) / 16, 32, [&](int64_t j0, int64_t j1) {
+    alignas(64) float a[16 * 16], b[16 * 16];
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t n = 16 * j, c = std::min<int64_t>(16, hidden - n);
+      column_block(yt, M, n, c, a);
+      column_block(yt, M, hidden + n, c, b);
+      for (int64_t m = 0; m < M; ++m) {
+        T* o = out + m * hidden + n;
+        const float *am = a + m * 16, *bm = b + m * 16;
+        int64_t i = 0;
+        for (; i + N <= c; i += N) E<T>::store(o + i, silu_times<T>(E<T>::rnd(V::load(am + i)), E<T>::rnd(V::load(bm + i))));
+        for (; i < c; ++i) o[i] = E<T>::from(silu_times<T>(E<T>::rnd(am[i]), E<T>::rnd(bm[i])));
+      }
+    }
+  });
+}
+
 // h[i] = h[i] + round(y[i]): a residual add in the model's dtype
 template <typename T>
 static void residual(T* h, const float* y, int64_t n) {
@@ -1051,7 +1148,7 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
   T* ckp = reinterpret_cast<T*>(cache_k.data_ptr());
   T* cvp = reinterpret_cast<T*>(cache_v.data_ptr());
   avec<T> xn(M * std::max(dim, hidden)), att(M * qdim);
-  avec<float> y(M * std::max(nqkv, 2 * hidden)), p, acc, stats;  // attention's: sized below
+  avec<float> y(std::max<int64_t>(M, TS) * std::max(nqkv, 2 * hidden)), p, acc, stats;  // attention's: sized below
   avec<T> qt(M * qdim);
   avec<typename E<T>::X> qs(M * qdim);  // the queries as head_scores reads them
   auto W = [](const torch::Tensor& t) { return reinterpret_cast<const T*>(t.data_ptr()); };  // norms, scales
@@ -1210,24 +1307,17 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
     residual<T>(hp, y.data(), M * dim);
     // feed-forward: norm, w1|w3 in one product, silu(a) * b with the model's roundings, w2, residual
     norm_rows<T>(hp, M, dim, W(lw[3]), eps, xn.data());
-    gemv<T, WT>(xn.data(), M, dim, Q(lw[4]), 2 * hidden, y.data(), sc(4 * l + 2));
-    silu_rows<T, float>(y.data(), M, hidden, xn.data());
+    if (gemv<T, WT>(xn.data(), M, dim, Q(lw[4]), 2 * hidden, y.data(), sc(4 * l + 2), Out::EITHER))
+      silu_t<T>(y.data(), M, hidden, xn.data());
+    else silu_rows<T, float>(y.data(), M, hidden, xn.data());
     gemv<T, WT>(xn.data(), M, hidden, Q(lw[5]), dim, y.data(), sc(4 * l + 3));
     residual<T>(hp, y.data(), M * dim);
   }
   norm_rows<T>(hp, M, dim, W(norm_w), eps, xn.data());
   const int64_t NV = out_w.size(0);
   auto logits = torch::empty({M, NV}, torch::dtype(torch::kFloat32));
-  float* lp = logits.data_ptr<float>();
-  gemv<T, WT>(xn.data(), M, dim, Q(out_w), NV, lp, sc(4 * L));
-  // the logits rounded as the model's output is; on both threads past 4096 vectors (64K floats with
-  // AVX-512: batch 8 has 256K)
-  at::parallel_for(0, (M * NV + N - 1) / N, 4096, [&](int64_t b0, int64_t b1) {
-    int64_t i = b0 * N;
-    const int64_t e = std::min(b1 * N, M * NV);
-    for (; i + N <= e; i += N) V::store(lp + i, E<T>::rnd(V::load(lp + i)));
-    for (; i < e; ++i) lp[i] = E<T>::rnd(lp[i]);
-  });
+  // the logits rounded as the model's output is
+  gemv<T, WT>(xn.data(), M, dim, Q(out_w), NV, logits.data_ptr<float>(), sc(4 * L), Out::ROUNDED);
   return logits;
 }
 
@@ -2333,9 +2423,8 @@ static torch::Tensor run(torch::Tensor h, const std::vector<torch::Tensor>& laye
   const int64_t NV = out_w.size(0);
   auto logits = torch::empty({B, NV}, torch::dtype(torch::kFloat32));
   float* lp = logits.data_ptr<float>();
-  if (scales.empty()) gemv<T, T>(P(lastn), B, dim, P(out_w), NV, lp);
-  else gemv<T, int8_t>(P(lastn), B, dim, out_w.data_ptr<int8_t>(), NV, lp, P(scales.back()));
-  for (int64_t i = 0; i < B * NV; ++i) lp[i] = E<T>::rnd(lp[i]);
+  if (scales.empty()) gemv<T, T>(P(lastn), B, dim, P(out_w), NV, lp, nullptr, Out::ROUNDED);
+  else gemv<T, int8_t>(P(lastn), B, dim, out_w.data_ptr<int8_t>(), NV, lp, P(scales.back()), Out::ROUNDED);
   return logits;
 }
 

@@ -701,23 +701,25 @@ def test_fused_steps_do_not_depend_on_the_thread_count(dtype, variant):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_fused_step_rounds_every_logit(variant):
-    """A batch-8 bf16 step over a vocabulary of 20000 (the logits' rounding to bf16 is shared between
-    the threads past 64K values with AVX-512, 32K with AVX2): every logit is a bf16 value (a range
-    left unrounded would show; rounding is idempotent, so one rounded twice would not), and on two
-    threads the logits equal those of one."""
+@pytest.mark.parametrize("rows", [4, 8])
+def test_fused_step_rounds_every_logit(rows, variant):
+    """A bf16 step over a vocabulary of 20001: every logit is a bf16 value (a range left unrounded
+    would show; rounding is idempotent, so one rounded twice would not), and on two threads the
+    logits equal those of one. 4 rows: the rounding is its own pass over the rows, shared between the
+    threads past 64K values with AVX-512 (32K with AVX2); 8 rows: it rides on turning the product's
+    transposed sums into rows, 16 columns at a time on both threads, the last column alone."""
     torch.manual_seed(0)
-    _, model, decoder = _fused_tiny(torch.bfloat16, variant, vocab_size=20000, max_seq_len=16)
+    _, model, decoder = _fused_tiny(torch.bfloat16, variant, vocab_size=20001, max_seq_len=16)
     kernel, threads = decoder.kernel, torch.get_num_threads()
     decoder._weights.split = 2
-    cache = model.new_cache(8, 16, dtype=torch.bfloat16)
-    ids = torch.randint(0, 20000, (8,))
+    cache = model.new_cache(rows, 16, dtype=torch.bfloat16)
+    ids = torch.randint(0, 20001, (rows,))
     try:
         got = []
         for n in (2, 1):
             torch.set_num_threads(n)
             got.append(kernel.decode_ids(decoder._weights, ids, 0, cache.k.clone(), cache.v.clone()))
-        assert got[0].shape == (8, 20000) and torch.equal(got[0], got[0].bfloat16().float())
+        assert got[0].shape == (rows, 20001) and torch.equal(got[0], got[0].bfloat16().float())
         assert torch.equal(got[0], got[1])
     finally:
         torch.set_num_threads(threads)
