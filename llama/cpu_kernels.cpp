@@ -1135,10 +1135,85 @@ static int64_t argmax(const float* r, int64_t n) {
   return best;
 }
 
+// greedy_step's argmax of each of the M rows of logits the step left transposed ((NV, TS), unrounded:
+// Out::EITHER): argmax of the row rounded to T, without writing the rows. Threads take contiguous
+// ranges of blocks of 32 columns; a block's largest value of each row comes from vector maxima,
+// and where it (rounded) beats the row's best so far, the block's columns are searched one by one for
+// the first that holds it (rounding keeps the order, so the rounded largest is the largest rounded).
+// Ties keep the first index, as argmax does; a NaN or an infinity anywhere: each row gathered,
+// rounded and given to argmax. Against turning the sums into rounded rows first, whole 160M greedy
+// steps on the AMD EPYC with AVX512-BF16 (paired, high-bandwidth minutes): batch 8 bf16 1.022-1.024x,
+// int8 1.024x, fp32 1.006x, batch 5 1.006-1.010x
+template <typename T>
+static void argmax_t(const float* yt, int64_t NV, int64_t M, int64_t* best) {
+  constexpr int64_t CB = 32, VB = CB * TS / N;  // columns a block, vectors a block
+  constexpr int A = N >= 8 ? 1 : 8 / N;         // registers that hold each row once (lane l of register a: row (a N + l) % 8)
+  const int64_t nb = NV / CB;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nb / 16));
+  std::vector<float> pv(parts * M, -INFINITY);
+  std::vector<int64_t> pi(parts * M, -1);
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      float* bv = pv.data() + t * M;
+      int64_t* bi = pi.data() + t * M;
+      auto offer = [&](int64_t m, float r, int64_t c0, int64_t c1) {  // the first column of c0..c1 holding r, if r beats row m's best
+        if (bi[m] >= 0 && !(r > bv[m])) return;
+        for (int64_t c = c0; c < c1; ++c)
+          if (E<T>::rnd(yt[c * TS + m]) == r) { bv[m] = r; bi[m] = c; return; }
+      };
+      F chk[A];  // x - x summed: 0 unless some x is a NaN or an infinity (the columns' rows past M are not written)
+      for (int a = 0; a < A; ++a) chk[a] = V::zero();
+      for (int64_t b = nb * t / parts; b < nb * (t + 1) / parts; ++b) {
+        const float* p = yt + b * CB * TS;
+        F acc[A];
+        for (int a = 0; a < A; ++a) acc[a] = V::set1(-INFINITY);
+        for (int64_t k = 0; k < VB; ++k) {
+          const F v = V::load(p + k * N);
+          acc[k % A] = V::max(acc[k % A], v);
+          chk[k % A] = V::add(chk[k % A], V::sub(v, v));
+        }
+        float lanes[A * N];
+        for (int a = 0; a < A; ++a) V::store(lanes + a * N, acc[a]);
+        for (int64_t m = 0; m < M; ++m) {
+          float mx = -INFINITY;
+          for (int l = (int)m; l < A * N; l += 8) mx = std::max(mx, lanes[l]);
+          offer(m, E<T>::rnd(mx), b * CB, (b + 1) * CB);
+        }
+      }
+      float cl[A * N];
+      for (int a = 0; a < A; ++a) V::store(cl + a * N, chk[a]);
+      for (int l = 0; l < A * N; ++l)
+        if (l % 8 < M && cl[l] != 0.f) bad = true;
+      if (t == parts - 1)  // the columns past the last whole block
+        for (int64_t c = nb * CB; c < NV; ++c)
+          for (int64_t m = 0; m < M; ++m) {
+            const float v = yt[c * TS + m];
+            if (v - v != 0.f) bad = true;
+            offer(m, E<T>::rnd(v), c, c + 1);
+          }
+    }
+  });
+  if (bad) {
+    std::vector<float> row(NV);
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t c = 0; c < NV; ++c) row[c] = E<T>::rnd(yt[c * TS + m]);
+      best[m] = argmax(row.data(), NV);
+    }
+    return;
+  }
+  for (int64_t m = 0; m < M; ++m) {  // the parts in column order: a later one wins only by a larger value
+    best[m] = pi[m];
+    float v = pv[m];
+    for (int64_t t = 1; t < parts; ++t)
+      if (pv[t * M + m] > v) { v = pv[t * M + m]; best[m] = pi[t * M + m]; }
+  }
+}
+
 template <typename T, typename WT>
 static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& layers, torch::Tensor norm_w,
                           torch::Tensor out_w, const std::vector<torch::Tensor>& scales, torch::Tensor cache_k, torch::Tensor cache_v, int64_t pos,
-                          const float* fc, double eps, int64_t n_heads, int64_t split = 0) {
+                          const float* fc, double eps, int64_t n_heads, int64_t split = 0, bool* logits_t = nullptr) {
   const int64_t M = h.size(0), dim = h.size(1), L = (int64_t)layers.size() / 6;
   const int64_t Bmax = cache_k.size(1), S = cache_k.size(2), Hkv = cache_k.size(3), D = cache_k.size(4);
   const int64_t H = n_heads, rep = H / Hkv, qdim = H * D, kvdim = Hkv * D, hidden = layers[4].size(0) / 2;
@@ -1315,9 +1390,12 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
   }
   norm_rows<T>(hp, M, dim, W(norm_w), eps, xn.data());
   const int64_t NV = out_w.size(0);
-  auto logits = torch::empty({M, NV}, torch::dtype(torch::kFloat32));
-  // the logits rounded as the model's output is
-  gemv<T, WT>(xn.data(), M, dim, Q(out_w), NV, logits.data_ptr<float>(), sc(4 * L), Out::ROUNDED);
+  // the logits rows rounded as the model's output is; or, where the caller takes them so (logits_t,
+  // set to whether they are), from TRANSPOSED_FROM rows on the (NV, TS) sums unrounded (argmax_t)
+  const bool keep = logits_t && M >= TRANSPOSED_FROM;
+  auto logits = torch::empty({keep ? NV : M, keep ? TS : NV}, torch::dtype(torch::kFloat32));
+  const bool tr = gemv<T, WT>(xn.data(), M, dim, Q(out_w), NV, logits.data_ptr<float>(), sc(4 * L), keep ? Out::EITHER : Out::ROUNDED);
+  if (logits_t) *logits_t = tr;
   return logits;
 }
 
@@ -1488,13 +1566,19 @@ bool greedy_step(const Weights& w, torch::Tensor tokens, torch::Tensor in_prompt
   std::vector<int64_t> ids(M);  // the pads (-1) as 0
   for (int64_t b = 0; b < M; ++b) ids[b] = std::max<int64_t>(tk[b * W + pos], 0);
   auto h = embed(w, ids.data(), M, "greedy_step");
+  bool tr = false;  // (from 5 rows the argmax reads the logits transposed, as the product leaves them)
   const auto logits = run_step(dt, w.q8, h, w.layers, w.norm_w, w.out_w, w.scales, cache_k, cache_v, pos,
-                               w.freqs.data_ptr<float>() + pos * D, w.eps, w.n_heads, w.split);
-  const int64_t NV = logits.size(1);
+                               w.freqs.data_ptr<float>() + pos * D, w.eps, w.n_heads, w.split, &tr);
+  const int64_t NV = w.out_w.size(0);
   const float* lp = logits.data_ptr<float>();
+  std::vector<int64_t> bests(M);
+  if (tr && dt == at::kBFloat16) argmax_t<bf16>(lp, NV, M, bests.data());
+  else if (tr) argmax_t<float>(lp, NV, M, bests.data());
+  else
+    for (int64_t b = 0; b < M; ++b) bests[b] = argmax(lp + b * NV, NV);
   bool all = true;
   for (int64_t b = 0; b < M; ++b) {
-    const int64_t best = argmax(lp + b * NV, NV);
+    const int64_t best = bests[b];
     const bool prompt = ip[b * W + c];
     const int64_t nxt = prompt || dn[b] ? tk[b * W + c] : best;
     tk[b * W + c] = nxt;

@@ -2,6 +2,7 @@
 stop/eos/logprobs, streaming across split UTF-8 characters, errors, example.py, the decoders (eager,
 compiled, fused CPU); and tensor-parallel generation on 2 and 4 ranks (tests/workers/generation.py)."""
 
+import itertools
 import json
 import os
 import platform
@@ -979,9 +980,9 @@ def test_fused_greedy_step_is_the_python_step(dtype, int8, variant):
     """The kernel's whole greedy step (look-up, decoding step, argmax, bookkeeping in one call)
     against decoders.greedy_step run on the same kernel's logits: the same tokens, done flags,
     position and cache after every step, bit for bit, for rows of different prompt lengths, one
-    reaching its end early and one stopping at eos, int8 embeddings and projections included; 9
-    rows (over MAX_ROWS) go through the eager model. A token id outside the vocabulary is an error
-    that says so."""
+    reaching its end early and one stopping at eos, int8 embeddings and projections included; 5 and
+    8 rows take the argmax over the output product's transposed sums; 9 rows (over MAX_ROWS) go
+    through the eager model. A token id outside the vocabulary is an error that says so."""
     from llama.inference.decoders import DecodeState, greedy_step
     torch.manual_seed(0)
     model = Transformer(tiny_args(dim=48, n_heads=4, n_kv_heads=2, multiple_of=8, vocab_size=97)).to(dtype).eval()
@@ -1016,7 +1017,7 @@ def test_fused_greedy_step_is_the_python_step(dtype, int8, variant):
     torch.manual_seed(1)
     free = run(3, -1, decoder.greedy_step)
     eos = int(free[-1][0][0, 5])  # row 0's token at position 5 (written by step 2) becomes eos: it stops there
-    for rows, e in ((3, -1), (9, eos), (3, eos)):
+    for rows, e in ((3, -1), (5, -1), (8, eos), (9, eos), (3, eos)):
         torch.manual_seed(1)
         got = run(rows, e, decoder.greedy_step)
         torch.manual_seed(1)
@@ -1042,16 +1043,16 @@ def test_fused_greedy_step_is_the_python_step(dtype, int8, variant):
     assert torch.equal(by_ids[:, 0], by_rows) and torch.equal(caches[0].k, caches[1].k)
     with pytest.raises(RuntimeError, match="decode_ids: token id 97 of row 0 is outside the embedding's 97 rows"):
         decoder(torch.tensor([[97]]), 5, caches[0])
-    if not int8:  # torch.argmax's ties (the first) and NaN (the first, above any number)
-        for row, fill, want_id in ((None, 0.0, 0), (7, float("nan"), 7)):
+    if not int8:  # torch.argmax's ties (the first) and NaN (the first, above any number), on rows or transposed
+        for (row, fill, want_id), rows in itertools.product(((None, 0.0, 0), (7, float("nan"), 7)), (3, 8)):
             with torch.no_grad():
                 model.output.weight.zero_()
                 if row is not None:
                     model.output.weight[row:row + 2] = fill
             torch.manual_seed(1)
-            got = run(3, -1, decoder.greedy_step)
+            got = run(rows, -1, decoder.greedy_step)
             torch.manual_seed(1)
-            assert all(torch.equal(a, b) for a, b in zip(got[-1], run(3, -1, lambda c, s, e: greedy_step(by_python, c, s, e))[-1]))
+            assert all(torch.equal(a, b) for a, b in zip(got[-1], run(rows, -1, lambda c, s, e: greedy_step(by_python, c, s, e))[-1]))
             assert (got[-1][0][2, 8:16] == want_id).all()  # row 2's generated tokens
     state = DecodeState(1, 8, "cpu")
     state.start([[1, 200]], [6])
@@ -1192,6 +1193,47 @@ int main() {
 }
 """
 
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_greedy_argmax_over_transposed_logits(dtype, variant):
+    """From 5 rows the kernel's greedy step takes its argmax over the output product's transposed
+    sums, rounding as it goes: 8 rows over a vocabulary of 1100 (two threads' ranges of 32-column
+    blocks, 12 columns past the last block) pick what torch.argmax picks on the step's own logit rows,
+    with output rows 40 and 700 equal and large (a tie across the two ranges: the first), with row
+    1095 (past the blocks) larger still for some rows, and with a NaN or an infinity in the logits."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_args(dim=48, n_heads=4, n_kv_heads=2, multiple_of=8, vocab_size=1100)).to(dtype).eval()
+    model.init_weights(std=0.08)
+    _kernel_or_skip(variant)
+    w = model.output.weight
+    tokens = torch.randint(0, 1100, (8, 6))
+    v, w0 = torch.randn(48, dtype=dtype), w.detach().clone()
+    for case in ("tie", "tail", "nan", "inf"):
+        with torch.no_grad():
+            w.copy_(w0)
+            w[40] = w[700] = 4 * v  # the largest for the rows whose hidden state leans along v
+            if case == "tail":
+                w[1095] = 8 * v * (torch.arange(48) % 2)  # larger where v's odd half leans the same way
+            if case == "nan":
+                w[333, 5] = float("nan")
+            if case == "inf":
+                w[900] = 1e38 * v
+        decoder = FusedCpuDecoder.create(model, variant)
+        caches = [model.new_cache(8, 8, dtype=dtype) for _ in range(2)]
+        with torch.inference_mode():
+            for cache in caches:
+                model(tokens[:, :5], 0, cache)
+            want = decoder(tokens[:, 5:], 5, caches[0])[:, 0].argmax(-1)  # torch.argmax of the rounded rows
+            state = torch.cat([tokens, torch.zeros(8, 2, dtype=torch.long)], 1)
+            decoder.kernel.greedy_step(decoder._weights, state, torch.zeros(8, 8, dtype=torch.bool),
+                                       torch.zeros(8, dtype=torch.bool), torch.full((8,), 8), torch.tensor([6]),
+                                       caches[1].k, caches[1].v, -1)
+        assert torch.equal(state[:, 6], want), case
+        assert {"tie": (want == 40).any(), "tail": (want == 1095).any(), "nan": (want == 333).all(),
+                "inf": (want == 900).any()}[case], (case, want)
+        assert not (want == 700).any()
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_kernel_vector_primitives_against_scalar_code(variant, tmp_path):
