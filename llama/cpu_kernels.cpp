@@ -17,14 +17,20 @@
 // (16-lane code, LLAMA_AVX512: both AVX-512 builds).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <exception>
 #include <type_traits>
 #include <limits>
 #include <memory>
 #include <new>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 // [primitives begin] (to the matching end: no torch, so tests/test_inference.py compiles this part
@@ -703,6 +709,112 @@ static void gemv_streams(const typename D::X* x, int64_t K, const WT* w, int64_t
     for (int64_t n = n0 + S * step; n < n1; ++n) stream_rows<D, WT>(x, K, w, n, 0, y);
 }
 
+
+// The decoding step's threads as one team (as_team, around run_step): one OpenMP region a step, in
+// which thread 0 runs the step and the others wait, spinning, for its parallel pieces (par: the
+// ranges at::parallel_for would give). A piece costs the threads meeting at two spin barriers where
+// a region of its own costs OpenMP's fork and join (1.24-1.29 us a region with 2 threads against
+// 0.17-0.18 us, timed alone), ~80 times a 160M step. Paired against a region a piece, the 160M
+// step on the AMD EPYC with AVX512-BF16 (2 cores): batch 8 bf16 1.033x in high-bandwidth minutes
+// (10 rounds, probe 70-84 GB/s), about even in low ones (batch 1 0.999x, batch 8 1.006x)
+static inline void relax() {
+#if defined(__x86_64__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+struct Team {
+  int n = 1;  // threads, set by thread 0 before its first piece
+  alignas(64) std::atomic<uint32_t> gen{0};
+  alignas(64) std::atomic<int> done{0};
+  void (*fn)(const void*, int) = nullptr;
+  const void* ctx = nullptr;
+  bool stop = false;
+  std::atomic<bool> failed{false};
+  std::exception_ptr err;
+  static inline thread_local Team* current = nullptr;  // the team of this thread, while a step runs
+  static inline thread_local bool in_piece = false;
+  // run(t) on every thread t of the team, the caller being thread 0; back when all have run it (a
+  // piece's exception is thrown again here, after the others finished theirs)
+  template <typename R>
+  void dispatch(const R& run) {
+    fn = [](const void* c, int t) { (*static_cast<const R*>(c))(t); };
+    ctx = &run;
+    done.store(0, std::memory_order_relaxed);
+    gen.fetch_add(1, std::memory_order_release);
+    in_piece = true;
+    try { run(0); } catch (...) { in_piece = false; wait(); throw; }
+    in_piece = false;
+    wait();
+    if (failed.load()) std::rethrow_exception(err);
+  }
+  void wait() { while (done.load(std::memory_order_acquire) < n - 1) relax(); }
+  void work(int t) {  // threads 1..n-1: each piece published (gen) until the team stops
+    uint32_t seen = 0;
+    for (;;) {
+      uint32_t g;
+      while ((g = gen.load(std::memory_order_acquire)) == seen) relax();
+      seen = g;
+      if (stop) return;
+      in_piece = true;
+      try { fn(ctx, t); } catch (...) { if (!failed.exchange(true)) err = std::current_exception(); }
+      in_piece = false;
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+static inline int64_t par_threads() { return Team::current ? Team::current->n : at::get_num_threads(); }
+static inline bool par_nested() { return Team::current ? Team::in_piece : at::in_parallel_region(); }
+// at::parallel_for, or within a step its team's piece with the same ranges
+template <typename F>
+static void par(int64_t b, int64_t e, int64_t grain, const F& f) {
+  Team* tm = Team::current;
+  if (!tm || Team::in_piece) return at::parallel_for(b, e, grain, f);
+  if (b >= e) return;
+  const int64_t n = e - b;
+  if (n <= grain || n == 1 || tm->n == 1) return f(b, e);
+  const int64_t nt = std::min<int64_t>(tm->n, grain > 0 ? (n + grain - 1) / grain : n), chunk = (n + nt - 1) / nt;
+  tm->dispatch([&](int t) {
+    const int64_t s = b + t * chunk;
+    if (t < nt && s < e) {
+      at::internal::ThreadIdGuard g(t);
+      f(s, std::min(e, s + chunk));
+    }
+  });
+}
+// body() on thread 0 of a team of torch's threads (one OpenMP region), par's pieces on all of them;
+// as it is where there is one thread or a region or team already
+template <typename Fn>
+static auto as_team(const Fn& body) -> decltype(body()) {
+#if defined(_OPENMP)
+  const int nth = (int)at::get_num_threads();
+  if (nth > 1 && !at::in_parallel_region() && !Team::current) {
+    Team tm;
+    decltype(body()) out;
+    std::exception_ptr err;
+#pragma omp parallel
+    {
+      const int t = omp_get_thread_num();
+      at::internal::ThreadIdGuard g(t);
+      c10::ParallelGuard pg(true);
+      Team::current = &tm;
+      if (t == 0) {
+        tm.n = omp_get_num_threads();  // (the workers read it only after the first piece is published)
+        try { out = body(); } catch (...) { err = std::current_exception(); }
+        tm.stop = true;
+        tm.gen.fetch_add(1, std::memory_order_release);
+      } else {
+        tm.work(t);
+      }
+      Team::current = nullptr;
+    }
+    if (err) std::rethrow_exception(err);
+    return out;
+  }
+#endif
+  return body();
+}
 // Units 0..units(lo, hi) of every thread's rows lo..hi (N / threads of them, in order) run through
 // run(lo, hi, a, b, rest) (units a..b; rest: also the rows past the last whole unit, once). A
 // thread takes its own units from the front, a quarter of what it has left at a time (at least C),
@@ -717,8 +829,8 @@ static void gemv_streams(const typename D::X* x, int64_t K, const WT* w, int64_t
 // faster still
 template <int64_t C, typename U, typename F>
 static void shared_rows(int64_t N, int64_t grain, U units, F run) {
-  const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / grain));
-  if (nth == 1 || at::in_parallel_region()) return run(0, N, 0, units(0, N), true);
+  const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(par_threads(), N / grain));
+  if (nth == 1 || par_nested()) return run(0, N, 0, units(0, N), true);
   struct alignas(64) Left { std::atomic<uint64_t> v; };  // the unclaimed units: front (low half), back (high)
   std::unique_ptr<Left[]> left(new Left[nth]);
   auto lo = [&](int64_t t) { return N * t / nth; };
@@ -739,7 +851,7 @@ static void shared_rows(int64_t N, int64_t grain, U units, F run) {
       }
     }
   };
-  at::parallel_for(0, nth, 1, [&](int64_t t0, int64_t t1) {
+  par(0, nth, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       int64_t a, b;
       run(lo(t), lo(t + 1), 0, 0, true);  // the range's last rows
@@ -804,7 +916,7 @@ static inline void column_block(const float* yt, int64_t M, int64_t n, int64_t c
 // f(n, c, b) for the blocks of 16 columns of yt (cols, TS) (b: column_block's), threads over blocks
 template <typename Fn>
 static void by_columns(const float* yt, int64_t cols, int64_t M, int64_t grain, Fn f) {
-  at::parallel_for(0, (cols + 15) / 16, grain, [&](int64_t j0, int64_t j1) {
+  par(0, (cols + 15) / 16, grain, [&](int64_t j0, int64_t j1) {
     alignas(64) float b[16 * 16];
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t n = 16 * j, c = std::min<int64_t>(16, cols - n);
@@ -877,7 +989,7 @@ static bool gemv_as(const T* xt, int64_t M, int64_t K, const WT* w, int64_t N, f
     }
   });
   if (scales)
-    at::parallel_for(0, N, 2048, [&](int64_t n0, int64_t n1) {
+    par(0, N, 2048, [&](int64_t n0, int64_t n1) {
       if (tr)  // (N, TS)
         for (int64_t n = n0; n < n1; ++n)
           for (int64_t m = 0; m < M; ++m) yt[n * TS + m] = E<T>::rnd(yt[n * TS + m]) * E<T>::to(scales[n]);
@@ -887,7 +999,7 @@ static bool gemv_as(const T* xt, int64_t M, int64_t K, const WT* w, int64_t N, f
     });
   if (tr && !keep) rows_of<T>(yt, N, M, y, out == Out::ROUNDED);
   else if (!tr && out == Out::ROUNDED)  // on both threads past 4096 vectors
-    at::parallel_for(0, (M * N + ::N - 1) / ::N, 4096, [&](int64_t b0, int64_t b1) {
+    par(0, (M * N + ::N - 1) / ::N, 4096, [&](int64_t b0, int64_t b1) {
       int64_t i = b0 * ::N;
       const int64_t e = std::min(b1 * ::N, M * N);
       for (; i + ::N <= e; i += ::N) V::store(y + i, E<T>::rnd(V::load(y + i)));
@@ -1027,7 +1139,7 @@ static inline void head_values(const float* p, int64_t ps, int64_t nt, const T* 
 // the model's dtype, times the weight, rounded again. Threads over rows (from 16 rows)
 template <typename T>
 static void norm_rows(const T* h, int64_t M, int64_t dim, const T* w, double eps, T* out) {
-  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+  par(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const T* x = h + m * dim;
       F acc = V::zero();
@@ -1059,7 +1171,7 @@ template <typename T, typename Y>
 static void silu_rows(const Y* y, int64_t M, int64_t hidden, T* out) {
   constexpr int64_t C = 512;
   const int64_t pieces = (hidden + C - 1) / C;
-  at::parallel_for(0, M * pieces, 16, [&](int64_t i0, int64_t i1) {
+  par(0, M * pieces, 16, [&](int64_t i0, int64_t i1) {
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t m = it / pieces, c1 = std::min(hidden, (it % pieces + 1) * C);
       const Y* ya = y + m * 2 * hidden;
@@ -1084,7 +1196,7 @@ static void silu_rows(const Y* y, int64_t M, int64_t hidden, T* out) {
 // fp32 and int8 even). The residual adds read the same way were even (kept on rows)
 template <typename T>
 static void silu_t(const float* yt, int64_t M, int64_t hidden, T* out) {
-  at::parallel_for(0, (hidden + 15) / 16, 32, [&](int64_t j0, int64_t j1) {
+  par(0, (hidden + 15) / 16, 32, [&](int64_t j0, int64_t j1) {
     alignas(64) float a[16 * 16], b[16 * 16];
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t n = 16 * j, c = std::min<int64_t>(16, hidden - n);
@@ -1149,11 +1261,11 @@ static void argmax_t(const float* yt, int64_t NV, int64_t M, int64_t* best) {
   constexpr int64_t CB = 32, VB = CB * TS / N;  // columns a block, vectors a block
   constexpr int A = N >= 8 ? 1 : 8 / N;         // registers that hold each row once (lane l of register a: row (a N + l) % 8)
   const int64_t nb = NV / CB;
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nb / 16));
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(par_threads(), nb / 16));
   std::vector<float> pv(parts * M, -INFINITY);
   std::vector<int64_t> pi(parts * M, -1);
   std::atomic<bool> bad{false};
-  at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {
+  par(0, parts, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       float* bv = pv.data() + t * M;
       int64_t* bi = pi.data() + t * M;
@@ -1242,7 +1354,7 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
     gemv<T, WT>(xn.data(), M, dim, Q(lw[1]), nqkv, y.data(), sc(4 * l));
     // RoPE, the rounding and the cache writes of 4 rows or more on both threads (on one, the batch-8
     // step's 0.33 ms, on two 0.24)
-    at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
+    par(0, M, 4, [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) {
         float* r = y.data() + m * nqkv;
         int64_t i = 0;
@@ -1277,7 +1389,7 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
     // positions (head_values). Threads take ranges of the items once there is enough work to pay for
     // waking them (a batch of 8 is 8 times the work of one row); with at least two groups (m, j) a
     // thread, whole groups one at a time from a shared counter
-    const int64_t NT = pos + 1, nth = at::get_num_threads();
+    const int64_t NT = pos + 1, nth = par_threads();
     // the keys are read ahead of head_scores by pf_rows positions, ~3 KB (at least one): on the Xeon
     // without AVX512-BF16, 207 -> 170 ns a position at batch 8 in bf16 (1.5-12 KB ahead: within 5%
     // of that). Past the chunk's last key the same stream goes on into its first values, so the
@@ -1347,11 +1459,11 @@ static torch::Tensor step(torch::Tensor h, const std::vector<torch::Tensor>& lay
     };
     if (grain == 1 && nth > 1 && M * P >= 2 * nth) {  // whole groups from a shared counter: a core slowed by another tenant takes fewer
       std::atomic<int64_t> next{0};
-      at::parallel_for(0, nth, 1, [&](int64_t, int64_t) {
+      par(0, nth, 1, [&](int64_t, int64_t) {
         for (int64_t g; (g = next.fetch_add(1)) < M * P;) items(g, 0, H);
       });
     } else {
-      at::parallel_for(0, M * P * H, grain, [&](int64_t i0, int64_t i1) {
+      par(0, M * P * H, grain, [&](int64_t i0, int64_t i1) {
         for (int64_t g = i0 / H; g * H < i1; ++g) items(g, std::max(i0 - g * H, (int64_t)0), std::min(i1 - g * H, H));
       });
     }
@@ -1443,8 +1555,10 @@ static void check_cache(at::ScalarType dt, int64_t M, int64_t dim, int64_t L, co
 
 template <typename... A>
 static torch::Tensor run_step(at::ScalarType dt, bool q8, A&&... a) {
-  if (dt == at::kBFloat16) return q8 ? step<bf16, int8_t>(a...) : step<bf16, bf16>(a...);
-  return q8 ? step<float, int8_t>(a...) : step<float, float>(a...);
+  return as_team([&] {
+    if (dt == at::kBFloat16) return q8 ? step<bf16, int8_t>(a...) : step<bf16, bf16>(a...);
+    return q8 ? step<float, int8_t>(a...) : step<float, float>(a...);
+  });
 }
 
 // One decoding step of the whole model for M rows at position `pos` (the same for every row).
@@ -1567,15 +1681,18 @@ bool greedy_step(const Weights& w, torch::Tensor tokens, torch::Tensor in_prompt
   for (int64_t b = 0; b < M; ++b) ids[b] = std::max<int64_t>(tk[b * W + pos], 0);
   auto h = embed(w, ids.data(), M, "greedy_step");
   bool tr = false;  // (from 5 rows the argmax reads the logits transposed, as the product leaves them)
-  const auto logits = run_step(dt, w.q8, h, w.layers, w.norm_w, w.out_w, w.scales, cache_k, cache_v, pos,
-                               w.freqs.data_ptr<float>() + pos * D, w.eps, w.n_heads, w.split, &tr);
   const int64_t NV = w.out_w.size(0);
-  const float* lp = logits.data_ptr<float>();
   std::vector<int64_t> bests(M);
-  if (tr && dt == at::kBFloat16) argmax_t<bf16>(lp, NV, M, bests.data());
-  else if (tr) argmax_t<float>(lp, NV, M, bests.data());
-  else
-    for (int64_t b = 0; b < M; ++b) bests[b] = argmax(lp + b * NV, NV);
+  as_team([&] {  // the step and the argmax in one team
+    const auto logits = run_step(dt, w.q8, h, w.layers, w.norm_w, w.out_w, w.scales, cache_k, cache_v, pos,
+                                 w.freqs.data_ptr<float>() + pos * D, w.eps, w.n_heads, w.split, &tr);
+    const float* lp = logits.data_ptr<float>();
+    if (tr && dt == at::kBFloat16) argmax_t<bf16>(lp, NV, M, bests.data());
+    else if (tr) argmax_t<float>(lp, NV, M, bests.data());
+    else
+      for (int64_t b = 0; b < M; ++b) bests[b] = argmax(lp + b * NV, NV);
+    return true;
+  });
   bool all = true;
   for (int64_t b = 0; b < M; ++b) {
     const int64_t best = bests[b];
@@ -2612,22 +2729,46 @@ static torch::Tensor shared_rows_owners(int64_t N, int64_t R, double slow_us) {
     int none = -1;
     if (!who[n].compare_exchange_strong(none, me)) who[n] = -2;
   };
-  shared_rows<4>(N, 1, [&](int64_t n0, int64_t n1) { return (n1 - n0) / R; }, [&](int64_t n0, int64_t n1, int64_t a, int64_t b, bool rest) {
-    const int me = at::get_thread_num();
-    const int64_t step = (n1 - n0) / R;
-    for (int64_t j = a; j < b; ++j) {
-      if (me == 1 && slow_us > 0) {
-        const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double, std::micro>(slow_us);
-        while (std::chrono::steady_clock::now() < until) {}
+  as_team([&] {  // as a step runs it
+    shared_rows<4>(N, 1, [&](int64_t n0, int64_t n1) { return (n1 - n0) / R; }, [&](int64_t n0, int64_t n1, int64_t a, int64_t b, bool rest) {
+      const int me = at::get_thread_num();
+      const int64_t step = (n1 - n0) / R;
+      for (int64_t j = a; j < b; ++j) {
+        if (me == 1 && slow_us > 0) {
+          const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double, std::micro>(slow_us);
+          while (std::chrono::steady_clock::now() < until) {}
+        }
+        for (int64_t i = 0; i < R; ++i) mark(n0 + j + i * step, me);
       }
-      for (int64_t i = 0; i < R; ++i) mark(n0 + j + i * step, me);
-    }
-    if (rest)
-      for (int64_t n = n0 + R * step; n < n1; ++n) mark(n, me);
+      if (rest)
+        for (int64_t n = n0 + R * step; n < n1; ++n) mark(n, me);
+    });
+    return true;
   });
   auto out = torch::empty({N}, torch::kInt32);
   int* o = out.data_ptr<int>();
   for (int64_t n = 0; n < N; ++n) o[n] = who[n].load();
+  return out;
+}
+
+// For the tests: a team's pieces (as_team, par) over n items with grain `grain`, `rounds` pieces in a
+// row, each item marked with the thread that ran it in every round (-2: an item run twice in a
+// round or by different threads across rounds, -1: never run); where fail_at >= 0, the thread
+// running that item throws in the first round (the error must come back and the team end)
+static torch::Tensor team_owners(int64_t n, int64_t grain, int64_t rounds, int64_t fail_at) {
+  TORCH_CHECK(n > 0 && grain >= 0 && rounds > 0, "team_owners: n and rounds must be positive and grain not negative");
+  auto out = torch::full({rounds, n}, -1, torch::kInt32);
+  int* o = out.data_ptr<int>();
+  as_team([&] {
+    for (int64_t r = 0; r < rounds; ++r)
+      par(0, n, grain, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          if (r == 0 && i == fail_at) throw std::runtime_error("team_owners: item " + std::to_string(i) + " failed");
+          o[r * n + i] = o[r * n + i] == -1 ? at::get_thread_num() : -2;
+        }
+      });
+    return true;
+  });
   return out;
 }
 
@@ -2642,6 +2783,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("softmax_gradient", &softmax_gradient, "logits -> softmax - one_hot(targets) in place; the summed loss");
   m.def("read_bandwidth", &read_bandwidth, "(bytes/s, sum) of one read of an fp32 buffer, as decode_step reads");
   m.def("shared_rows_owners", &shared_rows_owners, "for the tests: the thread that ran each row as shared_rows hands out a product's rows");
+  m.def("team_owners", &team_owners, "for the tests: the thread that ran each item of a decoding step's team's pieces");
   m.def("prefill", &prefill, "the model's forward over a prompt chunk (bf16 or fp32, or int8 weights): the last position's logits");
 #if defined(LLAMA_AVX512)
   m.def("causal_attention_forward", &causal_attention_forward, "blocked causal attention, bf16 or fp32: (out, kept probabilities)");

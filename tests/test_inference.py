@@ -666,6 +666,57 @@ def test_products_hand_out_every_row_once_and_help_a_slow_thread():
         torch.set_num_threads(threads)
 
 
+def test_step_team_runs_every_piece_once_and_returns_errors():
+    """A decoding step runs as one team of threads (one OpenMP region a step; its parallel pieces
+    handed out at spin barriers with at::parallel_for's ranges). On two threads, 20 pieces in a row
+    over 1001 items (grain 1), 100 (grain 64: two ranges of 50) and 10 (grain 16: one range, thread
+    0's): every item once a piece, by the thread at::parallel_for would give it. An item that throws,
+    on either thread, comes back as its RuntimeError, and the next team runs (no thread left behind)."""
+    kernel = _kernel_or_skip()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        def want(n, first):
+            return torch.tensor([0] * first + [1] * (n - first), dtype=torch.int32).expand(20, n)
+        for n, grain, first in ((1001, 1, 501), (100, 64, 50), (10, 16, 10)):
+            who = kernel.team_owners(n, grain, 20, -1)
+            assert torch.equal(who, want(n, first)), (n, grain, who.unique(return_counts=True))
+        for fail_at in (900, 3):  # thread 1's item, thread 0's
+            with pytest.raises(RuntimeError, match=f"team_owners: item {fail_at} failed"):
+                kernel.team_owners(1001, 1, 3, fail_at)
+            assert torch.equal(kernel.team_owners(1001, 1, 20, -1), want(1001, 501))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_fused_step_error_inside_the_team_leaves_it_usable():
+    """A layer whose feed-forward is narrower than layer 0's passes the per-layer checks and fails
+    inside the step (at layer 1, after layer 0's pieces ran on both threads): the error names the
+    layer, and the next step on the same threads gives the logits of a step that never saw it."""
+    torch.manual_seed(0)
+    _, model, decoder = _fused_tiny(torch.bfloat16, None, dim=64, n_heads=4, n_layers=2, multiple_of=32, max_seq_len=8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        m, layers = model, list(decoder.layers)
+        hidden, h2 = layers[5].size(1), layers[5].size(1) - 32
+        layers[10] = torch.cat([layers[10][:h2], layers[10][hidden:hidden + h2]]).contiguous()
+        layers[11] = layers[11][:, :h2].contiguous()
+        ids = torch.tensor([5, 7])
+
+        def step(ls, cache):
+            return decoder.kernel.decode_step(m.tok_embeddings(ids).contiguous(), ls, m.norm.weight, m.output.weight,
+                                              decoder.scales, cache.k, cache.v, 0, m.freqs_cis[0].float(),
+                                              m.args.norm_eps, m.args.n_heads, m.args.n_kv_heads)
+        with torch.inference_mode():
+            want = step(decoder.layers, model.new_cache(2, 8, dtype=torch.bfloat16))
+            with pytest.raises(RuntimeError, match="layer 1's q\\|k\\|v, wo or w2 do not match"):
+                step(layers, model.new_cache(2, 8, dtype=torch.bfloat16))
+            assert torch.equal(step(decoder.layers, model.new_cache(2, 8, dtype=torch.bfloat16)), want)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fused_steps_do_not_depend_on_the_thread_count(dtype, variant):
