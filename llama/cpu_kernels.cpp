@@ -715,8 +715,10 @@ static void gemv_streams(const typename D::X* x, int64_t K, const WT* w, int64_t
 // ranges at::parallel_for would give). A piece costs the threads meeting at two spin barriers where
 // a region of its own costs OpenMP's fork and join (1.24-1.29 us a region with 2 threads against
 // 0.17-0.18 us, timed alone), ~80 times a 160M step. Paired against a region a piece, the 160M
-// step on the AMD EPYC with AVX512-BF16 (2 cores): batch 8 bf16 1.033x in high-bandwidth minutes
-// (10 rounds, probe 70-84 GB/s), about even in low ones (batch 1 0.999x, batch 8 1.006x)
+// bf16 step on the AMD EPYC with AVX512-BF16 (2 cores), five runs of ~10 rounds in high-bandwidth
+// minutes (probe 70-85 GB/s): batch 1 1.005-1.039x (median 1.013x), batch 8 1.018-1.032x (1.028x);
+// about even in low ones (batch 1 0.999x, batch 8 1.006x). The spare worker prefetching its next
+// product's first 128-256 KB into L2 during the attention, batch 1: 0.98-1.01x of the team alone
 static inline void relax() {
 #if defined(__x86_64__)
   __builtin_ia32_pause();
