@@ -709,7 +709,6 @@ static void gemv_streams(const typename D::X* x, int64_t K, const WT* w, int64_t
     for (int64_t n = n0 + S * step; n < n1; ++n) stream_rows<D, WT>(x, K, w, n, 0, y);
 }
 
-
 // The decoding step's threads as one team (as_team, around run_step): one OpenMP region a step, in
 // which thread 0 runs the step and the others wait, spinning, for its parallel pieces (par: the
 // ranges at::parallel_for would give). A piece costs the threads meeting at two spin barriers where
@@ -2754,9 +2753,9 @@ static torch::Tensor shared_rows_owners(int64_t N, int64_t R, double slow_us) {
 }
 
 // For the tests: a team's pieces (as_team, par) over n items with grain `grain`, `rounds` pieces in a
-// row, each item marked with the thread that ran it in every round (-2: an item run twice in a
-// round or by different threads across rounds, -1: never run); where fail_at >= 0, the thread
-// running that item throws in the first round (the error must come back and the team end)
+// row, each item marked in its round's row with the thread that ran it (-2: run twice in that
+// round, -1: never run); where fail_at >= 0, the thread running that item throws in the first
+// round (the error must come back and the team end)
 static torch::Tensor team_owners(int64_t n, int64_t grain, int64_t rounds, int64_t fail_at) {
   TORCH_CHECK(n > 0 && grain >= 0 && rounds > 0, "team_owners: n and rounds must be positive and grain not negative");
   auto out = torch::full({rounds, n}, -1, torch::kInt32);
