@@ -1330,7 +1330,6 @@ def test_x86_kernel_builds_that_this_cpu_cannot_run_compile(variant, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
 
 
-@pytest.mark.slow
 def _aarch64_compiler(tmp_path) -> list[str] | None:
     """A C++ compiler command for aarch64 Linux: the GNU cross compiler where installed, else the
     clang inside the `ziglang` package (a test extra on x86), which ships no omp.h: the host GCC's
@@ -1352,6 +1351,7 @@ def _aarch64_compiler(tmp_path) -> list[str] | None:
             "-Wno-ignored-attributes", "-Wno-unused-command-line-argument"]
 
 
+@pytest.mark.slow
 def test_neon_kernel_compiles_for_aarch64(tmp_path):
     """The whole NEON build of cpu_kernels.cpp (with torch's headers) compiles for aarch64, to an
     object file (-O0: intrinsics are checked as they are inlined), by the GNU cross compiler or
