@@ -5,11 +5,16 @@ prefill tokens/s, decode tokens/s (greedy, N new tokens, the first excluded), an
 comes to what this machine allows, measured in the same run:
 
 - memory ceiling (decode tok/s): bytes read per step (every weight but the embedding table, plus
-  the KV cache of the positions attended) over the read bandwidth measured right before and right
-  after that timed run (the higher of the two). The bandwidth is read the way the fused decoding
-  step reads its weights (`measure_bandwidth_gbs`: the kernel's own build, its vector loads on every
-  thread, 4 streams per thread with their software prefetches, over a 256 MB buffer), so the fused
-  step cannot beat it.
+  the KV cache of the positions attended) over the highest read bandwidth probed in that dtype and
+  batch's block: the probes right before and right after every timed run of every implementation in
+  it. The bandwidth is read the way the fused decoding step reads its weights
+  (`measure_bandwidth_gbs`: the kernel's own build, its vector loads on every thread, as many
+  streams per thread as a one-row product reads, with their software prefetches, over a 256 MB
+  buffer), so the fused step cannot beat it. A shared machine's bandwidth moves second to second
+  (40-95 GB/s within one run on the AMD EPYC): the two probes around a ~0.1 s run can both miss the
+  fast spell it ran in (a row once read 139% of a ceiling taken from them alone), so every row of a
+  block is held to the fastest reading of that block; the table also gives the higher of the two
+  probes around each row's fastest run.
 - compute ceiling (decode tok/s): FLOPs per step (2 x matmul parameters x batch + attention) over
   the dtype's matmul peak (`measure_matmul_flops`: a fresh (2048, 2048) @ (2048, 2048) product by
   torch and by the fused kernel build's own product, the faster, measured before and after each
@@ -465,7 +470,8 @@ def llama_cpp_runner(path: Path, ids: list[int], args: ModelArgs, kv_dtype: str)
 def _time_runs(runners: dict, new_tokens: int, repeats: int, bw_samples: list) -> dict:
     """{name: {ttft, dec (seconds for tokens 2..N), bw (GB/s around the fastest decode), tokens}}:
     each runner warmed up, then `repeats` rounds alternating the runners (background load hits all
-    alike), the bandwidth probed right before and after every timed run."""
+    alike), the bandwidth probed right before and after every timed run. bw: the highest of all
+    those probes (every row's ceiling); bw_run: the higher of the two around the row's fastest run."""
 
     def timed(run):
         """(TTFT, decode seconds for tokens 2..N, tokens): per-token stamps where there are, else from
@@ -479,19 +485,22 @@ def _time_runs(runners: dict, new_tokens: int, repeats: int, bw_samples: list) -
         tokens, _ = run(new_tokens)
         return t1 - t0, (time.perf_counter() - t1) - (t1 - t0), tokens
 
-    results = {}
+    results, probes = {}, []
     for name, run in runners.items():
         run(2)  # warm-up (and compile)
-        results[name] = dict(run=run, ttft=float("inf"), dec=float("inf"), bw=float("nan"), tokens=None)
+        results[name] = dict(run=run, ttft=float("inf"), dec=float("inf"), bw=float("nan"), bw_run=float("nan"), tokens=None)
     for _ in range(repeats):
         for name, r in results.items():
             before = measure_bandwidth_gbs()
             ttft, dec, r["tokens"] = timed(r["run"])
             after = measure_bandwidth_gbs()
             bw_samples += [before, after]
+            probes += [before, after]
             r["ttft"] = min(r["ttft"], ttft)
             if 0 < dec < r["dec"]:
-                r["dec"], r["bw"] = dec, max(before, after)
+                r["dec"], r["bw_run"] = dec, max(before, after)
+    for r in results.values():
+        r["bw"] = max(probes)
     return results
 
 
@@ -508,7 +517,7 @@ def _row(name, dt_name, bsz, r, prompt_len, new_tokens, reference, mem_bytes, pe
         agree = sum(x == y for ra, rb in zip(r["tokens"], reference) for x, y in zip(ra, rb)) / (new_tokens * bsz)
     return dict(impl=name, dtype=dt_name, batch=bsz, ttft_ms=r["ttft"] * 1e3, prefill_tps=bsz * prompt_len / r["ttft"],
                 prefill_pct=100 * prompt_flops / r["ttft"] / peak, mm_alone=mm_alone,
-                prefill_pct_mm=100 * prompt_flops / r["ttft"] / mm_alone, decode_tps=decode_tps, bw=r["bw"], peak=peak,
+                prefill_pct_mm=100 * prompt_flops / r["ttft"] / mm_alone, decode_tps=decode_tps, bw=r["bw"], bw_run=r["bw_run"], peak=peak,
                 mem_tps=mem_tps, compute_tps=compute_tps, pct_roofline=100 * decode_tps / min(mem_tps, compute_tps),
                 agree=agree, vs_hf=float("nan"), vs_eager=float("nan"))
 
@@ -534,7 +543,8 @@ def _print_row(r):
           f"tok/s ({r['prefill_pct']:.0f}% of matmul peak {r['peak'] / 1e9:.0f} GFLOP/s"
           + (f", {r['prefill_pct_mm']:.0f}% of its matmuls alone at {r['mm_alone'] / 1e9:.0f}" if r["mm_alone"] == r["mm_alone"] else "")
           + ")  "
-          f"decode {r['decode_tps']:6.1f} tok/s ({ratios}ceilings: memory {r['mem_tps']:.1f} at {r['bw']:.0f} GB/s, "
+          f"decode {r['decode_tps']:6.1f} tok/s ({ratios}ceilings: memory {r['mem_tps']:.1f} at {r['bw']:.0f} GB/s "
+          f"(the block's fastest probe; {r['bw_run']:.0f} around this row's fastest run), "
           f"compute {r['compute_tps']:.0f} tok/s; {r['pct_roofline']:.0f}% of roofline)  "
           f"greedy agreement {r['agree']:.2f}", flush=True)
 
@@ -546,17 +556,19 @@ def _pct_of(pct: float, flops: float) -> str:
 def _table(rows, model, prompt_len, new_tokens, bw, used) -> str:
     lines = ["| impl | dtype | batch | TTFT (ms) | prefill tok/s | prefill % of matmul peak | "
              "prefill % of its matmuls alone (GFLOP/s) | decode tok/s | "
-             "decode vs transformers | memory ceiling tok/s (GB/s then) | compute ceiling tok/s (GFLOP/s then) | "
+             "decode vs transformers | memory ceiling tok/s (the block's fastest GB/s; around the row's fastest run) | "
+             "compute ceiling tok/s (GFLOP/s then) | "
              "% of roofline | greedy agreement |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         vs_hf = "-" if r["vs_hf"] != r["vs_hf"] else f"{r['vs_hf']:.2f}x"
         lines.append(f"| {r['impl']} | {r['dtype']} | {r['batch']} | {r['ttft_ms']:.0f} | {r['prefill_tps']:.0f} | "
-                     f"{r['prefill_pct']:.0f}% | {_pct_of(r['prefill_pct_mm'], r['mm_alone'])} | {r['decode_tps']:.1f} | {vs_hf} | {r['mem_tps']:.1f} ({r['bw']:.1f}) | "
+                     f"{r['prefill_pct']:.0f}% | {_pct_of(r['prefill_pct_mm'], r['mm_alone'])} | {r['decode_tps']:.1f} | {vs_hf} | {r['mem_tps']:.1f} ({r['bw']:.1f}; {r['bw_run']:.1f}) | "
                      f"{r['compute_tps']:.0f} ({r['peak'] / 1e9:.0f}) | {r['pct_roofline']:.0f}% | {r['agree']:.2f} |")
     lines.append(f"\n{model}, prompt {prompt_len} tokens, {new_tokens} new tokens (greedy); bandwidth over the run "
                  f"{bw[0]:.0f}-{bw[2]:.0f} GB/s (median {bw[1]:.0f}), read as the fused kernel reads; memory ceiling = "
-                 f"bandwidth around that row's fastest run / (weights except the embedding + KV read per step); compute "
+                 f"the fastest bandwidth probed in that dtype and batch's block (before and after every timed run) / (weights "
+                 f"except the embedding + KV read per step); compute "
                  f"ceiling = the dtype's (2048)^3 matmul speed in that block / FLOPs per step; roofline = the lower. "
                  f"Prefill's matmuls alone: the model's layer weights times the prompt's rows, nothing else, "
                  f"the weights cold as prefill finds them. "
