@@ -592,8 +592,9 @@ def test_time_budget_sizes_the_schedule(tmp_path, data_dir, capsys):
     meta = read_checkpoint_meta(summary["checkpoint"])
     assert meta["config"]["steps"] == probe and meta["step"] == probe
     assert fit(cfg)["step"] == probe  # resumed: the budgeted schedule, nothing left to train
-    # a generous budget changes nothing
+    # a generous budget changes nothing, and says that the whole schedule fits
     assert fit(tiny_cfg(tmp_path / "b", data_dir, steps=6, time_budget_s=1e6))["step"] == 6
+    assert "so all 6 steps fit" in capsys.readouterr().out
 
 
 def test_time_budget_follows_a_machine_that_slows_down(tmp_path, data_dir, capsys, monkeypatch):

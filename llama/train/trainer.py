@@ -387,7 +387,7 @@ class Trainer:
                     now = time.perf_counter()
                     window = BUDGET_PROBE_STEPS - 1 if done == BUDGET_PROBE_STEPS else BUDGET_REFIT_EVERY
                     self.fit_to_budget((now - (after_first if done == BUDGET_PROBE_STEPS else fitted)) / window,
-                                       now - start, metrics)
+                                       now - start, metrics, first=done == BUDGET_PROBE_STEPS)
                     fitted, cfg = time.perf_counter(), self.cfg  # (this step may now be the last)
                 bad_in_a_row = bad_in_a_row + 1 if rec["skipped"] else 0
                 if bad_in_a_row >= cfg.max_bad_steps:
@@ -420,10 +420,11 @@ class Trainer:
                 "checkpoint": str(saved or self.checkpoints.latest() or ""),
                 "export": str(exported) if exported else None}
 
-    def fit_to_budget(self, per_step: float, elapsed: float, metrics: Metrics) -> None:
+    def fit_to_budget(self, per_step: float, elapsed: float, metrics: Metrics, first: bool = False) -> None:
         """Lower `steps` so that the run ends within `time_budget_s`, given the seconds a step takes
         now (measured after the first one, then over the latest steps); never raises it. The same
-        decision on every rank (the slowest rank's time)."""
+        decision on every rank (the slowest rank's time). Says what it decided: every cut, and on the
+        `first` fit also that the whole schedule fits."""
         t = torch.tensor([per_step], dtype=torch.float64, device=self.device)
         if self.mesh is not None:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -437,6 +438,11 @@ class Trainer:
                           f"{self.cfg.steps}; the learning-rate schedule ends there")
             self.cfg = dataclasses.replace(self.cfg, steps=fits)
             metrics.set_total(fits)
+        elif first:
+            metrics.write(f"time budget {self.cfg.time_budget_s:.0f} s, {elapsed:.0f} s spent at step {self.step}: "
+                          f"{per_step:.2f} s a step ({self.cfg.global_batch_tokens / per_step:,.0f} tokens/s), so all "
+                          f"{self.cfg.steps} steps fit (~{(self.cfg.steps - self.step) * per_step:.0f} s more); "
+                          f"timed again every {BUDGET_REFIT_EVERY} steps")
 
     def model_size(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
