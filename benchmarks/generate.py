@@ -468,7 +468,7 @@ def llama_cpp_runner(path: Path, ids: list[int], args: ModelArgs, kv_dtype: str)
 
 
 def _time_runs(runners: dict, new_tokens: int, repeats: int, bw_samples: list) -> dict:
-    """{name: {ttft, dec (seconds for tokens 2..N), bw (GB/s around the fastest decode), tokens}}:
+    """{name: {ttft, dec (seconds for tokens 2..N), bw, bw_run (GB/s: below), tokens}}:
     each runner warmed up, then `repeats` rounds alternating the runners (background load hits all
     alike), the bandwidth probed right before and after every timed run. bw: the highest of all
     those probes (every row's ceiling); bw_run: the higher of the two around the row's fastest run."""
