@@ -234,6 +234,10 @@ def prefill_flops(args: ModelArgs, layer_params: int, output_params: int, bsz: i
 def main(model: str = "160M", dtypes=("bf16", "fp32"), batches=(1, 8), prompt_len: int = 128, new_tokens: int = 32,
          repeats: int = 2, compile: bool = False, threads: int | None = None, out: str | None = None,
          kernels=(), llamacpp: bool = True, hf_compile: bool = True):
+    if repeats < 1:
+        raise SystemExit(f"--repeats {repeats}: each row needs at least 1 timed run")
+    if new_tokens < 2:
+        raise SystemExit(f"--new_tokens {new_tokens}: decode speed is timed over the tokens after the first, so at least 2")
     if threads:
         torch.set_num_threads(threads)
 

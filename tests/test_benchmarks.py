@@ -191,6 +191,15 @@ def test_every_row_of_a_block_is_held_to_its_fastest_bandwidth_probe(bench, monk
     assert row["mem_tps"] == pytest.approx(90.0) and row["pct_roofline"] == pytest.approx(100 * 10 / 90)
 
 
+def test_generate_benchmark_refuses_runs_it_cannot_time(bench):
+    """No timed run (repeats 0) or no token after the first (new_tokens 1) leaves nothing to measure a
+    decode speed or a ceiling from: refused at once, naming the flag, before any model is built."""
+    with pytest.raises(SystemExit, match=r"^--repeats 0: each row needs at least 1 timed run$"):
+        bench["main"](repeats=0)
+    with pytest.raises(SystemExit, match=r"^--new_tokens 1: .*at least 2$"):
+        bench["main"](new_tokens=1)
+
+
 def test_matmul_peak_is_the_faster_of_torch_and_the_kernels_product(bench, monkeypatch):
     """The compute ceiling is the fastest product this process runs: torch's matmul or the fused
     kernel's own (`linear_rows`, where the build has it; on the AMD EPYC torch's fp32 product ran at
