@@ -845,17 +845,20 @@ def section_decode(ctx: Ctx, out: dict):
     if s.decode_small:  # (not with --decode-big-only)
         dense = bytes_read_per_token(model) + kv
         add("ours, eager", "decode_eager", ours(model, "eager"), dense)
-        add("ours, compiled decoder" + graphs + (", one-row products on llama.gpu_kernels.gemv" if kernel else ""),
+        add("ours, compiled decoder" + graphs + (", one-row products on llama.gpu_kernels.gemv, attention on "
+                                                 "its decode_attention" if kernel else ""),
             "decode_compiled", ours(model, "compiled"), dense, profile=True)
         if kernel:
             add("ours, compiled, one-row products on cuBLAS (gemv=False)", "decode_compiled",
                 ours(model, "compiled", gemv=False), dense)
-            # the one-token attention as plain products and a softmax, compiled by inductor, against
-            # sdpa's kernel (cuDNN's flash attention took 8.4 us a layer of a 1B step on an H200)
-            add("ours, compiled, on gemv, attention 'math' (inductor's kernels)", "decode_compiled",
-                ours(model, "compiled", attention="math"), dense, profile=True)
+            # the step's attention on sdpa over the whole cache under a mask (cuDNN's flash attention
+            # took 8.4 us a layer of a 1B step on an H200) instead of llama.gpu_kernels.decode_attention
+            add("ours, compiled, on gemv, attention on sdpa (attention_kernel=False)", "decode_compiled",
+                ours(model, "compiled", attention_kernel=False), dense, profile=True)
         add("transformers", "decode_transformers", lambda: hf_generator(ctx, model, prompt, max_len, out), dense)
         if kernel:
+            with recorded(out, "one_token_attention"):
+                out["one_token_attention"] = one_token_attention(ctx, model.args, s.decode_dtype)
             with recorded(out, "one_row_products"):
                 out["one_row_products"] = one_row_products(ctx, model.args, s.decode_dtype)
         gc.collect()
@@ -955,6 +958,47 @@ def one_row_products(ctx: Ctx, args: ModelArgs, dtype: torch.dtype, pool_bytes: 
             head = next(r[f"{impl}_us"] for r in products if r["product"] == "output")
             rows.append({"product": f"a step's products, {impl}", "shape": f"{args.n_layers} layers + output",
                          f"{impl}_us": args.n_layers * per_layer + head})
+    return rows
+
+
+def one_token_attention(ctx: Ctx, args: ModelArgs, dtype: torch.dtype, caches: tuple = ((384, 255), (4096, 2047))) -> list[dict]:
+    """A decoding step's attention alone, a layer's worth, batch 1: sdpa over the whole cache under a
+    mask (what the compiled step runs with attention_kernel=False) against llama.gpu_kernels'
+    decode_attention, which reads positions 0..pos only. For each (cache length, position): the
+    difference from the float64 result relative to its largest value, and us per layer as CUDA-graph
+    replays over every layer's cache in turn (a step's pattern: each layer's keys read once)."""
+    from llama.model import attention as model_attention
+    from llama import gpu_kernels
+
+    rows = []
+    h, hkv, d, n = args.n_heads, args.n_kv_heads, args.head_dim, args.n_layers
+    for length, pos in caches:
+        row = {"cache": length, "pos": pos, "kv_mb_read_by_kernel": 2 * n * (pos + 1) * hkv * d * dtype.itemsize / 1e6}
+        g = torch.Generator(device=ctx.device).manual_seed(0)
+        k = torch.randn(n, 1, length, hkv, d, device=ctx.device, dtype=dtype, generator=g)
+        v = torch.randn(n, 1, length, hkv, d, device=ctx.device, dtype=dtype, generator=g)
+        q = torch.randn(1, 1, h, d, device=ctx.device, dtype=dtype, generator=g)
+        at = torch.tensor([pos], device=ctx.device)
+        rep = h // hkv
+        kk, vv = (t[0, 0, :pos + 1].double().repeat_interleave(rep, 1) for t in (k, v))
+        ref = ((q[0, 0].double()[:, None, :] * kk.transpose(0, 1)).sum(-1) / d ** 0.5).softmax(-1)  # (H, pos+1)
+        ref = (ref[:, :, None] * vv.transpose(0, 1)).sum(1)  # (H, D)
+        impls = {"sdpa": lambda i: model_attention(q, k[i], v[i], at, "sdpa"),
+                 "kernel": lambda i: torch.ops.llama.decode_attention(q, k[i], v[i], at)}
+        for impl, fn in impls.items():
+            with recorded(row, impl):
+                got = fn(0)[0, 0].double()
+                row[f"{impl}_max_rel_err"] = ((got - ref).abs().max() / ref.abs().max()).item()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for i in range(n):
+                        fn(i)
+                row[f"{impl}_us_per_layer"] = 1e6 * best_seconds(graph.replay, ctx, 20) / n
+        if "sdpa_us_per_layer" in row and "kernel_us_per_layer" in row:
+            row["speedup"] = row["sdpa_us_per_layer"] / row["kernel_us_per_layer"]
+        rows.append(row)
+        del k, v
+        torch.cuda.empty_cache()
     return rows
 
 

@@ -1,4 +1,4 @@
-"""One-row matrix products for GPU decoding, as a Triton kernel.
+"""One-row matrix products and one-token attention for GPU decoding, as Triton kernels.
 
 A batch-1 decoding step multiplies one activation row by every weight matrix of the model: it reads
 each weight once and does two flops per weight, so the step is as fast as the weights stream from
@@ -17,6 +17,15 @@ decoding 1.06x bf16's on an H200, where it was 0.79x.
 it; `llama.inference.decoders.CompiledDecoder` turns it on around its one-token steps on CUDA, where
 torch.compile traces it into the step's graph as an opaque op. Everything else is left to
 `F.linear`. Triton ships with CUDA builds of torch; without it the mode does nothing.
+
+`decode_attention` is a decoding step's attention: one query per row over the KV cache. The
+compiled step has fixed shapes, so sdpa there attends over the whole cache under a mask built in
+every layer; on an H200 cuDNN's flash kernel took 8.4 us a layer of a 1B step for 384 positions,
+17% of the step (benchmarks/README.md, run 9), where reading them takes under 1 us. The kernel
+reads the position from the device and only keys 0..pos, split over programs that each keep a
+running softmax, then combined (flash decoding); no mask. `OneTokenAttention` routes
+llama.model.attention's one-token calls with tensor positions to it, around the compiled decoder's
+steps. (Unmeasured on a GPU as written: benchmarks/gpu.py times it against sdpa.)
 """
 
 from __future__ import annotations
@@ -90,6 +99,65 @@ if triton is not None:
         tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
+    @triton.jit
+    def _attend_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, part_ptr, stats_ptr,
+                       sqb, sqh, skb, sks, skh, svb, svs, svh, sob, soh, scale,
+                       H: tl.constexpr, N_REP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                       SPLIT: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+        # program (b, h, j): query head h of row b over the cached positions j * SPLIT.. up to the
+        # new token's position (the rest of the cache is never read); with one split it writes the
+        # output, else its unnormalized sums and its (max, sum of exponentials) for _combine_kernel
+        b, h, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        kvh = h // N_REP  # grouped-query: the kv head serving this query head
+        end = tl.load(pos_ptr).to(tl.int32) + 1  # keys 0..pos are visible
+        lo = j * SPLIT
+        hi = tl.minimum(lo + SPLIT, end)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        q = tl.load(q_ptr + b * sqb + h * sqh + d, mask=d_ok, other=0.0).to(tl.float32) * scale
+        k_row = k_ptr + b.to(tl.int64) * skb + kvh * skh
+        v_row = v_ptr + b.to(tl.int64) * svb + kvh * svh
+        m = tl.max(tl.full((BLOCK_S,), float("-inf"), tl.float32), 0)  # running max of the scores
+        l = tl.sum(tl.zeros((BLOCK_S,), tl.float32), 0)  # running sum of exp(score - m)
+        acc = tl.zeros((BLOCK_D,), tl.float32)  # running sum of exp(score - m) * value
+        for s0 in range(lo, hi, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            s_ok = s < hi
+            ok = s_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_row + s.to(tl.int64)[:, None] * sks + d[None, :], mask=ok, other=0.0).to(tl.float32)
+            x = tl.where(s_ok, tl.sum(k * q[None, :], 1), float("-inf"))
+            m_new = tl.maximum(m, tl.max(x, 0))  # finite: s0 < hi, so one position at least
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(x - m_new)
+            v = tl.load(v_row + s.to(tl.int64)[:, None] * svs + d[None, :], mask=ok, other=0.0).to(tl.float32)
+            l = l * alpha + tl.sum(p, 0)
+            acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+            m = m_new
+        if SPLITS == 1:
+            tl.store(o_ptr + b * sob + h * soh + d, (acc / l).to(o_ptr.dtype.element_ty), mask=d_ok)
+        else:  # a split wholly after the position leaves m = -inf, l = 0: no weight in the combine
+            at = (b * H + h) * SPLITS + j
+            tl.store(part_ptr + at * BLOCK_D + d, acc)
+            tl.store(stats_ptr + 2 * at, m)
+            tl.store(stats_ptr + 2 * at + 1, l)
+
+    @triton.jit
+    def _combine_kernel(part_ptr, stats_ptr, o_ptr, sob, soh, H: tl.constexpr, D: tl.constexpr,
+                        BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
+        # the splits of (b, h) rescaled to their common max and summed: softmax(scores) @ values
+        b, h = tl.program_id(0), tl.program_id(1)
+        j = tl.arange(0, BLOCK_SPLITS)
+        j_ok = j < SPLITS
+        at = (b * H + h) * SPLITS + j
+        m = tl.load(stats_ptr + 2 * at, mask=j_ok, other=float("-inf"))
+        l = tl.load(stats_ptr + 2 * at + 1, mask=j_ok, other=0.0)
+        w = tl.exp(m - tl.max(m, 0))  # split 0 always holds position 0: the max is finite
+        d = tl.arange(0, BLOCK_D)
+        part = tl.load(part_ptr + at[:, None] * BLOCK_D + d[None, :], mask=j_ok[:, None], other=0.0)
+        out = tl.sum(w[:, None] * part, 0) / tl.sum(w * l, 0)
+        tl.store(o_ptr + b * sob + h * soh + d, out.to(o_ptr.dtype.element_ty), mask=d < D)
+
+
 @torch.library.custom_op("llama::gemv", mutates_args=())
 def gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T for x with one row (any leading dims of size 1): (..., K) x (N, K) -> (..., N),
@@ -102,6 +170,64 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = No
     _gemv_kernel[grid](x.contiguous(), weight, weight if scales is None else scales.contiguous(), out, n,
                        weight.stride(0), k, scales is not None, INT8_BITS)
     return out
+
+
+@torch.library.custom_op("llama::decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, split: int = 0) -> torch.Tensor:
+    """Attention of one new token per row over a KV cache: q (B, 1, H, D), k and v (B, S, Hkv, D)
+    (views of the cache are fine: unit stride along D), `pos` (1,) the new token's position, which
+    sees keys 0..pos; -> (B, 1, H, D) in q's dtype, fp32 inside. Only positions 0..pos are read,
+    `split` positions a program (0: sized to give the GPU about two programs per SM), their
+    partial softmaxes combined as in flash decoding. Inference only (no gradient)."""
+    _check_attention(q, k, v, pos)
+    bsz, _, n_heads, head_dim = q.shape
+    seqlen, n_kv = k.size(1), k.size(2)
+    block_d = triton.next_power_of_2(head_dim)
+    block_s = 16 if INTERPRET else max(16, min(64, 4096 // block_d))  # 32 KiB of fp32 keys a tile
+    if split <= 0:
+        sms = 4 if INTERPRET else torch.cuda.get_device_properties(q.device).multi_processor_count
+        split = triton.cdiv(seqlen, max(1, 2 * sms // (bsz * n_heads)))
+    split = triton.cdiv(max(split, block_s), block_s) * block_s  # whole tiles
+    splits = triton.cdiv(seqlen, split)
+    out = torch.empty(bsz, 1, n_heads, head_dim, dtype=q.dtype, device=q.device)
+    if splits > 1:
+        part = torch.empty(bsz, n_heads, splits, block_d, dtype=torch.float32, device=q.device)
+        stats = torch.empty(bsz, n_heads, splits, 2, dtype=torch.float32, device=q.device)
+    else:
+        part = stats = out  # unused
+    _attend_kernel[(bsz, n_heads, splits)](
+        q, k, v, pos, out, part, stats, q.stride(0), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(2), head_dim ** -0.5,
+        H=n_heads, N_REP=n_heads // n_kv, D=head_dim, BLOCK_D=block_d, SPLIT=split, SPLITS=splits, BLOCK_S=block_s)
+    if splits > 1:
+        _combine_kernel[(bsz, n_heads)](part, stats, out, out.stride(0), out.stride(2), H=n_heads, D=head_dim,
+                                        BLOCK_D=block_d, SPLITS=splits, BLOCK_SPLITS=triton.next_power_of_2(splits))
+    return out
+
+
+@decode_attention.register_fake
+def _(q, k, v, pos, split=0):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _check_attention(q, k, v, pos) -> None:
+    """One sentence naming what `decode_attention` cannot take."""
+    if q.dim() != 4 or q.size(1) != 1:
+        raise ValueError(f"decode_attention takes one new token per row, q (B, 1, H, D); got q {tuple(q.shape)}")
+    b, _, h, d = q.shape
+    if k.dim() != 4 or k.shape != v.shape or k.size(0) != b or k.size(3) != d or h % k.size(2):
+        raise ValueError(f"decode_attention takes k and v (B, S, Hkv, D) with q's B and D and Hkv dividing H; got "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if any(t.stride(-1) != 1 for t in (q, k, v)):
+        raise ValueError("decode_attention takes q, k and v with unit stride along the head dimension")
+    if pos.numel() != 1 or pos.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"decode_attention takes the position as one integer tensor; got {pos.dtype} {tuple(pos.shape)}")
+    if len({t.device for t in (q, k, v, pos)}) != 1:
+        raise ValueError(f"decode_attention takes q, k, v and pos on one device; got {q.device}, {k.device}, "
+                         f"{v.device}, {pos.device}")
+    if not available() or not (q.device.type == "cuda" or INTERPRET):
+        raise RuntimeError(f"decode_attention runs on CUDA devices with Triton installed; got a tensor on {q.device}"
+                           + ("" if triton is not None else " and no Triton"))
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> None:
@@ -168,6 +294,34 @@ class OneRowLinears(TorchFunctionMode):
             if bias is None and _fits(x, w):
                 return torch.ops.llama.gemv(x, w)
         return func(*args, **kwargs)
+
+
+_attention_active = 0  # how many OneTokenAttention are entered (read by llama.model.attention)
+
+
+class OneTokenAttention:
+    """While entered, llama.model's attention of one new token per row over the whole KV cache with
+    a tensor position (the compiled decoder's one-token steps) runs `decode_attention`, on a CUDA
+    device (any device under Triton's interpreter) and where no gradient is recorded: it reads the
+    cache only up to the position and builds no mask. Inert where `available()` is false.
+    Process-wide, like OneRowLinears."""
+
+    def __enter__(self):
+        global _attention_active
+        _attention_active += 1
+        return self
+
+    def __exit__(self, *exc):
+        global _attention_active
+        _attention_active -= 1
+
+
+def one_token_attention_on(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether attention of q over k goes to `decode_attention` here (see OneTokenAttention)."""
+    return (_attention_active > 0 and available() and (q.device.type == "cuda" or INTERPRET)
+            and type(q) is torch.Tensor and type(k) is torch.Tensor  # not DTensor shards
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
+            and q.dim() == 4 and q.size(1) == 1 and q.stride(-1) == k.stride(-1) == 1)
 
 
 def _fits(x, w) -> bool:

@@ -21,6 +21,7 @@ from torch import nn
 
 from llama.blocked_attention import blocked_causal_attention
 from llama.config import JsonConfig
+from llama.gpu_kernels import one_token_attention_on
 
 ATTENTION_BACKENDS = ("sdpa", "xformers", "math", "blocked")
 
@@ -291,6 +292,8 @@ def attention(q, k, v, pos: int | torch.Tensor = 0, backend: str = "sdpa") -> to
         return _xformers_attention(q, k, v, pos)
     if backend == "blocked" and isinstance(pos, int) and seqlen > 1:  # llama/blocked_attention.py, for CPUs
         return blocked_causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), pos).transpose(1, 2)
+    if not isinstance(pos, int) and seqlen == 1 and backend in ("sdpa", "blocked") and one_token_attention_on(q, k):
+        return torch.ops.llama.decode_attention(q, k, v, pos)  # GPU decoding steps (llama/gpu_kernels.py)
     k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T|S, D)
     if backend in ("sdpa", "blocked"):  # blocked: one new token, or positions given by a tensor

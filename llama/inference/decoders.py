@@ -7,7 +7,7 @@ KV cache. All of them run the one `Transformer.forward`; they differ in how:
     compiled  one-token steps through torch.compile of the same forward with tensor positions
               (fixed shapes: one graph for every position; prefill stays eager); greedy decoding
               compiles the whole step (model, argmax, bookkeeping), on CUDA as one CUDA graph,
-              with its one-row products on a Triton kernel (llama/gpu_kernels.py)
+              with its one-row products and its attention on Triton kernels (llama/gpu_kernels.py)
     fused     one-token steps in one C++ call on x86 CPUs with AVX-512 (BF16) or AVX2+FMA, and ARM64 with
               NEON (llama/inference/cpu_decode.py, one source built per instruction set); bf16/fp32
               weights, or int8 ones (llama.quantize)
@@ -21,7 +21,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from llama.gpu_kernels import INTERPRET, OneRowLinears, available as gemv_available
+from llama.gpu_kernels import INTERPRET, OneRowLinears, OneTokenAttention, available as gemv_available
 from llama.model import KVCache, Transformer
 from llama.quantize import Int8Linear, int8_linear
 
@@ -165,14 +165,16 @@ class CompiledDecoder(EagerDecoder):
     returned by a captured one-token step live in the graph's buffer until the next step.
     `pack=False` keeps the separate q/k/v and gate/up projections (see PackedProjections).
     `gemv` runs the step's one-row products (bf16/fp16 weights, and llama.quantize's int8 ones) on
-    llama.gpu_kernels' Triton kernel instead of cuBLAS (or, for int8, a compiled reduction):
-    default on for CUDA where Triton is installed."""
+    llama.gpu_kernels' Triton kernel instead of cuBLAS (or, for int8, a compiled reduction), and
+    `attention_kernel` the step's attention on its `decode_attention` (which reads the cache only up
+    to the position, where sdpa reads all of it under a mask): each default on for CUDA where Triton
+    is installed."""
 
     name = "compiled"
     whole_greedy_steps = True
 
     def __init__(self, model: Transformer, cuda_graphs: bool | None = None, pack: bool = True,
-                 gemv: bool | None = None, **compile_options):
+                 gemv: bool | None = None, attention_kernel: bool | None = None, **compile_options):
         super().__init__(model)
         self.step = torch.compile(_decode_step, fullgraph=True, dynamic=False, **compile_options)
         self.greedy = torch.compile(greedy_step, fullgraph=True, dynamic=False, **compile_options)
@@ -190,11 +192,16 @@ class CompiledDecoder(EagerDecoder):
             raise ValueError("gemv=True needs Triton and the model on a CUDA device (Triton ships with CUDA builds "
                              "of torch)")
         self.gemv = (on_cuda and gemv_available()) if gemv is None else gemv
+        if attention_kernel and not (gemv_available() and (on_cuda or INTERPRET)):
+            raise ValueError("attention_kernel=True needs Triton and the model on a CUDA device (Triton ships with "
+                             "CUDA builds of torch)")
+        self.attention_kernel = (on_cuda and gemv_available()) if attention_kernel is None else attention_kernel
 
     @contextlib.contextmanager
     def _tracing(self):
-        """What the one-token steps run inside: the packed projections, and the one-row kernel."""
-        with self.packs, (OneRowLinears() if self.gemv else contextlib.nullcontext()):
+        """What the one-token steps run inside: the packed projections, and the GPU kernels."""
+        with (self.packs, OneRowLinears() if self.gemv else contextlib.nullcontext(),
+              OneTokenAttention() if self.attention_kernel else contextlib.nullcontext()):
             yield
 
     def decode_state(self, batch, width, device):
