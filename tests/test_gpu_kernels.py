@@ -215,6 +215,61 @@ def test_decode_attention_matches_float64_attention():
     assert float(out.split()[-1]) < 1e-5  # fp32 inside: far below one unit of the output
 
 
+@needs_triton
+def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
+    """The interpreter runs a kernel's Python, not Triton's compiler, which rejects some programs the
+    interpreter accepts (loop-carried types, shapes). So each kernel is compiled here, ahead of time,
+    to an sm_90 (H100/H200) cubin with Triton's own ptxas, for the variants decoding launches: gemv
+    on bf16/fp16 and int8 weights, whole tiles or not; decode_attention with one split and several,
+    multi-head and grouped-query, a head size that is not a power of two, and its combine kernel.
+    Where cuobjdump can read the cubin, no variant spills registers to local memory."""
+    import shutil
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    def jit(kernel):  # through autotune / heuristics wrappers
+        while not isinstance(kernel, JITFunction):
+            kernel = kernel.fn
+        return kernel
+
+    def compile_(kernel, types: dict, consts: dict):
+        sig = {**types, **{name: "constexpr" for name in consts}}
+        return triton.compile(ASTSource(jit(kernel), sig, consts), target=GPUTarget("cuda", 90, 32))
+
+    built = []
+    for dt, wt, scaled in (("bf16", "bf16", False), ("fp16", "fp16", False), ("bf16", "i8", True)):
+        for even in (True, False):
+            built.append(compile_(gpu_kernels._gemv_kernel,
+                                  {"x_ptr": f"*{dt}", "w_ptr": f"*{wt}", "s_ptr": f"*{dt}", "out_ptr": f"*{dt}",
+                                   "N": "i32", "stride_w": "i32"},
+                                  {"K": 2048, "SCALED": scaled, "INT8_BITS": True, "BLOCK_N": 8, "BLOCK_K": 512,
+                                   "EVEN": even}))
+    strides = ("sqb", "sqh", "skb", "sks", "skh", "svb", "svs", "svh", "sob", "soh")
+    for dt in ("bf16", "fp16", "fp32"):
+        for rep, d, splits in ((1, 128, 12), (4, 128, 1), (1, 80, 3)):
+            block_d = triton.next_power_of_2(d)
+            types = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "pos_ptr": "*i64", "o_ptr": f"*{dt}",
+                     "part_ptr": "*fp32", "stats_ptr": "*fp32", **{n: "i64" for n in strides}, "scale": "fp32"}
+            built.append(compile_(gpu_kernels._attend_kernel, types,
+                                  {"H": 16, "N_REP": rep, "D": d, "BLOCK_D": block_d, "SPLIT": 64, "SPLITS": splits,
+                                   "BLOCK_S": 4096 // block_d}))
+            built.append(compile_(gpu_kernels._combine_kernel,
+                                  {"part_ptr": "*fp32", "stats_ptr": "*fp32", "o_ptr": f"*{dt}", "sob": "i64", "soh": "i64"},
+                                  {"H": 16, "D": d, "BLOCK_D": block_d, "SPLITS": 12, "BLOCK_SPLITS": 16}))
+    assert all(k.asm.get("cubin") for k in built)
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not shutil.which(str(cuobjdump)):
+        return
+    for i, k in enumerate(built):
+        path = tmp_path / f"{i}.cubin"
+        path.write_bytes(k.asm["cubin"])
+        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(path)], capture_output=True, text=True).stdout
+        assert "LOCAL:0" in usage and "REG:" in usage, (k.name, usage)
+
+
 def test_decode_attention_names_what_it_cannot_take():
     q, k = torch.zeros(1, 1, 4, 8), torch.zeros(1, 16, 2, 8)
     pos = torch.tensor([3])
