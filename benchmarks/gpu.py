@@ -964,9 +964,10 @@ def one_row_products(ctx: Ctx, args: ModelArgs, dtype: torch.dtype, pool_bytes: 
 def one_token_attention(ctx: Ctx, args: ModelArgs, dtype: torch.dtype, caches: tuple = ((384, 255), (4096, 2047))) -> list[dict]:
     """A decoding step's attention alone, a layer's worth, batch 1: sdpa over the whole cache under a
     mask (what the compiled step runs with attention_kernel=False) against llama.gpu_kernels'
-    decode_attention, which reads positions 0..pos only. For each (cache length, position): the
-    difference from the float64 result relative to its largest value, and us per layer as CUDA-graph
-    replays over every layer's cache in turn (a step's pattern: each layer's keys read once)."""
+    decode_attention, which reads positions 0..pos only, with its automatic split size and others
+    (`splitN`: N positions a program). For each (cache length, position): the difference from the
+    float64 result relative to its largest value, and us per layer as CUDA-graph replays over every
+    layer's cache in turn (a step's pattern: each layer's keys read once)."""
     from llama.model import attention as model_attention
     from llama import gpu_kernels
 
@@ -985,6 +986,9 @@ def one_token_attention(ctx: Ctx, args: ModelArgs, dtype: torch.dtype, caches: t
         ref = (ref[:, :, None] * vv.transpose(0, 1)).sum(1)  # (H, D)
         impls = {"sdpa": lambda i: model_attention(q, k[i], v[i], at, "sdpa"),
                  "kernel": lambda i: torch.ops.llama.decode_attention(q, k[i], v[i], at)}
+        # other split sizes than the automatic one, up to the whole cache in one program a head (no combine)
+        for split in (32, 64, 128, 256, length):
+            impls[f"split{split}"] = lambda i, split=split: torch.ops.llama.decode_attention(q, k[i], v[i], at, split)
         for impl, fn in impls.items():
             with recorded(row, impl):
                 got = fn(0)[0, 0].double()
