@@ -64,7 +64,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 from llama.gpu_kernels import available as gemv_available
 from llama.formats.hf import hf_config, to_hf
 from llama.inference import CompiledDecoder, Llama
-from llama.model import ModelArgs, Transformer, attention
+from llama.model import ModelArgs, Transformer, attention, causal_mask
 from llama.parallel import apply_ac, apply_fsdp, compile_blocks
 from llama.quantize import quantize_int8, weight_bytes
 from llama.train import flops_per_token
@@ -961,16 +961,16 @@ def one_row_products(ctx: Ctx, args: ModelArgs, dtype: torch.dtype, pool_bytes: 
     return rows
 
 
-def one_token_attention(ctx: Ctx, args: ModelArgs, dtype: torch.dtype, caches: tuple = ((384, 255), (4096, 2047))) -> list[dict]:
-    """A decoding step's attention alone, a layer's worth, batch 1: sdpa over the whole cache under a
-    mask (what the compiled step runs with attention_kernel=False) against llama.gpu_kernels'
-    decode_attention, which reads positions 0..pos only, with its automatic split size and others
-    (`splitN`: N positions a program). For each (cache length, position): the difference from the
-    float64 result relative to its largest value, and us per layer as CUDA-graph replays over every
-    layer's cache in turn (a step's pattern: each layer's keys read once)."""
-    from llama.model import attention as model_attention
-    from llama import gpu_kernels
-
+def one_token_attention(ctx: Ctx, args: ModelArgs, dtype: torch.dtype,
+                        caches: tuple = ((384, 255), (4096, 255), (4096, 2047))) -> list[dict]:
+    """A decoding step's attention alone, batch 1, every layer's cache read in turn (a step's
+    pattern): sdpa over the whole cache under a mask (what the compiled step runs with
+    attention_kernel=False; the mask and the views built before, so only sdpa's own kernels are
+    timed) against llama.gpu_kernels' decode_attention, which reads positions 0..pos only, with its
+    automatic split size and others (`splitN`: N positions a program). For each (cache length,
+    position): the difference from the float64 result relative to its largest value, and us per
+    layer as CUDA-graph replays. (384 positions of a 1B's 16 layers are 50 MB in bf16, about an
+    H100's or H200's L2: replays may find part of them there. 4,096 are 537 MB.)"""
     rows = []
     h, hkv, d, n = args.n_heads, args.n_kv_heads, args.head_dim, args.n_layers
     for length, pos in caches:
@@ -984,7 +984,12 @@ def one_token_attention(ctx: Ctx, args: ModelArgs, dtype: torch.dtype, caches: t
         kk, vv = (t[0, 0, :pos + 1].double().repeat_interleave(rep, 1) for t in (k, v))
         ref = ((q[0, 0].double()[:, None, :] * kk.transpose(0, 1)).sum(-1) / d ** 0.5).softmax(-1)  # (H, pos+1)
         ref = (ref[:, :, None] * vv.transpose(0, 1)).sum(1)  # (H, D)
-        impls = {"sdpa": lambda i: model_attention(q, k[i], v[i], at, "sdpa"),
+        # sdpa's inputs as llama.model.attention makes them, outside the graph: (B, H, T|S, D) views
+        mask = causal_mask(1, at, length, ctx.device).to(dtype)
+        qt = q.transpose(1, 2)
+        kt, vt = ([t[i].repeat_interleave(rep, 2).transpose(1, 2) if rep > 1 else t[i].transpose(1, 2)
+                   for i in range(n)] for t in (k, v))
+        impls = {"sdpa": lambda i: F.scaled_dot_product_attention(qt, kt[i], vt[i], attn_mask=mask).transpose(1, 2),
                  "kernel": lambda i: torch.ops.llama.decode_attention(q, k[i], v[i], at)}
         # other split sizes than the automatic one, up to the whole cache in one program a head (no combine)
         for split in (32, 64, 128, 256, length):
@@ -1001,7 +1006,7 @@ def one_token_attention(ctx: Ctx, args: ModelArgs, dtype: torch.dtype, caches: t
         if "sdpa_us_per_layer" in row and "kernel_us_per_layer" in row:
             row["speedup"] = row["sdpa_us_per_layer"] / row["kernel_us_per_layer"]
         rows.append(row)
-        del k, v
+        del k, v, kt, vt
         torch.cuda.empty_cache()
     return rows
 

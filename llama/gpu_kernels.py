@@ -30,6 +30,7 @@ steps. (Unmeasured on a GPU as written: benchmarks/gpu.py times it against sdpa.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -44,6 +45,7 @@ except Exception:  # noqa: BLE001 - CPU builds of torch have none; a broken inst
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (the tests)
 INT8_BITS = True  # int8 weights widened by integer ops rather than conversion instructions
+MAX_SPLIT = 256  # decode_attention's most positions a program, when it sizes the splits itself
 
 
 def available() -> bool:
@@ -143,19 +145,28 @@ if triton is not None:
 
     @triton.jit
     def _combine_kernel(part_ptr, stats_ptr, o_ptr, sob, soh, H: tl.constexpr, D: tl.constexpr,
-                        BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
-        # the splits of (b, h) rescaled to their common max and summed: softmax(scores) @ values
+                        BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, CHUNK: tl.constexpr):
+        # the splits of (b, h) rescaled to their common max and summed: softmax(scores) @ values.
+        # CHUNK splits at a time (a tile of every split's sums at once spilled from 256 splits on)
         b, h = tl.program_id(0), tl.program_id(1)
-        j = tl.arange(0, BLOCK_SPLITS)
-        j_ok = j < SPLITS
-        at = (b * H + h) * SPLITS + j
-        m = tl.load(stats_ptr + 2 * at, mask=j_ok, other=float("-inf"))
-        l = tl.load(stats_ptr + 2 * at + 1, mask=j_ok, other=0.0)
-        w = tl.exp(m - tl.max(m, 0))  # split 0 always holds position 0: the max is finite
+        first = (b * H + h) * SPLITS
+        mx = tl.max(tl.full((CHUNK,), float("-inf"), tl.float32), 0)
+        for c in range(0, SPLITS, CHUNK):
+            j = c + tl.arange(0, CHUNK)
+            mx = tl.maximum(mx, tl.max(tl.load(stats_ptr + 2 * (first + j), mask=j < SPLITS, other=float("-inf")), 0))
         d = tl.arange(0, BLOCK_D)
-        part = tl.load(part_ptr + at[:, None] * BLOCK_D + d[None, :], mask=j_ok[:, None], other=0.0)
-        out = tl.sum(w[:, None] * part, 0) / tl.sum(w * l, 0)
-        tl.store(o_ptr + b * sob + h * soh + d, out.to(o_ptr.dtype.element_ty), mask=d < D)
+        num = tl.zeros((BLOCK_D,), tl.float32)
+        den = tl.sum(tl.zeros((CHUNK,), tl.float32), 0)
+        for c in range(0, SPLITS, CHUNK):
+            j = c + tl.arange(0, CHUNK)
+            j_ok = j < SPLITS
+            m = tl.load(stats_ptr + 2 * (first + j), mask=j_ok, other=float("-inf"))
+            l = tl.load(stats_ptr + 2 * (first + j) + 1, mask=j_ok, other=0.0)
+            w = tl.exp(m - mx)  # split 0 always holds position 0: mx is finite
+            part = tl.load(part_ptr + (first + j)[:, None] * BLOCK_D + d[None, :], mask=j_ok[:, None], other=0.0)
+            num += tl.sum(w[:, None] * part, 0)
+            den += tl.sum(w * l, 0)
+        tl.store(o_ptr + b * sob + h * soh + d, (num / den).to(o_ptr.dtype.element_ty), mask=d < D)
 
 
 @torch.library.custom_op("llama::gemv", mutates_args=())
@@ -173,20 +184,25 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = No
 
 
 @torch.library.custom_op("llama::decode_attention", mutates_args=())
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, split: int = 0) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+                     split: int = 0) -> torch.Tensor:
     """Attention of one new token per row over a KV cache: q (B, 1, H, D), k and v (B, S, Hkv, D)
     (views of the cache are fine: unit stride along D), `pos` (1,) the new token's position, which
     sees keys 0..pos; -> (B, 1, H, D) in q's dtype, fp32 inside. Only positions 0..pos are read,
-    `split` positions a program (0: sized to give the GPU about two programs per SM), their
-    partial softmaxes combined as in flash decoding. Inference only (no gradient)."""
+    `split` positions a program (0: about two programs an SM, at most MAX_SPLIT positions each),
+    their partial softmaxes combined as in flash decoding. Each query head has its own program:
+    a grouped-query kv head is read once for each of its query heads (from L2 after the first).
+    Inference only (no gradient)."""
     _check_attention(q, k, v, pos)
     bsz, _, n_heads, head_dim = q.shape
     seqlen, n_kv = k.size(1), k.size(2)
     block_d = triton.next_power_of_2(head_dim)
     block_s = 16 if INTERPRET else max(16, min(64, 4096 // block_d))  # 32 KiB of fp32 keys a tile
     if split <= 0:
+        # about two programs an SM over the whole cache, at most MAX_SPLIT positions each: the
+        # cache is sized for the longest generation, and a split wholly after pos only exits
         sms = 4 if INTERPRET else torch.cuda.get_device_properties(q.device).multi_processor_count
-        split = triton.cdiv(seqlen, max(1, 2 * sms // (bsz * n_heads)))
+        split = min(MAX_SPLIT, triton.cdiv(seqlen, max(1, 2 * sms // (bsz * n_heads))))
     split = triton.cdiv(max(split, block_s), block_s) * block_s  # whole tiles
     splits = triton.cdiv(seqlen, split)
     out = torch.empty(bsz, 1, n_heads, head_dim, dtype=q.dtype, device=q.device)
@@ -195,13 +211,16 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
         stats = torch.empty(bsz, n_heads, splits, 2, dtype=torch.float32, device=q.device)
     else:
         part = stats = out  # unused
-    _attend_kernel[(bsz, n_heads, splits)](
-        q, k, v, pos, out, part, stats, q.stride(0), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(2), head_dim ** -0.5,
-        H=n_heads, N_REP=n_heads // n_kv, D=head_dim, BLOCK_D=block_d, SPLIT=split, SPLITS=splits, BLOCK_S=block_s)
-    if splits > 1:
-        _combine_kernel[(bsz, n_heads)](part, stats, out, out.stride(0), out.stride(2), H=n_heads, D=head_dim,
-                                        BLOCK_D=block_d, SPLITS=splits, BLOCK_SPLITS=triton.next_power_of_2(splits))
+    on_q = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
+    with on_q:  # launched on q's GPU, not on the current one
+        _attend_kernel[(bsz, n_heads, splits)](
+            q, k, v, pos, out, part, stats, q.stride(0), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(2), head_dim ** -0.5,
+            H=n_heads, N_REP=n_heads // n_kv, D=head_dim, BLOCK_D=block_d, SPLIT=split, SPLITS=splits, BLOCK_S=block_s)
+        if splits > 1:
+            _combine_kernel[(bsz, n_heads)](part, stats, out, out.stride(0), out.stride(2), H=n_heads, D=head_dim,
+                                            BLOCK_D=block_d, SPLITS=splits,
+                                            CHUNK=min(32, triton.next_power_of_2(splits)))
     return out
 
 
@@ -221,7 +240,8 @@ def _check_attention(q, k, v, pos) -> None:
     if any(t.stride(-1) != 1 for t in (q, k, v)):
         raise ValueError("decode_attention takes q, k and v with unit stride along the head dimension")
     if pos.numel() != 1 or pos.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"decode_attention takes the position as one integer tensor; got {pos.dtype} {tuple(pos.shape)}")
+        raise ValueError(f"decode_attention takes the position as one integer tensor; got {pos.dtype} "
+                         f"{tuple(pos.shape)}")
     if len({t.device for t in (q, k, v, pos)}) != 1:
         raise ValueError(f"decode_attention takes q, k, v and pos on one device; got {q.device}, {k.device}, "
                          f"{v.device}, {pos.device}")
@@ -316,12 +336,12 @@ class OneTokenAttention:
         _attention_active -= 1
 
 
-def one_token_attention_on(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether attention of q over k goes to `decode_attention` here (see OneTokenAttention)."""
+def one_token_attention_on(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether attention of q over k, v goes to `decode_attention` here (see OneTokenAttention)."""
     return (_attention_active > 0 and available() and (q.device.type == "cuda" or INTERPRET)
-            and type(q) is torch.Tensor and type(k) is torch.Tensor  # not DTensor shards
-            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
-            and q.dim() == 4 and q.size(1) == 1 and q.stride(-1) == k.stride(-1) == 1)
+            and all(type(t) is torch.Tensor for t in (q, k, v))  # not DTensor shards
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+            and q.dim() == 4 and q.size(1) == 1 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1)
 
 
 def _fits(x, w) -> bool:

@@ -292,7 +292,7 @@ def attention(q, k, v, pos: int | torch.Tensor = 0, backend: str = "sdpa") -> to
         return _xformers_attention(q, k, v, pos)
     if backend == "blocked" and isinstance(pos, int) and seqlen > 1:  # llama/blocked_attention.py, for CPUs
         return blocked_causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), pos).transpose(1, 2)
-    if not isinstance(pos, int) and seqlen == 1 and backend in ("sdpa", "blocked") and one_token_attention_on(q, k):
+    if not isinstance(pos, int) and seqlen == 1 and backend in ("sdpa", "blocked") and one_token_attention_on(q, k, v):
         return torch.ops.llama.decode_attention(q, k, v, pos)  # GPU decoding steps (llama/gpu_kernels.py)
     k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T|S, D)

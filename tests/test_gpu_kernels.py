@@ -179,7 +179,7 @@ def test_decode_attention_matches_float64_attention():
     """One new token per row over a cache view (rows 0..B-1 of a layer of a larger cache), keys
     0..pos visible: multi-head and grouped-query heads, a head size that is not a power of two,
     positions at 0, at a split's edges and at the cache's end, one split and several (automatic and
-    given), bf16, fp16 and fp32. Each output within its dtype's rounding of float64 attention (the
+    given; 38 splits, which the combine kernel takes in two chunks), bf16, fp16 and fp32. Each output within its dtype's rounding of float64 attention (the
     interpreter rounds bf16 toward zero: one unit). Positions after pos are filled with huge values:
     reading one would show."""
     out = interpret("""
@@ -196,10 +196,13 @@ def test_decode_attention_matches_float64_attention():
             return torch.einsum("bhs,bshd->bhd", scores.softmax(-1), v)[:, None]
 
         worst = 0.0
-        for b, h, hkv, d, s in [(2, 4, 2, 16, 40), (1, 2, 2, 24, 33), (3, 4, 1, 32, 70)]:
+        cases = [(2, 4, 2, 16, 40, (0, 15, 16, 39), (0, 16, 48)), (1, 2, 2, 24, 33, (0, 15, 16, 32), (0, 16, 48)),
+                 (3, 4, 1, 32, 70, (0, 15, 16, 69), (0, 16, 48)),
+                 (1, 2, 1, 16, 600, (0, 300, 599), (16,))]  # 38 splits: the combine takes them 32 at a time
+        for b, h, hkv, d, s, positions, splits in cases:
             for dtype in (torch.bfloat16, torch.float16, torch.float32):
-                for pos in (0, 15, 16, s - 1):
-                    for split in (0, 16, 48):
+                for pos in positions:
+                    for split in splits:
                         ck, cv = (torch.randn(2, b + 1, s, hkv, d) for _ in range(2))
                         ck[:, :, pos + 1:] = cv[:, :, pos + 1:] = 1e4  # never visible
                         k, v = ck.to(dtype)[1, :b], cv.to(dtype)[1, :b]
@@ -249,16 +252,17 @@ def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
                                    "EVEN": even}))
     strides = ("sqb", "sqh", "skb", "sks", "skh", "svb", "svs", "svh", "sob", "soh")
     for dt in ("bf16", "fp16", "fp32"):
-        for rep, d, splits in ((1, 128, 12), (4, 128, 1), (1, 80, 3)):
-            block_d = triton.next_power_of_2(d)
+        for rep, d, splits, ints in ((1, 128, 12, "i32"), (4, 128, 1, "i32"), (1, 80, 3, "i32"), (1, 64, 4, "i64")):
+            block_d = triton.next_power_of_2(d)  # (ints: how Triton passes the strides, by their size)
             types = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "pos_ptr": "*i64", "o_ptr": f"*{dt}",
-                     "part_ptr": "*fp32", "stats_ptr": "*fp32", **{n: "i64" for n in strides}, "scale": "fp32"}
+                     "part_ptr": "*fp32", "stats_ptr": "*fp32", **{n: ints for n in strides}, "scale": "fp32"}
             built.append(compile_(gpu_kernels._attend_kernel, types,
                                   {"H": 16, "N_REP": rep, "D": d, "BLOCK_D": block_d, "SPLIT": 64, "SPLITS": splits,
                                    "BLOCK_S": 4096 // block_d}))
             built.append(compile_(gpu_kernels._combine_kernel,
-                                  {"part_ptr": "*fp32", "stats_ptr": "*fp32", "o_ptr": f"*{dt}", "sob": "i64", "soh": "i64"},
-                                  {"H": 16, "D": d, "BLOCK_D": block_d, "SPLITS": 12, "BLOCK_SPLITS": 16}))
+                                  {"part_ptr": "*fp32", "stats_ptr": "*fp32", "o_ptr": f"*{dt}", "sob": "i32",
+                                   "soh": "i32"},
+                                  {"H": 16, "D": d, "BLOCK_D": block_d, "SPLITS": 12 * splits, "CHUNK": 32}))
     assert all(k.asm.get("cubin") for k in built)
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if not shutil.which(str(cuobjdump)):
@@ -266,7 +270,8 @@ def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
     for i, k in enumerate(built):
         path = tmp_path / f"{i}.cubin"
         path.write_bytes(k.asm["cubin"])
-        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(path)], capture_output=True, text=True).stdout
+        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(path)], capture_output=True,
+                               text=True).stdout
         assert "LOCAL:0" in usage and "REG:" in usage, (k.name, usage)
 
 
@@ -409,18 +414,23 @@ def test_gemv_on_cuda_and_the_graph_captured_step():
 @pytest.mark.skipif(not (torch.cuda.is_available() and gpu_kernels.available()), reason="needs a CUDA device and Triton")
 def test_decode_attention_on_cuda():
     """On a GPU (run by the GPU check): the compiled kernel against float64 attention at a 1B model's
-    and a 7B's head shapes (16 and 32 heads of 128, one split and many) and a grouped-query one, each
-    output within half a unit of its dtype's rounding (round to nearest) plus fp32 sums' error."""
+    and a 7B's head shapes (16 and 32 heads of 128), a grouped-query one, one split and many (256 at
+    8,192 positions: the combine in chunks), each output within half a unit of its dtype's rounding
+    (round to nearest) plus fp32 sums' error."""
     torch.manual_seed(0)
-    for h, hkv, d, s, pos in [(16, 16, 128, 384, 255), (32, 32, 128, 4096, 2047), (32, 8, 128, 1024, 1023),
-                              (16, 16, 128, 384, 0)]:
+    # (batch, heads, kv heads, head size, cache, position, split: 0 automatic, s one program a head;
+    # batch 16 x 32 heads gives one split automatically on an H100/H200)
+    for b, h, hkv, d, s, pos, split in [(2, 16, 16, 128, 384, 255, 0), (2, 32, 32, 128, 4096, 2047, 0),
+                                        (2, 32, 8, 128, 1024, 1023, 0), (2, 16, 16, 128, 384, 0, 0),
+                                        (2, 16, 16, 128, 384, 255, 384), (16, 32, 32, 128, 512, 300, 0),
+                                        (1, 16, 16, 128, 8192, 8000, 32)]:
         for dtype in (torch.bfloat16, torch.float16):
-            k, v = (torch.randn(2, s, hkv, d, device="cuda").to(dtype) for _ in range(2))
-            q = torch.randn(2, 1, h, d, device="cuda").to(dtype)
-            y = torch.ops.llama.decode_attention(q, k, v, torch.tensor([pos], device="cuda"))
+            k, v = (torch.randn(b, s, hkv, d, device="cuda").to(dtype) for _ in range(2))
+            q = torch.randn(b, 1, h, d, device="cuda").to(dtype)
+            y = torch.ops.llama.decode_attention(q, k, v, torch.tensor([pos], device="cuda"), split)
             kk, vv = (t[:, :pos + 1].double().repeat_interleave(h // hkv, 2) for t in (k, v))
             scores = torch.einsum("bhd,bshd->bhs", q[:, 0].double(), kk) / d ** 0.5
             ref = torch.einsum("bhs,bshd->bhd", scores.softmax(-1), vv)[:, None]
             unit = 2.0 ** (-11 if dtype is torch.float16 else -8)
             excess = ((y.double() - ref).abs() - unit * ref.abs()).max() / ref.abs().max()
-            assert excess < 1e-4, (h, hkv, s, pos, dtype, excess.item())
+            assert excess < 1e-4, (b, h, hkv, s, pos, split, dtype, excess.item())
