@@ -219,7 +219,7 @@ def test_decode_attention_matches_float64_attention():
 
 
 @needs_triton
-def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
+def test_kernels_compile_for_hopper_without_a_gpu(tmp_path, monkeypatch):
     """The interpreter runs a kernel's Python, not Triton's compiler, which rejects some programs the
     interpreter accepts (loop-carried types, shapes). So each kernel is compiled here, ahead of time,
     to an sm_90 (H100/H200) cubin with Triton's own ptxas, for the variants decoding launches: gemv
@@ -228,6 +228,7 @@ def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
     Where cuobjdump can read the cubin, no variant spills registers to local memory."""
     import shutil
 
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, which it warns will change
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource

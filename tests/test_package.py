@@ -48,14 +48,16 @@ def package_graph() -> dict[str, set[str]]:
 
 
 def test_core_imports_only_the_core():
-    """llama/model.py (and its attention kernel), tokenizer, config, env and chat import nothing from
+    """llama/model.py (and its attention kernels), tokenizer, config, env and chat import nothing from
     the package beyond the core; transforms import only the core and other transforms (LoRA wraps
     int8 projections), formats only the core and other formats."""
     graph = package_graph()
     for mod in CORE:
         assert graph[mod] <= CORE, (mod, graph[mod] - CORE)
-    assert graph["llama.model"] <= {"llama.config", "llama.blocked_attention"}
-    assert graph["llama.blocked_attention"] <= {"llama.cpu_kernels"}  # an attention kernel: torch and its C++
+    # its attention kernels: the blocked one (torch and C++) for CPUs, the one-token Triton one for GPU decoding
+    assert graph["llama.model"] <= {"llama.config", "llama.blocked_attention", "llama.gpu_kernels"}
+    assert graph["llama.blocked_attention"] <= {"llama.cpu_kernels"}
+    assert graph["llama.gpu_kernels"] == set()
     assert graph["llama.cpu_kernels"] <= {"llama.env"}
     assert graph["llama.chat"] <= {"llama.tokenizer", "llama.bpe_tokenizer"}
     for mod in TRANSFORMS & set(graph):
