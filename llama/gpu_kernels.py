@@ -102,7 +102,7 @@ if triton is not None:
 
 
     @triton.jit
-    def _attend_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, part_ptr, stats_ptr,
+    def _attend_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, part_ptr, stats_ptr, S,
                        sqb, sqh, skb, sks, skh, svb, svs, svh, sob, soh, scale,
                        H: tl.constexpr, N_REP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                        SPLIT: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
@@ -111,7 +111,7 @@ if triton is not None:
         # output, else its unnormalized sums and its (max, sum of exponentials) for _combine_kernel
         b, h, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         kvh = h // N_REP  # grouped-query: the kv head serving this query head
-        end = tl.load(pos_ptr).to(tl.int32) + 1  # keys 0..pos are visible
+        end = tl.minimum(tl.load(pos_ptr).to(tl.int32) + 1, S)  # keys 0..pos are visible (never past the cache)
         lo = j * SPLIT
         hi = tl.minimum(lo + SPLIT, end)
         d = tl.arange(0, BLOCK_D)
@@ -214,7 +214,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
     on_q = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
     with on_q:  # launched on q's GPU, not on the current one
         _attend_kernel[(bsz, n_heads, splits)](
-            q, k, v, pos, out, part, stats, q.stride(0), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            q, k, v, pos, out, part, stats, seqlen, q.stride(0), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(2), head_dim ** -0.5,
             H=n_heads, N_REP=n_heads // n_kv, D=head_dim, BLOCK_D=block_d, SPLIT=split, SPLITS=splits, BLOCK_S=block_s)
         if splits > 1:

@@ -179,7 +179,8 @@ def test_decode_attention_matches_float64_attention():
     """One new token per row over a cache view (rows 0..B-1 of a layer of a larger cache), keys
     0..pos visible: multi-head and grouped-query heads, a head size that is not a power of two,
     positions at 0, at a split's edges and at the cache's end, one split and several (automatic and
-    given; 38 splits, which the combine kernel takes in two chunks), bf16, fp16 and fp32. Each output within its dtype's rounding of float64 attention (the
+    given; 38 splits, which the combine kernel takes in two chunks), a position past the cache's end
+    (every key visible, nothing read beyond), bf16, fp16 and fp32. Each output within its dtype's rounding of float64 attention (the
     interpreter rounds bf16 toward zero: one unit). Positions after pos are filled with huge values:
     reading one would show."""
     out = interpret("""
@@ -196,7 +197,7 @@ def test_decode_attention_matches_float64_attention():
             return torch.einsum("bhs,bshd->bhd", scores.softmax(-1), v)[:, None]
 
         worst = 0.0
-        cases = [(2, 4, 2, 16, 40, (0, 15, 16, 39), (0, 16, 48)), (1, 2, 2, 24, 33, (0, 15, 16, 32), (0, 16, 48)),
+        cases = [(2, 4, 2, 16, 40, (0, 15, 16, 39, 50), (0, 16, 48)),  # 50: past the cache, which it all sees (1, 2, 2, 24, 33, (0, 15, 16, 32), (0, 16, 48)),
                  (3, 4, 1, 32, 70, (0, 15, 16, 69), (0, 16, 48)),
                  (1, 2, 1, 16, 600, (0, 300, 599), (16,))]  # 38 splits: the combine takes them 32 at a time
         for b, h, hkv, d, s, positions, splits in cases:
@@ -256,7 +257,8 @@ def test_kernels_compile_for_hopper_without_a_gpu(tmp_path, monkeypatch):
         for rep, d, splits, ints in ((1, 128, 12, "i32"), (4, 128, 1, "i32"), (1, 80, 3, "i32"), (1, 64, 4, "i64")):
             block_d = triton.next_power_of_2(d)  # (ints: how Triton passes the strides, by their size)
             types = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "pos_ptr": "*i64", "o_ptr": f"*{dt}",
-                     "part_ptr": "*fp32", "stats_ptr": "*fp32", **{n: ints for n in strides}, "scale": "fp32"}
+                     "part_ptr": "*fp32", "stats_ptr": "*fp32", "S": "i32", **{n: ints for n in strides},
+                     "scale": "fp32"}
             built.append(compile_(gpu_kernels._attend_kernel, types,
                                   {"H": 16, "N_REP": rep, "D": d, "BLOCK_D": block_d, "SPLIT": 64, "SPLITS": splits,
                                    "BLOCK_S": 4096 // block_d}))
