@@ -150,6 +150,15 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     return stacked
 
 
+def _gpu_kernel_option(name: str, value: bool | None, on_cuda: bool) -> bool:
+    """A llama.gpu_kernels option of CompiledDecoder: None is on where the kernels can run (CUDA and
+    Triton); True where they cannot is refused, naming the option."""
+    if value and not (gemv_available() and (on_cuda or INTERPRET)):
+        raise ValueError(f"{name}=True needs Triton and the model on a CUDA device (Triton ships with CUDA builds "
+                         "of torch)")
+    return (on_cuda and gemv_available()) if value is None else value
+
+
 def _decode_step(model: Transformer, tokens: torch.Tensor, cache: KVCache, input_pos: torch.Tensor) -> torch.Tensor:
     return model(tokens, cache=cache, input_pos=input_pos)
 
@@ -188,14 +197,8 @@ class CompiledDecoder(EagerDecoder):
         self.pack = pack  # PackedProjections for the one-token steps
         self.packs = PackedProjections(model, pack)
         self._weights = _addresses(model)
-        if gemv and not (gemv_available() and (on_cuda or INTERPRET)):
-            raise ValueError("gemv=True needs Triton and the model on a CUDA device (Triton ships with CUDA builds "
-                             "of torch)")
-        self.gemv = (on_cuda and gemv_available()) if gemv is None else gemv
-        if attention_kernel and not (gemv_available() and (on_cuda or INTERPRET)):
-            raise ValueError("attention_kernel=True needs Triton and the model on a CUDA device (Triton ships with "
-                             "CUDA builds of torch)")
-        self.attention_kernel = (on_cuda and gemv_available()) if attention_kernel is None else attention_kernel
+        self.gemv = _gpu_kernel_option("gemv", gemv, on_cuda)
+        self.attention_kernel = _gpu_kernel_option("attention_kernel", attention_kernel, on_cuda)
 
     @contextlib.contextmanager
     def _tracing(self):
