@@ -24,6 +24,25 @@ SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
 ROLES = ("system", "user", "assistant")
 
 
+# Llama 2's format as a chat template (Jinja, one line: no renderer's whitespace rules apply), for
+# files that carry one (chat_template.jinja beside tokenizer.model, a GGUF's tokenizer.chat_template):
+# under `encode_chat` it gives `format_dialog`'s ids.
+LLAMA2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set messages = messages[1:] %}{% else %}{% set system = none %}{% endif %}"
+    "{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('after an optional system message, roles must alternate user/assistant/...') }}"
+    "{% endif %}"
+    "{% if message['role'] == 'user' %}"
+    "{% if loop.first and system is not none %}"
+    "{% set content = '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{{ bos_token + '[INST] ' + content | trim + ' [/INST]' }}"
+    "{% else %}{{ ' ' + message['content'] | trim + ' ' + eos_token }}{% endif %}"
+    "{% endfor %}")
+
+
 def check_dialog(dialog, last: str = "user") -> None:
     """Raise ValueError unless `dialog` is a list of {"role", "content": str} messages with an
     optional system message first, then user/assistant alternating from user, ending with `last`

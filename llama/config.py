@@ -8,6 +8,7 @@ The presets live in `llama/configs/` as package data, so every install has them:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -53,6 +54,50 @@ def config_path(kind: str, name: str | Path) -> Path:
     return path
 
 
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def coerce_fields(cls, d: dict, prefix: str = "") -> dict:
+    """`d` with the values of `cls`'s bool, int and float fields (Optional ones too) made that type
+    from what a command line or a hand-written JSON holds ("false", "12", "3e-4"); a value that is not
+    one is a ValueError naming the key (after `prefix`) and the value. Other keys and fields are left
+    as they are."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    out = dict(d)
+    for key, value in d.items():
+        kind = types.get(key, "")
+        optional = kind.startswith("Optional[")
+        kind = kind[len("Optional["):-1] if optional else kind
+        if kind not in ("bool", "int", "float") or (value is None and optional):
+            continue
+        out[key] = _coerce(prefix + key, value, kind)
+    return out
+
+
+def _coerce(key: str, value, kind: str):
+    text = value.strip().lower() if isinstance(value, str) else None
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if value in (0, 1) and not isinstance(value, float):
+            return bool(value)
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    if isinstance(value, str):
+        try:
+            value = float(text) if kind == "float" or not text.lstrip("+-").isdigit() else int(text)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{key} must be {'an integer' if kind == 'int' else 'a number'}, got {value!r}")
+    if kind == "float":
+        return float(value)
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"{key} must be an integer, got {value!r}")
+    return int(value)
+
+
 class JsonConfig:
     """`from_json` and `from_name` for a config class with `from_dict(d, **overrides)`: `KIND` is
     its folder in llama/configs, `WHAT` how errors name it ("model config", "training config")."""
@@ -67,6 +112,13 @@ class JsonConfig:
         try:
             return cls.from_dict(d, **overrides)
         except (TypeError, ValueError) as e:
+            if overrides:
+                try:
+                    cls.from_dict(d)
+                except (TypeError, ValueError):
+                    pass
+                else:  # the file alone is fine: an override is to blame
+                    raise ValueError(f"{e} (an override of {path.name}, e.g. a command-line flag)") from None
             raise ValueError(f"{path}: {e}") from None
 
     @classmethod

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama.blocked_attention import blocked_causal_attention
-from llama.config import JsonConfig
+from llama.config import JsonConfig, coerce_fields
 from llama.gpu_kernels import one_token_attention_on
 
 ATTENTION_BACKENDS = ("sdpa", "xformers", "math", "blocked")
@@ -49,6 +49,9 @@ class ModelArgs(JsonConfig):
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_seq_len"):
+            if not getattr(self, name) >= 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -73,15 +76,18 @@ class ModelArgs(JsonConfig):
         d = {**d, **overrides}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
+        if "use_scaled_rope" in unknown:
+            raise ValueError("use_scaled_rope: Llama 3.1's scaled RoPE is not supported (LLaMA 1 and 2 models are)")
         if unknown:
             raise ValueError(f"unknown model field(s) {unknown}; valid fields are {sorted(known)}")
+        d = coerce_fields(cls, d)
         if d.get("vocab_size", 0) is None or d.get("vocab_size", 0) < 0:
             d.pop("vocab_size")
         return cls(**d)
 
 
     def to_params_json(self) -> dict:
-        """The fields Meta's params.json holds (plus the Llama 2 ones when they are set)."""
+        """The fields Meta's params.json holds (plus the Llama 2 ones and max_seq_len when they are set)."""
         d = {"dim": self.dim, "multiple_of": self.multiple_of, "n_heads": self.n_heads,
              "n_layers": self.n_layers, "norm_eps": self.norm_eps, "vocab_size": self.vocab_size}
         if self.n_kv_heads != self.n_heads:
@@ -90,6 +96,8 @@ class ModelArgs(JsonConfig):
             d["ffn_dim_multiplier"] = self.ffn_dim_multiplier
         if self.rope_theta != 10000.0:
             d["rope_theta"] = self.rope_theta
+        if self.max_seq_len != ModelArgs.max_seq_len:  # the context trained for (Meta's own ModelArgs has it too)
+            d["max_seq_len"] = self.max_seq_len
         if self.tie_embeddings:
             d["tie_embeddings"] = True
         return d

@@ -15,6 +15,7 @@ import sentencepiece as spm
 
 from llama.env import sha256_file
 
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # a model's chat template, beside its tokenizer.model
 SPACE_MARK = "\u2581"  # sentencepiece writes spaces as this character inside pieces
 N_SPECIAL = 3  # <unk> <s> </s>
 N_BYTES = 256
@@ -40,6 +41,9 @@ class Tokenizer:
         except Exception as e:  # sentencepiece raises OSError/RuntimeError with a C++ message
             raise ValueError(f"{path} is not a valid sentencepiece model ({e})") from None
         self._setup(sp, path, sha256_file(path))
+        template = path.with_name(CHAT_TEMPLATE_FILE)
+        if template.is_file():
+            self.chat_template = template.read_text()
 
     @classmethod
     def from_model_proto(cls, model_proto: bytes, source: str | os.PathLike) -> "Tokenizer":
@@ -59,7 +63,9 @@ class Tokenizer:
         self.model_path = path
         self.sha256 = sha256
         self.add_bos = True  # encode(bos=True) adds bos; a GGUF may say its model wants none
-        self.chat_template: str | None = None  # Jinja, when the file carries one (GGUF)
+        # Jinja, when the model carries one (a GGUF's tokenizer.chat_template, chat_template.jinja beside
+        # tokenizer.model); chat then renders with it (llama.chat.encode_dialog)
+        self.chat_template: str | None = None
         self.n_words: int = self.sp.vocab_size()
         self.bos_id: int = self.sp.bos_id()
         self.eos_id: int = self.sp.eos_id()

@@ -14,16 +14,17 @@ import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 
-from llama.formats.gguf import save_gguf
+from llama.chat import LLAMA2_CHAT_TEMPLATE, encode_dialog, format_dialog
+from llama.formats.gguf import load_tokenizer, meta_to_gguf, save_gguf
 from llama.formats.hf import save_hf
 from llama.formats.meta import load_consolidated, load_model
 from llama.inference import Llama
 from llama.lora import is_lora_key
 from llama.train import TrainConfig, Trainer
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import CHAT_TEMPLATE_FILE, Tokenizer
 from llama.train.finetune import PEFT_DIR, load_peft_adapter
 from tests.conftest import torchrun
-from tests.helpers import make_checkpoint, make_pattern_loader
+from tests.helpers import make_checkpoint, make_pattern_loader, randomize_lora_b
 
 WORDS = "the of and to in is that for it as was with be by on not he this are or his from at model data value".split()
 
@@ -212,6 +213,8 @@ def test_bad_settings_say_what_is_wrong(base, tmp_path):
         Trainer(ft_cfg(base, tmp_path, init_from=None, model="tiny"))
     with pytest.raises(ValueError, match="no held-out examples .* set val_fraction > 0"):
         Trainer(ft_cfg(base, tmp_path, val_fraction=0.0))
+    with pytest.raises(ValueError, match="val_fraction 0.001 held out none of the 48 records of .*: raise val_fraction"):
+        Trainer(ft_cfg(base, tmp_path, val_fraction=0.001))
     with pytest.raises(ValueError, match=r"bad.jsonl:2: an Alpaca record needs .*'output' is missing"):
         Trainer(ft_cfg(base, tmp_path, data=str(_bad_file(tmp_path))))
     with pytest.raises(ValueError, match=r"alpaca.jsonl:1: \"messages\": a dialog must be a non-empty list"):
@@ -222,6 +225,87 @@ def test_bad_settings_say_what_is_wrong(base, tmp_path):
         Trainer(ft_cfg(base, tmp_path / "x", init_from=str(tmp_path / "lora")))
     with pytest.raises(ValueError, match=r"from another kind of run \(lora \{.*\} != None\)"):
         Trainer(ft_cfg(base, tmp_path / "lora", steps=2))
+
+
+def test_validation_loss_is_scored_without_dropout(base, tmp_path):
+    """evaluate() runs the model in eval mode (and puts training mode back): with LoRA dropout 0.5 the
+    validation loss is the same at every call, and equals the same adapters' loss without dropout."""
+    trainer = Trainer(ft_cfg(base, tmp_path, lora={"r": 4, "dropout": 0.5}))
+    randomize_lora_b(trainer.model)  # a fresh B is zero: dropout on A's input would change nothing
+    scores = [trainer.evaluate(2)["val_loss"] for _ in range(3)]
+    assert scores[0] == scores[1] == scores[2] and trainer.model.training
+    for m in trainer.model.modules():
+        if hasattr(m, "lora_dropout"):
+            m.lora_dropout = 0.0
+    assert trainer.evaluate(2)["val_loss"] == scores[0]
+
+
+def test_a_step_counts_the_positions_it_computed(base, tmp_path, capsys):
+    """Instruction batches are cut to their longest example: tokens, tokens/s and MFU count those
+    positions, not rows x seq_len; the run's first lines say how much data there is and how many
+    epochs the steps make."""
+    trainer = Trainer(ft_cfg(base, tmp_path))
+    loader = trainer.make_loader(trainer.cfg, "train", 0, 1, trainer.cfg.seed)
+    want = sum(loader.next()[0].numel() for _ in range(trainer.grad_accum))
+    trainer.train_step()
+    assert trainer.step_tokens == trainer.tokens_seen == want < trainer.cfg.global_batch_tokens
+    out = trainer.fit()
+    rec = out["history"][-1]
+    assert rec["tokens"] == trainer.tokens_seen < 4 * trainer.cfg.global_batch_tokens
+    n_train = len(trainer.make_loader.data.train)
+    assert f"48 records -> {n_train} train" in capsys.readouterr().out
+    assert f"4 steps x 4 examples = {16 / n_train:.2f} epochs" in trainer.make_loader.describe(trainer.cfg)
+
+
+def test_exports_never_overwrite_a_model_they_did_not_write(base, tmp_path):
+    """export_dir / export_hf may not be init_from, nor a folder holding anything this run did not
+    export; both are refused before any training. A run exports to its own folder again."""
+    with pytest.raises(ValueError, match="export_dir .*meta2 is init_from: the export would overwrite the model"):
+        Trainer(ft_cfg(base, tmp_path / "a", export_dir=str(base["meta"])))
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "params.json").write_text("{}")
+    for key in ("export_dir", "export_hf"):
+        with pytest.raises(FileExistsError, match=f"{key} .*keep already holds files that this run .* did not"):
+            Trainer(ft_cfg(base, tmp_path / "a", **{"export_dir": str(tmp_path / "e"), key: str(keep)}))
+    assert (keep / "params.json").read_text() == "{}" and not (tmp_path / "a").exists()
+    run = ft_cfg(base, tmp_path / "b", steps=1, ckpt_every=1, export_dir=str(tmp_path / "e"))
+    Trainer(run).fit()
+    Trainer(run).fit()  # the same command again: resumes at its last step and exports again
+    assert json.loads((tmp_path / "e" / "export.json").read_text()) == {"run": str((tmp_path / "b").resolve()),
+                                                                      "step": 1}
+    assert not (tmp_path / "e" / "chat_template.jinja").exists()  # not a chat run, and the base has none
+
+
+def test_a_chat_fine_tune_carries_its_chat_format_to_every_export(base, tmp_path):
+    """After chat data (Llama 2's format), the exports carry that format as a chat template: beside
+    tokenizer.model (read back with it), in the GGUF file, and in transformers' tokenizer_config.json.
+    Rendered by our encode_dialog and by llama-cpp-python's Jinja formatter with llama.cpp's own
+    tokenizer, it gives format_dialog's ids."""
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["instruction"]},
+                                                     {"role": "assistant", "content": r["output"]}]}) + "\n"
+                            for r in alpaca_records(24)))
+    Trainer(ft_cfg(base, tmp_path / "run", data=str(data), data_format="chat", steps=1, eval_batches=0,
+                   val_fraction=0.0, export_dir=str(tmp_path / "meta"), export_hf=str(tmp_path / "hf"))).fit()
+    assert (tmp_path / "meta" / CHAT_TEMPLATE_FILE).read_text() == LLAMA2_CHAT_TEMPLATE
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["chat_template"] == LLAMA2_CHAT_TEMPLATE
+    tok = Tokenizer(tmp_path / "meta" / "tokenizer.model")
+    assert tok.chat_template == LLAMA2_CHAT_TEMPLATE
+    meta_to_gguf(tmp_path / "meta", tmp_path / "m.gguf", dtype="f32", progress=False)
+    assert load_tokenizer(tmp_path / "m.gguf").chat_template == LLAMA2_CHAT_TEMPLATE
+    dialogs = [[{"role": "user", "content": " the model "}],
+               [{"role": "system", "content": "be brief"}, {"role": "user", "content": "is it\n"},
+                {"role": "assistant", "content": " data "}, {"role": "user", "content": "and this"}]]
+    for dialog in dialogs:
+        assert encode_dialog(tok, dialog) == format_dialog(Tokenizer(base["tokenizer"]), dialog)
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
+    formatter = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="</s>", bos_token="<s>")
+    for dialog in dialogs:
+        prompt = formatter(messages=dialog).prompt
+        assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == format_dialog(tok, dialog)
 
 
 def _bad_file(tmp_path) -> Path:

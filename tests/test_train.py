@@ -4,7 +4,10 @@ input, exact resume, atomic checkpoints, NaN guard, export to Meta's layout; and
 
 import json
 import math
+import os
 import random
+import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -111,6 +114,33 @@ def test_config_overrides_and_unknown_keys(tmp_path):
         TrainConfig.from_name("nope")
 
 
+def test_command_line_strings_become_the_fields_types(tmp_path):
+    """fire hands `--compile false` and `--lr 1e-3x` over as strings: booleans, integers and numbers
+    are parsed by the field's type (a string "false" would be truthy), and a value that is none is one
+    sentence naming the key and whether the file or an override holds it."""
+    c = TrainConfig.from_name("tiny", compile="false", progress="No", tensorboard=0, train_on_input="TRUE",
+                              steps="12", lr="3e-4", time_budget_s=5, warmup_steps=4.0, **{"model.n_layers": "3"})
+    assert (c.compile, c.progress, c.tensorboard, c.train_on_input) == (False, False, False, True)
+    assert (c.steps, c.lr, c.time_budget_s, c.warmup_steps) == (12, 3e-4, 5.0, 4)
+    assert type(c.steps) is int and type(c.lr) is float and c.model_args().n_layers == 3
+    for key, value, want in [("compile", "maybe", "compile must be true or false, got 'maybe'"),
+                             ("lr", "1e-3x", "lr must be a number, got '1e-3x'"),
+                             ("steps", 2.5, "steps must be an integer, got 2.5"),
+                             ("steps", True, "steps must be an integer, got True"),
+                             ("model.dim", "wide", "model.dim must be an integer, got 'wide'")]:
+        with pytest.raises(ValueError, match=re.escape(want) + r" \(an override of tiny.json"):
+            TrainConfig.from_name("tiny", **{key: value})
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"steps": "100", "compile": "off"}))
+    assert (TrainConfig.from_json(p).steps, TrainConfig.from_json(p).compile) == (100, False)
+    p.write_text(json.dumps({"steps": "many"}))
+    with pytest.raises(ValueError, match=r"c.json: steps must be an integer, got 'many'$"):
+        TrainConfig.from_json(p, lr=1e-3)  # the file is to blame, not the override
+    # an override of part of the lora block keeps the rest of the config's
+    ft = TrainConfig.from_name("alpaca_lora_7B")
+    assert TrainConfig.from_name("alpaca_lora_7B", lora={"r": 4}).lora == {**ft.lora, "r": 4}
+
+
 # ---- bad input: one sentence, before any work -------------------------------------------------
 
 
@@ -214,6 +244,31 @@ def test_a_peak_measured_low_is_measured_again(tmp_path, data_dir, monkeypatch):
     assert all(r["mfu"] == pytest.approx(r["tokens_per_s"] * fpt / 1e12) for r in record["history"])
 
 
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(tmp_path, data_dir, capsys):
+    """Ctrl-C (SIGINT) in a one-process run: the step finishes, a checkpoint is saved, the run stops
+    (KeyboardInterrupt, exit 130 in the scripts); the same command resumes to the uninterrupted run's
+    weights. Without the handler the steps since the last checkpoint (here: all) are lost."""
+    full = Trainer(tiny_cfg(tmp_path / "a", data_dir), make_loader=make_pattern_loader)
+    full.fit()
+    run = tiny_cfg(tmp_path / "b", data_dir)
+
+    def ctrl_c(rec):
+        if rec["step"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(run, make_loader=make_pattern_loader).fit(ctrl_c)
+    assert signal.getsignal(signal.SIGINT) is handler  # put back
+    assert "stopped by SIGINT at step 3 of 6" in capsys.readouterr().out
+    assert [p.name for p in (tmp_path / "b" / "run" / "checkpoints").iterdir()] == ["step_00000003"]
+    resumed = Trainer(run, make_loader=make_pattern_loader)
+    assert resumed.step == 3
+    resumed.fit()
+    for (k, p), q in zip(full.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q), k
+
+
 def test_kill_during_save_leaves_previous_checkpoint(tmp_path, data_dir, monkeypatch):
     kw = dict(steps=4, ckpt_every=2)
     full = fit(tiny_cfg(tmp_path / "a", data_dir, **kw))
@@ -309,8 +364,8 @@ def test_prepared_data_train_export_meta_layout(tmp_path, tiny_tokenizer):
     summary = trainer.fit()
     assert summary["step"] == 3 and math.isfinite(summary["val_loss"])
     out = Path(summary["export"])
-    assert sorted(p.name for p in out.iterdir()) == ["consolidated.00.pth", "consolidated.01.pth", "params.json",
-                                                      "tokenizer.model"]
+    assert sorted(p.name for p in out.iterdir()) == ["consolidated.00.pth", "consolidated.01.pth", "export.json",
+                                                      "params.json", "tokenizer.model"]
     # the exported fp16 weights give the trained model's logits; the offline export of the
     # training checkpoint (scripts/export.py) gives the same files
     tokens = torch.tensor([tiny_tokenizer.encode("the of and to in", bos=True, eos=False)])

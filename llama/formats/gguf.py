@@ -34,7 +34,7 @@ from llama.env import parse_dtype
 from llama.formats.hf import ffn_fields
 from llama.formats.meta import TOKENIZER, load_consolidated, load_params, save_meta_checkpoint
 from llama.model import ModelArgs, Transformer
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import CHAT_TEMPLATE_FILE, Tokenizer
 
 
 class _Gguf:
@@ -55,7 +55,6 @@ gguf = _Gguf()
 
 ARCH = "llama"
 VOCAB_FILE = "tokenizer.gguf"  # a byte-level BPE vocabulary beside a Meta-layout checkpoint
-CHAT_TEMPLATE_FILE = "chat_template.jinja"  # a sentencepiece model's chat template beside tokenizer.model
 # Meta key -> GGUF tensor name
 _TOP = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
         "output.weight": "output.weight"}
@@ -570,10 +569,7 @@ def meta_to_gguf(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike, dtype
         if tokenizer_path is None:
             raise FileNotFoundError(f"no {TOKENIZER} or {VOCAB_FILE} in {ckpt_dir} or its parent; a GGUF file needs "
                                     f"the vocabulary: pass --tokenizer_path")
-    tokenizer = load_tokenizer(tokenizer_path)
-    template = Path(tokenizer_path).with_name(CHAT_TEMPLATE_FILE)
-    if tokenizer.chat_template is None and template.is_file():
-        tokenizer.chat_template = template.read_text()
+    tokenizer = load_tokenizer(tokenizer_path)  # with chat_template.jinja beside a tokenizer.model
     args = load_params(ckpt_dir)
     return save_gguf(load_consolidated(ckpt_dir), args, tokenizer, out_path, dtype=dtype, overwrite=overwrite,
                      progress=progress)

@@ -20,6 +20,7 @@ from llama.env import DirLock, atomic_write_text, parse_dtype
 from llama.formats.meta import TOKENIZER, check_state_dict, load_consolidated, load_params, own_storage, \
     save_meta_checkpoint
 from llama.model import ModelArgs, state_dict_keys, weight_info
+from llama.tokenizer import Tokenizer
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
@@ -159,11 +160,12 @@ def args_from_hf_config(cfg: dict, **overrides) -> ModelArgs:
 
 def save_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs, out_dir: str | Path,
             dtype: torch.dtype | None = None, tokenizer_path: str | Path | None = None,
-            max_shard_size: int | None = None, overwrite: bool = False) -> Path:
+            max_shard_size: int | None = None, overwrite: bool = False, chat_template: str | None = None) -> Path:
     """Write our state dict as a transformers LLaMA checkpoint: config.json and model.safetensors
     (or model-0000i-of-0000n.safetensors + index past `max_shard_size` bytes), and
-    tokenizer.model with a tokenizer_config.json when `tokenizer_path` is given. A folder that
-    already holds a model is only replaced with `overwrite`."""
+    tokenizer.model with a tokenizer_config.json when `tokenizer_path` is given (its chat_template:
+    `chat_template`, else the one beside tokenizer_path, if any). A folder that already holds a model
+    is only replaced with `overwrite`."""
     out_dir = Path(out_dir)
     with DirLock(out_dir, "conversion"):
         old = sorted(p.name for p in out_dir.iterdir() if p.name == CONFIG or p.name.endswith(".safetensors")
@@ -171,11 +173,11 @@ def save_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs, out_dir: str |
         if old and not overwrite:
             raise FileExistsError(f"{out_dir} already holds a model ({', '.join(old)}); choose an empty directory "
                                   f"or pass overwrite=True (--overwrite)")
-        _write_hf(state_dict, args, out_dir, dtype, tokenizer_path, max_shard_size)
+        _write_hf(state_dict, args, out_dir, dtype, tokenizer_path, max_shard_size, chat_template)
     return out_dir
 
 
-def _write_hf(state_dict, args, out_dir: Path, dtype, tokenizer_path, max_shard_size) -> None:
+def _write_hf(state_dict, args, out_dir: Path, dtype, tokenizer_path, max_shard_size, chat_template=None) -> None:
     from safetensors.torch import save_file
 
     hf = to_hf(state_dict, args)
@@ -214,6 +216,9 @@ def _write_hf(state_dict, args, out_dir: Path, dtype, tokenizer_path, max_shard_
         tok_cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
                    "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
                    "model_max_length": args.max_seq_len}
+        template = chat_template or Tokenizer(tokenizer_path).chat_template
+        if template:
+            tok_cfg["chat_template"] = template
         atomic_write_text(json.dumps(tok_cfg, indent=2) + "\n", out_dir / "tokenizer_config.json")
 
 

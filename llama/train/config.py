@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from llama.config import JsonConfig
+from llama.config import JsonConfig, coerce_fields
 from llama.lora import TARGETS as LORA_TARGETS
 from llama.model import ATTENTION_BACKENDS, ModelArgs
 from llama.parallel import AC_MODES
@@ -100,6 +100,8 @@ class TrainConfig(JsonConfig):
         """From a dict plus overrides; unknown keys are an error that lists the valid ones.
         Keys `model.<field>` (or a dict under `model_overrides`) set model fields."""
         d = dict(d)
+        if isinstance(d.get("lora"), dict) and isinstance(overrides.get("lora"), dict):
+            overrides = {**overrides, "lora": {**d["lora"], **overrides["lora"]}}  # --lora '{"r": 16}' keeps the rest
         d.update(overrides)
         model_overrides = dict(d.pop("model_overrides", None) or {})
         for k in [k for k in d if k.startswith("model.")]:
@@ -108,7 +110,8 @@ class TrainConfig(JsonConfig):
         if unknown:
             raise ValueError(f"unknown training config key(s) {unknown}; valid keys are {cls.fields()} "
                              f"and model.<field> for the model's fields")
-        return cls(**d, model_overrides=model_overrides).validate()
+        model_overrides = coerce_fields(ModelArgs, model_overrides, "model.")
+        return cls(**coerce_fields(cls, d), model_overrides=model_overrides).validate()
 
 
     def to_dict(self) -> dict:

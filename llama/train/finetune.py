@@ -17,13 +17,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from llama.chat import LLAMA2_CHAT_TEMPLATE
 from llama.data.instruct import InstructLoader, load_instruct
-from llama.env import parse_dtype
+from llama.env import atomic_write_text, parse_dtype
 from llama.formats.gguf import load_tokenizer, open_gguf, read_args, read_state_dict, save_gguf_tokenizer
 from llama.formats.hf import CONFIG as HF_CONFIG
 from llama.formats.hf import load_hf, read_hf_config, save_hf
@@ -36,8 +38,10 @@ from llama.model import ModelArgs, Transformer
 from llama.parallel import assign_local_shards
 from llama.train.checkpoint import CKPT_PREFIX, META, dcp_load, read_checkpoint_meta
 from llama.train.config import TrainConfig
+from llama.tokenizer import CHAT_TEMPLATE_FILE
 
 PEFT_DIR = "peft"  # the adapter's folder inside export_dir
+EXPORT_MARK = "export.json"  # in each export folder: the run (out_dir) that wrote it, and at what step
 
 
 # -- where the initial weights come from ----------------------------------------------------------
@@ -188,9 +192,18 @@ class InstructLoaders:
                                   train_on_input=cfg.train_on_input, val_fraction=cfg.val_fraction, seed=cfg.seed,
                                   progress=progress)
         if cfg.eval_batches and not self.data.val:  # evaluation runs at least at the end
+            if cfg.val_fraction > 0:
+                raise ValueError(f"val_fraction {cfg.val_fraction:g} held out none of the {self.data.n_records} "
+                                 f"records of {cfg.data} for evaluation: raise val_fraction or set eval_batches 0")
             raise ValueError(f"no held-out examples in {cfg.data} for evaluation: set val_fraction > 0 (e.g. 0.05) "
                              f"or eval_batches 0")
         self.pad_id = 0  # never a target: padded positions carry target -100
+
+    def describe(self, cfg: TrainConfig) -> str:
+        """The data and how many passes over it the run makes, for the run's first lines."""
+        rows = cfg.global_batch_tokens // cfg.seq_len  # examples a step
+        return (f"fine-tuning data: {self.data.summary()}; {cfg.steps} steps x {rows} examples = "
+                f"{cfg.steps * rows / len(self.data.train):.2f} epochs")
 
     def __call__(self, cfg: TrainConfig, split: str, dp_rank: int, dp_size: int, seed: int) -> InstructLoader:
         examples = self.data.train if split == "train" else self.data.val
@@ -202,23 +215,69 @@ class InstructLoaders:
 
 
 def export_model(state_dict: dict[str, torch.Tensor], args: ModelArgs, cfg: TrainConfig, out_dir: str | Path,
-                 num_shards: int = 1, dtype: torch.dtype = torch.float16, lora: dict | None = None) -> Path:
+                 num_shards: int = 1, dtype: torch.dtype = torch.float16, lora: dict | None = None,
+                 step: int = 0) -> Path:
     """Write a gathered model state dict (full tensors): the merged model in Meta's layout in
     `out_dir`; with `lora`, the adapter alone in PEFT's format in out_dir/peft; and the merged model
-    in transformers' format in `cfg.export_hf` when set."""
+    in transformers' format in `cfg.export_hf` when set. Each folder gets `EXPORT_MARK` (this run
+    may export there again; `check_export_dirs`)."""
     merged = merged_state_dict(state_dict, lora["scaling"]) if lora else state_dict
     gguf_vocab = bool(cfg.tokenizer) and Path(cfg.tokenizer).suffix == ".gguf"
     spm_model = None if gguf_vocab else cfg.tokenizer
+    # the chat template travels with the model: Llama 2's after chat data (the format it was trained
+    # in), else the base's own, if any
+    template = LLAMA2_CHAT_TEMPLATE if cfg.data_format == "chat" else None
     out = save_meta_checkpoint(merged, args, out_dir, num_shards=num_shards, dtype=dtype,
                                tokenizer_path=spm_model, overwrite=True)
     if gguf_vocab:  # the vocabulary travels beside the weights as a vocabulary-only GGUF
-        save_gguf_tokenizer(load_tokenizer(cfg.tokenizer), Path(out_dir) / "tokenizer.gguf", overwrite=True)
+        tok = load_tokenizer(cfg.tokenizer)
+        tok.chat_template = template or tok.chat_template
+        save_gguf_tokenizer(tok, Path(out_dir) / "tokenizer.gguf", overwrite=True)
+    elif spm_model:
+        template = template or load_tokenizer(spm_model).chat_template
+        (Path(out_dir) / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)
+        if template:
+            atomic_write_text(template, Path(out_dir) / CHAT_TEMPLATE_FILE)
     if lora:
         save_peft_adapter({k: v for k, v in state_dict.items() if is_lora_key(k)}, lora, args, Path(out_dir) / PEFT_DIR,
                           base_model_name_or_path=cfg.init_from)
+    mark_export(out_dir, cfg, step)
     if cfg.export_hf:
-        save_hf(merged, args, cfg.export_hf, dtype=dtype, tokenizer_path=spm_model)
+        save_hf(merged, args, cfg.export_hf, dtype=dtype, tokenizer_path=spm_model, overwrite=True,
+                chat_template=template)
+        mark_export(cfg.export_hf, cfg, step)
     return out
+
+
+def check_export_dirs(cfg: TrainConfig) -> None:
+    """Before any training: export_dir and export_hf may be new or empty folders, or ones this run
+    (its out_dir) exported to before; never init_from, nor a folder holding anything else (a model
+    the user keeps would be overwritten at the end)."""
+    run = str(Path(cfg.out_dir).resolve())
+    for key in ("export_dir", "export_hf"):
+        folder = getattr(cfg, key)
+        if not folder:
+            continue
+        d = Path(folder).resolve()
+        if cfg.init_from and d == Path(cfg.init_from).resolve():
+            raise ValueError(f"{key} {folder} is init_from: the export would overwrite the model this run starts "
+                             f"from; choose another {key}")
+        if d.exists() and not d.is_dir():
+            raise NotADirectoryError(f"{key} {folder} is a file; give a folder to export to")
+        if not d.is_dir() or not any(p.name != ".lock" for p in d.iterdir()):
+            continue
+        try:
+            mark = json.loads((d / EXPORT_MARK).read_text())
+        except (OSError, ValueError):
+            mark = {}
+        if mark.get("run") != run:
+            raise FileExistsError(f"{key} {folder} already holds files that this run (out_dir {cfg.out_dir}) did "
+                                  f"not export; choose a new or empty {key}, or remove it")
+
+
+def mark_export(folder: str | Path, cfg: TrainConfig, step: int) -> None:
+    atomic_write_text(json.dumps({"run": str(Path(cfg.out_dir).resolve()), "step": step}) + "\n",
+                      Path(folder) / EXPORT_MARK)
 
 
 def describe(cfg: TrainConfig, model: nn.Module) -> str:

@@ -31,6 +31,9 @@ import dataclasses
 import json
 import math
 import random
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -91,6 +94,33 @@ def open_val_loader(cfg: TrainConfig, make_loader: Callable):
     return loader
 
 
+class StopRequest:
+    """In a one-process run, Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step
+    with a checkpoint (`requested` holds the signal's name); a second one interrupts at once. Off
+    under torchrun (a checkpoint needs every rank) and outside the main thread."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested: str | None = None
+        self._old: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        print(f"\n{self.requested}: stopping after this step with a checkpoint (again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if self.enabled:
+            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
 class Trainer:
     """A pretraining or fine-tuning run, built in the constructor: every check on the config, the
     layout, the data and the checkpoint to resume comes first (one sentence each, before any model
@@ -136,6 +166,7 @@ class Trainer:
             check_data_path(cfg.data)
         self.make_loader = make_loader or (default_loader if cfg.data_format == "tokens"
                                            else finetune.InstructLoaders(cfg, cfg.tokenizer, cfg.progress))
+        finetune.check_export_dirs(cfg)
         self.eval_tasks = self._checked_eval_tasks(dims)
         self.tokenizer = load_tokenizer(cfg.tokenizer) if cfg.eval_tasks else None
         self.checkpoints = CheckpointManager(cfg.out_dir, cfg.keep_last, ranks.rank, distributed=dims.world > 1,
@@ -174,7 +205,7 @@ class Trainer:
         # it itself and computes the logits' gradient in the forward (`linear_cross_entropy`)
         self._fused_loss = self.mesh is None and type(self.model.output) is torch.nn.Linear
         self.optimizer = build_optimizer(self.model, cfg, self.device, distributed=self.mesh is not None)
-        self.step, self.tokens_seen = 0, 0
+        self.step, self.tokens_seen, self.step_tokens = 0, 0, 0
         self.flops_per_token = flops_per_token(args, cfg.seq_len)
         self.peak_flops = cfg.peak_flops or measure_peak_flops(self.device, self.compute_dtype)
         self._peak_remeasured = 0  # times the measured peak was found too low (see `_mfu`)
@@ -274,16 +305,14 @@ class Trainer:
             logits = self.model(inputs)  # (B, T, vocab)
         return (compiled_cross_entropy if self.cfg.compile else cross_entropy)(logits, targets, reduction)
 
-    def _all_mean(self, x: float) -> float:
+    def _dp_sum(self, *xs: float) -> float | list[float]:
+        """Sums over the dp ranks (the tp ranks of a group hold the same values), in one reduction."""
         if self.mesh is None:
-            return x
-        t = torch.tensor([x], dtype=torch.float64, device=self.device)
+            return xs[0] if len(xs) == 1 else list(xs)
+        t = torch.tensor(xs, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
-        return t.item() / self.world
-
-    def _dp_sum(self, x: float) -> float:
-        """Sum over the dp ranks (the tp ranks of a group hold the same value)."""
-        return self._all_mean(x) * self.dp
+        sums = (t * (self.dp / self.world)).tolist()
+        return sums[0] if len(xs) == 1 else sums
 
     def train_step(self) -> dict:
         """Forward and backward over grad_accum micro-batches, clip, step (or skip when not finite).
@@ -291,7 +320,9 @@ class Trainer:
         lr = lr_at(self.step, self.cfg)
         set_lr(self.optimizer, lr)
         batches = [self.train_loader.next() for _ in range(self.grad_accum)]
-        n_targets = self._dp_sum(float(sum(int((t != IGNORE).sum()) for _, t in batches)))
+        # positions: what the step computed (instruction batches are cut to their longest example)
+        n_targets, positions = self._dp_sum(float(sum(int((t != IGNORE).sum()) for _, t in batches)),
+                                            float(sum(x.numel() for x, _ in batches)))
         loss_sum = 0.0
         for inputs, targets in batches:
             loss = self.loss(inputs.to(self.device), targets.to(self.device), "sum")
@@ -304,7 +335,8 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens_seen += self.cfg.global_batch_tokens
+        self.step_tokens = int(positions)
+        self.tokens_seen += self.step_tokens
         rec = {"step": self.step, "loss": self._dp_sum(loss_sum) / max(n_targets, 1.0), "lr": lr,
                "grad_norm": grad_norm, "skipped": not finite}
         if hasattr(self.train_loader, "padding_share"):  # instruction data: the share of padded positions
@@ -316,7 +348,14 @@ class Trainer:
         """Token-weighted mean loss, perplexity and token count over the first `n_batches` (default
         `eval_batches`) global batches' worth of validation windows: the same windows whatever the
         layout (dp, tp, micro_batch_size), every micro-batch scored by one dp rank."""
-        n_batches = n_batches or self.cfg.eval_batches or 1
+        was_training = self.model.training
+        self.model.eval()  # LoRA's dropout (and any other) off: the same weights give the same score
+        try:
+            return self._evaluate(n_batches or self.cfg.eval_batches or 1)
+        finally:
+            self.model.train(was_training)
+
+    def _evaluate(self, n_batches: int) -> dict:
         if self.val_loader is None:
             self.val_loader = open_val_loader(self.cfg, self.make_loader)
         # every rank reads the same stream of micro-batches (the val loader is not split by dp) and
@@ -338,11 +377,8 @@ class Trainer:
         val_loss = total / max(count, 1)
         out = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_tokens": int(round(count))}
         if self.eval_tasks:  # the same numbers on every rank; FSDP: no KV cache, full sequences
-            was_training = self.model.training
-            self.model.eval()
             results = evaluate_tasks(self.model, self.tokenizer, self.eval_tasks, batch_size=self.cfg.micro_batch_size,
                                      progress=False, shared_context=self.dp == 1)
-            self.model.train(was_training)
             for task, res in results.items():
                 out.update({f"{task}/{m}": res[m] for m in ("acc", "acc_norm", "acc_answer", "exact_match",
                                                              "regex_match") if m in res})
@@ -362,7 +398,10 @@ class Trainer:
             print(f"training {self.args.n_layers} layers, {self.model_size() / 1e6:.1f}M parameters on "
                   f"dp={self.dp} x tp={self.tp} ({self.device.type}), {cfg.steps} steps of "
                   f"{cfg.global_batch_tokens} tokens (grad_accum {self.grad_accum})"
+                  + (", at most: batches are cut to their longest example" if cfg.data_format != "tokens" else "")
                   + (f", resuming from {self.resume_from} at step {self.step}" if self.resume_from else ""))
+            if hasattr(self.make_loader, "describe"):
+                print(self.make_loader.describe(cfg))
             print("resolved config: " + json.dumps(self.resolved_config()))
         self.checkpoints.clean_tmp()
         metrics = Metrics(cfg.out_dir, is_main, cfg.steps, self.step, self.resume_from is not None,
@@ -371,7 +410,9 @@ class Trainer:
         if self.lock is not None:
             self.lock.acquire()  # again, after an earlier fit released it
         start, first_step = time.perf_counter(), self.step
+        stop = StopRequest(self.mesh is None)
         try:
+            stop.__enter__()
             while self.step < self.cfg.steps:
                 cfg = self.cfg  # fit_to_budget may shorten the schedule
                 t0 = time.perf_counter()
@@ -395,7 +436,7 @@ class Trainer:
                         f"stopping at step {self.step}: {bad_in_a_row} steps in a row had a non-finite loss or "
                         f"gradient norm (each was skipped); lower lr, check the data, or resume from "
                         f"{self.checkpoints.latest() or 'an earlier checkpoint'}")
-                tps = cfg.global_batch_tokens / (time.perf_counter() - t0)
+                tps = self.step_tokens / (time.perf_counter() - t0)
                 rec.update(tokens=self.tokens_seen, tokens_per_s=tps, mfu=self._mfu(tps), time=time.time())
                 if (cfg.eval_every and self.step % cfg.eval_every == 0) or (self.step == cfg.steps and cfg.eval_batches):
                     last_val = self.evaluate()
@@ -410,7 +451,20 @@ class Trainer:
                     saved = self.save()
                 if callback and logged:
                     callback(rec)
+                if stop.requested and self.step < cfg.steps:
+                    if self.step % cfg.ckpt_every:
+                        saved = self.save()
+                    metrics.write(f"stopped by {stop.requested} at step {self.step} of {cfg.steps}: checkpoint "
+                                  f"{saved}; run the same command to resume")
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            if is_main and not stop.requested:
+                latest = self.checkpoints.latest()
+                print(f"interrupted at step {self.step}: " + (f"the steps after {latest} were not saved (resume "
+                      f"continues from there)" if latest else "no checkpoint was saved"), file=sys.stderr)
+            raise
         finally:
+            stop.__exit__()
             metrics.close()
             if self.lock is not None:
                 self.lock.release()
@@ -434,13 +488,13 @@ class Trainer:
         if fits < self.cfg.steps:
             metrics.write(f"time budget {self.cfg.time_budget_s:.0f} s, {elapsed:.0f} s spent at step {self.step}: "
                           f"{per_step:.2f} s a step "
-                          f"({self.cfg.global_batch_tokens / per_step:,.0f} tokens/s), so {fits} steps instead of "
+                          f"({self.step_tokens / per_step:,.0f} tokens/s), so {fits} steps instead of "
                           f"{self.cfg.steps}; the learning-rate schedule ends there")
             self.cfg = dataclasses.replace(self.cfg, steps=fits)
             metrics.set_total(fits)
         elif first:
             metrics.write(f"time budget {self.cfg.time_budget_s:.0f} s, {elapsed:.0f} s spent at step {self.step}: "
-                          f"{per_step:.2f} s a step ({self.cfg.global_batch_tokens / per_step:,.0f} tokens/s), so all "
+                          f"{per_step:.2f} s a step ({self.step_tokens / per_step:,.0f} tokens/s), so all "
                           f"{self.cfg.steps} steps fit (~{(self.cfg.steps - self.step) * per_step:.0f} s more); "
                           f"timed again every {BUDGET_REFIT_EVERY} steps")
 
@@ -483,7 +537,7 @@ class Trainer:
         sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         path = None
         if self.rank == 0:
-            path = finetune.export_model(sd, self.args, self.cfg, out_dir, num_shards, dtype, self.lora)
+            path = finetune.export_model(sd, self.args, self.cfg, out_dir, num_shards, dtype, self.lora, self.step)
         if self.mesh is not None:
             dist.barrier()
         return path
