@@ -7,6 +7,7 @@ import difflib
 import inspect
 import os
 import sys
+import warnings
 from typing import Callable, Iterable
 
 from llama.env import DiskFullError
@@ -42,6 +43,46 @@ def unknown_flag(main: Callable, argv: list[str], extra: Iterable[str] = ()) -> 
     return None
 
 
+def stray_argument(main: Callable, argv: list[str]) -> str | None:
+    """The sentence for a bare argument that no positional parameter of `main` takes (fire would bind
+    it to the next free parameter, or run main and complain afterwards), else None. As fire reads
+    them: `--flag value` takes the next word unless it starts with "--"; `--flag=value` takes none."""
+    params = inspect.signature(main).parameters.values()
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    given, bare, i = set(), [], 0
+    while i < len(argv) and argv[i] != "--":
+        arg = argv[i]
+        if arg.startswith("--") and len(arg) > 2:
+            name = arg[2:].split("=", 1)[0].replace("-", "_")
+            given.add(name)
+            if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                i += 1  # its value
+        elif arg not in ("-h",):
+            bare.append(arg)
+        i += 1
+    free = [p for p in positional if p not in given]
+    if len(bare) > len(free):
+        extra = bare[len(free)]
+        return (f"unexpected argument {extra!r}: each flag takes one value (quote a value with spaces, e.g. "
+                f"--prompts \"two words\") (nothing was done)")
+    return None
+
+
+def usage(main: Callable, flags: Iterable[str] = ()) -> str:
+    """--help: the script's docstring, then its flags with their defaults (and `flags`, the keys a
+    **kwargs main takes), then main's own docstring."""
+    params = [p for p in inspect.signature(main).parameters.values()
+              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    lines = [(sys.modules["__main__"].__doc__ or "").strip(), "", "flags:"]
+    lines += [f"  --{p.name}" + ("" if p.default is p.empty else f" (default {p.default!r})") for p in params]
+    flags = list(flags)
+    if flags:
+        lines.append("  and any of: " + " ".join(f"--{f}" for f in flags))
+    if main.__doc__:
+        lines += ["", inspect.cleandoc(main.__doc__)]
+    return "\n".join(lines).strip()
+
+
 def run(main: Callable, flags: Iterable[str] = ()) -> None:
     """`fire.Fire(main)` after checking the command line's flags against main's parameters (and
     `flags`, the keys a **kwargs main takes): a mistyped flag stops the script before any work with
@@ -49,7 +90,13 @@ def run(main: Callable, flags: Iterable[str] = ()) -> None:
     import fire
     import torch.distributed as dist
 
-    problem = unknown_flag(main, sys.argv[1:], flags)
+    # a warning for the user is one line, not the library's file and source line
+    warnings.formatwarning = lambda message, category, *args, **kw: f"warning: {message}\n"
+    argv = sys.argv[1:]
+    if any(a in ("--help", "-h") for a in argv[:argv.index("--") if "--" in argv else None]):
+        print(usage(main, flags))
+        sys.exit(0)
+    problem = unknown_flag(main, argv, flags) or stray_argument(main, argv)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)

@@ -116,7 +116,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """A device name or None (the default device); "cuda" means this rank's GPU."""
     if device is None or device == "auto":
         return default_device()
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} asked for, but this torch sees no CUDA GPU (torch {torch.__version__})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device} asked for, but MPS is not available on this machine")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {device} is not supported; use cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torchrun_ranks().local_rank)
     return device

@@ -1,6 +1,6 @@
 """Convert between Meta's checkpoint layout and GGUF, llama.cpp's format.
 
-    python scripts/convert_gguf.py --src llama/7B --dst llama-7b.gguf [--dtype f16|f32|bf16|q8_0]
+    python scripts/convert_gguf.py --src weights/7B --dst llama-7b.gguf [--dtype f16|f32|bf16|q8_0]
     python scripts/convert_gguf.py --src model.gguf --dst model/ [--dtype fp16|fp32|bf16] [--num_shards 1]
 
 The direction follows --src: a .gguf file is read into Meta's layout (quantized weights are

@@ -1,7 +1,7 @@
 """Convert between Meta's checkpoint layout and transformers' LLaMA format.
 
-    python scripts/convert_hf.py --to hf --src llama/7B --dst llama-7b-hf [--dtype fp16]
-    python scripts/convert_hf.py --to meta --src llama-7b-hf --dst llama/7B [--num_shards 1]
+    python scripts/convert_hf.py --to hf --src weights/7B --dst llama-7b-hf [--dtype fp16]
+    python scripts/convert_hf.py --to meta --src llama-7b-hf --dst weights/7B [--num_shards 1]
 
 A tokenizer.model next to the source (or in its parent, Meta's layout) is copied along;
 --tokenizer_path names another. An existing model at --dst is only replaced with --overwrite.

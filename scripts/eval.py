@@ -6,6 +6,8 @@
 
 --text: .txt files (one document each) or .jsonl files (each line's "text"). --tasks: JSON task
 specs (see llama/eval/evaluation.py, TaskSpec). Results go to --out as JSON (rank 0) and are printed.
+On a CPU the model runs in fp32 unless --dtype says otherwise, so that scores do not depend on which
+CPU ran them (bf16 rounds log-likelihoods by ~0.1 nat, enough to flip a close multiple choice).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from llama.cli import run
+from llama.env import resolve_device
 from llama.eval import TaskSpec, evaluate_tasks, perplexity, read_documents, write_results
 from llama.formats.gguf import open_gguf, read_args
 from llama.formats.meta import load_params
@@ -36,8 +39,9 @@ def main(ckpt_dir: str, tokenizer_path: str | None = None, text=None, tasks=None
     if Path(ckpt_dir).suffix == ".gguf":  # llama.cpp's file: the tokenizer comes from it
         max_seq_len = max_seq_len or read_args(open_gguf(ckpt_dir)).max_seq_len
     else:
-        tokenizer_path = tokenizer_path or str(Path(ckpt_dir) / "tokenizer.model")
         max_seq_len = max_seq_len or load_params(ckpt_dir).max_seq_len
+    if dtype is None and resolve_device(device).type == "cpu":
+        dtype = "float32"  # the same scores on every CPU (the library would pick the faster of bf16 and fp32)
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=batch_size,
                         dtype=dtype, device=device, decoder="eager")
     model, tokenizer = llama.model, llama.tokenizer

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from llama.chat import format_dialog
+from llama.chat import encode_dialog
 from llama.cli import run
+from llama.env import torchrun_ranks
 from llama.inference import Llama, check_sampling
 from llama.quantize import quantize as apply_quantization
 
@@ -38,6 +39,18 @@ DEFAULT_PROMPTS = [
 ]
 
 
+def texts(flag: str, value) -> list[str] | None:
+    """--prompts / --stop as a list of strings (None when not given). fire reads a flag's value as a
+    Python literal first: a number, a dict or a bare True is refused, not run as something else."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(t, str) for t in items):
+        raise ValueError(f"--{flag} must be text or a list of texts, got {value!r}: the command line read it as "
+                         f"{type(value).__name__}; quote it twice, e.g. --{flag} '\"3.10\"'")
+    return list(items)
+
+
 def read_prompts(prompts=None, prompt_file: str | None = None) -> list[str]:
     if prompts is not None and prompt_file is not None:
         raise ValueError("give --prompts or --prompt_file, not both")
@@ -45,13 +58,19 @@ def read_prompts(prompts=None, prompt_file: str | None = None) -> list[str]:
         path = Path(prompt_file)
         if not path.is_file():
             raise FileNotFoundError(f"prompt file {path} does not exist")
-        return [line for line in path.read_text().splitlines() if line.strip()]
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        if not lines:
+            raise ValueError(f"prompt file {path} holds no prompt (one a line; blank lines are skipped)")
+        return lines
     if prompts is None:
         return list(DEFAULT_PROMPTS)
-    return [prompts] if isinstance(prompts, str) else [str(p) for p in prompts]
+    prompts = texts("prompts", prompts)
+    if not prompts:
+        raise ValueError("--prompts is an empty list")
+    return prompts
 
 
-def main(ckpt_dir: str, tokenizer_path: str | None = None, temperature: float = 0.8, top_p: float = 0.95,
+def main(ckpt_dir: str, *, tokenizer_path: str | None = None, temperature: float = 0.8, top_p: float = 0.95,
          top_k: int | None = None, max_seq_len: int = 512, max_batch_size: int = 32, max_gen_len: int = 64, prompts=None,
          prompt_file: str | None = None, interactive: bool = False, chat: bool = False, system: str | None = None,
          dtype: str | None = None, device: str | None = None, quantize: str | None = None, seed: int = 1, stop=None,
@@ -63,16 +82,21 @@ def main(ckpt_dir: str, tokenizer_path: str | None = None, temperature: float = 
     check_sampling(temperature, top_p, top_k)
     if quantize not in (None, "none", "int8"):
         raise ValueError(f"unknown --quantize {quantize!r}; supported: int8 (or leave it out)")
+    if quantize == "int8" and torchrun_ranks().world > 1:  # before minutes of loading
+        raise ValueError("--quantize int8 runs on one process; launch without torchrun")
     if interactive and chat:
         raise ValueError("give --interactive (text completion) or --chat, not both")
+    if interactive and (prompts is not None or prompt_file is not None):
+        raise ValueError("--interactive reads its prompts as you type them: leave out --prompts / --prompt_file")
     if system is not None and not chat:
         raise ValueError("--system is the system message of --chat")
+    stop = texts("stop", stop)
     chat_interactively = chat and prompts is None and prompt_file is None
     prompt_list = None if interactive or chat_interactively else read_prompts(prompts, prompt_file)
-    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+    # the KV cache holds max_batch_size rows: no more than there are prompts (one when typing)
+    batch = 1 if prompt_list is None else min(max_batch_size, len(prompt_list))
+    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=batch,
                         seed=seed, device=device, dtype=dtype, decoder=decoder)
-    if quantize == "int8" and llama.world_size > 1:
-        raise ValueError("--quantize int8 runs on one process; launch without torchrun")
     apply_quantization(llama.model, quantize)
     main_rank = llama.rank == 0
     sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, max_gen_len=max_gen_len, stop=stop)
@@ -81,12 +105,11 @@ def main(ckpt_dir: str, tokenizer_path: str | None = None, temperature: float = 
         _interactive(llama, main_rank, sampling)
         return
     if chat and prompt_list is None:  # an interactive chat that keeps the dialog
-        _chat(llama, main_rank, {k: sampling[k] for k in ("temperature", "top_p", "max_gen_len")}, system)
+        _chat(llama, main_rank, sampling, system)
         return
     if chat:  # each prompt is one user message (after the system message, if any)
         head = [{"role": "system", "content": system}] if system else []
-        answers = llama.chat_completion([head + [{"role": "user", "content": p}] for p in prompt_list],
-                                        temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
+        answers = llama.chat_completion([head + [{"role": "user", "content": p}] for p in prompt_list], **sampling)
         results = [{"generation": a["generation"]["content"]} for a in answers]
     else:
         results = llama.text_completion(prompt_list, **sampling)
@@ -117,7 +140,7 @@ def fit_dialog(llama, dialog: list[dict], max_gen_len: int) -> tuple[list[dict],
     tokens (at least one) of room in max_seq_len; returns it and the number of pairs dropped."""
     head = dialog[:1] if dialog[0]["role"] == "system" else []
     turns, dropped = dialog[len(head):], 0
-    room = lambda d: llama.max_seq_len - len(format_dialog(llama.tokenizer, d))  # noqa: E731
+    room = lambda d: llama.max_seq_len - len(encode_dialog(llama.tokenizer, d))  # noqa: E731
     while len(turns) > 1 and room(head + turns) < min(max_gen_len, llama.max_seq_len // 2):
         turns, dropped = turns[2:], dropped + 1
     return head + turns, dropped
@@ -127,7 +150,8 @@ def _chat(llama, main_rank: bool, sampling: dict, system: str | None) -> None:
     """Read a user message, stream the assistant's answer, keep both in the dialog. An empty line or
     EOF (Ctrl-D) ends; /reset starts a new dialog."""
     if main_rank:
-        print("Chat with the model (Llama 2 chat format). Type a message and press Enter; /reset starts over; "
+        form = "its own chat template" if getattr(llama.tokenizer, "chat_template", None) else "Llama 2's chat format"
+        print(f"Chat with the model ({form}). Type a message and press Enter; /reset starts over; "
               "an empty line or Ctrl-D leaves.")
     dialog = [{"role": "system", "content": system}] if system else []
     while True:
@@ -175,9 +199,14 @@ def _interactive(llama, main_rank: bool, sampling: dict) -> None:
             if main_rank:
                 print()
             return
-        for piece in llama.stream(prompt, **sampling):
+        try:
+            for piece in llama.stream(prompt, **sampling):
+                if main_rank:
+                    print(piece, end="", flush=True)
+        except ValueError as e:  # a prompt longer than the context: say so and ask again
             if main_rank:
-                print(piece, end="", flush=True)
+                print(f"({e})")
+            continue
         if main_rank:
             print()
 

@@ -6,9 +6,9 @@ The config is a training config of llama/configs/train by name (alpaca_lora_7B, 
 finetune_demo, ...) or a JSON path; every field can be overridden with --field value.
 
     # alpaca-lora's recipe: LoRA r 8 on wq, wv over a frozen bf16 base, Stanford Alpaca's 52k examples
-    python scripts/finetune.py --config alpaca_lora_7B --init_from llama/7B --data alpaca_data.json
+    python scripts/finetune.py --config alpaca_lora_7B --init_from weights/7B --data alpaca_data.json
     # Stanford Alpaca's full fine-tuning on 4 GPUs
-    torchrun --nproc_per_node 4 scripts/finetune.py --config alpaca_full_7B --init_from llama/7B \
+    torchrun --nproc_per_node 4 scripts/finetune.py --config alpaca_full_7B --init_from weights/7B \
         --data alpaca_data.json
     # chat data ({"messages": [...]} per line) in Llama 2's format, from a transformers folder
     python scripts/finetune.py --config alpaca_lora_7B --init_from hf/Llama-2-7b-hf --data chats.jsonl \

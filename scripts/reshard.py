@@ -1,7 +1,7 @@
 """Reshard a Meta checkpoint directory to another number of model-parallel shards.
 
-    python scripts/reshard.py --in_dir llama/13B --out_dir llama/13B-mp1 --num_shards 1
-    python scripts/reshard.py --in_dir llama/7B --out_dir llama/7B-mp2 --num_shards 2 --dtype bf16
+    python scripts/reshard.py --in_dir weights/13B --out_dir weights/13B-mp1 --num_shards 1
+    python scripts/reshard.py --in_dir weights/7B --out_dir weights/7B-mp2 --num_shards 2 --dtype bf16
 """
 
 from llama.formats.meta import reshard

@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from llama.cli import unknown_flag
+from llama.cli import stray_argument, unknown_flag
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,3 +44,31 @@ def test_scripts_stop_before_any_work(tmp_path):
     proc = script("pretrain.py", "--out_dir", str(tmp_path / "run"), "--stpes", "3")
     assert proc.returncode == 2 and not (tmp_path / "run").exists()
     assert "unknown flag --stpes: did you mean --steps?" in proc.stderr
+
+
+def test_help_shows_the_script_and_its_flags():
+    """--help / -h prints the script's docstring and its flags, exit 0: also where main takes
+    **overrides (fire passed `help` on as an override, and the config refused the key)."""
+    for args in (["--help"], ["--config", "tiny", "-h"]):
+        proc = script("finetune.py", *args)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith("Fine-tune a LLaMA model, with LoRA or in full")
+        assert "--config (default 'alpaca_lora_7B')" in proc.stdout and "--train_on_input" in proc.stdout
+    proc = script("example.py", "--help")
+    assert proc.returncode == 0 and "--ckpt_dir" in proc.stdout and "--temperature (default 0.8)" in proc.stdout
+
+
+def test_a_stray_argument_stops_before_any_work():
+    """`--prompts hi extra`: fire would bind `extra` to the next free parameter (or run, then complain)."""
+    def kw_main(ckpt_dir: str, *, temperature: float = 0.8, interactive: bool = False):
+        pass
+    assert stray_argument(kw_main, ["--ckpt_dir", "x", "--temperature", "0", "extra"]) == (
+        "unexpected argument 'extra': each flag takes one value (quote a value with spaces, e.g. --prompts "
+        "\"two words\") (nothing was done)")
+    assert stray_argument(kw_main, ["x", "--temperature", "0"]) is None  # ckpt_dir by position
+    assert stray_argument(kw_main, ["x", "y"]).startswith("unexpected argument 'y'")
+    assert stray_argument(main, ["--ckpt_dir", "x", "y"]) is None  # main's temperature takes it, as in fire
+    assert stray_argument(kw_main, ["x", "--interactive", "y"]) is None  # fire: --interactive's value
+    assert stray_argument(kw_main, ["x", "--interactive", "--temperature=0", "y"]).startswith("unexpected argument 'y'")
+    proc = script("example.py", "--ckpt_dir", "nowhere", "--prompts", "hi", "extra")
+    assert proc.returncode == 2 and "unexpected argument 'extra'" in proc.stderr

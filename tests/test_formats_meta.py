@@ -73,7 +73,7 @@ def test_reshard_round_trip_and_meta_split(ckpt):
     with torch.no_grad():
         ref = model(tokens)
         assert torch.equal(load_model(tmp / "mp4", max_seq_len=64)(tokens), ref)
-    assert load_params(tmp / "mp4") == ModelArgs(**{**vars(model.args), "max_seq_len": 2048})
+    assert load_params(tmp / "mp4") == model.args  # max_seq_len 64 kept in params.json
 
 
 def test_save_dtypes_and_bf16_reshard(ckpt):
@@ -122,9 +122,30 @@ def test_missing_shard_names_the_file(ckpt):
     (tmp / "mp4" / "consolidated.03.pth").unlink()  # .00 .02 left
     with pytest.raises(FileNotFoundError, match=r"consolidated\.01\.pth"):
         load_tp_slice(tmp / "mp4", 0, 2)
-    (tmp / "mp4" / "consolidated.02.pth").unlink()  # only .00: a quarter of each split weight
-    with pytest.raises(ValueError, match=r"layers\.0\.attention\.wq\.weight: checkpoint .* \[16, 64\] vs model \[64, 64\]"):
+    (tmp / "mp4" / "consolidated.02.pth").unlink()  # only .00: a quarter of each split weight; the count
+    with pytest.raises(ValueError, match=r"mp4 holds 1 shard\(s\) of 4 \(params.json's dim 64\): missing "
+                                         r"\['consolidated\.01\.pth', 'consolidated\.02\.pth', 'consolidated\.03\.pth'\]"):
+        load_model(tmp / "mp4")  # follows from the width of the embedding's slice
+    params = json.loads((tmp / "mp4" / "params.json").read_text())
+    (tmp / "mp4" / "params.json").write_text(json.dumps({**params, "dim": 40}))  # not a whole number of shards
+    with pytest.raises(ValueError, match=r"shape mismatch .*\[128, 16\] vs model \[128, 40\]"):
         load_model(tmp / "mp4")
+    (tmp / "mp4" / "params.json").write_text(json.dumps({k: v for k, v in params.items() if k != "norm_eps"}))
+    with pytest.raises(ValueError, match=r"mp4/params.json has no \['norm_eps'\] \(a default would build another"):
+        load_model(tmp / "mp4")
+
+
+def test_params_json_keeps_the_context_length_when_it_is_not_the_default(ckpt):
+    """A model trained for 64 positions says so in params.json (Meta's own ModelArgs has the field),
+    so evaluation, GGUF's context_length and transformers' max_position_embeddings follow; at the
+    default 2048 the file holds Meta's keys only."""
+    model, tmp = ckpt
+    params = json.loads((tmp / "mp1" / "params.json").read_text())
+    assert params["max_seq_len"] == 64 and load_params(tmp / "mp1").max_seq_len == 64
+    assert load_params(tmp / "mp1", max_seq_len=128).max_seq_len == 128
+    save_meta_checkpoint(model.state_dict(), _args(n_kv_heads=2, max_seq_len=2048), tmp / "d", dtype=torch.float32)
+    assert sorted(json.loads((tmp / "d" / "params.json").read_text())) == \
+        ["dim", "multiple_of", "n_heads", "n_kv_heads", "n_layers", "norm_eps", "vocab_size"]
 
 
 def test_wrong_or_invalid_params_json(ckpt):
@@ -137,6 +158,12 @@ def test_wrong_or_invalid_params_json(ckpt):
     params.write_text(json.dumps({**good, "n_layers": 3}))
     with pytest.raises(ValueError, match=r"missing keys \['layers\.2\.attention\.wq\.weight"):
         load_consolidated(tmp / "mp1")
+    params.write_text(json.dumps({**good, "n_heads": 0}))
+    with pytest.raises(ValueError, match=r"params.json: n_heads must be >= 1, got 0"):
+        load_model(tmp / "mp1")
+    params.write_text(json.dumps({**good, "use_scaled_rope": True}))
+    with pytest.raises(ValueError, match=r"params.json: use_scaled_rope: Llama 3.1's scaled RoPE is not supported"):
+        load_model(tmp / "mp1")
     params.write_text(json.dumps({**good, "n_head": 4}))
     with pytest.raises(ValueError, match=r"params\.json: unknown model field\(s\) \['n_head'\]"):
         load_model(tmp / "mp1")

@@ -6,6 +6,8 @@ import itertools
 import json
 import os
 import platform
+import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -248,6 +250,19 @@ def test_bad_inputs_are_clear_errors(llama, ckpts, tmp_path, tiny_tokenizer):
         Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 64, 1, dtype="f32")
     with pytest.raises(ValueError, match="model_parallel_size 2 != 1 process"):
         Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 64, 1, model_parallel_size=2)
+    # no tokenizer_path: the one beside the checkpoint, else one folder up (where Meta's releases keep it)
+    assert Llama.build(str(ckpts["one"]), None, 64, 1, dtype="float32").tokenizer.sha256 == llama.tokenizer.sha256
+    release = tmp_path / "release"
+    (release / "7B").mkdir(parents=True)
+    for f in ckpts["one"].iterdir():
+        if f.name != "tokenizer.model":
+            shutil.copy(f, release / "7B" / f.name)
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer given for .*7B, and none at .*7B/tokenizer.model, "
+                                                r".*7B/tokenizer.gguf, .*release/tokenizer.model: pass --tokenizer_path"):
+        Llama.build(str(release / "7B"), None, 64, 1)
+    shutil.copy(ckpts["tokenizer"], release / "tokenizer.model")
+    found = Llama.build(str(release / "7B"), None, 64, 1, dtype="float32").tokenizer
+    assert found.model_path == release / "tokenizer.model"
     # a checkpoint whose vocabulary is not the tokenizer's
     make_checkpoint(tmp_path / "v", ckpts["tokenizer"], vocab_size=256)
     with pytest.raises(ValueError, match="has 512 tokens but the model .* has vocab_size 256"):
@@ -257,9 +272,10 @@ def test_bad_inputs_are_clear_errors(llama, ckpts, tmp_path, tiny_tokenizer):
 # --- scripts/example.py end to end ---------------------------------------------------------------
 
 
-def _example(*args, env=None, launcher=(sys.executable,)):
+def _example(*args, env=None, launcher=(sys.executable,), input=None):
     return subprocess.run([*launcher, str(ROOT / "scripts" / "example.py"), *args], capture_output=True, text=True,
-                          timeout=180, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+                          timeout=180, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                          input=input)
 
 
 def test_example_script_end_to_end(ckpts, tmp_path):
@@ -282,6 +298,10 @@ def test_example_script_end_to_end(ckpts, tmp_path):
                         "--max_gen_len", "8", "--max_seq_len", "64", "--quantize", "int8"],
                        input="The\n", capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert r.returncode == 0, r.stderr
+    # a prompt longer than the context: said, and the next one is completed
+    r = _example("--ckpt_dir", str(ckpts["one"]), "--interactive", "--temperature", "0", "--max_gen_len", "4",
+                 "--max_seq_len", "32", "--dtype", "float32", input="the " * 40 + "\nThe\n")
+    assert r.returncode == 0 and "(prompt 0 has" in r.stdout and r.stdout.count("prompt> ") == 3, r.stdout + r.stderr
     # bad path and bad option: one clear sentence, exit code 1, no traceback
     r = _example("--ckpt_dir", str(tmp_path / "missing"), "--tokenizer_path", ckpts["tokenizer"])
     assert r.returncode == 1 and "does not exist" in r.stderr and "Traceback" not in r.stderr
@@ -334,6 +354,59 @@ def test_chat_completion_equals_transformers_on_the_chat_prompt(chat_llama, ckpt
         llama.chat_completion([DIALOGS[1][:3]])
     with pytest.raises(ValueError, match="wrap one dialog"):
         llama.chat_completion(DIALOGS[0])
+
+
+def test_chat_takes_top_k_and_stop_strings(chat_llama):
+    """top_k and stop reach chat answers as they reach completions: top_k 1 at a high temperature is
+    greedy, and a stop string cuts the answer before it (generation ends there)."""
+    llama = chat_llama
+    greedy = llama.chat_completion(DIALOGS, temperature=0, max_gen_len=GEN_LEN)
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        assert llama.chat_completion(DIALOGS, temperature=5.0, top_k=1, max_gen_len=GEN_LEN) == greedy
+    text = greedy[1]["generation"]["content"]
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    cut = llama.chat_completion(DIALOGS, temperature=0, max_gen_len=GEN_LEN, stop=stop)
+    assert cut[1]["generation"]["content"] == text[:text.index(stop)]
+    assert "".join(llama.chat_stream(DIALOGS[1], temperature=0, max_gen_len=GEN_LEN, stop=[stop])) == text[:text.index(stop)]
+    assert "".join(llama.chat_stream(DIALOGS[1], temperature=5.0, top_k=1, max_gen_len=GEN_LEN)) == text
+
+
+def test_example_refuses_what_it_would_ignore_and_sizes_its_cache(ckpts, tmp_path, monkeypatch):
+    """scripts/example.py: values the command line read as numbers or dicts, prompts that --interactive
+    would drop, a prompt file with no prompt, int8 under torchrun (before loading), a GPU that is not
+    there: one sentence each. The KV cache holds as many rows as there are prompts (one when typing)."""
+    main = runpy.run_path(str(ROOT / "scripts" / "example.py"))["main"]
+    one = str(ckpts["one"])
+    for kw, want in [(dict(prompts=3.1), "--prompts must be text or a list of texts, got 3.1"),
+                     (dict(prompts={"a": 1}), "--prompts must be text or a list of texts, got {'a': 1}"),
+                     (dict(stop=1), "--stop must be text or a list of texts, got 1"),
+                     (dict(interactive=True, prompts="hi"), "--interactive reads its prompts as you type them"),
+                     (dict(device="cuda"), "sees no CUDA GPU")]:
+        if kw.get("device") == "cuda" and torch.cuda.is_available():
+            continue
+        with pytest.raises(ValueError, match=re.escape(want)):
+            main(ckpt_dir=one, max_seq_len=32, **kw)
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    with pytest.raises(ValueError, match="prompt file .*blank.txt holds no prompt"):
+        main(ckpt_dir=one, prompt_file=str(tmp_path / "blank.txt"))
+    with monkeypatch.context() as m:
+        m.setenv("RANK", "0")
+        m.setenv("WORLD_SIZE", "2")
+        with pytest.raises(ValueError, match="--quantize int8 runs on one process"):
+            main(ckpt_dir=str(tmp_path / "not_read"), quantize="int8")
+    sizes = []
+
+    def build(*args, max_batch_size, **kw):
+        sizes.append(max_batch_size)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Llama, "build", build)
+    for kw, want in [(dict(prompts=["a", "b"]), 2), (dict(), 4), (dict(max_batch_size=3), 3),
+                     (dict(interactive=True), 1), (dict(chat=True), 1)]:
+        with pytest.raises(KeyboardInterrupt):
+            main(ckpt_dir=one, **kw)
+        assert sizes[-1] == want, kw
 
 
 def test_example_chat_keeps_the_dialog(chat_llama, ckpts):

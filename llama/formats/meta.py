@@ -167,12 +167,25 @@ class _Shards:
         return out.contiguous()
 
 
+REQUIRED_PARAMS = ("dim", "n_layers", "n_heads", "norm_eps")  # every params.json Meta ships has them
+
+
 def _read_params(ckpt_dir: Path) -> dict:
+    if ckpt_dir.is_file():
+        raise NotADirectoryError(f"{ckpt_dir} is a file; --ckpt_dir takes the folder holding params.json and "
+                                 f"consolidated.NN.pth (or a .gguf file)")
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"checkpoint directory {ckpt_dir} does not exist; give a folder holding "
                                 f"params.json and consolidated.NN.pth")
-    return read_json_object(ckpt_dir / PARAMS, f"no {PARAMS} in {ckpt_dir}; a Meta checkpoint directory holds "
-                                                f"params.json and consolidated.NN.pth")
+    if not (ckpt_dir / PARAMS).is_file() and (ckpt_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{ckpt_dir} is a transformers checkpoint (config.json), not Meta's layout: convert "
+                                f"it with scripts/convert_hf.py --to meta --src {ckpt_dir} --dst DIR")
+    d = read_json_object(ckpt_dir / PARAMS, f"no {PARAMS} in {ckpt_dir}; a Meta checkpoint directory holds "
+                                            f"params.json and consolidated.NN.pth")
+    missing = [k for k in REQUIRED_PARAMS if k not in d]
+    if missing:
+        raise ValueError(f"{ckpt_dir / PARAMS} has no {missing} (a default would build another model)")
+    return d
 
 
 def load_params(ckpt_dir: str | Path, vocab_size: int | None = None, **overrides) -> ModelArgs:
@@ -204,8 +217,21 @@ def _checked(ckpt_dir, vocab_size=None, **overrides) -> tuple[_Shards, ModelArgs
     try:
         check_state_dict(shards.shapes, args, what=f"checkpoint {ckpt_dir}")
     except ValueError as e:
-        raise ValueError(f"{e}. Check {PARAMS} and that no shard is missing") from None
+        raise ValueError(_missing_shards(shards, args) or f"{e}. Check {PARAMS} and that no shard is missing") from None
     return shards, args
+
+
+def _missing_shards(shards: _Shards, args: ModelArgs) -> str | None:
+    """When the shards present are too narrow for params.json's dim by a whole factor, the sentence
+    naming the shards missing from the end (a gap in the numbering is caught by `shard_paths`)."""
+    key = "tok_embeddings.weight"
+    have, n = shards.shapes.get(key), len(shards.paths)
+    if have is None or have[meta_split_dim(key)] >= args.dim or (args.dim * n) % have[meta_split_dim(key)]:
+        return None
+    total = args.dim * n // have[meta_split_dim(key)]
+    missing = [shard_name(i) for i in range(n, total)]
+    return (f"checkpoint {shards.dir} holds {n} shard(s) of {total} (params.json's dim {args.dim}): missing "
+            f"{missing}; copy them in or re-download")
 
 
 def load_tp_slice(ckpt_dir: str | Path, rank: int, world_size: int,

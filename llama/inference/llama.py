@@ -63,6 +63,20 @@ class _Batch:
     ends: list[int]  # per row: end of its prompt + generation (exclusive)
 
 
+def find_tokenizer(ckpt_dir: str | Path) -> str:
+    """The tokenizer beside a Meta-layout checkpoint: ckpt_dir/tokenizer.model (this library's exports),
+    ckpt_dir/tokenizer.gguf (an export with a BPE vocabulary), or tokenizer.model one folder up (where
+    Meta's releases keep it, beside 7B/, 13B/, ...); says which it took."""
+    ckpt_dir = Path(ckpt_dir)
+    places = [ckpt_dir / "tokenizer.model", ckpt_dir / "tokenizer.gguf", ckpt_dir.parent / "tokenizer.model"]
+    for p in places:
+        if p.is_file():
+            say_once(f"llama: tokenizer {p} (--tokenizer_path overrides)")
+            return str(p)
+    raise FileNotFoundError(f"no tokenizer given for {ckpt_dir}, and none at {', '.join(map(str, places))}: pass "
+                            f"--tokenizer_path (a sentencepiece tokenizer.model, or a .gguf vocabulary)")
+
+
 class Llama:
     """A loaded model and tokenizer that completes text. Build with `Llama.build`."""
 
@@ -97,7 +111,8 @@ class Llama:
         or "fused" (see llama/inference/decoders.py).
         A `.gguf` file (llama.cpp's format) as `ckpt_dir` runs on one process; its tokenizer comes
         from the file unless `tokenizer_path` is given. `tokenizer_path` may also be a vocabulary-only
-        .gguf (what scripts/convert_gguf.py writes beside a Meta-layout model with a BPE vocabulary).
+        .gguf (what scripts/convert_gguf.py writes beside a Meta-layout model with a BPE vocabulary);
+        None: the one beside the checkpoint (`find_tokenizer`).
         """
         if max_seq_len < 2 or max_batch_size < 1:
             raise ValueError(f"max_seq_len must be >= 2 and max_batch_size >= 1 (got {max_seq_len}, {max_batch_size})")
@@ -116,8 +131,7 @@ class Llama:
             return Llama._build_gguf(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, world, seed, device,
                                      dtype, decoder)
         if tokenizer_path is None:
-            raise FileNotFoundError(f"no tokenizer given for {ckpt_dir}: pass --tokenizer_path (a sentencepiece "
-                                    f"tokenizer.model, or a .gguf vocabulary)")
+            tokenizer_path = find_tokenizer(ckpt_dir)
         tokenizer = load_tokenizer(tokenizer_path)  # tokenizer.model, or a vocabulary-only .gguf
         args = load_params(ckpt_dir)  # vocab_size -1 is read from the shards' output.weight
         if args.vocab_size != tokenizer.n_words:
@@ -324,13 +338,16 @@ class Llama:
         return out
 
     def chat_completion(self, dialogs: Sequence[list[dict]], temperature: float = 0.6, top_p: float = 0.9,
-                        max_gen_len: Optional[int] = None, logprobs: bool = False) -> list[dict]:
+                        max_gen_len: Optional[int] = None, logprobs: bool = False, top_k: Optional[int] = None,
+                        stop: Sequence[str] | str | None = None) -> list[dict]:
         """Answer each dialog as the assistant (Meta's Llama 2 API), in the model's own chat template
         when its tokenizer carries one (a GGUF file's), else in Llama 2's chat format: a dialog is a
         list of {"role", "content"} messages, an optional "system" first, then "user" and
         "assistant" alternating, ending with "user". Returns [{"generation": {"role": "assistant",
         "content": str}}] (+ "tokens", "logprobs" with logprobs=True). As Meta's, a dialog whose
-        contents hold [INST], [/INST], <<SYS>> or <</SYS>> is not run: its answer is an error text."""
+        contents hold [INST], [/INST], <<SYS>> or <</SYS>> is not run: its answer is an error text.
+        `top_k` and `stop` as in `text_completion`."""
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
         if isinstance(dialogs, dict) or (dialogs and isinstance(dialogs[0], dict)):
             raise ValueError("dialogs must be a list of dialogs (each a list of messages); wrap one dialog: [dialog]")
         for i, dialog in enumerate(dialogs):
@@ -342,10 +359,12 @@ class Llama:
         llama2 = not getattr(self.tokenizer, "chat_template", None)  # Meta's tags only matter in its format
         unsafe = [llama2 and has_special_tags(d) for d in dialogs]
         prompt_tokens = [encode_dialog(self.tokenizer, d) for d in dialogs]
-        toks, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, None, logprobs)
+        toks, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, stop=stop)
         out = []
         for i, t in enumerate(toks):
-            content = UNSAFE_ERROR if unsafe[i] else self.tokenizer.decode(t)
+            content = self.tokenizer.decode(t)
+            cut = find_stop(content, stop) if stop else None
+            content = UNSAFE_ERROR if unsafe[i] else content if cut is None else content[:cut]
             item = {"generation": {"role": "assistant", "content": content}}
             if logprobs:
                 item["tokens"] = [self.tokenizer.decode([x]) for x in t]
@@ -354,13 +373,14 @@ class Llama:
         return out
 
     def chat_stream(self, dialog: list[dict], temperature: float = 0.6, top_p: float = 0.9,
-                    max_gen_len: Optional[int] = None) -> Iterator[str]:
+                    max_gen_len: Optional[int] = None, top_k: Optional[int] = None,
+                    stop: Sequence[str] | str | None = None) -> Iterator[str]:
         """Yield the assistant's answer to one dialog (ending with a user message) piece by piece;
         every rank must iterate. See `chat_completion` for the dialog's form."""
         check_dialog(dialog, last="user")
         if not getattr(self.tokenizer, "chat_template", None) and has_special_tags(dialog):
             raise ValueError(UNSAFE_ERROR)
-        return self._stream(encode_dialog(self.tokenizer, dialog), temperature, top_p, None, max_gen_len, None)
+        return self._stream(encode_dialog(self.tokenizer, dialog), temperature, top_p, top_k, max_gen_len, stop)
 
     def stream(self, prompt: str, temperature: float = 0.6, top_p: float = 0.9, top_k: Optional[int] = None,
                max_gen_len: Optional[int] = None, stop: Sequence[str] | str | None = None) -> Iterator[str]:
