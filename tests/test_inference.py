@@ -22,7 +22,7 @@ import torch
 from torch.utils.cpp_extension import include_paths
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llama.formats.hf import hf_config, to_hf
+from llama.formats.hf import hf_config, save_hf, to_hf
 from llama.inference import CompiledDecoder, Llama, make_decoder, sample
 from llama.cpu_kernels import VARIANTS, cpu_kernel_variants, cpu_kernels
 from llama.inference.cpu_decode import FusedCpuDecoder, ThreadCount, read_bandwidth
@@ -250,6 +250,12 @@ def test_bad_inputs_are_clear_errors(llama, ckpts, tmp_path, tiny_tokenizer):
         Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 64, 1, dtype="f32")
     with pytest.raises(ValueError, match="model_parallel_size 2 != 1 process"):
         Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 64, 1, model_parallel_size=2)
+    with pytest.raises(NotADirectoryError, match="consolidated.00.pth is a file, not a checkpoint directory"):
+        Llama.build(str(ckpts["one"] / "consolidated.00.pth"), ckpts["tokenizer"], 64, 1)
+    save_hf(ckpts["model"].state_dict(), ckpts["model"].args, tmp_path / "hf")
+    with pytest.raises(FileNotFoundError, match=r"hf is a transformers checkpoint \(config.json\), not Meta's layout: "
+                                                r"convert it with scripts/convert_hf.py --to meta"):
+        Llama.build(str(tmp_path / "hf"), ckpts["tokenizer"], 64, 1)
     # no tokenizer_path: the one beside the checkpoint, else one folder up (where Meta's releases keep it)
     assert Llama.build(str(ckpts["one"]), None, 64, 1, dtype="float32").tokenizer.sha256 == llama.tokenizer.sha256
     release = tmp_path / "release"

@@ -172,8 +172,8 @@ REQUIRED_PARAMS = ("dim", "n_layers", "n_heads", "norm_eps")  # every params.jso
 
 def _read_params(ckpt_dir: Path) -> dict:
     if ckpt_dir.is_file():
-        raise NotADirectoryError(f"{ckpt_dir} is a file; --ckpt_dir takes the folder holding params.json and "
-                                 f"consolidated.NN.pth (or a .gguf file)")
+        raise NotADirectoryError(f"{ckpt_dir} is a file, not a checkpoint directory (the folder holding params.json "
+                                 f"and consolidated.NN.pth)")
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"checkpoint directory {ckpt_dir} does not exist; give a folder holding "
                                 f"params.json and consolidated.NN.pth")
