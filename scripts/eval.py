@@ -12,14 +12,12 @@ CPU ran them (bf16 rounds log-likelihoods by ~0.1 nat, enough to flip a close mu
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from llama.cli import run
 from llama.env import resolve_device
 from llama.eval import TaskSpec, evaluate_tasks, perplexity, read_documents, write_results
-from llama.formats.gguf import open_gguf, read_args
-from llama.formats.meta import load_params
 from llama.inference import Llama
+from llama.inference.llama import checkpoint_args
 
 
 def _as_list(x) -> list:
@@ -36,10 +34,7 @@ def main(ckpt_dir: str, tokenizer_path: str | None = None, text=None, tasks=None
         raise ValueError("nothing to evaluate: give --text FILE(s) for perplexity and/or --tasks SPEC.json(s)")
     docs = read_documents(texts) if texts else []  # bad files and specs fail before the model loads
     specs = [TaskSpec.load(s, num_fewshot=num_fewshot, limit=limit) for s in specs]
-    if Path(ckpt_dir).suffix == ".gguf":  # llama.cpp's file: the tokenizer comes from it
-        max_seq_len = max_seq_len or read_args(open_gguf(ckpt_dir)).max_seq_len
-    else:
-        max_seq_len = max_seq_len or load_params(ckpt_dir).max_seq_len
+    max_seq_len = max_seq_len or checkpoint_args(ckpt_dir).max_seq_len
     if dtype is None and resolve_device(device).type == "cpu":
         dtype = "float32"  # the same scores on every CPU (the library would pick the faster of bf16 and fp32)
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=batch_size,

@@ -252,10 +252,10 @@ def test_bad_inputs_are_clear_errors(llama, ckpts, tmp_path, tiny_tokenizer):
         Llama.build(str(ckpts["one"]), ckpts["tokenizer"], 64, 1, model_parallel_size=2)
     with pytest.raises(NotADirectoryError, match="consolidated.00.pth is a file, not a checkpoint directory"):
         Llama.build(str(ckpts["one"] / "consolidated.00.pth"), ckpts["tokenizer"], 64, 1)
-    save_hf(ckpts["model"].state_dict(), ckpts["model"].args, tmp_path / "hf")
-    with pytest.raises(FileNotFoundError, match=r"hf is a transformers checkpoint \(config.json\), not Meta's layout: "
-                                                r"convert it with scripts/convert_hf.py --to meta"):
-        Llama.build(str(tmp_path / "hf"), ckpts["tokenizer"], 64, 1)
+    # a transformers folder loads as it is: the same completions as the Meta-layout checkpoint
+    save_hf(ckpts["model"].state_dict(), ckpts["model"].args, tmp_path / "hf", tokenizer_path=ckpts["tokenizer"])
+    from_hf = Llama.build(str(tmp_path / "hf"), None, 64, 3, dtype="float32")
+    assert run_all(from_hf) == run_all(llama)
     # no tokenizer_path: the one beside the checkpoint, else one folder up (where Meta's releases keep it)
     assert Llama.build(str(ckpts["one"]), None, 64, 1, dtype="float32").tokenizer.sha256 == llama.tokenizer.sha256
     release = tmp_path / "release"
@@ -1687,6 +1687,7 @@ def setup(tmp_path_factory, tiny_tokenizer):
     base = tmp_path_factory.mktemp("gen_tp")
     model = make_checkpoint(base / "one", tiny_tokenizer.model_path, num_shards=1)
     make_checkpoint(base / "two", tiny_tokenizer.model_path, num_shards=2)
+    save_hf(model.state_dict(), model.args, base / "hf", dtype=torch.float32)  # transformers' layout, sliced per rank
     tok = str(tiny_tokenizer.model_path)
     single = run_all(Llama.build(str(base / "one"), tok, max_seq_len=64, max_batch_size=3, dtype="float32", device="cpu"))
     ids = [tiny_tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
@@ -1697,7 +1698,7 @@ def setup(tmp_path_factory, tiny_tokenizer):
 @pytest.mark.parametrize("world", [2, 4])
 def test_tp_generation_equals_one_process_and_transformers(setup, world):
     base = setup["base"]
-    ckpts = [str(base / "one"), str(base / "two")] if world == 2 else [str(base / "one")]
+    ckpts = [str(base / "one"), str(base / "two"), str(base / "hf")] if world == 2 else [str(base / "one")]
     out = base / f"out{world}.json"
     torchrun("tests.workers.generation", world, "--tokenizer", setup["tok"], "--out", out, *ckpts, timeout=240)
     results = json.loads(out.read_text())

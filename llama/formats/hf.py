@@ -222,6 +222,12 @@ def _write_hf(state_dict, args, out_dir: Path, dtype, tokenizer_path, max_shard_
         atomic_write_text(json.dumps(tok_cfg, indent=2) + "\n", out_dir / "tokenizer_config.json")
 
 
+def is_hf_checkpoint(path: str | Path) -> bool:
+    """A transformers folder (config.json, no params.json)."""
+    path = Path(path)
+    return (path / CONFIG).is_file() and not (path / "params.json").is_file()
+
+
 def read_hf_config(hf_dir: str | Path, **overrides) -> ModelArgs:
     path = Path(hf_dir) / CONFIG
     cfg = read_json_object(path, f"no {CONFIG} in {hf_dir}; a transformers checkpoint holds config.json and "

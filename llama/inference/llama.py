@@ -22,12 +22,13 @@ import torch.nn.functional as F
 
 from llama.chat import check_dialog, encode_dialog, has_special_tags
 from llama.env import compute_dtype, init_distributed, resolve_device, resolve_dtype, say_once, torchrun_ranks
-from llama.formats.gguf import load_gguf, load_tokenizer
-from llama.formats.meta import load_model, load_params, load_tp_slice
+from llama.formats.gguf import load_gguf, load_tokenizer, open_gguf, read_args
+from llama.formats.hf import is_hf_checkpoint, load_hf, read_hf_config
+from llama.formats.meta import load_model, load_params, load_tp_slice, tp_shard_dim
 from llama.inference.cpu_decode import FusedCpuDecoder, decode_dtype
 from llama.inference.decoders import DECODERS, CompiledDecoder, EagerDecoder
 from llama.inference.sampling import check_sampling, sample
-from llama.model import KVCache, Transformer
+from llama.model import KVCache, ModelArgs, Transformer
 from llama.parallel import apply_tp, assign_local_shards, check_tp_degree, tp_mesh
 from llama.tokenizer import TextStream, find_stop
 
@@ -61,6 +62,14 @@ class _Batch:
     tokens: torch.Tensor  # (B, total_len) prompt then generated ids, pad -1 beyond
     logprobs: Optional[torch.Tensor]  # (B, total_len) logprob of tokens[:, t] given tokens[:, :t]
     ends: list[int]  # per row: end of its prompt + generation (exclusive)
+
+
+def checkpoint_args(ckpt_dir: str | Path) -> ModelArgs:
+    """The architecture of what `Llama.build` takes: a Meta-layout folder, a transformers folder or a
+    .gguf file."""
+    if Path(ckpt_dir).suffix == ".gguf":
+        return read_args(open_gguf(ckpt_dir))
+    return read_hf_config(ckpt_dir) if is_hf_checkpoint(ckpt_dir) else load_params(ckpt_dir)
 
 
 def find_tokenizer(ckpt_dir: str | Path) -> str:
@@ -98,7 +107,8 @@ class Llama:
     def build(ckpt_dir: str, tokenizer_path: Optional[str], max_seq_len: int, max_batch_size: int,
               model_parallel_size: Optional[int] = None, seed: int = 1, device: str | torch.device | None = None,
               dtype: str | torch.dtype | None = None, decoder: str = "auto") -> "Llama":
-        """Load a Meta-layout checkpoint (params.json + consolidated.NN.pth, any number of shards).
+        """Load a Meta-layout checkpoint (params.json + consolidated.NN.pth, any number of shards), or a
+        transformers LLaMA folder (config.json + safetensors).
 
         Without torchrun it runs in this process; under torchrun each of the WORLD_SIZE ranks holds
         a tensor-parallel slice (world size must divide the heads). `device` defaults to cuda, then
@@ -133,7 +143,8 @@ class Llama:
         if tokenizer_path is None:
             tokenizer_path = find_tokenizer(ckpt_dir)
         tokenizer = load_tokenizer(tokenizer_path)  # tokenizer.model, or a vocabulary-only .gguf
-        args = load_params(ckpt_dir)  # vocab_size -1 is read from the shards' output.weight
+        hf = is_hf_checkpoint(ckpt_dir)
+        args = checkpoint_args(ckpt_dir)  # Meta's vocab_size -1 is read from the shards' output.weight
         if args.vocab_size != tokenizer.n_words:
             raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the model in {ckpt_dir} "
                              f"has vocab_size {args.vocab_size}; use the tokenizer the checkpoint was trained with")
@@ -141,14 +152,23 @@ class Llama:
         check_tp_degree(args, world)
         ranks = init_distributed(device.type)
 
-        if ranks.world == 1:
+        full = load_hf(ckpt_dir)[0] if hf else None  # transformers' safetensors: read whole, then sliced
+        if ranks.world == 1 and not hf:
             model = load_model(ckpt_dir, device=device, dtype=dtype, max_seq_len=max_seq_len)
+        elif ranks.world == 1:
+            with torch.device("meta"):
+                model = Transformer(args)
+            model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in full.items()}, strict=True,
+                                  assign=True)
+            model.init_buffers(device)
         else:
             with torch.device("meta"):
                 model = Transformer(args)
             mesh = tp_mesh(device.type, ranks.world)
             apply_tp(model, mesh)
-            assign_local_shards(model, load_tp_slice(ckpt_dir, ranks.rank, ranks.world), mesh, device, dtype)
+            local = ({k: v if tp_shard_dim(k) is None else v.chunk(ranks.world, tp_shard_dim(k))[ranks.rank]
+                      for k, v in full.items()} if hf else load_tp_slice(ckpt_dir, ranks.rank, ranks.world))
+            assign_local_shards(model, local, mesh, device, dtype)
             model.init_buffers(device)
         model.eval().requires_grad_(False)
         return Llama(model, tokenizer, max_seq_len, max_batch_size, seed=seed, rank=ranks.rank,
