@@ -131,6 +131,15 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
+def scoring_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None) -> str | torch.dtype | None:
+    """The dtype evaluation loads a model in: `dtype` when given, else fp32 on a CPU, so that scores do
+    not depend on which CPU ran them (bf16 moves log-likelihoods by ~0.1 nat, enough to flip a close
+    choice), else None (the library's default for the device)."""
+    if dtype is None and resolve_device(device).type == "cpu":
+        return "float32"
+    return dtype
+
+
 def default_dtype(device: torch.device | str) -> torch.dtype:
     """The dtype to hold weights in for generation: bf16 on GPUs that have it, fp16 on older GPUs
     and MPS; on a CPU bf16 where it multiplies bf16 natively (decoding reads every weight per token,

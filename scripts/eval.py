@@ -14,7 +14,7 @@ from __future__ import annotations
 
 
 from llama.cli import run
-from llama.env import resolve_device
+from llama.env import scoring_dtype
 from llama.eval import TaskSpec, evaluate_tasks, perplexity, read_documents, write_results
 from llama.inference import Llama
 from llama.inference.llama import checkpoint_args
@@ -35,10 +35,8 @@ def main(ckpt_dir: str, tokenizer_path: str | None = None, text=None, tasks=None
     docs = read_documents(texts) if texts else []  # bad files and specs fail before the model loads
     specs = [TaskSpec.load(s, num_fewshot=num_fewshot, limit=limit) for s in specs]
     max_seq_len = max_seq_len or checkpoint_args(ckpt_dir).max_seq_len
-    if dtype is None and resolve_device(device).type == "cpu":
-        dtype = "float32"  # the same scores on every CPU (the library would pick the faster of bf16 and fp32)
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=batch_size,
-                        dtype=dtype, device=device, decoder="eager")
+                        dtype=scoring_dtype(dtype, device), device=device, decoder="eager")
     model, tokenizer = llama.model, llama.tokenizer
     results = {"checkpoint": str(ckpt_dir), "max_seq_len": max_seq_len, "dtype": str(llama.dtype).removeprefix("torch."),
                "world_size": llama.world_size}

@@ -116,6 +116,31 @@ def test_loglikelihoods_equal_hflm(hflm, model, tok):
     torch.testing.assert_close([g[0] for g in got], [w[0] for w in want], rtol=0, atol=1e-4)
     assert [g[1] for g in got] == [w[1] for w in want]
     assert got[3][1] and not got[0][1]  # one greedy continuation, so the flag is checked both ways
+    # an empty continuation has probability 1 (HFLM asserts on it): (0.0, True) among the others
+    empty = LlamaLM(model, tok).loglikelihood([Instance("loglikelihood", {}, ("abc", ""), 0)] + inst[:1], disable_tqdm=True)
+    assert empty == [(0.0, True), got[0]]
+
+
+def test_a_shorter_max_length_equals_hflms(hflm, model, tok):
+    """max_length below the model's max_seq_len: every kind of request reads only that many positions,
+    as HFLM's max_length does."""
+    short = HFLM(pretrained=hflm.model.name_or_path, device="cpu", dtype="float32", batch_size=4, max_length=24,
+                 add_bos_token=False)
+    lm = LlamaLM(model, tok, batch_size=3, max_length=24, max_gen_toks=6)
+    assert lm.max_length == 24
+    text = "the of and to in is that for it as was with be by on not he this " * 3
+    full = HFLM(pretrained=hflm.model.name_or_path, device="cpu", dtype="float32", batch_size=4, max_length=24)
+    check_same_tokens(full, tok, [text, text + " red"])
+    rolling = [Instance("loglikelihood_rolling", {}, (text,), 0)]
+    torch.testing.assert_close(lm.loglikelihood_rolling(rolling, disable_tqdm=True),
+                               short.loglikelihood_rolling(rolling, disable_tqdm=True), rtol=0, atol=1e-4)
+    pair = [Instance("loglikelihood", {}, (text, " red"), 0)]
+    torch.testing.assert_close(lm.loglikelihood(pair, disable_tqdm=True)[0][0],
+                               full.loglikelihood(pair, disable_tqdm=True)[0][0], rtol=0, atol=1e-4)
+    gen = [Instance("generate_until", {}, (text, {"until": ["\n"], "max_gen_toks": 6}), 0)]
+    assert lm.generate_until(gen, disable_tqdm=True) == full.generate_until(gen, disable_tqdm=True)
+    with pytest.raises(ValueError, match=r"max_length 65 must be in \[2, 64\]"):
+        LlamaLM(model, tok, max_length=65)
 
 
 def test_loglikelihood_rolling_equals_hflm(hflm, model, tok, tmp_path):
@@ -134,7 +159,9 @@ def test_loglikelihood_rolling_equals_hflm(hflm, model, tok, tmp_path):
 
 
 def test_generate_until_equals_hflm(hflm, model, tok):
-    prompts = ["Question: which is it?\nAnswer:", "In 1999 it cost", "the of and to", "which", "he was"]
+    prompts = ["Question: which is it?\nAnswer:", "In 1999 it cost", "the of and to", "which", "he was",
+               ("which red blue the of " * 10).strip()]  # cut: its start goes, bos with it, as in HFLM
+    assert len(tok.encode(prompts[-1], bos=True, eos=False)) > CTX - 10
     check_same_tokens(hflm, tok, prompts)
     inst = [Instance("generate_until", {}, (p, {"until": ["\n", "2"], "max_gen_toks": 10, "do_sample": False}), i)
             for i, p in enumerate(prompts)]
@@ -369,6 +396,22 @@ def test_bad_inputs_name_file_and_line(model, tok, tmp_path):
         run([json.dumps({"question": "the of and to in", "answers": ["x"]})], type="generate", max_gen_tokens=60)
     with pytest.raises(TaskError, match=r"unknown field\(s\) \['shots'\]"):
         run([good], shots=3)
+    for key, value, want in [("limit", 0, "limit must be an integer >= 1"), ("limit", -1, "limit must be an integer"),
+                             ("limit", "2", "limit must be an integer"), ("num_fewshot", True, "num_fewshot must be"),
+                             ("until", None, "until must be a string or a list of strings"),
+                             ("regex", 5, "regex must be a string"), ("metrics", [1], "metrics must be")]:
+        with pytest.raises(TaskError, match=want):
+            run([good], **{key: value})
+    assert evaluate_task(model, tok, {"name": "m", "data": str(tmp_path / "bad.jsonl"), "metrics": "acc"},
+                         progress=False)["acc"] in (0.0, 1.0)  # one metric as a bare string, as `until` takes
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+            evaluate_task(model, tok, {"name": "m", "data": str(tmp_path / "bad.jsonl")}, batch_size=bad)
+    with pytest.raises(ValueError, match=r"stride must be in \[1, 64\]"):
+        perplexity(model, tok, ["the of and"], stride=0, progress=False)
+    docs = ["the of and to in", "which red"]
+    assert perplexity(model, tok, (d for d in docs), progress=False)["nll"] == perplexity(model, tok, docs, progress=False)["nll"]
+    assert loglikelihoods(model, []) == []
     # and the scripts' way of reporting it: one line, no traceback
     assert issubclass(TaskError, ValueError)
 
@@ -409,6 +452,31 @@ def test_eval_script_writes_results(checkpoint, model, tok, tmp_path, capsys):
     assert "perplexity " in printed and "mc: acc " in printed
     with pytest.raises(ValueError, match="nothing to evaluate"):
         script.main(str(checkpoint))
+
+
+def test_llamalm_from_a_checkpoint_reads_it_as_trained(checkpoint, model, tok, tmp_path):
+    """LlamaLM from a checkpoint: the checkpoint's own context (64 here, not 2048), fp32 on a CPU, the
+    tokenizer beside it (or one folder up), lm-eval's batch_size "auto" and max_batch_size taken, and a
+    checkpoint path where the model goes is one sentence."""
+    lm = LlamaLM.from_checkpoint(str(checkpoint))
+    assert lm.max_length == CTX and lm.get_model_info()["model_dtype"] == "torch.float32"
+    assert lm.tokenizer.sha256 == tok.sha256
+    inst = [Instance("loglikelihood", {}, ("In 1999 it cost", " 12.50"), 0)]
+    assert lm.loglikelihood(inst, disable_tqdm=True) == LlamaLM(model, tok).loglikelihood(inst, disable_tqdm=True)
+    assert LlamaLM(ckpt_dir=str(checkpoint), max_length=32).max_length == 32
+    with pytest.warns(UserWarning, match="batch_size auto -> 8"):
+        assert LlamaLM(model, tok, batch_size="auto:4", max_batch_size=8).batch_size == 8
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1 or 'auto', got 'many'"):
+        LlamaLM(model, tok, batch_size="many")
+    with pytest.raises(ValueError, match=r"LlamaLM\(model, tokenizer\) takes a Transformer; for the checkpoint"):
+        LlamaLM(str(checkpoint), str(tok.model_path))
+    release = tmp_path / "release"
+    (release / "7B").mkdir(parents=True)
+    for f in checkpoint.iterdir():
+        if f.name != "tokenizer.model":
+            (release / "7B" / f.name).write_bytes(f.read_bytes())
+    (release / "tokenizer.model").write_bytes(Path(tok.model_path).read_bytes())
+    assert LlamaLM.from_checkpoint(str(release / "7B")).tokenizer.sha256 == tok.sha256
 
 
 @pytest.mark.slow

@@ -63,8 +63,13 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return ctx, whole[len(ctx):]
 
 
-def _context_length(model) -> int:
-    return model.args.max_seq_len
+def _context_length(model, context: int | None = None) -> int:
+    """The positions a scoring call may use: the model's max_seq_len, or `context` below it."""
+    if context is None:
+        return model.args.max_seq_len
+    if not 2 <= context <= model.args.max_seq_len:
+        raise ValueError(f"context {context} must be in [2, {model.args.max_seq_len}] (the model's max_seq_len)")
+    return context
 
 
 def _local_kv_heads(model) -> int:
@@ -94,15 +99,28 @@ def _logprob(logits: torch.Tensor, target: Sequence[int]) -> tuple[float, bool]:
 
 
 @torch.inference_mode()
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_batch_size(batch_size) -> int:
+    if not _is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    return batch_size
+
+
 def loglikelihoods(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *, batch_size: int = 16,
-                   shared_context: bool = True) -> list[tuple[float, bool]]:
+                   shared_context: bool = True, context: int | None = None) -> list[tuple[float, bool]]:
     """(log P(continuation | context), greedy) for each (context ids, continuation ids) request.
 
     The context starts with bos and is not empty; context + continuation is at most the model's
     context + 1 tokens (the last token is only predicted). Identical requests are scored once.
     `shared_context=False` scores every request as one full sequence (lm-eval's way), for checking.
     """
-    max_len = _context_length(model)
+    check_batch_size(batch_size)
+    if not requests:
+        return []
+    max_len = _context_length(model, context)
     keys = []
     for i, (ctx, cont) in enumerate(requests):
         if not len(ctx) or not len(cont):
@@ -215,11 +233,12 @@ def rolling_windows(n_targets: int, max_len: int, stride: int) -> list[tuple[int
 
 @torch.inference_mode()
 def sequence_nlls(model, sequences: Sequence[Sequence[int]], *, stride: int | None = None, batch_size: int = 8,
-                  pbar: tqdm | None = None) -> list[float]:
+                  pbar: tqdm | None = None, context: int | None = None) -> list[float]:
     """Summed negative log-likelihood of tokens 1.. of each sequence (bos first) by rolling windows
-    of the model's context; the windows of all sequences are batched together, longest first."""
-    max_len = _context_length(model)
-    stride = stride or max_len
+    of the model's context (or `context` positions); the windows of all sequences are batched
+    together, longest first."""
+    max_len = _context_length(model, context)
+    stride = max_len if stride is None else stride
     work = [(s, w) for s, seq in enumerate(sequences) for w in rolling_windows(len(seq) - 1, max_len, stride)]
     work.sort(key=lambda item: -(item[1][1] - item[1][0]))
     dev = _device(model)
@@ -262,8 +281,10 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, stride: int | None = N
     if isinstance(texts, str):
         raise ValueError("texts must be a list of documents, not one string; wrap it: [text] "
                          "(read files with llama.eval.read_documents)")
+    texts = list(texts)
+    check_batch_size(batch_size)
     max_len = _context_length(model)
-    stride = stride or max_len
+    stride = max_len if stride is None else stride  # 0 is refused by rolling_windows, not read as "default"
     seqs = [tokenizer.encode(t, bos=True, eos=False) for t in texts]
     n_tokens = sum(len(s) - 1 for s in seqs)
     if n_tokens == 0:
@@ -312,12 +333,14 @@ def _cut_at_stop(text: str, until: Sequence[str]) -> str:
 
 @torch.inference_mode()
 def greedy_generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                    until: Sequence[str] = (), *, batch_size: int = 16, pbar: tqdm | None = None) -> list[str]:
+                    until: Sequence[str] = (), *, batch_size: int = 16, pbar: tqdm | None = None,
+                    context: int | None = None) -> list[str]:
     """Greedy completion text of each prompt (token ids, bos first), cut before the first `until`
-    string; stops at eos or after max_new_tokens. Prompts run shortest first, batch_size at a time."""
+    string; stops at eos, after max_new_tokens or at `context` positions (default the model's).
+    Prompts run shortest first, batch_size at a time."""
     heads = _local_kv_heads(model)
     world = model.args.n_kv_heads // heads
-    llama = Llama(model, tokenizer, max_seq_len=_context_length(model), max_batch_size=batch_size,
+    llama = Llama(model, tokenizer, max_seq_len=_context_length(model, context), max_batch_size=batch_size,
                   rank=_rank(), world_size=world)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out = [""] * len(prompts)
@@ -402,15 +425,25 @@ class TaskSpec:
             raise TaskError(f"{where}: unknown type {self.type!r}; choose one of {list(TASK_TYPES)}")
         if isinstance(self.until, str):
             self.until = [self.until]
+        if not isinstance(self.until, list) or not all(isinstance(u, str) for u in self.until):
+            raise TaskError(f"{where}: until must be a string or a list of strings, got {self.until!r}")
+        if isinstance(self.metrics, str):
+            self.metrics = [self.metrics]
+        if self.metrics is not None and not (isinstance(self.metrics, list) and all(isinstance(m, str) for m in self.metrics)):
+            raise TaskError(f"{where}: metrics must be a metric name or a list of them, got {self.metrics!r}")
         bad = sorted(set(self.metrics or ()) - set(METRICS[self.type]))
         if bad:
             raise TaskError(f"{where}: metric(s) {bad} do not apply to a {self.type} task; choose from {list(METRICS[self.type])}")
-        if not isinstance(self.num_fewshot, int) or self.num_fewshot < 0:
+        if self.limit is not None and (not _is_int(self.limit) or self.limit < 1):
+            raise TaskError(f"{where}: limit must be an integer >= 1 (or null for every example), got {self.limit!r}")
+        if not _is_int(self.num_fewshot) or self.num_fewshot < 0:
             raise TaskError(f"{where}: num_fewshot must be an integer >= 0, got {self.num_fewshot!r}")
         if self.num_fewshot and not self.fewshot_data:
             raise TaskError(f"{where}: num_fewshot {self.num_fewshot} needs fewshot_data (a JSONL file of examples)")
-        if self.type == "generate" and (not isinstance(self.max_gen_tokens, int) or self.max_gen_tokens < 1):
+        if self.type == "generate" and (not _is_int(self.max_gen_tokens) or self.max_gen_tokens < 1):
             raise TaskError(f"{where}: max_gen_tokens must be an integer >= 1, got {self.max_gen_tokens!r}")
+        if not isinstance(self.regex, str):
+            raise TaskError(f"{where}: regex must be a string (a regular expression), got {self.regex!r}")
         try:
             re.compile(self.regex)
         except re.error as e:
@@ -623,6 +656,7 @@ def evaluate_task(model, tokenizer, spec, *, batch_size: int = 16, records: bool
     per-example records when asked. `overrides` replace spec fields (num_fewshot=, limit=, ...).
     `shared_context=False` scores every choice as one full sequence (no KV cache: what a model
     sharded by FSDP can run)."""
+    check_batch_size(batch_size)
     task, examples, prompts = load_task(spec, **overrides)
     pbar = tqdm(total=len(examples), unit="ex", desc=task.name, disable=not progress or _rank() != 0)
     t0 = time.perf_counter()
