@@ -227,14 +227,23 @@ def test_stream_text_across_split_utf8(tiny_tokenizer):
 
 
 def test_bad_inputs_are_clear_errors(llama, ckpts, tmp_path, tiny_tokenizer):
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
+    with pytest.raises(ValueError, match="temperature must be a number >= 0"):
         llama.text_completion(["a"], temperature=-0.1)
-    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"top_p must be a number in \(0, 1\]"):
         llama.text_completion(["a"], top_p=0)
-    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"top_p must be a number in \(0, 1\]"):
         llama.text_completion(["a"], top_p=1.5)
-    with pytest.raises(ValueError, match="top_k must be a positive integer"):
-        llama.text_completion(["a"], top_k=0)
+    for kw, want in [(dict(top_k=0), "top_k must be an integer >= 1"), (dict(top_k=2.0), "top_k must be an integer"),
+                     (dict(temperature="0.5"), "temperature must be a number >= 0"),
+                     (dict(max_gen_len=2.5), "max_gen_len must be an integer >= 1"),
+                     (dict(max_gen_len=0), "max_gen_len must be an integer >= 1")]:
+        with pytest.raises(ValueError, match=want):
+            llama.text_completion(["a"], **kw)
+        with pytest.raises(ValueError, match=want):  # when called, not at the first piece
+            llama.stream("a", **kw)
+    for ids, bad in (([1, -5], -5), ([1, 512], 512), ([1, 2.0], 2.0)):
+        with pytest.raises(ValueError, match=re.escape(f"prompt 0 holds {bad!r}, not a token id in [0, 512)")):
+            llama.generate([ids], 3)
     with pytest.raises(ValueError, match="prompt 1 has .* tokens.*max_seq_len 64"):
         llama.text_completion(["a", "the " * 80])
     with pytest.raises(ValueError, match="list of strings"):

@@ -11,6 +11,7 @@ step runs the model is a decoder (llama/inference/decoders.py) chosen once at bu
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,9 +215,16 @@ class Llama:
     def _check_prompts(self, prompt_tokens: list[list[int]], max_gen_len: int | None = None) -> None:
         """Errors for prompts that cannot run; one warning, before any work, when an asked-for
         max_gen_len does not fit after a prompt within max_seq_len (that prompt is cut short)."""
+        if max_gen_len is not None and (not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool)
+                                        or max_gen_len < 1):
+            raise ValueError(f"max_gen_len must be an integer >= 1 (or None: up to max_seq_len), got {max_gen_len!r}")
+        vocab = self.model.args.vocab_size
         for i, t in enumerate(prompt_tokens):
             if len(t) == 0:
                 raise ValueError(f"prompt {i} is empty (no tokens, not even bos)")
+            bad = [x for x in t if not isinstance(x, numbers.Integral) or not 0 <= x < vocab]
+            if bad:
+                raise ValueError(f"prompt {i} holds {bad[0]!r}, not a token id in [0, {vocab})")
             if len(t) >= self.max_seq_len:
                 raise ValueError(f"prompt {i} has {len(t)} tokens, which leaves no room to generate within "
                                  f"max_seq_len {self.max_seq_len}; shorten it or build with a larger max_seq_len")
@@ -308,8 +316,6 @@ class Llama:
         eos and after the token that completed a stop string, and their logprobs when asked.
         max_gen_len None: up to max_seq_len; a number that does not fit after a prompt is warned about."""
         check_sampling(temperature, top_p, top_k)
-        if max_gen_len is not None and max_gen_len < 1:
-            raise ValueError(f"max_gen_len must be >= 1, got {max_gen_len}")
         self._check_prompts(prompt_tokens, max_gen_len)
         max_gen_len = self.max_seq_len - 1 if max_gen_len is None else max_gen_len
         out_tokens, out_lp = [], []
@@ -400,14 +406,20 @@ class Llama:
         check_dialog(dialog, last="user")
         if not getattr(self.tokenizer, "chat_template", None) and has_special_tags(dialog):
             raise ValueError(UNSAFE_ERROR)
-        return self._stream(encode_dialog(self.tokenizer, dialog), temperature, top_p, top_k, max_gen_len, stop)
+        return self._checked_stream(encode_dialog(self.tokenizer, dialog), temperature, top_p, top_k, max_gen_len, stop)
 
     def stream(self, prompt: str, temperature: float = 0.6, top_p: float = 0.9, top_k: Optional[int] = None,
                max_gen_len: Optional[int] = None, stop: Sequence[str] | str | None = None) -> Iterator[str]:
         """Yield the completion of one prompt piece by piece as it is generated. A piece never ends
         inside a multi-byte UTF-8 character, and a stop string is never shown. Every rank must
         iterate (only rank 0 needs to print)."""
-        return self._stream(self._encode([prompt])[0], temperature, top_p, top_k, max_gen_len, stop)
+        return self._checked_stream(self._encode([prompt])[0], temperature, top_p, top_k, max_gen_len, stop)
+
+    def _checked_stream(self, prompt_ids, temperature, top_p, top_k, max_gen_len, stop) -> Iterator[str]:
+        """`_stream` with its arguments checked now, not at the first piece."""
+        check_sampling(temperature, top_p, top_k)
+        self._check_prompts([prompt_ids], max_gen_len)
+        return self._stream(prompt_ids, temperature, top_p, top_k, max_gen_len, stop)
 
     @torch.inference_mode()
     def _stream(self, prompt_ids: list[int], temperature: float, top_p: float, top_k: Optional[int],
