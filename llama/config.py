@@ -59,7 +59,8 @@ _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 def coerce_fields(cls, d: dict, prefix: str = "") -> dict:
     """`d` with the values of `cls`'s bool, int and float fields (Optional ones too) made that type
-    from what a command line or a hand-written JSON holds ("false", "12", "3e-4"); a value that is not
+    from what a command line or a hand-written JSON holds ("false", "12", "3e-4"), and a string for a
+    list field split at commas ("a.json,b.json"); a value that is not
     one is a ValueError naming the key (after `prefix`) and the value. Other keys and fields are left
     as they are."""
     types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
@@ -68,6 +69,9 @@ def coerce_fields(cls, d: dict, prefix: str = "") -> dict:
         kind = types.get(key, "")
         optional = kind.startswith("Optional[")
         kind = kind[len("Optional["):-1] if optional else kind
+        if kind == "list" and isinstance(value, str):  # --eval_tasks a.json or a.json,b.json
+            out[key] = [v.strip() for v in value.split(",") if v.strip()]
+            continue
         if kind not in ("bool", "int", "float") or (value is None and optional):
             continue
         out[key] = _coerce(prefix + key, value, kind)

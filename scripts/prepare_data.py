@@ -4,13 +4,15 @@ One source:
     python scripts/prepare_data.py --inputs 'corpus/*.jsonl' --tokenizer tokenizer.model --out data/corpus
 Every source of a mixture (each entry's "inputs" prepared into its "path"; weights are used by
 the loader, e.g. TrainConfig data = the same JSON file):
-    python scripts/prepare_data.py --mixture configs/data/llama_mixture.json --tokenizer tokenizer.model
+    python scripts/prepare_data.py --mixture llama_mixture --tokenizer tokenizer.model   # or a JSON path
 """
 
-import json
-
 from llama.cli import run
+from llama.config import config_path, read_json_object
 from llama.data import prepare_data
+from llama.data.loader import read_meta
+from llama.data.prepare import list_files
+from llama.tokenizer import Tokenizer
 
 
 def main(tokenizer: str, inputs: str = "", out: str = "", mixture: str = "",
@@ -22,25 +24,43 @@ def main(tokenizer: str, inputs: str = "", out: str = "", mixture: str = "",
     if bool(mixture) == bool(inputs):
         raise ValueError("give either --inputs with --out, or --mixture")
     if mixture:
-        jobs = [(name, src.get("inputs"), src.get("path"))
-                for name, src in json.loads(open(mixture).read()).items()]
+        spec_path = config_path("data", mixture)  # a path, or the name of a shipped mixture (llama_mixture)
+        jobs = [(name, src.get("inputs") if isinstance(src, dict) else None, src.get("path") if isinstance(src, dict) else None)
+                for name, src in read_json_object(spec_path).items()]
         for name, src_inputs, path in jobs:
             if not src_inputs or not path:
-                raise ValueError(f'mixture source {name!r} in {mixture} needs "inputs" and "path"')
+                raise ValueError(f'mixture source {name!r} in {spec_path} needs "inputs" and "path"')
     else:
         if not out:
             raise ValueError("--out is required with --inputs")
         jobs = [("data", inputs, out)]
+    jobs = [(name, [s for s in src.split(",") if s] if isinstance(src, str) else src, path) for name, src, path in jobs]
+    for name, src_inputs, _ in jobs:  # every source's inputs exist before any is tokenized
+        try:
+            list_files(src_inputs)
+        except (FileNotFoundError, ValueError) as e:
+            raise type(e)(f"{name}: {e} (nothing was prepared)") from None
+    sha = Tokenizer(tokenizer).sha256
     for name, src_inputs, path in jobs:
-        if isinstance(src_inputs, str):
-            src_inputs = [s for s in src_inputs.split(",") if s]
+        if mixture and not overwrite and _prepared_with(path, sha):  # a rerun after a source was added
+            print(f"{name}: {path} is already prepared with this tokenizer (kept; --overwrite redoes it)")
+            continue
         meta = prepare_data(src_inputs, tokenizer, path, val_fraction=val_fraction, seed=seed,
                             num_workers=num_workers, shard_tokens=shard_tokens, overwrite=overwrite,
                             skip_binary=skip_binary)
         tr, va = meta["splits"]["train"], meta["splits"]["val"]
         print(f"{name}: wrote {path}: train {tr['n_tokens']:,} tokens / {tr['n_docs']:,} docs, "
               f"val {va['n_tokens']:,} tokens / {va['n_docs']:,} docs ({meta['dtype']})"
-              + (f"; skipped {len(meta['skipped_binary'])} binary file(s)" if meta["skipped_binary"] else ""))
+              + (f"; skipped {len(meta['skipped_binary'])} binary file(s)" if meta["skipped_binary"] else "")
+              + (f"; no document was held out for validation (val_fraction {val_fraction:g} of {tr['n_docs']} docs): "
+                 f"raise --val_fraction, or validation leaves this source out" if val_fraction and not va["n_docs"] else ""))
+
+
+def _prepared_with(path: str, sha256: str) -> bool:
+    try:
+        return read_meta(path)["tokenizer_sha256"] == sha256
+    except (FileNotFoundError, ValueError, KeyError, OSError):
+        return False
 
 
 if __name__ == "__main__":

@@ -321,10 +321,29 @@ def test_prepare_script(corpus, tiny_tokenizer, tmp_path, capsys):
     mix = tmp_path / "mix.json"
     mix.write_text(json.dumps({"one": {"inputs": f"{corpus[1]}/*.jsonl", "path": str(tmp_path / "one"), "weight": 1},
                                "two": {"inputs": f"{corpus[1]}/*.txt", "path": str(tmp_path / "two"), "weight": 3}}))
-    mod.main(tokenizer=str(tiny_tokenizer.model_path), mixture=str(mix), num_workers=1)
+    mod.main(tokenizer=str(tiny_tokenizer.model_path), mixture=str(mix), num_workers=1, val_fraction=0.5)
     assert "one: wrote" in capsys.readouterr().out
     x, y = PackedLoader(mix, 8, 4, tokenizer_sha256=tiny_tokenizer.sha256).next()
     assert x.shape == (4, 8)
+    # a source added later: the prepared ones are kept, the new one written; a source without a val
+    # split is said at once, and validation scores the others (with a warning)
+    spec = json.loads(mix.read_text())
+    spec["three"] = {"inputs": f"{corpus[1]}/*.txt", "path": str(tmp_path / "three"), "weight": 1}
+    mix.write_text(json.dumps(spec))
+    mod.main(tokenizer=str(tiny_tokenizer.model_path), mixture=str(mix), num_workers=1, val_fraction=1e-6)
+    out = capsys.readouterr().out
+    assert "one: " + str(tmp_path / "one") + " is already prepared with this tokenizer (kept" in out
+    assert "three: wrote" in out and "no document was held out for validation (val_fraction 1e-06" in out
+    with pytest.warns(UserWarning, match=r"validation: source\(s\) \['three'\] have no val split"):
+        val = PackedLoader(mix, 8, 4, split="val")
+    assert val.weights.tolist() == pytest.approx([0.25, 0.75, 0.0])
+    # a source whose inputs are missing stops the run before any source is tokenized
+    spec["four"] = {"inputs": str(tmp_path / "nowhere" / "*.txt"), "path": str(tmp_path / "four"), "weight": 1}
+    spec["zero"] = {"inputs": f"{corpus[1]}/*.txt", "path": str(tmp_path / "zero"), "weight": 1}
+    mix.write_text(json.dumps({"zero": spec.pop("zero"), **spec}))
+    with pytest.raises(FileNotFoundError, match=r"four: data input .*nowhere/\*\.txt matches no file \(nothing was"):
+        mod.main(tokenizer=str(tiny_tokenizer.model_path), mixture=str(mix), num_workers=1)
+    assert not (tmp_path / "zero").exists()
 
 
 def test_zero_weight_source_is_never_drawn(tmp_path):

@@ -426,3 +426,21 @@ def test_an_export_into_a_folder_another_process_writes(tmp_path, reference):
     assert [p.name for p in dest.iterdir()] == [".lock"]  # nothing written; the killed holder's lock file
     export_checkpoint(ckpt, dest)  # taken over
     assert sorted(p.name for p in dest.iterdir()) == ["consolidated.00.pth", "params.json"]
+
+
+def test_a_full_disk_while_preparing_data_is_one_sentence_and_leaves_nothing(tmp_path, tiny_tokenizer, monkeypatch):
+    """The shard writer's ENOSPC (a full filesystem) becomes DiskFullError naming the folder, as the
+    trainer's and the exports' do; no half-written dataset or temporary folder is left."""
+    import errno
+
+    import llama.data.prepare as prepare
+
+    (tmp_path / "a.txt").write_text("the model reads the data\n" * 50)
+
+    def full(self, tokens):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(prepare._ShardWriter, "write", full)
+    with pytest.raises(DiskFullError, match=rf"^disk full at {re.escape(str(tmp_path))} \(needed more, free "):
+        prepare_data([tmp_path / "a.txt"], tiny_tokenizer.model_path, tmp_path / "data", num_workers=1, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]

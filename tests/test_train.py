@@ -2,6 +2,7 @@
 input, exact resume, atomic checkpoints, NaN guard, export to Meta's layout; and the same runs on
 2 ranks (FSDP2 dp=2, TP tp=2) against one process (tests/workers/train.py)."""
 
+import dataclasses
 import json
 import math
 import os
@@ -122,6 +123,8 @@ def test_command_line_strings_become_the_fields_types(tmp_path):
                               steps="12", lr="3e-4", time_budget_s=5, warmup_steps=4.0, **{"model.n_layers": "3"})
     assert (c.compile, c.progress, c.tensorboard, c.train_on_input) == (False, False, False, True)
     assert (c.steps, c.lr, c.time_budget_s, c.warmup_steps) == (12, 3e-4, 5.0, 4)
+    assert TrainConfig.from_name("tiny", eval_tasks="a.json,b.json").eval_tasks == ["a.json", "b.json"]
+    assert TrainConfig.from_name("tiny", eval_tasks="a.json").eval_tasks == ["a.json"]  # not ['a', '.', ...]
     assert type(c.steps) is int and type(c.lr) is float and c.model_args().n_layers == 3
     for key, value, want in [("compile", "maybe", "compile must be true or false, got 'maybe'"),
                              ("lr", "1e-3x", "lr must be a number, got '1e-3x'"),
@@ -643,13 +646,33 @@ def test_time_budget_sizes_the_schedule(tmp_path, data_dir, capsys):
     summary = fit(cfg)
     probe = trainer_module.BUDGET_PROBE_STEPS
     assert summary["step"] == probe and len(summary["history"]) == probe
-    assert f"so {probe} steps instead of 50" in capsys.readouterr().out
+    warmup = round(2 * probe / 50)  # the warmup shrinks with the schedule: a cut run still decays
+    assert f"so {probe} steps instead of 50; the learning-rate schedule ends there (warmup 2 -> {warmup} steps)" \
+        in capsys.readouterr().out
     meta = read_checkpoint_meta(summary["checkpoint"])
-    assert meta["config"]["steps"] == probe and meta["step"] == probe
+    assert meta["config"]["steps"] == probe and meta["step"] == probe and meta["config"]["warmup_steps"] == warmup
     assert fit(cfg)["step"] == probe  # resumed: the budgeted schedule, nothing left to train
+    out = capsys.readouterr().out
+    assert f"the run is complete: step {probe} of {probe}" in out and "another schedule" not in out
     # a generous budget changes nothing, and says that the whole schedule fits
     assert fit(tiny_cfg(tmp_path / "b", data_dir, steps=6, time_budget_s=1e6))["step"] == 6
     assert "so all 6 steps fit" in capsys.readouterr().out
+
+
+def test_validation_off_and_a_changed_schedule_on_resume(tmp_path, data_dir, capsys):
+    """eval_batches 0 turns the validation loss off even where eval_every would evaluate (it used to
+    open the val split and stop the run there); resuming with more steps says how the learning rate
+    moves."""
+    summary = fit(tiny_cfg(tmp_path, data_dir, steps=4, eval_every=2, eval_batches=0, ckpt_every=4))
+    assert summary["step"] == 4 and summary["val_loss"] is None
+    assert not any("val_loss" in r for r in summary["history"])
+    capsys.readouterr()
+    longer = tiny_cfg(tmp_path, data_dir, steps=8, eval_every=2, eval_batches=0, ckpt_every=4)
+    trainer = Trainer(longer, make_loader=make_pattern_loader)
+    before = dataclasses.replace(longer, steps=4)
+    assert (f"resuming at step 4 with another schedule: steps 4 -> 8; the learning rate goes from "
+            f"{lr_at(3, before):.3g} to {lr_at(4, longer):.3g}") in capsys.readouterr().out
+    assert trainer.fit()["step"] == 8
 
 
 def test_time_budget_follows_a_machine_that_slows_down(tmp_path, data_dir, capsys, monkeypatch):
@@ -680,7 +703,9 @@ def test_time_budget_follows_a_machine_that_slows_down(tmp_path, data_dir, capsy
     last = summary["history"][-1]
     assert last["step"] == summary["step"]
     # the last step's rate is the shortened schedule's last (the cosine's end), not the 60-step one's
-    end = dataclasses.replace(cfg, steps=summary["step"])
+    warmup = read_checkpoint_meta(summary["checkpoint"])["config"]["warmup_steps"]  # shrunk with each cut
+    assert warmup <= cfg.warmup_steps
+    end = dataclasses.replace(cfg, steps=summary["step"], warmup_steps=warmup)
     assert last["lr"] == pytest.approx(lr_at(summary["step"] - 1, end), rel=1e-6)
     assert last["lr"] < lr_at(summary["step"] - 1, cfg) * 0.5
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -192,6 +193,13 @@ class PackedLoader:
                              f"{ {n: s.meta['tokenizer_sha256'][:12] for n, s in zip(self.names, self.streams)} }")
         # windows of seq_len + 1 tokens at stride seq_len
         self.n_windows = [(s.n_tokens - 1) // seq_len if s.n_tokens else 0 for s in self.streams]
+        empty = [name for name, n, w in zip(self.names, self.n_windows, self.weights) if n == 0 and w > 0]
+        if split == "val" and empty and len(empty) < sum(self.weights > 0):
+            # validation scores the sources that have a val split, by their weights renormalised
+            warnings.warn(f"validation: source(s) {empty} have no val split at seq_len {seq_len}; the validation "
+                          f"loss is over the others", stacklevel=2)
+            self.weights = np.where([n == 0 for n in self.n_windows], 0.0, self.weights)
+            self.weights = self.weights / self.weights.sum()
         for name, s, n, w in zip(self.names, self.streams, self.n_windows, self.weights):
             if n == 0 and w > 0:
                 raise ValueError(f"the {split} split of {s.path} ({name!r}) has {s.n_tokens} tokens: "

@@ -29,7 +29,7 @@ import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
-from llama.env import DirLock, atomic_write_bytes
+from llama.env import DirLock, DiskFullError, atomic_write_bytes, free_bytes, is_disk_full
 from llama.tokenizer import N_BYTES, N_SPECIAL, Tokenizer
 
 META = "meta.json"
@@ -279,8 +279,8 @@ def prepare_data(inputs, tokenizer_path: str | os.PathLike, out_dir: str | os.Pa
     out = Path(out_dir)
     with DirLock(out, "data preparation", lock_file=out.parent / f".{out.name}.lock"):
         if out.exists() and not overwrite:
-            raise FileExistsError(f"{out} already exists: pass overwrite=True to replace it, or choose "
-                                  "another out_dir")
+            raise FileExistsError(f"{out} already exists: pass overwrite=True (--overwrite) to replace it, or "
+                                  "choose another out_dir")
         return _prepare(files, skipped, tok, out, val_fraction, seed, num_workers, shard_tokens, progress,
                         docs_per_chunk)
 
@@ -338,8 +338,10 @@ def _prepare(files, skipped, tok, out: Path, val_fraction, seed, num_workers, sh
         else:
             os.replace(tmp, out)
         return meta
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):
+            raise DiskFullError(out.parent, None, free_bytes(out.parent)) from None
         raise
     finally:
         if pool is not None:

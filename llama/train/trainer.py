@@ -350,12 +350,22 @@ class Trainer:
         layout (dp, tp, micro_batch_size), every micro-batch scored by one dp rank."""
         was_training = self.model.training
         self.model.eval()  # LoRA's dropout (and any other) off: the same weights give the same score
-        try:
-            return self._evaluate(n_batches or self.cfg.eval_batches or 1)
+        try:  # n_batches 0: only the eval tasks
+            return self._evaluate(self.cfg.eval_batches or 1 if n_batches is None else n_batches)
         finally:
             self.model.train(was_training)
 
     def _evaluate(self, n_batches: int) -> dict:
+        out = self._validation_loss(n_batches) if n_batches else {}
+        if self.eval_tasks:  # the same numbers on every rank; FSDP: no KV cache, full sequences
+            results = evaluate_tasks(self.model, self.tokenizer, self.eval_tasks, batch_size=self.cfg.micro_batch_size,
+                                     progress=False, shared_context=self.dp == 1)
+            for task, res in results.items():
+                out.update({f"{task}/{m}": res[m] for m in ("acc", "acc_norm", "acc_answer", "exact_match",
+                                                             "regex_match") if m in res})
+        return out
+
+    def _validation_loss(self, n_batches: int) -> dict:
         if self.val_loader is None:
             self.val_loader = open_val_loader(self.cfg, self.make_loader)
         # every rank reads the same stream of micro-batches (the val loader is not split by dp) and
@@ -375,14 +385,7 @@ class Trainer:
             dist.all_reduce(t)
             total, count = t[0].item() / self.tp, t[1].item() / self.tp
         val_loss = total / max(count, 1)
-        out = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_tokens": int(round(count))}
-        if self.eval_tasks:  # the same numbers on every rank; FSDP: no KV cache, full sequences
-            results = evaluate_tasks(self.model, self.tokenizer, self.eval_tasks, batch_size=self.cfg.micro_batch_size,
-                                     progress=False, shared_context=self.dp == 1)
-            for task, res in results.items():
-                out.update({f"{task}/{m}": res[m] for m in ("acc", "acc_norm", "acc_answer", "exact_match",
-                                                             "regex_match") if m in res})
-        return out
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_tokens": int(round(count))}
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -402,6 +405,11 @@ class Trainer:
                   + (f", resuming from {self.resume_from} at step {self.step}" if self.resume_from else ""))
             if hasattr(self.make_loader, "describe"):
                 print(self.make_loader.describe(cfg))
+            mixture = load_mixture(cfg.data) if cfg.data_format == "tokens" and cfg.data else {}
+            if len(mixture) > 1:
+                print("data mixture, weights normalised to 1: " + ", ".join(f"{n} {w:.4g}" for n, (_, w) in mixture.items()))
+            if self.step >= cfg.steps:
+                print(f"the run is complete: step {self.step} of {cfg.steps} (raise steps to train on)")
             print("resolved config: " + json.dumps(self.resolved_config()))
         self.checkpoints.clean_tmp()
         metrics = Metrics(cfg.out_dir, is_main, cfg.steps, self.step, self.resume_from is not None,
@@ -438,8 +446,9 @@ class Trainer:
                         f"{self.checkpoints.latest() or 'an earlier checkpoint'}")
                 tps = self.step_tokens / (time.perf_counter() - t0)
                 rec.update(tokens=self.tokens_seen, tokens_per_s=tps, mfu=self._mfu(tps), time=time.time())
-                if (cfg.eval_every and self.step % cfg.eval_every == 0) or (self.step == cfg.steps and cfg.eval_batches):
-                    last_val = self.evaluate()
+                scored = cfg.eval_batches or self.eval_tasks  # eval_batches 0: no validation loss
+                if scored and ((cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps):
+                    last_val = self.evaluate(None if cfg.eval_batches else 0)
                     rec.update(last_val)
                 last = rec
                 logged = self.step % cfg.log_every == 0 or "val_loss" in rec or self.step == cfg.steps
@@ -486,11 +495,15 @@ class Trainer:
         left = 0.9 * self.cfg.time_budget_s - elapsed  # 10% for evaluations, checkpoints and export
         fits = self.step + max(0, int(left / per_step))
         if fits < self.cfg.steps:
+            # warmup shrinks with the schedule, so a cut run still decays (a warmup longer than the cut
+            # run would end it at the peak learning rate)
+            warmup = round(self.cfg.warmup_steps * fits / self.cfg.steps)
             metrics.write(f"time budget {self.cfg.time_budget_s:.0f} s, {elapsed:.0f} s spent at step {self.step}: "
                           f"{per_step:.2f} s a step "
                           f"({self.step_tokens / per_step:,.0f} tokens/s), so {fits} steps instead of "
-                          f"{self.cfg.steps}; the learning-rate schedule ends there")
-            self.cfg = dataclasses.replace(self.cfg, steps=fits)
+                          f"{self.cfg.steps}; the learning-rate schedule ends there (warmup "
+                          f"{self.cfg.warmup_steps} -> {warmup} steps)")
+            self.cfg = dataclasses.replace(self.cfg, steps=fits, warmup_steps=warmup)
             metrics.set_total(fits)
         elif first:
             metrics.write(f"time budget {self.cfg.time_budget_s:.0f} s, {elapsed:.0f} s spent at step {self.step}: "
@@ -527,8 +540,17 @@ class Trainer:
             set_rng_state(rank_state, self.device)
         self.step, self.tokens_seen = meta["step"], meta["tokens"]
         saved_steps = meta["config"].get("steps")
-        if self.cfg.time_budget_s and saved_steps and saved_steps < self.cfg.steps:
-            self.cfg = dataclasses.replace(self.cfg, steps=saved_steps)  # the schedule the budget chose
+        if self.cfg.time_budget_s and saved_steps and saved_steps < self.cfg.steps:  # the schedule the budget chose
+            self.cfg = dataclasses.replace(self.cfg, steps=saved_steps,
+                                           warmup_steps=meta["config"].get("warmup_steps", self.cfg.warmup_steps))
+        saved = {k: meta["config"].get(k) for k in ("steps", "warmup_steps", "lr", "min_lr_ratio")}
+        changed = {k: (v, getattr(self.cfg, k)) for k, v in saved.items() if v is not None and v != getattr(self.cfg, k)}
+        if changed and self.rank == 0:  # allowed (e.g. training longer), but the learning rate moves at once
+            before = dataclasses.replace(self.cfg, **{k: a for k, (a, _) in changed.items()})
+            print(f"resuming at step {self.step} with another schedule: "
+                  + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+                  + f"; the learning rate goes from {lr_at(self.step - 1, before):.3g} to {lr_at(self.step, self.cfg):.3g}",
+                  flush=True)
 
     def export(self, out_dir: str | Path, num_shards: int = 1, dtype: torch.dtype = torch.float16) -> Path | None:
         """Gather the full weights to rank 0 and write Meta's layout there (returns None elsewhere);
