@@ -250,6 +250,10 @@ def test_resume_gives_the_same_batches(prepared, tmp_path):
         PackedLoader(mix, 8, 4, seed=5).load_state_dict(state)
     with pytest.raises(ValueError, match="seed=5"):
         PackedLoader(mix, 9, 4, seed=6).load_state_dict(state)
+    # the same data made with another tokenizer (here: the record of it changed) is named as such
+    other = {**state, "tokenizers": {"a": "f" * 64, "b": "f" * 64}}
+    with pytest.raises(ValueError, match=r"tokenized with another tokenizer \(sha256 ffffffffffff\.\.\.\) than this data"):
+        PackedLoader(mix, 9, 4, seed=5).load_state_dict(other)
 
 
 def test_mixture_proportions(tiny_tokenizer, tmp_path):

@@ -277,12 +277,19 @@ class PackedLoader:
     def state_dict(self) -> dict:
         return {"samples": self.samples, "consumed": dict(zip(self.names, self.consumed)),
                 "seed": self.seed, "seq_len": self.seq_len, "split": self.split,
-                "n_windows": dict(zip(self.names, self.n_windows))}
+                "n_windows": dict(zip(self.names, self.n_windows)),
+                "tokenizers": dict(zip(self.names, (s.meta["tokenizer_sha256"] for s in self.streams)))}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at a saved position. The batch size and dp size may differ from the saving run's
         (positions count samples of the global stream); seed, seq_len, split and data may not."""
         mine = self.state_dict()
+        saved = set((state.get("tokenizers") or {}).values())  # older checkpoints do not say
+        if saved and saved != set(mine["tokenizers"].values()):
+            raise ValueError(f"the checkpoint's data was tokenized with another tokenizer (sha256 "
+                             f"{', '.join(sorted(h[:12] for h in saved))}...) than this data "
+                             f"({', '.join(sorted(h[:12] for h in set(mine['tokenizers'].values())))}...); resume with "
+                             f"the run's tokenizer and data")
         for k in ("seed", "seq_len", "split", "n_windows"):
             if state.get(k) != mine[k]:
                 raise ValueError(f"loader state has {k}={state.get(k)!r} but this loader has "
