@@ -233,6 +233,24 @@ def test_rolling_perplexity_equals_naive(model, tok, stride):
     assert got["bits_per_byte"] == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-5)
 
 
+def test_scoring_builds_no_autograd_graph(model, tok):
+    """Every scoring path runs under inference mode, even on a model whose weights require grad (as
+    during training's eval_tasks): no graph is kept per batch."""
+    seen = []
+    hook = model.layers[0].register_forward_pre_hook(lambda m, a: seen.append(torch.is_inference_mode_enabled()))
+    try:
+        with torch.enable_grad():
+            model.requires_grad_(True)
+            loglikelihoods(model, [(tok.encode("the of", True, False), tok.encode(" and", False, False))])
+            loglikelihoods(model, [(tok.encode("the of", True, False), tok.encode(" and", False, False))],
+                           shared_context=False)
+            perplexity(model, tok, ["the of and to in"], progress=False)
+    finally:
+        hook.remove()
+        model.requires_grad_(False)
+    assert len(seen) >= 3 and all(seen)
+
+
 def test_rolling_windows_score_each_token_once():
     for n, L, s in [(1, 8, 8), (8, 8, 3), (9, 8, 8), (30, 8, 3), (30, 8, 1)]:
         scored = []

@@ -98,7 +98,6 @@ def _logprob(logits: torch.Tensor, target: Sequence[int]) -> tuple[float, bool]:
     return float(lp.gather(-1, t[:, None]).sum()), bool((lp.argmax(dim=-1) == t).all())
 
 
-@torch.inference_mode()
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -109,6 +108,7 @@ def check_batch_size(batch_size) -> int:
     return batch_size
 
 
+@torch.inference_mode()
 def loglikelihoods(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *, batch_size: int = 16,
                    shared_context: bool = True, context: int | None = None) -> list[tuple[float, bool]]:
     """(log P(continuation | context), greedy) for each (context ids, continuation ids) request.
