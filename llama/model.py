@@ -87,7 +87,8 @@ class ModelArgs(JsonConfig):
 
 
     def to_params_json(self) -> dict:
-        """The fields Meta's params.json holds (plus the Llama 2 ones and max_seq_len when they are set)."""
+        """The fields Meta's params.json holds (plus the Llama 2 ones when they are set). Not max_seq_len:
+        Meta's loaders pass it beside the file's keys (a second one is a TypeError); see CONTEXT."""
         d = {"dim": self.dim, "multiple_of": self.multiple_of, "n_heads": self.n_heads,
              "n_layers": self.n_layers, "norm_eps": self.norm_eps, "vocab_size": self.vocab_size}
         if self.n_kv_heads != self.n_heads:
@@ -96,8 +97,6 @@ class ModelArgs(JsonConfig):
             d["ffn_dim_multiplier"] = self.ffn_dim_multiplier
         if self.rope_theta != 10000.0:
             d["rope_theta"] = self.rope_theta
-        if self.max_seq_len != ModelArgs.max_seq_len:  # the context trained for (Meta's own ModelArgs has it too)
-            d["max_seq_len"] = self.max_seq_len
         if self.tie_embeddings:
             d["tie_embeddings"] = True
         return d

@@ -425,7 +425,7 @@ def test_an_export_into_a_folder_another_process_writes(tmp_path, reference):
             export_checkpoint(ckpt, dest)
     assert [p.name for p in dest.iterdir()] == [".lock"]  # nothing written; the killed holder's lock file
     export_checkpoint(ckpt, dest)  # taken over
-    assert sorted(p.name for p in dest.iterdir()) == ["consolidated.00.pth", "params.json"]
+    assert sorted(p.name for p in dest.iterdir()) == ["consolidated.00.pth", "context.json", "params.json"]  # tiny: 256
 
 
 def test_a_full_disk_while_preparing_data_is_one_sentence_and_leaves_nothing(tmp_path, tiny_tokenizer, monkeypatch):

@@ -15,12 +15,12 @@ import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 
 from llama.chat import LLAMA2_CHAT_TEMPLATE, encode_dialog, format_dialog
-from llama.formats.gguf import load_tokenizer, meta_to_gguf, save_gguf
-from llama.formats.hf import save_hf
-from llama.formats.meta import load_consolidated, load_model
+from llama.formats.gguf import gguf_to_meta, load_tokenizer, meta_to_gguf, save_gguf
+from llama.formats.hf import hf_to_meta, save_hf
+from llama.formats.meta import load_consolidated, load_model, reshard
 from llama.inference import Llama
 from llama.lora import is_lora_key
-from llama.train import TrainConfig, Trainer
+from llama.train import TrainConfig, Trainer, export_checkpoint
 from llama.tokenizer import CHAT_TEMPLATE_FILE, Tokenizer
 from llama.train.finetune import PEFT_DIR, load_peft_adapter
 from tests.conftest import torchrun
@@ -275,6 +275,10 @@ def test_exports_never_overwrite_a_model_they_did_not_write(base, tmp_path):
     assert json.loads((tmp_path / "e" / "export.json").read_text()) == {"run": str((tmp_path / "b").resolve()),
                                                                       "step": 1}
     assert not (tmp_path / "e" / "chat_template.jinja").exists()  # not a chat run, and the base has none
+    # an export from before export.json existed: the run's saved config names the folder
+    (tmp_path / "e" / "export.json").unlink()
+    Trainer(run).fit()
+    assert (tmp_path / "e" / "export.json").is_file()
 
 
 def test_a_chat_fine_tune_carries_its_chat_format_to_every_export(base, tmp_path):
@@ -306,6 +310,29 @@ def test_a_chat_fine_tune_carries_its_chat_format_to_every_export(base, tmp_path
     for dialog in dialogs:
         prompt = formatter(messages=dialog).prompt
         assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == format_dialog(tok, dialog)
+
+
+def test_the_chat_template_survives_every_conversion(base, tmp_path):
+    """A chat model's template goes through reshard, transformers -> Meta, a transformers folder run
+    as it is, and export.py from the run's checkpoint; a GGUF -> Meta conversion over an old folder
+    does not leave that folder's template behind."""
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["instruction"]},
+                                                     {"role": "assistant", "content": r["output"]}]}) + "\n"
+                            for r in alpaca_records(12)))
+    out = Trainer(ft_cfg(base, tmp_path / "run", data=str(data), data_format="chat", steps=1, eval_batches=0,
+                         val_fraction=0.0, ckpt_every=1, export_dir=str(tmp_path / "meta"),
+                         export_hf=str(tmp_path / "hf"))).fit()
+    reshard(tmp_path / "meta", tmp_path / "rs", 2)
+    hf_to_meta(tmp_path / "hf", tmp_path / "from_hf", dtype=torch.float32)
+    export_checkpoint(out["checkpoint"], tmp_path / "exported")
+    for folder in ("rs", "from_hf", "exported"):
+        assert Tokenizer(tmp_path / folder / "tokenizer.model").chat_template == LLAMA2_CHAT_TEMPLATE, folder
+    assert Llama.build(str(tmp_path / "hf"), None, 64, 1, dtype="float32").tokenizer.chat_template == LLAMA2_CHAT_TEMPLATE
+    save_gguf(base["model"], base["model"].args, Tokenizer(base["tokenizer"]), tmp_path / "plain.gguf", dtype="f32")
+    gguf_to_meta(tmp_path / "plain.gguf", tmp_path / "rs", dtype="fp32", overwrite=True, progress=False)
+    assert not (tmp_path / "rs" / CHAT_TEMPLATE_FILE).exists()
+    assert Tokenizer(tmp_path / "rs" / "tokenizer.model").chat_template is None
 
 
 def _bad_file(tmp_path) -> Path:

@@ -163,3 +163,28 @@ def test_resaving_into_one_file_drops_a_stale_sharded_index(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a valid safetensors index"):
         load_hf(tmp_path)
+
+
+def test_special_tokens_come_from_the_tokenizer(tmp_path):
+    """A tokenizer whose bos/eos are not Meta's 1/2 (bos 0, eos 1, pad 2, unk 3): config.json and
+    tokenizer_config.json name its own ids and pieces, so transformers' tokenizer adds the model's
+    bos, not a new token past the vocabulary."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    text = tmp_path / "t.txt"
+    text.write_text("".join(f"the quick fox {i} jumps over the lazy dog\n" for i in range(200)))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "odd"), vocab_size=64,
+                                   bos_id=0, eos_id=1, pad_id=2, unk_id=3, bos_piece="<|begin|>",
+                                   eos_piece="<|end|>", model_type="bpe", minloglevel=2)
+    from llama.tokenizer import Tokenizer
+    tok = Tokenizer(tmp_path / "odd.model")
+    model = _random_model(vocab_size=tok.n_words)
+    save_hf(model.state_dict(), model.args, tmp_path / "hf", tokenizer_path=tmp_path / "odd.model")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (0, 1)
+    tok_cfg = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert (tok_cfg["bos_token"], tok_cfg["eos_token"], tok_cfg["unk_token"]) == ("<|begin|>", "<|end|>", "<unk>")
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    ids = theirs("the fox")["input_ids"]
+    assert ids[0] == 0 and max(ids) < tok.n_words

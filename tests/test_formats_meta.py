@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -135,17 +136,34 @@ def test_missing_shard_names_the_file(ckpt):
         load_model(tmp / "mp4")
 
 
-def test_params_json_keeps_the_context_length_when_it_is_not_the_default(ckpt):
-    """A model trained for 64 positions says so in params.json (Meta's own ModelArgs has the field),
-    so evaluation, GGUF's context_length and transformers' max_position_embeddings follow; at the
-    default 2048 the file holds Meta's keys only."""
+def test_the_context_length_travels_beside_params_json(ckpt, tmp_path):
+    """A model trained for 64 positions says so in context.json (so evaluation, GGUF's context_length
+    and transformers' max_position_embeddings follow), and a reshard keeps it. params.json holds
+    Meta's keys only: Meta's loaders call ModelArgs(max_seq_len=..., max_batch_size=..., **params),
+    which a max_seq_len in the file would break."""
     model, tmp = ckpt
     params = json.loads((tmp / "mp1" / "params.json").read_text())
-    assert params["max_seq_len"] == 64 and load_params(tmp / "mp1").max_seq_len == 64
-    assert load_params(tmp / "mp1", max_seq_len=128).max_seq_len == 128
-    save_meta_checkpoint(model.state_dict(), _args(n_kv_heads=2, max_seq_len=2048), tmp / "d", dtype=torch.float32)
-    assert sorted(json.loads((tmp / "d" / "params.json").read_text())) == \
-        ["dim", "multiple_of", "n_heads", "n_kv_heads", "n_layers", "norm_eps", "vocab_size"]
+    assert "max_seq_len" not in params and json.loads((tmp / "mp1" / "context.json").read_text()) == {"max_seq_len": 64}
+
+    @dataclasses.dataclass
+    class MetaArgs:  # the fields of Meta's ModelArgs, called as its loader calls it
+        dim: int = 4096
+        n_layers: int = 32
+        n_heads: int = 32
+        n_kv_heads: int | None = None
+        vocab_size: int = -1
+        multiple_of: int = 256
+        norm_eps: float = 1e-5
+        max_batch_size: int = 32
+        max_seq_len: int = 2048
+
+    assert MetaArgs(max_seq_len=512, max_batch_size=4, **params).dim == 64
+    assert load_params(tmp / "mp1").max_seq_len == 64 and load_params(tmp / "mp1", max_seq_len=128).max_seq_len == 128
+    reshard(tmp / "mp1", tmp / "mp2", 2)
+    assert load_params(tmp / "mp2").max_seq_len == 64
+    save_meta_checkpoint(model.state_dict(), _args(n_kv_heads=2, max_seq_len=2048), tmp / "mp1", dtype=torch.float32,
+                         overwrite=True)  # the default context: no file, and a stale one goes
+    assert not (tmp / "mp1" / "context.json").exists() and load_params(tmp / "mp1").max_seq_len == 2048
 
 
 def test_wrong_or_invalid_params_json(ckpt):

@@ -125,6 +125,11 @@ def test_command_line_strings_become_the_fields_types(tmp_path):
     assert (c.steps, c.lr, c.time_budget_s, c.warmup_steps) == (12, 3e-4, 5.0, 4)
     assert TrainConfig.from_name("tiny", eval_tasks="a.json,b.json").eval_tasks == ["a.json", "b.json"]
     assert TrainConfig.from_name("tiny", eval_tasks="a.json").eval_tasks == ["a.json"]  # not ['a', '.', ...]
+    # JSON's null on a command line; null for a field that has no None; a number for a path
+    n = TrainConfig.from_name("alpaca_lora_7B", export_dir="null", lora="None", base_dtype="null", peak_flops="none", out_dir=2024,
+                              time_budget_s=None, **{"model.n_kv_heads": "null"})
+    assert (n.export_dir, n.lora, n.peak_flops, n.out_dir, n.time_budget_s) == (None, None, None, "2024", 0)
+    assert n.model_overrides == {"n_kv_heads": None}
     assert type(c.steps) is int and type(c.lr) is float and c.model_args().n_layers == 3
     for key, value, want in [("compile", "maybe", "compile must be true or false, got 'maybe'"),
                              ("lr", "1e-3x", "lr must be a number, got '1e-3x'"),
@@ -367,8 +372,8 @@ def test_prepared_data_train_export_meta_layout(tmp_path, tiny_tokenizer):
     summary = trainer.fit()
     assert summary["step"] == 3 and math.isfinite(summary["val_loss"])
     out = Path(summary["export"])
-    assert sorted(p.name for p in out.iterdir()) == ["consolidated.00.pth", "consolidated.01.pth", "export.json",
-                                                      "params.json", "tokenizer.model"]
+    assert sorted(p.name for p in out.iterdir()) == ["consolidated.00.pth", "consolidated.01.pth", "context.json",
+                                                      "export.json", "params.json", "tokenizer.model"]
     # the exported fp16 weights give the trained model's logits; the offline export of the
     # training checkpoint (scripts/export.py) gives the same files
     tokens = torch.tensor([tiny_tokenizer.encode("the of and to in", bos=True, eos=False)])

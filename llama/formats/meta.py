@@ -23,6 +23,7 @@ import torch
 from llama.config import read_json_object
 from llama.env import DirLock, atomic_save, atomic_write_text, check_free_space, parse_dtype, safe_torch_load
 from llama.model import ModelArgs, Transformer, weight_info
+from llama.tokenizer import CHAT_TEMPLATE_FILE
 
 PARAMS = "params.json"
 TOKENIZER = "tokenizer.model"
@@ -168,6 +169,9 @@ class _Shards:
 
 
 REQUIRED_PARAMS = ("dim", "n_layers", "n_heads", "norm_eps")  # every params.json Meta ships has them
+# beside params.json, when the model was trained for another context than 2048: {"max_seq_len": N}.
+# Not in params.json: Meta's loaders call ModelArgs(max_seq_len=..., **params), so a second one fails.
+CONTEXT = "context.json"
 
 
 def _read_params(ckpt_dir: Path) -> dict:
@@ -185,6 +189,8 @@ def _read_params(ckpt_dir: Path) -> dict:
     missing = [k for k in REQUIRED_PARAMS if k not in d]
     if missing:
         raise ValueError(f"{ckpt_dir / PARAMS} has no {missing} (a default would build another model)")
+    if (ckpt_dir / CONTEXT).is_file() and "max_seq_len" not in d:
+        d["max_seq_len"] = read_json_object(ckpt_dir / CONTEXT).get("max_seq_len", ModelArgs.max_seq_len)
     return d
 
 
@@ -322,11 +328,13 @@ def _write_shards(get_slice: Callable[[str, int], torch.Tensor], keys: list[str]
 def save_meta_checkpoint(state_dict: dict[str, torch.Tensor], args: ModelArgs, out_dir: str | Path,
                          num_shards: int = 1, dtype: torch.dtype | None = torch.float16,
                          tokenizer_path: str | Path | None = None, overwrite: bool = False,
-                         progress: bool = False) -> Path:
+                         progress: bool = False, chat_template: str | None = None) -> Path:
     """Write `state_dict` (Meta's keys, full tensors) as a Meta checkpoint: params.json and
     `num_shards` consolidated.NN.pth split per `meta_split_dim`, in `dtype` (None keeps each
-    tensor's); copies `tokenizer_path` to tokenizer.model. Each file is written atomically, under
-    a lock on `out_dir` (another process writing there is refused), after a free-space check."""
+    tensor's); copies `tokenizer_path` to tokenizer.model, with the chat template (`chat_template`,
+    else the chat_template.jinja beside tokenizer_path) as chat_template.jinja. Each file is written
+    atomically, under a lock on `out_dir` (another process writing there is refused), after a
+    free-space check."""
     out_dir = Path(out_dir)
     sd = {k: v for k, v in state_dict.items() if k not in DROPPED_KEYS}
     sd = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in sd.items()}  # DTensor
@@ -337,6 +345,12 @@ def save_meta_checkpoint(state_dict: dict[str, torch.Tensor], args: ModelArgs, o
         _prepare_out_dir(out_dir, num_shards, overwrite)
         check_free_space(out_dir, sum(v.numel() * (parse_dtype(dtype) or v.dtype).itemsize for v in sd.values()))
         _write_meta(sd, args, out_dir, num_shards, dtype, tokenizer_path, progress)
+        if chat_template is None and tokenizer_path is not None and Path(tokenizer_path).with_name(CHAT_TEMPLATE_FILE).is_file():
+            chat_template = Path(tokenizer_path).with_name(CHAT_TEMPLATE_FILE).read_text()
+        if chat_template:
+            atomic_write_text(chat_template, out_dir / CHAT_TEMPLATE_FILE)
+        else:  # a template left by an earlier model would be taken for this one's
+            (out_dir / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)
     return out_dir
 
 
@@ -348,6 +362,10 @@ def _write_meta(sd, args, out_dir, num_shards, dtype, tokenizer_path, progress) 
 
     _write_shards(get_slice, list(sd), out_dir, num_shards, dtype, progress, "save")
     atomic_write_text(json.dumps(args.to_params_json(), indent=2) + "\n", out_dir / PARAMS)
+    if args.max_seq_len != ModelArgs.max_seq_len:
+        atomic_write_text(json.dumps({"max_seq_len": args.max_seq_len}) + "\n", out_dir / CONTEXT)
+    else:
+        (out_dir / CONTEXT).unlink(missing_ok=True)
     if tokenizer_path is not None:
         shutil.copyfile(tokenizer_path, out_dir / TOKENIZER)
 
@@ -372,6 +390,9 @@ def _reshard_into(shards: "_Shards", in_dir: Path, out_dir: Path, num_shards: in
     _write_shards(lambda k, q: shards.slice(k, meta_split_dim(k), q, num_shards), list(shards.shapes),
                   out_dir, num_shards, dtype, progress, f"reshard {len(shards)} -> {num_shards}")
     shutil.copyfile(in_dir / PARAMS, out_dir / PARAMS)
+    for extra in (CONTEXT, CHAT_TEMPLATE_FILE):
+        if (in_dir / extra).is_file():
+            shutil.copyfile(in_dir / extra, out_dir / extra)
     for src in (in_dir / TOKENIZER, in_dir.parent / TOKENIZER):
         if src.is_file():
             shutil.copyfile(src, out_dir / TOKENIZER)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from llama.chat import check_dialog, encode_dialog, has_special_tags
 from llama.env import compute_dtype, init_distributed, resolve_device, resolve_dtype, say_once, torchrun_ranks
 from llama.formats.gguf import load_gguf, load_tokenizer, open_gguf, read_args
-from llama.formats.hf import is_hf_checkpoint, load_hf, read_hf_config
+from llama.formats.hf import hf_chat_template, is_hf_checkpoint, load_hf, read_hf_config
 from llama.formats.meta import load_model, load_params, load_tp_slice, tp_shard_dim
 from llama.inference.cpu_decode import FusedCpuDecoder, decode_dtype
 from llama.inference.decoders import DECODERS, CompiledDecoder, EagerDecoder
@@ -68,7 +68,7 @@ class _Batch:
 def checkpoint_args(ckpt_dir: str | Path) -> ModelArgs:
     """The architecture of what `Llama.build` takes: a Meta-layout folder, a transformers folder or a
     .gguf file."""
-    if Path(ckpt_dir).suffix == ".gguf":
+    if Path(ckpt_dir).suffix.lower() == ".gguf":
         return read_args(open_gguf(ckpt_dir))
     return read_hf_config(ckpt_dir) if is_hf_checkpoint(ckpt_dir) else load_params(ckpt_dir)
 
@@ -138,13 +138,15 @@ class Llama:
         if model_parallel_size is not None and model_parallel_size != world:
             raise ValueError(f"model_parallel_size {model_parallel_size} != {world} process(es) launched; "
                              f"launch with `torchrun --nproc_per_node {model_parallel_size}` or leave it unset")
-        if Path(ckpt_dir).suffix == ".gguf":
+        if Path(ckpt_dir).suffix.lower() == ".gguf":
             return Llama._build_gguf(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, world, seed, device,
                                      dtype, decoder)
         if tokenizer_path is None:
             tokenizer_path = find_tokenizer(ckpt_dir)
         tokenizer = load_tokenizer(tokenizer_path)  # tokenizer.model, or a vocabulary-only .gguf
         hf = is_hf_checkpoint(ckpt_dir)
+        if hf and not tokenizer.chat_template:
+            tokenizer.chat_template = hf_chat_template(ckpt_dir)  # tokenizer_config.json's
         args = checkpoint_args(ckpt_dir)  # Meta's vocab_size -1 is read from the shards' output.weight
         if args.vocab_size != tokenizer.n_words:
             raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the model in {ckpt_dir} "
@@ -215,7 +217,7 @@ class Llama:
     def _check_prompts(self, prompt_tokens: list[list[int]], max_gen_len: int | None = None) -> None:
         """Errors for prompts that cannot run; one warning, before any work, when an asked-for
         max_gen_len does not fit after a prompt within max_seq_len (that prompt is cut short)."""
-        if max_gen_len is not None and (not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool)
+        if max_gen_len is not None and (not isinstance(max_gen_len, numbers.Integral) or isinstance(max_gen_len, bool)
                                         or max_gen_len < 1):
             raise ValueError(f"max_gen_len must be an integer >= 1 (or None: up to max_seq_len), got {max_gen_len!r}")
         vocab = self.model.args.vocab_size
@@ -316,8 +318,9 @@ class Llama:
         eos and after the token that completed a stop string, and their logprobs when asked.
         max_gen_len None: up to max_seq_len; a number that does not fit after a prompt is warned about."""
         check_sampling(temperature, top_p, top_k)
+        prompt_tokens = [p.tolist() if hasattr(p, "tolist") else list(p) for p in prompt_tokens]  # tensors, arrays
         self._check_prompts(prompt_tokens, max_gen_len)
-        max_gen_len = self.max_seq_len - 1 if max_gen_len is None else max_gen_len
+        max_gen_len = self.max_seq_len - 1 if max_gen_len is None else int(max_gen_len)
         out_tokens, out_lp = [], []
         for b in range(0, len(prompt_tokens), self.max_batch_size):
             chunk = prompt_tokens[b:b + self.max_batch_size]

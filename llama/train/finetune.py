@@ -38,7 +38,6 @@ from llama.model import ModelArgs, Transformer
 from llama.parallel import assign_local_shards
 from llama.train.checkpoint import CKPT_PREFIX, META, dcp_load, read_checkpoint_meta
 from llama.train.config import TrainConfig
-from llama.tokenizer import CHAT_TEMPLATE_FILE
 
 PEFT_DIR = "peft"  # the adapter's folder inside export_dir
 EXPORT_MARK = "export.json"  # in each export folder: the run (out_dir) that wrote it, and at what step
@@ -51,7 +50,7 @@ def init_source(path: str | Path) -> tuple[str, Path]:
     """("meta" | "hf" | "checkpoint" | "gguf", path) of an `init_from` path; a run's out_dir means its
     latest checkpoint."""
     p = Path(path)
-    if p.is_file() and p.suffix == ".gguf":  # llama.cpp's file: weights and tokenizer in one
+    if p.is_file() and p.suffix.lower() == ".gguf":  # llama.cpp's file: weights and tokenizer in one
         return "gguf", p
     if not p.is_dir():
         raise FileNotFoundError(f"init_from {p} does not exist; give a Meta checkpoint directory, a "
@@ -222,22 +221,19 @@ def export_model(state_dict: dict[str, torch.Tensor], args: ModelArgs, cfg: Trai
     in transformers' format in `cfg.export_hf` when set. Each folder gets `EXPORT_MARK` (this run
     may export there again; `check_export_dirs`)."""
     merged = merged_state_dict(state_dict, lora["scaling"]) if lora else state_dict
-    gguf_vocab = bool(cfg.tokenizer) and Path(cfg.tokenizer).suffix == ".gguf"
+    gguf_vocab = bool(cfg.tokenizer) and Path(cfg.tokenizer).suffix.lower() == ".gguf"
     spm_model = None if gguf_vocab else cfg.tokenizer
     # the chat template travels with the model: Llama 2's after chat data (the format it was trained
     # in), else the base's own, if any
     template = LLAMA2_CHAT_TEMPLATE if cfg.data_format == "chat" else None
     out = save_meta_checkpoint(merged, args, out_dir, num_shards=num_shards, dtype=dtype,
-                               tokenizer_path=spm_model, overwrite=True)
+                               tokenizer_path=spm_model, overwrite=True, chat_template=template)
     if gguf_vocab:  # the vocabulary travels beside the weights as a vocabulary-only GGUF
         tok = load_tokenizer(cfg.tokenizer)
         tok.chat_template = template or tok.chat_template
         save_gguf_tokenizer(tok, Path(out_dir) / "tokenizer.gguf", overwrite=True)
     elif spm_model:
-        template = template or load_tokenizer(spm_model).chat_template
-        (Path(out_dir) / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)
-        if template:
-            atomic_write_text(template, Path(out_dir) / CHAT_TEMPLATE_FILE)
+        template = template or load_tokenizer(spm_model).chat_template  # for export_hf
     if lora:
         save_peft_adapter({k: v for k, v in state_dict.items() if is_lora_key(k)}, lora, args, Path(out_dir) / PEFT_DIR,
                           base_model_name_or_path=cfg.init_from)
@@ -253,7 +249,6 @@ def check_export_dirs(cfg: TrainConfig) -> None:
     """Before any training: export_dir and export_hf may be new or empty folders, or ones this run
     (its out_dir) exported to before; never init_from, nor a folder holding anything else (a model
     the user keeps would be overwritten at the end)."""
-    run = str(Path(cfg.out_dir).resolve())
     for key in ("export_dir", "export_hf"):
         folder = getattr(cfg, key)
         if not folder:
@@ -266,13 +261,23 @@ def check_export_dirs(cfg: TrainConfig) -> None:
             raise NotADirectoryError(f"{key} {folder} is a file; give a folder to export to")
         if not d.is_dir() or not any(p.name != ".lock" for p in d.iterdir()):
             continue
-        try:
-            mark = json.loads((d / EXPORT_MARK).read_text())
-        except (OSError, ValueError):
-            mark = {}
-        if mark.get("run") != run:
+        if not _exported_by(d, key, cfg):
             raise FileExistsError(f"{key} {folder} already holds files that this run (out_dir {cfg.out_dir}) did "
                                   f"not export; choose a new or empty {key}, or remove it")
+
+
+def _exported_by(folder: Path, key: str, cfg: TrainConfig) -> bool:
+    """Whether this run wrote `folder`: its EXPORT_MARK names this out_dir, or (an export from before
+    the mark, or a project moved elsewhere) the config the run saved in out_dir names this folder."""
+    def read(path: Path) -> dict:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+    if read(folder / EXPORT_MARK).get("run") == str(Path(cfg.out_dir).resolve()):
+        return True
+    saved = read(Path(cfg.out_dir) / "config.json").get(key)
+    return bool(saved) and Path(saved).resolve() == folder
 
 
 def mark_export(folder: str | Path, cfg: TrainConfig, step: int) -> None:
