@@ -46,7 +46,8 @@ def unknown_flag(main: Callable, argv: list[str], extra: Iterable[str] = ()) -> 
 def stray_argument(main: Callable, argv: list[str]) -> str | None:
     """The sentence for a bare argument that no positional parameter of `main` takes (fire would bind
     it to the next free parameter, or run main and complain afterwards), else None. As fire reads
-    them: `--flag value` takes the next word unless it starts with "--"; `--flag=value` takes none."""
+    them: `--flag value` takes the next word unless it starts with "--"; `--flag=value` takes none. A
+    single-dash word (`-t`) is counted as bare: fire would not read it as a flag of main either."""
     params = inspect.signature(main).parameters.values()
     positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     given, bare, i = set(), [], 0

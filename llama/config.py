@@ -60,21 +60,28 @@ _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 def coerce_fields(cls, d: dict, prefix: str = "") -> dict:
     """`d` with the values of `cls`'s bool, int and float fields (Optional ones too) made that type
     from what a command line or a hand-written JSON holds ("false", "12", "3e-4"), and a string for a
-    list field split at commas ("a.json,b.json"); a value that is not
+    list field split at commas ("a.json,b.json"), "null"/"none" None for an Optional field, null the
+    default for another, a number a string for a str field; a value that is not
     one is a ValueError naming the key (after `prefix`) and the value. Other keys and fields are left
     as they are."""
-    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     out = dict(d)
     for key, value in d.items():
-        kind = types.get(key, "")
-        optional = kind.startswith("Optional[")
-        kind = kind[len("Optional["):-1] if optional else kind
-        if kind == "list" and isinstance(value, str):  # --eval_tasks a.json or a.json,b.json
+        if key not in fields:
+            continue
+        kind = str(fields[key].type)
+        optional = kind.startswith("Optional[") or kind == "Any"
+        kind = kind[len("Optional["):-1] if kind.startswith("Optional[") else kind
+        if isinstance(value, str) and value.strip().lower() in ("none", "null") and optional:
+            out[key] = None  # --export_dir null, --lora none: JSON's null written on a command line
+        elif value is None and not optional and fields[key].default is not dataclasses.MISSING:
+            out[key] = fields[key].default  # "time_budget_s": null in a JSON file: the default
+        elif kind == "list" and isinstance(value, str):  # --eval_tasks a.json or a.json,b.json
             out[key] = [v.strip() for v in value.split(",") if v.strip()]
-            continue
-        if kind not in ("bool", "int", "float") or (value is None and optional):
-            continue
-        out[key] = _coerce(prefix + key, value, kind)
+        elif kind == "str" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = str(value)  # --out_dir 2024 (fire reads it as a number)
+        elif kind in ("bool", "int", "float") and value is not None:
+            out[key] = _coerce(prefix + key, value, kind)
     return out
 
 

@@ -17,7 +17,9 @@ from llama.formats.gguf import gguf_to_meta, meta_to_gguf
 
 def main(src: str, dst: str, dtype: str = None, tokenizer_path: str = None, num_shards: int = 1,
          overwrite: bool = False):
-    if Path(src).suffix == ".gguf":
+    if not Path(src).exists():
+        raise FileNotFoundError(f"--src {src} does not exist (a .gguf file, or a Meta-layout checkpoint folder)")
+    if Path(src).suffix.lower() == ".gguf":
         out = gguf_to_meta(src, dst, dtype=dtype or "fp16", num_shards=num_shards, overwrite=overwrite)
     else:
         out = meta_to_gguf(src, dst, dtype=dtype or "f16", tokenizer_path=tokenizer_path, overwrite=overwrite)

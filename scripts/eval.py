@@ -25,7 +25,7 @@ def _as_list(x) -> list:
     return [] if x is None else [p for p in x.split(",") if p] if isinstance(x, str) else [str(p) for p in x]
 
 
-def main(ckpt_dir: str, tokenizer_path: str | None = None, text=None, tasks=None, out: str = "eval_results.json",
+def main(ckpt_dir: str, *, tokenizer_path: str | None = None, text=None, tasks=None, out: str = "eval_results.json",
          max_seq_len: int | None = None, stride: int | None = None, batch_size: int = 16,
          num_fewshot: int | None = None, limit: int | None = None, records: bool = False,
          dtype: str | None = None, device: str | None = None) -> None:

@@ -35,15 +35,17 @@ def main(tokenizer: str, inputs: str = "", out: str = "", mixture: str = "",
             raise ValueError("--out is required with --inputs")
         jobs = [("data", inputs, out)]
     jobs = [(name, [s for s in src.split(",") if s] if isinstance(src, str) else src, path) for name, src, path in jobs]
-    for name, src_inputs, _ in jobs:  # every source's inputs exist before any is tokenized
+    sha = Tokenizer(tokenizer).sha256
+    kept = {name for name, _, path in jobs if mixture and not overwrite and _prepared_with(path, sha)}
+    for name, src_inputs, _ in jobs:  # every source to prepare has its inputs before any is tokenized
         try:
-            list_files(src_inputs)
+            if name not in kept:
+                list_files(src_inputs)
         except (FileNotFoundError, ValueError) as e:
             raise type(e)(f"{name}: {e} (nothing was prepared)") from None
-    sha = Tokenizer(tokenizer).sha256
     for name, src_inputs, path in jobs:
-        if mixture and not overwrite and _prepared_with(path, sha):  # a rerun after a source was added
-            print(f"{name}: {path} is already prepared with this tokenizer (kept; --overwrite redoes it)")
+        if name in kept:  # a rerun after a source was added
+            print(f"{name}: {path} is already prepared with this tokenizer (kept; --overwrite redoes every source)")
             continue
         meta = prepare_data(src_inputs, tokenizer, path, val_fraction=val_fraction, seed=seed,
                             num_workers=num_workers, shard_tokens=shard_tokens, overwrite=overwrite,
@@ -53,7 +55,8 @@ def main(tokenizer: str, inputs: str = "", out: str = "", mixture: str = "",
               f"val {va['n_tokens']:,} tokens / {va['n_docs']:,} docs ({meta['dtype']})"
               + (f"; skipped {len(meta['skipped_binary'])} binary file(s)" if meta["skipped_binary"] else "")
               + (f"; no document was held out for validation (val_fraction {val_fraction:g} of {tr['n_docs']} docs): "
-                 f"raise --val_fraction, or validation leaves this source out" if val_fraction and not va["n_docs"] else ""))
+                 f"raise --val_fraction (with --overwrite for a prepared mixture), or validation leaves this source out"
+                 if val_fraction and not va["n_docs"] else ""))
 
 
 def _prepared_with(path: str, sha256: str) -> bool:

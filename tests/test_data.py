@@ -341,6 +341,11 @@ def test_prepare_script(corpus, tiny_tokenizer, tmp_path, capsys):
     with pytest.warns(UserWarning, match=r"validation: source\(s\) \['three'\] have no val split"):
         val = PackedLoader(mix, 8, 4, split="val")
     assert val.weights.tolist() == pytest.approx([0.25, 0.75, 0.0])
+    # a kept source needs no inputs any more (the raw files may be gone)
+    spec["one"]["inputs"] = str(tmp_path / "gone" / "*.jsonl")
+    mix.write_text(json.dumps(spec))
+    mod.main(tokenizer=str(tiny_tokenizer.model_path), mixture=str(mix), num_workers=1)
+    assert "one: " + str(tmp_path / "one") + " is already prepared" in capsys.readouterr().out
     # a source whose inputs are missing stops the run before any source is tokenized
     spec["four"] = {"inputs": str(tmp_path / "nowhere" / "*.txt"), "path": str(tmp_path / "four"), "weight": 1}
     spec["zero"] = {"inputs": f"{corpus[1]}/*.txt", "path": str(tmp_path / "zero"), "weight": 1}

@@ -17,6 +17,7 @@ from pathlib import Path
 import warnings
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.cpp_extension import include_paths
@@ -241,6 +242,12 @@ def test_bad_inputs_are_clear_errors(llama, ckpts, tmp_path, tiny_tokenizer):
             llama.text_completion(["a"], **kw)
         with pytest.raises(ValueError, match=want):  # when called, not at the first piece
             llama.stream("a", **kw)
+    # numpy and torch numbers are numbers; a prompt may be a tensor of ids
+    want = llama.generate([[1, 5, 6]], 3, temperature=0)[0]
+    assert llama.generate([torch.tensor([1, 5, 6])], np.int64(3), temperature=np.float32(0), top_p=np.float32(0.9),
+                          top_k=np.int64(4))[0] == want
+    assert llama.text_completion(["a"], temperature=torch.tensor(0.0), max_gen_len=2)[0]["generation"] == \
+        llama.text_completion(["a"], temperature=0, max_gen_len=2)[0]["generation"]
     for ids, bad in (([1, -5], -5), ([1, 512], 512), ([1, 2.0], 2.0)):
         with pytest.raises(ValueError, match=re.escape(f"prompt 0 holds {bad!r}, not a token id in [0, 512)")):
             llama.generate([ids], 3)

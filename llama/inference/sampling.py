@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
+import numpy as np
 import torch
 
 
 def _number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """A real number: Python's, numpy's or a one-element tensor; not a bool."""
+    if isinstance(x, torch.Tensor):
+        return x.numel() == 1 and not x.dtype.is_complex and x.dtype != torch.bool
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
 
 
 def check_sampling(temperature: float, top_p: float, top_k: Optional[int]) -> None:
@@ -16,7 +21,7 @@ def check_sampling(temperature: float, top_p: float, top_k: Optional[int]) -> No
         raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature!r}")
     if not _number(top_p) or not 0 < top_p <= 1:
         raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+    if top_k is not None and (not isinstance(top_k, numbers.Integral) or isinstance(top_k, (bool, np.bool_)) or top_k < 1):
         raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
 
 

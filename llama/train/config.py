@@ -61,7 +61,7 @@ class TrainConfig(JsonConfig):
     seed: int = 0
     # seeing the run
     log_every: int = 1
-    eval_every: int = 100  # 0: never (except at the end when eval_batches > 0)
+    eval_every: int = 100  # 0: never (except at the end, when eval_batches > 0 or eval_tasks are set)
     # validation scores eval_batches global batches' worth of windows (global_batch_tokens each),
     # the same windows on any layout; 0: no validation
     eval_batches: int = 2
