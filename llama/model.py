@@ -80,15 +80,16 @@ class ModelArgs(JsonConfig):
             raise ValueError("use_scaled_rope: Llama 3.1's scaled RoPE is not supported (LLaMA 1 and 2 models are)")
         if unknown:
             raise ValueError(f"unknown model field(s) {unknown}; valid fields are {sorted(known)}")
-        d = coerce_fields(cls, d)
-        if d.get("vocab_size", 0) is None or d.get("vocab_size", 0) < 0:
+        d = coerce_fields(cls, d)  # a null vocab_size is the default already
+        if d.get("vocab_size", 0) < 0:
             d.pop("vocab_size")
         return cls(**d)
 
 
     def to_params_json(self) -> dict:
         """The fields Meta's params.json holds (plus the Llama 2 ones when they are set). Not max_seq_len:
-        Meta's loaders pass it beside the file's keys (a second one is a TypeError); see CONTEXT."""
+        Meta's loaders pass it beside the file's keys (a second one is a TypeError); it goes in
+        llama.formats.meta.CONTEXT beside params.json."""
         d = {"dim": self.dim, "multiple_of": self.multiple_of, "n_heads": self.n_heads,
              "n_layers": self.n_layers, "norm_eps": self.norm_eps, "vocab_size": self.vocab_size}
         if self.n_kv_heads != self.n_heads:
