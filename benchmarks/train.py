@@ -1,16 +1,19 @@
 """Training-step speed: ours (the trainer's real step) vs transformers' LlamaForCausalLM, one process.
 
-    python benchmarks/train.py                      # 60M preset, batch 4 x 512, bf16 autocast
+    python benchmarks/train.py                      # 60M preset, batch 4 x 512, the trainer's dtype
+    python benchmarks/train.py --dtype bf16         # bf16 autocast whatever the machine measures
     python benchmarks/train.py --hf_compile=False   # without transformers under torch.compile (faster)
     python benchmarks/train.py --profile=True       # + where each row's step spends its time
     python benchmarks/train.py --attention sdpa     # ours with torch's sdpa instead of its CPU default (blocked)
     python benchmarks/train.py --also_attention sdpa   # + a row of ours with sdpa, in the same run
 
 A step is forward, backward, gradient clipping, AdamW step and zero_grad, for the same weights, batch
-and dtype policy (fp32 master weights, bf16 compute under torch.autocast, fp32 loss). Ours is
+and dtype policy (fp32 master weights, compute under torch.autocast in the dtype the trainer picks
+on this machine unless --dtype says: `llama.env.compute_dtype`, the faster of bf16 and fp32
+products as measured; fp32 loss). Ours is
 `llama.train.Trainer.train_step` on synthetic tokens. Rows are timed in turns and each keeps its
-best of `repeats` steps (other processes share the cores); the bf16 peak is the best of square
-matmuls timed between the rows. MFU = (6 N + 12 L d T) * tokens/s / peak.
+best of `repeats` steps (other processes share the cores); the peak of the computing dtype is
+the best of square matmuls (1024, 2048 and 4096) timed between the rows. MFU = (6 N + 12 L d T) * tokens/s / peak.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from llama.env import compute_dtype, dtype_name
 from llama.formats.hf import hf_config, to_hf
 from llama.train import TrainConfig, Trainer, flops_per_token, param_groups
 from llama.train.recipe import adamw_kwargs, compiled_cross_entropy, cross_entropy
@@ -122,7 +126,7 @@ def build_hf(ours: torch.nn.Module, args, trainer: Trainer, dtype: str, compile:
     return hf, step
 
 
-def main(model: str = "60M", batch_size: int = 4, seq_len: int = 512, dtype: str = "bf16", compile: bool = True,
+def main(model: str = "60M", batch_size: int = 4, seq_len: int = 512, dtype: str = "auto", compile: bool = True,
          ac: str = "none", fused_adamw: bool = True, hf_compile: bool = True,
          repeats: int = 12, threads: int = 0, json_out: str = "", profile: bool = False, attention: str = "auto",
          also_attention: str = "", keep_memory: bool = True):
@@ -131,10 +135,17 @@ def main(model: str = "60M", batch_size: int = 4, seq_len: int = 512, dtype: str
     transformers under torch.compile, the strongest peer. profile: then one profiled step per row,
     its time by kind of work (`step_profile`). attention: ours' backend (auto: the trainer's choice);
     also_attention: comma-separated backends, each one more row of ours. keep_memory: the process
-    keeps freed memory (`keep_freed_memory`), for all rows alike."""
+    keeps freed memory (`keep_freed_memory`), for all rows alike. dtype: auto (the trainer's own
+    choice on this machine, printed with its measurement), bf16 or fp32."""
     kept = keep_memory and keep_freed_memory()
     if threads:
         torch.set_num_threads(threads)
+    if dtype not in ("auto", "bf16", "fp32"):
+        raise SystemExit(f"--dtype {dtype!r}: use auto, bf16 or fp32")
+    if dtype == "auto":
+        chosen, why = compute_dtype("cpu")
+        dtype = dtype_name(chosen)
+        print(f"dtype {why} (--dtype overrides)")
 
     amp = torch.bfloat16 if dtype == "bf16" else torch.float32  # MFU against the peak of the computing dtype
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
@@ -163,7 +174,7 @@ def main(model: str = "60M", batch_size: int = 4, seq_len: int = 512, dtype: str
     best = {name: float("inf") for name in rows}
     peak = 0.0
     for _ in tqdm(range(repeats), desc="timing", leave=False):
-        peak = max(peak, matmul_flops(dtype=amp))
+        peak = max([peak] + [matmul_flops(n, 0.2, amp) for n in (1024, 2048, 4096)])
         for name, step in rows.items():
             t0 = time.perf_counter()
             step()

@@ -108,8 +108,11 @@ def test_llama_cpp_runner_decodes_our_greedy_tokens(bench, tmp_path):
 def test_train_benchmark_rows_compute_the_same_step(tmp_path):
     """benchmarks/train.py on the tiny preset, eager: ours (the trainer's CPU default, blocked
     attention) and transformers start from the same loss (the script raises otherwise) and the
-    table's MFU is tokens/s x FLOPs per token over the peak it measured."""
+    table's MFU is tokens/s x FLOPs per token over the peak it measured, in the dtype the trainer
+    itself picks on this machine."""
     import json
+
+    from llama.env import compute_dtype, dtype_name
 
     train = runpy.run_path(str(ROOT / "benchmarks" / "train.py"))
     out = tmp_path / "train.json"
@@ -117,6 +120,7 @@ def test_train_benchmark_rows_compute_the_same_step(tmp_path):
                   json_out=str(out), keep_memory=False)  # (it would change this process's malloc for good)
     result = json.loads(out.read_text())
     assert result["attention"] == "blocked" and set(result["rows"]) == {"ours", "transformers"}
+    assert result["dtype"] == dtype_name(compute_dtype("cpu")[0])
     losses = result["first_loss"]
     assert abs(losses["ours"] - losses["transformers"]) < 1e-3, losses
     flops = train["flops_per_token"](train["TrainConfig"](model="tiny").model_args(), 32)
