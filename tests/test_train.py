@@ -252,6 +252,24 @@ def test_a_peak_measured_low_is_measured_again(tmp_path, data_dir, monkeypatch):
     assert all(r["mfu"] == pytest.approx(r["tokens_per_s"] * fpt / 1e12) for r in record["history"])
 
 
+def test_bf16_peak_on_a_cpu_is_the_faster_of_bf16_and_fp32_products(monkeypatch):
+    """bf16 numbers multiply exactly in fp32, and CPUs without bf16 instructions multiply them so:
+    there MFU of a bf16 run is against the faster of the two products (against the bf16 one, a Xeon
+    without AVX512-BF16 printed 102%); fp32 runs and other devices keep their own dtype's peak."""
+    from llama.train import recipe
+
+    speeds = {torch.bfloat16: 60e9, torch.float32: 330e9}
+    asked = []
+    monkeypatch.setattr(recipe, "_matmul_flops", lambda device, dtype, n, s: asked.append(dtype) or speeds[dtype])
+    assert recipe.measure_peak_flops(torch.device("cpu"), torch.bfloat16) == 330e9
+    assert recipe.measure_peak_flops("cpu", torch.float32) == 330e9 and asked[-1] == torch.float32
+    speeds[torch.bfloat16] = 900e9  # a CPU with AVX512-BF16 or AMX: bf16's own
+    assert recipe.measure_peak_flops("cpu", torch.bfloat16) == 900e9
+    assert recipe.measure_peak_flops("meta", torch.bfloat16) == 900e9 and asked[-1] == torch.bfloat16
+    monkeypatch.undo()  # the real products, small: a finite speed, any dtype the CPU multiplies
+    assert 0 < recipe.measure_peak_flops("cpu", torch.bfloat16, n=64, seconds=0.01) < float("inf")
+
+
 def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(tmp_path, data_dir, capsys):
     """Ctrl-C (SIGINT) in a one-process run: the step finishes, a checkpoint is saved, the run stops
     (KeyboardInterrupt, exit 130 in the scripts); the same command resumes to the uninterrupted run's
