@@ -2525,7 +2525,7 @@ static void attention(const torch::Tensor& q, const torch::Tensor& k, const torc
 // rows rowlin's were faster). Each sum is fp32 over exact products, as rowlin's and the model's are,
 // in sgemm's order
 #if defined(LLAMA_AVX512) && !defined(LLAMA_ISA_AVX512BF16)
-constexpr int64_t WIDE_ROWS = 512;
+constexpr int64_t WIDE_ROWS = 512, FP32_ROWLIN_ROWS = 256;
 static torch::Tensor wide_linear(const torch::Tensor& a, const torch::Tensor& w, torch::Tensor* into,
                                  const torch::Tensor* scales) {
   const int64_t N = w.size(0), K = w.size(1), NS = std::max<int64_t>(64, (8 << 20) / (4 * K));
@@ -2557,8 +2557,10 @@ static torch::Tensor run(torch::Tensor h, const std::vector<torch::Tensor>& laye
   // product i of a (rows) with w, into a new tensor, or with `into` added into it (the residual add,
   // round(into + round(a w^T))); on AVX-512 through rowlin::linear, else at::linear. int8 weights
   // (scales[i]) as Int8Linear computes them: the product rounded, then scaled. The AVX-512 build
-  // without bf16 dots leaves fp32 weights to at::linear (its fp32 products, MKL's, were faster
-  // there: a 2-core Xeon, 160M at batch 8, 926 against 700 prompt tokens/s; batch 1 even), and bf16
+  // without bf16 dots leaves fp32 weights of FP32_ROWLIN_ROWS rows or more to at::linear (its fp32
+  // products, MKL's, were faster there: a 2-core Xeon, 160M at batch 8, 926 against 700 prompt
+  // tokens/s; on the Xeon model 207, 160M's four layer products paired over 25 rounds, at::linear
+  // against rowlin: 128 rows 0.93-0.95x, 256 rows 0.98x, 512 rows 1.10x), and bf16
   // and int8 weights too from WIDE_ROWS rows on, widened (`wide_linear`: 160M's bf16 prefill at
   // batch 8, 1.37x rowlin's); oneDNN's own bf16 products were 3.5x slower than rowlin's
   // products, q|k|v's and w1|w3's written into buffers kept over the layers (`to`): into fresh
@@ -2569,7 +2571,7 @@ static torch::Tensor run(torch::Tensor h, const std::vector<torch::Tensor>& laye
 #if defined(LLAMA_ISA_AVX512BF16)
     constexpr bool fp32_rowlin = true;
 #else
-    constexpr bool fp32_rowlin = false;
+    const bool fp32_rowlin = a.size(0) < FP32_ROWLIN_ROWS;
     if ((std::is_same<T, bf16>::value || !scales.empty()) && a.size(0) >= WIDE_ROWS)
       return wide_linear(a, w, into, scales.empty() ? nullptr : &scales[i]);
 #endif
