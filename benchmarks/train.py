@@ -13,9 +13,9 @@ on this machine unless --dtype says: `llama.env.compute_dtype`, the faster of bf
 products as measured; fp32 loss). Ours is
 `llama.train.Trainer.train_step` on synthetic tokens. Rows are timed in turns and each keeps its
 best of `repeats` steps (other processes share the cores); the peak of the computing dtype is
-the best of square matmuls (1024, 2048 and 4096) timed between the rows (for bf16, the faster of
-bf16 and fp32 products: bf16 numbers multiply exactly in fp32, which CPUs without bf16
-instructions do). MFU = (6 N + 12 L d T) * tokens/s / peak.
+the best of square matmuls (1024, 2048 and 4096) timed between the rows (`measure_peak_flops`: for
+bf16, the faster of bf16 and fp32 products, since bf16 numbers multiply exactly in fp32, which CPUs
+without bf16 instructions do). MFU = (6 N + 12 L d T) * tokens/s / peak.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from llama.env import compute_dtype, dtype_name
 from llama.formats.hf import hf_config, to_hf
-from llama.train import TrainConfig, Trainer, flops_per_token, param_groups
+from llama.train import TrainConfig, Trainer, flops_per_token, measure_peak_flops, param_groups
 from llama.train.recipe import adamw_kwargs, compiled_cross_entropy, cross_entropy
 
 
@@ -68,18 +68,6 @@ def keep_freed_memory() -> bool:
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
-
-
-def matmul_flops(n: int = 4096, seconds: float = 0.5, dtype=torch.bfloat16) -> float:
-    """Best FLOP/s of an (n, n) @ (n, n) matmul over `seconds`."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best, t_end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        a @ b
-        best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
-    return best
 
 
 def build_ours(model: str, batch_size: int, seq_len: int, dtype: str, compile: bool, ac: str, tmp: Path,
@@ -150,9 +138,7 @@ def main(model: str = "60M", batch_size: int = 4, seq_len: int = 512, dtype: str
         print(f"dtype {why} (--dtype overrides)")
 
     amp = torch.bfloat16 if dtype == "bf16" else torch.float32  # MFU against the peak of the computing dtype
-    # bf16 numbers multiply exactly in fp32, and kernels for CPUs without bf16 instructions (oneDNN's
-    # and ours) widen them: there the faster of the two products is the hardware's limit for bf16
-    peak_dtypes = (torch.bfloat16, torch.float32) if amp == torch.bfloat16 else (torch.float32,)
+    cpu = torch.device("cpu")
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
     trainer = build_ours(model, batch_size, seq_len, dtype, compile, ac, tmp, attention)
     args = trainer.args
@@ -179,12 +165,12 @@ def main(model: str = "60M", batch_size: int = 4, seq_len: int = 512, dtype: str
     best = {name: float("inf") for name in rows}
     peak = 0.0
     for _ in tqdm(range(repeats), desc="timing", leave=False):
-        peak = max([peak] + [matmul_flops(n, 0.2, dt) for n in (1024, 2048, 4096) for dt in peak_dtypes])
+        peak = max([peak] + [measure_peak_flops(cpu, amp, n, 0.2) for n in (1024, 2048, 4096)])
         for name, step in rows.items():
             t0 = time.perf_counter()
             step()
             best[name] = min(best[name], time.perf_counter() - t0)
-    peak = max([peak] + [matmul_flops(dtype=dt) for dt in peak_dtypes])
+    peak = max(peak, measure_peak_flops(cpu, amp, 4096))
 
     base = tokens / best["transformers"]
     result = {"model": model, "params": n_params, "batch": [batch_size, seq_len], "dtype": dtype,
@@ -195,8 +181,8 @@ def main(model: str = "60M", batch_size: int = 4, seq_len: int = 512, dtype: str
           f"{dtype} autocast over fp32 master weights, {torch.get_num_threads()} threads, freed memory kept: {kept}")
     print(f"ours: compile={compile} (compiled blocks and loss) ac={ac}, attention {trainer.attention}, fused AdamW; "
           f"transformers: fused AdamW={fused_adamw}; "
-          f"FLOPs/token {flops_tok / 1e6:.1f}M; peak {peak / 1e9:.0f} GFLOP/s (the faster of "
-          f"{' and '.join(dtype_name(d) for d in peak_dtypes)} products)")
+          f"FLOPs/token {flops_tok / 1e6:.1f}M; peak {peak / 1e9:.0f} GFLOP/s ({dtype} products"
+          f"{', or fp32 where faster' if dtype == 'bf16' else ''}: `measure_peak_flops`)")
     print("first losses: " + ", ".join(f"{k} {v:.4f}" for k, v in first.items()))
     print("| row | step s | tokens/s | vs transformers | MFU |")
     print("|---|---|---|---|---|")
