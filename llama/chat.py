@@ -185,9 +185,19 @@ def encode_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool
     return ids
 
 
+def uses_llama2_format(tokenizer) -> bool:
+    """Whether dialogs for this tokenizer are written in Llama 2's format: it carries no chat template,
+    or carries ours of that format (`LLAMA2_CHAT_TEMPLATE`, as chat fine-tunes export it). Then
+    `format_dialog` writes them (text such as "</s>" in a message stays text) and Meta's tags in a
+    message are refused."""
+    template = getattr(tokenizer, "chat_template", None)
+    return not template or template.strip() == LLAMA2_CHAT_TEMPLATE
+
+
 def encode_dialog(tokenizer, dialog) -> list[int]:
-    """The prompt tokens of a dialog ending with a user message: the tokenizer's own chat template
-    when it carries one (a GGUF's tokenizer.chat_template), else Llama 2's format (`format_dialog`)."""
-    if getattr(tokenizer, "chat_template", None):
-        return encode_chat(tokenizer, dialog)
-    return format_dialog(tokenizer, dialog)
+    """The prompt tokens of a dialog ending with a user message: Llama 2's format (`format_dialog`)
+    where `uses_llama2_format`, else the tokenizer's own chat template (a GGUF's
+    tokenizer.chat_template)."""
+    if uses_llama2_format(tokenizer):
+        return format_dialog(tokenizer, dialog)
+    return encode_chat(tokenizer, dialog)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from llama.chat import encode_dialog
+from llama.chat import encode_dialog, uses_llama2_format
 from llama.cli import run
 from llama.env import torchrun_ranks
 from llama.inference import Llama, check_sampling
@@ -150,7 +150,7 @@ def _chat(llama, main_rank: bool, sampling: dict, system: str | None) -> None:
     """Read a user message, stream the assistant's answer, keep both in the dialog. An empty line or
     EOF (Ctrl-D) ends; /reset starts a new dialog."""
     if main_rank:
-        form = "its own chat template" if getattr(llama.tokenizer, "chat_template", None) else "Llama 2's chat format"
+        form = "Llama 2's chat format" if uses_llama2_format(llama.tokenizer) else "its own chat template"
         print(f"Chat with the model ({form}). Type a message and press Enter; /reset starts over; "
               "an empty line or Ctrl-D leaves.")
     dialog = [{"role": "system", "content": system}] if system else []

@@ -4,7 +4,8 @@ message."""
 
 import pytest
 
-from llama.chat import encode_dialog_for_training, format_dialog, has_special_tags
+from llama.chat import (LLAMA2_CHAT_TEMPLATE, encode_dialog, encode_dialog_for_training, format_dialog, has_special_tags,
+                        uses_llama2_format)
 from tests.helpers import BOS, EOS, CharTokenizer, chars
 
 
@@ -17,6 +18,21 @@ def test_prompt_by_hand():
     p1 = "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n hi [/INST] hello "
     assert format_dialog(tok, dialog) == [BOS] + chars(p1) + [EOS] + [BOS] + chars("[INST] again [/INST]")
     assert format_dialog(tok, [{"role": "user", "content": "x"}]) == [BOS] + chars("[INST] x [/INST]")
+
+
+def test_llama2_template_is_llama2_format():
+    """A tokenizer that carries our Llama 2 template (chat fine-tunes export it) is written by
+    format_dialog, as one without a template: "</s>" typed in a message stays text (the template's
+    renderer would make it the eos id) and Meta's tags are refused (`uses_llama2_format`); another
+    template is the tokenizer's own format."""
+    tok = CharTokenizer()
+    dialog = [{"role": "user", "content": "end with </s> please"}]
+    assert uses_llama2_format(tok)
+    tok.chat_template = LLAMA2_CHAT_TEMPLATE + "\n"  # (as read back from a file with a final newline)
+    assert uses_llama2_format(tok)
+    assert encode_dialog(tok, dialog) == [BOS] + chars("[INST] end with </s> please [/INST]")
+    tok.chat_template = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+    assert not uses_llama2_format(tok)
 
 
 def test_training_encoding_marks_the_answers_and_their_eos():

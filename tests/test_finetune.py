@@ -14,7 +14,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 
-from llama.chat import LLAMA2_CHAT_TEMPLATE, encode_dialog, format_dialog
+from llama.chat import LLAMA2_CHAT_TEMPLATE, encode_chat, format_dialog
 from llama.formats.gguf import gguf_to_meta, load_tokenizer, meta_to_gguf, save_gguf
 from llama.formats.hf import hf_to_meta, save_hf
 from llama.formats.meta import load_consolidated, load_model, reshard
@@ -284,7 +284,7 @@ def test_exports_never_overwrite_a_model_they_did_not_write(base, tmp_path):
 def test_a_chat_fine_tune_carries_its_chat_format_to_every_export(base, tmp_path):
     """After chat data (Llama 2's format), the exports carry that format as a chat template: beside
     tokenizer.model (read back with it), in the GGUF file, and in transformers' tokenizer_config.json.
-    Rendered by our encode_dialog and by llama-cpp-python's Jinja formatter with llama.cpp's own
+    Rendered by our encode_chat and by llama-cpp-python's Jinja formatter with llama.cpp's own
     tokenizer, it gives format_dialog's ids."""
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["instruction"]},
@@ -302,7 +302,8 @@ def test_a_chat_fine_tune_carries_its_chat_format_to_every_export(base, tmp_path
                [{"role": "system", "content": "be brief"}, {"role": "user", "content": "is it\n"},
                 {"role": "assistant", "content": " data "}, {"role": "user", "content": "and this"}]]
     for dialog in dialogs:
-        assert encode_dialog(tok, dialog) == format_dialog(Tokenizer(base["tokenizer"]), dialog)
+        # the template itself, rendered, gives Llama 2's ids (encode_dialog writes this format directly)
+        assert encode_chat(tok, dialog) == format_dialog(Tokenizer(base["tokenizer"]), dialog)
     llama_cpp = pytest.importorskip("llama_cpp")
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
     llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)

@@ -23,6 +23,7 @@ import torch
 from torch.utils.cpp_extension import include_paths
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from llama.chat import LLAMA2_CHAT_TEMPLATE
 from llama.formats.hf import hf_config, save_hf, to_hf
 from llama.inference import CompiledDecoder, Llama, make_decoder, sample
 from llama.cpu_kernels import VARIANTS, cpu_kernel_variants, cpu_kernels
@@ -372,6 +373,13 @@ def test_chat_completion_equals_transformers_on_the_chat_prompt(chat_llama, ckpt
     res = llama.chat_completion([unsafe, DIALOGS[0]], temperature=0, max_gen_len=GEN_LEN)
     assert res[0]["generation"]["content"] == "Error: special tags are not allowed as part of the prompt."
     assert res[1]["generation"] == out[0]["generation"]
+    tok.chat_template = LLAMA2_CHAT_TEMPLATE  # a chat fine-tune's export carries it: still Llama 2's format, guarded
+    try:
+        assert llama.chat_completion([unsafe, DIALOGS[0]], temperature=0, max_gen_len=GEN_LEN) == res
+        with pytest.raises(ValueError, match="special tags"):
+            llama.chat_stream(unsafe, temperature=0, max_gen_len=GEN_LEN)
+    finally:
+        tok.chat_template = None
     with pytest.raises(ValueError, match="dialog 0: the last message must be from user"):
         llama.chat_completion([DIALOGS[1][:3]])
     with pytest.raises(ValueError, match="wrap one dialog"):
@@ -383,8 +391,7 @@ def test_chat_takes_top_k_and_stop_strings(chat_llama):
     greedy, and a stop string cuts the answer before it (generation ends there)."""
     llama = chat_llama
     greedy = llama.chat_completion(DIALOGS, temperature=0, max_gen_len=GEN_LEN)
-    for seed in (1, 2):
-        torch.manual_seed(seed)
+    for _ in range(2):  # Llama's own generator moves on: two different draws, both greedy under top_k 1
         assert llama.chat_completion(DIALOGS, temperature=5.0, top_k=1, max_gen_len=GEN_LEN) == greedy
     text = greedy[1]["generation"]["content"]
     stop = text[len(text) // 2:len(text) // 2 + 2]

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from llama.chat import check_dialog, encode_dialog, has_special_tags
+from llama.chat import check_dialog, encode_dialog, has_special_tags, uses_llama2_format
 from llama.env import compute_dtype, init_distributed, resolve_device, resolve_dtype, say_once, torchrun_ranks
 from llama.formats.gguf import load_gguf, load_tokenizer, open_gguf, read_args
 from llama.formats.hf import hf_chat_template, is_hf_checkpoint, load_hf, read_hf_config
@@ -385,7 +385,7 @@ class Llama:
             except ValueError as e:
                 raise ValueError(f"dialog {i}: {e}") from None
         max_gen_len = self.max_seq_len - 1 if max_gen_len is None else max_gen_len
-        llama2 = not getattr(self.tokenizer, "chat_template", None)  # Meta's tags only matter in its format
+        llama2 = uses_llama2_format(self.tokenizer)  # Meta's tags only matter in its format
         unsafe = [llama2 and has_special_tags(d) for d in dialogs]
         prompt_tokens = [encode_dialog(self.tokenizer, d) for d in dialogs]
         toks, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, stop=stop)
@@ -407,7 +407,7 @@ class Llama:
         """Yield the assistant's answer to one dialog (ending with a user message) piece by piece;
         every rank must iterate. See `chat_completion` for the dialog's form."""
         check_dialog(dialog, last="user")
-        if not getattr(self.tokenizer, "chat_template", None) and has_special_tags(dialog):
+        if uses_llama2_format(self.tokenizer) and has_special_tags(dialog):
             raise ValueError(UNSAFE_ERROR)
         return self._checked_stream(encode_dialog(self.tokenizer, dialog), temperature, top_p, top_k, max_gen_len, stop)
 
@@ -427,10 +427,9 @@ class Llama:
     @torch.inference_mode()
     def _stream(self, prompt_ids: list[int], temperature: float, top_p: float, top_k: Optional[int],
                 max_gen_len: Optional[int], stop: Sequence[str] | str | None) -> Iterator[str]:
-        check_sampling(temperature, top_p, top_k)
+        """(Its arguments checked by `_checked_stream`, its only caller.)"""
         stop = [stop] if isinstance(stop, str) else list(stop or [])
         prompt_tokens = [prompt_ids]
-        self._check_prompts(prompt_tokens, max_gen_len)
         max_gen_len = self.max_seq_len - 1 if max_gen_len is None else max_gen_len
         text = TextStream(self.tokenizer, stop)
         for batch, cur in self.steps(prompt_tokens, max_gen_len, temperature, top_p, top_k, False, ()):
