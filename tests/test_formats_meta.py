@@ -312,3 +312,44 @@ def test_legacy_non_zip_shard_still_loads(ckpt):
     torch.save(torch.load(path, weights_only=True), path, _use_new_zipfile_serialization=False)
     sd = load_consolidated(tmp / "mp1")
     assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
+
+
+def test_reshard_over_an_old_model_leaves_none_of_its_files(ckpt):
+    """reshard --overwrite into a folder that held another model: that model's context.json and chat
+    template (read as this model's context length and chat format) are gone; this model's are copied."""
+    from llama.formats.meta import CONTEXT
+    from llama.tokenizer import CHAT_TEMPLATE_FILE
+
+    _, tmp = ckpt
+    reshard(tmp / "mp1", tmp / "out", 2)
+    (tmp / "out" / CONTEXT).write_text('{"max_seq_len": 4096}\n')
+    (tmp / "out" / CHAT_TEMPLATE_FILE).write_text("{{ messages }}")
+    reshard(tmp / "mp1", tmp / "out", 1, overwrite=True)
+    assert (tmp / "out" / CONTEXT).read_text() == (tmp / "mp1" / CONTEXT).read_text()  # (max_seq_len 64)
+    assert not (tmp / "out" / CHAT_TEMPLATE_FILE).exists() and load_params(tmp / "out").max_seq_len == 64
+    (tmp / "mp1" / CONTEXT).unlink()  # a model at the default context: no context.json, and none left behind
+    reshard(tmp / "mp1", tmp / "out", 2, overwrite=True)
+    assert not (tmp / "out" / CONTEXT).exists()
+    (tmp / "mp1" / CHAT_TEMPLATE_FILE).write_text("{{ ours }}")
+    reshard(tmp / "mp1", tmp / "out", 2, overwrite=True)
+    assert (tmp / "out" / CHAT_TEMPLATE_FILE).read_text() == "{{ ours }}"
+
+
+def test_a_training_run_folder_is_not_taken_for_a_transformers_one(ckpt, tmp_path):
+    """A run's out_dir holds a config.json of its own (no model_type): it is not a transformers
+    folder, and loading it names the exported model inside it; transformers' config.json still is."""
+    from llama.formats.hf import is_hf_checkpoint
+
+    _, tmp = ckpt
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": "20M", "steps": 220, "out_dir": str(run)}))
+    assert not is_hf_checkpoint(run)
+    reshard(tmp / "mp1", run / "model", 1)
+    with pytest.raises(FileNotFoundError, match=r"training run's folder; its exported model is .*run/model"):
+        load_params(run)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    assert is_hf_checkpoint(tmp_path / "hf")
+    with pytest.raises(FileNotFoundError, match="is a transformers checkpoint"):
+        load_params(tmp_path / "hf")

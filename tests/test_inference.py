@@ -259,8 +259,9 @@ def test_bad_inputs_are_clear_errors(llama, ckpts, tmp_path, tiny_tokenizer):
     too_many = [[1, 5]] * (llama.max_batch_size + 1)
     with pytest.raises(ValueError, match=f"at most max_batch_size={llama.max_batch_size} prompts, got {len(too_many)}"):
         next(llama.steps(too_many, 4))
-    with pytest.raises(FileNotFoundError, match="checkpoint directory .*nope does not exist"):
-        Llama.build(str(tmp_path / "nope"), ckpts["tokenizer"], 64, 1)
+    for tokenizer in (ckpts["tokenizer"], None):  # without one, still the checkpoint named, not a tokenizer sought
+        with pytest.raises(FileNotFoundError, match="checkpoint directory .*nope does not exist"):
+            Llama.build(str(tmp_path / "nope"), tokenizer, 64, 1)
     with pytest.raises(FileNotFoundError, match="tokenizer model .*nope.model does not exist"):
         Llama.build(str(ckpts["one"]), str(tmp_path / "nope.model"), 64, 1)
     with pytest.raises(ValueError, match="unknown dtype 'f32'; choose one of .*bf16"):

@@ -226,9 +226,16 @@ def _write_hf(state_dict, args, out_dir: Path, dtype, tokenizer_path, max_shard_
 
 
 def is_hf_checkpoint(path: str | Path) -> bool:
-    """A transformers folder (config.json, no params.json)."""
+    """A transformers folder: no params.json, and a config.json that is transformers' (it names a
+    model_type or architectures; a training run's folder holds a config.json of its own)."""
     path = Path(path)
-    return (path / CONFIG).is_file() and not (path / "params.json").is_file()
+    if not (path / CONFIG).is_file() or (path / "params.json").is_file():
+        return False
+    try:
+        cfg = json.loads((path / CONFIG).read_text())
+    except (OSError, ValueError):
+        return True  # (read_hf_config then says what is wrong with it)
+    return isinstance(cfg, dict) and ("model_type" in cfg or "architectures" in cfg)
 
 
 def read_hf_config(hf_dir: str | Path, **overrides) -> ModelArgs:

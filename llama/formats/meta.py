@@ -181,9 +181,12 @@ def _read_params(ckpt_dir: Path) -> dict:
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"checkpoint directory {ckpt_dir} does not exist; give a folder holding "
                                 f"params.json and consolidated.NN.pth")
-    if not (ckpt_dir / PARAMS).is_file() and (ckpt_dir / "config.json").is_file():
+    from llama.formats.hf import is_hf_checkpoint  # (hf.py imports this module)
+    if is_hf_checkpoint(ckpt_dir):
         raise FileNotFoundError(f"{ckpt_dir} is a transformers checkpoint (config.json), not Meta's layout: convert "
                                 f"it with scripts/convert_hf.py --to meta --src {ckpt_dir} --dst DIR")
+    if not (ckpt_dir / PARAMS).is_file() and (ckpt_dir / "model" / PARAMS).is_file():
+        raise FileNotFoundError(f"{ckpt_dir} is a training run's folder; its exported model is {ckpt_dir / 'model'}")
     d = read_json_object(ckpt_dir / PARAMS, f"no {PARAMS} in {ckpt_dir}; a Meta checkpoint directory holds "
                                             f"params.json and consolidated.NN.pth")
     missing = [k for k in REQUIRED_PARAMS if k not in d]
@@ -390,9 +393,11 @@ def _reshard_into(shards: "_Shards", in_dir: Path, out_dir: Path, num_shards: in
     _write_shards(lambda k, q: shards.slice(k, meta_split_dim(k), q, num_shards), list(shards.shapes),
                   out_dir, num_shards, dtype, progress, f"reshard {len(shards)} -> {num_shards}")
     shutil.copyfile(in_dir / PARAMS, out_dir / PARAMS)
-    for extra in (CONTEXT, CHAT_TEMPLATE_FILE):
+    for extra in (CONTEXT, CHAT_TEMPLATE_FILE):  # this model's, and none left from one written there before
         if (in_dir / extra).is_file():
             shutil.copyfile(in_dir / extra, out_dir / extra)
+        else:
+            (out_dir / extra).unlink(missing_ok=True)
     for src in (in_dir / TOKENIZER, in_dir.parent / TOKENIZER):
         if src.is_file():
             shutil.copyfile(src, out_dir / TOKENIZER)

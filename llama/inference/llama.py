@@ -142,6 +142,8 @@ class Llama:
             return Llama._build_gguf(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, world, seed, device,
                                      dtype, decoder)
         if tokenizer_path is None:
+            if not Path(ckpt_dir).exists():  # named as the checkpoint's problem, not the tokenizer's
+                checkpoint_args(ckpt_dir)
             tokenizer_path = find_tokenizer(ckpt_dir)
         tokenizer = load_tokenizer(tokenizer_path)  # tokenizer.model, or a vocabulary-only .gguf
         hf = is_hf_checkpoint(ckpt_dir)
