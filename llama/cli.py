@@ -50,22 +50,23 @@ def stray_argument(main: Callable, argv: list[str]) -> str | None:
     single-dash word (`-t`) is counted as bare: fire would not read it as a flag of main either."""
     params = inspect.signature(main).parameters.values()
     positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    given, bare, i = set(), [], 0
+    given, bare, i, last_flag = set(), [], 0, "--flag"  # bare: (word, the flag before it)
     while i < len(argv) and argv[i] != "--":
         arg = argv[i]
         if arg.startswith("--") and len(arg) > 2:
             name = arg[2:].split("=", 1)[0].replace("-", "_")
             given.add(name)
+            last_flag = "--" + name
             if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
                 i += 1  # its value
         elif arg not in ("-h",):
-            bare.append(arg)
+            bare.append((arg, last_flag))
         i += 1
     free = [p for p in positional if p not in given]
     if len(bare) > len(free):
-        extra = bare[len(free)]
+        extra, flag = bare[len(free)]
         return (f"unexpected argument {extra!r}: each flag takes one value (quote a value with spaces, e.g. "
-                f"--prompts \"two words\") (nothing was done)")
+                f"{flag} \"two words\") (nothing was done)")
     return None
 
 

@@ -63,10 +63,11 @@ def test_a_stray_argument_stops_before_any_work():
     def kw_main(ckpt_dir: str, *, temperature: float = 0.8, interactive: bool = False):
         pass
     assert stray_argument(kw_main, ["--ckpt_dir", "x", "--temperature", "0", "extra"]) == (
-        "unexpected argument 'extra': each flag takes one value (quote a value with spaces, e.g. --prompts "
-        "\"two words\") (nothing was done)")
+        "unexpected argument 'extra': each flag takes one value (quote a value with spaces, e.g. --temperature "
+        "\"two words\") (nothing was done)")  # (the flag it followed, not one the script may lack)
     assert stray_argument(kw_main, ["x", "--temperature", "0"]) is None  # ckpt_dir by position
     assert stray_argument(kw_main, ["x", "y"]).startswith("unexpected argument 'y'")
+    assert "e.g. --flag \"two words\"" in stray_argument(kw_main, ["x", "y"])  # no flag before it
     assert stray_argument(main, ["--ckpt_dir", "x", "y"]) is None  # main's temperature takes it, as in fire
     assert stray_argument(kw_main, ["x", "--interactive", "y"]) is None  # fire: --interactive's value
     assert stray_argument(kw_main, ["x", "--interactive", "--temperature=0", "y"]).startswith("unexpected argument 'y'")
