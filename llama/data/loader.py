@@ -195,7 +195,9 @@ class PackedLoader:
         self.n_windows = [(s.n_tokens - 1) // seq_len if s.n_tokens else 0 for s in self.streams]
         empty = [name for name, n, w in zip(self.names, self.n_windows, self.weights) if n == 0 and w > 0]
         if split == "val" and empty and len(empty) < sum(self.weights > 0):
-            # validation scores the sources that have a val split, by their weights renormalised
+            # validation (iter_eval) walks the windows of the sources that have a val split, source after
+            # source, whatever the weights; those of the empty ones are zeroed so that sampling this split
+            # (next) never picks them
             warnings.warn(f"validation: source(s) {empty} have no val split at seq_len {seq_len}; the validation "
                           f"loss is over the others", stacklevel=2)
             self.weights = np.where([n == 0 for n in self.n_windows], 0.0, self.weights)
