@@ -185,6 +185,12 @@ def encode_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool
     return ids
 
 
+def trained_chat_template(data_format: str | None) -> str | None:
+    """The chat template a model fine-tuned on `data_format` data carries into its exports: Llama 2's
+    after chat data (the format it was trained in), else none of its own."""
+    return LLAMA2_CHAT_TEMPLATE if data_format == "chat" else None
+
+
 def uses_llama2_format(tokenizer) -> bool:
     """Whether dialogs for this tokenizer are written in Llama 2's format: it carries no chat template,
     or carries ours of that format (`LLAMA2_CHAT_TEMPLATE`, as chat fine-tunes export it). Then

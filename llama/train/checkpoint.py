@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
-from llama.chat import LLAMA2_CHAT_TEMPLATE
+from llama.chat import trained_chat_template
 from llama.env import (DiskFullError, UnsafeFileError, atomic_save, check_free_space, free_bytes, fsync_path,
                        fsync_tree, is_disk_full, parse_dtype, restricted_unpickle, safe_torch_load)
 from llama.formats.meta import save_meta_checkpoint
@@ -383,7 +383,7 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path, num_shards: int = 1
     loaded = {"model": model.state_dict()}
     dcp_load(loaded, ckpt, distributed=False)
     tokenizer_path = tokenizer_path or meta["config"].get("tokenizer")
-    chat = LLAMA2_CHAT_TEMPLATE if meta["config"].get("data_format") == "chat" else None  # the format trained in
+    chat = trained_chat_template(meta["config"].get("data_format"))
     return save_meta_checkpoint(loaded["model"], args, out_dir, num_shards=num_shards, dtype=parse_dtype(dtype),
                                 tokenizer_path=tokenizer_path, overwrite=overwrite, chat_template=chat)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llama.chat import LLAMA2_CHAT_TEMPLATE
+from llama.chat import trained_chat_template
 from llama.data.instruct import InstructLoader, load_instruct
 from llama.env import atomic_write_text, parse_dtype
 from llama.formats.gguf import load_tokenizer, open_gguf, read_args, read_state_dict, save_gguf_tokenizer
@@ -225,7 +225,7 @@ def export_model(state_dict: dict[str, torch.Tensor], args: ModelArgs, cfg: Trai
     spm_model = None if gguf_vocab else cfg.tokenizer
     # the chat template travels with the model: Llama 2's after chat data (the format it was trained
     # in), else the base's own, if any
-    template = LLAMA2_CHAT_TEMPLATE if cfg.data_format == "chat" else None
+    template = trained_chat_template(cfg.data_format)
     out = save_meta_checkpoint(merged, args, out_dir, num_shards=num_shards, dtype=dtype,
                                tokenizer_path=spm_model, overwrite=True, chat_template=template)
     if gguf_vocab:  # the vocabulary travels beside the weights as a vocabulary-only GGUF
