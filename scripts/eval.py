@@ -17,7 +17,7 @@ from llama.cli import run
 from llama.env import scoring_dtype
 from llama.eval import TaskSpec, evaluate_tasks, perplexity, read_documents, write_results
 from llama.inference import Llama
-from llama.inference.llama import checkpoint_args
+from llama.formats.locate import checkpoint_args
 
 
 def _as_list(x) -> list:

@@ -351,5 +351,5 @@ def test_a_training_run_folder_is_not_taken_for_a_transformers_one(ckpt, tmp_pat
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
     assert is_hf_checkpoint(tmp_path / "hf")
-    with pytest.raises(FileNotFoundError, match="is a transformers checkpoint"):
+    with pytest.raises(FileNotFoundError, match="holds config.json, not params.json: not Meta.s layout. A transformers checkpoint converts"):
         load_params(tmp_path / "hf")

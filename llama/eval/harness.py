@@ -25,7 +25,7 @@ from tqdm import tqdm
 from llama.env import scoring_dtype
 from llama.eval.evaluation import check_batch_size, encode_pair, greedy_generate, loglikelihoods, sequence_nlls
 from llama.inference import Llama
-from llama.inference.llama import checkpoint_args
+from llama.formats.locate import checkpoint_args
 
 
 @register_model("llama")

@@ -1,1 +1,2 @@
-"""Checkpoint formats: Meta's consolidated shards (`meta`) and transformers' safetensors (`hf`)."""
+"""Checkpoint formats: Meta's consolidated shards (`meta`), transformers' safetensors (`hf`),
+llama.cpp's GGUF files (`gguf`), PEFT's LoRA adapters (`peft`), and what a path holds (`locate`)."""

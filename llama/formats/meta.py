@@ -181,12 +181,12 @@ def _read_params(ckpt_dir: Path) -> dict:
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"checkpoint directory {ckpt_dir} does not exist; give a folder holding "
                                 f"params.json and consolidated.NN.pth")
-    from llama.formats.hf import is_hf_checkpoint  # (hf.py imports this module)
-    if is_hf_checkpoint(ckpt_dir):
-        raise FileNotFoundError(f"{ckpt_dir} is a transformers checkpoint (config.json), not Meta's layout: convert "
-                                f"it with scripts/convert_hf.py --to meta --src {ckpt_dir} --dst DIR")
     if not (ckpt_dir / PARAMS).is_file() and (ckpt_dir / "model" / PARAMS).is_file():
         raise FileNotFoundError(f"{ckpt_dir} is a training run's folder; its exported model is {ckpt_dir / 'model'}")
+    if not (ckpt_dir / PARAMS).is_file() and (ckpt_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{ckpt_dir} holds config.json, not params.json: not Meta's layout. A transformers "
+                                f"checkpoint converts with scripts/convert_hf.py --to meta --src {ckpt_dir} --dst DIR; "
+                                f"a training run's model is in its export_dir")
     d = read_json_object(ckpt_dir / PARAMS, f"no {PARAMS} in {ckpt_dir}; a Meta checkpoint directory holds "
                                             f"params.json and consolidated.NN.pth")
     missing = [k for k in REQUIRED_PARAMS if k not in d]

@@ -23,13 +23,14 @@ import torch.nn.functional as F
 
 from llama.chat import check_dialog, encode_dialog, has_special_tags, uses_llama2_format
 from llama.env import compute_dtype, init_distributed, resolve_device, resolve_dtype, say_once, torchrun_ranks
-from llama.formats.gguf import load_gguf, load_tokenizer, open_gguf, read_args
-from llama.formats.hf import hf_chat_template, is_hf_checkpoint, load_hf, read_hf_config
-from llama.formats.meta import load_model, load_params, load_tp_slice, tp_shard_dim
+from llama.formats.gguf import load_gguf, load_tokenizer
+from llama.formats.hf import hf_chat_template, is_hf_checkpoint, load_hf
+from llama.formats.locate import checkpoint_args, find_tokenizer
+from llama.formats.meta import load_model, load_tp_slice, tp_shard_dim
 from llama.inference.cpu_decode import FusedCpuDecoder, decode_dtype
 from llama.inference.decoders import DECODERS, CompiledDecoder, EagerDecoder
 from llama.inference.sampling import check_sampling, sample
-from llama.model import KVCache, ModelArgs, Transformer
+from llama.model import KVCache, Transformer
 from llama.parallel import apply_tp, assign_local_shards, check_tp_degree, tp_mesh
 from llama.tokenizer import TextStream, find_stop
 
@@ -63,28 +64,6 @@ class _Batch:
     tokens: torch.Tensor  # (B, total_len) prompt then generated ids, pad -1 beyond
     logprobs: Optional[torch.Tensor]  # (B, total_len) logprob of tokens[:, t] given tokens[:, :t]
     ends: list[int]  # per row: end of its prompt + generation (exclusive)
-
-
-def checkpoint_args(ckpt_dir: str | Path) -> ModelArgs:
-    """The architecture of what `Llama.build` takes: a Meta-layout folder, a transformers folder or a
-    .gguf file."""
-    if Path(ckpt_dir).suffix.lower() == ".gguf":
-        return read_args(open_gguf(ckpt_dir))
-    return read_hf_config(ckpt_dir) if is_hf_checkpoint(ckpt_dir) else load_params(ckpt_dir)
-
-
-def find_tokenizer(ckpt_dir: str | Path) -> str:
-    """The tokenizer beside a Meta-layout checkpoint: ckpt_dir/tokenizer.model (this library's exports),
-    ckpt_dir/tokenizer.gguf (an export with a BPE vocabulary), or tokenizer.model one folder up (where
-    Meta's releases keep it, beside 7B/, 13B/, ...); says which it took."""
-    ckpt_dir = Path(ckpt_dir)
-    places = [ckpt_dir / "tokenizer.model", ckpt_dir / "tokenizer.gguf", ckpt_dir.parent / "tokenizer.model"]
-    for p in places:
-        if p.is_file():
-            say_once(f"llama: tokenizer {p} (--tokenizer_path overrides)")
-            return str(p)
-    raise FileNotFoundError(f"no tokenizer given for {ckpt_dir}, and none at {', '.join(map(str, places))}: pass "
-                            f"--tokenizer_path (a sentencepiece tokenizer.model, or a .gguf vocabulary)")
 
 
 class Llama:

@@ -29,7 +29,8 @@ from llama.env import atomic_write_text, parse_dtype
 from llama.formats.gguf import load_tokenizer, open_gguf, read_args, read_state_dict, save_gguf_tokenizer
 from llama.formats.hf import CONFIG as HF_CONFIG
 from llama.formats.hf import load_hf, read_hf_config, save_hf
-from llama.formats.meta import PARAMS, TOKENIZER, load_consolidated, load_params, load_tp_slice, \
+from llama.formats.locate import tokenizer_beside
+from llama.formats.meta import PARAMS, load_consolidated, load_params, load_tp_slice, \
     save_meta_checkpoint, tp_shard_dim
 from llama.formats.peft import read_peft_adapter, save_peft_adapter
 from llama.lora import apply_lora, apply_lora_weights, copy_full, is_lora_key, lora_config, \
@@ -94,7 +95,8 @@ def init_args(cfg: TrainConfig) -> ModelArgs:
 
 
 def init_tokenizer(cfg: TrainConfig) -> str | None:
-    """The tokenizer of the run: `cfg.tokenizer`, else the tokenizer.model shipped with init_from."""
+    """The tokenizer of the run: `cfg.tokenizer`, else the one shipped with init_from (inside a
+    checkpoint's record or a .gguf; beside a folder: `tokenizer_beside`)."""
     if cfg.tokenizer or not cfg.init_from:
         return cfg.tokenizer
     kind, path = init_source(cfg.init_from)
@@ -102,8 +104,8 @@ def init_tokenizer(cfg: TrainConfig) -> str | None:
         return read_checkpoint_meta(path)["config"].get("tokenizer")
     if kind == "gguf":
         return str(path)  # the vocabulary inside the file (llama.formats.gguf.load_tokenizer reads it)
-    found = [p for p in (path / TOKENIZER, path.parent / TOKENIZER) if p.is_file()]
-    return str(found[0]) if found else None
+    found = tokenizer_beside(path)
+    return str(found) if found else None
 
 
 def _full_state_dict(kind: str, path: Path, args: ModelArgs) -> dict[str, torch.Tensor]:
