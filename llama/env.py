@@ -356,6 +356,78 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
         tmp.unlink(missing_ok=True)
 
 
+class StagedFiles:
+    """The files of one model written into `folder` as a whole: each under a hidden name beside its
+    destination (`.NAME.staged`), and all moved into place, with the files to `remove`, only once
+    every one is written. A write that fails or is interrupted halfway leaves the folder as it was:
+    never some new shards beside old ones (read as one model: the old weights mixed into the new),
+    and never the old model deleted before the new one is whole. Its staged files are removed, or,
+    after a kill, by the next write into the folder. Until the end the folder needs room for the old
+    files and the new. Use under a DirLock on `folder` (the staged names are not per process):
+
+        with DirLock(folder), StagedFiles(folder) as files:
+            files.save(state, "consolidated.00.pth"); files.write_text(text, "params.json")
+            files.remove("context.json")
+    """
+
+    SUFFIX = ".staged"
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.staged: dict[str, Path] = {}
+        self.removed: set[str] = set()
+        for left in self.folder.glob(f".*{self.SUFFIX}"):  # from a write that was killed (the lock is ours now)
+            left.unlink()
+
+    def path(self, name: str) -> Path:
+        """Where to write the file `name` now (moved to folder/name at the end)."""
+        self.removed.discard(name)
+        self.staged[name] = self.folder / f".{name}{self.SUFFIX}"
+        return self.staged[name]
+
+    def save(self, obj, name: str) -> None:
+        torch.save(obj, self.path(name))
+
+    def write_text(self, text: str, name: str) -> None:
+        self.path(name).write_text(text, encoding="utf-8")
+
+    def copy(self, src: str | os.PathLike, name: str) -> None:
+        shutil.copyfile(src, self.path(name))
+
+    def remove(self, name: str) -> None:
+        """Delete folder/name at the end (a file of the old model that the new one does not have)."""
+        if name in self.staged:
+            self.staged.pop(name).unlink(missing_ok=True)
+        self.removed.add(name)
+
+    def commit(self) -> None:
+        """Flush every staged file to disk, delete the removed ones, then rename the staged ones into
+        place (a few renames: the only moment the folder holds part old, part new)."""
+        for p in self.staged.values():
+            fsync_path(p)
+        for name in self.removed:  # first: a crash in between leaves a file missing (an error), not a stale one read
+            (self.folder / name).unlink(missing_ok=True)
+        for name, p in self.staged.items():
+            os.replace(p, self.folder / name)
+        fsync_path(self.folder)
+        self.staged.clear()
+
+    def discard(self) -> None:
+        for p in self.staged.values():
+            p.unlink(missing_ok=True)
+        self.staged.clear()
+
+    def __enter__(self) -> "StagedFiles":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
 # ---------------------------------------------------------------------------------------------
 # reading files that may come from someone else
 

@@ -165,6 +165,45 @@ def test_resaving_into_one_file_drops_a_stale_sharded_index(tmp_path):
         load_hf(tmp_path)
 
 
+def test_resaving_one_file_as_shards_leaves_no_stale_single_file(tmp_path):
+    """A model.safetensors from an earlier one-file save is gone once the folder holds shards:
+    transformers reads model.safetensors before an index, so it would load the old weights."""
+    torch.manual_seed(0)
+    old, new = _random_model(), _random_model()
+    save_hf(old.state_dict(), old.args, tmp_path, dtype=torch.float32)
+    save_hf(new.state_dict(), new.args, tmp_path, dtype=torch.float32, max_shard_size=100_000, overwrite=True)
+    assert not (tmp_path / "model.safetensors").exists()
+    tokens = torch.randint(0, 96, (1, 9))
+    with torch.no_grad():
+        assert (_hf_logits(tmp_path, tokens) - new(tokens)).abs().max() <= 1e-4
+
+
+def test_an_overwrite_failing_halfway_keeps_the_old_model(tmp_path, monkeypatch):
+    """The disk fills while the second of the new model's files is written: the folder still holds
+    the old model whole (transformers loads it), and no staged file is left."""
+    import safetensors.torch
+
+    torch.manual_seed(0)
+    old, new = _random_model(), _random_model()
+    save_hf(old.state_dict(), old.args, tmp_path, dtype=torch.float32, max_shard_size=100_000)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    real, calls = safetensors.torch.save_file, []
+
+    def fails_second(tensors, path, *a, **kw):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(tensors, path, *a, **kw)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fails_second)
+    with pytest.raises(OSError, match="No space"):
+        save_hf(new.state_dict(), new.args, tmp_path, dtype=torch.float32, max_shard_size=100_000, overwrite=True)
+    assert len(calls) == 2 and sorted(p.name for p in tmp_path.iterdir()) == before
+    tokens = torch.randint(0, 96, (1, 9))
+    with torch.no_grad():
+        assert (_hf_logits(tmp_path, tokens) - old(tokens)).abs().max() <= 1e-4
+
+
 def test_special_tokens_come_from_the_tokenizer(tmp_path):
     """A tokenizer whose bos/eos are not Meta's 1/2 (bos 0, eos 1, pad 2, unk 3): config.json and
     tokenizer_config.json name its own ids and pieces, so transformers' tokenizer adds the model's

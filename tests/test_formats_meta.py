@@ -239,6 +239,37 @@ def test_failed_write_leaves_no_partial_shard(ckpt, monkeypatch):
     assert [p.name for p in (tmp / "out").iterdir()] == []
 
 
+def test_an_overwrite_failing_halfway_keeps_the_old_checkpoint(ckpt, monkeypatch):
+    """Overwriting a 2-shard checkpoint with another model's 2 shards fails at the second shard:
+    the folder still holds the old checkpoint, every tensor as it was (not the new shard 0 beside the
+    old shard 1, which loads as one model of mixed weights), and no staged file."""
+    old, tmp = ckpt
+    save_meta_checkpoint(old.state_dict(), old.args, tmp / "out", num_shards=2, dtype=torch.float32)
+    before = sorted(p.name for p in (tmp / "out").iterdir())
+    torch.manual_seed(1)
+    new = _random_model(n_kv_heads=2)
+    real_save, calls = torch.save, []
+
+    def fails_second(obj, f, *a, **kw):
+        calls.append(f)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", fails_second)
+    with pytest.raises(OSError, match="No space"):
+        save_meta_checkpoint(new.state_dict(), new.args, tmp / "out", num_shards=2, dtype=torch.float32, overwrite=True)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert len(calls) == 2 and sorted(p.name for p in (tmp / "out").iterdir()) == before
+    loaded = load_consolidated(tmp / "out")
+    assert all(torch.equal(loaded[k], v) for k, v in old.state_dict().items())
+    # a write killed outright leaves its staged files; the next write into the folder removes them
+    (tmp / "out" / ".consolidated.00.pth.staged").write_bytes(b"half a shard")
+    reshard(tmp / "mp1", tmp / "out", 1, overwrite=True)
+    assert sorted(p.name for p in (tmp / "out").iterdir()) == ["consolidated.00.pth", "context.json", "params.json",
+                                                               "tokenizer.model"]
+
+
 def test_load_tp_slice_memory_is_one_slice(ckpt):
     # the slices of a 1-shard checkpoint narrow the mmapped file: no copy of the full tensor exists
     model, tmp = ckpt

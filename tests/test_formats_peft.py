@@ -117,3 +117,26 @@ def test_bad_peft_adapters(tmp_path):
     with pytest.raises(ValueError, match=r"'base_model.model.model.layers.5.self_attn.q_proj.lora_A.weight' "
                                          "does not belong"):
         load_peft_adapter(_base(), tmp_path / "a")
+
+
+def test_an_adapter_save_failing_halfway_keeps_the_old_adapter(tmp_path):
+    """Saving a second adapter over the first fails after its weights were written (its description
+    is one PEFT cannot express: a scaling that is neither alpha / r nor alpha / sqrt(r)): peft still
+    loads the first adapter whole, same logits as before, not the new weights under the old config."""
+    model = _base()
+    hf = _hf_base(model)
+    apply_lora(model, r=4, alpha=8, dropout=0.0, targets=ALL)
+    _randomize_b(model)
+    save_adapter(model, tmp_path / "adapter")
+    tokens = torch.randint(0, 96, (2, 16))
+    with torch.no_grad():
+        first = model(tokens)
+        for k, p in model.named_parameters():
+            if ".lora_B" in k:
+                p.mul_(-3.0)
+    with pytest.raises(ValueError, match="PEFT cannot express"):
+        save_peft_adapter(lora_state_dict(model), {**lora_config(model), "alpha": 16}, model.args, tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    pm = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter")
+    with torch.no_grad():
+        assert (pm(tokens).logits - first).abs().max() <= 1e-5

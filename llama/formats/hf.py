@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from llama.config import read_json_object
-from llama.env import DirLock, atomic_write_text, parse_dtype
+from llama.env import DirLock, StagedFiles, parse_dtype
 from llama.formats.meta import TOKENIZER, check_state_dict, load_consolidated, load_params, own_storage, \
     save_meta_checkpoint
 from llama.model import ModelArgs, state_dict_keys, weight_info
@@ -165,19 +163,20 @@ def save_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs, out_dir: str |
     (or model-0000i-of-0000n.safetensors + index past `max_shard_size` bytes), and
     tokenizer.model with a tokenizer_config.json when `tokenizer_path` is given (its chat_template:
     `chat_template`, else the one beside tokenizer_path, if any). A folder that already holds a model
-    is only replaced with `overwrite`."""
+    is only replaced with `overwrite`; the files move into place together once all are written
+    (`StagedFiles`: a write that fails halfway leaves the folder as it was)."""
     out_dir = Path(out_dir)
-    with DirLock(out_dir, "conversion"):
+    with DirLock(out_dir, "conversion"), StagedFiles(out_dir) as staged:
         old = sorted(p.name for p in out_dir.iterdir() if p.name == CONFIG or p.name.endswith(".safetensors")
                      or p.name == INDEX)
         if old and not overwrite:
             raise FileExistsError(f"{out_dir} already holds a model ({', '.join(old)}); choose an empty directory "
                                   f"or pass overwrite=True (--overwrite)")
-        _write_hf(state_dict, args, out_dir, dtype, tokenizer_path, max_shard_size, chat_template)
+        _write_hf(state_dict, args, staged, dtype, tokenizer_path, max_shard_size, chat_template)
     return out_dir
 
 
-def _write_hf(state_dict, args, out_dir: Path, dtype, tokenizer_path, max_shard_size, chat_template=None) -> None:
+def _write_hf(state_dict, args, staged: StagedFiles, dtype, tokenizer_path, max_shard_size, chat_template=None) -> None:
     from safetensors.torch import save_file
 
     hf = to_hf(state_dict, args)
@@ -196,25 +195,24 @@ def _write_hf(state_dict, args, out_dir: Path, dtype, tokenizer_path, max_shard_
         size += n
     files = [SINGLE] if len(groups) == 1 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
                                                for i in range(len(groups))]
-    if (out_dir / INDEX).exists():  # a stale index would win over the files written now
-        (out_dir / INDEX).unlink()
-    for old in out_dir.glob("model-*-of-*.safetensors"):
-        if old.name not in files:
-            old.unlink()
+    # the earlier model's weight files that this one does not overwrite: a stale index would win over
+    # a single file written now (ours reads the index first), a stale model.safetensors over new
+    # shards (transformers reads it first)
+    for old in [SINGLE, INDEX, *(p.name for p in staged.folder.glob("model-*-of-*.safetensors"))]:
+        if old not in files and not (old == INDEX and len(files) > 1):
+            staged.remove(old)
     for name, keys in zip(files, groups):
         tensors = {k: own_storage(hf[k].detach().to(device="cpu", dtype=dtype)) for k in keys}
-        tmp = out_dir / f".{name}.tmp{os.getpid()}"
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, out_dir / name)
+        save_file(tensors, staged.path(name), metadata={"format": "pt"})
     if len(files) > 1:
         index = {"metadata": {"total_size": sum(v.numel() * dtype.itemsize for v in hf.values())},
                  "weight_map": {k: name for name, keys in zip(files, groups) for k in keys}}
-        atomic_write_text(json.dumps(index, indent=2) + "\n", out_dir / INDEX)
+        staged.write_text(json.dumps(index, indent=2) + "\n", INDEX)
     tok = Tokenizer(tokenizer_path) if tokenizer_path is not None else None
     ids = {} if tok is None else {"bos_id": tok.bos_id, "eos_id": tok.eos_id}  # the tokenizer's own ids
-    atomic_write_text(json.dumps(hf_config(args, dtype, **ids), indent=2) + "\n", out_dir / CONFIG)
+    staged.write_text(json.dumps(hf_config(args, dtype, **ids), indent=2) + "\n", CONFIG)
     if tok is not None:
-        shutil.copyfile(tokenizer_path, out_dir / TOKENIZER)
+        staged.copy(tokenizer_path, TOKENIZER)
         piece = lambda i: tok.sp.id_to_piece(i) if i >= 0 else None  # noqa: E731
         tok_cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": piece(tok.bos_id), "eos_token": piece(tok.eos_id),
                    "unk_token": piece(tok.sp.unk_id()), "add_bos_token": True, "add_eos_token": False,
@@ -222,7 +220,7 @@ def _write_hf(state_dict, args, out_dir: Path, dtype, tokenizer_path, max_shard_
         template = chat_template or tok.chat_template
         if template:
             tok_cfg["chat_template"] = template
-        atomic_write_text(json.dumps(tok_cfg, indent=2) + "\n", out_dir / "tokenizer_config.json")
+        staged.write_text(json.dumps(tok_cfg, indent=2) + "\n", "tokenizer_config.json")
 
 
 def is_hf_checkpoint(path: str | Path) -> bool:

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 from llama.config import read_json_object
-from llama.env import DirLock, atomic_save, atomic_write_text, check_free_space, parse_dtype, safe_torch_load
+from llama.env import DirLock, StagedFiles, check_free_space, parse_dtype, safe_torch_load
 from llama.model import ModelArgs, Transformer, weight_info
 from llama.tokenizer import CHAT_TEMPLATE_FILE
 
@@ -287,15 +286,14 @@ def own_storage(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _prepare_out_dir(out_dir: Path, num_shards: int, overwrite: bool) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _prepare_out_dir(out_dir: Path, num_shards: int, overwrite: bool, files: StagedFiles) -> None:
     old = sorted(p for p in out_dir.iterdir() if _SHARD_RE.match(p.name))
     if old and not overwrite:
         raise FileExistsError(f"{out_dir} already holds {[p.name for p in old]}; choose an empty directory "
                               f"or pass overwrite=True")
     for p in old:  # stale shards beyond the new count would be read as part of the checkpoint
         if int(_SHARD_RE.match(p.name).group(1)) >= num_shards:
-            p.unlink()
+            files.remove(p.name)
 
 
 def _check_divisible(shapes: dict, num_shards: int) -> None:
@@ -308,7 +306,7 @@ def _check_divisible(shapes: dict, num_shards: int) -> None:
                          f"divisible by {num_shards}; choose a shard count that divides the heads and vocabulary")
 
 
-def _write_shards(get_slice: Callable[[str, int], torch.Tensor], keys: list[str], out_dir: Path,
+def _write_shards(get_slice: Callable[[str, int], torch.Tensor], keys: list[str], files: StagedFiles,
                   num_shards: int, dtype: torch.dtype | None, progress: bool, desc: str) -> None:
     dtype = parse_dtype(dtype)
     bar = None
@@ -322,7 +320,7 @@ def _write_shards(get_slice: Callable[[str, int], torch.Tensor], keys: list[str]
             shard[k] = own_storage(t.to(dtype) if dtype is not None else t)
             if bar is not None:
                 bar.update()
-        atomic_save(shard, out_dir / shard_name(q))
+        files.save(shard, shard_name(q))
         del shard
     if bar is not None:
         bar.close()
@@ -337,68 +335,70 @@ def save_meta_checkpoint(state_dict: dict[str, torch.Tensor], args: ModelArgs, o
     tensor's); copies `tokenizer_path` to tokenizer.model, with the chat template (`chat_template`,
     else the chat_template.jinja beside tokenizer_path) as chat_template.jinja. Each file is written
     atomically, under a lock on `out_dir` (another process writing there is refused), after a
-    free-space check."""
+    free-space check. The files move into place together once all are written (`StagedFiles`): a
+    write that fails or is interrupted leaves `out_dir` as it was."""
     out_dir = Path(out_dir)
     sd = {k: v for k, v in state_dict.items() if k not in DROPPED_KEYS}
     sd = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in sd.items()}  # DTensor
     shapes = {k: v.shape for k, v in sd.items()}
     check_state_dict(shapes, args, what="state dict")
     _check_divisible(shapes, num_shards)
-    with DirLock(out_dir, "export"):
-        _prepare_out_dir(out_dir, num_shards, overwrite)
+    with DirLock(out_dir, "export"), StagedFiles(out_dir) as files:
+        _prepare_out_dir(out_dir, num_shards, overwrite, files)
         check_free_space(out_dir, sum(v.numel() * (parse_dtype(dtype) or v.dtype).itemsize for v in sd.values()))
-        _write_meta(sd, args, out_dir, num_shards, dtype, tokenizer_path, progress)
+        _write_meta(sd, args, files, num_shards, dtype, tokenizer_path, progress)
         if chat_template is None and tokenizer_path is not None and Path(tokenizer_path).with_name(CHAT_TEMPLATE_FILE).is_file():
             chat_template = Path(tokenizer_path).with_name(CHAT_TEMPLATE_FILE).read_text()
         if chat_template:
-            atomic_write_text(chat_template, out_dir / CHAT_TEMPLATE_FILE)
+            files.write_text(chat_template, CHAT_TEMPLATE_FILE)
         else:  # a template left by an earlier model would be taken for this one's
-            (out_dir / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)
+            files.remove(CHAT_TEMPLATE_FILE)
     return out_dir
 
 
-def _write_meta(sd, args, out_dir, num_shards, dtype, tokenizer_path, progress) -> None:
+def _write_meta(sd, args, files: StagedFiles, num_shards, dtype, tokenizer_path, progress) -> None:
     def get_slice(k, q):
         d = meta_split_dim(k)
         t = sd[k].detach().cpu()
         return t if d is None else t.chunk(num_shards, dim=d)[q]
 
-    _write_shards(get_slice, list(sd), out_dir, num_shards, dtype, progress, "save")
-    atomic_write_text(json.dumps(args.to_params_json(), indent=2) + "\n", out_dir / PARAMS)
+    _write_shards(get_slice, list(sd), files, num_shards, dtype, progress, "save")
+    files.write_text(json.dumps(args.to_params_json(), indent=2) + "\n", PARAMS)
     if args.max_seq_len != ModelArgs.max_seq_len:
-        atomic_write_text(json.dumps({"max_seq_len": args.max_seq_len}) + "\n", out_dir / CONTEXT)
+        files.write_text(json.dumps({"max_seq_len": args.max_seq_len}) + "\n", CONTEXT)
     else:
-        (out_dir / CONTEXT).unlink(missing_ok=True)
+        files.remove(CONTEXT)
     if tokenizer_path is not None:
-        shutil.copyfile(tokenizer_path, out_dir / TOKENIZER)
+        files.copy(tokenizer_path, TOKENIZER)
 
 
 def reshard(in_dir: str | Path, out_dir: str | Path, num_shards: int, dtype: torch.dtype | None = None,
             overwrite: bool = False, progress: bool = False) -> Path:
     """Rewrite the Meta checkpoint `in_dir` (P shards) as `num_shards` shards in `out_dir`, streaming
     key by key from the mmapped inputs (memory ~ one output shard). Copies params.json and
-    tokenizer.model; `dtype` converts (None keeps the checkpoint's)."""
+    tokenizer.model; `dtype` converts (None keeps the checkpoint's). As in `save_meta_checkpoint`, the
+    files move into place together at the end."""
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     if out_dir.exists() and in_dir.resolve() == out_dir.resolve():
         raise ValueError(f"reshard writes a new directory: out_dir must differ from in_dir ({in_dir})")
     shards, args = _checked(in_dir)
     _check_divisible(shards.shapes, num_shards)
-    with DirLock(out_dir, "reshard"):
-        _prepare_out_dir(out_dir, num_shards, overwrite)
-        _reshard_into(shards, in_dir, out_dir, num_shards, dtype, progress)
+    with DirLock(out_dir, "reshard"), StagedFiles(out_dir) as files:
+        _prepare_out_dir(out_dir, num_shards, overwrite, files)
+        _reshard_into(shards, in_dir, files, num_shards, dtype, progress)
     return out_dir
 
 
-def _reshard_into(shards: "_Shards", in_dir: Path, out_dir: Path, num_shards: int, dtype, progress: bool) -> None:
+def _reshard_into(shards: "_Shards", in_dir: Path, files: StagedFiles, num_shards: int, dtype, progress: bool) -> None:
     _write_shards(lambda k, q: shards.slice(k, meta_split_dim(k), q, num_shards), list(shards.shapes),
-                  out_dir, num_shards, dtype, progress, f"reshard {len(shards)} -> {num_shards}")
-    shutil.copyfile(in_dir / PARAMS, out_dir / PARAMS)
+                  files, num_shards, dtype, progress, f"reshard {len(shards)} -> {num_shards}")
+    files.copy(in_dir / PARAMS, PARAMS)
     for extra in (CONTEXT, CHAT_TEMPLATE_FILE):  # this model's, and none left from one written there before
         if (in_dir / extra).is_file():
-            shutil.copyfile(in_dir / extra, out_dir / extra)
+            files.copy(in_dir / extra, extra)
         else:
-            (out_dir / extra).unlink(missing_ok=True)
+            files.remove(extra)
     for src in (in_dir / TOKENIZER, in_dir.parent / TOKENIZER):
         if src.is_file():
-            shutil.copyfile(src, out_dir / TOKENIZER)
+            files.copy(src, TOKENIZER)
             break

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from llama.env import atomic_write_text
+from llama.env import DirLock, StagedFiles
 from llama.formats.hf import hf_key, permute_from_hf, permute_to_hf
 from llama.model import LINEARS, TOP_WEIGHTS, ModelArgs, weight_info
 
@@ -104,17 +104,17 @@ def save_peft_adapter(adapters: dict[str, torch.Tensor], lora: dict, args: Model
                       base_model_name_or_path: str | None = None, dtype: torch.dtype | None = None) -> Path:
     """Write adapters (our keys, full tensors: `llama.lora.lora_state_dict` of an unsharded model, or
     gathered) with their `lora` description as a PEFT LoRA adapter for transformers'
-    LlamaForCausalLM: adapter_config.json + adapter_model.safetensors in `out_dir`."""
+    LlamaForCausalLM: adapter_config.json + adapter_model.safetensors in `out_dir`, moved into place
+    together (`StagedFiles`: never new weights beside an older adapter's config, whose alpha would
+    scale them)."""
     from safetensors.torch import save_file
 
     tensors = to_peft(adapters, args)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.to(device="cpu", dtype=dtype or v.dtype).contiguous() for k, v in tensors.items()}
-    tmp = out_dir / f".{WEIGHTS}.tmp{os.getpid()}"
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, out_dir / WEIGHTS)
-    atomic_write_text(json.dumps(peft_config(lora, base_model_name_or_path), indent=2) + "\n", out_dir / CONFIG)
+    with DirLock(out_dir, "adapter export"), StagedFiles(out_dir) as files:
+        save_file(tensors, files.path(WEIGHTS), metadata={"format": "pt"})
+        files.write_text(json.dumps(peft_config(lora, base_model_name_or_path), indent=2) + "\n", CONFIG)
     return out_dir
 
 
