@@ -283,6 +283,30 @@ def test_sentencepiece_vocabulary_rebuilt_from_gguf_equals_the_original(tmp_path
            [tiny_tokenizer.sp.id_to_piece(i) for i in range(tok.n_words)]
 
 
+def test_a_normalizer_gguf_cannot_hold_is_named(tmp_path, tiny_tokenizer):
+    """A sentencepiece model that normalizes (NFKC, sentencepiece's default) loses that rule in GGUF:
+    the export says so, and the tokenizer read back from the file indeed splits full-width text
+    differently. Meta's rule ('identity', our trainer's) travels without a word."""
+    import io
+    import warnings
+
+    import sentencepiece as spm
+
+    corpus = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS * 20), model_writer=corpus, vocab_size=512,
+                                   model_type="bpe", normalization_rule_name="nmt_nfkc", byte_fallback=True,
+                                   character_coverage=1.0)
+    (tmp_path / "nfkc.model").write_bytes(corpus.getvalue())
+    nfkc = Tokenizer(tmp_path / "nfkc.model")
+    with pytest.warns(UserWarning, match="'nmt_nfkc' rule, which GGUF cannot hold"):
+        save_gguf(_random_model(nfkc.n_words), None, nfkc, tmp_path / "nfkc.gguf", dtype="f32")
+    text = "\uff28\uff45\uff4c\uff4c\uff4f the model"  # "Hello" in full-width letters
+    assert load_gguf_tokenizer(tmp_path / "nfkc.gguf").encode(text, True, False) != nfkc.encode(text, True, False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_gguf(_random_model(tiny_tokenizer.n_words), None, tiny_tokenizer, tmp_path / "identity.gguf", dtype="f32")
+
+
 @pytest.mark.parametrize("pre", ["llama-bpe", "gpt-2"])
 def test_bpe_vocabulary_equals_transformers_tokenizer_of_the_same_file(tmp_path, gpt2_bpe, pre):
     tokens, merges, types = _bpe_fields(gpt2_bpe)

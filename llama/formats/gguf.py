@@ -406,6 +406,11 @@ def _add_tokenizer(w: gguf.GGUFWriter, tokenizer) -> None:
         if tokenizer.sp.unk_id() >= 0:
             w.add_unk_token_id(tokenizer.sp.unk_id())
         add_space_prefix = m.normalizer_spec.add_dummy_prefix
+        if m.normalizer_spec.name not in ("identity", ""):  # GGUF's llama vocabulary has no place for it
+            warnings.warn(f"the tokenizer normalizes text with sentencepiece's {m.normalizer_spec.name!r} rule, which "
+                          f"GGUF cannot hold: llama.cpp (and a tokenizer read back from this file) will tokenize text "
+                          f"that rule changes (e.g. full-width characters under NFKC) differently; Meta's LLaMA "
+                          f"tokenizers use 'identity'")
         if m.normalizer_spec.remove_extra_whitespaces:
             w.add_remove_extra_whitespaces(True)
     else:
