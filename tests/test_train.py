@@ -632,6 +632,59 @@ def test_dp2_and_tp2_match_one_rank(tmp_path, dim):
         torch.testing.assert_close(a[k].float(), ref_sd[k].half().float(), atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.slow
+def test_a_signal_to_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path):
+    """Ctrl-C in the terminal of a 2-rank torchrun (SIGINT to its whole process group: the workers
+    get it from the terminal, then again from torchrun): every rank finishes the same step, one
+    checkpoint of that step is saved, and the same command resumes to the uninterrupted run's losses.
+    Before, the ranks died with nothing saved since the last periodic checkpoint (here: none)."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "meta.json").write_text("{}")
+    base = dict(model="tiny", data=str(tmp_path / "data"), steps=8, warmup_steps=2, lr=3e-3, seq_len=32,
+                global_batch_tokens=128, micro_batch_size=2, dtype="fp32", eval_every=0, eval_batches=0,
+                ckpt_every=100, log_every=1, peak_flops=1e12, progress=False, resume="auto", dp=2, tp=1)
+    (tmp_path / "config.json").write_text(json.dumps(base))
+
+    def launch(out, mode, **popen):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "tests.workers.stop", str(tmp_path / "config.json"), str(out), mode]
+        return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, **popen)
+
+    def result(out):
+        return json.loads((out / "result.json").read_text())
+
+    full = launch(tmp_path / "full", "plain")
+    log = full.communicate(timeout=300)[0]
+    assert full.returncode == 0 and result(tmp_path / "full")["ended"] == "finished", log[-3000:]
+    want = result(tmp_path / "full")["losses"]
+
+    run = launch(tmp_path / "run", "slow", start_new_session=True)  # its own group, as a terminal's job
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "run" / "ready").exists():
+        assert run.poll() is None and time.monotonic() < deadline, run.communicate()[0][-3000:]
+        time.sleep(0.05)
+    os.killpg(run.pid, signal.SIGINT)  # Ctrl-C
+    log = run.communicate(timeout=120)[0]
+    stopped = result(tmp_path / "run")
+    assert stopped["ended"] == "stopped" and 2 <= stopped["step"] < 8, log[-3000:]
+    assert f"stopped by SIGINT at step {stopped['step']} of 8" in log and "again to stop at once" in log, log[-3000:]
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == [f"step_{stopped['step']:08d}"]
+    assert stopped["losses"] == want[:stopped["step"]]
+
+    resumed = launch(tmp_path / "run", "plain")
+    log = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, log[-3000:]
+    assert result(tmp_path / "run")["first"] == stopped["step"]
+    assert result(tmp_path / "run")["losses"] == want[stopped["step"]:]
+
+
 def one_rank_weights(base, ckpt):
     trainer = Trainer(TrainConfig.from_dict(base, out_dir=str(Path(ckpt).parent.parent)), make_loader=make_pattern_loader)
     return trainer.model.state_dict()

@@ -47,7 +47,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 from llama.data import PackedLoader, load_mixture
 from llama.data.instruct import IGNORE
 from llama.env import (DirLock, auto_attention_backend, check_attention_device, compute_dtype, init_distributed,
-                       parse_dtype, sha256_file, synchronize, torchrun_ranks)
+                       launched_with_torchrun, parse_dtype, sha256_file, synchronize, torchrun_ranks)
 from llama.eval import TaskSpec, evaluate_tasks
 from llama.formats.gguf import load_tokenizer
 from llama.model import ModelArgs, Transformer
@@ -95,21 +95,43 @@ def open_val_loader(cfg: TrainConfig, make_loader: Callable):
 
 
 class StopRequest:
-    """In a one-process run, Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step
-    with a checkpoint (`requested` holds the signal's name); a second one interrupts at once. Off
-    under torchrun (a checkpoint needs every rank) and outside the main thread."""
+    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step with a checkpoint
+    (`requested` holds the signal's name); a second one interrupts at once. Under torchrun every rank
+    listens, and after each step the ranks agree (`agreed`: one all-reduce of a flag), so a signal
+    that reached any of them stops all at the same step with one checkpoint. torchrun passes the
+    signal it gets on to its workers, which the terminal's Ctrl-C already reached: a repeat within
+    REPEAT_S of the first is that copy, not a second request. torchrun kills its workers 30 s after
+    its own signal: a step and a save longer than that are cut short (the checkpoint being written is
+    discarded, the previous one stays). Off outside the main thread."""
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+    REPEAT_S = 2.0
+
+    def __init__(self, main: bool = True, launched: bool = False):
+        self.enabled = threading.current_thread() is threading.main_thread()
+        self.main, self.launched = main, launched
         self.requested: str | None = None
+        self._at = 0.0
         self._old: dict = {}
 
     def _handle(self, signum, frame):
         if self.requested:
+            if self.launched and time.monotonic() - self._at < self.REPEAT_S:
+                return  # the launcher's copy of the same Ctrl-C
             raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-        print(f"\n{self.requested}: stopping after this step with a checkpoint (again to stop at once)",
-              file=sys.stderr, flush=True)
+        self.requested, self._at = signal.Signals(signum).name, time.monotonic()
+        if self.main:
+            print(f"\n{self.requested}: stopping after this step with a checkpoint (again to stop at once)",
+                  file=sys.stderr, flush=True)
+
+    def agreed(self, distributed: bool, device: torch.device) -> str | None:
+        """Whether to stop now: this process's request, or with `distributed` any rank's (every
+        rank gets the same answer)."""
+        if distributed:
+            flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and not self.requested:
+                self.requested = "a signal to another rank"
+        return self.requested
 
     def __enter__(self):
         if self.enabled:
@@ -418,7 +440,7 @@ class Trainer:
         if self.lock is not None:
             self.lock.acquire()  # again, after an earlier fit released it
         start, first_step = time.perf_counter(), self.step
-        stop = StopRequest(self.mesh is None)
+        stop = StopRequest(is_main, launched_with_torchrun())
         try:
             stop.__enter__()
             while self.step < self.cfg.steps:
@@ -460,7 +482,7 @@ class Trainer:
                     saved = self.save()
                 if callback and logged:
                     callback(rec)
-                if stop.requested and self.step < cfg.steps:
+                if stop.agreed(self.mesh is not None, self.device) and self.step < cfg.steps:
                     if self.step % cfg.ckpt_every:
                         saved = self.save()
                     metrics.write(f"stopped by {stop.requested} at step {self.step} of {cfg.steps}: checkpoint "
