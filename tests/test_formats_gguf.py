@@ -161,6 +161,28 @@ def test_f16_and_f32_round_trips_are_exact(tmp_path, tiny_tokenizer):
             assert torch.equal(back.state_dict()[k], v), (dtype, k)
 
 
+def test_a_weight_beyond_fp16_is_refused_not_written_as_infinity(tmp_path, tiny_tokenizer):
+    """A bf16 model with an outlier past fp16's 65504, written in fp16 (the default of conversions
+    to Meta's layout and to GGUF): refused in one sentence naming the tensor, in all three formats,
+    and nothing is written; in bf16 it is written as it is."""
+    model = _random_model(tiny_tokenizer.n_words).to(torch.bfloat16)
+    with torch.no_grad():
+        model.layers[1].feed_forward.w2.weight[3, 5] = -1.5e5
+    sd = model.state_dict()
+    big = model.layers[1].feed_forward.w2.weight[3, 5].item()  # -149504 in bf16
+    said = rf"{-big:.0f} does not fit in fp16 \(largest 65504\); write the model in bf16 or fp32 \(--dtype bf16\)"
+    with pytest.raises(ValueError, match=r"^layers\.1\.feed_forward\.w2\.weight: " + said):
+        save_meta_checkpoint(sd, model.args, tmp_path / "meta", dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"^model\.layers\.1\.mlp\.down_proj\.weight: " + said):
+        save_hf(sd, model.args, tmp_path / "hf", dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"^layers\.1\.feed_forward\.w2\.weight: " + said):
+        save_gguf(model, None, tiny_tokenizer, tmp_path / "m.gguf", dtype="f16")
+    assert not any((tmp_path / "meta").iterdir()) and not any((tmp_path / "hf").iterdir())
+    assert not (tmp_path / "m.gguf").exists()
+    save_meta_checkpoint(sd, model.args, tmp_path / "meta", dtype=torch.bfloat16)
+    assert load_consolidated(tmp_path / "meta")["layers.1.feed_forward.w2.weight"][3, 5].item() == big == -149504
+
+
 def test_a_write_failing_halfway_leaves_no_file(tmp_path, tiny_tokenizer, monkeypatch):
     """save_gguf writes beside the destination and renames at the end: a failure while the tensors
     are written leaves neither a partial .gguf nor the temporary file, and an existing file as it was."""
@@ -169,11 +191,11 @@ def test_a_write_failing_halfway_leaves_no_file(tmp_path, tiny_tokenizer, monkey
     model = _random_model(tiny_tokenizer.n_words, n_kv_heads=2)
     calls = []
 
-    def fail_third(t, t_type):
+    def fail_third(t, t_type, key):
         calls.append(1)
         if len(calls) == 3:
             raise OSError("disk full")
-        return real(t, t_type)
+        return real(t, t_type, key)
     real = g._encode_tensor
     monkeypatch.setattr(g, "_encode_tensor", fail_third)
     with pytest.raises(OSError, match="disk full"):

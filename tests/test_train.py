@@ -20,7 +20,7 @@ import llama.train.recipe as recipe
 import llama.train.trainer as trainer_module
 from llama.data import prepare_data
 from llama.eval import evaluate_tasks
-from llama.formats.meta import load_model
+from llama.formats.meta import load_consolidated, load_model
 from llama.model import ModelArgs, Transformer
 from llama.train import (CheckpointManager, TrainConfig, Trainer, export_checkpoint, flops_per_token, lr_at,
                          param_groups, read_checkpoint_meta)
@@ -293,6 +293,20 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(tmp_p
     resumed.fit()
     for (k, p), q in zip(full.model.named_parameters(), resumed.model.parameters()):
         assert torch.equal(p, q), k
+
+
+def test_an_export_that_fp16_cannot_hold_is_written_in_bf16_and_says_so(tmp_path, data_dir, capsys):
+    trainer = Trainer(tiny_cfg(tmp_path, data_dir, steps=1), make_loader=make_pattern_loader)
+    with torch.no_grad():
+        trainer.model.layers[0].attention.wo.weight[1, 2] = 1e5
+    out = trainer.export(tmp_path / "export")
+    assert ("the export is bf16, not fp16: layers.0.attention.wo.weight holds 100000, beyond fp16's 65504"
+            in capsys.readouterr().err)
+    sd = load_consolidated(out)
+    assert sd["layers.0.attention.wo.weight"].dtype == torch.bfloat16
+    assert sd["layers.0.attention.wo.weight"][1, 2].item() == torch.tensor(1e5).bfloat16().item()
+    trainer.model.layers[0].attention.wo.weight.data[1, 2] = 1.0  # within range: Meta's fp16
+    assert load_consolidated(trainer.export(tmp_path / "export"))["norm.weight"].dtype == torch.float16
 
 
 def test_kill_during_save_leaves_previous_checkpoint(tmp_path, data_dir, monkeypatch):

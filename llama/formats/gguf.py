@@ -32,7 +32,7 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from llama.bpe_tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, BPETokenizer
 from llama.env import parse_dtype
 from llama.formats.hf import ffn_fields
-from llama.formats.meta import TOKENIZER, load_consolidated, load_params, save_meta_checkpoint
+from llama.formats.meta import TOKENIZER, cast_weight, load_consolidated, load_params, save_meta_checkpoint
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import CHAT_TEMPLATE_FILE, Tokenizer
 
@@ -430,10 +430,13 @@ def _add_tokenizer(w: gguf.GGUFWriter, tokenizer) -> None:
         w.add_chat_template(tokenizer.chat_template)
 
 
-def _encode_tensor(t: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
-    """(rows, cols) float tensor -> the array GGUFWriter stores for `qtype` (bytes for BF16/Q8_0)."""
-    a = t.detach().to(device="cpu", dtype=torch.float32).numpy()
-    return gguf.quants.quantize(a, qtype)
+def _encode_tensor(t: torch.Tensor, qtype: gguf.GGMLQuantizationType, key: str) -> np.ndarray:
+    """(rows, cols) float tensor -> the array GGUFWriter stores for `qtype` (bytes for BF16/Q8_0);
+    refused where a value does not fit in F16."""
+    t = t.detach().cpu()
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return cast_weight(t, torch.float16, key).numpy()
+    return gguf.quants.quantize(t.float().numpy(), qtype)
 
 
 def _prepare_path(path: Path, overwrite: bool) -> None:
@@ -524,7 +527,7 @@ def save_gguf(model_or_state_dict: Transformer | dict[str, torch.Tensor], args: 
             from tqdm import tqdm
             it = tqdm(plan, desc=f"write {path.name}", unit="tensor")
         for gname, k, t_type in it:
-            w.write_tensor_data(_encode_tensor(sd[k], t_type))
+            w.write_tensor_data(_encode_tensor(sd[k], t_type, k))
     return path
 
 

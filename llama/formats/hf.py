@@ -15,7 +15,7 @@ import torch
 
 from llama.config import read_json_object
 from llama.env import DirLock, StagedFiles, parse_dtype
-from llama.formats.meta import TOKENIZER, check_state_dict, load_consolidated, load_params, own_storage, \
+from llama.formats.meta import TOKENIZER, cast_weight, check_state_dict, load_consolidated, load_params, own_storage, \
     save_meta_checkpoint
 from llama.model import ModelArgs, state_dict_keys, weight_info
 from llama.tokenizer import Tokenizer
@@ -202,7 +202,7 @@ def _write_hf(state_dict, args, staged: StagedFiles, dtype, tokenizer_path, max_
         if old not in files and not (old == INDEX and len(files) > 1):
             staged.remove(old)
     for name, keys in zip(files, groups):
-        tensors = {k: own_storage(hf[k].detach().to(device="cpu", dtype=dtype)) for k in keys}
+        tensors = {k: own_storage(cast_weight(hf[k].detach().cpu(), dtype, k)) for k in keys}
         save_file(tensors, staged.path(name), metadata={"format": "pt"})
     if len(files) > 1:
         index = {"metadata": {"total_size": sum(v.numel() * dtype.itemsize for v in hf.values())},

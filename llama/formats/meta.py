@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from llama.config import read_json_object
-from llama.env import DirLock, StagedFiles, check_free_space, parse_dtype, safe_torch_load
+from llama.env import DirLock, StagedFiles, check_free_space, dtype_name, parse_dtype, safe_torch_load
 from llama.model import ModelArgs, Transformer, weight_info
 from llama.tokenizer import CHAT_TEMPLATE_FILE
 
@@ -278,6 +278,28 @@ def load_model(ckpt_dir: str | Path, device=None, dtype: torch.dtype | None = No
     return model
 
 
+class OutOfRangeError(ValueError):
+    """A weight that the dtype asked for cannot hold (`key`, the largest such |value|, the dtype)."""
+
+    def __init__(self, key: str, value: float, dtype: torch.dtype):
+        self.key, self.value, self.dtype = key, value, dtype
+        super().__init__(f"{key}: {value:.6g} does not fit in {dtype_name(dtype)} (largest {torch.finfo(dtype).max:.6g}); "
+                         f"write the model in bf16 or fp32 (--dtype bf16)")
+
+
+def cast_weight(t: torch.Tensor, dtype: torch.dtype | None, key: str) -> torch.Tensor:
+    """`t` in `dtype` (None: as it is); an OutOfRangeError where a finite value would become
+    infinite (fp16 ends at 65504: a bf16 or fp32 model's outliers may not fit)."""
+    if dtype is None or dtype == t.dtype:
+        return t
+    out = t.to(dtype)
+    if t.is_floating_point() and out.is_floating_point() and torch.finfo(dtype).max < torch.finfo(t.dtype).max:
+        lost = torch.isinf(out) & torch.isfinite(t)
+        if lost.any():
+            raise OutOfRangeError(key, t[lost].abs().max().item(), dtype)
+    return out
+
+
 def own_storage(t: torch.Tensor) -> torch.Tensor:
     # torch.save writes a view's whole storage: copy slices so each shard holds only its bytes
     t = t.contiguous()
@@ -317,7 +339,7 @@ def _write_shards(get_slice: Callable[[str, int], torch.Tensor], keys: list[str]
         shard = {}
         for k in keys:  # one output shard in memory at a time
             t = get_slice(k, q)
-            shard[k] = own_storage(t.to(dtype) if dtype is not None else t)
+            shard[k] = own_storage(cast_weight(t, dtype, k))
             if bar is not None:
                 bar.update()
         files.save(shard, shard_name(q))

@@ -47,9 +47,10 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 from llama.data import PackedLoader, load_mixture
 from llama.data.instruct import IGNORE
 from llama.env import (DirLock, auto_attention_backend, check_attention_device, compute_dtype, init_distributed,
-                       launched_with_torchrun, parse_dtype, sha256_file, synchronize, torchrun_ranks)
+                       dtype_name, launched_with_torchrun, parse_dtype, sha256_file, synchronize, torchrun_ranks)
 from llama.eval import TaskSpec, evaluate_tasks
 from llama.formats.gguf import load_tokenizer
+from llama.formats.meta import OutOfRangeError
 from llama.model import ModelArgs, Transformer
 from llama.train import finetune
 from llama.parallel import ParallelDims, apply_ac, apply_fsdp, apply_tp, build_mesh, check_tp_degree, compile_blocks
@@ -577,11 +578,17 @@ class Trainer:
     def export(self, out_dir: str | Path, num_shards: int = 1, dtype: torch.dtype = torch.float16) -> Path | None:
         """Gather the full weights to rank 0 and write Meta's layout there (returns None elsewhere);
         LoRA: the merged model, and the adapter in PEFT's format in out_dir/peft; `export_hf`: the
-        transformers folder too."""
+        transformers folder too. A weight that fp16 cannot hold makes the export bf16 (said once)."""
         sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         path = None
         if self.rank == 0:
-            path = finetune.export_model(sd, self.args, self.cfg, out_dir, num_shards, dtype, self.lora, self.step)
+            try:
+                path = finetune.export_model(sd, self.args, self.cfg, out_dir, num_shards, dtype, self.lora, self.step)
+            except OutOfRangeError as e:
+                print(f"the export is bf16, not {dtype_name(e.dtype)}: {e.key} holds {e.value:.6g}, beyond "
+                      f"{dtype_name(e.dtype)}'s {torch.finfo(e.dtype).max:.6g}", file=sys.stderr, flush=True)
+                path = finetune.export_model(sd, self.args, self.cfg, out_dir, num_shards, torch.bfloat16, self.lora,
+                                             self.step)
         if self.mesh is not None:
             dist.barrier()
         return path
