@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from llama.formats.meta import (load_consolidated, tp_shard_dim, load_model, load_params, load_tp_slice, reshard,
-                              save_meta_checkpoint, shard_paths)
+                              save_meta_checkpoint, shard_paths, tp_slices)
 from llama.model import ModelArgs, Transformer
 
 # REFERENCE.md's table, written out independently of llama/checkpoint.py
@@ -101,6 +101,8 @@ def test_tp_slice_equals_chunks_of_full_tensors(ckpt, src_shards):
         for k, v in full.items():
             d = tp_shard_dim(k)
             assert torch.equal(local[k], v if d is None else v.chunk(2, d)[rank]), k
+        sliced = tp_slices(full, rank, 2)  # the same slices of tensors read whole (other formats)
+        assert sliced.keys() == full.keys() and all(torch.equal(sliced[k], local[k]) for k in full)
     # tok_embeddings: our plan splits vocab rows, Meta splits features
     assert load_tp_slice(src, 1, 2)["tok_embeddings.weight"].shape == (64, 64)
 

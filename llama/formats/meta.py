@@ -253,6 +253,12 @@ def load_tp_slice(ckpt_dir: str | Path, rank: int, world_size: int,
     return {k: shards.slice(k, split_dim(k), rank, world_size) for k in shards.shapes}
 
 
+def tp_slices(full: dict[str, torch.Tensor], rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    """This rank's tensor-parallel slice of every full tensor in `full` (as `load_tp_slice` reads
+    them from a Meta checkpoint): for weights read whole from another format."""
+    return {k: v if tp_shard_dim(k) is None else v.chunk(world_size, dim=tp_shard_dim(k))[rank] for k, v in full.items()}
+
+
 def load_consolidated(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
     """The full state dict of a Meta checkpoint (shards concatenated, rope.freqs dropped), checked
     against params.json. With one shard the tensors are memory-mapped views of the file."""

@@ -26,7 +26,7 @@ from llama.env import compute_dtype, init_distributed, resolve_device, resolve_d
 from llama.formats.gguf import load_gguf, load_tokenizer
 from llama.formats.hf import hf_chat_template, is_hf_checkpoint, load_hf
 from llama.formats.locate import checkpoint_args, find_tokenizer
-from llama.formats.meta import load_model, load_tp_slice, tp_shard_dim
+from llama.formats.meta import load_model, load_tp_slice, tp_slices
 from llama.inference.cpu_decode import FusedCpuDecoder, decode_dtype
 from llama.inference.decoders import DECODERS, CompiledDecoder, EagerDecoder
 from llama.inference.sampling import check_sampling, sample
@@ -150,8 +150,7 @@ class Llama:
                 model = Transformer(args)
             mesh = tp_mesh(device.type, ranks.world)
             apply_tp(model, mesh)
-            local = ({k: v if tp_shard_dim(k) is None else v.chunk(ranks.world, tp_shard_dim(k))[ranks.rank]
-                      for k, v in full.items()} if hf else load_tp_slice(ckpt_dir, ranks.rank, ranks.world))
+            local = tp_slices(full, ranks.rank, ranks.world) if hf else load_tp_slice(ckpt_dir, ranks.rank, ranks.world)
             assign_local_shards(model, local, mesh, device, dtype)
             model.init_buffers(device)
         model.eval().requires_grad_(False)

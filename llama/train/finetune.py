@@ -31,7 +31,7 @@ from llama.formats.hf import CONFIG as HF_CONFIG
 from llama.formats.hf import load_hf, read_hf_config, save_hf
 from llama.formats.locate import tokenizer_beside
 from llama.formats.meta import PARAMS, load_consolidated, load_params, load_tp_slice, \
-    save_meta_checkpoint, tp_shard_dim
+    save_meta_checkpoint, tp_slices
 from llama.formats.peft import read_peft_adapter, save_peft_adapter
 from llama.lora import apply_lora, apply_lora_weights, copy_full, is_lora_key, lora_config, \
     mark_only_lora_trainable, merged_state_dict
@@ -134,9 +134,7 @@ def load_initial_weights(model: Transformer, init_from: str | Path, device: torc
         if kind == "meta":
             local = load_tp_slice(path, tp_rank, tp)
         else:
-            full = _full_state_dict(kind, path, model.args)
-            local = {k: v if tp_shard_dim(k) is None else v.chunk(tp, dim=tp_shard_dim(k))[tp_rank]
-                     for k, v in full.items()}
+            local = tp_slices(_full_state_dict(kind, path, model.args), tp_rank, tp)
         assign_local_shards(model, local, tp_mesh, device, dtype)
     else:
         sd = _full_state_dict(kind, path, model.args)
