@@ -403,15 +403,22 @@ class StagedFiles:
 
     def commit(self) -> None:
         """Flush every staged file to disk, delete the removed ones, then rename the staged ones into
-        place (a few renames: the only moment the folder holds part old, part new)."""
-        for p in self.staged.values():
-            fsync_path(p)
-        for name in self.removed:  # first: a crash in between leaves a file missing (an error), not a stale one read
-            (self.folder / name).unlink(missing_ok=True)
-        for name, p in self.staged.items():
-            os.replace(p, self.folder / name)
-        fsync_path(self.folder)
-        self.staged.clear()
+        place (a few renames: the only moment the folder holds part old, part new). Where this fails
+        (a full disk at the flush), the files not yet in place are deleted."""
+        try:
+            for p in self.staged.values():
+                fsync_path(p)
+            # the removals first: weights left over from the old model would be read with the new
+            # ones; a crash between removals and renames leaves a file missing instead
+            for name in self.removed:
+                (self.folder / name).unlink(missing_ok=True)
+            while self.staged:
+                name, p = next(iter(self.staged.items()))
+                os.replace(p, self.folder / name)
+                del self.staged[name]
+            fsync_path(self.folder)
+        finally:
+            self.discard()
 
     def discard(self) -> None:
         for p in self.staged.values():

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama.env import (DirLock, DiskFullError, Ranks, UnsafeFileError, atomic_write_text, check_attention_device,
+from llama.env import (DirLock, DiskFullError, Ranks, StagedFiles, UnsafeFileError, atomic_write_text, check_attention_device,
                        cpu_has_native_bf16, default_dtype, human_bytes, parse_dtype, resolve_dtype, restricted_unpickle,
                        safe_torch_load, torchrun_ranks)
 
@@ -163,3 +163,30 @@ def test_disk_full_sentence():
     assert human_bytes(512) == "512 B" and human_bytes(3 * 2**30) == "3.0 GiB"
     assert str(DiskFullError("/ckpt", 5 * 2**30, 2**30)) == (
         "disk full at /ckpt (needed ~5.0 GiB, free 1.0 GiB); free some space or write elsewhere")
+
+
+def test_staged_files_move_together_or_not_at_all(tmp_path, monkeypatch):
+    """Files staged for a folder replace its old ones only at the end; a failure before then (here:
+    the flush to disk at the end, as on a full disk) leaves the old files and no staged ones."""
+    import llama.env
+
+    (tmp_path / "a").write_text("old a")
+    (tmp_path / "gone").write_text("old")
+
+    def full_disk(path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(llama.env, "fsync_path", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        with StagedFiles(tmp_path) as files:
+            files.write_text("new a", "a")
+            files.write_text("new b", "b")
+            files.remove("gone")
+            assert sorted(p.name for p in tmp_path.iterdir()) == [".a.staged", ".b.staged", "a", "gone"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "gone"] and (tmp_path / "a").read_text() == "old a"
+    monkeypatch.undo()
+    with StagedFiles(tmp_path) as files:
+        files.write_text("new a", "a")
+        files.write_text("new b", "b")
+        files.remove("gone")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"] and (tmp_path / "a").read_text() == "new a"

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E
 
 from llama.bpe_tokenizer import BPETokenizer  # noqa: E402
 from llama.chat import encode_chat, render_chat  # noqa: E402
-from llama.formats.gguf import load_gguf, load_gguf_tokenizer, packaged_gguf, save_gguf  # noqa: E402
+from llama.formats.gguf import gguf_to_meta, load_gguf, load_gguf_tokenizer, packaged_gguf, save_gguf  # noqa: E402
 from llama.formats.hf import load_hf, save_hf  # noqa: E402
 from llama.formats.meta import load_consolidated, load_model, save_meta_checkpoint  # noqa: E402
 from llama.inference import Llama  # noqa: E402
@@ -170,7 +170,7 @@ def test_a_weight_beyond_fp16_is_refused_not_written_as_infinity(tmp_path, tiny_
         model.layers[1].feed_forward.w2.weight[3, 5] = -1.5e5
     sd = model.state_dict()
     big = model.layers[1].feed_forward.w2.weight[3, 5].item()  # -149504 in bf16
-    said = rf"{-big:.0f} does not fit in fp16 \(largest 65504\); write the model in bf16 or fp32 \(--dtype bf16\)"
+    said = rf"{-big:.0f} does not fit in fp16 \(largest 65504\); use bf16 or fp32 \(--dtype bf16\)"
     with pytest.raises(ValueError, match=r"^layers\.1\.feed_forward\.w2\.weight: " + said):
         save_meta_checkpoint(sd, model.args, tmp_path / "meta", dtype=torch.float16)
     with pytest.raises(ValueError, match=r"^model\.layers\.1\.mlp\.down_proj\.weight: " + said):
@@ -179,6 +179,10 @@ def test_a_weight_beyond_fp16_is_refused_not_written_as_infinity(tmp_path, tiny_
         save_gguf(model, None, tiny_tokenizer, tmp_path / "m.gguf", dtype="f16")
     assert not any((tmp_path / "meta").iterdir()) and not any((tmp_path / "hf").iterdir())
     assert not (tmp_path / "m.gguf").exists()
+    save_gguf(model, None, tiny_tokenizer, tmp_path / "m.gguf", dtype="bf16")  # a bf16 file, read into fp16
+    with pytest.raises(ValueError, match=r"^layers\.1\.feed_forward\.w2\.weight: " + said):
+        gguf_to_meta(tmp_path / "m.gguf", tmp_path / "meta")
+    assert not any((tmp_path / "meta").iterdir())
     save_meta_checkpoint(sd, model.args, tmp_path / "meta", dtype=torch.bfloat16)
     assert load_consolidated(tmp_path / "meta")["layers.1.feed_forward.w2.weight"][3, 5].item() == big == -149504
 

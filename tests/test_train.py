@@ -647,56 +647,64 @@ def test_dp2_and_tp2_match_one_rank(tmp_path, dim):
 
 
 @pytest.mark.slow
-def test_a_signal_to_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path):
-    """Ctrl-C in the terminal of a 2-rank torchrun (SIGINT to its whole process group: the workers
-    get it from the terminal, then again from torchrun): every rank finishes the same step, one
-    checkpoint of that step is saved, and the same command resumes to the uninterrupted run's losses.
-    Before, the ranks died with nothing saved since the last periodic checkpoint (here: none)."""
+def test_a_signal_to_torchrun_or_to_one_rank_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path):
+    """2-rank torchrun runs (dp=2), stopped mid-run by Ctrl-C in their terminal (SIGINT to torchrun's
+    process group; torchrun passes it on to both workers) and by SIGTERM to rank 1 alone: every rank
+    finishes the same step, one checkpoint of that step is saved, and the same command resumes to the
+    uninterrupted run's losses. Before, the ranks died with nothing saved since the last periodic
+    checkpoint (here: none); without the ranks' agreement rank 0 would go on alone and hang."""
+    import contextlib
     import subprocess
     import sys
     import time
-
-    from tests.conftest import ROOT
 
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "meta.json").write_text("{}")
     base = dict(model="tiny", data=str(tmp_path / "data"), steps=8, warmup_steps=2, lr=3e-3, seq_len=32,
                 global_batch_tokens=128, micro_batch_size=2, dtype="fp32", eval_every=0, eval_batches=0,
                 ckpt_every=100, log_every=1, peak_flops=1e12, progress=False, resume="auto", dp=2, tp=1)
-    (tmp_path / "config.json").write_text(json.dumps(base))
-
-    def launch(out, mode, **popen):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "tests.workers.stop", str(tmp_path / "config.json"), str(out), mode]
-        return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, **popen)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(base))
 
     def result(out):
         return json.loads((out / "result.json").read_text())
 
-    full = launch(tmp_path / "full", "plain")
-    log = full.communicate(timeout=300)[0]
-    assert full.returncode == 0 and result(tmp_path / "full")["ended"] == "finished", log[-3000:]
+    def interrupted(out, send):
+        """A slowed run, signalled by `send(torchrun's pid)` once it is past step 2; its result and output."""
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "tests.workers.stop", str(config), str(out), "slow"]
+        run = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)  # a terminal's job
+        try:
+            deadline = time.monotonic() + 240
+            while not (out / "ready").exists():
+                assert run.poll() is None and time.monotonic() < deadline, run.communicate()[0][-3000:]
+                time.sleep(0.05)
+            send(run.pid)
+            log = run.communicate(timeout=120)[0]
+        finally:  # a run that hangs (ranks that disagree) is killed, workers too (each in a session of its own)
+            if run.poll() is None:
+                for pid in [run.pid] + [int(p.read_text()) for p in out.glob("pid_*")]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+        stopped = result(out)
+        assert stopped["ended"] == "stopped" and 2 <= stopped["step"] < 8, log[-3000:]
+        assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{stopped['step']:08d}"], log[-3000:]
+        return stopped, log
+
+    torchrun("tests.workers.stop", 2, config, tmp_path / "full", "plain")
     want = result(tmp_path / "full")["losses"]
 
-    run = launch(tmp_path / "run", "slow", start_new_session=True)  # its own group, as a terminal's job
-    deadline = time.monotonic() + 240
-    while not (tmp_path / "run" / "ready").exists():
-        assert run.poll() is None and time.monotonic() < deadline, run.communicate()[0][-3000:]
-        time.sleep(0.05)
-    os.killpg(run.pid, signal.SIGINT)  # Ctrl-C
-    log = run.communicate(timeout=120)[0]
-    stopped = result(tmp_path / "run")
-    assert stopped["ended"] == "stopped" and 2 <= stopped["step"] < 8, log[-3000:]
+    stopped, log = interrupted(tmp_path / "ctrl_c", lambda pid: os.killpg(pid, signal.SIGINT))
     assert f"stopped by SIGINT at step {stopped['step']} of 8" in log and "again to stop at once" in log, log[-3000:]
-    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == [f"step_{stopped['step']:08d}"]
     assert stopped["losses"] == want[:stopped["step"]]
 
-    resumed = launch(tmp_path / "run", "plain")
-    log = resumed.communicate(timeout=300)[0]
-    assert resumed.returncode == 0, log[-3000:]
-    assert result(tmp_path / "run")["first"] == stopped["step"]
-    assert result(tmp_path / "run")["losses"] == want[stopped["step"]:]
+    out = tmp_path / "term_rank_1"
+    stopped, log = interrupted(out, lambda pid: os.kill(int((out / "pid_1").read_text()), signal.SIGTERM))
+    assert f"stopped by a signal to another rank at step {stopped['step']} of 8" in log, log[-3000:]
+    assert stopped["losses"] == want[:stopped["step"]]
+    torchrun("tests.workers.stop", 2, config, out, "plain")
+    assert result(out)["first"] == stopped["step"] and result(out)["losses"] == want[stopped["step"]:]
 
 
 def one_rank_weights(base, ckpt):

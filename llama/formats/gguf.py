@@ -259,7 +259,8 @@ def read_state_dict(reader: gguf.GGUFReader, args: ModelArgs, dtype: torch.dtype
         except NotImplementedError:
             raise ValueError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which the installed gguf "
                              f"package cannot dequantize (pip install -U gguf)") from None
-        sd[k] = torch.tensor(np.asarray(w).reshape(shape)).to(device=device, dtype=dtype)  # a copy: the file is mmapped
+        # a copy (the file is mmapped), refused where fp16 cannot hold a value
+        sd[k] = cast_weight(torch.tensor(np.asarray(w).reshape(shape)), dtype, k).to(device)
     return sd
 
 
@@ -406,8 +407,8 @@ def _add_tokenizer(w: gguf.GGUFWriter, tokenizer) -> None:
         if tokenizer.sp.unk_id() >= 0:
             w.add_unk_token_id(tokenizer.sp.unk_id())
         add_space_prefix = m.normalizer_spec.add_dummy_prefix
-        if m.normalizer_spec.name not in ("identity", ""):  # GGUF's llama vocabulary has no place for it
-            warnings.warn(f"the tokenizer normalizes text with sentencepiece's {m.normalizer_spec.name!r} rule, which "
+        if m.normalizer_spec.name not in ("identity", "") or m.normalizer_spec.precompiled_charsmap:  # no place in GGUF
+            warnings.warn(f"the tokenizer normalizes text with sentencepiece's {m.normalizer_spec.name or 'custom'!r} rule, which "
                           f"GGUF cannot hold: llama.cpp (and a tokenizer read back from this file) will tokenize text "
                           f"that rule changes (e.g. full-width characters under NFKC) differently; Meta's LLaMA "
                           f"tokenizers use 'identity'")

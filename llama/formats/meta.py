@@ -290,7 +290,7 @@ class OutOfRangeError(ValueError):
     def __init__(self, key: str, value: float, dtype: torch.dtype):
         self.key, self.value, self.dtype = key, value, dtype
         super().__init__(f"{key}: {value:.6g} does not fit in {dtype_name(dtype)} (largest {torch.finfo(dtype).max:.6g}); "
-                         f"write the model in bf16 or fp32 (--dtype bf16)")
+                         f"use bf16 or fp32 (--dtype bf16)")
 
 
 def cast_weight(t: torch.Tensor, dtype: torch.dtype | None, key: str) -> torch.Tensor:

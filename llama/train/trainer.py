@@ -99,13 +99,15 @@ class StopRequest:
     """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step with a checkpoint
     (`requested` holds the signal's name); a second one interrupts at once. Under torchrun every rank
     listens, and after each step the ranks agree (`agreed`: one all-reduce of a flag), so a signal
-    that reached any of them stops all at the same step with one checkpoint. torchrun passes the
-    signal it gets on to its workers, which the terminal's Ctrl-C already reached: a repeat within
-    REPEAT_S of the first is that copy, not a second request. torchrun kills its workers 30 s after
-    its own signal: a step and a save longer than that are cut short (the checkpoint being written is
-    discarded, the previous one stays). Off outside the main thread."""
+    that reached any of them (torchrun passes the one it gets on to every worker) stops all at the
+    same step with one checkpoint. Where a scheduler signals every process of the job (SLURM's
+    scancel: torchrun, which passes it on, and its workers), a worker gets it twice: a repeat within
+    REPEAT_S of the first is taken for that copy, not a second request. torchrun kills its workers
+    30 s after its own signal (its --shutdown_timeout): a step and a save longer than that are cut
+    short (the checkpoint being written is discarded, the previous one stays). Off outside the main
+    thread."""
 
-    REPEAT_S = 2.0
+    REPEAT_S = 0.5
 
     def __init__(self, main: bool = True, launched: bool = False):
         self.enabled = threading.current_thread() is threading.main_thread()
@@ -127,11 +129,13 @@ class StopRequest:
     def agreed(self, distributed: bool, device: torch.device) -> str | None:
         """Whether to stop now: this process's request, or with `distributed` any rank's (every
         rank gets the same answer)."""
-        if distributed:
+        if distributed:  # from the reduced flag alone: a signal that lands during the all-reduce waits a step
             flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if flag.item() and not self.requested:
-                self.requested = "a signal to another rank"
+            if not flag.item():
+                return None
+            if not self.requested:
+                self.requested, self._at = "a signal to another rank", time.monotonic()
         return self.requested
 
     def __enter__(self):
@@ -585,6 +589,8 @@ class Trainer:
             try:
                 path = finetune.export_model(sd, self.args, self.cfg, out_dir, num_shards, dtype, self.lora, self.step)
             except OutOfRangeError as e:
+                if e.dtype != torch.float16:
+                    raise
                 print(f"the export is bf16, not {dtype_name(e.dtype)}: {e.key} holds {e.value:.6g}, beyond "
                       f"{dtype_name(e.dtype)}'s {torch.finfo(e.dtype).max:.6g}", file=sys.stderr, flush=True)
                 path = finetune.export_model(sd, self.args, self.cfg, out_dir, num_shards, torch.bfloat16, self.lora,
