@@ -1,5 +1,7 @@
 import json
 import random
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -281,6 +283,11 @@ def test_mixture_proportions(tiny_tokenizer, tmp_path):
     assert counts["b"] > 3 * len(wins["b"])
     n_wins = {k: len(windows_of(v, 8)) for k, v in streams.items()}
     assert loader.epochs == pytest.approx({k: counts[k] / n_wins[k] for k in "ab"})
+    # a source that is not there: named, with the folder its relative path was read from
+    cfg.write_text(json.dumps({"a": {"path": str(tmp_path / "a"), "weight": 8}, "b": {"path": "b", "weight": 2}}))
+    with pytest.raises(FileNotFoundError, match=r"^mixture source 'b': b is not a prepared dataset .*relative paths "
+                                                r"are read from the current folder, " + re.escape(str(Path.cwd()))):
+        PackedLoader(cfg, 8, 50)
 
 
 def test_iter_eval_is_every_val_window_in_order(prepared):

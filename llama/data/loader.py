@@ -179,7 +179,15 @@ class PackedLoader:
         mix = load_mixture(data)
         self.names = list(mix)
         self.weights = np.array([w for _, w in mix.values()])
-        self.streams = [TokenStream(p, split) for p, _ in mix.values()]
+        self.streams = []
+        for name, (path, _) in mix.items():
+            try:
+                self.streams.append(TokenStream(path, split))
+            except FileNotFoundError as e:
+                if len(mix) == 1 and not isinstance(data, dict) and not str(data).endswith(".json"):
+                    raise  # a prepared directory given as it is: the error names it
+                where = "" if path.is_absolute() else f" (a mixture's relative paths are read from the current folder, {Path.cwd()})"
+                raise FileNotFoundError(f"mixture source {name!r}: {e}{where}") from None
         hashes = {s.meta["tokenizer_sha256"] for s in self.streams}
         if tokenizer_sha256 is not None:
             for s in self.streams:
