@@ -366,6 +366,15 @@ def test_reshard_over_an_old_model_leaves_none_of_its_files(ckpt):
     (tmp / "mp1" / CHAT_TEMPLATE_FILE).write_text("{{ ours }}")
     reshard(tmp / "mp1", tmp / "out", 2, overwrite=True)
     assert (tmp / "out" / CHAT_TEMPLATE_FILE).read_text() == "{{ ours }}"
+    assert (tmp / "out" / "tokenizer.model").is_file()
+    (tmp / "mp1" / "tokenizer.model").unlink()  # a model without a tokenizer beside it or one folder up
+    (tmp / "tokenizer.model").unlink()
+    reshard(tmp / "mp1", tmp / "out", 2, overwrite=True)
+    assert not (tmp / "out" / "tokenizer.model").exists()  # not the earlier model's
+    (tmp / "fresh").mkdir()  # a tokenizer put in a folder without a model stays
+    (tmp / "fresh" / "tokenizer.model").write_bytes(b"the user's")
+    reshard(tmp / "mp1", tmp / "fresh", 2)
+    assert (tmp / "fresh" / "tokenizer.model").read_bytes() == b"the user's"
 
 
 def test_a_training_run_folder_is_not_taken_for_a_transformers_one(ckpt, tmp_path):

@@ -314,7 +314,8 @@ def own_storage(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _prepare_out_dir(out_dir: Path, num_shards: int, overwrite: bool, files: StagedFiles) -> None:
+def _prepare_out_dir(out_dir: Path, num_shards: int, overwrite: bool, files: StagedFiles) -> bool:
+    """Whether `out_dir` holds a model (shards) that this write replaces; stale shards go at the end."""
     old = sorted(p for p in out_dir.iterdir() if _SHARD_RE.match(p.name))
     if old and not overwrite:
         raise FileExistsError(f"{out_dir} already holds {[p.name for p in old]}; choose an empty directory "
@@ -322,6 +323,7 @@ def _prepare_out_dir(out_dir: Path, num_shards: int, overwrite: bool, files: Sta
     for p in old:  # stale shards beyond the new count would be read as part of the checkpoint
         if int(_SHARD_RE.match(p.name).group(1)) >= num_shards:
             files.remove(p.name)
+    return bool(old)
 
 
 def _check_divisible(shapes: dict, num_shards: int) -> None:
@@ -412,12 +414,13 @@ def reshard(in_dir: str | Path, out_dir: str | Path, num_shards: int, dtype: tor
     shards, args = _checked(in_dir)
     _check_divisible(shards.shapes, num_shards)
     with DirLock(out_dir, "reshard"), StagedFiles(out_dir) as files:
-        _prepare_out_dir(out_dir, num_shards, overwrite, files)
-        _reshard_into(shards, in_dir, files, num_shards, dtype, progress)
+        replacing = _prepare_out_dir(out_dir, num_shards, overwrite, files)
+        _reshard_into(shards, in_dir, files, num_shards, dtype, progress, replacing)
     return out_dir
 
 
-def _reshard_into(shards: "_Shards", in_dir: Path, files: StagedFiles, num_shards: int, dtype, progress: bool) -> None:
+def _reshard_into(shards: "_Shards", in_dir: Path, files: StagedFiles, num_shards: int, dtype, progress: bool,
+                  replacing: bool = False) -> None:
     _write_shards(lambda k, q: shards.slice(k, meta_split_dim(k), q, num_shards), list(shards.shapes),
                   files, num_shards, dtype, progress, f"reshard {len(shards)} -> {num_shards}")
     files.copy(in_dir / PARAMS, PARAMS)
@@ -426,7 +429,8 @@ def _reshard_into(shards: "_Shards", in_dir: Path, files: StagedFiles, num_shard
             files.copy(in_dir / extra, extra)
         else:
             files.remove(extra)
-    for src in (in_dir / TOKENIZER, in_dir.parent / TOKENIZER):
-        if src.is_file():
-            files.copy(src, TOKENIZER)
-            break
+    src = next((p for p in (in_dir / TOKENIZER, in_dir.parent / TOKENIZER) if p.is_file()), None)
+    if src is not None:
+        files.copy(src, TOKENIZER)
+    elif replacing:  # the replaced model's tokenizer would be taken for this one's (one put in an empty folder stays)
+        files.remove(TOKENIZER)
