@@ -20,13 +20,19 @@ import torch
 from llama.config import config_path, names, read_json_object
 from llama.data.prepare import FORMAT, META
 
-def load_mixture(data) -> dict[str, tuple[Path, float]]:
-    """{name: (dir, weight)} from a prepared dir, a mixture JSON file ({name: {"path", "weight"}})
-    or a dict {name: (dir, weight) | {"path", "weight"}}. Weights are normalised to sum to 1."""
+def _shipped_or_file(data):
+    """`data` with a shipped mixture's name replaced by its file, and a mixture JSON file read."""
     if isinstance(data, str) and not Path(data).exists() and data in names("data"):
         data = config_path("data", data)  # a mixture shipped in llama/configs/data
     if isinstance(data, (str, os.PathLike)) and str(data).endswith(".json") and Path(data).is_file():
         data = read_json_object(data)
+    return data
+
+
+def load_mixture(data) -> dict[str, tuple[Path, float]]:
+    """{name: (dir, weight)} from a prepared dir, a mixture JSON file ({name: {"path", "weight"}})
+    or a dict {name: (dir, weight) | {"path", "weight"}}. Weights are normalised to sum to 1."""
+    data = _shipped_or_file(data)
     if isinstance(data, (str, os.PathLike)):
         return {Path(data).name or "data": (Path(data), 1.0)}
     if not isinstance(data, dict) or not data:
@@ -48,6 +54,16 @@ def load_mixture(data) -> dict[str, tuple[Path, float]]:
     if total <= 0:
         raise ValueError(f"mixture weights sum to {total}; give at least one positive weight")
     return {name: (p, w / total) for name, (p, w) in mix.items()}
+
+
+def source_problem(data, name: str, path: Path, problem: str) -> str:
+    """`problem` (a sentence about `path`) as said of source `name` of `data`: as it is for a prepared
+    directory given directly; for a mixture, naming the source and, for a relative path, the folder it
+    was read from (the working directory)."""
+    if isinstance(_shipped_or_file(data), (str, os.PathLike)):
+        return problem
+    where = "" if path.is_absolute() else f" (a mixture's relative paths are read from the current folder, {Path.cwd()})"
+    return f"mixture source {name!r}: {problem}{where}"
 
 
 # --- reading a prepared dataset -----------------------------------------------------------------
@@ -184,10 +200,7 @@ class PackedLoader:
             try:
                 self.streams.append(TokenStream(path, split))
             except FileNotFoundError as e:
-                if len(mix) == 1 and not isinstance(data, dict) and not str(data).endswith(".json"):
-                    raise  # a prepared directory given as it is: the error names it
-                where = "" if path.is_absolute() else f" (a mixture's relative paths are read from the current folder, {Path.cwd()})"
-                raise FileNotFoundError(f"mixture source {name!r}: {e}{where}") from None
+                raise FileNotFoundError(source_problem(data, name, path, str(e))) from None
         hashes = {s.meta["tokenizer_sha256"] for s in self.streams}
         if tokenizer_sha256 is not None:
             for s in self.streams:

@@ -45,6 +45,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from llama.data import PackedLoader, load_mixture
+from llama.data.loader import source_problem
 from llama.data.instruct import IGNORE
 from llama.env import (DirLock, auto_attention_backend, check_attention_device, compute_dtype, init_distributed,
                        dtype_name, launched_with_torchrun, parse_dtype, sha256_file, synchronize, torchrun_ranks)
@@ -72,9 +73,11 @@ def check_data_path(data) -> None:
                          "(or a mixture such as llama_mixture)")
     for name, (path, _) in load_mixture(data).items():
         if not path.exists():
-            raise FileNotFoundError(f"data path {path} does not exist; prepare it with scripts/prepare_data.py")
+            raise FileNotFoundError(source_problem(data, name, path, f"data path {path} does not exist; prepare it "
+                                                                      f"with scripts/prepare_data.py"))
         if path.is_dir() and not any(path.iterdir()):
-            raise ValueError(f"data directory {path} is empty; prepare it with scripts/prepare_data.py")
+            raise ValueError(source_problem(data, name, path, f"data directory {path} is empty; prepare it with "
+                                                              f"scripts/prepare_data.py"))
 
 
 def default_loader(cfg: TrainConfig, split: str, dp_rank: int, dp_size: int, seed: int) -> PackedLoader:

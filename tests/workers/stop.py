@@ -1,4 +1,4 @@
-"""2-rank worker of tests/test_train.py::test_a_signal_to_torchrun_stops_every_rank_at_one_step_with_a_checkpoint:
+"""2-rank worker of tests/test_train.py::test_a_signal_to_torchrun_or_to_one_rank_stops_every_rank_at_one_step_with_a_checkpoint:
 the tiny model on dp=2, config argv[1] (JSON), out_dir argv[2]. With argv[3] == "slow", rank 0 writes
 argv[2]/ready after step 2 and every step from then on takes a second more, so that the test's signal
 lands mid-run; each rank writes its pid to argv[2]/pid_RANK first. Rank 0 writes the losses of the
