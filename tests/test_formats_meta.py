@@ -353,7 +353,7 @@ def test_reshard_over_an_old_model_leaves_none_of_its_files(ckpt):
     from llama.formats.meta import CONTEXT
     from llama.tokenizer import CHAT_TEMPLATE_FILE
 
-    _, tmp = ckpt
+    model, tmp = ckpt
     reshard(tmp / "mp1", tmp / "out", 2)
     (tmp / "out" / CONTEXT).write_text('{"max_seq_len": 4096}\n')
     (tmp / "out" / CHAT_TEMPLATE_FILE).write_text("{{ messages }}")
@@ -375,6 +375,16 @@ def test_reshard_over_an_old_model_leaves_none_of_its_files(ckpt):
     (tmp / "fresh" / "tokenizer.model").write_bytes(b"the user's")
     reshard(tmp / "mp1", tmp / "fresh", 2)
     assert (tmp / "fresh" / "tokenizer.model").read_bytes() == b"the user's"
+    # a byte-level BPE model (its vocabulary in tokenizer.gguf) resharded over one with a tokenizer.model,
+    # with another tokenizer.model one folder up: its own vocabulary travels, and only that
+    (tmp / "mp1" / "tokenizer.gguf").write_bytes(b"bpe vocabulary")
+    (tmp / "tokenizer.model").write_bytes(b"another model's")
+    reshard(tmp / "mp1", tmp / "fresh", 2, overwrite=True)
+    assert (tmp / "fresh" / "tokenizer.gguf").read_bytes() == b"bpe vocabulary"
+    assert not (tmp / "fresh" / "tokenizer.model").exists()
+    # a save over a model, without a tokenizer: none of the replaced model's is left
+    save_meta_checkpoint(model.state_dict(), model.args, tmp / "fresh", num_shards=1, overwrite=True)
+    assert not (tmp / "fresh" / "tokenizer.gguf").exists() and not (tmp / "fresh" / "tokenizer.model").exists()
 
 
 def test_a_training_run_folder_is_not_taken_for_a_transformers_one(ckpt, tmp_path):

@@ -32,7 +32,7 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from llama.bpe_tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, BPETokenizer
 from llama.env import parse_dtype
 from llama.formats.hf import ffn_fields
-from llama.formats.meta import TOKENIZER, cast_weight, load_consolidated, load_params, save_meta_checkpoint
+from llama.formats.meta import TOKENIZER, VOCAB_FILE, cast_weight, load_consolidated, load_params, save_meta_checkpoint
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import CHAT_TEMPLATE_FILE, Tokenizer
 
@@ -54,7 +54,6 @@ class _Gguf:
 gguf = _Gguf()
 
 ARCH = "llama"
-VOCAB_FILE = "tokenizer.gguf"  # a byte-level BPE vocabulary beside a Meta-layout checkpoint
 # Meta key -> GGUF tensor name
 _TOP = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
         "output.weight": "output.weight"}

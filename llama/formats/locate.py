@@ -9,7 +9,7 @@ from pathlib import Path
 from llama.env import say_once
 from llama.formats.gguf import open_gguf, read_args
 from llama.formats.hf import is_hf_checkpoint, read_hf_config
-from llama.formats.meta import TOKENIZER, load_params
+from llama.formats.meta import TOKENIZER, VOCAB_FILE, load_params
 from llama.model import ModelArgs
 
 
@@ -38,7 +38,7 @@ def tokenizer_places(ckpt_dir: str | Path) -> list[Path]:
     exports), ckpt_dir/tokenizer.gguf (an export with a BPE vocabulary), tokenizer.model one folder up
     (where Meta's releases keep it, beside 7B/, 13B/, ...)."""
     ckpt_dir = Path(ckpt_dir)
-    return [ckpt_dir / TOKENIZER, ckpt_dir / "tokenizer.gguf", ckpt_dir.parent / TOKENIZER]
+    return [ckpt_dir / TOKENIZER, ckpt_dir / VOCAB_FILE, ckpt_dir.parent / TOKENIZER]
 
 
 def tokenizer_beside(ckpt_dir: str | Path) -> Path | None:

@@ -26,6 +26,7 @@ from llama.tokenizer import CHAT_TEMPLATE_FILE
 
 PARAMS = "params.json"
 TOKENIZER = "tokenizer.model"
+VOCAB_FILE = "tokenizer.gguf"  # a byte-level BPE vocabulary beside a Meta-layout checkpoint (llama.formats.gguf)
 DROPPED_KEYS = ("rope.freqs",)
 _SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
 
@@ -362,7 +363,8 @@ def save_meta_checkpoint(state_dict: dict[str, torch.Tensor], args: ModelArgs, o
                          progress: bool = False, chat_template: str | None = None) -> Path:
     """Write `state_dict` (Meta's keys, full tensors) as a Meta checkpoint: params.json and
     `num_shards` consolidated.NN.pth split per `meta_split_dim`, in `dtype` (None keeps each
-    tensor's); copies `tokenizer_path` to tokenizer.model, with the chat template (`chat_template`,
+    tensor's); copies `tokenizer_path` to tokenizer.model (a vocabulary-only .gguf to tokenizer.gguf;
+    over a model this replaces, that model's tokenizer files go), with the chat template (`chat_template`,
     else the chat_template.jinja beside tokenizer_path) as chat_template.jinja. Each file is written
     atomically, under a lock on `out_dir` (another process writing there is refused), after a
     free-space check. The files move into place together once all are written (`StagedFiles`): a
@@ -374,9 +376,10 @@ def save_meta_checkpoint(state_dict: dict[str, torch.Tensor], args: ModelArgs, o
     check_state_dict(shapes, args, what="state dict")
     _check_divisible(shapes, num_shards)
     with DirLock(out_dir, "export"), StagedFiles(out_dir) as files:
-        _prepare_out_dir(out_dir, num_shards, overwrite, files)
+        replacing = _prepare_out_dir(out_dir, num_shards, overwrite, files)
         check_free_space(out_dir, sum(v.numel() * (parse_dtype(dtype) or v.dtype).itemsize for v in sd.values()))
-        _write_meta(sd, args, files, num_shards, dtype, tokenizer_path, progress)
+        _write_meta(sd, args, files, num_shards, dtype, progress)
+        _write_tokenizer(files, tokenizer_path, replacing)
         if chat_template is None and tokenizer_path is not None and Path(tokenizer_path).with_name(CHAT_TEMPLATE_FILE).is_file():
             chat_template = Path(tokenizer_path).with_name(CHAT_TEMPLATE_FILE).read_text()
         if chat_template:
@@ -386,7 +389,7 @@ def save_meta_checkpoint(state_dict: dict[str, torch.Tensor], args: ModelArgs, o
     return out_dir
 
 
-def _write_meta(sd, args, files: StagedFiles, num_shards, dtype, tokenizer_path, progress) -> None:
+def _write_meta(sd, args, files: StagedFiles, num_shards, dtype, progress) -> None:
     def get_slice(k, q):
         d = meta_split_dim(k)
         t = sd[k].detach().cpu()
@@ -398,8 +401,19 @@ def _write_meta(sd, args, files: StagedFiles, num_shards, dtype, tokenizer_path,
         files.write_text(json.dumps({"max_seq_len": args.max_seq_len}) + "\n", CONTEXT)
     else:
         files.remove(CONTEXT)
-    if tokenizer_path is not None:
-        files.copy(tokenizer_path, TOKENIZER)
+
+
+def _write_tokenizer(files: StagedFiles, src: str | Path | None, replacing: bool) -> None:
+    """The tokenizer beside the model: `src` copied under its kind's name (tokenizer.model, or
+    tokenizer.gguf for a vocabulary-only GGUF). Where this write replaces a model, that model's
+    other tokenizer file goes (it would be read as this one's); one put in a folder without a model
+    stays."""
+    name = None if src is None else VOCAB_FILE if Path(src).suffix.lower() == ".gguf" else TOKENIZER
+    if name is not None:
+        files.copy(src, name)
+    for other in (TOKENIZER, VOCAB_FILE):
+        if replacing and other != name:
+            files.remove(other)
 
 
 def reshard(in_dir: str | Path, out_dir: str | Path, num_shards: int, dtype: torch.dtype | None = None,
@@ -429,8 +443,6 @@ def _reshard_into(shards: "_Shards", in_dir: Path, files: StagedFiles, num_shard
             files.copy(in_dir / extra, extra)
         else:
             files.remove(extra)
-    src = next((p for p in (in_dir / TOKENIZER, in_dir.parent / TOKENIZER) if p.is_file()), None)
-    if src is not None:
-        files.copy(src, TOKENIZER)
-    elif replacing:  # the replaced model's tokenizer would be taken for this one's (one put in an empty folder stays)
-        files.remove(TOKENIZER)
+    # the tokenizer where loading looks for it (llama.formats.locate.tokenizer_places)
+    _write_tokenizer(files, next((p for p in (in_dir / TOKENIZER, in_dir / VOCAB_FILE, in_dir.parent / TOKENIZER)
+                                  if p.is_file()), None), replacing)
