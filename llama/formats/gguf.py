@@ -258,8 +258,8 @@ def read_state_dict(reader: gguf.GGUFReader, args: ModelArgs, dtype: torch.dtype
         except NotImplementedError:
             raise ValueError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which the installed gguf "
                              f"package cannot dequantize (pip install -U gguf)") from None
-        # a copy (the file is mmapped), refused where fp16 cannot hold a value
-        sd[k] = cast_weight(torch.tensor(np.asarray(w).reshape(shape)), dtype, k).to(device)
+        # a copy (the file is mmapped), refused (naming the file) where fp16 cannot hold a value
+        sd[k] = cast_weight(torch.tensor(np.asarray(w).reshape(shape)), dtype, f"{path}: {k}").to(device)
     return sd
 
 

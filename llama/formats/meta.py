@@ -419,8 +419,9 @@ def _write_tokenizer(files: StagedFiles, src: str | Path | None, replacing: bool
 def reshard(in_dir: str | Path, out_dir: str | Path, num_shards: int, dtype: torch.dtype | None = None,
             overwrite: bool = False, progress: bool = False) -> Path:
     """Rewrite the Meta checkpoint `in_dir` (P shards) as `num_shards` shards in `out_dir`, streaming
-    key by key from the mmapped inputs (memory ~ one output shard). Copies params.json and
-    tokenizer.model; `dtype` converts (None keeps the checkpoint's). As in `save_meta_checkpoint`, the
+    key by key from the mmapped inputs (memory ~ one output shard). Copies params.json, context.json,
+    the chat template and the tokenizer (tokenizer.model or tokenizer.gguf, or tokenizer.model one
+    folder up); `dtype` converts (None keeps the checkpoint's). As in `save_meta_checkpoint`, the
     files move into place together at the end."""
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     if out_dir.exists() and in_dir.resolve() == out_dir.resolve():
@@ -434,7 +435,7 @@ def reshard(in_dir: str | Path, out_dir: str | Path, num_shards: int, dtype: tor
 
 
 def _reshard_into(shards: "_Shards", in_dir: Path, files: StagedFiles, num_shards: int, dtype, progress: bool,
-                  replacing: bool = False) -> None:
+                  replacing: bool) -> None:
     _write_shards(lambda k, q: shards.slice(k, meta_split_dim(k), q, num_shards), list(shards.shapes),
                   files, num_shards, dtype, progress, f"reshard {len(shards)} -> {num_shards}")
     files.copy(in_dir / PARAMS, PARAMS)
